@@ -1,0 +1,31 @@
+"""regpipe: foundation-network image registration, compared with ANTs, as a library and BIDS App.
+
+Quick use from Python (no Nipype, no BIDS)::
+
+    import regpipe
+    result = regpipe.register("fixed.nii.gz", "moving.nii.gz")
+    result.save("fwd_xfm.h5", inverse_out="inv_xfm.h5", warped_out="warped.nii.gz")
+    labels = regpipe.apply_transform("moving_labels.nii.gz", result.forward,
+                                     "fixed.nii.gz", interpolation="nearest")
+
+Transforms map fixed-space points to moving-space points (see :mod:`regpipe.spaces`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+__all__ = ["register", "apply_transform", "RegistrationResult", "__version__"]
+
+if TYPE_CHECKING:
+    from regpipe.registration import RegistrationResult, apply_transform, register
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: importing regpipe stays cheap (no torch import until registration is used).
+    if name in ("register", "apply_transform", "RegistrationResult"):
+        from regpipe import registration as _module
+
+        return getattr(_module, name)
+    raise AttributeError(f"module 'regpipe' has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""Command-line entry points of the regpipe library (the ``regpipe-*`` console scripts)."""

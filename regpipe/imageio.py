@@ -1,0 +1,203 @@
+"""Reading and writing images, with the checks that keep bad input out of a registration.
+
+Everything that comes back is an :class:`Image`: an array in nibabel voxel order ``(i, j, k)``
+and its :class:`~regpipe.spaces.Geometry` (RAS+ mm). NIfTI and Analyze files are read with
+nibabel; other formats ITK reads (``.mha``, ``.mhd``, ``.nrrd``, ``.nhdr``) with SimpleITK,
+converting ITK's LPS geometry to RAS.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Union
+
+import nibabel as nib
+import numpy as np
+from numpy.typing import NDArray
+
+from regpipe.errors import InputError
+from regpipe.spaces import Geometry
+
+ImageKind = Literal["image", "mask", "labels"]
+_ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
+
+
+@dataclass(frozen=True, eq=False)
+class Image:
+    """A 3-D image: ``data[i, j, k]`` on ``geometry``; ``path`` when it came from a file."""
+
+    data: NDArray[np.generic]
+    geometry: Geometry
+    path: Path | None = None
+    header: nib.Nifti1Header | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.path) if self.path else "<in-memory image>"
+
+    def to_nifti(self, dtype: np.dtype | None = None) -> nib.Nifti1Image:
+        """A NIfTI image with this data and geometry (sform and qform codes 1)."""
+        data = self.data if dtype is None else self.data.astype(dtype)
+        image = nib.Nifti1Image(data, self.geometry.affine)
+        image.set_sform(self.geometry.affine, code=1)
+        image.set_qform(self.geometry.affine, code=1)
+        image.header.set_xyzt_units("mm")
+        return image
+
+
+ImageLike = Union[str, os.PathLike, nib.spatialimages.SpatialImage, Image]
+
+
+def check_readable_file(path: Path, what: str = "image") -> None:
+    """Fail clearly on missing, empty, dangling-link and git-annex placeholder files."""
+    if path.is_symlink() and not path.exists():
+        target = os.readlink(path)
+        hint = " (a git-annex file whose content is not present: run `datalad get` or `git annex get`)" if "annex" in target else ""
+        raise InputError(f"{what} {path} is a dangling symbolic link to {target}{hint}")
+    if not path.exists():
+        raise InputError(f"{what} {path} does not exist")
+    if path.is_dir():
+        raise InputError(f"{what} {path} is a folder, not a file")
+    size = path.stat().st_size
+    if size == 0:
+        raise InputError(f"{what} {path} is empty (0 bytes): a placeholder, not an image")
+    if size < 1024:
+        head = path.read_bytes()[:512]
+        if b"annex/objects" in head:
+            raise InputError(
+                f"{what} {path} is a git-annex pointer file, not an image: fetch its content "
+                "with `datalad get` or `git annex get`"
+            )
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{what} {path} is not readable (permissions)")
+
+
+def load_image(source: ImageLike, kind: ImageKind = "image", what: str | None = None) -> Image:
+    """Load and validate a 3-D image.
+
+    Parameters
+    ----------
+    source
+        A path, a nibabel image or an :class:`Image`.
+    kind
+        ``"image"`` (float intensities; must be finite and non-constant), ``"mask"`` (any
+        values, non-zero = inside; must not be empty) or ``"labels"`` (integer labels).
+    what
+        Name used in error messages (``"fixed image"``, ``"moving mask"``...).
+
+    Raises
+    ------
+    InputError
+        For anything regpipe cannot register, with the reason in the message.
+    """
+    what = what or kind
+    if isinstance(source, Image):
+        image = source
+    elif isinstance(source, nib.spatialimages.SpatialImage):
+        image = Image(np.asanyarray(source.dataobj), Geometry.from_image(source))
+    else:
+        image = _read_file(Path(source), what)
+    return _validate(image, kind, what)
+
+
+def _read_file(path: Path, what: str) -> Image:
+    check_readable_file(path, what)
+    name = path.name.lower()
+    try:
+        if name.endswith(_ITK_SUFFIXES):
+            return _read_itk(path)
+        loaded = nib.load(str(path))
+        data = np.asanyarray(loaded.dataobj)
+    except InputError:
+        raise
+    except Exception as error:  # nibabel and zlib raise many unrelated types
+        raise InputError(f"{what} {path} cannot be read as an image: {error}") from error
+    header = loaded.header if isinstance(loaded, nib.Nifti1Image) else None
+    return Image(np.asarray(data), Geometry.from_image(loaded), path, header)
+
+
+def _read_itk(path: Path) -> Image:
+    import SimpleITK as sitk
+
+    itk_image = sitk.ReadImage(str(path))
+    if itk_image.GetDimension() != 3 or itk_image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{path} is not a scalar 3-D image")
+    data = sitk.GetArrayFromImage(itk_image).transpose(2, 1, 0)
+    direction = np.asarray(itk_image.GetDirection()).reshape(3, 3)
+    affine = np.eye(4)
+    affine[:3, :3] = direction * np.asarray(itk_image.GetSpacing())
+    affine[:3, 3] = itk_image.GetOrigin()
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # LPS -> RAS
+    return Image(np.ascontiguousarray(data), Geometry(data.shape, affine), path)
+
+
+def _validate(image: Image, kind: ImageKind, what: str) -> Image:
+    data = np.asarray(image.data)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim == 5 and data.shape[3:] == (1, 1):
+        data = data[..., 0, 0]
+    if data.ndim != 3:
+        raise InputError(
+            f"{what} {image.name} has shape {data.shape}: regpipe registers 3-D images; "
+            "select one volume of a 4-D series first (e.g. `fslroi` or nibabel slicing)"
+        )
+    if min(data.shape) < 2:
+        raise InputError(f"{what} {image.name} has a degenerate shape {data.shape}")
+    if data.dtype.kind not in "biuf":
+        raise InputError(f"{what} {image.name} has unsupported voxel type {data.dtype}")
+    if kind == "labels":
+        if data.dtype.kind == "f":
+            if not np.all(np.isfinite(data)) or np.any(data != np.round(data)):
+                raise InputError(f"{what} {image.name} holds non-integer values: not a label map")
+            data = data.astype(np.int32)
+    elif kind == "mask":
+        if not np.any(data):
+            raise InputError(f"{what} {image.name} is empty (no non-zero voxel)")
+    else:
+        if data.dtype.kind == "f" and not np.all(np.isfinite(data)):
+            bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+            raise InputError(f"{what} {image.name} contains {bad} NaN or infinite voxels")
+        if data.size and float(data.max()) == float(data.min()):
+            raise InputError(f"{what} {image.name} is constant ({data.flat[0]}): nothing to align")
+    return Image(data, image.geometry, image.path, image.header)
+
+
+def check_same_grid(image: Image, mask: Image, what: str) -> None:
+    """A mask must share its image's voxel grid."""
+    if not image.geometry.same_as(mask.geometry, atol=1e-3):
+        raise InputError(
+            f"{what} {mask.name} is on a different grid ({mask.geometry.shape}) than its image "
+            f"{image.name} ({image.geometry.shape}); resample it onto the image first"
+        )
+
+
+def atomic_write(path: str | os.PathLike, write: callable) -> Path:  # type: ignore[valid-type]
+    """Call ``write(tmp_path)`` then move the temporary file onto ``path`` in one step.
+
+    The temporary file keeps ``path``'s suffixes (writers choose formats from them) and lives
+    in the destination folder, so the final rename is atomic; on failure it is removed and no
+    file appears at ``path``.
+    """
+    path = Path(path)
+    if not path.parent.exists():
+        raise InputError(f"cannot write {path}: folder {path.parent} does not exist")
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".gz") else path.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_image(image: Image, path: str | os.PathLike, dtype: np.dtype | None = None) -> Path:
+    """Write ``image`` as NIfTI atomically."""
+    nifti = image.to_nifti(dtype)
+    return atomic_write(path, lambda tmp: nib.save(nifti, str(tmp)))

@@ -1,0 +1,109 @@
+"""Intensity normalisation and placement of images on a network grid.
+
+The normalisation reproduces uniGradICON's (``unigradicon`` 1.0.6): CT is clamped to a window
+(default -1000..1000 HU) then scaled to [0, 1]; MRI is clamped between its minimum (or a low
+quantile) and its 99th percentile (the k-th smallest voxel, ``k = floor(0.99 N)``) then scaled
+to [0, 1].
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from numpy.typing import NDArray
+
+from regpipe.errors import InputError
+from regpipe.spaces import Geometry, resample_volume, to_network_tensor
+
+Modality = Literal["ct", "mri"]
+MODALITIES: tuple[str, ...] = ("ct", "mri")
+
+
+def check_modality(modality: str) -> Modality:
+    """Return ``modality`` lower-cased, or raise :class:`InputError` if it is unknown."""
+    value = modality.lower()
+    if value not in MODALITIES:
+        raise InputError(f"unknown modality {modality!r}: choose one of {', '.join(MODALITIES)}")
+    return value  # type: ignore[return-value]
+
+
+def _kth_smallest(values: NDArray[np.float32], quantile: float) -> float:
+    """uniGradICON's quantile: the k-th smallest value, ``k = floor(q N)`` clamped to [1, N]."""
+    k = min(max(int(np.floor(quantile * values.size)), 1), values.size)
+    return float(np.partition(values.ravel(), k - 1)[k - 1])
+
+
+def normalize_intensity(
+    data: NDArray[np.generic],
+    modality: str,
+    *,
+    ct_window: tuple[float, float] = (-1000.0, 1000.0),
+    quantile_range: tuple[float, float] = (0.0, 0.99),
+    mask: NDArray[np.generic] | None = None,
+) -> NDArray[np.float32]:
+    """Scale an image to [0, 1] the way uniGradICON does; optionally zero outside ``mask``.
+
+    Parameters
+    ----------
+    data
+        Image intensities (HU for CT).
+    modality
+        ``"ct"`` or ``"mri"``.
+    ct_window
+        HU range kept for CT.
+    quantile_range
+        Lower and upper quantiles for MRI (0 means the image minimum).
+    mask
+        Optional mask on the same grid; voxels where it is zero are set to 0 after scaling
+        (uniGradICON's ``--input_masking``).
+    """
+    modality = check_modality(modality)
+    image = np.asarray(data, dtype=np.float32)
+    if modality == "ct":
+        lo, hi = ct_window
+        if not lo < hi:
+            raise InputError(f"CT window must be increasing, got {ct_window}")
+        image = np.clip(image, lo, hi)
+        lo, hi = float(image.min()), float(image.max())
+    else:
+        q_lo, q_hi = quantile_range
+        if not 0.0 <= q_lo < q_hi <= 1.0:
+            raise InputError(f"quantile range must satisfy 0 <= low < high <= 1, got {quantile_range}")
+        lo = float(image.min()) if q_lo == 0 else _kth_smallest(image, q_lo)
+        hi = _kth_smallest(image, q_hi)
+        image = np.clip(image, lo, hi)
+    if hi <= lo:
+        raise InputError("image has no intensity range left after clamping (constant inside window)")
+    out = ((image - np.float32(lo)) * np.float32(1.0 / (hi - lo))).astype(np.float32)
+    if mask is not None:
+        out = out * (np.asarray(mask) != 0)
+    return out
+
+
+def network_input(
+    data: NDArray[np.floating],
+    geometry: Geometry,
+    grid_to_world: NDArray[np.float64],
+    grid_shape: tuple[int, int, int],
+    *,
+    squash: bool = False,
+    nearest: bool = False,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Sample an image on a network grid; returns ``[1, 1, n0, n1, n2]`` float32.
+
+    With ``squash=True`` (the grid is the image's own squash grid), this is exactly
+    uniGradICON's ``F.interpolate(..., mode="trilinear", align_corners=False)`` resize.
+    Otherwise the image is sampled through ``grid_to_world`` (zero outside the image).
+    """
+    tensor = to_network_tensor(data, device)
+    if squash:
+        if nearest:
+            return F.interpolate(tensor, size=grid_shape, mode="nearest")
+        return F.interpolate(tensor, size=grid_shape, mode="trilinear", align_corners=False)
+    mode = "nearest" if nearest else "bilinear"
+    return resample_volume(tensor, geometry, grid_to_world, grid_shape, mode=mode)
+

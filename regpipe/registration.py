@@ -1,0 +1,399 @@
+"""Pairwise registration: the public ``register`` and ``apply_transform`` functions.
+
+Pipeline: load and check both images -> normalise intensities per modality -> optional affine
+pre-alignment -> network on a grid laid over the fixed image -> optional instance optimisation
+-> a :class:`~regpipe.transforms.GridTransform` (fixed -> moving) and its exact inverse ->
+warped image and metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from regpipe.errors import InputError
+from regpipe.imageio import Image, ImageLike, check_same_grid, load_image, save_image
+from regpipe.metrics import dice_per_label, folding_stats, jacobian_determinant, ncc
+from regpipe.preprocess import check_modality, network_input, normalize_intensity
+from regpipe.spaces import Geometry, GridMode, network_grid
+from regpipe.transforms import AffineTransform, DisplacementField, GridTransform, Transform
+from regpipe.warp import Interpolation, warp_array
+
+LOGGER = logging.getLogger("regpipe")
+
+AffineMethod = Literal["ours", "ants", "none"]
+IOMethod = Literal["fast", "network"]
+
+
+@dataclass
+class RegistrationResult:
+    """Everything a registration produced.
+
+    ``forward`` maps fixed-space points to moving-space points (resamples moving onto fixed);
+    ``inverse`` maps moving-space points to fixed-space points. Both are in RAS+ mm.
+    """
+
+    forward: GridTransform
+    inverse: GridTransform
+    fixed: Image
+    moving: Image
+    warped: Image
+    affine: AffineTransform | None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def forward_field(self) -> DisplacementField:
+        """The forward transform as a dense field on the fixed image's grid."""
+        return DisplacementField.from_transform(self.forward, self.fixed.geometry)
+
+    def inverse_field(self) -> DisplacementField:
+        """The inverse transform as a dense field on the moving image's grid."""
+        return DisplacementField.from_transform(self.inverse, self.moving.geometry)
+
+    def jacobian(self) -> Image:
+        """Jacobian determinant of the forward transform on the fixed grid."""
+        return Image(jacobian_determinant(self.forward_field()), self.fixed.geometry)
+
+    def save(
+        self,
+        transform_out: str | os.PathLike | None = None,
+        *,
+        inverse_out: str | os.PathLike | None = None,
+        warped_out: str | os.PathLike | None = None,
+        jacobian_out: str | os.PathLike | None = None,
+    ) -> None:
+        """Write any of the outputs; each file is written atomically.
+
+        Transform formats follow the suffix (see :mod:`regpipe.transform_files`): ``.h5`` or
+        ``.hdf5`` for an ITK displacement-field transform, ``.nii.gz`` for an ITK/ANTs
+        displacement-field image.
+        """
+        from regpipe.transform_files import write_transform
+
+        if transform_out is not None:
+            write_transform(self.forward_field(), transform_out)
+        if inverse_out is not None:
+            write_transform(self.inverse_field(), inverse_out)
+        if warped_out is not None:
+            save_image(self.warped, warped_out)
+        if jacobian_out is not None:
+            save_image(self.jacobian(), jacobian_out)
+
+
+def _peak_memory_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _load_network(weights: Any, device: torch.device):
+    from regpipe.networks import RegistrationNetwork, network_from_file
+    from regpipe.weights import resolve_weights
+
+    if weights is None:
+        return None, None
+    if isinstance(weights, RegistrationNetwork):
+        return weights.to(device).eval(), None
+    path = resolve_weights(weights)
+    network = network_from_file(path)
+    return network.to(device).eval(), path
+
+
+def _grid_mode(network: Any, grid_mode: str) -> GridMode:
+    if grid_mode != "auto":
+        if grid_mode not in ("squash", "isotropic"):
+            raise InputError(f"grid mode must be auto, squash or isotropic, got {grid_mode!r}")
+        return grid_mode  # type: ignore[return-value]
+    metadata = getattr(network, "metadata", None) or {}
+    return metadata.get("grid_mode", "squash")
+
+
+def register(
+    fixed: ImageLike,
+    moving: ImageLike,
+    *,
+    fixed_modality: str = "mri",
+    moving_modality: str = "mri",
+    weights: Any = "default",
+    fixed_mask: ImageLike | None = None,
+    moving_mask: ImageLike | None = None,
+    fixed_segmentation: ImageLike | None = None,
+    moving_segmentation: ImageLike | None = None,
+    input_masking: bool = False,
+    affine: AffineMethod = "ours",
+    grid_mode: str = "auto",
+    io_iterations: int | None = None,
+    io_method: IOMethod = "fast",
+    io_sim: str = "lncc",
+    io_lr: float | None = None,
+    ct_window: tuple[float, float] = (-1000.0, 1000.0),
+    quantile_range: tuple[float, float] = (0.0, 0.99),
+    device: str = "auto",
+    threads: int | None = None,
+    seed: int | None = 0,
+    progress: bool = True,
+) -> RegistrationResult:
+    """Register ``moving`` onto ``fixed``.
+
+    Parameters
+    ----------
+    fixed, moving
+        Paths, nibabel images or :class:`~regpipe.imageio.Image` objects (3-D).
+    fixed_modality, moving_modality
+        ``"mri"`` or ``"ct"``: selects the intensity normalisation.
+    weights
+        ``"default"``, a registry name (``"unigradicon"``, ``"multigradicon"``...), a
+        checkpoint path, a :class:`~regpipe.networks.RegistrationNetwork`, or ``None`` for no
+        network (affine plus instance optimisation only).
+    fixed_mask, moving_mask
+        Regions of interest on each image's grid; used by the similarity of instance
+        optimisation, and to zero the network input when ``input_masking`` is true.
+    fixed_segmentation, moving_segmentation
+        Label maps; when both are given the result reports Dice per label.
+    affine
+        Affine pre-alignment composed into the result: ``"ours"`` (fast PyTorch, default),
+        ``"ants"`` (antspyx) or ``"none"`` (uniGradICON's behaviour).
+    grid_mode
+        ``"squash"`` (uniGradICON), ``"isotropic"`` or ``"auto"`` (what the weights expect).
+    io_iterations
+        Instance-optimisation steps; ``None`` or 0 disables it.
+    io_method
+        ``"fast"`` (a displacement correction on top of the network, CPU friendly) or
+        ``"network"`` (uniGradICON's optimisation of all network weights).
+    device, threads, seed
+        Compute device (``"auto"``, ``"cpu"``, ``"cuda"``), CPU threads, random seed.
+    """
+    from regpipe.device import select_device, set_threads
+
+    started = time.perf_counter()
+    if threads:
+        set_threads(threads)
+    if seed is not None:
+        torch.manual_seed(seed)
+    torch_device = select_device(device)
+    fixed_modality = check_modality(fixed_modality)
+    moving_modality = check_modality(moving_modality)
+
+    fixed_img = load_image(fixed, "image", "fixed image")
+    moving_img = load_image(moving, "image", "moving image")
+    masks = {}
+    for name, source, image in (("fixed", fixed_mask, fixed_img), ("moving", moving_mask, moving_img)):
+        if source is not None:
+            mask = load_image(source, "mask", f"{name} mask")
+            check_same_grid(image, mask, f"{name} mask")
+            masks[name] = mask
+    segs = {}
+    for name, source, image in (
+        ("fixed", fixed_segmentation, fixed_img),
+        ("moving", moving_segmentation, moving_img),
+    ):
+        if source is not None:
+            seg = load_image(source, "labels", f"{name} segmentation")
+            check_same_grid(image, seg, f"{name} segmentation")
+            segs[name] = seg
+
+    if weights == "default":
+        from regpipe.weights import default_weights_name
+
+        weights = default_weights_name()
+    network, weights_path = _load_network(weights, torch_device)
+    grid_shape = tuple(network.config.grid_shape) if network is not None else (128, 128, 128)
+    mode = _grid_mode(network, grid_mode)
+
+    norm = {
+        "fixed": normalize_intensity(
+            fixed_img.data, fixed_modality, ct_window=ct_window, quantile_range=quantile_range,
+            mask=masks["fixed"].data if input_masking and "fixed" in masks else None,
+        ),
+        "moving": normalize_intensity(
+            moving_img.data, moving_modality, ct_window=ct_window, quantile_range=quantile_range,
+            mask=masks["moving"].data if input_masking and "moving" in masks else None,
+        ),
+    }
+
+    affine_tx = _prealign(affine, norm, fixed_img, moving_img, masks, progress)
+    grid_in = network_grid(fixed_img.geometry, grid_shape, mode)
+    squash_moving = affine_tx is None and mode == "squash"
+    if squash_moving:
+        grid_out = network_grid(moving_img.geometry, grid_shape, "squash")
+    else:
+        matrix = np.eye(4) if affine_tx is None else affine_tx.matrix
+        grid_out = matrix @ grid_in
+    fixed_t = network_input(
+        norm["fixed"], fixed_img.geometry, grid_in, grid_shape, squash=mode == "squash",
+        device=torch_device,
+    )
+    moving_t = network_input(
+        norm["moving"], moving_img.geometry, grid_out, grid_shape, squash=squash_moving,
+        device=torch_device,
+    )
+    LOGGER.info("network grid %s (%s mode), device %s", grid_shape, mode, torch_device)
+
+    displacement = _network_displacement(network, moving_t, fixed_t)
+    if io_iterations:
+        displacement = _instance_optimise(
+            io_method, network, moving_t, fixed_t, displacement, masks, fixed_img, moving_img,
+            grid_in, grid_out, grid_shape, squash_moving, mode, io_iterations, io_sim, io_lr,
+            progress,
+        )
+    forward = GridTransform(grid_in, displacement.detach().to("cpu", torch.float32)[0], grid_out)
+    inverse = forward.inverse()
+
+    warped_data = warp_array(moving_img.data.astype(np.float32), moving_img.geometry, forward, fixed_img.geometry)
+    warped = Image(warped_data, fixed_img.geometry)
+    result = RegistrationResult(forward, inverse, fixed_img, moving_img, warped, affine_tx)
+    result.settings = {
+        "weights": str(weights_path) if weights_path else (None if network is None else "in-memory"),
+        "grid_shape": list(grid_shape),
+        "grid_mode": mode,
+        "affine": affine,
+        "io_iterations": int(io_iterations or 0),
+        "io_method": io_method if io_iterations else None,
+        "io_sim": io_sim if io_iterations else None,
+        "seed": seed,
+        "device": str(torch_device),
+        "fixed_modality": fixed_modality,
+        "moving_modality": moving_modality,
+    }
+    result.metrics = _metrics(result, norm, masks, segs)
+    result.metrics["inverse_consistency_voxels"] = forward.inverse_consistency(inverse)
+    result.metrics["runtime_s"] = time.perf_counter() - started
+    result.metrics["peak_memory_mb"] = _peak_memory_mb()
+    return result
+
+
+def _prealign(
+    method: str, norm: dict, fixed: Image, moving: Image, masks: dict, progress: bool
+) -> AffineTransform | None:
+    if method in (None, "none", False):
+        return None
+    from regpipe import affine as affine_mod
+
+    kwargs = dict(
+        fixed_mask=masks["fixed"].data if "fixed" in masks else None,
+        moving_mask=masks["moving"].data if "moving" in masks else None,
+    )
+    if method == "ours":
+        func = affine_mod.affine_register
+    elif method == "ants":
+        func = affine_mod.ants_affine_register
+    else:
+        raise InputError(f"affine method must be ours, ants or none, got {method!r}")
+    started = time.perf_counter()
+    result = func(norm["fixed"], fixed.geometry, norm["moving"], moving.geometry, **kwargs)
+    LOGGER.info("affine pre-alignment (%s): %.1f s", method, time.perf_counter() - started)
+    return result
+
+
+@torch.no_grad()
+def _network_displacement(network: Any, moving_t: torch.Tensor, fixed_t: torch.Tensor) -> torch.Tensor:
+    """Network displacement ``[1, 3, n0, n1, n2]`` in grid-index units (zeros without network)."""
+    shape = moving_t.shape[2:]
+    if network is None:
+        return torch.zeros((1, 3, *shape), device=moving_t.device)
+    normalised = network.displacement(moving_t, fixed_t)
+    scale = torch.tensor([n - 1 for n in shape], dtype=normalised.dtype, device=normalised.device)
+    return normalised * scale.view(1, 3, 1, 1, 1)
+
+
+def _instance_optimise(
+    method, network, moving_t, fixed_t, displacement, masks, fixed_img, moving_img,
+    grid_in, grid_out, grid_shape, squash_moving, mode, steps, sim, lr, progress,
+) -> torch.Tensor:
+    from regpipe import fast_io, instance_opt
+
+    mask_t = {}
+    for name, image, grid, squash in (
+        ("fixed", fixed_img, grid_in, mode == "squash"),
+        ("moving", moving_img, grid_out, squash_moving),
+    ):
+        if name in masks:
+            mask_t[name] = network_input(
+                (masks[name].data != 0).astype(np.float32), image.geometry, grid, grid_shape,
+                squash=squash, nearest=True, device=fixed_t.device,
+            )
+    if method == "network":
+        if network is None:
+            raise InputError("io_method 'network' needs a network; use io_method 'fast'")
+        kwargs = {} if lr is None else {"lr": lr}
+        normalised = instance_opt.optimise_network_weights(
+            network, moving_t, fixed_t, steps=steps, similarity=sim,
+            masks=(mask_t.get("moving"), mask_t.get("fixed")) if mask_t else None,
+            progress=progress, **kwargs,
+        )
+        if isinstance(normalised, tuple):
+            normalised = normalised[0]
+        scale = torch.tensor([n - 1 for n in grid_shape], dtype=normalised.dtype, device=normalised.device)
+        return normalised * scale.view(1, 3, 1, 1, 1)
+    if method == "fast":
+        spacing = float(np.linalg.norm(grid_in[:3, 0]))
+        return fast_io.optimise_displacement(
+            moving_t, fixed_t, displacement, steps=steps, fixed_mask=mask_t.get("fixed"),
+            grid_spacing_mm=spacing, progress=progress,
+        )
+    raise InputError(f"io method must be fast or network, got {method!r}")
+
+
+def _metrics(result: RegistrationResult, norm: dict, masks: dict, segs: dict) -> dict[str, Any]:
+    fixed = result.fixed
+    region = masks["fixed"].data if "fixed" in masks else norm["fixed"] > 0.05
+    jac = result.jacobian().data
+    metrics: dict[str, Any] = dict(folding_stats(jac, region))
+    identity = AffineTransform.identity() if result.affine is None else result.affine
+    before = warp_array(norm["moving"], result.moving.geometry, identity, fixed.geometry)
+    after = warp_array(norm["moving"], result.moving.geometry, result.forward, fixed.geometry)
+    metrics["ncc_before"] = ncc(before, norm["fixed"], region)
+    metrics["ncc_after"] = ncc(after, norm["fixed"], region)
+    if "fixed" in segs and "moving" in segs:
+        warped_seg = warp_array(
+            segs["moving"].data, result.moving.geometry, result.forward, fixed.geometry,
+            interpolation="nearest",
+        )
+        dice = dice_per_label(segs["fixed"].data, warped_seg)
+        metrics["dice"] = {str(k): v for k, v in dice.items()}
+        valid = [v for v in dice.values() if np.isfinite(v)]
+        metrics["dice_mean"] = float(np.mean(valid)) if valid else float("nan")
+    return metrics
+
+
+def apply_transform(
+    moving: ImageLike,
+    transform: Transform | str | os.PathLike,
+    reference: ImageLike | Geometry,
+    *,
+    interpolation: Interpolation = "linear",
+    output: str | os.PathLike | None = None,
+) -> Image:
+    """Resample ``moving`` onto ``reference``'s grid through ``transform`` (fixed -> moving).
+
+    ``transform`` may be a transform object or a file (see :mod:`regpipe.transform_files`).
+    Use ``interpolation="nearest"`` for label maps: their integer type and values are kept.
+    """
+    from regpipe.transform_files import read_transform
+
+    kind = "labels" if interpolation == "nearest" else "image"
+    moving_img = load_image(moving, kind if kind == "image" else "mask", "moving image")
+    if isinstance(reference, Geometry):
+        geometry = reference
+    else:
+        geometry = load_image(reference, "mask", "reference image").geometry
+    if isinstance(transform, (str, os.PathLike)):
+        transform = read_transform(Path(transform))
+    data = warp_array(moving_img.data, moving_img.geometry, transform, geometry, interpolation=interpolation)
+    image = Image(data, geometry)
+    if output is not None:
+        save_image(image, output)
+    return image
+
+
+def warped_labels(result: RegistrationResult, labels: ImageLike) -> NDArray[np.integer]:
+    """Resample a moving-space label map onto the fixed grid with nearest neighbour."""
+    seg = load_image(labels, "labels", "moving segmentation")
+    return warp_array(seg.data, seg.geometry, result.forward, result.fixed.geometry, interpolation="nearest")

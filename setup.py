@@ -1,0 +1,67 @@
+"""Installation of regpipe.
+
+One import namespace, three source folders: the library lives in ``regpipe/``; the Nipype
+workflows in ``workflows/`` and the BIDS App in ``bids_app/`` are installed as the
+subpackages ``regpipe.workflows`` and ``regpipe.bids_app`` through ``package_dir``.
+"""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+VERSION = "0.1.0"
+
+library = find_packages(include=["regpipe", "regpipe.*"])
+workflows = ["regpipe.workflows" + p[len("workflows"):] for p in find_packages(include=["workflows", "workflows.*"])]
+bids_app = ["regpipe.bids_app" + p[len("bids_app"):] for p in find_packages(include=["bids_app", "bids_app.*"])]
+
+setup(
+    name="regpipe",
+    version=VERSION,
+    description="Foundation-network image registration (uniGradICON-compatible) compared with ANTs, as a BIDS App",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=library + workflows + bids_app,
+    package_dir={"regpipe": "regpipe", "regpipe.workflows": "workflows", "regpipe.bids_app": "bids_app"},
+    package_data={"regpipe": ["py.typed", "data/weights/*.pt", "data/weights/*.md"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.1,<3",
+        "numpy>=1.24,<2.4",
+        "scipy>=1.10,<1.16",
+        "nibabel>=5.0,<6",
+        "SimpleITK>=2.3,<3",
+        "antspyx>=0.5,<0.7",
+        "h5py>=3.8",
+        "tqdm>=4.60",
+        "nipype>=1.8,<2",
+        "pybids>=0.16",
+        "templateflow>=24.0",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=7",
+            "nitransforms>=25.1",
+            # reference implementation for parity tests; install with --no-deps (see README)
+            "matplotlib",
+            "pyyaml",
+            "itk>=5.3,<6",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "regpipe-register=regpipe.cli.register:main",
+            "regpipe-warp=regpipe.cli.warp:main",
+            "regpipe-jacobian=regpipe.cli.jacobian:main",
+            "regpipe-weights=regpipe.cli.weights:main",
+        ],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Medical Science Apps.",
+        "Intended Audience :: Science/Research",
+    ],
+)

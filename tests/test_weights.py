@@ -1,0 +1,495 @@
+"""Tests of the weights registry, cache, download and the ``regpipe-weights`` CLI.
+
+Everything is offline: downloads come from an ``http.server`` thread on 127.0.0.1 or from
+``file://`` URLs, and a guard refuses any other outgoing connection.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from regpipe import weights
+from regpipe.cli.weights import main
+from regpipe.errors import InputError, WeightsError
+
+UNIGRADICON_URL = (
+    "https://github.com/uncbiag/uniGradICON/releases/download/unigradicon_weights/"
+    "Step_2_final.trch"
+)
+
+
+@pytest.fixture(autouse=True)
+def no_internet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refuse every outgoing connection that is not to 127.0.0.1 / localhost."""
+    real = socket.create_connection
+
+    def guarded(address, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if address[0] not in ("127.0.0.1", "localhost"):
+            raise OSError(f"test tried to reach {address[0]}")
+        return real(address, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "create_connection", guarded)
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh, empty REGPIPE_HOME; downloads allowed."""
+    path = tmp_path / "regpipe_home"
+    monkeypatch.setenv("REGPIPE_HOME", str(path))
+    monkeypatch.delenv("REGPIPE_OFFLINE", raising=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding ``small.trch``, a two-tensor state dict saved with torch.save."""
+    folder = tmp_path_factory.mktemp("served")
+    state = {"conv.weight": torch.arange(24.0).reshape(2, 3, 4), "conv.bias": torch.zeros(2)}
+    torch.save(state, folder / "small.trch")
+    return folder
+
+
+@pytest.fixture
+def small_file(served: Path) -> Path:
+    return served / "small.trch"
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    """Serves files; ``/truncated`` promises 1000 bytes, sends 100 and hangs up."""
+
+    def do_GET(self) -> None:
+        if self.path == "/truncated":
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b"x" * 100)
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        super().do_GET()
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+
+@pytest.fixture
+def server(served: Path) -> Iterator[str]:
+    """Base URL of an HTTP server on 127.0.0.1 serving ``served``."""
+    handler = functools.partial(_Handler, directory=str(served))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+
+
+@pytest.fixture
+def test_entry(small_file: Path) -> Iterator[weights.WeightsEntry]:
+    """A registry entry ``testmodel`` whose URL is the local file, with exact size and sha."""
+    entry = weights.register_entry(
+        weights.WeightsEntry(
+            name="testmodel",
+            url=small_file.as_uri(),
+            filename="small.trch",
+            size=small_file.stat().st_size,
+            sha256=weights.sha256sum(small_file),
+        )
+    )
+    yield entry
+    weights.unregister_entry("testmodel")
+
+
+def _files_in(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+# --- registry and cache location -------------------------------------------------------------
+
+
+def test_registry_has_official_models_with_unknown_checksums() -> None:
+    uni = weights.get_entry("unigradicon")
+    multi = weights.get_entry("multigradicon")
+    assert uni.url == UNIGRADICON_URL
+    assert multi.url == UNIGRADICON_URL.replace("unigradicon_weights", "multigradicon_weights")
+    for entry in (uni, multi):
+        assert entry.sha256 is None
+        assert entry.size is None  # only an estimate is known, never checked
+        assert entry.approx_size == 282_805_197
+        assert entry.filename == "Step_2_final.trch"
+
+
+def test_unknown_name_lists_known_names() -> None:
+    with pytest.raises(WeightsError, match="unigradicon"):
+        weights.get_entry("nosuchmodel")
+
+
+def test_invalid_entry_is_rejected() -> None:
+    with pytest.raises(InputError):
+        weights.WeightsEntry(name="Bad.Name", url="http://x", filename="f")
+    with pytest.raises(InputError):
+        weights.WeightsEntry(name="ok", url="http://x", filename="f", sha256="abc")
+    with pytest.raises(InputError):
+        weights.WeightsEntry(name="ok", url="http://x", filename="sub/f")
+
+
+def test_duplicate_registration_is_rejected() -> None:
+    with pytest.raises(InputError, match="already registered"):
+        weights.register_entry(weights.get_entry("unigradicon"))
+
+
+def test_cache_dir_uses_regpipe_home(home: Path) -> None:
+    assert weights.cache_dir() == home / "weights"
+    assert weights.cached_path("unigradicon") == home / "weights/unigradicon/Step_2_final.trch"
+
+
+def test_cache_dir_falls_back_to_xdg_cache_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("REGPIPE_HOME")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert weights.cache_dir() == tmp_path / "xdg/regpipe/weights"
+
+
+def test_cache_dir_defaults_to_user_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("REGPIPE_HOME")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert weights.cache_dir() == tmp_path / ".cache/regpipe/weights"
+
+
+def test_default_is_unigradicon_without_bundled_model() -> None:
+    assert weights.default_weights_name() == "unigradicon"
+
+
+def test_default_is_bundled_model_when_its_file_exists(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_file: Path
+) -> None:
+    monkeypatch.setattr(weights, "bundled_dir", lambda: tmp_path)
+    weights.register_entry(
+        weights.WeightsEntry(name="ours", url=None, filename="ours.trch", bundled=True)
+    )
+    try:
+        assert weights.default_weights_name() == "unigradicon"  # file not there yet
+        (tmp_path / "ours.trch").write_bytes(small_file.read_bytes())
+        assert weights.default_weights_name() == "ours"
+        assert weights.resolve_weights("ours") == tmp_path / "ours.trch"
+    finally:
+        weights.unregister_entry("ours")
+
+
+def test_sha256sum_matches_hashlib(small_file: Path) -> None:
+    assert weights.sha256sum(small_file) == hashlib.sha256(small_file.read_bytes()).hexdigest()
+
+
+# --- fetch -----------------------------------------------------------------------------------
+
+
+def test_fetch_over_local_http_server(server: str, small_file: Path, home: Path) -> None:
+    path = weights.fetch("unigradicon", url=f"{server}/small.trch", progress=False)
+    assert path == home / "weights/unigradicon/Step_2_final.trch"
+    assert path.read_bytes() == small_file.read_bytes()
+    sidecar = weights.sidecar_path(path)
+    assert sidecar.read_text().split() == [weights.sha256sum(small_file), "Step_2_final.trch"]
+    assert _files_in(path.parent) == ["Step_2_final.trch", "Step_2_final.trch.sha256"]
+
+
+def test_fetch_via_file_url(test_entry: weights.WeightsEntry, small_file: Path) -> None:
+    path = weights.fetch("testmodel", progress=False)
+    assert path.read_bytes() == small_file.read_bytes()
+
+
+def test_fetch_keeps_cached_file_unless_forced(
+    test_entry: weights.WeightsEntry, small_file: Path, tmp_path: Path
+) -> None:
+    path = weights.fetch("testmodel", progress=False)
+    mtime = path.stat().st_mtime_ns
+    missing = (tmp_path / "nowhere.trch").as_uri()
+    assert weights.fetch("testmodel", url=missing, progress=False) == path
+    assert path.stat().st_mtime_ns == mtime
+    with pytest.raises(WeightsError, match="cannot read"):
+        weights.fetch("testmodel", url=missing, force=True, progress=False)
+    assert path.read_bytes() == small_file.read_bytes()  # old file survives a failed refetch
+
+
+def test_checksum_mismatch_fails_and_leaves_no_file(
+    small_file: Path, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entry = weights.WeightsEntry(
+        name="badsum", url=small_file.as_uri(), filename="w.trch", sha256="0" * 64
+    )
+    weights.register_entry(entry)
+    try:
+        with pytest.raises(WeightsError, match="checksum mismatch"):
+            weights.fetch("badsum", progress=False)
+    finally:
+        weights.unregister_entry("badsum")
+    assert _files_in(home / "weights/badsum") == []
+
+
+def test_size_mismatch_fails_and_leaves_no_file(small_file: Path, home: Path) -> None:
+    weights.register_entry(
+        weights.WeightsEntry(name="badsize", url=small_file.as_uri(), filename="w", size=7)
+    )
+    try:
+        with pytest.raises(WeightsError, match="should be 7 bytes"):
+            weights.fetch("badsize", progress=False)
+    finally:
+        weights.unregister_entry("badsize")
+    assert _files_in(home / "weights/badsize") == []
+
+
+def test_http_404_leaves_no_partial_file(server: str, home: Path) -> None:
+    with pytest.raises(WeightsError, match="HTTP 404"):
+        weights.fetch("unigradicon", url=f"{server}/missing.trch", progress=False)
+    assert _files_in(home / "weights/unigradicon") == []
+
+
+def test_interrupted_download_leaves_no_partial_file(server: str, home: Path) -> None:
+    with pytest.raises(WeightsError, match=r"100 of 1000 bytes|connection lost"):
+        weights.fetch("unigradicon", url=f"{server}/truncated", progress=False)
+    assert _files_in(home / "weights/unigradicon") == []
+
+
+def test_unreachable_server_says_probably_offline(home: Path) -> None:
+    with socket.socket() as sock:  # a port that nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(WeightsError, match="probably offline") as info:
+        weights.fetch("unigradicon", url=f"http://127.0.0.1:{port}/w.trch", progress=False)
+    assert str(home / "weights/unigradicon/Step_2_final.trch") in str(info.value)
+    assert _files_in(home / "weights/unigradicon") == []
+
+
+def test_offline_env_blocks_fetch(
+    test_entry: weights.WeightsEntry, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REGPIPE_OFFLINE", "1")
+    with pytest.raises(WeightsError, match="REGPIPE_OFFLINE"):
+        weights.fetch("testmodel", progress=False)
+    with pytest.raises(WeightsError, match="REGPIPE_OFFLINE"):
+        weights.resolve_weights("testmodel", download=True)
+    assert not (home / "weights/testmodel").exists()
+
+
+# --- resolve_weights -------------------------------------------------------------------------
+
+
+def test_missing_checkpoint_error_names_url_path_and_command(home: Path) -> None:
+    with pytest.raises(WeightsError) as info:
+        weights.resolve_weights("unigradicon")
+    message = str(info.value)
+    assert str(home / "weights/unigradicon/Step_2_final.trch") in message
+    assert UNIGRADICON_URL in message
+    assert "regpipe-weights fetch unigradicon" in message
+    assert "\n" not in message
+
+
+def test_resolve_downloads_when_asked(test_entry: weights.WeightsEntry, home: Path) -> None:
+    path = weights.resolve_weights("testmodel", download=True, progress=False)
+    assert path == home / "weights/testmodel/small.trch"
+    assert weights.resolve_weights("testmodel") == path  # now cached
+
+
+def test_resolve_returns_existing_path_as_is(small_file: Path) -> None:
+    assert weights.resolve_weights(small_file) == small_file
+    assert weights.resolve_weights(str(small_file)) == small_file
+
+
+def test_resolve_rejects_missing_path(tmp_path: Path) -> None:
+    with pytest.raises(WeightsError, match="does not exist"):
+        weights.resolve_weights(tmp_path / "absent.trch")
+
+
+def test_resolve_rejects_empty_file(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.trch"
+    empty.touch()
+    with pytest.raises(WeightsError, match="0 bytes"):
+        weights.resolve_weights(empty)
+
+
+def test_resolve_rejects_dangling_symlink(tmp_path: Path) -> None:
+    link = tmp_path / "annexed.trch"
+    link.symlink_to(tmp_path / ".git/annex/objects/XX/SHA256E-s1--abc.trch")
+    with pytest.raises(WeightsError, match="dangling symbolic link"):
+        weights.resolve_weights(link)
+
+
+def test_resolve_rejects_git_lfs_pointer(tmp_path: Path) -> None:
+    pointer = tmp_path / "lfs.trch"
+    pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n")
+    with pytest.raises(WeightsError, match="Git LFS pointer"):
+        weights.resolve_weights(pointer)
+
+
+def test_resolve_rejects_empty_cached_file(home: Path) -> None:
+    target = weights.cached_path("unigradicon")
+    target.parent.mkdir(parents=True)
+    target.touch()
+    with pytest.raises(WeightsError, match="0 bytes"):
+        weights.resolve_weights("unigradicon")
+
+
+def test_resolve_unknown_name(tmp_path: Path) -> None:
+    with pytest.raises(WeightsError, match="unknown weights name"):
+        weights.resolve_weights("nosuchmodel")
+
+
+# --- verify and load -------------------------------------------------------------------------
+
+
+def test_verify_fetched_file(test_entry: weights.WeightsEntry) -> None:
+    weights.fetch("testmodel", progress=False)
+    result = weights.verify("testmodel")
+    assert result.ok, result.problems
+    assert result.loads and result.n_tensors == 2
+    assert result.sha256_matches is True and result.sha256_reference == "registry"
+    assert result.size_matches is True
+
+
+def test_verify_detects_corruption_via_sidecar(server: str) -> None:
+    path = weights.fetch("unigradicon", url=f"{server}/small.trch", progress=False)
+    assert weights.verify("unigradicon").sha256_reference == "sidecar"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    result = weights.verify("unigradicon")
+    assert not result.ok
+    assert result.sha256_matches is False
+    assert any("corrupt" in problem for problem in result.problems)
+
+
+def test_verify_missing_file() -> None:
+    result = weights.verify("unigradicon")
+    assert not result.exists and not result.ok
+
+
+def test_verify_path_without_reference_checksum(small_file: Path) -> None:
+    result = weights.verify(small_file)
+    assert result.ok and result.sha256_matches is None and result.n_tensors == 2
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [({"a": torch.zeros(1), "b": 3}, "not tensors"), ([torch.zeros(1)], "not a state dict")],
+)
+def test_verify_rejects_non_state_dict(tmp_path: Path, content: object, problem: str) -> None:
+    path = tmp_path / "odd.trch"
+    torch.save(content, path)
+    result = weights.verify(path)
+    assert not result.ok and not result.loads
+    assert problem in result.problems[0]
+
+
+def test_verify_refuses_pickled_objects(tmp_path: Path) -> None:
+    path = tmp_path / "pickled.trch"
+    torch.save({"net": torch.nn.Linear(2, 2)}, path)
+    result = weights.verify(path)
+    assert not result.loads
+    assert "weights_only=True" in result.problems[0]
+
+
+def test_verify_accepts_regpipe_layout(tmp_path: Path) -> None:
+    path = tmp_path / "ours.trch"
+    state = {"w": torch.zeros(3), "b": torch.ones(1)}
+    torch.save({"state_dict": state, "config": None, "card": {"name": "ours"}}, path)
+    result = weights.verify(path)
+    assert result.ok, result.problems
+    assert result.n_tensors == 2
+
+
+# --- command line ----------------------------------------------------------------------------
+
+
+def test_cli_list(capsys: pytest.CaptureFixture[str], home: Path) -> None:
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "unigradicon *" in out and "multigradicon" in out
+    assert UNIGRADICON_URL in out
+    assert str(home / "weights/unigradicon/Step_2_final.trch") in out
+    assert "~282.8 MB" in out
+
+
+def test_cli_list_marks_cached(server: str, capsys: pytest.CaptureFixture[str]) -> None:
+    weights.fetch("multigradicon", url=f"{server}/small.trch", progress=False)
+    assert main(["list"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if "multigradicon" in ln)
+    assert line.split()[1] == "yes"
+
+
+def test_cli_path(capsys: pytest.CaptureFixture[str], home: Path) -> None:
+    assert main(["path", "unigradicon"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == str(home / "weights/unigradicon/Step_2_final.trch")
+    assert "regpipe-weights fetch unigradicon" in captured.err
+
+
+def test_cli_fetch_and_verify(
+    test_entry: weights.WeightsEntry, capsys: pytest.CaptureFixture[str], home: Path
+) -> None:
+    assert main(["fetch", "testmodel", "--quiet"]) == 0
+    assert capsys.readouterr().out.strip() == str(home / "weights/testmodel/small.trch")
+    assert main(["verify", "testmodel"]) == 0
+    out = capsys.readouterr().out
+    assert "result:  OK" in out and "2 tensors" in out
+
+
+def test_cli_verify_missing_fails_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["verify", "unigradicon"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("regpipe-weights: error:")
+
+
+def test_cli_verify_corrupt_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "junk.trch"
+    path.write_bytes(os.urandom(2048))
+    assert main(["verify", str(path)]) == 1
+    captured = capsys.readouterr()
+    assert "result:  FAILED" in captured.out
+    assert "Traceback" not in captured.err
+
+
+def test_cli_errors_are_one_line_without_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["fetch", "nosuchmodel"]) == 1
+    assert main(["path", "nosuchmodel"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and "Traceback" not in err
+
+
+def test_cli_offline_fetch_fails(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("REGPIPE_OFFLINE", "1")
+    assert main(["fetch", "unigradicon"]) == 1
+    assert "REGPIPE_OFFLINE" in capsys.readouterr().err
+
+
+def test_cli_bad_usage_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert main(["fetch"]) == 2
+
+
+def test_cli_verify_missing_name_says_how_to_fetch(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["verify", "multigradicon"]) == 1
+    assert "regpipe-weights fetch multigradicon" in capsys.readouterr().err
+
+
+def test_verify_reports_dangling_symlink_in_cache(tmp_path: Path) -> None:
+    target = weights.cached_path("unigradicon")
+    target.parent.mkdir(parents=True)
+    target.symlink_to(tmp_path / "annex/object")
+    result = weights.verify("unigradicon")
+    assert not result.exists and "dangling symbolic link" in result.problems[0]

@@ -1,0 +1,1 @@
+"""Nipype workflows built on the regpipe library, installed as ``regpipe.workflows``."""
