@@ -127,6 +127,7 @@ def register(
     fixed_segmentation: ImageLike | None = None,
     moving_segmentation: ImageLike | None = None,
     input_masking: bool = False,
+    loss_masking: bool = True,
     affine: AffineMethod = "ours",
     grid_mode: str = "auto",
     io_iterations: int | None = None,
@@ -154,7 +155,8 @@ def register(
         network (affine plus instance optimisation only).
     fixed_mask, moving_mask
         Regions of interest on each image's grid; used by the similarity of instance
-        optimisation, and to zero the network input when ``input_masking`` is true.
+        optimisation when ``loss_masking`` is true (default), and to zero the network input
+        when ``input_masking`` is true.
     fixed_segmentation, moving_segmentation
         Label maps; when both are given the result reports Dice per label.
     affine
@@ -238,8 +240,9 @@ def register(
 
     displacement = _network_displacement(network, moving_t, fixed_t)
     if io_iterations:
+        loss_masks = masks if loss_masking else {}
         displacement = _instance_optimise(
-            io_method, network, moving_t, fixed_t, displacement, masks, fixed_img, moving_img,
+            io_method, network, moving_t, fixed_t, displacement, loss_masks, fixed_img, moving_img,
             grid_in, grid_out, grid_shape, squash_moving, mode, io_iterations, io_sim, io_lr,
             progress,
         )

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 from regpipe.cli._common import add_option, run_cli
 from regpipe.errors import InputError
+
+LOGGER = logging.getLogger("regpipe")
 
 
 def _io_iterations(value: str) -> int | None:
@@ -94,23 +98,62 @@ def _check_outputs(args: argparse.Namespace) -> None:
             raise InputError(f"--{name}: folder {Path(value).parent} does not exist")
 
 
+def _masks(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """Masks as ``unigradicon-register`` 1.0.6 uses them (including its deprecated fallback)."""
+    fixed, moving = args.fixed_mask, args.moving_mask
+    if (
+        fixed is None
+        and moving is None
+        and args.fixed_segmentation
+        and args.moving_segmentation
+        and args.dice_loss_weight == 0.0
+        and (args.loss_function_masking or not args.input_masking)
+    ):
+        warnings.warn(
+            "using segmentations as masks is deprecated (as in unigradicon-register): pass "
+            "--fixed_mask/--moving_mask for masking",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        if not args.loss_function_masking:
+            args.input_masking = True
+        fixed, moving = args.fixed_segmentation, args.moving_segmentation
+    needs = args.input_masking or args.loss_function_masking
+    if needs and (fixed is None or moving is None):
+        raise InputError("input/loss masking needs both --fixed_mask and --moving_mask")
+    if not needs and (fixed or moving):
+        LOGGER.warning("masks are ignored without --input_masking or --loss_function_masking "
+                       "(as in unigradicon-register)")
+        return None, None
+    return fixed, moving
+
+
 def _main(args: argparse.Namespace) -> int:
     from regpipe.registration import register
 
+    if args.io_lr <= 0:
+        raise InputError("--io_lr must be positive")
+    if args.intensity_conservation_loss:
+        raise InputError(
+            "--intensity_conservation_loss is not implemented in regpipe yet; run without it"
+        )
+    if args.dice_loss_weight and args.io_method != "network":
+        raise InputError("--dice_loss_weight applies to --io_method network only")
     _check_outputs(args)
     weights = args.network_weights or args.model or "default"
-    masks_for_loss = args.loss_function_masking or not args.input_masking
+    masks = _masks(args)
     result = register(
         args.fixed,
         args.moving,
         fixed_modality=args.fixed_modality,
         moving_modality=args.moving_modality,
         weights=weights,
-        fixed_mask=args.fixed_mask if masks_for_loss or args.input_masking else None,
-        moving_mask=args.moving_mask if masks_for_loss or args.input_masking else None,
+        fixed_mask=masks[0],
+        moving_mask=masks[1],
         fixed_segmentation=args.fixed_segmentation,
         moving_segmentation=args.moving_segmentation,
         input_masking=args.input_masking,
+        loss_masking=args.loss_function_masking,
         affine=args.affine,
         grid_mode=args.grid_mode,
         io_iterations=args.io_iterations,

@@ -1,0 +1,121 @@
+"""Compute devices: choosing one, CPU threads, optional mixed precision on GPUs.
+
+Example
+-------
+>>> device = select_device("auto")  # CUDA when available, else the CPU
+>>> with autocast(device, enabled=False):
+...     pass
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+
+import torch
+
+from regpipe.errors import InputError, ResourceError
+
+__all__ = ["autocast", "select_device", "set_threads"]
+
+_CUDA_SPEC = re.compile(r"^cuda(?::(\d+))?$")
+
+#: Accepted names of mixed-precision types.
+AUTOCAST_DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+
+def select_device(spec: str | torch.device = "auto") -> torch.device:
+    """Turn a device name into a usable :class:`torch.device`.
+
+    Parameters
+    ----------
+    spec
+        ``"auto"`` (the first CUDA GPU when one is usable, else the CPU), ``"cpu"``,
+        ``"cuda"`` (the current GPU) or ``"cuda:N"``.
+
+    Raises
+    ------
+    InputError
+        For a name that is none of the above.
+    ResourceError
+        When the requested GPU does not exist or CUDA is unavailable.
+    """
+    text = str(spec).strip().lower()
+    if text == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if text == "cpu":
+        return torch.device("cpu")
+    match = _CUDA_SPEC.match(text)
+    if match is None:
+        raise InputError(f"unknown device {spec!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if not torch.cuda.is_available():
+        raise ResourceError(f"device {text!r} requested but CUDA is not available here")
+    if match.group(1) is not None:
+        index = int(match.group(1))
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise ResourceError(f"device {text!r} requested but only {count} GPU(s) are visible")
+        return torch.device("cuda", index)
+    return torch.device("cuda")
+
+
+def set_threads(n: int | None) -> int:
+    """Set the number of CPU threads torch uses for one operation; ``None`` keeps it.
+
+    Returns
+    -------
+    The number of threads now in use.
+
+    Raises
+    ------
+    InputError
+        When ``n`` is not a positive integer.
+    """
+    if n is not None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise InputError(f"thread count must be a positive integer, got {n!r}")
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def autocast(
+    device: torch.device | str, enabled: bool = False, dtype: str | torch.dtype = "bf16"
+) -> Iterator[None]:
+    """Mixed precision for the enclosed operations on a GPU; a no-op elsewhere.
+
+    Float32 is the default (``enabled=False``). On CUDA with ``enabled=True``, eligible
+    operations (convolutions, matrix products) run in ``dtype`` while precision-sensitive ones
+    (``grid_sample``, reductions) stay in float32, as :func:`torch.autocast` decides. On the
+    CPU the context does nothing, so results are identical with or without it.
+
+    Parameters
+    ----------
+    device
+        The device the enclosed work runs on.
+    enabled
+        Turn mixed precision on.
+    dtype
+        ``"bf16"``/``torch.bfloat16`` (default, no overflow risk) or ``"fp16"``/``torch.float16``.
+    """
+    device = torch.device(device)
+    if isinstance(dtype, str):
+        try:
+            dtype = AUTOCAST_DTYPES[dtype.lower()]
+        except KeyError:
+            raise InputError(
+                f"unknown mixed-precision type {dtype!r}; use one of {', '.join(AUTOCAST_DTYPES)}"
+            ) from None
+    elif dtype not in (torch.bfloat16, torch.float16):
+        raise InputError(f"mixed precision needs bfloat16 or float16, got {dtype}")
+    if not enabled or device.type != "cuda":
+        yield
+        return
+    with torch.autocast(device_type="cuda", dtype=dtype):
+        yield

@@ -1,0 +1,127 @@
+"""Image loading: geometry from every format, and clear refusals of bad input."""
+
+from __future__ import annotations
+
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from regpipe.errors import InputError
+from regpipe.imageio import Image, atomic_write, load_image, save_image
+from regpipe.spaces import Geometry
+from tests.conftest import make_affine
+
+
+def write_nifti(path, data, affine=None):
+    nib.save(nib.Nifti1Image(np.asarray(data), np.eye(4) if affine is None else affine), str(path))
+    return path
+
+
+def test_nifti_geometry_is_kept(tmp_path):
+    affine = make_affine("oblique")
+    data = np.random.default_rng(0).random((24, 20, 16)).astype(np.float32)
+    image = load_image(write_nifti(tmp_path / "a.nii.gz", data, affine))
+    assert np.allclose(image.geometry.affine, affine, atol=1e-5)
+    assert np.array_equal(image.data, data)
+
+
+def test_itk_formats_convert_lps_to_ras(tmp_path):
+    affine = make_affine("anisotropic")
+    data = np.random.default_rng(0).random((24, 20, 16)).astype(np.float32)
+    write_nifti(tmp_path / "a.nii.gz", data, affine)
+    sitk.WriteImage(sitk.ReadImage(str(tmp_path / "a.nii.gz")), str(tmp_path / "a.mha"))
+    image = load_image(tmp_path / "a.mha")
+    assert np.allclose(image.geometry.affine, affine, atol=1e-4)
+    assert np.allclose(image.data, data)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        load_image(tmp_path / "nope.nii.gz", what="fixed image")
+
+
+def test_empty_placeholder(tmp_path):
+    (tmp_path / "empty.nii.gz").write_bytes(b"")
+    with pytest.raises(InputError, match="0 bytes"):
+        load_image(tmp_path / "empty.nii.gz")
+
+
+def test_dangling_annex_link(tmp_path):
+    link = tmp_path / "sub-01_T1w.nii.gz"
+    os.symlink("../.git/annex/objects/XX/YY/SHA256E-s1--abc.nii.gz", link)
+    with pytest.raises(InputError, match="git-annex"):
+        load_image(link)
+
+
+def test_annex_pointer_file(tmp_path):
+    path = tmp_path / "a.nii.gz"
+    path.write_text("/annex/objects/SHA256E-s1234--deadbeef.nii.gz\n")
+    with pytest.raises(InputError, match="git-annex"):
+        load_image(path)
+
+
+def test_corrupt_file(tmp_path):
+    path = tmp_path / "a.nii.gz"
+    path.write_bytes(b"\x1f\x8b" + os.urandom(4000))
+    with pytest.raises(InputError, match="cannot be read"):
+        load_image(path)
+
+
+def test_4d_image_refused(tmp_path):
+    path = write_nifti(tmp_path / "a.nii.gz", np.random.default_rng(0).random((8, 8, 8, 3)))
+    with pytest.raises(InputError, match="3-D"):
+        load_image(path)
+
+
+def test_singleton_4th_axis_accepted(tmp_path):
+    path = write_nifti(tmp_path / "a.nii.gz", np.random.default_rng(0).random((8, 8, 8, 1)))
+    assert load_image(path).data.shape == (8, 8, 8)
+
+
+def test_constant_image_refused(tmp_path):
+    with pytest.raises(InputError, match="constant"):
+        load_image(write_nifti(tmp_path / "a.nii.gz", np.ones((8, 8, 8), np.float32)))
+
+
+def test_nan_image_refused(tmp_path):
+    data = np.random.default_rng(0).random((8, 8, 8)).astype(np.float32)
+    data[1, 2, 3] = np.nan
+    data[2, 2, 2] = np.inf
+    with pytest.raises(InputError, match="2 NaN or infinite"):
+        load_image(write_nifti(tmp_path / "a.nii.gz", data))
+
+
+def test_empty_mask_refused(tmp_path):
+    with pytest.raises(InputError, match="empty"):
+        load_image(write_nifti(tmp_path / "m.nii.gz", np.zeros((8, 8, 8), np.uint8)), "mask")
+
+
+def test_float_labels_must_be_integral(tmp_path):
+    data = np.zeros((8, 8, 8), np.float32)
+    data[2, 2, 2] = 1.5
+    with pytest.raises(InputError, match="non-integer"):
+        load_image(write_nifti(tmp_path / "s.nii.gz", data), "labels")
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.nii.gz"
+
+    def fail(tmp):
+        tmp.write_bytes(b"partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, fail)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_image_round_trip(tmp_path):
+    geometry = Geometry((6, 5, 4), make_affine("LIA", (6, 5, 4)))
+    data = np.arange(120, dtype=np.int16).reshape(6, 5, 4)
+    save_image(Image(data, geometry), tmp_path / "x.nii.gz")
+    back = load_image(tmp_path / "x.nii.gz", "labels")
+    assert back.data.dtype == np.int16 and np.array_equal(back.data, data)
+    assert back.geometry.same_as(geometry)

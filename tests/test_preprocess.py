@@ -1,0 +1,55 @@
+"""Intensity normalisation (uniGradICON's formulas) and network inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from regpipe.errors import InputError
+from regpipe.preprocess import check_modality, network_input, normalize_intensity
+from regpipe.spaces import Geometry, network_grid
+
+
+def test_ct_window_then_min_max():
+    data = np.array([-3000, -1000, 0, 500, 1000, 4000], np.float32).reshape(1, 2, 3)
+    out = normalize_intensity(data, "ct")
+    assert np.allclose(out.ravel(), [0, 0, 0.5, 0.75, 1, 1])
+
+
+def test_mri_uses_kth_smallest_as_upper_bound():
+    data = np.arange(1000, dtype=np.float32).reshape(10, 10, 10)
+    out = normalize_intensity(data, "mri")
+    # k = floor(0.99 * 1000) = 990 -> value 989 (1-indexed k-th smallest)
+    assert out.max() == 1.0 and out.ravel()[989] == 1.0
+    assert out.ravel()[988] == pytest.approx(988 / 989)
+
+
+def test_mask_zeroes_outside():
+    data = np.random.default_rng(0).random((4, 4, 4)).astype(np.float32) + 1
+    mask = np.zeros((4, 4, 4), np.uint8)
+    mask[:2] = 3
+    out = normalize_intensity(data, "mri", mask=mask)
+    assert np.all(out[2:] == 0) and np.any(out[:2] > 0)
+
+
+def test_unknown_modality():
+    with pytest.raises(InputError, match="unknown modality"):
+        check_modality("pet")
+
+
+def test_bad_quantiles():
+    with pytest.raises(InputError, match="quantile"):
+        normalize_intensity(np.random.rand(3, 3, 3), "mri", quantile_range=(0.5, 0.2))
+
+
+def test_squash_input_is_exactly_interpolate():
+    geometry = Geometry((20, 18, 16), np.diag([1.0, 1.2, 2.0, 1.0]))
+    data = np.random.default_rng(1).random(geometry.shape).astype(np.float32)
+    grid = network_grid(geometry, (17, 17, 17), "squash")
+    ours = network_input(data, geometry, grid, (17, 17, 17), squash=True)
+    ref = torch.nn.functional.interpolate(
+        torch.from_numpy(data.transpose(2, 1, 0).copy())[None, None], size=(17, 17, 17),
+        mode="trilinear", align_corners=False,
+    )
+    assert torch.equal(ours, ref)
