@@ -19,10 +19,14 @@ Example
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import os
+import random
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -31,7 +35,14 @@ from numpy.typing import NDArray
 from tqdm.auto import tqdm
 
 from regpipe.errors import InputError, ResourceError
-from regpipe.spaces import Geometry, resample_volume, to_network_tensor
+from regpipe.spaces import (
+    RAS_TO_LPS,
+    Geometry,
+    affine_ras_to_lps,
+    ras_to_lps,
+    resample_volume,
+    to_network_tensor,
+)
 from regpipe.transforms import AffineTransform
 
 Init = Literal["com", "geometry", "identity"]
@@ -44,13 +55,17 @@ DEFAULT_ITERATIONS: tuple[int, ...] = (40, 25)
 SUPPORTED_DOF: tuple[int, ...] = (6, 7, 9, 12)
 
 #: Most fixed-image points one level samples (a fixed, seeded subset beyond that).
-_MAX_POINTS = 150_000
+_MAX_POINTS = 60_000
 #: Intensity percentiles (%) mapped to 0 and 1 by the normalisation.
 _PERCENTILES = (0.5, 99.5)
 #: Normalised intensity below which a voxel does not count for the centre of mass / bounding box.
 _FOREGROUND = 0.05
-#: L-BFGS stops when no parameter moves more than this fraction of the level's spacing.
-_TOLERANCE = 0.01
+#: A level ends when no parameter would move more than this fraction of its spacing (mm).
+_TOLERANCE = 0.02
+#: A level also ends after this many rejected steps in a row (float32 noise at the optimum).
+_MAX_REJECTED = 3
+import os
+_DEBUG = bool(os.environ.get("AFFDEBUG"))
 
 
 @dataclass(frozen=True)
@@ -58,9 +73,9 @@ class _Level:
     """One resolution level: fixed samples and the moving image on isotropic grids."""
 
     points: torch.Tensor  # [N, 3] fixed RAS+ mm relative to the fixed centre of mass
-    fixed_values: torch.Tensor  # [N]
-    fixed_weights: torch.Tensor  # [N], in [0, 1]
-    moving: torch.Tensor  # [1, 2, k, j, i]: intensity, weight
+    fixed_values: torch.Tensor  # [N] float64
+    fixed_weights: torch.Tensor  # [N] float64, in [0, 1]
+    moving: torch.Tensor  # [1, 5, k, j, i]: intensity, weight, gradient along x, y, z (per mm)
     world_to_moving: torch.Tensor  # [4, 4] float64: RAS+ mm -> grid_sample coordinates
     spacing: float  # mm
 
@@ -129,15 +144,192 @@ def affine_register(
     moving_centre = _initial_moving_centre(init, fixed_centre, fixed_image, moving_image)
     radius = fixed_image.radius(fixed_centre)
 
-    params = torch.zeros(dof, dtype=torch.float64, device=torch_device)
+    params = torch.zeros(dof, dtype=torch.float64, device=torch_device)  # see _linear
     bar = _progress_bar(sum(iterations), progress)
     for spacing, steps in zip(levels, iterations):
         level = _build_level(fixed_image, moving_image, spacing, fixed_centre)
         params = _optimise(level, params, moving_centre, radius, steps, bar)
     if bar is not None:
         bar.close()
-    linear, translation = _affine_from_params(params.detach().cpu(), radius)
-    return _to_transform(linear.numpy(), translation.numpy(), fixed_centre, moving_centre)
+    linear = _linear(params[3:].cpu(), radius).numpy()
+    return _to_transform(linear, params[:3].cpu().numpy(), fixed_centre, moving_centre)
+
+
+def ants_affine_register(
+    fixed: NDArray[np.generic],
+    fixed_geometry: Geometry,
+    moving: NDArray[np.generic],
+    moving_geometry: Geometry,
+    *,
+    fixed_mask: NDArray[np.generic] | None = None,
+    moving_mask: NDArray[np.generic] | None = None,
+    levels: Sequence[float] | None = None,
+    iterations: Sequence[int] | None = None,
+    dof: int = 12,
+    init: Init = "com",
+    progress: bool = False,
+    device: str | torch.device = "cpu",
+    seed: int | None = None,
+) -> AffineTransform:
+    """ANTs' affine registration (antspyx): the RAS+ mm matrix mapping fixed to moving points.
+
+    Runs ``antsRegistration`` with Mattes mutual information, as
+    ``ants.registration(type_of_transform="Affine")`` does, and converts its LPS ``.mat``
+    (which, applied to a fixed-space point, gives the moving-space point) to RAS+.
+
+    Parameters
+    ----------
+    fixed, fixed_geometry, moving, moving_geometry, fixed_mask, moving_mask, dof, init
+        As in :func:`affine_register`; ``dof`` 9 has no ANTs counterpart (6: ``Rigid``,
+        7: ``Similarity``, 12: ``Affine``).
+    levels
+        Grid spacings (mm), coarsest first, turned into ANTs shrink factors of the fixed
+        image's finest spacing with Gaussian smoothing of half the spacing (mm).
+        ``None`` keeps ANTs' defaults (shrink 6x4x2x1, smoothing 3x2x1x0 voxels).
+    iterations
+        Iterations per level; ``None`` keeps ANTs' defaults (2100x1200x1200x10).
+    progress
+        Let ANTs print its iterations.
+    device
+        Ignored: ANTs runs on the CPU.
+    seed
+        When given, ANTs runs deterministically (one thread, fixed sampling seed), about
+        1.7x slower; the package-global setting is restored afterwards.
+
+    Raises
+    ------
+    InputError
+        As :func:`affine_register`, or ``dof=9``.
+    """
+    import ants  # imported here: antspyx is heavy and optional for the rest of regpipe
+
+    del device
+    if dof not in _ANTS_TRANSFORMS:
+        raise InputError(f"ANTs registers with dof {sorted(_ANTS_TRANSFORMS)}, not {dof}")
+    images = {
+        "fixed": _check_image(fixed, fixed_geometry, "fixed"),
+        "moving": _check_image(moving, moving_geometry, "moving"),
+    }
+    masks = {
+        "fixed": _check_mask(fixed_mask, fixed_geometry, "fixed_mask"),
+        "moving": _check_mask(moving_mask, moving_geometry, "moving_mask"),
+    }
+    geometries = {"fixed": fixed_geometry, "moving": moving_geometry}
+    ants_images = {k: _to_ants(images[k], geometries[k]) for k in images}
+    ants_masks = {k: None if m is None else _to_ants(m, geometries[k]) for k, m in masks.items()}
+    options = _ants_schedule(levels, iterations, float(fixed_geometry.spacing.min()))
+    with tempfile.TemporaryDirectory(prefix="regpipe_ants_") as folder:
+        initial = _ants_initial(init, fixed_geometry, moving_geometry, folder)
+        with _ants_seed(seed):
+            result = ants.registration(
+                ants_images["fixed"],
+                ants_images["moving"],
+                type_of_transform=_ANTS_TRANSFORMS[dof],
+                initial_transform=initial,
+                mask=ants_masks["fixed"],
+                moving_mask=ants_masks["moving"],
+                outprefix=os.path.join(folder, "reg_"),
+                verbose=progress,
+                **options,
+            )
+        matrix_lps = read_itk_affine(result["fwdtransforms"][-1])
+    return AffineTransform(affine_ras_to_lps(matrix_lps))
+
+
+#: ANTs transform type per degree of freedom.
+_ANTS_TRANSFORMS = {6: "Rigid", 7: "Similarity", 12: "Affine"}
+
+
+def read_itk_affine(path: str | os.PathLike[str]) -> NDArray[np.float64]:
+    """4x4 LPS mm matrix of an ITK affine ``.mat`` (``y = A (x - c) + c + t``), as written."""
+    import ants
+
+    transform = ants.read_transform(str(path))
+    params = np.asarray(transform.parameters, dtype=np.float64)
+    centre = np.asarray(transform.fixed_parameters, dtype=np.float64)
+    linear, translation = params[:9].reshape(3, 3), params[9:12]
+    matrix = np.eye(4)
+    matrix[:3, :3] = linear
+    matrix[:3, 3] = centre + translation - linear @ centre
+    return matrix
+
+
+def _to_ants(data: NDArray[np.float32], geometry: Geometry) -> Any:
+    """An ANTsImage (LPS+ origin and direction) holding ``data`` on ``geometry``."""
+    import ants
+
+    return ants.from_numpy(
+        np.ascontiguousarray(data, dtype=np.float32),
+        origin=tuple(ras_to_lps(geometry.affine[:3, 3])),
+        spacing=tuple(geometry.spacing),
+        direction=RAS_TO_LPS @ geometry.direction_ras,
+    )
+
+
+def _ants_schedule(
+    levels: Sequence[float] | None, iterations: Sequence[int] | None, finest: float
+) -> dict[str, Any]:
+    """``ants.registration`` keyword arguments for a multi-resolution schedule."""
+    options: dict[str, Any] = {}
+    if levels is not None:
+        levels, _ = _check_options(levels, [0] * len(tuple(levels)), 12, "com")
+        shrink = tuple(max(1, round(s / finest)) for s in levels)
+        options["aff_shrink_factors"] = shrink
+        options["aff_smoothing_sigmas"] = tuple(0.0 if f == 1 else s / 2 for f, s in zip(shrink, levels))
+        options["smoothing_in_mm"] = True
+    if iterations is not None:
+        options["aff_iterations"] = tuple(int(n) for n in iterations)
+    count = len(options.get("aff_shrink_factors", (6, 4, 2, 1)))
+    if len(options.get("aff_iterations", (0,) * count)) != count:
+        raise InputError("ANTs needs one iteration count per level")
+    return options
+
+
+def _ants_initial(
+    init: str, fixed: Geometry, moving: Geometry, folder: str
+) -> list[str] | None:
+    """ANTs' ``-r`` initial transform for ``init`` (``None``: ANTs' own centre-of-mass one)."""
+    import ants
+
+    if init == "com":
+        return None
+    if init == "identity":
+        return ["Identity"]
+    if init != "geometry":
+        raise InputError(f"init must be 'com', 'geometry' or 'identity', got {init!r}")
+    shift = ras_to_lps(moving.center_world() - fixed.center_world())
+    transform = ants.create_ants_transform(
+        transform_type="AffineTransform", dimension=3, translation=tuple(shift)
+    )
+    path = os.path.join(folder, "initial.mat")
+    ants.write_transform(transform, path)
+    return [path]
+
+
+@contextmanager
+def _ants_seed(seed: int | None) -> Iterator[None]:
+    """Deterministic ANTs inside the block; the global state before it is restored."""
+    if seed is None:
+        yield
+        return
+    import ants
+
+    threads = os.environ.get(_ITK_THREADS)
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    ants.set_ants_deterministic(True, int(seed))
+    try:
+        yield
+    finally:
+        ants.set_ants_deterministic(False, None)
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
+        if threads is None:
+            os.environ.pop(_ITK_THREADS, None)
+        else:
+            os.environ[_ITK_THREADS] = threads
+
+
+_ITK_THREADS = "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"
 
 
 # --------------------------------------------------------------------------- input checks
@@ -352,19 +544,23 @@ def _build_level(fixed: _Image, moving: _Image, spacing: float, centre: NDArray)
     points = _grid_points(grid, fixed_volume.device).reshape(-1, 3)
     values, weights = fixed_volume[0, 0].flatten(), (fixed_volume[0, 1] * fixed_volume[0, 2])
     weights = weights.flatten()
-    keep = torch.nonzero(weights > 1e-3).flatten()
-    if keep.numel() > _MAX_POINTS:
+    keep = weights > 1e-3
+    count = int(keep.sum())
+    if count > _MAX_POINTS:  # a seeded random subset, in raster order
         generator = torch.Generator().manual_seed(0)
-        chosen = torch.randperm(keep.numel(), generator=generator)[:_MAX_POINTS]
-        keep = keep[chosen.sort().values.to(keep.device)]
+        draw = torch.rand(keep.shape, generator=generator).to(keep.device)
+        keep &= draw < _MAX_POINTS / count
     offset = torch.as_tensor(centre, dtype=torch.float32, device=points.device)
     moving_volume, moving_grid = moving.on_grid(spacing)
-    mov_weight = moving_volume[:, 1:2] * moving_volume[:, 2:3]
+    intensity = moving_volume[:, :1]
+    d_z, d_y, d_x = torch.gradient(intensity[0, 0], spacing=spacing)
+    channels = [intensity, moving_volume[:, 1:2] * moving_volume[:, 2:3]]
+    channels += [d[None, None] for d in (d_x, d_y, d_z)]
     return _Level(
         points=points[keep] - offset,
-        fixed_values=values[keep],
-        fixed_weights=weights[keep],
-        moving=torch.cat([moving_volume[:, :1], mov_weight], dim=1).contiguous(),
+        fixed_values=values[keep].double(),
+        fixed_weights=weights[keep].double(),
+        moving=torch.cat(channels, dim=1).contiguous(),
         world_to_moving=_world_to_sampling(moving_grid, moving_volume.device),
         spacing=spacing,
     )
@@ -399,52 +595,80 @@ def _rotation(vector: torch.Tensor) -> torch.Tensor:
     return torch.linalg.matrix_exp(skew)
 
 
-def _affine_from_params(params: torch.Tensor, radius: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Linear part (3x3) and translation (mm) from parameters in mm.
+def _linear(params: torch.Tensor, radius: float) -> torch.Tensor:
+    """3x3 linear part from its parameters: rotation, log-scales (1 or 3), shears.
 
-    Layout: translation (3, mm); rotation vector, log-scales (1 or 3) and shears (3), each
-    expressed as the displacement (mm) it causes at ``radius`` mm from the centre.
+    Each parameter is the displacement (mm) it causes at ``radius`` mm from the centre.
     """
-    dof = params.numel()
-    linear = _rotation(params[3:6] / radius)
-    if dof == 7:
-        linear = linear * torch.exp(params[6] / radius)
-    elif dof >= 9:
-        linear = linear * torch.exp(params[6:9] / radius)  # columns: scale along each axis
-    if dof == 12:
-        xy, xz, yz = params[9:12] / radius
+    count = params.numel()
+    linear = _rotation(params[:3] / radius)
+    if count == 4:
+        linear = linear * torch.exp(params[3] / radius)
+    elif count >= 6:
+        linear = linear * torch.exp(params[3:6] / radius)  # columns: scale along each axis
+    if count == 9:
+        xy, xz, yz = params[6:9] / radius
         one, zero = torch.ones_like(xy), torch.zeros_like(xy)
         shear = torch.stack(
             [torch.stack([one, xy, xz]), torch.stack([zero, one, yz]), torch.stack([zero, zero, one])]
         )
         linear = linear @ shear
-    return linear, params[:3]
+    return linear
 
 
-def _weighted_ncc(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Global normalised cross-correlation of two sample vectors under non-negative weights."""
-    total = weight.sum() + 1e-6
-    df = fixed - (weight * fixed).sum() / total
-    dm = moving - (weight * moving).sum() / total
-    covariance = (weight * df * dm).sum()
-    variance = (weight * df * df).sum() * (weight * dm * dm).sum()
-    return covariance / torch.sqrt(variance + 1e-12)
+@dataclass(frozen=True)
+class _State:
+    """Similarity at one parameter vector, with its Gauss-Newton gradient and Hessian."""
+
+    params: torch.Tensor  # [P]: translation (mm), then the linear parameters
+    ncc: float
+    gradient: torch.Tensor  # [P], d NCC / d params
+    hessian: torch.Tensor  # [P, P]
 
 
-def _similarity(
+def _evaluate(
     level: _Level, params: torch.Tensor, moving_centre: torch.Tensor, radius: float
-) -> torch.Tensor:
-    """NCC between the fixed samples and the moving image at the mapped points."""
-    linear, translation = _affine_from_params(params, radius)
+) -> _State:
+    """Sample the moving image at the mapped fixed points; NCC and its Gauss-Newton system."""
+    linear_params = params[3:].clone().requires_grad_(True)
+    linear = _linear(linear_params, radius)
     rows = level.world_to_moving[:3, :3]
-    to_grid = rows @ linear
-    offset = rows @ (moving_centre + translation) + level.world_to_moving[:3, 3]
-    grid = level.points @ to_grid.T.float() + offset.float()
-    sampled = F.grid_sample(
+    offset = rows @ (moving_centre + params[:3]) + level.world_to_moving[:3, 3]
+    grid = level.points @ (rows @ linear.detach()).T.float() + offset.float()
+    values = F.grid_sample(
         level.moving, grid.view(1, -1, 1, 1, 3), align_corners=True, padding_mode="zeros"
-    ).view(2, -1)
-    weight = level.fixed_weights * sampled[1]
-    return _weighted_ncc(level.fixed_values, sampled[0], weight)
+    ).view(5, -1)
+    d_linear = torch.stack(
+        [torch.autograd.grad(v, linear_params, retain_graph=True)[0] for v in linear.flatten()]
+    )
+    return _gauss_newton(level, params, values.double(), d_linear)
+
+
+def _gauss_newton(
+    level: _Level, params: torch.Tensor, values: torch.Tensor, d_linear: torch.Tensor
+) -> _State:
+    """NCC = <a, b>_w of the normalised fixed (a) and moving (b) samples, with
+    ``gradient = J^T W a`` and ``hessian = J^T W J`` for ``J = d b / d params``."""
+    weight = level.fixed_weights * values[1]
+    total = weight.sum()
+    if float(total) <= 1e-3 * float(level.fixed_weights.sum()):
+        return _State(params, -math.inf, torch.zeros_like(params), torch.eye(params.numel()))
+    fixed = level.fixed_values - (weight * level.fixed_values).sum() / total
+    moving = values[0] - (weight * values[0]).sum() / total
+    fixed = fixed / torch.sqrt((weight * fixed**2).sum()).clamp(min=1e-12)
+    moving_norm = torch.sqrt((weight * moving**2).sum()).clamp(min=1e-12)
+    moving = moving / moving_norm
+    spatial = values[2:5].T.float()  # [N, 3] moving image gradient in RAS+ per mm
+    outer = (spatial[:, :, None] * level.points[:, None, :]).reshape(-1, 9)
+    jacobian = torch.cat([spatial, outer @ d_linear.float()], dim=1)
+    weight32, moving32 = weight.float(), moving.float()
+    jacobian -= (weight32 @ jacobian) / float(total)
+    jacobian -= moving32[:, None] * ((weight32 * moving32) @ jacobian)
+    weighted = weight32[:, None] * jacobian
+    ncc = float((weight * fixed * moving).sum())
+    gradient = (weighted.T @ fixed.float()).double() / moving_norm
+    hessian = (jacobian.T @ weighted).double() / moving_norm**2
+    return _State(params, ncc, gradient, hessian)
 
 
 def _optimise(
@@ -455,47 +679,28 @@ def _optimise(
     steps: int,
     bar: tqdm | None,
 ) -> torch.Tensor:
-    """L-BFGS on ``1 - NCC`` over parameters in units of the level's spacing."""
-    if steps == 0:
-        return params
+    """Levenberg-Marquardt ascent of the NCC at one level; at most ``steps`` evaluations."""
     centre = torch.as_tensor(moving_centre, dtype=torch.float64, device=params.device)
-    unit = level.spacing
-    scaled = (params / unit).detach().clone().requires_grad_(True)
-    scale = _gradient_scale(level, scaled, centre, radius, unit)
-    optimiser = torch.optim.LBFGS(
-        [scaled], lr=1.0, max_iter=1, history_size=10, line_search_fn="strong_wolfe"
-    )
-    ncc = torch.zeros(())
-
-    def closure() -> torch.Tensor:
-        nonlocal ncc
-        optimiser.zero_grad()
-        ncc = _similarity(level, scaled * unit, centre, radius)
-        loss = (1.0 - ncc) * scale
-        loss.backward()
-        return loss
-
-    for step in range(steps):
-        before = scaled.detach().clone()
-        optimiser.step(closure)
+    state = _evaluate(level, params, centre, radius)
+    damping, largest, rejected = 1e-3, 2.0 * level.spacing, 0
+    for _ in range(steps):
+        matrix = state.hessian + damping * torch.diag(state.hessian.diagonal().clamp(min=1e-12))
+        step = torch.linalg.solve(matrix, state.gradient)
+        step = step * min(1.0, largest / float(step.abs().max().clamp(min=1e-12)))
+        trial = _evaluate(level, state.params + step, centre, radius)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(spacing=f"{unit:g} mm", ncc=f"{float(ncc):.4f}")
-        if float((scaled.detach() - before).abs().max()) < _TOLERANCE:
+            bar.set_postfix(spacing=f"{level.spacing:g} mm", ncc=f"{max(trial.ncc, state.ncc):.4f}")
+        if _DEBUG:
+            print(f"   {trial.ncc:.6f} {state.ncc:.6f} {damping:.1e} {float(step.abs().max()):.4f}")
+        small = float(step.abs().max()) < _TOLERANCE * level.spacing
+        if trial.ncc > state.ncc:
+            state, damping, rejected = trial, max(damping / 4, 1e-6), 0
+        else:
+            damping, rejected = damping * 8, rejected + 1
+        if small or rejected == _MAX_REJECTED:
             break
-    if bar is not None:
-        bar.update(steps - 1 - step)
-    return scaled.detach() * unit
-
-
-def _gradient_scale(
-    level: _Level, scaled: torch.Tensor, centre: torch.Tensor, radius: float, unit: float
-) -> float:
-    """Loss factor making the first L-BFGS step one grid voxel long (L1 over the parameters)."""
-    loss = 1.0 - _similarity(level, scaled * unit, centre, radius)
-    (gradient,) = torch.autograd.grad(loss, scaled)
-    norm = float(gradient.abs().sum())
-    return 1.0 / norm if norm > 0 else 1.0
+    return state.params
 
 
 def _progress_bar(total: int, enabled: bool) -> tqdm | None:

@@ -364,7 +364,7 @@ def gradicon_objective(
     fixed: torch.Tensor,
     similarity: str | Similarity = "lncc",
     lam: float = 1.5,
-    masks: tuple[torch.Tensor, torch.Tensor] | None = None,
+    masks: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
 ) -> ObjectiveTerms:
     """uniGradICON's symmetric objective for one batch of pairs.
 
@@ -383,8 +383,8 @@ def gradicon_objective(
     lam
         Weight of the GradICON term.
     masks
-        Optional ``(moving_mask, fixed_mask)``, each ``[B, 1, n0, n1, n2]``: the fixed mask
-        restricts the A->B similarity term, the moving mask the B->A term.
+        Optional ``(moving_mask, fixed_mask)``, each ``[B, 1, n0, n1, n2]`` or ``None``: the
+        fixed mask restricts the A->B similarity term, the moving mask the B->A term.
 
     Returns
     -------

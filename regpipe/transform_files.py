@@ -45,6 +45,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
@@ -279,9 +280,11 @@ def _geometry_from_itk(image: sitk.Image) -> Geometry:
     return Geometry(tuple(image.GetSize()), _FLIP4 @ affine_lps)  # type: ignore[arg-type]
 
 
-def _lps_displacements(field: DisplacementField, dtype: type) -> NDArray[np.floating]:
+def _lps_displacements(
+    field: DisplacementField, dtype: type[np.floating]
+) -> NDArray[np.floating]:
     """A copy of the field's displacements in LPS+ mm (the caller's array is not touched)."""
-    data = field.field.astype(dtype, copy=True)
+    data: NDArray[np.floating] = field.field.astype(dtype, copy=True)
     data[..., :2] *= -1
     return data
 
@@ -338,7 +341,11 @@ def _merge_linear(parts: list[Transform]) -> list[Transform]:
     """Multiply out consecutive affines of a chain (application order)."""
     merged: list[Transform] = []
     for part in parts:
-        if isinstance(part, AffineTransform) and merged and isinstance(merged[-1], AffineTransform):
+        if (
+            isinstance(part, AffineTransform)
+            and merged
+            and isinstance(merged[-1], AffineTransform)
+        ):
             merged[-1] = AffineTransform(part.matrix @ merged[-1].matrix)
         else:
             merged.append(part)
@@ -402,8 +409,10 @@ def _itk_header_affine(
     sform, scode = image.header.get_sform(coded=True)
     qform, qcode = image.header.get_qform(coded=True)
     if scode and _is_orthogonal(sform):
-        if qcode and not np.allclose(sform, qform, atol=_FORM_TOLERANCE) and not (
-            allow_nonstandard
+        if (
+            qcode
+            and not np.allclose(sform, qform, atol=_FORM_TOLERANCE)
+            and not allow_nonstandard
         ):
             raise TransformFileError(
                 f"{path}: its sform and qform place the field differently; ITK uses the "
@@ -411,6 +420,11 @@ def _itk_header_affine(
                 "matrix, or pass allow_nonstandard=True to use the sform as ITK does."
             )
         return np.asarray(sform, dtype=np.float64)
+    if scode and not qcode:
+        raise TransformFileError(
+            f"{path}: its sform has sheared axes and there is no qform; ITK and ANTs cannot "
+            "read it (they need orthogonal axes)"
+        )
     if scode and not allow_nonstandard:
         raise TransformFileError(
             f"{path}: its sform has sheared axes, so ITK and ANTs silently use the qform "

@@ -123,19 +123,21 @@ def _voxel_centres(geometry: Geometry) -> NDArray[np.float64]:
     return geometry.voxel_to_world(ijk.astype(np.float64))
 
 
-def _interior_points(geometry: Geometry, n: int = 300, seed: int = 0) -> NDArray[np.float64]:
-    """Random off-grid points at least one voxel inside the grid (RAS+ mm)."""
+def _interior_points(
+    geometry: Geometry, n: int = 300, seed: int = 0, margin: float = 1.0
+) -> NDArray[np.float64]:
+    """Random off-grid points at least ``margin`` voxels inside the grid (RAS+ mm)."""
     rng = np.random.default_rng(seed)
-    ijk = rng.uniform(1.0, np.asarray(geometry.shape) - 2.0, size=(n, 3))
+    ijk = rng.uniform(margin, np.asarray(geometry.shape) - 1.0 - margin, size=(n, 3))
     return geometry.voxel_to_world(ijk)
 
 
-def _interior_mask(fixed: Geometry, transform) -> NDArray[np.bool_]:
+def _interior_mask(fixed: Geometry, transform, moving: Geometry = MOVING) -> NDArray[np.bool_]:
     """Fixed voxels one voxel from the edge whose image lies one voxel inside the moving grid."""
     mask = np.zeros(fixed.shape, dtype=bool)
     mask[1:-1, 1:-1, 1:-1] = True
-    vox = MOVING.world_to_voxel(transform.map_points(_voxel_centres(fixed)))
-    inside = np.all((vox >= 1) & (vox <= np.asarray(MOVING.shape) - 2), axis=-1)
+    vox = moving.world_to_voxel(transform.map_points(_voxel_centres(fixed)))
+    inside = np.all((vox >= 1) & (vox <= np.asarray(moving.shape) - 2), axis=-1)
     return mask & inside
 
 
@@ -150,8 +152,9 @@ def _save_image(data: NDArray, geometry: Geometry, path: Path) -> Path:
 def _ants_apply(
     tmp_path: Path, fixed: Geometry, transform_file: Path, moving=MOVING_DATA, **kwargs
 ) -> NDArray:
-    fixed_img = ants.image_read(str(_save_image(np.zeros(fixed.shape, np.float32), fixed,
-                                                tmp_path / "fixed.nii.gz")))
+    fixed_img = ants.image_read(
+        str(_save_image(np.zeros(fixed.shape, np.float32), fixed, tmp_path / "fixed.nii.gz"))
+    )
     moving_img = ants.image_read(str(_save_image(moving, MOVING, tmp_path / "moving.nii.gz")))
     warped = ants.apply_transforms(
         fixed_img, moving_img, [str(transform_file)], whichtoinvert=[False], **kwargs
@@ -239,13 +242,12 @@ def test_field_on_another_reference_is_resampled(tmp_path: Path) -> None:
     reference = GEOMETRIES["oblique"]
     read = read_transform(write_transform(field, tmp_path / "xfm.h5", reference=reference))
     assert read.geometry.same_as(reference, atol=1e-6)
-    points = _interior_points(reference)
-    inside = np.all(
-        (GEOMETRIES["RAS"].world_to_voxel(points) > 0)
-        & (GEOMETRIES["RAS"].world_to_voxel(points) < np.asarray(SHAPE) - 1),
-        axis=-1,
-    )
-    assert _max(read.map_points(points[inside]) - TRANSFORM.map_points(points[inside])) < 0.05
+    centres = _voxel_centres(reference).reshape(-1, 3)  # where the resampled field is exact
+    vox = GEOMETRIES["RAS"].world_to_voxel(centres)
+    inside = np.all((vox >= 0) & (vox <= np.asarray(SHAPE) - 1), axis=-1)
+    assert inside.mean() > 0.3
+    expected = TRANSFORM.map_points(centres[inside])  # up to the RAS field's interpolation
+    assert _max(read.map_points(centres[inside]) - expected) < 0.05
 
 
 # --------------------------------------------------------------------------- ANTs / SimpleITK
@@ -310,8 +312,9 @@ def test_toolkits_read_the_grid_we_wrote(tmp_path: Path, name: str) -> None:
     ):
         direction = np.asarray(direction, dtype=np.float64).reshape(3, 3)
         np.testing.assert_allclose(origin, expected_lps[:3, 3], atol=1e-4)
-        np.testing.assert_allclose(direction * np.asarray(spacing), expected_lps[:3, :3],
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            direction * np.asarray(spacing), expected_lps[:3, :3], atol=1e-5
+        )
     header = nib.load(path).header
     assert nib.load(path).shape == (*SHAPE, 1, 3)
     assert int(header["intent_code"]) == 1007
@@ -337,7 +340,8 @@ def test_nitransforms_maps_points_like_regpipe(
         theirs = DenseFieldTransform.from_filename(str(path), fmt="itk")
     centres = _voxel_centres(fixed).reshape(-1, 3)
     on_grid = _max(theirs.map(centres) - field.map_points(centres))
-    points = _interior_points(fixed)
+    # nitransforms' spline prefilter assumes zeros beyond the edge: stay 3 voxels inside.
+    points = _interior_points(fixed, margin=3.0)
     off_grid = _max(theirs.map(points) - field.map_points(points))
     record_property("on_grid_mm", on_grid)
     record_property("off_grid_mm", off_grid)
@@ -363,7 +367,14 @@ def _nonstandard_field(field: DisplacementField, form: str, path: Path) -> Path:
 
 
 @pytest.mark.parametrize("form", ["4-D", "intent 0"])
-def test_ants_silently_applies_nonstandard_fields_as_identity(tmp_path: Path, form: str) -> None:
+def test_ants_silently_applies_nonstandard_fields_as_identity(
+    tmp_path: Path, form: str, record_property
+) -> None:
+    """The trap: no error, and ANTs resamples (almost everywhere) with the identity.
+
+    antspyx 0.6.3 reads the array as a scalar image: ~98% of voxels are resampled exactly as
+    with the identity and a few voxels in one corner get meaningless displacements.
+    """
     fixed = GEOMETRIES["oblique"]
     field = _field("oblique")
     bad = _nonstandard_field(field, form, tmp_path / "bad.nii.gz")
@@ -373,9 +384,11 @@ def test_ants_silently_applies_nonstandard_fields_as_identity(tmp_path: Path, fo
     mask = _interior_mask(fixed, field) & _interior_mask(fixed, AffineTransform.identity())
     from_bad = _ants_apply(tmp_path, fixed, bad)
     from_good = _ants_apply(tmp_path, fixed, good)
-    # The trap: ANTs resamples with the identity, and says nothing.
-    assert _max(from_bad[mask] - identity[mask]) < IMAGE_TOL
-    assert _max(from_bad[mask] - warped[mask]) > 0.3
+    as_identity = float(np.mean(np.abs(from_bad[mask] - identity[mask]) < IMAGE_TOL))
+    as_warp = float(np.mean(np.abs(from_bad[mask] - warped[mask]) < IMAGE_TOL))
+    record_property("fraction_as_identity", as_identity)
+    assert as_identity > 0.9
+    assert as_warp < 0.1
     # Our writer's output is applied as the transform it holds.
     assert _max(from_good[mask] - warped[mask]) < IMAGE_TOL
 
@@ -409,8 +422,9 @@ def test_label_map_nearest_keeps_dtype_and_values(tmp_path: Path, record_propert
     ours = warp_array(labels, MOVING, read, fixed, interpolation="nearest")
     assert ours.dtype == np.int16
     assert set(np.unique(ours)) <= set(np.unique(labels))
-    theirs = _ants_apply(tmp_path, fixed, path, moving=labels.astype(np.float32),
-                         interpolator="nearestNeighbor")
+    theirs = _ants_apply(
+        tmp_path, fixed, path, moving=labels.astype(np.float32), interpolator="nearestNeighbor"
+    )
     mask = _interior_mask(fixed, read)
     agreement = float(np.mean(ours[mask] == theirs[mask]))
     record_property("agreement", agreement)
@@ -453,17 +467,23 @@ def test_simpleitk_and_nitransforms_read_our_affine(tmp_path: Path, suffix: str)
 
 
 def _tiny_pair(tmp_path: Path) -> tuple[Geometry, Geometry, ants.ANTsImage, ants.ANTsImage]:
-    """Two smooth blobs on oblique grids, offset from each other, as ANTs images."""
-    fixed, moving = GEOMETRIES["oblique"], GEOMETRIES["anisotropic"]
+    """Two smooth blobs, offset from each other, on oblique grids, as ANTs images.
+
+    The moving grid covers the fixed one whatever affine ANTs finds (its runs are not
+    deterministic), so the comparisons below always have most voxels to compare.
+    """
+    fixed, moving = GEOMETRIES["oblique"], MOVING
 
     def blob(geometry: Geometry, centre: tuple[float, float, float]) -> NDArray[np.float32]:
         d = _voxel_centres(geometry) - np.asarray(centre)
         return np.exp(-(d**2 / np.array([60.0, 40.0, 30.0])).sum(-1)).astype(np.float32)
 
-    fixed_img = ants.image_read(str(_save_image(blob(fixed, (0, 0, 0)), fixed,
-                                                tmp_path / "f.nii.gz")))
-    moving_img = ants.image_read(str(_save_image(blob(moving, (1.5, -1.0, 2.0)), moving,
-                                                 tmp_path / "m.nii.gz")))
+    fixed_img = ants.image_read(
+        str(_save_image(blob(fixed, (0, 0, 0)), fixed, tmp_path / "f.nii.gz"))
+    )
+    moving_img = ants.image_read(
+        str(_save_image(blob(moving, (1.5, -1.0, 2.0)), moving, tmp_path / "m.nii.gz"))
+    )
     return fixed, moving, fixed_img, moving_img
 
 
@@ -483,8 +503,8 @@ def test_ants_registration_affine_is_read_as_the_same_mapping(tmp_path: Path) ->
     assert _max(theirs - ours.map_points(points)) < POINT_TOL
     data = moving_img.numpy()
     warped = ants.apply_transforms(fixed_img, moving_img, [str(path)], whichtoinvert=[False])
-    mask = np.zeros(fixed.shape, bool)
-    mask[1:-1, 1:-1, 1:-1] = True
+    mask = _interior_mask(fixed, ours, moving)
+    assert mask.mean() > 0.5
     ours_warped = warp_array(data, moving, ours, fixed)
     assert _max(ours_warped[mask] - warped.numpy()[mask]) < IMAGE_TOL
 
@@ -505,8 +525,8 @@ def test_ants_syn_composite_is_read_in_itk_order(tmp_path: Path, record_property
     points = _interior_points(fixed)
     point_error = _max(_sitk_map(sitk.ReadTransform(str(path)), points) - ours.map_points(points))
     warped = ants.apply_transforms(fixed_img, moving_img, [str(path)], whichtoinvert=[False])
-    mask = np.zeros(fixed.shape, bool)
-    mask[1:-1, 1:-1, 1:-1] = True
+    mask = _interior_mask(fixed, ours, moving)
+    assert mask.mean() > 0.5
     ours_warped = warp_array(moving_img.numpy(), moving, ours, fixed)
     image_error = _max(ours_warped[mask] - warped.numpy()[mask])
     record_property("max_mm", point_error)
@@ -549,7 +569,8 @@ def test_ants_like_composite_respects_itk_order(tmp_path: Path) -> None:
     wrong_order = compose(*reversed(ours.transforms))
     assert _max(wrong_order.map_points(points) - expected) > 0.5
     chain = nt.manip.load(str(path), fmt="h5")
-    assert _max(chain.map(points) - expected) < CUBIC_TOL
+    points = _interior_points(fixed, margin=3.0)  # nitransforms' spline: away from the edge
+    assert _max(chain.map(points) - _sitk_map(composite, points)) < CUBIC_TOL
 
 
 def test_unigradicon_like_hdf5_composite_is_read(tmp_path: Path) -> None:
@@ -562,25 +583,34 @@ def test_unigradicon_like_hdf5_composite_is_read(tmp_path: Path) -> None:
     net_field = DisplacementField(
         Geometry(n, np.diag([-1.0, -1.0, 1.0, 1.0])), net.astype(np.float32)
     )  # RAS affine of ITK's identity grid (origin 0, spacing 1, identity LPS direction)
-    to_network = sitk.VersorRigid3DTransform((0.0, 0.0, np.sin(0.1), np.cos(0.1)),
-                                             (-2.0, 3.0, 1.0), (4.0, 4.0, 3.5))
-    similarity = sitk.Similarity3DTransform(0.4, (0.0, 0.1, 0.0, np.cos(0.05)),
-                                            (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
-    to_network = sitk.CompositeTransform([similarity, to_network])
+    to_network = sitk.VersorRigid3DTransform(
+        (0.0, 0.0, np.sin(0.1), np.cos(0.1)), (-2.0, 3.0, 1.0), (4.0, 4.0, 3.5)
+    )
+    similarity = sitk.Similarity3DTransform(
+        0.4, (0.0, 0.1, 0.0, np.cos(0.05)), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)
+    )
     from_network = sitk.AffineTransform(3)
     from_network.SetMatrix((_rotation(0, 10, 0) @ np.diag([2.2, 2.0, 2.4])).ravel().tolist())
     from_network.SetCenter((4.5, 4.0, 3.5))
     from_network.SetTranslation((-3.0, 1.0, 2.0))
     composite = sitk.CompositeTransform(
-        [from_network, _sitk_field_transform(net_field), to_network]
-    )
+        [from_network, _sitk_field_transform(net_field), similarity, to_network]
+    )  # ITK files hold one flat composite: applied versor, similarity, field, affine
     path = tmp_path / "unigradicon.hdf5"
     sitk.WriteTransform(composite, str(path))
     ours = read_transform(path)
     assert [type(t) for t in ours.transforms] == [
-        AffineTransform, DisplacementField, AffineTransform
+        AffineTransform,
+        DisplacementField,
+        AffineTransform,
     ]
-    points = _interior_points(fixed)
+    points = _interior_points(fixed, n=1000)
+    # Keep points whose network position is a voxel inside the field's grid: within one voxel
+    # of its edge regpipe's DisplacementField fades to zero where ITK clamps to the edge value.
+    network = net_field.geometry.world_to_voxel(ours.transforms[0].map_points(points))
+    inside = np.all((network >= 1) & (network <= np.asarray(n) - 2), axis=-1)
+    assert inside.sum() > 50
+    points = points[inside]
     assert _max(ours.map_points(points) - _sitk_map(composite, points)) < POINT_TOL
 
 
@@ -647,14 +677,16 @@ def test_reader_refuses_a_sheared_sform(tmp_path: Path) -> None:
     sform[0, 1] = 0.3
     image = nib.Nifti1Image(np.asarray(image.dataobj), sform, image.header)
     image.set_sform(sform, code=1)
+    image.set_qform(GEOMETRIES["RAS"].affine, code=1)  # nibabel dropped it (sheared affine)
     nib.save(image, tmp_path / "sheared.nii.gz")
     with pytest.raises(TransformFileError, match="qform"):
         read_transform(tmp_path / "sheared.nii.gz")
     read = read_transform(tmp_path / "sheared.nii.gz", allow_nonstandard=True)
     as_itk = sitk.ReadImage(str(tmp_path / "sheared.nii.gz"))
-    np.testing.assert_allclose(np.asarray(as_itk.GetOrigin()),
-                               ras_to_lps(read.geometry.affine[:3, 3]), atol=1e-4)
-    np.testing.assert_allclose(read.geometry.affine, image.header.get_qform(), atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(as_itk.GetOrigin()), ras_to_lps(read.geometry.affine[:3, 3]), atol=1e-4
+    )
+    np.testing.assert_allclose(read.geometry.affine, GEOMETRIES["RAS"].affine, atol=1e-5)
 
 
 def test_unknown_suffix_is_refused(tmp_path: Path) -> None:

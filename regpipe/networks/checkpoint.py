@@ -202,7 +202,7 @@ def save_weights(
         Destination file (parent folders are created).
     metadata
         The model card: plain ``str``/number/list/dict values only, so the file still loads
-        with ``weights_only=True``.
+        with ``weights_only=True``. Defaults to ``network.metadata``.
 
     Returns
     -------
@@ -214,15 +214,15 @@ def save_weights(
         key: value.detach().to("cpu").clone()
         for key, value in network.regis_net.state_dict().items()
     }
-    payload = {"state_dict": state, "config": network.config.to_dict(), "card": dict(metadata or {})}
+    card = dict(metadata if metadata is not None else network.metadata)
+    payload = {"state_dict": state, "config": network.config.to_dict(), "card": card}
     torch.save(payload, path)
     return path
 
 
 def _expected_shapes(config: NetworkConfig) -> dict[str, torch.Size]:
     """Key -> shape of ``regis_net``'s state dict for ``config`` (built on the meta device)."""
-    with torch.device("meta"):
-        network = build_network(config)
+    network = build_network(config, device="meta")
     return {key: value.shape for key, value in network.regis_net.state_dict().items()}
 
 
@@ -270,6 +270,8 @@ def network_from_file(
 ) -> RegistrationNetwork:
     """Build the network a weights file describes, load it, and return it in ``eval()`` mode.
 
+    The file's model card becomes ``network.metadata``.
+
     The configuration is the one saved by :func:`save_weights`; for a bare state dict it is
     derived by :func:`infer_config` (175^3 grid), which gives
     :meth:`NetworkConfig.unigradicon` for the official ``Step_2_final.trch``.
@@ -285,4 +287,5 @@ def network_from_file(
         config = infer_config(checkpoint.state_dict)
     network = build_network(config)
     load_weights(network, checkpoint)
+    network.metadata = dict(checkpoint.card)
     return network.to(device).eval()

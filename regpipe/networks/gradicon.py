@@ -106,6 +106,12 @@ def warp_normalised(
     )
 
 
+def _identity(grid_shape: Sequence[int], device: torch.device | str | None) -> torch.Tensor:
+    if device is not None and torch.device(device).type == "meta":
+        return torch.empty((1, 3, *grid_shape), device=device)  # shapes only
+    return identity_grid(tuple(grid_shape)).to(device)  # type: ignore[arg-type]
+
+
 class CoordinateMap(Protocol):
     """A transform of normalised coordinates ``[B, 3, ...] -> [B, 3, ...]``.
 
@@ -193,18 +199,23 @@ class TwoStep(nn.Module):
     ----------
     netPhi, netPsi
         Registration steps (``forward(moving, fixed) -> CoordinateMap``).
-    grid_shape
-        Spatial shape ``(n0, n1, n2)`` of the images this step receives.
+    identity
+        ``[1, 3, n0, n1, n2]`` identity grid (see :func:`regpipe.spaces.identity_grid`) of the
+        images this step receives; kept as a non-persistent buffer.
     """
 
     identity_grid: torch.Tensor
 
-    def __init__(self, netPhi: nn.Module, netPsi: nn.Module, grid_shape: Sequence[int]) -> None:  # noqa: N803
+    def __init__(
+        self,
+        netPhi: nn.Module,  # noqa: N803 - the official checkpoint's names
+        netPsi: nn.Module,  # noqa: N803
+        identity: torch.Tensor,
+    ) -> None:
         super().__init__()
         self.netPhi = netPhi
         self.netPsi = netPsi
-        grid = identity_grid(tuple(grid_shape))  # type: ignore[arg-type]
-        self.register_buffer("identity_grid", grid, persistent=False)
+        self.register_buffer("identity_grid", identity, persistent=False)
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> CoordinateMap:
         """Return the composed pull-back map of ``moving`` onto ``fixed``."""
@@ -315,21 +326,25 @@ class NetworkConfig:
         return cls(**dict(values))
 
 
-def _new_unet(config: NetworkConfig) -> FieldToMap:
-    return FieldToMap(UNet2(config.down_channels, config.up_channels, config.input_channels))
+def _build_tree(
+    config: NetworkConfig, device: torch.device | str | None
+) -> tuple[nn.Module, torch.Tensor]:
+    """The official module tree for ``config`` (U-Nets created coarse to fine), identity grid."""
 
+    def step() -> FieldToMap:
+        unet = UNet2(config.down_channels, config.up_channels, config.input_channels, device)
+        return FieldToMap(unet)
 
-def _build_tree(config: NetworkConfig) -> nn.Module:
-    """The official module tree for ``config`` (U-Nets created coarse to fine)."""
     shapes = [config.grid_shape]
     for _ in range(config.resolution_levels - 1):
         shapes.append(tuple(math.ceil(n / 2) for n in shapes[-1]))  # type: ignore[arg-type]
-    tree: nn.Module = _new_unet(config)
+    grids = [_identity(shape, device) for shape in shapes]  # shared by the steps of a level
+    tree: nn.Module = step()
     for level in reversed(range(config.resolution_levels - 1)):
-        tree = TwoStep(Downsample(tree), _new_unet(config), shapes[level])
+        tree = TwoStep(Downsample(tree), step(), grids[level])
     for _ in range(config.n_steps - config.resolution_levels):
-        tree = TwoStep(tree, _new_unet(config), config.grid_shape)
-    return tree
+        tree = TwoStep(tree, step(), grids[0])
+    return tree, grids[0]
 
 
 class RegistrationNetwork(nn.Module):
@@ -339,6 +354,8 @@ class RegistrationNetwork(nn.Module):
     ----------
     config
         Network shape; defaults to :meth:`NetworkConfig.unigradicon`.
+    device
+        Where to create parameters and buffers (default: the CPU; ``"meta"`` for shapes only).
 
     Attributes
     ----------
@@ -346,6 +363,9 @@ class RegistrationNetwork(nn.Module):
         Root registration module; its ``state_dict()`` has the official checkpoint's keys.
     identity_grid
         ``[1, 3, n0, n1, n2]`` normalised identity coordinates (non-persistent buffer).
+    metadata
+        The model card read with the weights (see :func:`~regpipe.networks.network_from_file`);
+        empty for a freshly built network.
 
     Notes
     -----
@@ -356,13 +376,14 @@ class RegistrationNetwork(nn.Module):
 
     identity_grid: torch.Tensor
 
-    def __init__(self, config: NetworkConfig | None = None) -> None:
+    def __init__(
+        self, config: NetworkConfig | None = None, device: torch.device | str | None = None
+    ) -> None:
         super().__init__()
         self.config = config if config is not None else NetworkConfig.unigradicon()
-        self.regis_net = _build_tree(self.config)
-        self.register_buffer(
-            "identity_grid", identity_grid(self.config.grid_shape), persistent=False
-        )
+        self.metadata: dict[str, Any] = {}
+        self.regis_net, grid = _build_tree(self.config, device)
+        self.register_buffer("identity_grid", grid, persistent=False)
 
     def unets(self) -> list[UNet2]:
         """The U-Nets in execution order (coarse to fine)."""
@@ -437,7 +458,12 @@ class RegistrationNetwork(nn.Module):
         return outputs
 
 
-def build_network(config: NetworkConfig | None = None) -> RegistrationNetwork:
-    """Build an untrained (identity-predicting) :class:`RegistrationNetwork` for ``config``."""
-    return RegistrationNetwork(config)
+def build_network(
+    config: NetworkConfig | None = None, device: torch.device | str | None = None
+) -> RegistrationNetwork:
+    """Build an untrained (identity-predicting) :class:`RegistrationNetwork` for ``config``.
+
+    ``config`` defaults to :meth:`NetworkConfig.unigradicon`; ``device`` to the CPU.
+    """
+    return RegistrationNetwork(config, device)
 

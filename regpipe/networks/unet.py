@@ -77,6 +77,8 @@ class UNet2(nn.Module):
     input_channels
         Channels of *each* image; the network input is their concatenation
         (``2 * input_channels`` channels).
+    device
+        Where to create the parameters (``"meta"`` builds a shape-only network).
 
     Notes
     -----
@@ -92,6 +94,7 @@ class UNet2(nn.Module):
         down_channels: Sequence[int] = (16, 32, 64, 256, 512),
         up_channels: Sequence[int] = (16, 32, 64, 128, 256),
         input_channels: int = 1,
+        device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         if len(down_channels) != len(up_channels) or not down_channels:
@@ -111,19 +114,28 @@ class UNet2(nn.Module):
         ]
         self.downConvs = nn.ModuleList()
         self.upConvs = nn.ModuleList()
-        self.batchNorms = nn.ModuleList(nn.BatchNorm3d(c) for c in up_channels)
+        self.batchNorms = nn.ModuleList(nn.BatchNorm3d(c, device=device) for c in up_channels)
         # Interleaved creation keeps PyTorch's default initialisation in the same RNG order as
         # the reference implementation (so equal seeds give equal initial weights).
         for d in range(self.levels):
             self.downConvs.append(
-                nn.Conv3d(encoder[d], encoder[d + 1], kernel_size=3, stride=2, padding=1)
+                nn.Conv3d(
+                    encoder[d], encoder[d + 1], kernel_size=3, stride=2, padding=1, device=device
+                )
             )
             self.upConvs.append(
                 nn.ConvTranspose3d(
-                    decoder_in[d], up_channels[d], kernel_size=4, stride=2, padding=1
+                    decoder_in[d],
+                    up_channels[d],
+                    kernel_size=4,
+                    stride=2,
+                    padding=1,
+                    device=device,
                 )
             )
-        self.lastConv = nn.Conv3d(encoder[0] + up_channels[0], 3, kernel_size=3, padding=1)
+        self.lastConv = nn.Conv3d(
+            encoder[0] + up_channels[0], 3, kernel_size=3, padding=1, device=device
+        )
         nn.init.zeros_(self.lastConv.weight)
         nn.init.zeros_(self.lastConv.bias)
 
