@@ -24,7 +24,7 @@ import random
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal
 
@@ -38,9 +38,7 @@ from regpipe.errors import InputError, ResourceError
 from regpipe.spaces import (
     RAS_TO_LPS,
     Geometry,
-    affine_ras_to_lps,
     ras_to_lps,
-    resample_volume,
     to_network_tensor,
 )
 from regpipe.transforms import AffineTransform
@@ -58,6 +56,8 @@ SUPPORTED_DOF: tuple[int, ...] = (6, 7, 9, 12)
 _MAX_POINTS = 60_000
 #: Intensity percentiles (%) mapped to 0 and 1 by the normalisation.
 _PERCENTILES = (0.5, 99.5)
+#: Spacing (mm) of the coarse copy giving centres of mass, radius and foreground box.
+_COARSE = 4.0
 #: Normalised intensity below which a voxel does not count for the centre of mass / bounding box.
 _FOREGROUND = 0.05
 #: A level ends when no parameter would move more than this fraction of its spacing (mm).
@@ -75,7 +75,8 @@ class _Level:
     points: torch.Tensor  # [N, 3] fixed RAS+ mm relative to the fixed centre of mass
     fixed_values: torch.Tensor  # [N] float64
     fixed_weights: torch.Tensor  # [N] float64, in [0, 1]
-    moving: torch.Tensor  # [1, 5, k, j, i]: intensity, weight, gradient along x, y, z (per mm)
+    moving: torch.Tensor  # [1, 5, k, j, i]: intensity, weight, gradient along i, j, k (per voxel)
+    gradient_to_world: torch.Tensor  # [3, 3]: row gradient per voxel @ this = per RAS+ mm
     world_to_moving: torch.Tensor  # [4, 4] float64: RAS+ mm -> grid_sample coordinates
     spacing: float  # mm
 
@@ -203,6 +204,8 @@ def ants_affine_register(
     """
     import ants  # imported here: antspyx is heavy and optional for the rest of regpipe
 
+    from regpipe.transform_files import read_transform
+
     del device
     if dof not in _ANTS_TRANSFORMS:
         raise InputError(f"ANTs registers with dof {sorted(_ANTS_TRANSFORMS)}, not {dof}")
@@ -232,26 +235,14 @@ def ants_affine_register(
                 verbose=progress,
                 **options,
             )
-        matrix_lps = read_itk_affine(result["fwdtransforms"][-1])
-    return AffineTransform(affine_ras_to_lps(matrix_lps))
+        transform = read_transform(result["fwdtransforms"][-1])
+    if not isinstance(transform, AffineTransform):
+        raise InputError(f"ANTs returned {type(transform).__name__}, not an affine")
+    return transform
 
 
 #: ANTs transform type per degree of freedom.
 _ANTS_TRANSFORMS = {6: "Rigid", 7: "Similarity", 12: "Affine"}
-
-
-def read_itk_affine(path: str | os.PathLike[str]) -> NDArray[np.float64]:
-    """4x4 LPS mm matrix of an ITK affine ``.mat`` (``y = A (x - c) + c + t``), as written."""
-    import ants
-
-    transform = ants.read_transform(str(path))
-    params = np.asarray(transform.parameters, dtype=np.float64)
-    centre = np.asarray(transform.fixed_parameters, dtype=np.float64)
-    linear, translation = params[:9].reshape(3, 3), params[9:12]
-    matrix = np.eye(4)
-    matrix[:3, :3] = linear
-    matrix[:3, 3] = centre + translation - linear @ centre
-    return matrix
 
 
 def _to_ants(data: NDArray[np.float32], geometry: Geometry) -> Any:
@@ -289,7 +280,7 @@ def _ants_initial(
     init: str, fixed: Geometry, moving: Geometry, folder: str
 ) -> list[str] | None:
     """ANTs' ``-r`` initial transform for ``init`` (``None``: ANTs' own centre-of-mass one)."""
-    import ants
+    from regpipe.transform_files import write_transform
 
     if init == "com":
         return None
@@ -297,12 +288,10 @@ def _ants_initial(
         return ["Identity"]
     if init != "geometry":
         raise InputError(f"init must be 'com', 'geometry' or 'identity', got {init!r}")
-    shift = ras_to_lps(moving.center_world() - fixed.center_world())
-    transform = ants.create_ants_transform(
-        transform_type="AffineTransform", dimension=3, translation=tuple(shift)
-    )
+    matrix = np.eye(4)
+    matrix[:3, 3] = moving.center_world() - fixed.center_world()
     path = os.path.join(folder, "initial.mat")
-    ants.write_transform(transform, path)
+    write_transform(AffineTransform(matrix), path)
     return [path]
 
 
@@ -399,14 +388,15 @@ def _as_volume(data: NDArray[np.generic], geometry: Geometry, name: str) -> NDAr
 # --------------------------------------------------------------------------- image pyramid
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _Image:
-    """An image on its own grid: normalised intensity and weight (inside field of view x mask)."""
+    """An image on its own voxel grid: normalised intensity and mask weight, network order."""
 
-    volume: torch.Tensor  # [1, 2, k, j, i]: normalised intensity, mask weight
+    volume: torch.Tensor  # [1, 2, k, j, i]: intensity in [0, 1], mask weight
     geometry: Geometry
-    low: float
-    high: float
+    _pooled: dict[tuple[int, ...], tuple[torch.Tensor, Geometry]] = field(
+        default_factory=dict, repr=False
+    )
 
     @classmethod
     def build(
@@ -416,44 +406,49 @@ class _Image:
         mask: NDArray[np.float32] | None,
         device: torch.device,
     ) -> _Image:
+        """Normalise intensities by robust percentiles (inside the mask) to ``[0, 1]``."""
         low, high = _robust_range(data if mask is None else data[mask > 0])
         intensity = to_network_tensor(data, device)
         weight = torch.ones_like(intensity) if mask is None else to_network_tensor(mask, device)
         intensity = ((intensity - low) / (high - low)).clamp_(0.0, 1.0)
-        return cls(torch.cat([intensity, weight], dim=1), geometry, low, high)
+        return cls(torch.cat([intensity, weight], dim=1), geometry)
 
-    def on_grid(self, spacing: float, grid: Geometry | None = None) -> tuple[torch.Tensor, Geometry]:
-        """Box-filter then trilinearly resample onto an isotropic world-aligned grid.
-
-        Returns ``[1, 3, k, j, i]`` (intensity, mask weight, inside-field-of-view fraction) and
-        the grid, by default the world-axis bounding box of this image at ``spacing`` mm.
-        """
-        volume, geometry = _box_filter(self.volume, self.geometry, spacing)
-        grid = grid if grid is not None else _bounding_grid(self.geometry, spacing)
-        inside = torch.ones_like(volume[:, :1])
-        stacked = torch.cat([volume, inside], dim=1)
-        out = resample_volume(stacked, geometry, grid.network_to_world(), grid.network_shape())
-        return out, grid
+    def pooled(self, spacing: float) -> tuple[torch.Tensor, Geometry]:
+        """Box-filtered copy averaging ``floor(spacing / voxel size)`` voxels per axis."""
+        factors = np.maximum(1, np.floor(spacing / self.geometry.spacing + 1e-6)).astype(int)
+        key = tuple(int(f) for f in factors)
+        if key not in self._pooled:
+            self._pooled[key] = _box_filter(self.volume, self.geometry, factors)
+        return self._pooled[key]
 
     @cached_property
-    def coarse(self) -> tuple[torch.Tensor, Geometry]:
-        """A cheap 4 mm copy for centres of mass and extents."""
-        return self.on_grid(4.0)
+    def foreground(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """RAS+ mm points ``[M, 3]`` and weights ``[M]`` of the foreground of a coarse copy.
+
+        The weight is the intensity above a low threshold, times the mask.
+        """
+        volume, geometry = self.pooled(_COARSE)
+        weight = ((volume[0, 0] - _FOREGROUND).clamp(min=0) * volume[0, 1]).flatten()
+        inside = torch.nonzero(weight > 0).flatten()
+        if inside.numel() == 0:
+            raise InputError("no foreground: every voxel is below the low intensity percentile")
+        return _voxel_points(geometry, volume.shape[2:], inside).double(), weight[inside].double()
 
     def centre_of_mass(self) -> NDArray[np.float64]:
         """RAS+ mm intensity centre of mass of the (masked) foreground."""
-        volume, grid = self.coarse
-        weight = _foreground_weight(volume)
-        return _weighted_mean_point(weight, grid)
+        points, weight = self.foreground
+        return ((weight[:, None] * points).sum(0) / weight.sum()).cpu().numpy()
 
     def radius(self, centre: NDArray[np.float64]) -> float:
-        """RMS distance (mm) of the foreground from ``centre``: the lever arm of rotations."""
-        volume, grid = self.coarse
-        weight = _foreground_weight(volume)
-        points = _grid_points(grid, weight.device)
-        d2 = ((points - torch.as_tensor(centre, dtype=torch.float32)) ** 2).sum(-1).flatten()
-        rms = float(torch.sqrt((weight.flatten() * d2).sum() / weight.sum()))
-        return max(rms, 10.0)
+        """RMS distance (mm, at least 10) of the foreground from ``centre``: rotations' lever arm."""
+        points, weight = self.foreground
+        squared = ((points - torch.as_tensor(centre, device=points.device)) ** 2).sum(-1)
+        return max(float(torch.sqrt((weight * squared).sum() / weight.sum())), 10.0)
+
+    def box(self, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Lowest and highest RAS+ mm corners of the foreground, widened by ``margin`` mm."""
+        points, _ = self.foreground
+        return points.min(0).values - margin, points.max(0).values + margin
 
 
 def _robust_range(values: NDArray[np.float32]) -> tuple[float, float]:
@@ -469,14 +464,13 @@ def _robust_range(values: NDArray[np.float32]) -> tuple[float, float]:
 
 
 def _box_filter(
-    volume: torch.Tensor, geometry: Geometry, spacing: float
+    volume: torch.Tensor, geometry: Geometry, factors: NDArray[np.int64]
 ) -> tuple[torch.Tensor, Geometry]:
-    """Average ``floor(spacing / voxel size)`` voxels per axis (anti-aliasing before resampling)."""
-    factors = np.maximum(1, np.floor(spacing / geometry.spacing + 1e-6)).astype(int)  # (i,j,k)
+    """Average blocks of ``factors`` voxels (along ``i, j, k``); partial blocks are dropped."""
     if np.all(factors == 1):
         return volume, geometry
     kernel = tuple(int(f) for f in factors[::-1])  # network order (k, j, i)
-    pooled = F.avg_pool3d(volume, kernel, stride=kernel, ceil_mode=True, count_include_pad=False)
+    pooled = F.avg_pool3d(volume, kernel, stride=kernel)
     shift = np.eye(4)
     shift[:3, :3] = np.diag(factors)
     shift[:3, 3] = (factors - 1) / 2
@@ -484,44 +478,14 @@ def _box_filter(
     return pooled, Geometry(shape, geometry.affine @ shift)  # type: ignore[arg-type]
 
 
-def _bounding_grid(geometry: Geometry, spacing: float, margin: float = 0.0) -> Geometry:
-    """Isotropic RAS-aligned grid (``spacing`` mm) covering a grid's field of view."""
-    corners = np.array(np.meshgrid(*[[-0.5, n - 0.5] for n in geometry.shape], indexing="ij"))
-    world = geometry.voxel_to_world(corners.reshape(3, -1).T)
-    return _box_grid(world.min(0) - margin, world.max(0) + margin, spacing)
-
-
-def _box_grid(low: NDArray[np.float64], high: NDArray[np.float64], spacing: float) -> Geometry:
-    shape = np.maximum(1, np.ceil((high - low) / spacing).astype(int))
-    affine = np.diag([spacing, spacing, spacing, 1.0])
-    centre = (low + high) / 2
-    affine[:3, 3] = centre - spacing * (shape - 1) / 2
-    return Geometry(tuple(int(n) for n in shape), affine)  # type: ignore[arg-type]
-
-
-def _foreground_weight(volume: torch.Tensor) -> torch.Tensor:
-    """Intensity above the foreground threshold, times mask and inside fraction: ``[k, j, i]``."""
-    weight = (volume[0, 0] - _FOREGROUND).clamp(min=0) * volume[0, 1] * volume[0, 2]
-    if float(weight.sum()) <= 0:
-        raise InputError("no foreground: every voxel is below the low intensity percentile")
-    return weight
-
-
-def _grid_points(grid: Geometry, device: torch.device) -> torch.Tensor:
-    """RAS+ mm centres ``[k, j, i, 3]`` of every voxel of an RAS-aligned grid."""
-    axes = [
-        torch.arange(n, dtype=torch.float32, device=device) * float(grid.affine[a, a])
-        + float(grid.affine[a, 3])
-        for a, n in enumerate(grid.shape)
-    ]
-    x, y, z = torch.meshgrid(*axes, indexing="ij")  # [i, j, k]
-    return torch.stack([x, y, z], dim=-1).permute(2, 1, 0, 3)
-
-
-def _weighted_mean_point(weight: torch.Tensor, grid: Geometry) -> NDArray[np.float64]:
-    points = _grid_points(grid, weight.device)
-    total = (weight[..., None] * points).reshape(-1, 3).sum(0) / weight.sum()
-    return total.double().cpu().numpy()
+def _voxel_points(
+    geometry: Geometry, network_shape: Sequence[int], flat: torch.Tensor
+) -> torch.Tensor:
+    """RAS+ mm centres ``[M, 3]`` (float32) of the voxels at flat network-order indices."""
+    n1, n2 = int(network_shape[1]), int(network_shape[2])
+    ijk = torch.stack([flat % n2, (flat // n2) % n1, flat // (n1 * n2)], dim=-1)
+    matrix = torch.as_tensor(geometry.affine, dtype=torch.float32, device=flat.device)
+    return ijk.float() @ matrix[:3, :3].T + matrix[:3, 3]
 
 
 def _initial_moving_centre(
@@ -536,41 +500,33 @@ def _initial_moving_centre(
 
 
 def _build_level(fixed: _Image, moving: _Image, spacing: float, centre: NDArray) -> _Level:
-    """Fixed samples (foreground box plus margin) and the moving image at ``spacing`` mm."""
-    coarse, coarse_grid = fixed.coarse
-    low, high = _foreground_box(_foreground_weight(coarse), coarse_grid)
-    margin = max(12.0, 2 * spacing)
-    fixed_volume, grid = fixed.on_grid(spacing, _box_grid(low - margin, high + margin, spacing))
-    points = _grid_points(grid, fixed_volume.device).reshape(-1, 3)
-    values, weights = fixed_volume[0, 0].flatten(), (fixed_volume[0, 1] * fixed_volume[0, 2])
-    weights = weights.flatten()
-    keep = weights > 1e-3
-    count = int(keep.sum())
-    if count > _MAX_POINTS:  # a seeded random subset, in raster order
+    """Fixed samples (voxels of the box-filtered fixed image near its foreground, at most
+    ``_MAX_POINTS``) and the box-filtered moving image with its gradient."""
+    fixed_volume, fixed_grid = fixed.pooled(spacing)
+    weight = fixed_volume[0, 1].flatten()
+    flat = torch.nonzero(weight > 1e-3).flatten()
+    points = _voxel_points(fixed_grid, fixed_volume.shape[2:], flat)
+    low, high = fixed.box(margin=max(12.0, 2 * spacing))
+    near = ((points >= low.float()) & (points <= high.float())).all(-1)
+    flat, points = flat[near], points[near]
+    if flat.numel() > _MAX_POINTS:  # a seeded random subset, in raster order
         generator = torch.Generator().manual_seed(0)
-        draw = torch.rand(keep.shape, generator=generator).to(keep.device)
-        keep &= draw < _MAX_POINTS / count
-    offset = torch.as_tensor(centre, dtype=torch.float32, device=points.device)
-    moving_volume, moving_grid = moving.on_grid(spacing)
-    intensity = moving_volume[:, :1]
-    d_z, d_y, d_x = torch.gradient(intensity[0, 0], spacing=spacing)
-    channels = [intensity, moving_volume[:, 1:2] * moving_volume[:, 2:3]]
-    channels += [d[None, None] for d in (d_x, d_y, d_z)]
+        chosen = torch.rand(flat.numel(), generator=generator).to(flat.device)
+        chosen = chosen < _MAX_POINTS / flat.numel()
+        flat, points = flat[chosen], points[chosen]
+    moving_volume, moving_grid = moving.pooled(spacing)
+    d_k, d_j, d_i = torch.gradient(moving_volume[0, 0])  # per voxel along each axis
+    channels = [moving_volume[0, 0], moving_volume[0, 1], d_i, d_j, d_k]
+    inverse = np.linalg.inv(moving_grid.affine)
     return _Level(
-        points=points[keep] - offset,
-        fixed_values=values[keep].double(),
-        fixed_weights=weights[keep].double(),
-        moving=torch.cat(channels, dim=1).contiguous(),
+        points=points - torch.as_tensor(centre, dtype=torch.float32, device=points.device),
+        fixed_values=fixed_volume[0, 0].flatten()[flat].double(),
+        fixed_weights=weight[flat].double(),
+        moving=torch.stack(channels)[None].contiguous(),
         world_to_moving=_world_to_sampling(moving_grid, moving_volume.device),
+        gradient_to_world=torch.as_tensor(inverse[:3, :3], dtype=torch.float32),
         spacing=spacing,
     )
-
-
-def _foreground_box(weight: torch.Tensor, grid: Geometry) -> tuple[NDArray, NDArray]:
-    """Lowest and highest RAS+ mm corners of the grid voxels carrying foreground weight."""
-    points = _grid_points(grid, weight.device)[weight > 0]
-    low = points.min(0).values.double().cpu().numpy()
-    return low, points.max(0).values.double().cpu().numpy()
 
 
 def _world_to_sampling(grid: Geometry, device: torch.device) -> torch.Tensor:
@@ -658,7 +614,7 @@ def _gauss_newton(
     fixed = fixed / torch.sqrt((weight * fixed**2).sum()).clamp(min=1e-12)
     moving_norm = torch.sqrt((weight * moving**2).sum()).clamp(min=1e-12)
     moving = moving / moving_norm
-    spatial = values[2:5].T.float()  # [N, 3] moving image gradient in RAS+ per mm
+    spatial = values[2:5].T.float() @ level.gradient_to_world.to(values.device)  # [N, 3] per mm
     outer = (spatial[:, :, None] * level.points[:, None, :]).reshape(-1, 9)
     jacobian = torch.cat([spatial, outer @ d_linear.float()], dim=1)
     weight32, moving32 = weight.float(), moving.float()

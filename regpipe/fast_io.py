@@ -79,6 +79,9 @@ class FastIOSettings:
     velocity
         Optimise a stationary velocity field integrated by scaling and squaring (``True``) or a
         displacement (``False``).
+    esm
+        Use the mean of the fixed and warped image gradients as the image gradient of the
+        similarity (efficient second-order minimisation) instead of the warped image's alone.
     squarings
         Number of squaring steps when ``velocity`` is true.
     eps
@@ -99,6 +102,7 @@ class FastIOSettings:
     folding: float = 10.0
     jacobian_floor: float = 0.3
     velocity: bool = True
+    esm: bool = True
     squarings: int = 6
     eps: float = 1e-4
     margin_mm: float = 12.0
@@ -300,7 +304,8 @@ class _Level:
     shape: tuple[int, ...]
     spacing: torch.Tensor  # [3] mm per level voxel along (d0, d1, d2)
     fixed: torch.Tensor  # [1, 1, ...]
-    moving_stack: torch.Tensor  # [1, 4, ...]: moving and its gradient (per level voxel)
+    moving: torch.Tensor  # [1, 1, ...]
+    fixed_gradient: torch.Tensor | None  # [1, 3, ...] per level voxel, when ESM is used
     identity: torch.Tensor  # [1, ..., 3] grid_sample coordinates of the level's voxels
     to_normalised: torch.Tensor  # [3] factor from level-index displacement to grid_sample units
     fixed_mean: torch.Tensor
@@ -327,8 +332,6 @@ class _Level:
         )
         fixed_l = _downsample(fixed, shape, scale)
         moving_l = _downsample(moving, shape, scale)
-        gradient = torch.gradient(moving_l[0, 0])
-        stack = torch.stack([moving_l[0, 0], *gradient])[None].contiguous()
         weight = None
         if mask is not None:
             weight = F.interpolate(mask, size=shape, mode="trilinear", align_corners=True)
@@ -341,7 +344,8 @@ class _Level:
             shape=shape,
             spacing=level_spacing,
             fixed=fixed_l,
-            moving_stack=stack,
+            moving=moving_l.contiguous(),
+            fixed_gradient=_central_difference(fixed_l) if settings.esm else None,
             identity=_normalised_identity(shape, fixed.device),
             to_normalised=2.0 / (sizes - 1).clamp(min=1),
             fixed_mean=fixed_mean,
@@ -366,24 +370,29 @@ class _Level:
 class _WarpWithGradient(torch.autograd.Function):
     """Sample the moving image at ``identity + w`` (w in level-index units, ``[1, 3, ...]``).
 
-    The backward pass uses the interpolated image gradient (central differences sampled at the
-    same points) instead of differentiating trilinear interpolation: smoother and one
-    ``grid_sample`` call for both passes.
+    The backward pass uses the spatial gradient of the warped image (central differences on
+    the level grid, averaged with the fixed image's gradient when ``level.esm`` is true: the
+    efficient second-order minimisation direction) instead of differentiating trilinear
+    interpolation: smoother, and one single-channel ``grid_sample`` for both passes.
     """
 
     @staticmethod
     def forward(ctx, w: torch.Tensor, level: _Level) -> torch.Tensor:  # type: ignore[override]
         offset = (w * level.to_normalised.view(1, 3, 1, 1, 1)).permute(0, 2, 3, 4, 1).flip(-1)
-        sampled = F.grid_sample(
-            level.moving_stack, level.identity + offset, mode="bilinear",
+        warped = F.grid_sample(
+            level.moving, level.identity + offset, mode="bilinear",
             padding_mode="border", align_corners=True,
         )
-        ctx.save_for_backward(sampled[:, 1:])
-        return sampled[:, :1]
+        ctx.level = level
+        ctx.save_for_backward(warped)
+        return warped
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
-        (gradient,) = ctx.saved_tensors
+        (warped,) = ctx.saved_tensors
+        gradient = _central_difference(warped)
+        if ctx.level.fixed_gradient is not None:
+            gradient = 0.5 * (gradient + ctx.level.fixed_gradient)
         return grad_output * gradient, None
 
 
@@ -401,17 +410,39 @@ class _Box(torch.autograd.Function):
 
 
 def _box(volume: torch.Tensor, window: int) -> torch.Tensor:
-    """Separable box average (``window`` odd, zero padding) of every channel of ``[1, C, ...]``."""
-    channels = volume.shape[1]
-    kernel = torch.full((channels, 1, window), 1.0 / window, dtype=volume.dtype, device=volume.device)
+    """Separable box average (``window`` odd, zero padding) of every channel of ``[1, C, ...]``.
+
+    Shifted in-place additions of narrowed views: on CPU several times faster than grouped
+    convolutions or cumulative sums for the window sizes used here.
+    """
     half = window // 2
     out = volume
+    for dim in range(2, 5):
+        n = out.shape[dim]
+        source = out
+        out = source.clone()
+        for shift in range(1, min(half, n - 1) + 1):
+            out.narrow(dim, shift, n - shift).add_(source.narrow(dim, 0, n - shift))
+            out.narrow(dim, 0, n - shift).add_(source.narrow(dim, shift, n - shift))
+    return out * (1.0 / window**3)
+
+
+def _central_difference(volume: torch.Tensor) -> torch.Tensor:
+    """Central differences (one-sided at the edges) of ``[1, 1, ...]`` -> ``[1, 3, ...]`` per voxel."""
+    out = torch.empty((1, 3, *volume.shape[2:]), dtype=volume.dtype, device=volume.device)
     for axis in range(3):
-        size = [1, 1, 1]
-        size[axis] = window
-        padding = [0, 0, 0]
-        padding[axis] = half
-        out = F.conv3d(out, kernel.view(channels, 1, *size), padding=tuple(padding), groups=channels)
+        dim = axis + 2
+        n = volume.shape[dim]
+        target = out[:, axis : axis + 1]
+        if n < 2:
+            target.zero_()
+            continue
+        if n > 2:
+            target.narrow(dim, 1, n - 2).copy_(
+                (volume.narrow(dim, 2, n - 2) - volume.narrow(dim, 0, n - 2)) * 0.5
+            )
+        target.narrow(dim, 0, 1).copy_(volume.narrow(dim, 1, 1) - volume.narrow(dim, 0, 1))
+        target.narrow(dim, n - 1, 1).copy_(volume.narrow(dim, n - 1, 1) - volume.narrow(dim, n - 2, 1))
     return out
 
 

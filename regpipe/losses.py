@@ -163,11 +163,19 @@ def squared_lncc_loss(
 # distance 2 compares two shifted copies of the image. Pairs are taken as (later, earlier)
 # neighbour in row-major order; the finished descriptor's channels are then reordered as the
 # original C++ implementation does.
-_SIX_NEIGHBOURS = ((0, 1, 1), (1, 1, 0), (1, 0, 1), (1, 1, 2), (2, 1, 1), (1, 2, 1))
+Offset = tuple[int, int, int]
+_SIX_NEIGHBOURS: tuple[Offset, ...] = (
+    (0, 1, 1),
+    (1, 1, 0),
+    (1, 0, 1),
+    (1, 1, 2),
+    (2, 1, 1),
+    (1, 2, 1),
+)
 _MIND_CHANNEL_ORDER = (6, 8, 1, 11, 2, 10, 0, 7, 9, 4, 5, 3)
 
 
-def _mind_shift_pairs() -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+def _mind_shift_pairs() -> list[tuple[Offset, Offset]]:
     pairs = [
         (first, second)
         for first, second in itertools.product(_SIX_NEIGHBOURS, repeat=2)
@@ -194,7 +202,7 @@ def mind_ssc(image: torch.Tensor, radius: int = 2, dilation: int = 2) -> torch.T
     padded = F.pad(image, [dilation] * 6, mode="replicate")
     n0, n1, n2 = image.shape[2:]
 
-    def shifted(offset: tuple[int, ...]) -> torch.Tensor:
+    def shifted(offset: Offset) -> torch.Tensor:
         s0, s1, s2 = (dilation * o for o in offset)
         return padded[:, :, s0 : s0 + n0, s1 : s1 + n1, s2 : s2 + n2]
 
@@ -406,4 +414,6 @@ def gradicon_objective(
     icon_loss = gradicon_regulariser(phi_ab, phi_ba, identity)
     all_loss = lam * icon_loss + similarity_loss
     magnitude = torch.mean((identity - coordinates_ab) ** 2)
-    return ObjectiveTerms(all_loss, icon_loss, similarity_loss, magnitude, count_flips(coordinates_ba))
+    return ObjectiveTerms(
+        all_loss, icon_loss, similarity_loss, magnitude, count_flips(coordinates_ba)
+    )

@@ -206,8 +206,12 @@ def register(
 
         weights = default_weights_name()
     network, weights_path = _load_network(weights, torch_device)
-    grid_shape = tuple(network.config.grid_shape) if network is not None else (128, 128, 128)
-    mode = _grid_mode(network, grid_mode)
+    if network is not None:
+        grid_shape = tuple(network.config.grid_shape)
+        mode = _grid_mode(network, grid_mode)
+    else:  # no network: optimise on the fixed image's own voxel grid (at most 160 per axis)
+        grid_shape = tuple(min(n, 160) for n in fixed_img.geometry.network_shape())
+        mode = "squash" if grid_mode == "auto" else _grid_mode(None, grid_mode)
 
     norm = {
         "fixed": normalize_intensity(
@@ -222,7 +226,10 @@ def register(
 
     affine_tx = _prealign(affine, norm, fixed_img, moving_img, masks, progress)
     grid_in = network_grid(fixed_img.geometry, grid_shape, mode)
-    squash_moving = affine_tx is None and mode == "squash"
+    # uniGradICON's placement of the moving image on its own squashed grid (voxel-index
+    # correspondence), kept only for a network without pre-alignment; otherwise the moving
+    # image is sampled through world space (identity or affine) on the fixed grid.
+    squash_moving = affine_tx is None and mode == "squash" and network is not None
     if squash_moving:
         grid_out = network_grid(moving_img.geometry, grid_shape, "squash")
     else:

@@ -253,12 +253,22 @@ def sample_network(
     """Sample a network-order tensor ``[1, C, n0, n1, n2]`` at network indices ``[..., 3]``.
 
     ``indices`` hold continuous ``(d0, d1, d2)`` indices; the result has shape ``[..., C]``.
+    ``padding="border"`` repeats the edge everywhere outside; ``"zeros"`` follows ITK: the
+    edge value up to half a voxel beyond the outermost centres, zero further out.
     """
     shape = tuple(tensor.shape[2:])
     flat = indices.reshape(1, -1, 1, 1, 3).flip(-1)  # grid_sample wants (d2, d1, d0)
     grid = index_to_sampling_grid(flat.to(tensor.dtype), shape[::-1])  # type: ignore[arg-type]
-    out = F.grid_sample(tensor, grid, mode=mode, padding_mode=padding, align_corners=True)
-    return out.reshape(tensor.shape[1], -1).T.reshape(*indices.shape[:-1], tensor.shape[1])
+    out = F.grid_sample(tensor, grid, mode=mode, padding_mode="border", align_corners=True)
+    out = out.reshape(tensor.shape[1], -1).T
+    if padding == "zeros":
+        # ITK's convention: the edge value holds to half a voxel beyond the outermost voxel
+        # centres, and exactly zero lies outside (not a linear fade to zero).
+        flat_idx = indices.reshape(-1, 3)
+        size = torch.as_tensor(shape, dtype=flat_idx.dtype, device=flat_idx.device)
+        outside = ((flat_idx < -0.5) | (flat_idx >= size - 0.5)).any(dim=-1)
+        out = out.masked_fill(outside[:, None], 0.0)
+    return out.reshape(*indices.shape[:-1], tensor.shape[1])
 
 
 def to_network_tensor(data: NDArray[np.generic], device: torch.device | None = None) -> torch.Tensor:

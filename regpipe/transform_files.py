@@ -143,8 +143,8 @@ def write_transform(
     try:
         fmt.write(transform, tmp, reference)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as exc:
-        raise TransformFileError(f"cannot write {path}: {_first_line(exc)}") from exc
+    except OSError as exc:
+        raise TransformFileError(f"cannot write {path}: {_short_message(exc)}") from exc
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -202,7 +202,8 @@ def _matching_suffix(path: Path, fmt: _Format) -> str:
     return next((s for s in fmt.suffixes if name.endswith(s)), "")
 
 
-def _first_line(exc: BaseException) -> str:
+def _short_message(exc: BaseException) -> str:
+    """The last non-empty line of an exception's text (where ITK puts the actual error)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[-1] if lines else type(exc).__name__
 
@@ -277,12 +278,10 @@ def _geometry_from_itk(image: sitk.Image) -> Geometry:
     direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
     affine_lps[:3, :3] = direction * np.asarray(image.GetSpacing(), dtype=np.float64)
     affine_lps[:3, 3] = image.GetOrigin()
-    return Geometry(tuple(image.GetSize()), _FLIP4 @ affine_lps)  # type: ignore[arg-type]
+    return Geometry(tuple(image.GetSize()), _FLIP4 @ affine_lps)
 
 
-def _lps_displacements(
-    field: DisplacementField, dtype: type[np.floating]
-) -> NDArray[np.floating]:
+def _lps_displacements(field: DisplacementField, dtype: type[np.floating]) -> NDArray[np.floating]:
     """A copy of the field's displacements in LPS+ mm (the caller's array is not touched)."""
     data: NDArray[np.floating] = field.field.astype(dtype, copy=True)
     data[..., :2] *= -1
@@ -373,7 +372,7 @@ def _read_nifti_field(path: Path, allow_nonstandard: bool) -> DisplacementField:
     try:
         image = nib.load(path)
     except Exception as exc:  # nibabel raises several unrelated types for corrupt files
-        raise TransformFileError(f"cannot read {path}: {_first_line(exc)}") from exc
+        raise TransformFileError(f"cannot read {path}: {_short_message(exc)}") from exc
     if not isinstance(image, nib.Nifti1Image):
         raise TransformFileError(f"{path} is not a NIfTI-1 image")
     shape = image.shape
@@ -409,11 +408,7 @@ def _itk_header_affine(
     sform, scode = image.header.get_sform(coded=True)
     qform, qcode = image.header.get_qform(coded=True)
     if scode and _is_orthogonal(sform):
-        if (
-            qcode
-            and not np.allclose(sform, qform, atol=_FORM_TOLERANCE)
-            and not allow_nonstandard
-        ):
+        if qcode and not np.allclose(sform, qform, atol=_FORM_TOLERANCE) and not allow_nonstandard:
             raise TransformFileError(
                 f"{path}: its sform and qform place the field differently; ITK uses the "
                 "sform, other tools the qform. Rewrite the header with both set to the same "
@@ -457,7 +452,7 @@ def _write_itk_hdf5(transform: Transform, path: Path, reference: Geometry | None
     else:
         part = _sitk_field(_as_field(transform, reference))
     # A composite wrapper, as ANTs writes: nitransforms skips TransformGroup/0 unconditionally.
-    sitk.WriteTransform(sitk.CompositeTransform([part]), str(path))
+    _sitk_write(sitk.CompositeTransform([part]), path)
 
 
 def _write_itk_affine(transform: Transform, path: Path, reference: Geometry | None) -> None:
@@ -468,7 +463,14 @@ def _write_itk_affine(transform: Transform, path: Path, reference: Geometry | No
             f"{path.suffix} files hold affine transforms only; write a "
             f"{type(transform).__name__} to .nii.gz or .h5 (with reference=) instead"
         )
-    sitk.WriteTransform(_sitk_affine(affine), str(path))
+    _sitk_write(_sitk_affine(affine), path)
+
+
+def _sitk_write(transform: sitk.Transform, path: Path) -> None:
+    try:
+        sitk.WriteTransform(transform, str(path))
+    except RuntimeError as exc:  # SimpleITK reports every ITK exception as RuntimeError
+        raise OSError(_short_message(exc)) from exc
 
 
 def _read_itk(path: Path, allow_nonstandard: bool) -> Transform:
@@ -476,7 +478,7 @@ def _read_itk(path: Path, allow_nonstandard: bool) -> Transform:
     try:
         transform = sitk.ReadTransform(str(path))
     except RuntimeError as exc:
-        raise TransformFileError(f"cannot read {path}: {_first_line(exc)}") from exc
+        raise TransformFileError(f"cannot read {path}: {_short_message(exc)}") from exc
     parts = _merge_linear(_from_sitk(transform))
     if not parts:
         return AffineTransform.identity()

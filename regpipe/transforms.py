@@ -16,6 +16,7 @@ the moving image onto the fixed grid samples ``moving`` at ``T(x)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Protocol
 
 import numpy as np
@@ -74,7 +75,7 @@ class GridTransform:
     """
 
     grid_in: NDArray[np.float64]
-    displacement: torch.Tensor
+    displacement: torch.Tensor = dataclass_field(repr=False)
     grid_out: NDArray[np.float64]
     outside: str = "border"
 
@@ -143,7 +144,7 @@ class DisplacementField:
     """
 
     geometry: Geometry
-    field: NDArray[np.float32]
+    field: NDArray[np.float32] = dataclass_field(repr=False)
 
     def __post_init__(self) -> None:
         if self.field.shape != (*self.geometry.shape, 3):

@@ -72,10 +72,9 @@ def _linear(
 ) -> NDArray:
     grid = index_to_sampling_grid(torch.from_numpy(vox.astype(np.float32)), shape)
     grid = grid.reshape(1, -1, 1, 1, 3)
-    values = F.grid_sample(tensor, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    values = F.grid_sample(tensor, grid, mode="bilinear", padding_mode="border", align_corners=True)
     values = values.reshape(tensor.shape[1], -1).T.numpy()
-    if fill:
-        size = np.asarray(shape) - 1
-        outside = np.any((vox < -0.5) | (vox > size + 0.5), axis=-1)
-        values[outside] = fill
+    # As ITK and ANTs: edge values up to half a voxel outside, ``fill`` beyond.
+    outside = np.any((vox < -0.5) | (vox >= np.asarray(shape) - 0.5), axis=-1)
+    values[outside] = fill
     return values

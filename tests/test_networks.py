@@ -146,7 +146,9 @@ def test_wrapped_state_dicts_are_accepted() -> None:
     state = source.regis_net.state_dict()
     for wrapped in ({"state_dict": state}, {"model": state}, source.state_dict()):
         target = load_weights(build_network(TINY), wrapped)
-        assert torch.equal(target.regis_net.net.lastConv.weight, source.regis_net.net.lastConv.weight)
+        assert torch.equal(
+            target.regis_net.net.lastConv.weight, source.regis_net.net.lastConv.weight
+        )
 
 
 def test_save_and_rebuild_from_file_with_config_and_card(tmp_path) -> None:

@@ -182,9 +182,7 @@ def load_weights(
     problem = _mismatch_report(expected, checkpoint.state_dict)
     if problem is not None:
         where = source if isinstance(source, (str, os.PathLike)) else "the weights"
-        raise WeightsError(
-            f"{where} do not fit the network ({network.config}):\n  {problem}"
-        )
+        raise WeightsError(f"{where} do not fit the network ({network.config}):\n  {problem}")
     network.regis_net.load_state_dict(checkpoint.state_dict, strict=True)
     return network
 
@@ -265,9 +263,7 @@ def infer_config(
     )
 
 
-def network_from_file(
-    path: PathLike, device: torch.device | str = "cpu"
-) -> RegistrationNetwork:
+def network_from_file(path: PathLike, device: torch.device | str = "cpu") -> RegistrationNetwork:
     """Build the network a weights file describes, load it, and return it in ``eval()`` mode.
 
     The file's model card becomes ``network.metadata``.

@@ -101,9 +101,7 @@ def warp_normalised(
                 f"cannot sample a batch of {volume.shape[0]} volumes at a batch of "
                 f"{grid.shape[0]} coordinate grids"
             )
-    return F.grid_sample(
-        volume, grid, mode="bilinear", padding_mode=padding, align_corners=True
-    )
+    return F.grid_sample(volume, grid, mode="bilinear", padding_mode=padding, align_corners=True)
 
 
 def _identity(grid_shape: Sequence[int], device: torch.device | str | None) -> torch.Tensor:
@@ -208,8 +206,8 @@ class TwoStep(nn.Module):
 
     def __init__(
         self,
-        netPhi: nn.Module,  # noqa: N803 - the official checkpoint's names
-        netPsi: nn.Module,  # noqa: N803
+        netPhi: nn.Module,
+        netPsi: nn.Module,
         identity: torch.Tensor,
     ) -> None:
         super().__init__()
@@ -466,4 +464,3 @@ def build_network(
     ``config`` defaults to :meth:`NetworkConfig.unigradicon`; ``device`` to the CPU.
     """
     return RegistrationNetwork(config, device)
-

@@ -137,7 +137,8 @@ class UNet2(nn.Module):
             encoder[0] + up_channels[0], 3, kernel_size=3, padding=1, device=device
         )
         nn.init.zeros_(self.lastConv.weight)
-        nn.init.zeros_(self.lastConv.bias)
+        if self.lastConv.bias is not None:
+            nn.init.zeros_(self.lastConv.bias)
 
     @property
     def min_input_size(self) -> int:
