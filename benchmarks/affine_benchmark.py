@@ -32,7 +32,10 @@ from numpy.typing import NDArray
 DATA = Path("/work/shared/data")
 MOVING = ("colin27/ch2bet.nii.gz", "tpl-Colin27_afids.fcsv")
 FIXED = {
-    "MNI152NLin6Asym": ("mni152_fsl6/MNI152_T1_1mm_brain.nii.gz", "tpl-MNI152NLin6Asym_afids.fcsv"),
+    "MNI152NLin6Asym": (
+        "mni152_fsl6/MNI152_T1_1mm_brain.nii.gz",
+        "tpl-MNI152NLin6Asym_afids.fcsv",
+    ),
     "MNI152NLin2009cAsym": (
         "mni_icbm152_2009/mni_icbm152_t1_tal_nlin_asym_09c_brain.nii.gz",
         "tpl-MNI152NLin2009cAsym_afids.fcsv",
@@ -56,7 +59,9 @@ class Pair:
 def read_fcsv(path: Path) -> NDArray[np.float64]:
     """Landmarks ``[n, 3]`` in RAS mm from a Slicer markups ``.fcsv`` (RAS or LPS header)."""
     lines = path.read_text().splitlines()
-    lps = any("CoordinateSystem" in ln and ("LPS" in ln or ln.strip().endswith("1")) for ln in lines)
+    lps = any(
+        "CoordinateSystem" in ln and ("LPS" in ln or ln.strip().endswith("1")) for ln in lines
+    )
     rows = [ln.split(",") for ln in lines if ln and not ln.startswith("#")]
     points = np.array([[float(r[1]), float(r[2]), float(r[3])] for r in rows])
     if lps:
@@ -90,8 +95,15 @@ def build_pairs(data: Path, degrees: float, millimetres: float) -> list[Pair]:
     for name, (image, landmarks) in FIXED.items():
         fixed, fixed_affine = load(data / "brain" / image)
         fixed_points = read_fcsv(data / "landmarks_afids" / landmarks)
-        base = Pair(f"Colin27 -> {name}", fixed, fixed_affine, fixed_points, moving, moving_affine,
-                    moving_points)
+        base = Pair(
+            f"Colin27 -> {name}",
+            fixed,
+            fixed_affine,
+            fixed_points,
+            moving,
+            moving_affine,
+            moving_points,
+        )
         pairs.append(base)
         if degrees or millimetres:
             # The moving image's content at world y moves to E^-1(y): header change, no resampling.
@@ -99,8 +111,15 @@ def build_pairs(data: Path, degrees: float, millimetres: float) -> list[Pair]:
             inverse = np.linalg.inv(extra)
             moved_points = moving_points @ inverse[:3, :3].T + inverse[:3, 3]
             pairs.append(
-                Pair(f"{base.name} + {degrees:g} deg, {millimetres:g} mm", fixed, fixed_affine,
-                     fixed_points, moving, inverse @ moving_affine, moved_points)
+                Pair(
+                    f"{base.name} + {degrees:g} deg, {millimetres:g} mm",
+                    fixed,
+                    fixed_affine,
+                    fixed_points,
+                    moving,
+                    inverse @ moving_affine,
+                    moved_points,
+                )
             )
     return pairs
 

@@ -1,0 +1,145 @@
+"""Pairwise command-line tools: drop-in options, outputs, and clean failures."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from regpipe.cli import jacobian as jacobian_cli
+from regpipe.cli import register as register_cli
+from regpipe.cli import warp as warp_cli
+from regpipe.networks import NetworkConfig, build_network, save_weights
+from regpipe.spaces import Geometry
+from tests.conftest import blob_image, make_affine
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli")
+    fixed_geom = Geometry((30, 28, 24), make_affine("RAS", (30, 28, 24)))
+    moving_geom = Geometry((30, 28, 24), make_affine("LPS", (30, 28, 24)))
+    paths = {}
+    for name, geom, seed in (("fixed", fixed_geom, 0), ("moving", moving_geom, 1)):
+        paths[name] = folder / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(blob_image(geom, seed), geom.affine), str(paths[name]))
+        seg = (blob_image(geom, seed) > 0.4).astype(np.int16) * 7
+        paths[f"{name}_seg"] = folder / f"{name}_seg.nii.gz"
+        nib.save(nib.Nifti1Image(seg, geom.affine), str(paths[f"{name}_seg"]))
+    torch.manual_seed(0)
+    network = build_network(NetworkConfig(grid_shape=(40, 40, 40), n_steps=1,
+                                          down_channels=(4, 8, 8, 8, 8),
+                                          up_channels=(4, 8, 8, 8, 8)))
+    paths["weights"] = save_weights(network, folder / "tiny.pt", {"grid_mode": "isotropic"})
+    return paths
+
+
+def base_args(files, out):
+    return ["--fixed", str(files["fixed"]), "--moving", str(files["moving"]),
+            "--fixed_modality", "mri", "--moving-modality", "mri",
+            "--network_weights", str(files["weights"]), "--transform_out", str(out / "fwd.h5")]
+
+
+def test_register_writes_every_output(files, tmp_path, capsys):
+    args = base_args(files, tmp_path) + [
+        "--io_iterations", "None", "--inverse-transform-out", str(tmp_path / "inv.nii.gz"),
+        "--warped_moving_out", str(tmp_path / "warped.nii.gz"),
+        "--jacobian_out", str(tmp_path / "jac.nii.gz"), "--metrics_out", str(tmp_path / "m.json"),
+        "--fixed_segmentation", str(files["fixed_seg"]),
+        "--moving_segmentation", str(files["moving_seg"]), "--quiet",
+    ]
+    with pytest.warns(DeprecationWarning):  # segmentations as masks, as in unigradicon 1.0.6
+        assert register_cli.main(args) == 0
+    for name in ("fwd.h5", "inv.nii.gz", "warped.nii.gz", "jac.nii.gz", "m.json"):
+        assert (tmp_path / name).stat().st_size > 0
+    metrics = json.loads((tmp_path / "m.json").read_text())["metrics"]
+    assert "dice_mean" in metrics and metrics["folding_percent"] >= 0
+    assert "done in" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("problem", ["missing", "empty", "4d", "nan", "constant"])
+def test_bad_moving_image_fails_without_output(files, tmp_path, capsys, problem):
+    bad = tmp_path / "bad.nii.gz"
+    if problem == "empty":
+        bad.write_bytes(b"")
+    elif problem == "4d":
+        nib.save(nib.Nifti1Image(np.random.rand(8, 8, 8, 2).astype(np.float32), np.eye(4)), str(bad))
+    elif problem == "nan":
+        data = np.random.rand(8, 8, 8).astype(np.float32)
+        data[0, 0, 0] = np.nan
+        nib.save(nib.Nifti1Image(data, np.eye(4)), str(bad))
+    elif problem == "constant":
+        nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), str(bad))
+    args = base_args(files, tmp_path)
+    args[args.index("--moving") + 1] = str(bad)
+    assert register_cli.main(args + ["--warped_moving_out", str(tmp_path / "w.nii.gz")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("regpipe-register: error: moving image")
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["bad.nii.gz"] if problem != "missing" else [])
+
+
+def test_mask_on_wrong_grid(files, tmp_path, capsys):
+    mask = tmp_path / "mask.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((5, 5, 5), np.uint8), np.eye(4)), str(mask))
+    args = base_args(files, tmp_path) + ["--fixed_mask", str(mask), "--moving_mask", str(mask),
+                                         "--loss_function_masking"]
+    assert register_cli.main(args) == 1
+    assert "different grid" in capsys.readouterr().err
+    assert not (tmp_path / "fwd.h5").exists()
+
+
+def test_unknown_modality_is_a_usage_error(files, tmp_path):
+    args = base_args(files, tmp_path)
+    args[args.index("--fixed_modality") + 1] = "pet"
+    with pytest.raises(SystemExit) as exit_info:
+        register_cli.main(args)
+    assert exit_info.value.code == 2
+
+
+def test_incompatible_weights(files, tmp_path, capsys):
+    bad = tmp_path / "bad.trch"
+    state = torch.load(files["weights"], weights_only=True)["state_dict"]
+    del state[next(k for k in state if k.endswith("lastConv.bias"))]
+    state["extra.weight"] = torch.zeros(2)
+    torch.save(state, bad)
+    args = base_args(files, tmp_path)
+    args[args.index("--network_weights") + 1] = str(bad)
+    assert register_cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert "lastConv.bias" in err and "extra.weight" in err
+    assert not (tmp_path / "fwd.h5").exists()
+
+
+def test_missing_output_folder(files, tmp_path, capsys):
+    args = base_args(files, tmp_path)
+    args[args.index("--transform_out") + 1] = str(tmp_path / "nope" / "fwd.h5")
+    assert register_cli.main(args) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_warp_and_jacobian_tools(files, tmp_path, capsys):
+    assert register_cli.main(base_args(files, tmp_path) + ["--io_iterations", "None", "--quiet"]) == 0
+    out = tmp_path / "seg_in_fixed.nii.gz"
+    assert warp_cli.main(["--fixed", str(files["fixed"]), "--moving", str(files["moving_seg"]),
+                          "--transform", str(tmp_path / "fwd.h5"), "--warped_moving_out", str(out),
+                          "--nearest_neighbor"]) == 0
+    warped = nib.load(str(out))
+    assert warped.get_data_dtype() == np.int16
+    assert set(np.unique(np.asanyarray(warped.dataobj))) <= {0, 7}
+    capsys.readouterr()
+    assert jacobian_cli.main(["--transform", str(tmp_path / "fwd.h5"), "--fixed", str(files["fixed"]),
+                              "--jacob", str(tmp_path / "j.nii.gz"),
+                              "--log_jacob", str(tmp_path / "lj.nii.gz")]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["min_jacobian"] > 0
+    assert (tmp_path / "lj.nii.gz").exists()
+
+
+def test_warp_needs_an_interpolator(files, tmp_path):
+    with pytest.raises(SystemExit):
+        warp_cli.main(["--fixed", str(files["fixed"]), "--moving", str(files["moving"]),
+                       "--warped_moving_out", str(tmp_path / "w.nii.gz")])

@@ -1,0 +1,70 @@
+"""Device selection, CPU threads and the mixed-precision context."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from regpipe.device import autocast, select_device, set_threads
+from regpipe.errors import InputError, ResourceError
+
+
+def test_cpu_and_auto() -> None:
+    assert select_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert select_device("auto").type == expected
+    assert select_device(torch.device("cpu")) == torch.device("cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+@pytest.mark.parametrize("spec", ["cuda", "cuda:0", "CUDA:1"])
+def test_cuda_without_gpu_raises_resource_error(spec: str) -> None:
+    with pytest.raises(ResourceError, match="CUDA is not available"):
+        select_device(spec)
+
+
+def test_missing_gpu_index_raises_resource_error() -> None:
+    with pytest.raises(ResourceError):
+        select_device(f"cuda:{torch.cuda.device_count() + 3}")
+
+
+@pytest.mark.parametrize("spec", ["gpu", "cuda:x", "tpu", ""])
+def test_unknown_device_name_raises_input_error(spec: str) -> None:
+    with pytest.raises(InputError):
+        select_device(spec)
+
+
+def test_set_threads() -> None:
+    before = torch.get_num_threads()
+    try:
+        assert set_threads(1) == 1
+        assert set_threads(None) == 1
+    finally:
+        torch.set_num_threads(before)
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(InputError):
+            set_threads(bad)  # type: ignore[arg-type]
+
+
+def test_autocast_is_a_no_op_on_cpu() -> None:
+    a = torch.rand(8, 8)
+    with autocast("cpu", enabled=True):
+        product = a @ a
+    assert product.dtype == torch.float32
+    torch.testing.assert_close(product, a @ a, rtol=0, atol=0)
+
+
+def test_autocast_rejects_unknown_types() -> None:
+    with pytest.raises(InputError), autocast("cpu", enabled=True, dtype="int8"):
+        pass
+    with pytest.raises(InputError), autocast("cpu", enabled=True, dtype=torch.float32):
+        pass
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_autocast_uses_bfloat16_on_gpu() -> None:
+    a = torch.rand(8, 8, device="cuda")
+    with autocast("cuda", enabled=True):
+        assert (a @ a).dtype == torch.bfloat16
+    with autocast("cuda", enabled=False):
+        assert (a @ a).dtype == torch.float32
