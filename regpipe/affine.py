@@ -149,10 +149,11 @@ def affine_register(
     radius = fixed_image.radius(fixed_centre)
 
     params = torch.zeros(dof, dtype=torch.float64, device=torch_device)  # see _linear
+    centre = torch.as_tensor(moving_centre, dtype=torch.float64, device=torch_device)
     with tqdm(total=sum(iterations), desc="affine", unit="step", disable=not progress) as bar:
         for spacing, steps in zip(levels, iterations):
             level = _build_level(fixed_image, moving_image, spacing, fixed_centre)
-            params = _optimise(level, params, moving_centre, radius, steps, bar)
+            params = _optimise(level, _Start(params, centre, radius), steps, bar)
     linear = _linear(params[3:].cpu(), radius).numpy()
     return _to_transform(linear, params[:3].cpu().numpy(), fixed_centre, moving_centre)
 
@@ -471,9 +472,8 @@ def _equalise(intensity: torch.Tensor, weight: torch.Tensor, bins: int = 256) ->
     """Map foreground intensities in ``[0, 1]`` (above ``_FOREGROUND``, in the mask) to ranks.
 
     A continuous, monotone map: identity up to ``_FOREGROUND``, then piecewise linear through
-    ``bins`` quantiles of the foreground onto ``[_FOREGROUND, 1]``. Two images of one kind (two
-    T1w, two CTs) then relate nearly linearly, as a correlation coefficient assumes, whatever
-    their contrast curves. Applied through a 4096-entry lookup table.
+    ``bins`` quantiles of the foreground onto ``[_FOREGROUND, 1]``. Tissue contrasts become
+    evenly spread, whatever the scanner's contrast curve.
     """
     flat = intensity.flatten()
     step = max(1, flat.numel() // 1_000_000)
@@ -481,18 +481,24 @@ def _equalise(intensity: torch.Tensor, weight: torch.Tensor, bins: int = 256) ->
     if sample.numel() < bins:
         return intensity
     probabilities = torch.linspace(0.0, 1.0, bins + 1, device=flat.device)
-    knots = torch.quantile(sample, probabilities)
-    ranks = _FOREGROUND + (1.0 - _FOREGROUND) * probabilities
-    size = 4096
-    table = torch.linspace(0.0, 1.0, size + 1, device=flat.device)
-    upper = torch.searchsorted(knots, table).clamp_(1, bins)
+    head = torch.tensor([0.0, _FOREGROUND], device=flat.device)
+    knots = torch.cat([head, torch.quantile(sample, probabilities)])
+    ranks = torch.cat([head, _FOREGROUND + (1.0 - _FOREGROUND) * probabilities])
+    return _piecewise_linear(intensity, knots, ranks)
+
+
+def _piecewise_linear(
+    values: torch.Tensor, knots: torch.Tensor, targets: torch.Tensor, size: int = 65536
+) -> torch.Tensor:
+    """Monotone piecewise-linear map of ``values`` in ``[0, 1]`` through ``(knots, targets)``
+    (constant beyond the end knots), through a lookup table of ``size`` steps."""
+    table = (torch.arange(size + 1, device=values.device) + 0.5) / size
+    upper = torch.searchsorted(knots, table).clamp_(1, knots.numel() - 1)
     start, width = knots[upper - 1], (knots[upper] - knots[upper - 1]).clamp_(min=1e-12)
-    mapped = torch.lerp(ranks[upper - 1], ranks[upper], ((table - start) / width).clamp_(0, 1))
-    table = torch.where(table > _FOREGROUND, mapped, table)
-    position = flat * size
-    index = position.long().clamp_(max=size - 1)
-    values = torch.lerp(table[index], table[index + 1], position - index)
-    return values.view_as(intensity)
+    fraction = ((table - start) / width).clamp_(0.0, 1.0)
+    table = torch.lerp(targets[upper - 1], targets[upper], fraction)
+    index = (values.clamp(0.0, 1.0) * size).int()  # truncation: floor, as values >= 0
+    return torch.index_select(table, 0, index.flatten()).view_as(values)
 
 
 def _box_filter(
@@ -531,32 +537,57 @@ def _initial_moving_centre(
     return fixed_centre.copy()
 
 
-def _build_level(fixed: _Image, moving: _Image, spacing: float, centre: NDArray) -> _Level:
-    """Fixed samples (voxels of the box-filtered fixed image near its foreground, at most
-    ``_MAX_POINTS``) and the box-filtered moving image with its gradient."""
-    fixed_volume, fixed_grid = fixed.pooled(spacing)
-    weight = fixed_volume[0, 1].flatten()
+def _build_level(
+    fixed: _Image, moving: _Image, spacing: float, fixed_centre: NDArray[np.float64]
+) -> _Level:
+    """Fixed samples and the box-filtered moving image with its gradient at ``spacing`` mm."""
+    points, values, weights = _fixed_samples(fixed, spacing, fixed_centre)
+    volume, grid = _padded(*moving.pooled(spacing))
+    d_k, d_j, d_i = torch.gradient(volume[0, 0])  # per voxel along each axis
+    inverse = np.linalg.inv(grid.affine)
+    return _Level(
+        points=points,
+        fixed_values=values,
+        fixed_weights=weights,
+        moving=torch.stack([volume[0, 0], volume[0, 1], d_i, d_j, d_k])[None].contiguous(),
+        world_to_moving=_world_to_sampling(grid, volume.device),
+        gradient_to_world=torch.as_tensor(inverse[:3, :3], dtype=torch.float32),
+        spacing=spacing,
+    )
+
+
+def _fixed_samples(
+    fixed: _Image, spacing: float, centre: NDArray[np.float64]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Voxels of the box-filtered fixed image near its foreground (at most ``_MAX_POINTS``):
+    RAS+ mm positions relative to ``centre`` ``[N, 3]``, intensities and weights ``[N]``."""
+    volume, grid = fixed.pooled(spacing)
+    weight = volume[0, 1].flatten()
     flat = _sample_indices(weight.numel(), 4 * _MAX_POINTS, weight.device)
     flat = flat[weight[flat] > 1e-3]
-    points = _voxel_points(fixed_grid, fixed_volume.shape[2:], flat)
+    points = _voxel_points(grid, volume.shape[2:], flat)
     low, high = fixed.box(margin=max(12.0, 2 * spacing))
     near = ((points >= low.float()) & (points <= high.float())).all(-1)
     flat, points = flat[near], points[near]
     chosen = _sample_indices(flat.numel(), _MAX_POINTS, flat.device)
     flat, points = flat[chosen], points[chosen]
-    moving_volume, moving_grid = moving.pooled(spacing)
-    d_k, d_j, d_i = torch.gradient(moving_volume[0, 0])  # per voxel along each axis
-    channels = [moving_volume[0, 0], moving_volume[0, 1], d_i, d_j, d_k]
-    inverse = np.linalg.inv(moving_grid.affine)
-    return _Level(
-        points=points - torch.as_tensor(centre, dtype=torch.float32, device=points.device),
-        fixed_values=fixed_volume[0, 0].flatten()[flat].double(),
-        fixed_weights=weight[flat].double(),
-        moving=torch.stack(channels)[None].contiguous(),
-        world_to_moving=_world_to_sampling(moving_grid, moving_volume.device),
-        gradient_to_world=torch.as_tensor(inverse[:3, :3], dtype=torch.float32),
-        spacing=spacing,
-    )
+    offset = torch.as_tensor(centre, dtype=torch.float32, device=points.device)
+    values = volume[0, 0].flatten()[flat].double()
+    return points - offset, values, weight[flat].double()
+
+
+def _padded(volume: torch.Tensor, geometry: Geometry) -> tuple[torch.Tensor, Geometry]:
+    """One more voxel on every side: the edge intensity repeated, zero weight.
+
+    Sampled with ``padding_mode="border"``, points beyond the field of view then get weight 0
+    and points within its last half voxel the unbiased edge intensity.
+    """
+    intensity = F.pad(volume[:, :1], (1,) * 6, mode="replicate")
+    weight = F.pad(volume[:, 1:], (1,) * 6)
+    shift = np.eye(4)
+    shift[:3, 3] = -1.0
+    shape = tuple(n + 2 for n in geometry.shape)
+    return torch.cat([intensity, weight], 1), Geometry(shape, geometry.affine @ shift)  # type: ignore[arg-type]
 
 
 def _sample_indices(count: int, most: int, device: torch.device) -> torch.Tensor:
@@ -616,6 +647,15 @@ def _linear(params: torch.Tensor, radius: float) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class _Start:
+    """Where a level starts: parameters and the constants they are relative to."""
+
+    params: torch.Tensor  # [P], see _linear
+    moving_centre: torch.Tensor  # [3] float64, RAS+ mm
+    radius: float  # mm
+
+
+@dataclass(frozen=True)
 class _State:
     """Similarity at one parameter vector, with its Gauss-Newton gradient and Hessian."""
 
@@ -625,17 +665,25 @@ class _State:
     hessian: torch.Tensor  # [P, P]
 
 
-def _evaluate(
+def _sample(
     level: _Level, params: torch.Tensor, moving_centre: torch.Tensor, radius: float
-) -> _State:
-    """Sample the moving image at the mapped fixed points; NCC and its Gauss-Newton system."""
+) -> torch.Tensor:
+    """Every channel of the moving image at the mapped fixed points: ``[C, N]``."""
     linear = _linear(params[3:], radius)
     rows = level.world_to_moving[:3, :3]
     offset = rows @ (moving_centre + params[:3]) + level.world_to_moving[:3, 3]
     grid = level.points @ (rows @ linear).T.float() + offset.float()
     values = F.grid_sample(
-        level.moving, grid.view(1, -1, 1, 1, 3), align_corners=True, padding_mode="zeros"
-    ).view(5, -1)
+        level.moving, grid.view(1, -1, 1, 1, 3), align_corners=True, padding_mode="border"
+    )
+    return values.view(level.moving.shape[1], -1)
+
+
+def _evaluate(
+    level: _Level, params: torch.Tensor, moving_centre: torch.Tensor, radius: float
+) -> _State:
+    """Sample the moving image at the mapped fixed points; NCC and its Gauss-Newton system."""
+    values = _sample(level, params, moving_centre, radius)
     d_linear = torch.autograd.functional.jacobian(
         lambda q: _linear(q, radius).reshape(9), params[3:]
     )  # [9, P - 3]
@@ -670,17 +718,10 @@ def _gauss_newton(
     return _State(params, ncc, gradient, hessian)
 
 
-def _optimise(
-    level: _Level,
-    params: torch.Tensor,
-    moving_centre: NDArray[np.float64],
-    radius: float,
-    steps: int,
-    bar: tqdm,
-) -> torch.Tensor:
+def _optimise(level: _Level, start: _Start, steps: int, bar: tqdm) -> torch.Tensor:
     """Levenberg-Marquardt ascent of the NCC at one level; at most ``steps`` evaluations."""
-    centre = torch.as_tensor(moving_centre, dtype=torch.float64, device=params.device)
-    state = _evaluate(level, params, centre, radius)
+    centre, radius = start.moving_centre, start.radius
+    state = _evaluate(level, start.params, centre, radius)
     damping, largest, rejected, used = 1e-3, 2.0 * level.spacing, 0, 0
     while used < steps:
         used += 1

@@ -39,11 +39,13 @@ class RegistrationResult:
     """Everything a registration produced.
 
     ``forward`` maps fixed-space points to moving-space points (resamples moving onto fixed);
-    ``inverse`` maps moving-space points to fixed-space points. Both are in RAS+ mm.
+    ``inverse`` maps moving-space points to fixed-space points. Both are in RAS+ mm: a
+    :class:`~regpipe.transforms.GridTransform` for the network, any transform (for example an
+    ANTs warp-then-affine chain, :mod:`regpipe.ants_methods`) for other methods.
     """
 
-    forward: GridTransform
-    inverse: GridTransform
+    forward: Transform
+    inverse: Transform
     fixed: Image
     moving: Image
     warped: Image

@@ -33,7 +33,7 @@ def small_network():
 @pytest.fixture(scope="module")
 def pair():
     fixed_geom = Geometry((36, 32, 28), make_affine("oblique", (36, 32, 28)))
-    moving_geom = Geometry((30, 28, 24), make_affine("anisotropic", (30, 28, 24)))
+    moving_geom = Geometry((60, 44, 20), make_affine("anisotropic", (60, 44, 20)))
     shift = np.eye(4)
     shift[:3, 3] = [2.0, -1.5, 1.0]
     # the moving image shows the fixed phantom displaced by a known affine

@@ -12,10 +12,12 @@ regpipe
 
 Example
 -------
+>>> import tempfile
 >>> from regpipe.networks import NetworkConfig, build_network, save_weights, network_from_file
 >>> config = NetworkConfig(grid_shape=(17, 17, 17), n_steps=1,
 ...                        down_channels=(4, 8), up_channels=(4, 8))
->>> path = save_weights(build_network(config), "/tmp/tiny.trch", {"name": "tiny"})
+>>> folder = tempfile.mkdtemp()
+>>> path = save_weights(build_network(config), f"{folder}/tiny.trch", {"name": "tiny"})
 >>> network_from_file(path).config == config
 True
 """
@@ -263,6 +265,18 @@ def infer_config(
     )
 
 
+def _closest_config(state_dict: StateDict) -> NetworkConfig:
+    """The official-width configuration (1-4 U-Nets) sharing the most keys with ``state_dict``."""
+    keys = set(state_dict)
+    best, best_overlap = NetworkConfig.unigradicon(), -1
+    for n_steps in (4, 3, 2, 1):
+        config = NetworkConfig((175, 175, 175), n_steps)
+        overlap = len(keys & set(_expected_shapes(config)))
+        if overlap > best_overlap:
+            best, best_overlap = config, overlap
+    return best
+
+
 def network_from_file(path: PathLike, device: torch.device | str = "cpu") -> RegistrationNetwork:
     """Build the network a weights file describes, load it, and return it in ``eval()`` mode.
 
@@ -280,7 +294,12 @@ def network_from_file(path: PathLike, device: torch.device | str = "cpu") -> Reg
     checkpoint = read_checkpoint(path)
     config = checkpoint.config
     if config is None:
-        config = infer_config(checkpoint.state_dict)
+        try:
+            config = infer_config(checkpoint.state_dict)
+        except WeightsError:
+            # Fits nothing exactly: compare with the closest layout so the error lists the
+            # missing and unexpected keys and the shape mismatches.
+            config = _closest_config(checkpoint.state_dict)
     network = build_network(config)
     load_weights(network, checkpoint)
     network.metadata = dict(checkpoint.card)

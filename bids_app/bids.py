@@ -1,0 +1,433 @@
+"""BIDS queries of the App: the input images, their masks and label maps, and the job list.
+
+The input dataset is indexed with pybids (``validate=True`` unless ``--skip-bids-validation``:
+pybids then refuses a folder without a valid ``dataset_description.json``, exit 16, and skips
+files whose names are not valid BIDS, such as ``_CT`` images). Nothing is ever written into it:
+pybids keeps its index in memory.
+
+Selection
+    The default query for ``--suffix S`` is ``{"datatype": "anat", "suffix": S, "extension":
+    [".nii", ".nii.gz"]}``. ``--bids-filter-file`` follows fMRIPrep: a JSON object keyed by the
+    lower-case suffix (``"t1w"``, ``"t2w"``, ``"flair"``, ``"ct"``) whose entities *replace*
+    the default's, key by key (``null``: the entity must be absent, ``"*"``: any value; other
+    keys of the file are ignored). ``--participant-label`` keeps those subjects (a label not
+    in the dataset is an error); ``--session-label`` keeps those sessions, and, as the BIDS
+    Apps execution specification says, images without a session are not filtered out. No
+    image of the suffix at all is exit 66; images that the filters all remove is exit 18.
+
+Masks and labels (``--labels DERIV_DIR``, a derivative dataset)
+    For each image, a label map ``sub-<s>[_ses-<t>][_<entities>][_desc-<d>]_dseg.nii[.gz]``
+    and a brain mask ``..._desc-brain_mask.nii[.gz]`` without ``space-`` (or with
+    ``space-<suffix>``) on the image's own grid. A file lacking ``acq``/``ce``/``rec``/``run``
+    matches any value of the image; a file with another value does not. Among several label
+    maps ``desc-aseg`` wins, then no ``desc``, then the first by name (a warning names them).
+    In template mode the template's label map is ``DERIV_DIR/tpl-<ID>/tpl-<ID>[_res-<r>]*_dseg
+    .nii[.gz]`` when present (same labelling as the subjects', for Dice).
+
+Jobs
+    A job is a plain dict (picklable, JSON-serialisable) describing one registration, the
+    contract with :func:`regpipe.workflows.base.init_regpipe_wf`:
+
+    ===============  ==========================================================================
+    key              value
+    ===============  ==========================================================================
+    subject          label without ``sub-``
+    session          label without ``ses-``, or ``None``
+    moving           absolute path of the input image
+    entities         the image's BIDS entities (``subject``, ``session``, ``acquisition``,
+                     ``run``, ``datatype``, ``suffix``, ``extension``...; values as strings)
+    suffix           the image's suffix (``T1w``...)
+    modality         ``"ct"`` when suffix is ``CT``, else ``"mri"`` (intensity normalisation)
+    fixed            absolute path of the template or of the reference-session image
+    fixed_space      label for ``space-``/``to-``: the template identifier (``MNI152NLin2009cAsym``)
+                     or, longitudinal, the reference image's label
+                     (:func:`regpipe.workflows.base.reference_space_label`: ``sub01ses1``)
+    fixed_uri        ``SpatialReference`` of the fixed space: TemplateFlow URL, file URI or
+                     ``bids:raw:...`` of the reference image (optional key of the contract)
+    pair_type        ``"inter"`` (template mode) or ``"intra"`` (longitudinal)
+    fixed_mask       template brain mask / reference image's brain mask, or ``None``
+    moving_mask      the image's brain mask from ``--labels``, or ``None``
+    fixed_labels     label map of the fixed image, or ``None``
+    moving_labels    label map of the image from ``--labels``, or ``None``
+    source_uri       ``bids:raw:sub-01/anat/sub-01_T1w.nii.gz`` (needs ``DatasetLinks.raw``)
+    weights_sha256   SHA-256 of the network weights file, or ``None`` without a network
+    ===============  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from regpipe.bids_app.exit_codes import AppError, ExitCode
+
+__all__ = [
+    "Image",
+    "build_jobs",
+    "collect_images",
+    "image_query",
+    "load_derivatives",
+    "load_layout",
+    "natural_key",
+]
+
+LOGGER = logging.getLogger("regpipe.bids_app")
+IMAGE_EXTENSIONS = [".nii", ".nii.gz"]
+IDENTITY_ENTITIES = ("acquisition", "ceagent", "reconstruction", "run")
+"""Entities that tell two images of one session apart (besides the suffix)."""
+
+
+@dataclass(frozen=True)
+class Image:
+    """One input image: subject and session labels, absolute path, BIDS entities."""
+
+    subject: str
+    session: str | None
+    path: Path
+    entities: dict[str, str] = field(hash=False, compare=False)
+    relpath: str = ""
+
+    @property
+    def source_uri(self) -> str:
+        return f"bids:raw:{self.relpath}"
+
+
+def natural_key(label: str | None) -> tuple:
+    """Sort key putting ``2`` before ``10`` (``None`` first)."""
+    if label is None:
+        return ()
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part)
+                 for part in re.findall(r"\d+|\D+", label))
+
+
+def load_layout(bids_dir: Path, *, validate: bool):
+    """Index ``bids_dir`` with pybids; exit 66 when missing, 16 when not valid BIDS."""
+    from bids import BIDSLayout
+    from bids.exceptions import BIDSValidationError
+
+    bids_dir = Path(bids_dir)
+    if not bids_dir.is_dir():
+        raise AppError(ExitCode.NO_INPUT, f"bids_dir {bids_dir} does not exist or is not a folder")
+    try:
+        return BIDSLayout(str(bids_dir.absolute()), validate=validate)
+    except BIDSValidationError as error:
+        reason = str(error).splitlines()[0]
+        raise AppError(
+            ExitCode.VALIDATION,
+            f"{bids_dir} is not a valid BIDS dataset: {reason} (--skip-bids-validation "
+            "skips this check)",
+        ) from None
+
+
+def load_derivatives(path: Path):
+    """Index a derivative dataset (``--labels``) without validation; exit 66 when missing."""
+    from bids import BIDSLayout
+
+    path = Path(path)
+    if not path.is_dir():
+        raise AppError(ExitCode.NO_INPUT, f"--labels {path} does not exist or is not a folder")
+    return BIDSLayout(str(path.absolute()), validate=False, config=["bids", "derivatives"])
+
+
+def image_query(suffix: str, filters: Mapping[str, Mapping[str, Any]] | None = None
+                ) -> dict[str, Any]:
+    """The pybids query for images of ``suffix``, with ``--bids-filter-file`` entities applied."""
+    from bids.layout import Query
+
+    query: dict[str, Any] = {"datatype": "anat", "suffix": suffix,
+                             "extension": IMAGE_EXTENSIONS}
+    for key, value in (filters or {}).get(suffix.lower(), {}).items():
+        if value is None:
+            query[key] = Query.NONE
+        elif value == "*":
+            query[key] = Query.ANY
+        else:
+            query[key] = value
+    return query
+
+
+def _entities(bids_file) -> dict[str, str]:
+    return {key: str(value) for key, value in bids_file.get_entities(metadata=False).items()}
+
+
+def _to_image(bids_file, root: Path) -> Image:
+    entities = _entities(bids_file)
+    path = Path(bids_file.path).absolute()
+    return Image(subject=entities["subject"], session=entities.get("session"), path=path,
+                 entities=entities, relpath=path.relative_to(root).as_posix())
+
+
+def collect_images(layout, *, suffix: str, participant_label: Sequence[str] | None = None,
+                   session_label: Sequence[str] | None = None,
+                   filters: Mapping[str, Mapping[str, Any]] | None = None) -> list[Image]:
+    """Select the images to register (sorted by subject, session, path).
+
+    Raises :class:`AppError` 66 when the dataset has no image of ``suffix``, 18 when the
+    filters remove them all or a ``participant_label`` is not in the dataset.
+    """
+    root = Path(layout.root).absolute()
+    unfiltered = layout.get(return_type="object", **image_query(suffix))
+    if not unfiltered:
+        raise AppError(
+            ExitCode.NO_INPUT,
+            f"no {suffix} images in {root} (looked for sub-*/[ses-*/]anat/*_{suffix}.nii[.gz]"
+            + ("; non-standard suffixes need --skip-bids-validation" if suffix == "CT" else "")
+            + ")",
+        )
+    query = image_query(suffix, filters)
+    if participant_label:
+        subjects = set(layout.get_subjects())
+        missing = sorted(set(participant_label) - subjects)
+        if missing:
+            raise AppError(
+                ExitCode.FILTERS_EMPTY,
+                f"participant(s) {', '.join(missing)} not found in {root} (it has "
+                f"{_summarise(sorted(subjects, key=natural_key))})",
+            )
+        query["subject"] = list(participant_label)
+    selected = layout.get(return_type="object", **query)
+    images = [_to_image(f, root) for f in selected]
+    if session_label:
+        images = [i for i in images if i.session is None or i.session in set(session_label)]
+    if not images:
+        used = []
+        if participant_label:
+            used.append(f"--participant-label {' '.join(participant_label)}")
+        if session_label:
+            used.append(f"--session-label {' '.join(session_label)}")
+        if filters and suffix.lower() in filters:
+            used.append(f"--bids-filter-file {suffix.lower()}={dict(filters[suffix.lower()])}")
+        raise AppError(
+            ExitCode.FILTERS_EMPTY,
+            f"the filters ({'; '.join(used) or 'default query'}) selected none of the "
+            f"{len(unfiltered)} {suffix} image(s) in {root}",
+        )
+    if filters:
+        ignored = sorted(set(filters) - {suffix.lower()})
+        if ignored:
+            LOGGER.info("--bids-filter-file: ignoring keys %s (only %r applies to --suffix %s)",
+                        ", ".join(ignored), suffix.lower(), suffix)
+    return sorted(images, key=lambda i: (natural_key(i.subject), natural_key(i.session),
+                                         str(i.path)))
+
+
+def _summarise(labels: Sequence[str], limit: int = 10) -> str:
+    shown = ", ".join(labels[:limit])
+    return shown + (f" and {len(labels) - limit} more" if len(labels) > limit else "")
+
+
+# --------------------------------------------------------------------------- masks and labels
+
+
+def _compatible(candidate: Mapping[str, Any], image: Image) -> int | None:
+    """Score of a derivative file for ``image``: ``None`` when it belongs to another image."""
+    score = 0
+    for key in IDENTITY_ENTITIES:
+        value = candidate.get(key)
+        if value is None:
+            continue
+        if str(value) != image.entities.get(key):
+            return None
+        score += 1
+    space = candidate.get("space")
+    if space is not None and space != image.entities.get("suffix"):
+        return None
+    return score
+
+
+def _find_derivative(layout, image: Image, *, suffix: str, desc: str | None,
+                     prefer: Iterable[str | None] = ()) -> Path | None:
+    """The best ``suffix`` file of ``layout`` on ``image``'s grid, or ``None``."""
+    from bids.layout import Query
+
+    query: dict[str, Any] = {"subject": image.subject, "suffix": suffix,
+                             "extension": IMAGE_EXTENSIONS,
+                             "session": image.session if image.session else Query.NONE}
+    if desc is not None:
+        query["desc"] = desc
+    scored = []
+    for bids_file in layout.get(return_type="object", **query):
+        entities = bids_file.get_entities(metadata=False)
+        score = _compatible(entities, image)
+        if score is not None:
+            scored.append((score, entities.get("desc"), Path(bids_file.path).absolute()))
+    if not scored:
+        return None
+    best_score = max(s for s, _, _ in scored)
+    best = [(d, p) for s, d, p in scored if s == best_score]
+    order = list(prefer)
+    best.sort(key=lambda dp: (order.index(dp[0]) if dp[0] in order else len(order), str(dp[1])))
+    if len(best) > 1:
+        LOGGER.warning("several %s files for %s: using %s (others: %s)", suffix,
+                       image.path.name, best[0][1].name, ", ".join(p.name for _, p in best[1:]))
+    return best[0][1]
+
+
+def find_labels(layout, image: Image) -> Path | None:
+    """The label map (``dseg``) of ``image`` in the derivative ``layout``, or ``None``."""
+    return _find_derivative(layout, image, suffix="dseg", desc=None, prefer=("aseg", None))
+
+
+def find_mask(layout, image: Image) -> Path | None:
+    """The brain mask (``desc-brain_mask``) of ``image`` in ``layout``, or ``None``."""
+    return _find_derivative(layout, image, suffix="mask", desc="brain")
+
+
+def find_template_labels(labels_dir: Path, identifier: str | None,
+                         resolution: str | None) -> Path | None:
+    """``labels_dir/tpl-<ID>/tpl-<ID>[_res-<r>]*_dseg.nii[.gz]``, or ``None``."""
+    if identifier is None:
+        return None
+    folder = Path(labels_dir) / f"tpl-{identifier}"
+    if not folder.is_dir():
+        return None
+    found = sorted(p for p in folder.iterdir()
+                   if p.name.startswith(f"tpl-{identifier}_")
+                   and re.search(r"_dseg\.nii(\.gz)?$", p.name))
+    if resolution is not None:
+        same = [p for p in found if _resolution_of(p.name) == _normal_res(resolution)]
+        found = same or [p for p in found if _resolution_of(p.name) is None]
+    return found[0].absolute() if found else None
+
+
+def _normal_res(label: str) -> str:
+    return str(int(label)) if label.isdigit() else label
+
+
+def _resolution_of(name: str) -> str | None:
+    match = re.search(r"_res-([A-Za-z0-9]+)_", name)
+    return _normal_res(match.group(1)) if match else None
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+def _job(image: Image, *, fixed: Path, fixed_space: str, fixed_uri: str, pair_type: str, fixed_mask: Path | None, fixed_labels: Path | None, labels_layout,
+         weights_sha256: str | None) -> dict[str, Any]:
+    suffix = image.entities.get("suffix", "")
+    moving_labels = _maybe(find_labels, labels_layout, image)
+    if (fixed_labels is None) != (moving_labels is None):
+        LOGGER.info("%s: label maps for %s image only; Dice needs both, so none is used",
+                    image.path.name, "the fixed" if moving_labels is None else "the moving")
+        fixed_labels = moving_labels = None
+    return {
+        "subject": image.subject,
+        "session": image.session,
+        "moving": str(image.path),
+        "entities": dict(image.entities),
+        "suffix": suffix,
+        "modality": "ct" if suffix == "CT" else "mri",
+        "fixed": str(fixed),
+        "fixed_space": fixed_space,
+        "fixed_uri": fixed_uri,
+        "pair_type": pair_type,
+        "fixed_mask": None if fixed_mask is None else str(fixed_mask),
+        "moving_mask": _maybe(find_mask, labels_layout, image),
+        "fixed_labels": None if fixed_labels is None else str(fixed_labels),
+        "moving_labels": moving_labels,
+        "source_uri": image.source_uri,
+        "weights_sha256": weights_sha256,
+    }
+
+
+def _maybe(finder, layout, image: Image) -> str | None:
+    if layout is None:
+        return None
+    path = finder(layout, image)
+    return None if path is None else str(path)
+
+
+def template_jobs(images: Sequence[Image], template, *, labels_layout=None,
+                  weights_sha256: str | None = None) -> list[dict[str, Any]]:
+    """One ``"inter"`` job per image, to the resolved template (see the module docstring)."""
+    fixed_labels = None
+    if labels_layout is not None:
+        fixed_labels = find_template_labels(Path(labels_layout.root), template.identifier,
+                                            template.resolution)
+    return [
+        _job(image, fixed=template.image, fixed_space=template.space, fixed_uri=template.uri,
+             pair_type="inter", fixed_mask=template.mask,
+             fixed_labels=fixed_labels, labels_layout=labels_layout,
+             weights_sha256=weights_sha256)
+        for image in images
+    ]
+
+
+def longitudinal_pairs(images: Sequence[Image], reference_session: str | None = None
+                       ) -> list[tuple[Image, Image]]:
+    """(moving, reference) pairs: every image of a subject to its reference-session image.
+
+    The reference session is ``reference_session`` or the subject's first session in natural
+    order; its first image (by name) is the reference and is not registered. Subjects with
+    fewer than two sessions, or without the requested reference session, are skipped with a
+    log line.
+    """
+    by_subject: dict[str, list[Image]] = {}
+    for image in images:
+        by_subject.setdefault(image.subject, []).append(image)
+    pairs = []
+    for subject, own in by_subject.items():
+        sessions = sorted({i.session for i in own if i.session is not None}, key=natural_key)
+        if len(sessions) < 2:
+            LOGGER.warning("sub-%s has %d session(s) selected; longitudinal mode needs two: "
+                           "skipped", subject, len(sessions))
+            continue
+        reference = reference_session or sessions[0]
+        if reference not in sessions:
+            LOGGER.warning("sub-%s has no session %s (sessions: %s): skipped", subject,
+                           reference, ", ".join(sessions))
+            continue
+        candidates = sorted((i for i in own if i.session == reference), key=lambda i: str(i.path))
+        fixed = candidates[0]
+        if len(candidates) > 1:
+            LOGGER.info("sub-%s ses-%s has %d %s images; the reference is %s", subject,
+                        reference, len(candidates), fixed.entities.get("suffix"),
+                        fixed.path.name)
+        pairs += [(image, fixed) for image in own if image is not fixed]
+    return pairs
+
+
+def longitudinal_jobs(images: Sequence[Image], *, reference_session: str | None = None,
+                      labels_layout=None, weights_sha256: str | None = None
+                      ) -> list[dict[str, Any]]:
+    """``"intra"`` jobs of :func:`longitudinal_pairs` (see the module docstring)."""
+    from regpipe.workflows.base import reference_space_label
+
+    jobs = []
+    for moving, fixed in longitudinal_pairs(images, reference_session):
+        jobs.append(_job(
+            moving, fixed=fixed.path, fixed_space=reference_space_label(fixed.entities),
+            fixed_uri=fixed.source_uri, pair_type="intra",
+            fixed_mask=None if labels_layout is None else find_mask(labels_layout, fixed),
+            fixed_labels=None if labels_layout is None else find_labels(labels_layout, fixed),
+            labels_layout=labels_layout, weights_sha256=weights_sha256,
+        ))
+    return jobs
+
+
+def build_jobs(images: Sequence[Image], *, mode: str, template=None,
+               reference_session: str | None = None, labels_layout=None,
+               weights_sha256: str | None = None) -> list[dict[str, Any]]:
+    """The job list of ``mode`` (``"template"`` or ``"longitudinal"``); exit 66 when empty."""
+    if mode == "template":
+        if template is None:
+            raise ValueError("template mode needs a resolved template")
+        jobs = template_jobs(images, template, labels_layout=labels_layout,
+                             weights_sha256=weights_sha256)
+    elif mode == "longitudinal":
+        jobs = longitudinal_jobs(images, reference_session=reference_session,
+                                 labels_layout=labels_layout, weights_sha256=weights_sha256)
+    else:
+        raise ValueError(f"unknown mode {mode!r}")
+    if not jobs:
+        raise AppError(
+            ExitCode.NO_INPUT,
+            "longitudinal mode found no subject with two or more sessions"
+            + (f" including session {reference_session}" if reference_session else "")
+            + " among the selected images",
+        )
+    return jobs

@@ -1,0 +1,326 @@
+"""Group level: read the participant outputs back with pybids, write a TSV and an HTML report.
+
+Inputs (written by the participant level)
+    ``output_dir`` is the network's derivative dataset (method ``network``); each ANTs method
+    ``ants-M`` of ``--compare`` is the derivative dataset ``output_dir/derivatives/regpipe-ants-M/``
+    (see :mod:`regpipe.workflows.outputs`). In each, every registration has a one-row
+    ``*_metrics.tsv`` (a JSON object ``*_metrics.json`` is read when there is no TSV); its entities
+    (``sub``, ``ses``, ``acq``, ``run``..., ``space``/``to`` for the fixed space) say which
+    image it belongs to. ``output_dir/logs/<run_id>/regpipe_run.json`` lists the jobs and methods
+    of each participant run, and the same folder holds that run's Nipype crash files.
+
+Outputs
+    ``output_dir/group/group_metrics.tsv``: one row per registration and method (``subject``,
+    ``session``, ``method``, ``fixed_space``, the image's entities, ``metrics_file``, then
+    every scalar metric; nested values are flattened, ``dice: {"17": 0.8}`` -> ``dice_17``;
+    missing values are ``n/a``), and ``output_dir/group/group_report.html`` from
+    :func:`regpipe.reports.write_group_report` with distributions per method and the failures.
+
+Failures
+    A job of a recorded run without metrics for one of its methods ("no metrics"), and every
+    crash file of the latest run (``output_dir/logs/<latest run_id>/crash-*``), of
+    ``output_dir/sub-*/log/`` and of the top of ``--work-dir``, attributed to the subject named
+    in the crashed node's name (``sub_01``). The group level exits 0 when it wrote its outputs,
+    even when it lists failures (the participant level already exited 1 for them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from regpipe.bids_app.bids import IDENTITY_ENTITIES, natural_key
+from regpipe.bids_app.exit_codes import AppError, ExitCode
+from regpipe.bids_app.parser import NETWORK_METHOD
+from regpipe.bids_app.run import RUN_RECORD
+
+__all__ = ["collect_rows", "find_failures", "method_datasets", "run_group", "write_tsv"]
+
+LOGGER = logging.getLogger("regpipe.bids_app")
+GROUP_DIR = "group"
+TSV_NAME = "group_metrics.tsv"
+HTML_NAME = "group_report.html"
+ID_COLUMNS = ("subject", "session", "method", "fixed_space", *IDENTITY_ENTITIES)
+_MISSING = "n/a"
+
+
+def method_datasets(output_dir: Path) -> dict[str, Path]:
+    """``{method: dataset root}`` of the participant outputs present in ``output_dir``."""
+    datasets: dict[str, Path] = {}
+    if (output_dir / "dataset_description.json").is_file():
+        datasets[NETWORK_METHOD] = output_dir
+    derivatives = output_dir / "derivatives"
+    if derivatives.is_dir():
+        for folder in sorted(derivatives.glob("regpipe-*")):
+            if (folder / "dataset_description.json").is_file():
+                datasets[folder.name[len("regpipe-"):]] = folder
+    return datasets
+
+
+def _number(value: Any) -> Any:
+    """TSV text to a number where it is one; ``n/a`` and empty to ``None``."""
+    if not isinstance(value, str):
+        return value
+    if value.strip() in ("", _MISSING):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Scalar values of a nested mapping, keys joined with ``_``; lists are left out."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}_"))
+        elif value is None or isinstance(value, (str, int, float, bool)):
+            flat[name] = _number(value)
+    return flat
+
+
+def read_metrics(path: Path) -> dict[str, Any]:
+    """The metrics of one file: a TSV (a header and one row, as the workflows write it, or a
+    ``metric``/``value`` table) or a JSON object (its ``metrics`` member when present)."""
+    if path.suffix == ".json":
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and isinstance(data.get("metrics"), dict):
+            data = data["metrics"]
+        return flatten(data) if isinstance(data, dict) else {}
+    with open(path, newline="") as handle:
+        rows = list(csv.reader(handle, delimiter="\t"))
+    if not rows:
+        return {}
+    header, body = rows[0], rows[1:]
+    if len(header) == 2 and header[0].lower() in ("metric", "name", "key"):
+        return {row[0]: _number(row[1]) for row in body if len(row) == 2}
+    return {key: _number(value) for key, value in zip(header, body[0])} if body else {}
+
+
+def _metrics_files(root: Path) -> list[tuple[dict[str, Any], Path]]:
+    """(entities, file) of every metrics file in a dataset, the TSV when both exist (the JSON
+    beside a TSV is its sidecar: column descriptions, Dice, settings)."""
+    from bids import BIDSLayout
+
+    layout = BIDSLayout(str(root), validate=False)
+    chosen: dict[str, tuple[dict[str, Any], Path]] = {}
+    for bids_file in layout.get(return_type="object", suffix="metrics",
+                                extension=[".json", ".tsv"]):
+        path = Path(bids_file.path)
+        stem = path.name.rsplit(".", 1)[0]
+        key = str(path.with_name(stem))
+        if key not in chosen or path.suffix == ".tsv":
+            chosen[key] = (bids_file.get_entities(metadata=False), path)
+    return [chosen[key] for key in sorted(chosen)]
+
+
+def collect_rows(output_dir: Path, participant_label: Sequence[str] | None = None
+                 ) -> list[dict[str, Any]]:
+    """One dict per metrics file of every method dataset (see the module docstring)."""
+    rows = []
+    keep = set(participant_label or [])
+    for method, root in method_datasets(output_dir).items():
+        for entities, path in _metrics_files(root):
+            subject = str(entities.get("subject", ""))
+            if keep and subject not in keep:
+                continue
+            row: dict[str, Any] = {
+                "subject": subject,
+                "session": None if entities.get("session") is None else str(entities["session"]),
+                "method": method,
+                "fixed_space": entities.get("space") or entities.get("to"),
+            }
+            row.update({key: str(entities[key]) for key in IDENTITY_ENTITIES if key in entities})
+            row["metrics_file"] = path.relative_to(output_dir).as_posix()
+            try:
+                metrics = read_metrics(path)
+            except (OSError, ValueError) as error:
+                LOGGER.warning("cannot read %s: %s", path, error)
+                metrics = {}
+            for key, value in metrics.items():
+                row.setdefault(key, value)
+            rows.append(row)
+    return sorted(rows, key=lambda r: (natural_key(r["subject"]), natural_key(r["session"]),
+                                       r["method"], r["metrics_file"]))
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def _run_records(output_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
+    records = []
+    for path in sorted((output_dir / "logs").glob(f"*/{RUN_RECORD}")):
+        try:
+            records.append((path.parent, json.loads(path.read_text())))
+        except (OSError, ValueError) as error:
+            LOGGER.warning("cannot read %s: %s", path, error)
+    return records
+
+
+def _row_matches(row: Mapping[str, Any], job: Mapping[str, Any], method: str) -> bool:
+    if row["method"] != method or row["subject"] != job["subject"]:
+        return False
+    if row["session"] != job.get("session"):
+        return False
+    entities = job.get("entities") or {}
+    if any(key in row and row[key] != entities.get(key) for key in IDENTITY_ENTITIES):
+        return False
+    return row.get("fixed_space") in (None, job.get("fixed_space"))
+
+
+def _crash_summary(crash: Path) -> tuple[str | None, str | None, str]:
+    """(subject, session, one line) of a Nipype crash file."""
+    text = ""
+    if crash.suffix == ".txt":
+        try:
+            text = crash.read_text(errors="replace")
+        except OSError:
+            pass
+    node_line = next((line for line in text.splitlines() if line.startswith("Node:")), "")
+    node = node_line[len("Node:"):].strip() or crash.name
+    errors = [line.strip() for line in text.splitlines()
+              if re.match(r"^\s*[A-Za-z_.]*(Error|Exception)\b.*:", line)]
+    where = f"{node} ({errors[-1]})" if errors else node
+    subject = re.search(r"sub[-_]([A-Za-z0-9]+)", f"{node} {crash.parent}")
+    session = re.search(r"ses[-_]([A-Za-z0-9]+)", node)
+    return (subject.group(1) if subject else None, session.group(1) if session else None,
+            where)
+
+
+def _crash_files(output_dir: Path, latest_log: Path | None, work_dir: Path | None
+                 ) -> list[Path]:
+    found: list[Path] = []
+    if latest_log is not None:
+        found += sorted(latest_log.glob("crash-*"))
+    found += sorted(output_dir.glob("sub-*/log/**/crash-*"))
+    if work_dir is not None and work_dir.is_dir():
+        found += sorted(work_dir.glob("crash-*"))
+    return list(dict.fromkeys(found))
+
+
+def find_failures(output_dir: Path, rows: Sequence[Mapping[str, Any]], *,
+                  work_dir: Path | None = None,
+                  participant_label: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Jobs without metrics and crash files (see the module docstring), one dict each:
+    ``subject``, ``session``, ``method``, ``reason`` (and ``crash_file`` for crashes)."""
+    keep = set(participant_label or [])
+    records = _run_records(output_dir)
+    failures: list[dict[str, Any]] = []
+    seen: set[tuple] = set()
+    for _, record in records:
+        for job in record.get("jobs", []):
+            if keep and job["subject"] not in keep:
+                continue
+            for method in record.get("methods", [NETWORK_METHOD]):
+                key = (job["subject"], job.get("session"), job["moving"], job.get("fixed_space"),
+                       method)
+                if key in seen:
+                    continue
+                seen.add(key)
+                if not any(_row_matches(row, job, method) for row in rows):
+                    failures.append({
+                        "subject": job["subject"], "session": job.get("session"),
+                        "method": method,
+                        "reason": f"no metrics for {Path(job['moving']).name} to "
+                                  f"{job.get('fixed_space')}",
+                    })
+    latest = records[-1][0] if records else None
+    for crash in _crash_files(output_dir, latest, work_dir):
+        subject, session, where = _crash_summary(crash)
+        if keep and subject not in keep:
+            continue
+        failures.append({"subject": subject or "unknown", "session": session, "method": None,
+                         "reason": f"crash in {where}",
+                         "crash_file": os.path.relpath(crash, output_dir)})
+    return failures
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _columns(rows: Iterable[Mapping[str, Any]]) -> list[str]:
+    keys: dict[str, None] = {}
+    for row in rows:
+        keys.update(dict.fromkeys(row))
+    first = [c for c in ID_COLUMNS if c in keys] + (["metrics_file"] if "metrics_file" in keys
+                                                     else [])
+    return first + sorted(k for k in keys if k not in first)
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return _MISSING
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def write_tsv(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    """Write ``rows`` as a BIDS-style TSV (``n/a`` for missing values), atomically."""
+    columns = _columns(rows) or list(ID_COLUMNS[:3])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([_cell(row.get(column)) for column in columns])
+    os.replace(tmp, path)
+    return path
+
+
+def _ignore_group_folder(output_dir: Path) -> None:
+    """Add ``group/`` to ``output_dir/.bidsignore`` (idempotent) so validators skip it."""
+    path = output_dir / ".bidsignore"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    if f"{GROUP_DIR}/" in lines:
+        return
+    tmp = path.with_name(".bidsignore.tmp")
+    tmp.write_text("\n".join([*lines, f"{GROUP_DIR}/"]) + "\n")
+    os.replace(tmp, path)
+
+
+def run_group(args: argparse.Namespace) -> int:
+    """The group level; returns the exit code (66 without participant outputs)."""
+    output_dir: Path = args.output_dir
+    if not method_datasets(output_dir):
+        raise AppError(ExitCode.NO_INPUT,
+                       f"no participant outputs in {output_dir} (no dataset_description.json); "
+                       "run the participant level first")
+    rows = collect_rows(output_dir, args.participant_label)
+    failures = find_failures(output_dir, rows, work_dir=args.work_dir,
+                             participant_label=args.participant_label)
+    if not rows and not failures:
+        raise AppError(ExitCode.NO_INPUT, f"no *_metrics.json/.tsv files in {output_dir}")
+    group_dir = output_dir / GROUP_DIR
+    try:
+        group_dir.mkdir(parents=True, exist_ok=True)
+        tsv = write_tsv(rows, group_dir / TSV_NAME)
+        _ignore_group_folder(output_dir)
+    except OSError as error:
+        raise AppError(ExitCode.CANT_CREATE, f"cannot write {group_dir}: {error}") from None
+    LOGGER.info("%d registration(s), %d failure(s); metrics in %s", len(rows), len(failures),
+                tsv)
+    for failure in failures:
+        LOGGER.warning("failure: sub-%s%s%s: %s", failure["subject"],
+                       f" ses-{failure['session']}" if failure.get("session") else "",
+                       f" [{failure['method']}]" if failure.get("method") else "",
+                       failure["reason"])
+    from regpipe.reports import write_group_report
+
+    report = write_group_report(rows, failures, group_dir / HTML_NAME)
+    LOGGER.info("group report: %s", report)
+    print(f"regpipe: group report {report}", flush=True)
+    return ExitCode.SUCCESS

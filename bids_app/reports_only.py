@@ -1,0 +1,75 @@
+"""``--reports-only``: rewrite each subject's QC page from the outputs already on disk.
+
+No registration runs and no network is loaded: for every job and method the files named by
+:func:`regpipe.workflows.outputs.output_paths` are read back (warped image, Jacobian map,
+metrics and the stored preprocessed moving image) and handed to
+:func:`regpipe.reports.write_subject_report`, which writes ``output_dir/sub-<label>.html`` as
+the participant workflow does. The fixed image shown is the job's ``fixed`` file (the template
+or the reference image as given, not its preprocessed copy, which lives in the work directory).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from regpipe.bids_app.exit_codes import AppError, ExitCode
+
+__all__ = ["subject_sections", "write_reports"]
+
+LOGGER = logging.getLogger("regpipe.bids_app")
+_NEEDED = ("warped", "jacobian", "metrics_json", "preproc")
+
+
+def subject_sections(jobs: Sequence[Mapping[str, Any]], methods: Sequence[str],
+                     output_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Report sections of one subject's jobs, and the outputs found missing."""
+    from regpipe.workflows.interfaces import report_section
+    from regpipe.workflows.outputs import output_paths
+
+    sections, missing = [], []
+    for job in jobs:
+        for method in methods:
+            paths = output_paths(output_dir, job, method)
+            absent = [str(paths[key]) for key in _NEEDED if not paths[key].is_file()]
+            if absent:
+                missing += absent
+                continue
+            label = " ".join(str(v) for k, v in job["entities"].items()
+                             if k in ("session", "acquisition", "run") and v not in (None, ""))
+            sections.append(report_section(
+                method=method, fixed=str(job["fixed"]), warped=str(paths["warped"]),
+                moving_preproc=str(paths["preproc"]), jacobian=str(paths["jacobian"]),
+                metrics_json=str(paths["metrics_json"]), space=job["fixed_space"],
+                label=f"{job['suffix']} {label} -> {job['fixed_space']} ({method})"
+                .replace("  ", " "),
+            ))
+    return sections, missing
+
+
+def write_reports(jobs: Sequence[Mapping[str, Any]], methods: Sequence[str],
+                  output_dir: Path) -> list[Path]:
+    """Write every subject's page; exit 1 (after the others) when a subject has no outputs."""
+    from regpipe.reports import write_subject_report
+
+    written, without = [], []
+    for subject in sorted({job["subject"] for job in jobs}):
+        own = [job for job in jobs if job["subject"] == subject]
+        sections, missing = subject_sections(own, methods, output_dir)
+        for path in missing:
+            LOGGER.warning("sub-%s: missing output %s", subject, path)
+        if not sections:
+            without.append(subject)
+            continue
+        sessions = {job["session"] for job in own}
+        written.append(write_subject_report(
+            subject=subject, session=sessions.pop() if len(sessions) == 1 else None,
+            output_dir=output_dir, sections=sections, out_html=output_dir / f"sub-{subject}.html",
+        ))
+        LOGGER.info("report: %s", written[-1])
+    if without:
+        raise AppError(ExitCode.FAILURE, f"no outputs to report for subject(s) "
+                       f"{', '.join(without)} in {output_dir}; run without --reports-only first")
+    return written

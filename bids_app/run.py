@@ -1,0 +1,323 @@
+"""``regpipe bids_dir output_dir {participant,group}``: the BIDS App entry point.
+
+Order of work, so that every failure the App can foresee happens before any registration:
+
+1. parse and check the command line (64), the analysis level (17);
+2. check the paths: ``bids_dir`` exists (66), ``output_dir`` and ``--work-dir`` are not inside
+   ``bids_dir`` unless under ``bids_dir/derivatives/`` (64);
+3. index ``bids_dir`` with pybids, validating unless ``--skip-bids-validation`` (16), select
+   the images (66 none at all, 18 none left by the filters);
+4. check the Nipype plugin (64), import the workflows;
+5. resolve the network weights and the template offline (66, naming the file and the pre-fetch
+   command), the ``--labels`` dataset (66), the device; build the jobs (see
+   :mod:`regpipe.bids_app.bids`; 66 when longitudinal mode finds no pair), check them with
+   :func:`regpipe.workflows.base.validate_jobs` and log them;
+6. create ``output_dir`` and the work directory and check they are writable (73); save the
+   options and jobs in ``output_dir/logs/<run_id>/regpipe_run.json``;
+7. build the Nipype workflow with :func:`regpipe.workflows.base.init_regpipe_wf` and run it with
+   :func:`regpipe.workflows.base.run_workflow` and the chosen plugin; crash files go to
+   ``output_dir/sub-<label>/log/<run_id>/`` (``output_dir/logs/<run_id>/`` for dataset-level
+   nodes); a failed node gives exit 1 and a line naming the subjects concerned, after the
+   other subjects have finished (unless ``--stop-on-first-crash``).
+
+``--reports-only`` stops after step 6's ``output_dir`` check and rewrites the subjects' pages
+from the outputs on disk (:mod:`regpipe.bids_app.reports_only`).
+
+The exit codes are listed in :mod:`regpipe.bids_app.exit_codes`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from regpipe.bids_app.exit_codes import AppError, ExitCode, UsageError
+
+from regpipe import __version__
+from regpipe.errors import RegpipeError, TemplateError, WeightsError
+
+__all__ = ["main", "run_participant"]
+
+LOGGER = logging.getLogger("regpipe.bids_app")
+RUN_RECORD = "regpipe_run.json"
+"""Name of the per-run record (options, methods, jobs) in ``output_dir/logs/<run_id>/``."""
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Refuse outputs inside the input dataset (except under ``derivatives/``); exit 64/66."""
+    bids_dir = args.bids_dir
+    if not bids_dir.is_dir():
+        raise AppError(ExitCode.NO_INPUT, f"bids_dir {bids_dir} does not exist or is not a folder")
+    derivatives = bids_dir / "derivatives"
+    for option, path in (("output_dir", args.output_dir), ("--work-dir", args.work_dir)):
+        if _inside(path, bids_dir) and not (
+            _inside(path, derivatives) and path.resolve() != derivatives.resolve()
+        ):
+            raise UsageError(
+                f"{option} {path} is inside bids_dir {bids_dir}, which regpipe never writes to; "
+                f"use a folder outside it or under {derivatives}/ (e.g. {derivatives}/regpipe)"
+            )
+
+
+def make_writable_dir(path: Path, option: str) -> Path:
+    """Create ``path`` (and parents) and check a file can be written there; exit 73 if not."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".regpipe-write-test-"):
+            pass
+    except OSError as error:
+        raise AppError(ExitCode.CANT_CREATE,
+                       f"cannot create or write {option} {path}: {error.strerror or error}"
+                       ) from None
+    return path
+
+
+def resolve_network_weights(value: str) -> tuple[str | None, str | None]:
+    """``--weights`` -> (checkpoint path, SHA-256), ``(None, None)`` for ``none``; no download."""
+    if value == "none":
+        return None, None
+    from regpipe.weights import default_weights_name, resolve_weights, sha256sum
+
+    name = default_weights_name() if value == "default" else value
+    path = resolve_weights(name)
+    return str(path), sha256sum(path)
+
+
+def plugin_settings(args: argparse.Namespace) -> str:
+    """The Nipype plugin's exact name (``slurm`` -> ``SLURM``); 64 when Nipype has none."""
+    from nipype.pipeline import plugins
+
+    known = sorted(name[: -len("Plugin")] for name in dir(plugins)
+                   if name.endswith("Plugin") and name != "Plugin")
+    matches = [name for name in known if name.lower() == args.plugin.lower()]
+    if not matches:
+        raise UsageError(f"--plugin {args.plugin!r} is not a Nipype plugin ({', '.join(known)})")
+    return matches[0]
+
+
+def _ensure_logname() -> None:
+    """Nipype's SLURM plugin reads ``LOGNAME``, which containers and some shells lack."""
+    if os.environ.get("LOGNAME"):
+        return
+    try:
+        name = getpass.getuser()
+    except (KeyError, OSError):
+        name = "regpipe"
+    os.environ["LOGNAME"] = name or "regpipe"
+
+
+def _check_device(device: str) -> None:
+    if device == "auto":
+        return
+    from regpipe.device import select_device
+
+    select_device(device)
+
+
+def _describe(job: dict[str, Any]) -> str:
+    return f"{Path(job['moving']).name} -> {job['fixed_space']} ({Path(job['fixed']).name})"
+
+
+def _write_run_record(log_dir: Path, args: argparse.Namespace, argv: Sequence[str] | None,
+                      jobs: list[dict[str, Any]], weights: str | None) -> Path:
+    options = {key: (str(value) if isinstance(value, Path) else value)
+               for key, value in vars(args).items()}
+    options["template"] = str(args.template)
+    record = {
+        "regpipe_version": __version__,
+        "command": ["regpipe", *(sys.argv[1:] if argv is None else list(argv))],
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "options": options,
+        "weights": weights,
+        "methods": list(args.methods),
+        "jobs": jobs,
+    }
+    path = log_dir / RUN_RECORD
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def _workflows():
+    """The workflows package (:mod:`regpipe.workflows.base`), imported before any work."""
+    try:
+        from regpipe.workflows import base
+    except ImportError as error:
+        raise AppError(ExitCode.FAILURE,
+                       f"the regpipe workflows are not installed ({error})") from None
+    return base
+
+
+def _workflow_factory():
+    """:func:`regpipe.workflows.base.init_regpipe_wf` (replaced by a stand-in in tests)."""
+    return _workflows().init_regpipe_wf
+
+
+def _run(workflow, args: argparse.Namespace, plugin: str, log_dir: Path) -> None:
+    """Run with :func:`regpipe.workflows.base.run_workflow`; exit 1 naming failed subjects."""
+    run_workflow = _workflows().run_workflow
+    workflow.base_dir = str(args.work_dir)
+    workflow.config.setdefault("execution", {}).update(
+        # nodes outside the per-subject workflows (dataset-level files) crash here
+        {"crashdump_dir": str(log_dir), "crashfile_format": "txt"})
+    _ensure_logname()
+    LOGGER.info("running with the %s plugin (%d CPUs, %s GB, plugin args %s); work directory %s",
+                plugin, args.nprocs, args.mem_gb or "no", args.plugin_args or {}, args.work_dir)
+    started = time.time()
+    try:
+        summary = run_workflow(workflow, plugin=plugin, n_procs=args.nprocs,
+                               memory_gb=args.mem_gb, plugin_args=args.plugin_args,
+                               stop_on_first_crash=args.stop_on_first_crash)
+    except Exception as error:  # the plugin's own failures (no sbatch...), with the traceback
+        LOGGER.exception("the %s plugin failed", plugin)
+        detail = str(error).splitlines()[0] if str(error) else ""
+        raise AppError(ExitCode.FAILURE,
+                       f"the {plugin} plugin failed: {type(error).__name__}: {detail}") from None
+    crashes = list(dict.fromkeys([*summary.crash_files, *(
+        p for p in sorted(log_dir.glob("crash-*")) if p.stat().st_mtime >= started - 1)]))
+    if summary.succeeded and not crashes:
+        return
+    folders = sorted({str(p.parent) for p in crashes})
+    subjects = summary.failed_subjects
+    reason = (summary.error or "see the log").splitlines()[0]
+    raise AppError(
+        ExitCode.FAILURE,
+        f"{len(crashes) or 'some'} node(s) failed"
+        + (f" (subject(s) {', '.join(subjects)})" if subjects else "")
+        + (f"; crash files in {', '.join(folders)}" if folders else f": {reason}"),
+    )
+
+
+def run_participant(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
+    """The participant level (steps 3-7 of the module docstring); returns the exit code."""
+    from regpipe.bids_app import bids
+    from regpipe.bids_app.templates import resolve_template
+
+    layout = bids.load_layout(args.bids_dir, validate=not args.skip_bids_validation)
+    images = bids.collect_images(layout, suffix=args.suffix,
+                                 participant_label=args.participant_label,
+                                 session_label=args.session_label, filters=args.bids_filters)
+    LOGGER.info("%d %s image(s) selected in %s", len(images), args.suffix, args.bids_dir)
+    plugin = plugin_settings(args)
+    workflows = _workflows()
+
+    # --reports-only redraws reports from existing outputs: no network is loaded
+    weights, weights_sha256 = (None, None) if args.reports_only else \
+        resolve_network_weights(args.weights)
+    template = None
+    if args.mode == "template":
+        template = resolve_template(args.template, suffix=args.suffix)
+        LOGGER.info("template %s: %s (mask: %s)", template.space, template.image,
+                    template.mask or "none")
+    labels_layout = bids.load_derivatives(args.labels) if args.labels else None
+    if weights is not None:
+        _check_device(args.device)
+    jobs = bids.build_jobs(images, mode=args.mode, template=template,
+                           reference_session=args.reference_session,
+                           labels_layout=labels_layout, weights_sha256=weights_sha256)
+    workflows.validate_jobs(jobs)
+    for job in jobs:
+        LOGGER.info("job sub-%s%s: %s", job["subject"],
+                    f" ses-{job['session']}" if job["session"] else "", _describe(job))
+
+    make_writable_dir(args.output_dir, "output_dir")
+    if args.reports_only:
+        from regpipe.bids_app.reports_only import write_reports
+
+        write_reports(jobs, args.methods, args.output_dir)
+        return ExitCode.SUCCESS
+    make_writable_dir(args.work_dir, "--work-dir")
+    run_id = f"{time.strftime('%Y%m%d-%H%M%S')}_{uuid.uuid4()}"
+    log_dir = make_writable_dir(args.output_dir / "logs" / run_id, "output_dir/logs")
+    _write_run_record(log_dir, args, argv, jobs, weights)
+
+    workflow = _workflow_factory()(
+        jobs=jobs,
+        output_dir=args.output_dir,
+        work_dir=args.work_dir,
+        methods=list(args.methods),
+        weights=weights,
+        io_iterations=args.io_iterations,
+        affine_init=args.affine_init,
+        device=args.device,
+        omp_nthreads=args.omp_nthreads,
+        seed=args.random_seed,
+        reports=True,
+        bids_dir=args.bids_dir,
+        run_uuid=run_id,
+    )
+    _run(workflow, args, plugin, log_dir)
+    LOGGER.info("finished %d job(s) x %d method(s); outputs in %s", len(jobs),
+                len(args.methods), args.output_dir)
+    return ExitCode.SUCCESS
+
+
+def _absolute_paths(args: argparse.Namespace) -> None:
+    for name in ("bids_dir", "output_dir", "work_dir", "labels"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(args, name, value.expanduser().absolute())
+
+
+def _exit_code(error: RegpipeError) -> ExitCode:
+    """A missing template or weights file is missing input (66); anything else is 1."""
+    if isinstance(error, (TemplateError, WeightsError)):
+        return ExitCode.NO_INPUT
+    return ExitCode.FAILURE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the App; returns the exit code (see :mod:`regpipe.bids_app.exit_codes`)."""
+    from regpipe.bids_app.parser import ANALYSIS_LEVELS, parse_args
+
+    try:
+        args = parse_args(argv)
+    except SystemExit as stop:  # --help, --version
+        return int(stop.code or 0)
+    except AppError as error:
+        print(f"regpipe: error: {error}", file=sys.stderr)
+        return int(error.code)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: "
+                        "%(message)s", datefmt="%y%m%d-%H:%M:%S")
+    logging.getLogger("bidsschematools").setLevel(logging.WARNING)
+    try:
+        if args.analysis_level not in ANALYSIS_LEVELS:
+            raise AppError(ExitCode.UNKNOWN_LEVEL,
+                           f"unknown analysis level {args.analysis_level!r} (choose "
+                           f"{' or '.join(ANALYSIS_LEVELS)})")
+        _absolute_paths(args)
+        check_paths(args)
+        if args.analysis_level == "group":
+            from regpipe.bids_app.group import run_group
+
+            return int(run_group(args))
+        return int(run_participant(args, argv))
+    except AppError as error:
+        print(f"regpipe: error: {error}", file=sys.stderr)
+        return int(error.code)
+    except RegpipeError as error:
+        print(f"regpipe: error: {error}", file=sys.stderr)
+        return int(_exit_code(error))
+    except KeyboardInterrupt:
+        print("regpipe: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

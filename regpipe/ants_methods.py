@@ -1,0 +1,420 @@
+"""ANTs registrations (antspyx) returning the same result type as the network's.
+
+:func:`ants_register` runs ``ants.registration`` (``antsRegistration`` linked into antspyx:
+no ANTs command-line program is needed) and converts ANTs' transform files into regpipe
+transforms, so an ANTs result is a :class:`~regpipe.registration.RegistrationResult` whose
+``forward`` / ``inverse`` map points exactly like the network's (fixed -> moving and
+moving -> fixed, RAS+ mm), whose warped image comes from the same resampler and whose metrics
+come from the same code.
+
+ANTs' conventions, converted here once:
+
+* ``fwdtransforms`` is ``[1Warp.nii.gz, 0GenericAffine.mat]`` (or just the ``.mat``): a fixed
+  point ``x`` goes to the moving point ``A(W(x))``, the warp first, then the affine.
+* ``invtransforms`` is ``[0GenericAffine.mat, 1InverseWarp.nii.gz]`` with the affine to be
+  *inverted*: a moving point ``y`` goes to ``W_inv(A^-1(y))``.
+
+:func:`n4_bias_correct` (N4 bias-field correction) and :class:`measure_resources` (runtime and
+per-call peak memory, used for every method so the numbers compare) live here too.
+
+Example
+-------
+>>> result = ants_register("fixed.nii.gz", "moving.nii.gz", method="synquick", seed=1)  # doctest: +SKIP
+>>> result.save("fwd_xfm.h5", inverse_out="inv_xfm.h5", warped_out="warped.nii.gz")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import resource
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from numpy.typing import NDArray
+
+from regpipe.errors import InputError
+from regpipe.imageio import Image, ImageLike, check_same_grid, load_image
+from regpipe.preprocess import check_modality, normalize_intensity
+from regpipe.registration import RegistrationResult, _metrics
+from regpipe.spaces import RAS_TO_LPS, Geometry, ras_to_lps
+from regpipe.transforms import AffineTransform, Transform, compose
+from regpipe.warp import warp_array
+
+AntsMethod = Literal["syn", "synquick", "affine"]
+
+#: ``ants.registration`` ``type_of_transform`` of each method.
+ANTS_METHODS: dict[str, str] = {
+    "syn": "SyN",
+    "synquick": "antsRegistrationSyNQuick[s]",
+    "affine": "Affine",
+}
+
+#: Environment variable ITK reads for its thread count (what antspyx's deterministic mode sets).
+ITK_THREADS = "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"
+
+__all__ = [
+    "ANTS_METHODS",
+    "ResourceUsage",
+    "ants_register",
+    "ants_version",
+    "measure_resources",
+    "n4_bias_correct",
+]
+
+
+# --------------------------------------------------------------------------- resources
+
+
+@dataclass
+class ResourceUsage:
+    """What :class:`measure_resources` measured.
+
+    ``peak_memory_mb`` is the peak resident memory (MiB) of the process *during the block*
+    when Linux lets the high-water mark be reset (``/proc/self/clear_refs``; ``scope`` is
+    ``"block"``), else the peak over the process lifetime (``scope`` ``"process"``).
+    ``peak_gpu_memory_mb`` is CUDA's peak allocation during the block (``None`` without CUDA).
+    """
+
+    runtime_s: float = 0.0
+    peak_memory_mb: float = 0.0
+    scope: str = "process"
+    peak_gpu_memory_mb: float | None = None
+
+    def as_metrics(self) -> dict[str, Any]:
+        metrics: dict[str, Any] = {
+            "runtime_s": self.runtime_s,
+            "peak_memory_mb": self.peak_memory_mb,
+            "peak_memory_scope": self.scope,
+        }
+        if self.peak_gpu_memory_mb is not None:
+            metrics["peak_gpu_memory_mb"] = self.peak_gpu_memory_mb
+        return metrics
+
+
+def _read_vm_hwm_mb() -> float | None:
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    match = re.search(r"VmHWM:\s+(\d+)\s+kB", status)
+    return int(match.group(1)) / 1024.0 if match else None
+
+
+def _reset_vm_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")  # resets the peak RSS (Linux >= 4.0)
+    except OSError:
+        return False
+    return _read_vm_hwm_mb() is not None
+
+
+def _cuda_in_use() -> Any:
+    import sys
+
+    torch = sys.modules.get("torch")  # never import torch just to measure
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch
+    return None
+
+
+@contextmanager
+def measure_resources() -> Iterator[ResourceUsage]:
+    """Measure wall-clock runtime and peak memory of a block of code.
+
+    Example
+    -------
+    >>> with measure_resources() as usage:
+    ...     total = sum(range(1000))
+    >>> usage.runtime_s >= 0.0
+    True
+    """
+    usage = ResourceUsage()
+    block_scope = _reset_vm_hwm()
+    torch = _cuda_in_use()
+    if torch is not None:
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    try:
+        yield usage
+    finally:
+        usage.runtime_s = time.perf_counter() - started
+        peak = _read_vm_hwm_mb() if block_scope else None
+        if peak is None:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        usage.peak_memory_mb = float(peak)
+        usage.scope = "block" if block_scope else "process"
+        torch = torch or _cuda_in_use()
+        if torch is not None:
+            usage.peak_gpu_memory_mb = torch.cuda.max_memory_allocated() / 2**20
+
+
+# --------------------------------------------------------------------------- antspyx glue
+
+
+def ants_version() -> str:
+    """The antspyx version string (``"unknown"`` when it cannot be told)."""
+    try:
+        import ants  # type: ignore[import-untyped]
+    except ImportError:
+        return "unknown"
+    return str(getattr(ants, "__version__", "unknown"))
+
+
+def _to_ants(data: NDArray[np.generic], geometry: Geometry) -> Any:
+    """An ANTsImage (LPS+ origin and direction) holding ``data`` (float32) on ``geometry``."""
+    import ants  # type: ignore[import-untyped]
+
+    return ants.from_numpy(
+        np.ascontiguousarray(data, dtype=np.float32),
+        origin=tuple(float(v) for v in ras_to_lps(geometry.affine[:3, 3])),
+        spacing=tuple(float(v) for v in geometry.spacing),
+        direction=RAS_TO_LPS @ geometry.direction_ras,
+    )
+
+
+@contextmanager
+def _ants_settings(seed: int | None, threads: int | None) -> Iterator[None]:
+    """ANTs' thread count and determinism inside the block; global state restored after.
+
+    With a seed, antspyx's ``set_ants_deterministic(True, seed)`` passes ``--random-seed``
+    and forces one ITK thread (ANTs is only reproducible single-threaded).
+    """
+    saved_threads = os.environ.get(ITK_THREADS)
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    config = None
+    if threads:
+        os.environ[ITK_THREADS] = str(int(threads))
+    if seed is not None:
+        from ants import config  # type: ignore[import-untyped]
+
+        config.set_ants_deterministic(True, int(seed))
+    try:
+        yield
+    finally:
+        if config is not None:
+            config.set_ants_deterministic(False, None)
+            np.random.set_state(numpy_state)
+            random.setstate(python_state)
+        if saved_threads is None:
+            os.environ.pop(ITK_THREADS, None)
+        else:
+            os.environ[ITK_THREADS] = saved_threads
+
+
+def _chain(paths: Sequence[str], invert_affines: bool) -> Transform:
+    """ANTs transform list (application order for points) as one regpipe transform."""
+    from regpipe.transform_files import read_transform
+
+    parts: list[Transform] = []
+    for path in paths:
+        part = read_transform(path)
+        if invert_affines and isinstance(part, AffineTransform):
+            part = part.inverse()
+        parts.append(part)
+    return parts[0] if len(parts) == 1 else compose(*parts)
+
+
+def _affine_part(paths: Sequence[str]) -> AffineTransform | None:
+    from regpipe.transform_files import read_transform
+
+    for path in paths:
+        if str(path).endswith(".mat"):
+            part = read_transform(path)
+            if isinstance(part, AffineTransform):
+                return part
+    return None
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def ants_register(
+    fixed: ImageLike,
+    moving: ImageLike,
+    *,
+    method: AntsMethod = "synquick",
+    fixed_mask: ImageLike | None = None,
+    moving_mask: ImageLike | None = None,
+    fixed_segmentation: ImageLike | None = None,
+    moving_segmentation: ImageLike | None = None,
+    fixed_modality: str = "mri",
+    moving_modality: str = "mri",
+    seed: int | None = None,
+    threads: int | None = None,
+    progress: bool = False,
+) -> RegistrationResult:
+    """Register ``moving`` onto ``fixed`` with ANTs; returns a ``RegistrationResult``.
+
+    Parameters
+    ----------
+    fixed, moving
+        Paths, nibabel images or :class:`~regpipe.imageio.Image` objects (3-D). They are given
+        to ANTs as they are (the BIDS App gives every method the same preprocessed images).
+    method
+        ``"syn"`` (``type_of_transform="SyN"``), ``"synquick"``
+        (``"antsRegistrationSyNQuick[s]"``) or ``"affine"`` (``"Affine"``).
+    fixed_mask, moving_mask
+        Regions (non-zero = inside) on each image's grid, given to ANTs as metric masks.
+    fixed_segmentation, moving_segmentation
+        Label maps; when both are given the metrics hold Dice per label.
+    fixed_modality, moving_modality
+        ``"mri"`` or ``"ct"``: the normalisation used for the similarity metrics only.
+    seed
+        When given, ANTs runs deterministically (``--random-seed``, one thread), about
+        1.7x slower; results are then identical run to run.
+    threads
+        ITK threads for this call (``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS``); ignored with a
+        seed (one thread).
+    progress
+        Let ANTs print its iterations.
+
+    Returns
+    -------
+    RegistrationResult
+        ``forward`` (fixed -> moving: the ANTs warp then affine), ``inverse`` (moving ->
+        fixed), ``warped`` (moving resampled on the fixed grid through ``forward``),
+        ``affine`` (ANTs' affine stage), ``metrics`` as :func:`regpipe.register`'s, with
+        ``ncc_before`` measured before any alignment (identity), plus ``runtime_s``,
+        ``peak_memory_mb``, and ``settings``.
+
+    Raises
+    ------
+    InputError
+        Unknown method or modality, unreadable or mismatched images.
+    """
+    if method not in ANTS_METHODS:
+        raise InputError(f"unknown ANTs method {method!r}: choose one of {', '.join(ANTS_METHODS)}")
+    fixed_modality = check_modality(fixed_modality)
+    moving_modality = check_modality(moving_modality)
+    with measure_resources() as usage:
+        fixed_img = load_image(fixed, "image", "fixed image")
+        moving_img = load_image(moving, "image", "moving image")
+        masks = _load_on_grid(
+            {"fixed": (fixed_mask, fixed_img), "moving": (moving_mask, moving_img)}, "mask"
+        )
+        segs = _load_on_grid(
+            {"fixed": (fixed_segmentation, fixed_img), "moving": (moving_segmentation, moving_img)},
+            "labels",
+        )
+        result = _run_ants(fixed_img, moving_img, masks, method, seed, threads, progress)
+        forward, inverse, affine = result
+        warped = Image(
+            warp_array(moving_img.data.astype(np.float32), moving_img.geometry, forward,
+                       fixed_img.geometry),
+            fixed_img.geometry,
+        )
+        out = RegistrationResult(forward, inverse, fixed_img, moving_img, warped, None)
+        norm = {
+            "fixed": normalize_intensity(fixed_img.data, fixed_modality),
+            "moving": normalize_intensity(moving_img.data, moving_modality),
+        }
+        out.metrics = _metrics(out, norm, masks, segs)  # before = identity: affine is None
+        out.affine = affine
+    out.metrics.update(usage.as_metrics())
+    out.settings = {
+        "method": f"ants-{method}",
+        "type_of_transform": ANTS_METHODS[method],
+        "ants_version": ants_version(),
+        "seed": seed,
+        "deterministic": seed is not None,
+        "threads": 1 if seed is not None else threads,
+        "device": "cpu",
+        "fixed_modality": fixed_modality,
+        "moving_modality": moving_modality,
+    }
+    return out
+
+
+def _load_on_grid(items: dict[str, tuple[ImageLike | None, Image]], kind: str) -> dict[str, Image]:
+    loaded = {}
+    for name, (source, image) in items.items():
+        if source is not None:
+            what = f"{name} {'mask' if kind == 'mask' else 'segmentation'}"
+            other = load_image(source, kind, what)  # type: ignore[arg-type]
+            check_same_grid(image, other, what)
+            loaded[name] = other
+    return loaded
+
+
+def _run_ants(
+    fixed: Image,
+    moving: Image,
+    masks: dict[str, Image],
+    method: str,
+    seed: int | None,
+    threads: int | None,
+    progress: bool,
+) -> tuple[Transform, Transform, AffineTransform | None]:
+    import ants  # type: ignore[import-untyped]  # heavy: imported only when used
+
+    ants_masks = {
+        name: _to_ants((mask.data != 0).astype(np.float32), mask.geometry)
+        for name, mask in masks.items()
+    }
+    with tempfile.TemporaryDirectory(prefix="regpipe_ants_") as folder:
+        with _ants_settings(seed, threads):
+            output = ants.registration(
+                _to_ants(fixed.data, fixed.geometry),
+                _to_ants(moving.data, moving.geometry),
+                type_of_transform=ANTS_METHODS[method],
+                mask=ants_masks.get("fixed"),
+                moving_mask=ants_masks.get("moving"),
+                outprefix=os.path.join(folder, "ants_"),
+                verbose=progress,
+            )
+        # Everything is read into memory before the folder disappears.
+        forward = _chain(output["fwdtransforms"], invert_affines=False)
+        inverse = _chain(output["invtransforms"], invert_affines=True)
+        affine = _affine_part(output["fwdtransforms"])
+    return forward, inverse, affine
+
+
+def n4_bias_correct(
+    image: ImageLike,
+    *,
+    mask: ImageLike | None = None,
+    shrink_factor: int = 4,
+    threads: int | None = None,
+) -> Image:
+    """N4 bias-field correction (``ants.n4_bias_field_correction``) of a 3-D image.
+
+    Parameters
+    ----------
+    image
+        Path, nibabel image or :class:`~regpipe.imageio.Image`; intensities should be
+        non-negative (MRI).
+    mask
+        Optional region (on the image's grid) where the bias field is estimated.
+    shrink_factor
+        Down-sampling factor of the estimation (4 is ANTs' default; 1 for tiny images).
+    threads
+        ITK threads for this call.
+
+    Returns
+    -------
+    The corrected image (float32) on the input's grid.
+    """
+    import ants  # type: ignore[import-untyped]
+
+    source = load_image(image, "image", "image to bias-correct")
+    data = source.data.astype(np.float32)
+    shrink = max(1, min(int(shrink_factor), min(source.geometry.shape) // 8 or 1))
+    ants_mask = None
+    if mask is not None:
+        region = load_image(mask, "mask", "bias-correction mask")
+        check_same_grid(source, region, "bias-correction mask")
+        ants_mask = _to_ants((region.data != 0).astype(np.float32), region.geometry)
+    with _ants_settings(None, threads):
+        corrected = ants.n4_bias_field_correction(
+            _to_ants(data, source.geometry), mask=ants_mask, shrink_factor=shrink
+        )
+    return Image(np.asarray(corrected.numpy(), dtype=np.float32), source.geometry, source.path)

