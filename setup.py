@@ -40,6 +40,10 @@ setup(
         "nipype>=1.8,<2",
         "pybids>=0.16",
         "templateflow>=24.0",
+        # QC reports (regpipe.reports); nireports' private svgutils import caps it at <27
+        "matplotlib>=3.5",
+        "nilearn>=0.10",
+        "nireports>=25.0,<27",
     ],
     extras_require={
         "test": [

@@ -33,6 +33,7 @@ import getpass
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -154,6 +155,19 @@ def _write_run_record(log_dir: Path, args: argparse.Namespace, argv: Sequence[st
     return path
 
 
+def crash_subjects(crash_files: Sequence[Path]) -> list[str]:
+    """Subject labels in the crashed nodes' names (``Node: regpipe_wf.sub_01_wf...``)."""
+    subjects = set()
+    for crash in crash_files:
+        try:
+            head = crash.read_text(errors="replace")[:1000] if crash.suffix == ".txt" else ""
+        except OSError:
+            continue
+        node = next((line for line in head.splitlines() if line.startswith("Node:")), "")
+        subjects.update(re.findall(r"\bsub[-_]([A-Za-z0-9]+?)(?:_wf\b|[._/]|$)", node))
+    return sorted(subjects)
+
+
 def _workflows():
     """The workflows package (:mod:`regpipe.workflows.base`), imported before any work."""
     try:
@@ -194,7 +208,7 @@ def _run(workflow, args: argparse.Namespace, plugin: str, log_dir: Path) -> None
     if summary.succeeded and not crashes:
         return
     folders = sorted({str(p.parent) for p in crashes})
-    subjects = summary.failed_subjects
+    subjects = sorted({*summary.failed_subjects, *crash_subjects(crashes)})
     reason = (summary.error or "see the log").splitlines()[0]
     raise AppError(
         ExitCode.FAILURE,

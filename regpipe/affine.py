@@ -105,23 +105,27 @@ def affine_register(
     ----------
     fixed, moving
         3-D intensity arrays ``[i, j, k]`` (any real dtype; NaN counts as background). Their
-        ranges need not match: each is normalised by its 0.5th and 99.5th percentiles.
+        ranges need not match: each is mapped to ``[0, 1]`` by its 0.5th and 99.5th
+        percentiles, then its foreground is rank-equalised.
     fixed_geometry, moving_geometry
         Their voxel grids in RAS+ mm (any orientation, oblique or anisotropic).
     fixed_mask, moving_mask
-        Optional arrays on the same grids; nonzero voxels are the only ones the similarity
-        sees (they weight the global normalised cross-correlation).
+        Optional arrays on the same grids; only nonzero voxels count, in the similarity and
+        in the centre of mass.
     levels
-        Isotropic grid spacings (mm) of the resolution levels, coarsest first.
+        Resolution levels, coarsest first: approximate spacings in mm. Each image is
+        box-filtered by ``floor(level / voxel size)`` voxels along each axis, so a level
+        finer than the voxels uses the image as it is.
     iterations
-        Most L-BFGS iterations at each level (same length as ``levels``).
+        Most Levenberg-Marquardt steps at each level (same length as ``levels``); a level
+        usually converges in 3-10.
     dof
         6 (rigid), 7 (rigid + one scale), 9 (rigid + three scales) or 12 (full affine).
     init
         ``"com"`` aligns intensity centres of mass, ``"geometry"`` the centres of the image
         grids, ``"identity"`` starts from the identity.
     progress
-        Show a progress bar (tqdm) over levels and iterations.
+        Show a tqdm progress bar (one tick per step).
     device
         Torch device for the optimisation.
 
@@ -129,11 +133,14 @@ def affine_register(
     -------
     AffineTransform
         ``T(x) = M x`` mapping fixed-space RAS+ mm points to moving-space RAS+ mm points.
+        Deterministic for given inputs (fixed random point subsets).
 
     Raises
     ------
     InputError
         On an empty or constant image, an empty mask, mismatched shapes or invalid options.
+    ResourceError
+        When a CUDA device is requested but none is available.
     """
     levels, iterations = _check_options(levels, iterations, dof, init)
     torch_device = _torch_device(device)
@@ -265,7 +272,7 @@ def _ants_schedule(
     """``ants.registration`` keyword arguments for a multi-resolution schedule."""
     options: dict[str, Any] = {}
     if levels is not None:
-        levels, _ = _check_options(levels, [0] * len(tuple(levels)), 12, "com")
+        levels = _check_levels(levels)
         shrink = tuple(max(1, round(s / finest)) for s in levels)
         options["aff_shrink_factors"] = shrink
         options["aff_smoothing_sigmas"] = tuple(
@@ -326,13 +333,18 @@ _ITK_THREADS = "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"
 # --------------------------------------------------------------------------- input checks
 
 
+def _check_levels(levels: Sequence[float]) -> tuple[float, ...]:
+    spacings = tuple(float(s) for s in levels)
+    if not spacings or min(spacings) <= 0 or not all(map(math.isfinite, spacings)):
+        raise InputError(f"levels must be positive grid spacings in mm, got {spacings}")
+    return spacings
+
+
 def _check_options(
     levels: Sequence[float], iterations: Sequence[int], dof: int, init: str
 ) -> tuple[tuple[float, ...], tuple[int, ...]]:
-    levels = tuple(float(s) for s in levels)
+    levels = _check_levels(levels)
     iterations = tuple(int(n) for n in iterations)
-    if not levels or min(levels) <= 0 or not all(map(math.isfinite, levels)):
-        raise InputError(f"levels must be positive grid spacings in mm, got {levels}")
     if len(iterations) != len(levels) or min(iterations) < 0:
         raise InputError(
             f"iterations {iterations} must give one non-negative count per level {levels}"

@@ -85,7 +85,9 @@ class FastIOSettings:
     squarings
         Number of squaring steps when ``velocity`` is true.
     eps
-        Stabiliser added to the LNCC denominator (intensities are in [0, 1]).
+        Variance floor added to both local variances in the LNCC denominator
+        ``cov^2 / ((var_f + eps) (var_m + eps))`` (intensities in [0, 1]): windows whose
+        variance is below it (flat regions, noise) count less.
     margin_mm
         Margin (mm) added around the foreground's bounding box; the correction is optimised in
         that box and extended outside it by repeating its edge values.
@@ -309,7 +311,7 @@ class _Level:
     identity: torch.Tensor  # [1, ..., 3] grid_sample coordinates of the level's voxels
     to_normalised: torch.Tensor  # [3] factor from level-index displacement to grid_sample units
     fixed_mean: torch.Tensor
-    fixed_var: torch.Tensor
+    fixed_var: torch.Tensor  # local variance of fixed plus eps
     weight: torch.Tensor | None  # LNCC average weights (mask), or None for a plain mean
     window: int
     eps: float
@@ -338,7 +340,7 @@ class _Level:
         window = _window_voxels(settings.window_mm, level_spacing)
         stats = _box(torch.cat([fixed_l, fixed_l * fixed_l], dim=1), window)
         fixed_mean = stats[:, :1]
-        fixed_var = (stats[:, 1:] - fixed_mean * fixed_mean).clamp(min=0)
+        fixed_var = (stats[:, 1:] - fixed_mean * fixed_mean).clamp(min=0) + settings.eps
         sizes = torch.tensor(shape, dtype=torch.float32, device=fixed.device)
         return cls(
             shape=shape,
@@ -361,7 +363,7 @@ class _Level:
         mean, square, cross = stats[:, :1], stats[:, 1:2], stats[:, 2:]
         covariance = cross - self.fixed_mean * mean
         variance = (square - mean * mean).clamp(min=0)
-        cc = covariance * covariance / (self.fixed_var * variance + self.eps)
+        cc = covariance * covariance / (self.fixed_var * (variance + self.eps))
         if self.weight is None:
             return cc.mean()
         return (cc * self.weight).sum() / self.weight.sum().clamp(min=1e-6)
@@ -496,7 +498,7 @@ def _jacobian_determinant(field: torch.Tensor, spacing: torch.Tensor) -> torch.T
 
 
 def lncc(
-    a: torch.Tensor, b: torch.Tensor, window: int = 9, eps: float = 1e-4,
+    a: torch.Tensor, b: torch.Tensor, window: int = 9, eps: float = 1e-5,
     mask: torch.Tensor | None = None,
 ) -> float:
     """Local normalised cross-correlation (mean local squared correlation) of two volumes.
@@ -508,7 +510,7 @@ def lncc(
     window
         Box window width in voxels (odd).
     eps
-        Stabiliser of the denominator.
+        Variance floor added to both local variances.
     mask
         Optional ``[1, 1, ...]`` region; the mean is taken over its nonzero voxels.
 
@@ -524,7 +526,7 @@ def lncc(
         stats = _box(torch.cat([a, b, a * a, b * b, a * b], 1), window)
         ma, mb, aa, bb, ab = stats.unbind(1)
         cov = ab - ma * mb
-        cc = cov * cov / ((aa - ma * ma).clamp(min=0) * (bb - mb * mb).clamp(min=0) + eps)
+        cc = cov * cov / (((aa - ma * ma).clamp(min=0) + eps) * ((bb - mb * mb).clamp(min=0) + eps))
         if mask is None:
             return float(cc.mean())
         weight = (mask[:, 0] != 0).float()

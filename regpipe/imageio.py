@@ -188,7 +188,10 @@ def atomic_write(path: str | os.PathLike, write: callable) -> Path:  # type: ign
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".gz") else path.suffix
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs follow the umask
         write(Path(tmp))
         os.replace(tmp, path)
     except BaseException:

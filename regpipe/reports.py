@@ -10,7 +10,7 @@ Tools, and why: the before/after flicker is the NiPreps reportlet itself (nirepo
 normalisation panels: hover over it to flicker), called as plain functions, so the library needs
 neither Nipype nor niworkflows (whose ``*RPT`` interfaces wrap these same functions and would add
 a Nipype dependency and more to ``regpipe/``). Contours and Jacobian maps are nilearn displays
-(``plot_anat`` + ``add_edges``, ``plot_img`` + ``add_overlay``) stacked by the same
+(``plot_anat`` + ``add_contours``, ``plot_img`` + ``add_overlay``) stacked by the same
 ``compose_view``. The pages are small escaped HTML written here: nireports' report assembler
 indexes a BIDS ``figures/`` folder with pybids from a YAML spec and has no block for metric
 tables, and ``regpipe/`` does not use BIDS. Group distributions are matplotlib box plots with
@@ -58,6 +58,7 @@ VIEWS: tuple[View, View, View] = ("z", "x", "y")  # axial, sagittal, coronal: Ni
 # and several times faster than matplotlib resampling every slice at 300 dpi first.
 _INTERPOLATION = "none"
 _T = TypeVar("_T")
+_CONTOURS = "outline in red, median intensity (grey/white matter boundary on T1w) in yellow."
 
 # (key, column title, number format, better value): the metrics compared across methods.
 COMPARED_METRICS: tuple[tuple[str, str, str, str], ...] = (
@@ -94,13 +95,18 @@ def cut_coordinates(image: FigureSource, cuts_per_view: int = 7) -> Cuts:
     if cuts_per_view < 1:
         raise InputError(f"cuts_per_view must be at least 1, got {cuts_per_view}")
     nifti = _to_nifti(image, "image")
-    data = np.nan_to_num(np.asarray(nifti.dataobj, dtype=np.float32))
-    low, high = float(data.min()), float(np.percentile(data, 99))
-    mask = (data > low + 0.1 * (high - low)).astype(np.uint8)
+    mask = _foreground(nifti).astype(np.uint8)
     if not mask.any():
         mask[...] = 1
     cuts = cuts_from_bbox(nib.Nifti1Image(mask, nifti.affine), cuts=cuts_per_view)
     return {view: [float(c) for c in coords] for view, coords in cuts.items()}
+
+
+def _foreground(nifti: nib.Nifti1Image) -> NDArray[np.bool_]:
+    """Voxels above 10 % of the robust intensity range (minimum to 99th percentile)."""
+    data = np.nan_to_num(np.asarray(nifti.dataobj, dtype=np.float32))
+    low, high = float(data.min()), float(np.percentile(data, 99))
+    return data > low + 0.1 * (high - low)
 
 
 def plot_flicker(
@@ -146,22 +152,32 @@ def plot_flicker(
 
 def plot_contours(
     image: FigureSource,
-    edges_of: FigureSource,
+    contours_of: FigureSource,
     out_file: str | os.PathLike,
     *,
     cuts: Cuts | None = None,
     title: str | None = None,
 ) -> Path:
-    """Write an SVG of ``image`` (grey) with the edges of ``edges_of`` drawn on top in red.
+    """Write an SVG of ``image`` (grey) with two iso-intensity contours of ``contours_of``.
 
-    With the warped image as ``image`` and the fixed (template) image as ``edges_of``: after a
-    good registration the template's edges follow the warped image's boundaries. The edges are
-    nilearn's ``add_edges`` (an edge map of ``edges_of`` in its own grid, drawn in world space).
+    With the warped image as ``image`` and the fixed (template) image as ``contours_of``: after
+    a good registration the template's contours follow the warped image's boundaries. Red is
+    the outline of ``contours_of``'s foreground (see :func:`cut_coordinates`), yellow the median
+    intensity of that foreground (the grey/white matter boundary of a T1w template). Contours
+    are nilearn's ``add_contours``: vector lines, computed in ``contours_of``'s own grid and
+    drawn in world space. (nilearn's ``add_edges`` edge map was tried first: on slices that are
+    mostly background it marks the flat background as edges.)
     """
     from nilearn.plotting import plot_anat  # type: ignore[import-untyped]
 
-    image_nii, edges_nii = _to_nifti(image, "image"), _to_nifti(edges_of, "edge image")
-    cuts = cuts or cut_coordinates(edges_nii)
+    image_nii = _to_nifti(image, "image")
+    contours_nii = _to_nifti(contours_of, "contour image")
+    cuts = cuts or cut_coordinates(contours_nii)
+    foreground = _foreground(contours_nii)
+    data = np.asarray(contours_nii.dataobj)
+    outline = float(data[foreground].min()) if foreground.any() else float(data.mean())
+    inner = float(np.median(data[foreground])) if foreground.any() else outline
+    levels, colors = ([outline, inner], ["r", "y"]) if inner > outline else ([outline], ["r"])
 
     def panel(view: View, first: bool) -> Any:
         display = plot_anat(
@@ -169,10 +185,11 @@ def plot_contours(
             display_mode=view,
             cut_coords=cuts[view],
             colorbar=False,
+            dim=0,
             interpolation=_INTERPOLATION,
             title=_literal(title) if first and title else None,
         )
-        display.add_edges(edges_nii, color="r")
+        display.add_contours(contours_nii, levels=levels, colors=colors, linewidths=0.6)
         return display
 
     return _write_stacked(panel, out_file)
@@ -507,7 +524,7 @@ def _method_html(
             animated=True,
         ),
         "<h3>Contours</h3>",
-        _figure_html(contours, page, f"Image warped by {label}; edges of {space} in red."),
+        _figure_html(contours, page, f"Image warped by {label}; contours of {space}: {_CONTOURS}"),
     ]
     if moving is not None:
         before = figure("Before", plot_contours, moving, fixed, title="before registration")
@@ -516,7 +533,7 @@ def _method_html(
                 before,
                 page,
                 f"Before registration: the preprocessed moving image in its own world "
-                f"coordinates; edges of {space} in red.",
+                f"coordinates; contours of {space}: {_CONTOURS}",
             )
         )
     parts.append("<h3>Jacobian determinant</h3>")

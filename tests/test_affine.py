@@ -250,9 +250,9 @@ def test_ants_rejects_nine_dof(fixed: NDArray) -> None:
 def test_ants_affine_recovers_truth_in_ras() -> None:
     """ANTs' LPS ``.mat`` (fixed -> moving) becomes our RAS matrix; the seed changes nothing
     global."""
-    fixed_grid = grid(3.0, (160.0, 200.0, 176.0))
+    fixed_grid = grid(4.0, (160.0, 200.0, 176.0))
     fixed = render(fixed_grid, np.eye(4))
-    moving_grid = grid((3.0, 3.0, 3.5), (180.0, 220.0, 200.0), direction=LPS, centre=(8, -6, 4))
+    moving_grid = grid((4.0, 4.0, 4.5), (180.0, 220.0, 200.0), direction=LPS, centre=(8, -6, 4))
     truth = affine((8.0, -6.0, 7.0), (12.0, -10.0, 8.0), (1.04, 0.97, 1.02))
     threads = os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
     result = ants_affine_register(
@@ -260,8 +260,8 @@ def test_ants_affine_recovers_truth_in_ras() -> None:
         fixed_grid,
         render(moving_grid, truth),
         moving_grid,
-        levels=(6.0, 3.0),
-        iterations=(300, 100),
+        levels=(8.0, 4.0),
+        iterations=(100, 50),
         seed=1,
     )
     distance = errors(result.matrix, truth, fixed_grid, fixed)

@@ -79,6 +79,9 @@ class FakeWorkflow:
     def run(self, plugin=None, plugin_args=None):
         self.runs.append((plugin, plugin_args))
 
+    def _get_all_nodes(self):
+        return []
+
 
 @pytest.fixture
 def fake_wf(monkeypatch):
@@ -321,9 +324,9 @@ def test_template_jobs_contract_and_run_settings(tmp_path, template_file, fake_w
     bids_dir = make_bids(tmp_path / "bids", ["sub-01/anat/sub-01_acq-fast_run-01_T1w.nii.gz",
                                              "sub-02/anat/sub-02_T1w.nii.gz"])
     assert participant(bids_dir, tmp_path, template_file, "--compare", "ants-syn",
-                       "--plugin", "slurm", "--plugin-args", '{"max_jobs": 2}', "--nprocs", "2",
-                       "--omp-nthreads", "1", "--mem", "3G", "--random-seed", "7",
-                       "--io-iterations", "None", "--stop-on-first-crash") == 0
+                       "--nprocs", "2", "--omp-nthreads", "1", "--mem", "3G",
+                       "--random-seed", "7", "--io-iterations", "None",
+                       "--stop-on-first-crash") == 0
     kwargs = fake_wf["kwargs"]
     jobs = kwargs["jobs"]
     assert [j["subject"] for j in jobs] == ["01", "02"]
@@ -341,18 +344,24 @@ def test_template_jobs_contract_and_run_settings(tmp_path, template_file, fake_w
     json.dumps(jobs)  # plain data
     assert kwargs["methods"] == ["network", "ants-syn"] and kwargs["weights"] is None
     assert (kwargs["omp_nthreads"], kwargs["seed"], kwargs["io_iterations"]) == (1, 7, None)
+    assert kwargs["bids_dir"] == bids_dir and kwargs["reports"] is True
     workflow = fake_wf["workflow"]
-    plugin, plugin_args = workflow.runs[0]
-    assert plugin == "SLURM"
-    assert plugin_args == {"n_procs": 2, "memory_gb": 3.0, "raise_insufficient": False,
-                           "max_jobs": 2}
+    assert workflow.runs == [("MultiProc", {"n_procs": 2, "memory_gb": 3.0,
+                                            "raise_insufficient": False})]
     assert workflow.base_dir == str(tmp_path / "work")
     assert workflow.config["execution"]["stop_on_first_crash"] == "true"
     log_dir = Path(workflow.config["execution"]["crashdump_dir"])
-    assert log_dir.parent == tmp_path / "out" / "logs"
+    assert log_dir == tmp_path / "out" / "logs" / kwargs["run_uuid"]
     record = json.loads((log_dir / "regpipe_run.json").read_text())
     assert record["jobs"] == jobs and record["methods"] == ["network", "ants-syn"]
     assert os.environ["LOGNAME"]
+
+
+def test_slurm_plugin_and_plugin_args(tmp_path, template_file, fake_wf):
+    bids_dir = two_subjects(tmp_path / "bids")
+    assert participant(bids_dir, tmp_path, template_file, "--plugin", "slurm",
+                       "--plugin-args", '{"sbatch_args": "--time=1:00:00"}') == 0
+    assert fake_wf["workflow"].runs == [("SLURM", {"sbatch_args": "--time=1:00:00"})]
 
 
 def test_bids_filter_file_null_and_value(tmp_path, template_file, fake_wf):
@@ -383,7 +392,7 @@ def test_suffix_selects_contrast_and_ct_modality(tmp_path, template_file, fake_w
     assert participant(bids_dir, tmp_path, template_file, "--suffix", "CT",
                        "--skip-bids-validation") == 0
     (job,) = fake_wf["kwargs"]["jobs"]
-    assert (job["suffix"], job["modality"], job["fixed_modality"]) == ("CT", "ct", "mri")
+    assert (job["suffix"], job["modality"]) == ("CT", "ct")
 
 
 def test_longitudinal_jobs(tmp_path, template_file, fake_wf, caplog):

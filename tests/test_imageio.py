@@ -125,3 +125,12 @@ def test_save_image_round_trip(tmp_path):
     back = load_image(tmp_path / "x.nii.gz", "labels")
     assert back.data.dtype == np.int16 and np.array_equal(back.data, data)
     assert back.geometry.same_as(geometry)
+
+
+def test_atomic_write_follows_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = atomic_write(tmp_path / "x.txt", lambda tmp: tmp.write_text("ok"))
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -289,7 +289,11 @@ def test_group_metric_without_values_draws_nothing(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------- browser
 
 CHROMIUM = next(
-    (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)),
+    (
+        shutil.which(n)
+        for n in ("chromium", "chromium-browser", "google-chrome")
+        if shutil.which(n)
+    ),
     None,
 )
 needs_chromium = pytest.mark.skipif(
