@@ -39,6 +39,14 @@ case "$what" in
         ;;
     test)
         install test
+        if ! command -v chromium >/dev/null 2>&1; then
+            # headless Chromium renders the QC reports in tests/test_reports.py
+            echo "[run.sh] installing Debian's chromium for the report browser tests"
+            if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+            { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+                $SUDO apt-get install -y -qq chromium >/dev/null; } \
+                || echo "[run.sh] could not install chromium: browser tests will be skipped" >&2
+        fi
         exec "$PY" -m pytest tests -q -p no:cacheprovider "$@"
         ;;
     *)
