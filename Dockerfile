@@ -9,7 +9,8 @@ LABEL org.opencontainers.image.title="regpipe" \
 ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     REGPIPE_HOME=/opt/regpipe \
-    MPLCONFIGDIR=/tmp/matplotlib
+    MPLCONFIGDIR=/tmp/matplotlib \
+    OMP_WAIT_POLICY=PASSIVE
 
 WORKDIR /src
 COPY setup.py README.md constraints.txt ./

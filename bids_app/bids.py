@@ -47,8 +47,8 @@ Jobs
     pair_type        ``"inter"`` (template mode) or ``"intra"`` (longitudinal)
     fixed_mask       template brain mask / reference image's brain mask, or ``None``
     moving_mask      the image's brain mask from ``--labels``, or ``None``
-    fixed_labels     label map of the fixed image, or ``None``
-    moving_labels    label map of the image from ``--labels``, or ``None``
+    fixed_labels     label map of the fixed image, or ``None``   } both or neither (Dice needs
+    moving_labels    label map of the image from ``--labels``, or ``None`` } both; logged)
     source_uri       ``bids:raw:sub-01/anat/sub-01_T1w.nii.gz`` (needs ``DatasetLinks.raw``)
     weights_sha256   SHA-256 of the network weights file, or ``None`` without a network
     ===============  ==========================================================================

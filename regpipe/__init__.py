@@ -13,7 +13,12 @@ Transforms map fixed-space points to moving-space points (see :mod:`regpipe.spac
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
+
+# Idle OpenMP workers that spin slow small CPU jobs 5-10x on busy machines and under Nipype's
+# MultiProc; must be set before torch is first imported (the user's own setting wins).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 __all__ = ["register", "apply_transform", "RegistrationResult", "__version__"]

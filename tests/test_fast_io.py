@@ -20,8 +20,12 @@ def _index_grid(shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def _blobs(points: torch.Tensor) -> torch.Tensor:
-    """A textured image in [0, 1]: 150 seeded Gaussian blobs (sigma 1.5-3 voxels) inside an
-    ellipsoid, zero far outside; evaluated analytically at index points ``[3, ...]``."""
+    """A tissue-like image in [0, 1], evaluated analytically at index points ``[3, ...]``.
+
+    150 seeded Gaussian blobs (sigma 1.5-3 voxels) inside an ellipsoid, passed through a steep
+    sigmoid so that it has sharp edges between bright and dark regions (smooth blobs alone
+    leave LNCC nearly blind to shifts), zero outside.
+    """
     generator = torch.Generator().manual_seed(0)
     centre = torch.tensor([(n - 1) / 2 for n in SHAPE], dtype=torch.float64)
     radius = torch.tensor([0.3 * n for n in SHAPE], dtype=torch.float64)
@@ -37,7 +41,8 @@ def _blobs(points: torch.Tensor) -> torch.Tensor:
         weight = 0.3 + 0.7 * float(torch.rand(1, generator=generator))
         d2 = sum((points[a] - c[a]) ** 2 for a in range(3))
         image += weight * torch.exp(-d2 / (2 * sigma**2))
-    return (image / image.max()).clamp(0, 1)
+    image = image / image.max()
+    return torch.sigmoid((image - 0.3) * 15) * (image > 0.02)
 
 
 def _true_displacement(shape: tuple[int, ...], amplitude: float = 2.0) -> torch.Tensor:

@@ -548,7 +548,8 @@ def run_workflow(
     n_procs, memory_gb
         MultiProc's ``n_procs`` / ``memory_gb`` (nodes declare ``n_procs`` = omp_nthreads
         and ``mem_gb``); ``raise_insufficient`` defaults to false (oversized nodes are
-        clipped to the limits rather than failing the run).
+        clipped to the limits rather than failing the run) and ``mp_context`` to
+        ``"forkserver"`` (a worker forked from a process that already ran torch can hang).
     plugin_args
         Passed to the plugin (overrides the above).
     stop_on_first_crash
@@ -558,7 +559,9 @@ def run_workflow(
     """
     args: dict[str, Any] = {}
     if plugin == "MultiProc":
-        args["raise_insufficient"] = False
+        # forkserver: workers never inherit a parent's OpenMP/ITK thread state (a forked
+        # child of a process that ran torch can hang in libgomp).
+        args.update(raise_insufficient=False, mp_context="forkserver")
         if n_procs is not None:
             args["n_procs"] = int(n_procs)
         if memory_gb is not None:
