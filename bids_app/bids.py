@@ -3,7 +3,8 @@
 The input dataset is indexed with pybids (``validate=True`` unless ``--skip-bids-validation``:
 pybids then refuses a folder without a valid ``dataset_description.json``, exit 16, and skips
 files whose names are not valid BIDS, such as ``_CT`` images). Nothing is ever written into it:
-pybids keeps its index in memory.
+pybids keeps its index in memory. Sidecar metadata is not indexed (not needed, and a sidecar
+key equal to an entity name makes pybids fail).
 
 Selection
     The default query for ``--suffix S`` is ``{"datatype": "anat", "suffix": S, "extension":
@@ -104,16 +105,25 @@ def natural_key(label: str | None) -> tuple:
                  for part in re.findall(r"\d+|\D+", label))
 
 
+def bids_layout(root: Path, *, validate: bool = False, derivative: bool = False):
+    """A pybids layout of ``root`` without sidecar metadata (derivative entities when asked)."""
+    from bids import BIDSLayout
+    from bids.layout.index import BIDSLayoutIndexer
+
+    config = ["bids", "derivatives"] if derivative else None
+    return BIDSLayout(str(Path(root).absolute()), validate=validate, config=config,
+                      indexer=BIDSLayoutIndexer(validate=validate, index_metadata=False))
+
+
 def load_layout(bids_dir: Path, *, validate: bool):
     """Index ``bids_dir`` with pybids; exit 66 when missing, 16 when not valid BIDS."""
-    from bids import BIDSLayout
     from bids.exceptions import BIDSValidationError
 
     bids_dir = Path(bids_dir)
     if not bids_dir.is_dir():
         raise AppError(ExitCode.NO_INPUT, f"bids_dir {bids_dir} does not exist or is not a folder")
     try:
-        return BIDSLayout(str(bids_dir.absolute()), validate=validate)
+        return bids_layout(bids_dir, validate=validate)
     except BIDSValidationError as error:
         reason = str(error).splitlines()[0]
         raise AppError(
@@ -125,12 +135,10 @@ def load_layout(bids_dir: Path, *, validate: bool):
 
 def load_derivatives(path: Path):
     """Index a derivative dataset (``--labels``) without validation; exit 66 when missing."""
-    from bids import BIDSLayout
-
     path = Path(path)
     if not path.is_dir():
         raise AppError(ExitCode.NO_INPUT, f"--labels {path} does not exist or is not a folder")
-    return BIDSLayout(str(path.absolute()), validate=False, config=["bids", "derivatives"])
+    return bids_layout(path, derivative=True)
 
 
 def image_query(suffix: str, filters: Mapping[str, Mapping[str, Any]] | None = None

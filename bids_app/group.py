@@ -37,7 +37,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from regpipe.bids_app.bids import IDENTITY_ENTITIES, natural_key
+from regpipe.bids_app.bids import IDENTITY_ENTITIES, bids_layout, natural_key
 from regpipe.bids_app.exit_codes import AppError, ExitCode
 from regpipe.bids_app.parser import NETWORK_METHOD
 from regpipe.bids_app.run import RUN_RECORD
@@ -112,9 +112,9 @@ def read_metrics(path: Path) -> dict[str, Any]:
 def _metrics_files(root: Path) -> list[tuple[dict[str, Any], Path]]:
     """(entities, file) of every metrics file in a dataset, the TSV when both exist (the JSON
     beside a TSV is its sidecar: column descriptions, Dice, settings)."""
-    from bids import BIDSLayout
-
-    layout = BIDSLayout(str(root), validate=False)
+    # no sidecar metadata: the metrics TSVs' JSON sidecars describe their columns ("space",
+    # "subject"...), which pybids would otherwise read as conflicting entity values
+    layout = bids_layout(root, derivative=True)
     chosen: dict[str, tuple[dict[str, Any], Path]] = {}
     for bids_file in layout.get(return_type="object", suffix="metrics",
                                 extension=[".json", ".tsv"]):
@@ -150,7 +150,8 @@ def collect_rows(output_dir: Path, participant_label: Sequence[str] | None = Non
                 LOGGER.warning("cannot read %s: %s", path, error)
                 metrics = {}
             for key, value in metrics.items():
-                row.setdefault(key, value)
+                if key != "space":  # the TSV's copy of fixed_space
+                    row.setdefault(key, value)
             rows.append(row)
     return sorted(rows, key=lambda r: (natural_key(r["subject"]), natural_key(r["session"]),
                                        r["method"], r["metrics_file"]))

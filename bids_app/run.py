@@ -266,7 +266,8 @@ def run_participant(args: argparse.Namespace, argv: Sequence[str] | None = None)
         output_dir=args.output_dir,
         work_dir=args.work_dir,
         methods=list(args.methods),
-        weights=weights,
+        # the name as given ("default", "unigradicon", a path): the workflows record it
+        weights=None if weights is None else args.weights,
         io_iterations=args.io_iterations,
         affine_init=args.affine_init,
         device=args.device,
@@ -331,6 +332,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("regpipe: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # a bug or an unforeseen failure: traceback, then one line
+        LOGGER.exception("unexpected error")
+        print(f"regpipe: error: {type(error).__name__}: {error}".splitlines()[0],
+              file=sys.stderr)
+        return int(ExitCode.FAILURE)
 
 
 if __name__ == "__main__":
