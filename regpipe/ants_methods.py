@@ -35,18 +35,20 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
 
 from regpipe.errors import InputError
-from regpipe.imageio import Image, ImageLike, check_same_grid, load_image
-from regpipe.preprocess import check_modality, normalize_intensity
-from regpipe.registration import RegistrationResult, _metrics
-from regpipe.spaces import RAS_TO_LPS, Geometry, ras_to_lps
-from regpipe.transforms import AffineTransform, Transform, compose
-from regpipe.warp import warp_array
+
+# Light at import (numpy only): a fresh process running a seeded ANTs registration imports
+# this module without torch. The image/transform modules are imported where they are used.
+if TYPE_CHECKING:
+    from regpipe.imageio import Image, ImageLike
+    from regpipe.registration import RegistrationResult
+    from regpipe.spaces import Geometry
+    from regpipe.transforms import AffineTransform, Transform
 
 AntsMethod = Literal["syn", "synquick", "affine"]
 
@@ -169,16 +171,37 @@ def ants_version() -> str:
     return str(getattr(ants, "__version__", "unknown"))
 
 
+#: ANTs image description that pickles without regpipe: (data, LPS origin, spacing, direction).
+_AntsArgs = tuple[NDArray[np.float32], tuple[float, ...], tuple[float, ...], NDArray[np.float64]]
+
+
+def _ants_args(data: NDArray[np.generic], geometry: Geometry) -> _AntsArgs:
+    """``ants.from_numpy`` arguments (LPS+ origin and direction) of ``data`` on ``geometry``."""
+    from regpipe.spaces import RAS_TO_LPS, ras_to_lps
+
+    return (
+        np.ascontiguousarray(data, dtype=np.float32),
+        tuple(float(v) for v in ras_to_lps(geometry.affine[:3, 3])),
+        tuple(float(v) for v in geometry.spacing),
+        RAS_TO_LPS @ geometry.direction_ras,
+    )
+
+
 def _to_ants(data: NDArray[np.generic], geometry: Geometry) -> Any:
     """An ANTsImage (LPS+ origin and direction) holding ``data`` (float32) on ``geometry``."""
+    return _from_args(_ants_args(data, geometry))
+
+
+def _from_args(args: _AntsArgs) -> Any:
     import ants  # type: ignore[import-untyped]
 
-    return ants.from_numpy(
-        np.ascontiguousarray(data, dtype=np.float32),
-        origin=tuple(float(v) for v in ras_to_lps(geometry.affine[:3, 3])),
-        spacing=tuple(float(v) for v in geometry.spacing),
-        direction=RAS_TO_LPS @ geometry.direction_ras,
-    )
+    data, origin, spacing, direction = args
+    return ants.from_numpy(data, origin=origin, spacing=spacing, direction=direction)
+
+
+@contextmanager
+def _nothing() -> Iterator[ResourceUsage]:
+    yield ResourceUsage()
 
 
 @contextmanager
@@ -186,17 +209,25 @@ def _ants_settings(seed: int | None, threads: int | None) -> Iterator[None]:
     """ANTs' thread count and determinism inside the block; global state restored after.
 
     With a seed, antspyx's ``set_ants_deterministic(True, seed)`` passes ``--random-seed``
-    and forces one ITK thread (ANTs is only reproducible single-threaded).
+    and asks for one ITK thread. ITK fixes its thread count at its first use in a process,
+    so the thread settings only hold in a process that has not used ANTs yet (see
+    :func:`_run_ants`).
     """
     saved_threads = os.environ.get(ITK_THREADS)
     numpy_state, python_state = np.random.get_state(), random.getstate()
-    config = None
+    config: Any = None
     if threads:
         os.environ[ITK_THREADS] = str(int(threads))
     if seed is not None:
-        from ants import config  # type: ignore[import-untyped]
+        import ants  # type: ignore[import-untyped]
 
-        config.set_ants_deterministic(True, int(seed))
+        config = getattr(ants, "config", None)
+        if config is not None and hasattr(config, "set_ants_deterministic"):
+            config.set_ants_deterministic(True, int(seed))
+        else:  # antspyx < 0.5: only the environment (ANTs reads ANTS_RANDOM_SEED)
+            config = None
+            os.environ[ITK_THREADS] = "1"
+            os.environ["ANTS_RANDOM_SEED"] = str(int(seed))
     try:
         yield
     finally:
@@ -210,9 +241,81 @@ def _ants_settings(seed: int | None, threads: int | None) -> Iterator[None]:
             os.environ[ITK_THREADS] = saved_threads
 
 
+def _ants_registration_files(
+    images: dict[str, _AntsArgs],
+    type_of_transform: str,
+    folder: str,
+    seed: int | None,
+    threads: int | None,
+    progress: bool,
+    measure: bool = False,
+) -> dict[str, Any]:
+    """Run ``ants.registration``; return its ``fwdtransforms`` / ``invtransforms`` files (and,
+    with ``measure``, the call's ``runtime_s`` and ``peak_memory_mb``).
+
+    Module-level and regpipe-free so that it can run in a fresh process (``images`` holds
+    ``fixed``, ``moving`` and optionally ``fixed_mask`` / ``moving_mask``).
+    """
+    import ants  # type: ignore[import-untyped]  # heavy: imported only when used
+
+    ants_images = {name: _from_args(args) for name, args in images.items()}
+    meter = measure_resources() if measure else _nothing()
+    with _ants_settings(seed, threads), meter as usage:
+        output = ants.registration(
+            ants_images["fixed"],
+            ants_images["moving"],
+            type_of_transform=type_of_transform,
+            mask=ants_images.get("fixed_mask"),
+            moving_mask=ants_images.get("moving_mask"),
+            outprefix=os.path.join(folder, "ants_"),
+            verbose=progress,
+        )
+    files: dict[str, Any] = {
+        key: [str(p) for p in output[key]] for key in ("fwdtransforms", "invtransforms")
+    }
+    if measure:
+        files.update(runtime_s=usage.runtime_s, peak_memory_mb=usage.peak_memory_mb)
+    return files
+
+
+def _in_fresh_process(args: tuple, folder: str) -> dict[str, Any]:
+    """:func:`_ants_registration_files` in a new Python process (arguments and result pickled
+    through files; nothing of the caller's ``__main__`` is imported, unlike ``spawn``)."""
+    import pickle
+    import subprocess
+    import sys
+
+    request, reply = Path(folder) / "request.pkl", Path(folder) / "reply.pkl"
+    request.write_bytes(pickle.dumps(args))
+    code = (
+        "import pickle, sys; from regpipe.ants_methods import _ants_registration_files as run; "
+        "args = pickle.load(open(sys.argv[1], 'rb')); "
+        "pickle.dump(run(*args, measure=True), open(sys.argv[2], 'wb'))"
+    )
+    env = {**os.environ, ITK_THREADS: "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(request), str(reply)],
+        env=env,
+        check=False,
+        stdout=None if args[-1] else subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    if done.returncode != 0 or not reply.is_file():
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        from regpipe.errors import RegpipeError
+
+        raise RegpipeError(
+            f"ANTs registration failed (exit {done.returncode}): "
+            + (lines[-1] if lines else "no message")
+        )
+    return pickle.loads(reply.read_bytes())
+
+
 def _chain(paths: Sequence[str], invert_affines: bool) -> Transform:
     """ANTs transform list (application order for points) as one regpipe transform."""
     from regpipe.transform_files import read_transform
+    from regpipe.transforms import AffineTransform, compose
 
     parts: list[Transform] = []
     for path in paths:
@@ -225,6 +328,7 @@ def _chain(paths: Sequence[str], invert_affines: bool) -> Transform:
 
 def _affine_part(paths: Sequence[str]) -> AffineTransform | None:
     from regpipe.transform_files import read_transform
+    from regpipe.transforms import AffineTransform
 
     for path in paths:
         if str(path).endswith(".mat"):
@@ -270,10 +374,12 @@ def ants_register(
         ``"mri"`` or ``"ct"``: the normalisation used for the similarity metrics only.
     seed
         When given, ANTs runs deterministically (``--random-seed``, one thread), about
-        1.7x slower; results are then identical run to run.
+        1.7x slower, in a fresh process (ITK fixes its thread count at its first use in a
+        process, so only a new one is sure to be single-threaded; about 2 s to start);
+        results are then identical run to run.
     threads
-        ITK threads for this call (``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS``); ignored with a
-        seed (one thread).
+        ITK threads (``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS``), effective when this process
+        has not used ANTs yet; ignored with a seed (one thread).
     progress
         Let ANTs print its iterations.
 
@@ -283,16 +389,25 @@ def ants_register(
         ``forward`` (fixed -> moving: the ANTs warp then affine), ``inverse`` (moving ->
         fixed), ``warped`` (moving resampled on the fixed grid through ``forward``),
         ``affine`` (ANTs' affine stage), ``metrics`` as :func:`regpipe.register`'s, with
-        ``ncc_before`` measured before any alignment (identity), plus ``runtime_s``,
-        ``peak_memory_mb``, and ``settings``.
+        ``ncc_before`` measured before any alignment (identity), plus ``runtime_s`` (the
+        whole call) and ``peak_memory_mb`` (with a seed, the larger of this process's and the
+        ANTs process's, also given as ``ants_process_peak_memory_mb`` with
+        ``ants_process_runtime_s``), and ``settings``.
 
     Raises
     ------
     InputError
         Unknown method or modality, unreadable or mismatched images.
     """
+    from regpipe.imageio import Image, load_image
+    from regpipe.preprocess import check_modality, normalize_intensity
+    from regpipe.registration import RegistrationResult, _metrics
+    from regpipe.warp import warp_array
+
     if method not in ANTS_METHODS:
-        raise InputError(f"unknown ANTs method {method!r}: choose one of {', '.join(ANTS_METHODS)}")
+        raise InputError(
+            f"unknown ANTs method {method!r}: choose one of {', '.join(ANTS_METHODS)}"
+        )
     fixed_modality = check_modality(fixed_modality)
     moving_modality = check_modality(moving_modality)
     with measure_resources() as usage:
@@ -302,14 +417,22 @@ def ants_register(
             {"fixed": (fixed_mask, fixed_img), "moving": (moving_mask, moving_img)}, "mask"
         )
         segs = _load_on_grid(
-            {"fixed": (fixed_segmentation, fixed_img), "moving": (moving_segmentation, moving_img)},
+            {
+                "fixed": (fixed_segmentation, fixed_img),
+                "moving": (moving_segmentation, moving_img),
+            },
             "labels",
         )
-        result = _run_ants(fixed_img, moving_img, masks, method, seed, threads, progress)
-        forward, inverse, affine = result
+        forward, inverse, affine, call = _run_ants(
+            fixed_img, moving_img, masks, method, seed, threads, progress
+        )
         warped = Image(
-            warp_array(moving_img.data.astype(np.float32), moving_img.geometry, forward,
-                       fixed_img.geometry),
+            warp_array(
+                moving_img.data.astype(np.float32),
+                moving_img.geometry,
+                forward,
+                fixed_img.geometry,
+            ),
             fixed_img.geometry,
         )
         out = RegistrationResult(forward, inverse, fixed_img, moving_img, warped, None)
@@ -320,6 +443,10 @@ def ants_register(
         out.metrics = _metrics(out, norm, masks, segs)  # before = identity: affine is None
         out.affine = affine
     out.metrics.update(usage.as_metrics())
+    if call:  # ANTs ran in its own process (seeded): its memory is not in this process's peak
+        out.metrics["ants_process_runtime_s"] = call["runtime_s"]
+        out.metrics["ants_process_peak_memory_mb"] = call["peak_memory_mb"]
+        out.metrics["peak_memory_mb"] = max(out.metrics["peak_memory_mb"], call["peak_memory_mb"])
     out.settings = {
         "method": f"ants-{method}",
         "type_of_transform": ANTS_METHODS[method],
@@ -335,6 +462,8 @@ def ants_register(
 
 
 def _load_on_grid(items: dict[str, tuple[ImageLike | None, Image]], kind: str) -> dict[str, Image]:
+    from regpipe.imageio import check_same_grid, load_image
+
     loaded = {}
     for name, (source, image) in items.items():
         if source is not None:
@@ -353,29 +482,28 @@ def _run_ants(
     seed: int | None,
     threads: int | None,
     progress: bool,
-) -> tuple[Transform, Transform, AffineTransform | None]:
-    import ants  # type: ignore[import-untyped]  # heavy: imported only when used
-
-    ants_masks = {
-        name: _to_ants((mask.data != 0).astype(np.float32), mask.geometry)
-        for name, mask in masks.items()
+) -> tuple[Transform, Transform, AffineTransform | None, dict[str, float]]:
+    """ANTs' forward, inverse and affine transforms, and the measures of a separate process."""
+    images = {
+        "fixed": _ants_args(fixed.data, fixed.geometry),
+        "moving": _ants_args(moving.data, moving.geometry),
     }
+    for name, mask in masks.items():
+        images[f"{name}_mask"] = _ants_args((mask.data != 0).astype(np.float32), mask.geometry)
     with tempfile.TemporaryDirectory(prefix="regpipe_ants_") as folder:
-        with _ants_settings(seed, threads):
-            output = ants.registration(
-                _to_ants(fixed.data, fixed.geometry),
-                _to_ants(moving.data, moving.geometry),
-                type_of_transform=ANTS_METHODS[method],
-                mask=ants_masks.get("fixed"),
-                moving_mask=ants_masks.get("moving"),
-                outprefix=os.path.join(folder, "ants_"),
-                verbose=progress,
-            )
+        args = (images, ANTS_METHODS[method], folder, seed, threads, progress)
+        if seed is None:
+            files = _ants_registration_files(*args)
+        else:
+            # ITK fixes its thread count when a process first uses it; a fresh process is the
+            # only way to guarantee the single thread that makes ANTs reproducible.
+            files = _in_fresh_process(args, folder)
         # Everything is read into memory before the folder disappears.
-        forward = _chain(output["fwdtransforms"], invert_affines=False)
-        inverse = _chain(output["invtransforms"], invert_affines=True)
-        affine = _affine_part(output["fwdtransforms"])
-    return forward, inverse, affine
+        forward = _chain(files["fwdtransforms"], invert_affines=False)
+        inverse = _chain(files["invtransforms"], invert_affines=True)
+        affine = _affine_part(files["fwdtransforms"])
+    call: dict[str, float] = {k: files[k] for k in ("runtime_s", "peak_memory_mb") if k in files}
+    return forward, inverse, affine, call
 
 
 def n4_bias_correct(
@@ -404,6 +532,8 @@ def n4_bias_correct(
     The corrected image (float32) on the input's grid.
     """
     import ants  # type: ignore[import-untyped]
+
+    from regpipe.imageio import Image, check_same_grid, load_image
 
     source = load_image(image, "image", "image to bias-correct")
     data = source.data.astype(np.float32)

@@ -64,10 +64,13 @@ from typing import Any
 
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
-
-from regpipe.errors import InputError
 from regpipe.workflows.evaluation import init_eval_wf
-from regpipe.workflows.interfaces import CollectReportInputs, DatasetFiles, ReportSection, SubjectReport
+from regpipe.workflows.interfaces import (
+    CollectReportInputs,
+    DatasetFiles,
+    ReportSection,
+    SubjectReport,
+)
 from regpipe.workflows.outputs import (
     SOURCE_ENTITIES,
     init_ds_metrics_wf,
@@ -78,6 +81,8 @@ from regpipe.workflows.outputs import (
 from regpipe.workflows.preprocessing import init_preproc_wf
 from regpipe.workflows.registration import init_ants_reg_wf, init_network_reg_wf
 
+from regpipe.errors import InputError
+
 #: Keys of a job (see the module docstring); ``fixed_uri`` is optional.
 JOB_KEYS: tuple[str, ...] = (
     "subject", "session", "moving", "entities", "suffix", "modality", "fixed", "fixed_space",
@@ -85,8 +90,15 @@ JOB_KEYS: tuple[str, ...] = (
     "weights_sha256",
 )  # fmt: skip
 OPTIONAL_JOB_KEYS: tuple[str, ...] = ("fixed_uri",)
-_NULLABLE = ("session", "fixed_mask", "moving_mask", "fixed_labels", "moving_labels",
-             "weights_sha256", "fixed_uri")
+_NULLABLE = (
+    "session",
+    "fixed_mask",
+    "moving_mask",
+    "fixed_labels",
+    "moving_labels",
+    "weights_sha256",
+    "fixed_uri",
+)
 #: Registration methods, in output order.
 METHODS: tuple[str, ...] = ("network", "ants-syn", "ants-synquick", "ants-affine")
 
@@ -116,9 +128,16 @@ def reference_space_label(entities: Mapping[str, Any]) -> str:
     ``{"subject": "01", "session": "1"}`` -> ``"sub01ses1"``; ``acquisition``,
     ``reconstruction`` and ``run`` are appended when present (``sub01ses1run2``).
     """
-    keys = (("subject", "sub"), ("session", "ses"), ("acquisition", "acq"),
-            ("reconstruction", "rec"), ("run", "run"))
-    label = "".join(f"{short}{entities[k]}" for k, short in keys if entities.get(k) not in (None, ""))
+    keys = (
+        ("subject", "sub"),
+        ("session", "ses"),
+        ("acquisition", "acq"),
+        ("reconstruction", "rec"),
+        ("run", "run"),
+    )
+    label = "".join(
+        f"{short}{entities[k]}" for k, short in keys if entities.get(k) not in (None, "")
+    )
     return re.sub(r"[^A-Za-z0-9]", "", label)
 
 
@@ -127,7 +146,7 @@ def _raw_root(job: Mapping[str, Any]) -> Path | None:
     uri = str(job["source_uri"])
     if not uri.startswith("bids:raw:"):
         return None
-    relative = uri[len("bids:raw:"):]
+    relative = uri[len("bids:raw:") :]
     moving = Path(job["moving"]).as_posix()
     if not moving.endswith("/" + relative):
         return None
@@ -145,12 +164,15 @@ def validate_job(job: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(job, Mapping):
         raise InputError(f"a job must be a dict, got {type(job).__name__}")
     where = job.get("source_uri") or job.get("moving") or "<job>"
+
     def fail(message: str) -> InputError:
         return InputError(f"job {where}: {message}")
 
     unknown = sorted(set(job) - set(JOB_KEYS) - set(OPTIONAL_JOB_KEYS))
     if unknown:
-        raise fail(f"unknown keys {unknown}; known keys: {', '.join(JOB_KEYS + OPTIONAL_JOB_KEYS)}")
+        raise fail(
+            f"unknown keys {unknown}; known keys: {', '.join(JOB_KEYS + OPTIONAL_JOB_KEYS)}"
+        )
     missing = [k for k in JOB_KEYS if k not in job and k not in _NULLABLE]
     if missing:
         raise fail(f"missing keys {missing}")
@@ -165,7 +187,9 @@ def validate_job(job: Mapping[str, Any]) -> dict[str, Any]:
         if not isinstance(out[key], str) or not _LABEL.match(out[key]):
             raise fail(f"suffix must be alphanumeric (T1w, T2w, CT...), got {out[key]!r}")
     if not isinstance(out["fixed_space"], str) or not _SPACE.match(out["fixed_space"]):
-        raise fail(f"fixed_space must be a BIDS label (letters, digits, +), got {out['fixed_space']!r}")
+        raise fail(
+            f"fixed_space must be a BIDS label (letters, digits, +), got {out['fixed_space']!r}"
+        )
     if out["modality"] not in ("mri", "ct"):
         raise fail(f"modality must be 'mri' or 'ct', got {out['modality']!r}")
     if out["pair_type"] not in ("inter", "intra"):
@@ -181,15 +205,23 @@ def validate_job(job: Mapping[str, Any]) -> dict[str, Any]:
     entities = out["entities"]
     if not isinstance(entities, Mapping):
         raise fail("entities must be a dict of the moving image's pybids entities")
-    entities = {k: (str(v) if k in ("run", "echo", "chunk") and v is not None else v)
-                for k, v in entities.items()}
+    entities = {
+        k: (str(v) if k in ("run", "echo", "chunk") and v is not None else v)
+        for k, v in entities.items()
+    }
     if str(entities.get("subject")) != out["subject"]:
-        raise fail(f"entities['subject'] ({entities.get('subject')!r}) is not subject {out['subject']!r}")
+        raise fail(
+            f"entities['subject'] ({entities.get('subject')!r}) is not subject {out['subject']!r}"
+        )
     if (entities.get("session") or None) != out["session"]:
-        raise fail(f"entities['session'] ({entities.get('session')!r}) is not session {out['session']!r}")
+        raise fail(
+            f"entities['session'] ({entities.get('session')!r}) is not session {out['session']!r}"
+        )
     out["entities"] = entities
     if not isinstance(out["source_uri"], str) or not out["source_uri"].startswith("bids:"):
-        raise fail(f"source_uri must be a BIDS URI (bids:raw:sub-01/...), got {out['source_uri']!r}")
+        raise fail(
+            f"source_uri must be a BIDS URI (bids:raw:sub-01/...), got {out['source_uri']!r}"
+        )
     sha = out["weights_sha256"]
     if sha is not None and not re.fullmatch(r"[0-9a-f]{64}", str(sha)):
         raise fail(f"weights_sha256 must be 64 lower-case hex digits, got {sha!r}")
@@ -212,7 +244,9 @@ def validate_jobs(jobs: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     for job in checked:
         key = output_paths("/", job, "network")["forward_xfm"]
         if key in seen:
-            raise InputError(f"jobs {seen[key]} and {job['source_uri']} would write the same outputs")
+            raise InputError(
+                f"jobs {seen[key]} and {job['source_uri']} would write the same outputs"
+            )
         seen[key] = job["source_uri"]
     return checked
 
@@ -221,7 +255,9 @@ def check_methods(methods: Sequence[str]) -> list[str]:
     """Methods in :data:`METHODS` order, without duplicates; unknown names raise InputError."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
-        raise InputError(f"methods must be a non-empty subset of {', '.join(METHODS)}; got {list(methods)}")
+        raise InputError(
+            f"methods must be a non-empty subset of {', '.join(METHODS)}; got {list(methods)}"
+        )
     return [m for m in METHODS if m in methods]
 
 
@@ -287,11 +323,18 @@ def init_regpipe_wf(
     weights_path = weights_name = None
     if "network" in methods and weights is not None:
         weights_name = default_weights_name() if str(weights) == "default" else str(weights)
-        weights_path = str(resolve_weights(weights_name))
+        weights_path = str(Path(resolve_weights(weights_name)).absolute())
         if Path(weights_name).name != weights_name or os.sep in weights_name:
             weights_name = Path(weights_path).name
-    options = RegistrationOptions(weights_path, weights_name, int(io_iterations or 0),
-                                  affine_init, device, int(omp_nthreads), seed)
+    options = RegistrationOptions(
+        weights_path,
+        weights_name,
+        int(io_iterations or 0),
+        affine_init,
+        device,
+        int(omp_nthreads),
+        seed,
+    )
     output_dir = Path(output_dir).absolute()
     run_uuid = run_uuid or f"{time.strftime('%Y%m%d-%H%M%S')}_{uuid.uuid4()}"
     if bids_dir is None:
@@ -299,7 +342,8 @@ def init_regpipe_wf(
 
     workflow = pe.Workflow(name=name, base_dir=str(Path(work_dir).absolute()))
     ds_dataset_files = pe.Node(
-        DatasetFiles(output_dir=str(output_dir), methods=methods), name="ds_dataset_files",
+        DatasetFiles(output_dir=str(output_dir), methods=methods),
+        name="ds_dataset_files",
         run_without_submitting=True,
     )
     if bids_dir is not None:
@@ -350,8 +394,11 @@ def init_single_subject_wf(
     workflow = pe.Workflow(name=name)
     image_wfs = []
     for job in jobs:
-        parts = [f"{short}_{job['entities'][k]}" for k, short in SOURCE_ENTITIES
-                 if k != "subject" and job["entities"].get(k) not in (None, "")]
+        parts = [
+            f"{short}_{job['entities'][k]}"
+            for k, short in SOURCE_ENTITIES
+            if k != "subject" and job["entities"].get(k) not in (None, "")
+        ]
         label = "_".join([*parts, job["suffix"], "to", job["fixed_space"]])
         image_wfs.append(init_image_wf(
             job=job, output_dir=output_dir, methods=methods, options=options,
@@ -362,11 +409,13 @@ def init_single_subject_wf(
         return workflow
 
     sessions = {job["session"] for job in jobs}
-    merge_sections = pe.Node(niu.Merge(len(image_wfs)), name="merge_sections", run_without_submitting=True)
+    merge_sections = pe.Node(
+        niu.Merge(len(image_wfs)), name="merge_sections", run_without_submitting=True
+    )
     report_inputs = pe.Node(
         CollectReportInputs(
             subject=subject, session=sessions.pop() if len(sessions) == 1 else None,
-            output_dir=str(output_dir), out_html=str(Path(output_dir) / f"sub-{subject}.html"),
+            output_dir=str(output_dir),
         ),
         name="report_inputs",
         run_without_submitting=True,
@@ -397,7 +446,7 @@ def init_image_wf(
     Outputs
     -------
     sections
-        One report-section dict per method (:func:`regpipe.workflows.interfaces.report_section`).
+        One report-section dict per method (:func:`regpipe.workflows.steps.report_section`).
     """
     job = validate_job(job)
     fields = ["moving", "fixed", "moving_mask", "fixed_mask", "moving_labels", "fixed_labels"]
@@ -420,7 +469,9 @@ def init_image_wf(
         name="fixed_preproc_wf",
     )  # fmt: skip
     ds_preproc_wf = init_ds_preproc_wf(job=job, output_dir=output_dir)
-    merge_sections = pe.Node(niu.Merge(len(methods)), name="merge_sections", run_without_submitting=True)
+    merge_sections = pe.Node(
+        niu.Merge(len(methods)), name="merge_sections", run_without_submitting=True
+    )
     workflow.connect([
         (inputnode, moving_preproc_wf, [("moving", "inputnode.in_file"), ("moving_mask", "inputnode.mask"),
                                         ("moving_labels", "inputnode.labels")]),
@@ -430,8 +481,13 @@ def init_image_wf(
         (merge_sections, outputnode, [("out", "sections")]),
     ])  # fmt: skip
     for index, method in enumerate(methods, start=1):
-        method_wf = init_method_wf(job=job, method=method, output_dir=output_dir, options=options,
-                                   name=_node_name(f"{method}_wf"))
+        method_wf = init_method_wf(
+            job=job,
+            method=method,
+            output_dir=output_dir,
+            options=options,
+            name=_node_name(f"{method}_wf"),
+        )
         workflow.connect([
             (fixed_preproc_wf, method_wf, [("outputnode.out_file", "inputnode.fixed"),
                                            ("outputnode.mask", "inputnode.fixed_mask"),
@@ -459,13 +515,24 @@ def init_method_wf(
     ``fixed_labels``, ``moving_labels`` (RAS+, optional), ``moving_preproc`` (the stored
     preprocessed moving image). Outputs: ``section`` (report dict), ``metrics_tsv``.
     """
-    fields = ["fixed", "moving", "fixed_mask", "moving_mask", "fixed_labels", "moving_labels",
-              "moving_preproc"]
+    fields = [
+        "fixed",
+        "moving",
+        "fixed_mask",
+        "moving_mask",
+        "fixed_labels",
+        "moving_labels",
+        "moving_preproc",
+    ]
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=fields), name="inputnode")
-    outputnode = pe.Node(niu.IdentityInterface(fields=["section", "metrics_tsv"]), name="outputnode")
-    masks = {"has_fixed_mask": job["fixed_mask"] is not None,
-             "has_moving_mask": job["moving_mask"] is not None}
+    outputnode = pe.Node(
+        niu.IdentityInterface(fields=["section", "metrics_tsv"]), name="outputnode"
+    )
+    masks = {
+        "has_fixed_mask": job["fixed_mask"] is not None,
+        "has_moving_mask": job["moving_mask"] is not None,
+    }
     if method == "network":
         reg_wf = init_network_reg_wf(
             weights=options.weights, weights_name=options.weights_name,
@@ -474,21 +541,34 @@ def init_method_wf(
             device=options.device, omp_nthreads=options.omp_nthreads, seed=options.seed, **masks,
         )  # fmt: skip
     else:
-        reg_wf = init_ants_reg_wf(method=method, modality=job["modality"],
-                                  omp_nthreads=options.omp_nthreads, seed=options.seed, **masks)
-    eval_wf = init_eval_wf(has_fixed_mask=masks["has_fixed_mask"],
-                           has_labels=job["fixed_labels"] is not None)
+        reg_wf = init_ants_reg_wf(
+            method=method,
+            modality=job["modality"],
+            omp_nthreads=options.omp_nthreads,
+            seed=options.seed,
+            **masks,
+        )
+    eval_wf = init_eval_wf(
+        has_fixed_mask=masks["has_fixed_mask"], has_labels=job["fixed_labels"] is not None
+    )
     ds_registration_wf = init_ds_registration_wf(job=job, method=method, output_dir=output_dir)
     ds_metrics_wf = init_ds_metrics_wf(job=job, method=method, output_dir=output_dir)
-    label = " ".join(str(v) for k, v in job["entities"].items()
-                     if k in ("session", "acquisition", "run") and v not in (None, ""))
+    label = " ".join(
+        str(v)
+        for k, v in job["entities"].items()
+        if k in ("session", "acquisition", "run") and v not in (None, "")
+    )
     report_section = pe.Node(
         ReportSection(method=method, space=job["fixed_space"],
                       label=f"{job['suffix']} {label} -> {job['fixed_space']} ({method})".replace("  ", " ")),
         name="report_section", run_without_submitting=True,
     )  # fmt: skip
-    reg_fields = [("fixed", "inputnode.fixed"), ("moving", "inputnode.moving"),
-                  ("fixed_mask", "inputnode.fixed_mask"), ("moving_mask", "inputnode.moving_mask")]
+    reg_fields = [
+        ("fixed", "inputnode.fixed"),
+        ("moving", "inputnode.moving"),
+        ("fixed_mask", "inputnode.fixed_mask"),
+        ("moving_mask", "inputnode.moving_mask"),
+    ]
     xfm_fields = ["forward_xfm", "inverse_xfm", "reg_metrics"]
     workflow.connect([
         (inputnode, reg_wf, reg_fields),
@@ -583,8 +663,12 @@ def run_workflow(
     except RuntimeError as exc:
         error = str(exc)
     crash_files = sorted(
-        path for folder in crash_dirs for path in folder.glob("crash-*")
+        path
+        for folder in crash_dirs
+        for path in folder.glob("crash-*")
         if path.stat().st_mtime >= started - 1
     )
-    failed = sorted({m.group(1) for p in crash_files if (m := re.search(r"sub-([A-Za-z0-9]+)", str(p)))})
+    failed = sorted(
+        {m.group(1) for p in crash_files if (m := re.search(r"sub-([A-Za-z0-9]+)", str(p)))}
+    )
     return RunSummary(error is None and not crash_files, failed, crash_files, error)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
-
 from regpipe.workflows.interfaces import EvaluateRegistration
 
 
@@ -14,7 +13,7 @@ def init_eval_wf(
     has_labels: bool,
     name: str = "eval_wf",
 ) -> pe.Workflow:
-    """Measure one registration (:func:`regpipe.workflows.interfaces.evaluate_registration`).
+    """Measure one registration (:func:`regpipe.workflows.steps.evaluate_registration`).
 
     Jacobian determinant map and folding (% of J <= 0, SD of log J), NCC before (identity)
     and after, inverse consistency (mm), Dice per label when both label maps exist, and the
@@ -47,8 +46,16 @@ def init_eval_wf(
         JSON with ``metrics`` (flat), ``dice`` (per label), ``settings``, ``method_metrics``.
     """
     workflow = pe.Workflow(name=name)
-    fields = ["fixed", "moving", "forward_xfm", "inverse_xfm", "reg_metrics", "fixed_mask",
-              "fixed_labels", "moving_labels"]
+    fields = [
+        "fixed",
+        "moving",
+        "forward_xfm",
+        "inverse_xfm",
+        "reg_metrics",
+        "fixed_mask",
+        "fixed_labels",
+        "moving_labels",
+    ]
     inputnode = pe.Node(niu.IdentityInterface(fields=fields), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=["jacobian", "metrics"]), name="outputnode")
     evaluate = pe.Node(EvaluateRegistration(), name="evaluate", mem_gb=1.0)

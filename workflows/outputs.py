@@ -42,7 +42,8 @@ Dataset-level files (written under a ``fcntl`` lock, atomically, and only when a
 existing, different file is kept and a warning logged, so concurrent participant runs into one
 ``output_dir`` are safe): ``dataset_description.json`` (top and every nested dataset),
 ``.bidsignore`` (lines merged). The top level also holds ``sub-<l>.html`` (QC report,
-:mod:`regpipe.reports`) and ``sub-<l>/log/<run-uuid>/crash-*.txt`` (Nipype crash files).
+:mod:`regpipe.reports`) and ``sub-<l>/log/<run-uuid>/crash-*.txt`` (Nipype crash files); the BIDS App adds ``logs/``
+(run records).
 
 ``<space>`` is the job's ``fixed_space``: a TemplateFlow identifier (``MNI152NLin2009cAsym``)
 or, for longitudinal registration, the reference image's label
@@ -56,6 +57,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -65,7 +67,6 @@ from typing import Any
 
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
-
 from regpipe.workflows.interfaces import WriteDerivative, WriteMetrics
 
 LOGGER = logging.getLogger("nipype.workflow")
@@ -100,6 +101,7 @@ BIDSIGNORE_LINES: tuple[str, ...] = (
     "*.html",
     "sub-*/log/",
     "sub-*/figures/",
+    "logs/",
 )
 
 #: Name of the nested dataset of an ANTs method, under ``output_dir/derivatives/``.
@@ -120,7 +122,7 @@ def method_root(output_dir: str | os.PathLike[str], method: str) -> Path:
         return root
     if not method.startswith("ants-"):
         raise ValueError(f"unknown method {method!r}")
-    return root / "derivatives" / ANTS_DATASET.format(method=method[len("ants-"):])
+    return root / "derivatives" / ANTS_DATASET.format(method=method[len("ants-") :])
 
 
 def source_prefix(entities: Mapping[str, Any]) -> str:
@@ -152,22 +154,34 @@ def derivative_path(
         folder = folder / f"ses-{job['session']}"
     folder = folder / str(entities.get("datatype") or "anat")
     name = [source_prefix(entities)]
-    for key, value in (("from", from_), ("to", to), ("mode", mode), ("space", space), ("desc", desc)):
+    for key, value in (
+        ("from", from_),
+        ("to", to),
+        ("mode", mode),
+        ("space", space),
+        ("desc", desc),
+    ):
         if value:
             name.append(f"{key}-{value}")
     return folder / ("_".join(name) + f"_{suffix}{extension}")
 
 
-def output_paths(output_dir: str | os.PathLike[str], job: Mapping[str, Any], method: str) -> dict[str, Path]:
+def output_paths(
+    output_dir: str | os.PathLike[str], job: Mapping[str, Any], method: str
+) -> dict[str, Path]:
     """Every file one job and one method write (keys: ``preproc``, ``forward_xfm``,
     ``inverse_xfm``, ``warped``, ``jacobian``, ``metrics_tsv``, ``metrics_json``)."""
     root = method_root(output_dir, method)
     suffix, space = job["suffix"], job["fixed_space"]
-    path = lambda root_, **kw: derivative_path(root_, job, **kw)  # noqa: E731
+    path = lambda root_, **kw: derivative_path(root_, job, **kw)
     return {
         "preproc": path(Path(output_dir), suffix=suffix, desc="preproc", extension=".nii.gz"),
-        "forward_xfm": path(root, from_=suffix, to=space, mode="image", suffix="xfm", extension=".h5"),
-        "inverse_xfm": path(root, from_=space, to=suffix, mode="image", suffix="xfm", extension=".h5"),
+        "forward_xfm": path(
+            root, from_=suffix, to=space, mode="image", suffix="xfm", extension=".h5"
+        ),
+        "inverse_xfm": path(
+            root, from_=space, to=suffix, mode="image", suffix="xfm", extension=".h5"
+        ),
         "warped": path(root, space=space, desc="preproc", suffix=suffix, extension=".nii.gz"),
         "jacobian": path(root, space=space, desc=suffix, suffix="jacobian", extension=".nii.gz"),
         "metrics_tsv": path(root, space=space, desc=suffix, suffix="metrics", extension=".tsv"),
@@ -206,6 +220,13 @@ def dataset_lock(output_dir: str | os.PathLike[str]) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
+def _follow_umask(path: str) -> None:
+    """``mkstemp`` creates files 0600; outputs get the usual ``0666 & ~umask``."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file and one rename."""
     path = Path(path)
@@ -214,6 +235,7 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+        _follow_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -224,14 +246,15 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
 def atomic_copy(source: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
     """Copy ``source`` to ``path`` atomically; a byte-identical destination is left alone."""
     source, path = Path(source), Path(path)
-    if path.is_file() and path.stat().st_size == source.stat().st_size:
-        if path.read_bytes() == source.read_bytes():
-            return path
+    same_size = path.is_file() and path.stat().st_size == source.stat().st_size
+    if same_size and path.read_bytes() == source.read_bytes():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         shutil.copyfile(source, tmp)
+        _follow_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -245,7 +268,7 @@ def to_json(data: Any) -> str:
 
 
 def _finite(value: Any) -> Any:
-    if isinstance(value, float) and value != value:  # NaN
+    if isinstance(value, float) and math.isnan(value):
         return None
     if isinstance(value, dict):
         return {str(k): _finite(v) for k, v in value.items()}
@@ -256,7 +279,9 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def write_json_once(path: str | os.PathLike[str], content: Mapping[str, Any], lock_root: Path) -> str:
+def write_json_once(
+    path: str | os.PathLike[str], content: Mapping[str, Any], lock_root: Path
+) -> str:
     """Write a dataset-level JSON file unless it exists; returns written/identical/kept."""
     path = Path(path)
     text = to_json(content)
@@ -297,7 +322,11 @@ def _container() -> dict[str, str] | None:
     if not value:
         return None
     kind, sep, rest = value.partition(":")
-    if sep and kind.lower() in ("docker", "singularity", "apptainer") and not rest.startswith("//"):
+    if (
+        sep
+        and kind.lower() in ("docker", "singularity", "apptainer")
+        and not rest.startswith("//")
+    ):
         return {"Type": kind.lower(), "Tag": rest}
     if "://" in value:
         return {"Type": value.split("://", 1)[0], "URI": value}
@@ -339,7 +368,7 @@ def dataset_description(
         generated["Description"] = "Registration with a uniGradICON-style foundation network"
         entries = [generated]
     else:
-        variant = method[len("ants-"):]
+        variant = method[len("ants-") :]
         from regpipe.ants_methods import ANTS_METHODS
 
         name = f"regpipe: ANTs {variant} registration (comparison)"
@@ -423,41 +452,53 @@ def transform_metadata(
         "FixedImage": job["fixed_uri"],
         "MovingImage": job["source_uri"],
         "Method": method,
-        "InverseTransform": _uri_in(paths["inverse_xfm" if forward else "forward_xfm"], output_dir, method),
+        "InverseTransform": _uri_in(
+            paths["inverse_xfm" if forward else "forward_xfm"], output_dir, method
+        ),
     }
 
 
-def warped_metadata(job: Mapping[str, Any], output_dir: str | os.PathLike[str], method: str) -> dict[str, Any]:
+def warped_metadata(
+    job: Mapping[str, Any], output_dir: str | os.PathLike[str], method: str
+) -> dict[str, Any]:
     """Static sidecar of the warped (template-space) preprocessed image."""
     paths = output_paths(output_dir, job, method)
     meta = source_metadata(job, output_dir)
-    meta.update({
-        "Sources": [_uri_in(paths["preproc"], output_dir, method),
-                    _uri_in(paths["forward_xfm"], output_dir, method)],
-        "SpatialReference": job["fixed_uri"],
-        "Description": (
-            f"Preprocessed {job['suffix']} image resampled into {job['fixed_space']} "
-            f"(trilinear) through the forward transform of method {method}."
-        ),
-        "Method": method,
-    })
+    meta.update(
+        {
+            "Sources": [
+                _uri_in(paths["preproc"], output_dir, method),
+                _uri_in(paths["forward_xfm"], output_dir, method),
+            ],
+            "SpatialReference": job["fixed_uri"],
+            "Description": (
+                f"Preprocessed {job['suffix']} image resampled into {job['fixed_space']} "
+                f"(trilinear) through the forward transform of method {method}."
+            ),
+            "Method": method,
+        }
+    )
     return meta
 
 
-def jacobian_metadata(job: Mapping[str, Any], output_dir: str | os.PathLike[str], method: str) -> dict[str, Any]:
+def jacobian_metadata(
+    job: Mapping[str, Any], output_dir: str | os.PathLike[str], method: str
+) -> dict[str, Any]:
     """Static sidecar of the Jacobian determinant map."""
     paths = output_paths(output_dir, job, method)
     meta = source_metadata(job, output_dir)
-    meta.update({
-        "Sources": [_uri_in(paths["forward_xfm"], output_dir, method)],
-        "SpatialReference": job["fixed_uri"],
-        "Description": (
-            "Determinant of the Jacobian of the forward transform on the fixed grid: < 1 the "
-            f"{job['fixed_space']} region maps to a smaller {job['suffix']} region, <= 0 folding."
-        ),
-        "Units": "arbitrary",
-        "Method": method,
-    })
+    meta.update(
+        {
+            "Sources": [_uri_in(paths["forward_xfm"], output_dir, method)],
+            "SpatialReference": job["fixed_uri"],
+            "Description": (
+                "Determinant of the Jacobian of the forward transform on the fixed grid: < 1 the "
+                f"{job['fixed_space']} region maps to a smaller {job['suffix']} region, <= 0 folding."
+            ),
+            "Units": "arbitrary",
+            "Method": method,
+        }
+    )
     return meta
 
 
@@ -516,10 +557,16 @@ def init_ds_registration_wf(
     inputnode = pe.Node(niu.IdentityInterface(fields=[*fields, "reg_metrics"]), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=fields), name="outputnode")
     paths = output_paths(output_dir, job, method)
-    ds_forward_xfm = _sink("ds_forward_xfm", paths["forward_xfm"],
-                           transform_metadata(job, output_dir, method, forward=True))
-    ds_inverse_xfm = _sink("ds_inverse_xfm", paths["inverse_xfm"],
-                           transform_metadata(job, output_dir, method, forward=False))
+    ds_forward_xfm = _sink(
+        "ds_forward_xfm",
+        paths["forward_xfm"],
+        transform_metadata(job, output_dir, method, forward=True),
+    )
+    ds_inverse_xfm = _sink(
+        "ds_inverse_xfm",
+        paths["inverse_xfm"],
+        transform_metadata(job, output_dir, method, forward=False),
+    )
     ds_warped = _sink("ds_warped", paths["warped"], warped_metadata(job, output_dir, method))
     workflow.connect([
         (inputnode, ds_forward_xfm, [("forward_xfm", "in_file"), ("reg_metrics", "meta_json")]),
@@ -547,13 +594,20 @@ def init_ds_metrics_wf(
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["jacobian", "metrics"]), name="inputnode")
     outputnode = pe.Node(
-        niu.IdentityInterface(fields=["jacobian", "metrics_tsv", "metrics_json"]), name="outputnode"
+        niu.IdentityInterface(fields=["jacobian", "metrics_tsv", "metrics_json"]),
+        name="outputnode",
     )
     paths = output_paths(output_dir, job, method)
-    ds_jacobian = _sink("ds_jacobian", paths["jacobian"], jacobian_metadata(job, output_dir, method))
+    ds_jacobian = _sink(
+        "ds_jacobian", paths["jacobian"], jacobian_metadata(job, output_dir, method)
+    )
     ds_metrics = pe.Node(
-        WriteMetrics(out_file=str(paths["metrics_tsv"]), job=dict(job), method=method,
-                     output_dir=str(output_dir)),
+        WriteMetrics(
+            out_file=str(paths["metrics_tsv"]),
+            job=dict(job),
+            method=method,
+            output_dir=str(output_dir),
+        ),
         name="ds_metrics",
         run_without_submitting=True,
     )

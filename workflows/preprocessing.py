@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
-
 from regpipe.workflows.interfaces import BiasCorrect, ConformImage, NormalizeImage
 
 
@@ -56,8 +55,12 @@ def init_preproc_wf(
     if modality not in ("mri", "ct"):
         raise ValueError(f"modality must be 'mri' or 'ct', got {modality!r}")
     workflow = pe.Workflow(name=name)
-    inputnode = pe.Node(niu.IdentityInterface(fields=["in_file", "mask", "labels"]), name="inputnode")
-    outputnode = pe.Node(niu.IdentityInterface(fields=["out_file", "mask", "labels"]), name="outputnode")
+    inputnode = pe.Node(
+        niu.IdentityInterface(fields=["in_file", "mask", "labels"]), name="inputnode"
+    )
+    outputnode = pe.Node(
+        niu.IdentityInterface(fields=["out_file", "mask", "labels"]), name="outputnode"
+    )
 
     conform = pe.Node(ConformImage(kind="image"), name="conform", mem_gb=0.5)
     normalize = pe.Node(NormalizeImage(modality=modality), name="normalize", mem_gb=0.5)
@@ -78,7 +81,9 @@ def init_preproc_wf(
         ])  # fmt: skip
 
     if bias_correct and modality == "mri":
-        n4 = pe.Node(BiasCorrect(threads=omp_nthreads), name="n4", n_procs=omp_nthreads, mem_gb=1.0)
+        n4 = pe.Node(
+            BiasCorrect(threads=omp_nthreads), name="n4", n_procs=omp_nthreads, mem_gb=1.0
+        )
         workflow.connect([
             (conform, n4, [("out_file", "in_file")]),
             (n4, normalize, [("out_file", "in_file")]),

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
-
 from regpipe.workflows.interfaces import AntsRegistration, NetworkRegistration
 
 FIELDS_IN = ["fixed", "moving", "fixed_mask", "moving_mask"]
@@ -37,7 +36,9 @@ FIELDS_OUT = ["forward_xfm", "inverse_xfm", "warped", "reg_metrics"]
 MEM_GB = {"network": 4.0, "ants-syn": 2.0, "ants-synquick": 2.0, "ants-affine": 1.0}
 
 
-def _connect(workflow: pe.Workflow, node: pe.Node, has_fixed_mask: bool, has_moving_mask: bool) -> None:
+def _connect(
+    workflow: pe.Workflow, node: pe.Node, has_fixed_mask: bool, has_moving_mask: bool
+) -> None:
     inputnode = pe.Node(niu.IdentityInterface(fields=FIELDS_IN), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=FIELDS_OUT), name="outputnode")
     workflow.connect([
@@ -147,7 +148,9 @@ def init_ants_reg_wf(
 
     method = method.removeprefix("ants-")
     if method not in ANTS_METHODS:
-        raise ValueError(f"unknown ANTs method {method!r}: choose one of {', '.join(ANTS_METHODS)}")
+        raise ValueError(
+            f"unknown ANTs method {method!r}: choose one of {', '.join(ANTS_METHODS)}"
+        )
     workflow = pe.Workflow(name=name or f"ants_{method}_reg_wf")
     threads = 1 if seed is not None else omp_nthreads
     ants_reg = pe.Node(

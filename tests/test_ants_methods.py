@@ -1,0 +1,146 @@
+"""ANTs registrations converted to regpipe results (tiny volumes, about a second each)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from regpipe.ants_methods import ANTS_METHODS, ants_register, measure_resources, n4_bias_correct
+from regpipe.errors import InputError
+from regpipe.imageio import Image, save_image
+from regpipe.registration import RegistrationResult
+from regpipe.spaces import Geometry
+from regpipe.transforms import AffineTransform, ComposedTransform, DisplacementField
+from regpipe.warp import warp_array
+from tests.conftest import blob_image, make_affine
+
+ants = pytest.importorskip("ants")
+
+SHAPE = (28, 28, 28)
+
+
+@pytest.fixture(scope="module")
+def pair() -> tuple[Image, Image]:
+    """A fixed phantom (RAS) and the same phantom shifted, on an LPS grid of another shape."""
+    fixed_geom = Geometry(SHAPE, make_affine("RAS", SHAPE))
+    moving_geom = Geometry((26, 30, 24), make_affine("LPS", (26, 30, 24)))
+    shift = np.eye(4)
+    shift[:3, 3] = [2.0, -1.5, 1.0]
+    fixed = Image(blob_image(fixed_geom), fixed_geom)
+    moving = warp_array(fixed.data, fixed_geom, AffineTransform(np.linalg.inv(shift)), moving_geom)
+    return fixed, Image(moving + 0.01, moving_geom)
+
+
+@pytest.fixture(scope="module")
+def synquick(pair) -> RegistrationResult:
+    fixed, moving = pair
+    segs = [
+        Image((image.data > 0.4).astype(np.int16) + (image.data > 0.8), image.geometry)
+        for image in pair
+    ]
+    return ants_register(
+        fixed,
+        moving,
+        method="synquick",
+        seed=3,
+        fixed_segmentation=segs[0],
+        moving_segmentation=segs[1],
+    )
+
+
+def _ants_image(image: Image):
+    from regpipe.ants_methods import _to_ants
+
+    return _to_ants(image.data, image.geometry)
+
+
+def test_methods_table_names_ants_transforms():
+    assert ANTS_METHODS == {
+        "syn": "SyN",
+        "synquick": "antsRegistrationSyNQuick[s]",
+        "affine": "Affine",
+    }
+
+
+def test_unknown_method_is_an_input_error(pair):
+    with pytest.raises(InputError, match="unknown ANTs method"):
+        ants_register(*pair, method="bspline")  # type: ignore[arg-type]
+
+
+def test_affine_result_is_a_registration_result(pair):
+    fixed, moving = pair
+    result = ants_register(fixed, moving, method="affine", seed=1)
+    assert isinstance(result, RegistrationResult)
+    assert isinstance(result.forward, AffineTransform)
+    assert result.settings["type_of_transform"] == "Affine"
+    assert result.settings["deterministic"] and result.settings["threads"] == 1
+    points = fixed.geometry.voxel_to_world(np.array([[14.0, 14, 14], [8, 18, 10]]))
+    assert np.allclose(
+        result.inverse.map_points(result.forward.map_points(points)), points, atol=1e-6
+    )
+    for key in ("runtime_s", "peak_memory_mb", "ncc_before", "ncc_after", "folding_percent"):
+        assert np.isfinite(result.metrics[key])
+
+
+def test_synquick_forward_is_warp_then_affine(synquick):
+    assert isinstance(synquick.forward, ComposedTransform)
+    kinds = [type(t) for t in synquick.forward.transforms]
+    assert kinds == [DisplacementField, AffineTransform]
+    assert isinstance(synquick.affine, AffineTransform)
+
+
+def test_synquick_warped_matches_ants_on_written_transform(synquick, tmp_path):
+    """The written forward ``.h5``, applied by ANTs itself, gives our warped image."""
+    synquick.save(tmp_path / "fwd.h5", inverse_out=tmp_path / "inv.h5")
+    fixed, moving = synquick.fixed, synquick.moving
+    theirs = ants.apply_transforms(
+        _ants_image(fixed), _ants_image(moving), [str(tmp_path / "fwd.h5")], whichtoinvert=[False]
+    ).numpy()
+    inner = (slice(3, -3),) * 3
+    assert np.abs(theirs[inner] - synquick.warped.data[inner]).max() < 1e-3
+
+
+def test_synquick_inverse_undoes_forward(synquick):
+    points = synquick.fixed.geometry.voxel_to_world(np.array([[14.0, 14, 14], [10, 16, 12]]))
+    back = synquick.inverse.map_points(synquick.forward.map_points(points))
+    assert np.abs(back - points).max() < 0.2
+
+
+def test_synquick_improves_similarity_and_reports_dice(synquick):
+    metrics = synquick.metrics
+    assert metrics["ncc_after"] > metrics["ncc_before"]
+    assert set(metrics["dice"]) == {"1", "2"}
+    assert metrics["dice_mean"] > 0.7
+    assert metrics["folding_percent"] == 0.0
+
+
+def test_seed_makes_ants_reproducible(pair, synquick):
+    again = ants_register(*pair, method="synquick", seed=3)
+    assert np.array_equal(again.warped.data, synquick.warped.data)
+
+
+def test_n4_keeps_grid_and_removes_bias(tmp_path):
+    geometry = Geometry((32, 32, 32), make_affine("LIA", (32, 32, 32)))
+    index = np.stack(np.meshgrid(*[np.arange(32)] * 3, indexing="ij"), -1)
+    radius = np.linalg.norm(index - 15.5, axis=-1)
+    clean = (0.1 + (radius < 13) + (radius < 7)).astype(np.float32)  # two sharp "tissues"
+    bias = np.linspace(0.7, 1.3, 32)[:, None, None].astype(np.float32)
+    path = save_image(Image(clean * bias, geometry), tmp_path / "biased.nii.gz")
+    corrected = n4_bias_correct(path, shrink_factor=2)
+    assert corrected.geometry.same_as(geometry)
+    assert corrected.data.dtype == np.float32
+    ring = (radius < 13) & (radius > 8)  # one tissue: its variation is the bias
+
+    def variation(data):
+        return np.std(data[ring]) / np.mean(data[ring])
+
+    assert variation(corrected.data) < 0.2 * variation(clean * bias)
+
+
+def test_measure_resources_sees_a_large_allocation():
+    with measure_resources() as usage:
+        block = np.ones((64, 1024, 1024))  # 512 MiB
+        del block
+    assert usage.runtime_s > 0
+    if usage.scope == "block":
+        assert usage.peak_memory_mb > 500

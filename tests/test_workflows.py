@@ -1,0 +1,427 @@
+"""Graph construction, job contract and output scheme of the workflows (seconds, no data).
+
+The BIDS skeleton holds empty files: building a workflow reads no image.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import pickle
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from regpipe.workflows import base, outputs, steps
+from regpipe.workflows.base import (
+    JOB_KEYS,
+    check_methods,
+    init_regpipe_wf,
+    reference_space_label,
+    validate_job,
+    validate_jobs,
+)
+
+from regpipe.errors import InputError, WeightsError
+
+pe = pytest.importorskip("nipype.pipeline.engine")
+from nipype.pipeline.engine.utils import generate_expanded_graph
+
+SPACE = "MNI152NLin2009cAsym"
+
+
+@pytest.fixture
+def skeleton(tmp_path: Path) -> dict[str, Path]:
+    """An empty-file BIDS dataset: sub-01 (two sessions), sub-02 (run-1), a template."""
+    bids = tmp_path / "bids"
+    files = {
+        "01_1": bids / "sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz",
+        "01_2": bids / "sub-01/ses-2/anat/sub-01_ses-2_T1w.nii.gz",
+        "02": bids / "sub-02/anat/sub-02_run-1_T1w.nii.gz",
+        "template": tmp_path / "tpl" / f"tpl-{SPACE}_res-01_T1w.nii.gz",
+        "mask": tmp_path / "derivatives/masks/sub-02/anat/sub-02_run-1_desc-brain_mask.nii.gz",
+        "labels": tmp_path / "derivatives/masks/sub-02/anat/sub-02_run-1_dseg.nii.gz",
+        "tpl_mask": tmp_path / "tpl" / f"tpl-{SPACE}_res-01_desc-brain_mask.nii.gz",
+        "tpl_labels": tmp_path / "tpl" / f"tpl-{SPACE}_res-01_dseg.nii.gz",
+    }
+    for path in files.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    (bids / "dataset_description.json").write_text('{"Name": "skeleton", "BIDSVersion": "1.10.0"}')
+    files["bids"] = bids
+    files["weights"] = tmp_path / "weights.pt"
+    files["weights"].write_bytes(b"\0" * 2048)  # resolve_weights only checks the file
+    return files
+
+
+def make_job(files: dict[str, Path], key: str, **changes) -> dict:
+    subject, _, session = key.partition("_")
+    entities = {"subject": subject, "suffix": "T1w", "datatype": "anat", "extension": ".nii.gz"}
+    if session:
+        entities["session"] = session
+    if key == "02":
+        entities["run"] = 1
+    job = {
+        "subject": subject,
+        "session": session or None,
+        "moving": str(files[key]),
+        "entities": entities,
+        "suffix": "T1w",
+        "modality": "mri",
+        "fixed": str(files["template"]),
+        "fixed_space": SPACE,
+        "pair_type": "inter",
+        "fixed_mask": None,
+        "moving_mask": None,
+        "fixed_labels": None,
+        "moving_labels": None,
+        "source_uri": "bids:raw:" + files[key].relative_to(files["bids"]).as_posix(),
+        "weights_sha256": None,
+    }
+    job.update(changes)
+    return job
+
+
+def build(files, jobs, tmp_path, methods=("network", "ants-affine"), **kwargs):
+    options = {
+        "weights": str(files["weights"]),
+        "io_iterations": 0,
+        "affine_init": "ours",
+        "device": "cpu",
+        "omp_nthreads": 2,
+        "seed": None,
+    }
+    options.update(kwargs)
+    return init_regpipe_wf(
+        jobs=jobs,
+        output_dir=tmp_path / "out",
+        work_dir=tmp_path / "work",
+        methods=list(methods),
+        **options,
+    )
+
+
+def expanded(workflow):
+    return generate_expanded_graph(workflow._create_flat_graph())
+
+
+def nodes_named(graph, name: str) -> list:
+    return [node for node in graph.nodes() if node.name == name]
+
+
+# --------------------------------------------------------------------------- job contract
+
+
+def test_job_keys_are_documented():
+    for key in (*JOB_KEYS, "fixed_uri"):
+        assert f"``{key}``" in base.__doc__
+
+
+def test_validate_job_fills_optional_keys(skeleton):
+    job = validate_job(make_job(skeleton, "02"))
+    assert job["fixed_uri"] == Path(skeleton["template"]).as_uri()
+    assert job["entities"]["run"] == "1"  # pybids' PaddedInt/int kept as a label
+    intra = validate_job(
+        make_job(
+            skeleton,
+            "01_2",
+            fixed=str(skeleton["01_1"]),
+            fixed_space="sub01ses1",
+            pair_type="intra",
+        )
+    )
+    assert intra["fixed_uri"] == "bids:raw:sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz"
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"modality": "pet"}, "modality"),
+        ({"pair_type": "cross"}, "pair_type"),
+        ({"subject": "sub-02"}, "alphanumeric"),
+        ({"moving": "relative/sub-02_T1w.nii.gz"}, "absolute path"),
+        ({"fixed_labels": "/abs/labels.nii.gz"}, "both fixed_labels and moving_labels"),
+        ({"fixed_space": "MNI_152"}, "fixed_space"),
+        ({"source_uri": "sub-02/anat/x.nii.gz"}, "BIDS URI"),
+        ({"weights_sha256": "abc"}, "64 lower-case hex"),
+        ({"colour": "blue"}, "unknown keys"),
+        ({"session": "1"}, "is not session"),
+    ],
+)
+def test_validate_job_rejects_bad_jobs(skeleton, changes, message):
+    with pytest.raises(InputError, match=message):
+        validate_job(make_job(skeleton, "02", **changes))
+
+
+def test_validate_job_requires_keys(skeleton):
+    job = make_job(skeleton, "02")
+    del job["fixed"]
+    with pytest.raises(InputError, match="missing keys"):
+        validate_job(job)
+
+
+def test_validate_jobs_rejects_duplicates_and_nothing(skeleton):
+    job = make_job(skeleton, "02")
+    with pytest.raises(InputError, match="same outputs"):
+        validate_jobs([job, dict(job)])
+    with pytest.raises(InputError, match="no job"):
+        validate_jobs([])
+
+
+def test_reference_space_label():
+    assert reference_space_label({"subject": "01", "session": "1"}) == "sub01ses1"
+    assert (
+        reference_space_label({"subject": "01", "session": "pre", "run": 2}) == "sub01sesprerun2"
+    )
+
+
+def test_check_methods_orders_and_rejects():
+    assert check_methods(["ants-affine", "network", "network"]) == ["network", "ants-affine"]
+    with pytest.raises(InputError, match="subset"):
+        check_methods(["ants-bspline"])
+
+
+# --------------------------------------------------------------------------- graph
+
+
+def test_one_workflow_per_subject_and_job(skeleton, tmp_path):
+    jobs = [make_job(skeleton, "01_1"), make_job(skeleton, "01_2"), make_job(skeleton, "02")]
+    workflow = build(skeleton, jobs, tmp_path)
+    names = set(workflow.list_node_names())
+    assert "ds_dataset_files" in names
+    prefixes = {name.split(".")[0] for name in names}
+    assert {"sub_01_wf", "sub_02_wf"} <= prefixes
+    sub01 = workflow.get_node("sub_01_wf")
+    images = {name.split(".")[0] for name in sub01.list_node_names()}
+    assert {"ses_1_T1w_to_MNI152NLin2009cAsym_wf", "ses_2_T1w_to_MNI152NLin2009cAsym_wf"} <= images
+    assert "run_1_T1w_to_MNI152NLin2009cAsym_wf" in {
+        n.split(".")[0] for n in workflow.get_node("sub_02_wf").list_node_names()
+    }
+
+
+def test_every_method_gets_the_same_preprocessed_images(skeleton, tmp_path):
+    methods = ("network", "ants-syn", "ants-synquick", "ants-affine")
+    graph = expanded(build(skeleton, [make_job(skeleton, "02")], tmp_path, methods=methods))
+    registrations = nodes_named(graph, "network_reg") + nodes_named(graph, "ants_reg")
+    assert len(registrations) == 4
+    sources = set()
+    for node in registrations:
+        feeds = {
+            (str(src.fullname), tuple(sorted(c[1] for c in data["connect"])))
+            for src, _, data in graph.in_edges(node, data=True)
+        }
+        sources.add(frozenset(feeds))
+    assert len(sources) == 1  # the very same nodes and fields feed every method
+    (feeds,) = sources
+    assert {src.rsplit(".", 2)[-2] for src, _ in feeds} == {
+        "moving_preproc_wf",
+        "fixed_preproc_wf",
+    }
+
+
+def test_template_is_not_bias_corrected_but_reference_images_are(skeleton, tmp_path):
+    inter = expanded(build(skeleton, [make_job(skeleton, "02")], tmp_path))
+    assert [n.fullname.split(".")[-2] for n in nodes_named(inter, "n4")] == ["moving_preproc_wf"]
+    intra = expanded(
+        build(
+            skeleton,
+            [
+                make_job(
+                    skeleton,
+                    "01_2",
+                    fixed=str(skeleton["01_1"]),
+                    fixed_space="sub01ses1",
+                    pair_type="intra",
+                )
+            ],
+            tmp_path,
+        )
+    )
+    assert len(nodes_named(intra, "n4")) == 2
+
+
+def test_ct_is_never_bias_corrected(skeleton, tmp_path):
+    graph = expanded(build(skeleton, [make_job(skeleton, "02", modality="ct")], tmp_path))
+    assert not nodes_named(graph, "n4")
+
+
+def test_masks_and_labels_reach_preprocessing_and_evaluation(skeleton, tmp_path):
+    job = make_job(
+        skeleton,
+        "02",
+        moving_mask=str(skeleton["mask"]),
+        fixed_mask=str(skeleton["tpl_mask"]),
+        moving_labels=str(skeleton["labels"]),
+        fixed_labels=str(skeleton["tpl_labels"]),
+    )
+    graph = expanded(build(skeleton, [job], tmp_path))
+    assert len(nodes_named(graph, "conform_mask")) == 2
+    assert len(nodes_named(graph, "conform_labels")) == 2
+    for evaluate in nodes_named(graph, "evaluate"):
+        fields = {c[1] for _, _, d in graph.in_edges(evaluate, data=True) for c in d["connect"]}
+        assert {"fixed_mask", "fixed_labels", "moving_labels", "forward_xfm"} <= fields
+    for normalize in nodes_named(graph, "normalize"):
+        fields = {c[1] for _, _, d in graph.in_edges(normalize, data=True) for c in d["connect"]}
+        assert "mask" in fields  # skull-stripping applied to both images
+
+
+def test_nodes_declare_threads_and_pickle(skeleton, tmp_path):
+    graph = expanded(
+        build(
+            skeleton, [make_job(skeleton, "02")], tmp_path, seed=7, methods=("network", "ants-syn")
+        )
+    )
+    (network,) = nodes_named(graph, "network_reg")
+    (ants,) = nodes_named(graph, "ants_reg")
+    assert network.n_procs == 2 and network.inputs.seed == 7
+    assert ants.n_procs == 1  # deterministic ANTs is single-threaded
+    for node in graph.nodes():
+        pickle.dumps(node)  # MultiProc, SLURM... ship nodes to other processes
+
+
+def test_crash_files_go_to_the_subject_log(skeleton, tmp_path):
+    workflow = build(skeleton, [make_job(skeleton, "02")], tmp_path, run_uuid="run1")
+    subject_wf = workflow.get_node("sub_02_wf")
+    folders = {node.config["execution"]["crashdump_dir"] for node in subject_wf._get_all_nodes()}
+    assert folders == {str(tmp_path / "out" / "sub-02" / "log" / "run1")}
+
+
+def test_reports_can_be_switched_off(skeleton, tmp_path):
+    job = make_job(skeleton, "02")
+    assert "sub_02_wf.subject_report" in build(skeleton, [job], tmp_path).list_node_names()
+    names = build(skeleton, [job], tmp_path, reports=False).list_node_names()
+    assert not any(name.endswith("subject_report") for name in names)
+
+
+def test_missing_weights_fail_before_any_work(skeleton, tmp_path):
+    with pytest.raises(WeightsError):
+        build(skeleton, [make_job(skeleton, "02")], tmp_path, weights=str(tmp_path / "none.pt"))
+    workflow = build(
+        skeleton,
+        [make_job(skeleton, "02")],
+        tmp_path,
+        methods=["ants-affine"],
+        weights=str(tmp_path / "none.pt"),
+    )  # no network: weights unused
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
+    assert workflow.name == "regpipe_wf"
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def test_output_paths_follow_the_scheme(skeleton, tmp_path):
+    job = validate_job(make_job(skeleton, "01_1"))
+    out = tmp_path / "out"
+    names = {
+        k: p.relative_to(out).as_posix()
+        for k, p in outputs.output_paths(out, job, "network").items()
+    }
+    anat = "sub-01/ses-1/anat/sub-01_ses-1"
+    assert names == {
+        "preproc": f"{anat}_desc-preproc_T1w.nii.gz",
+        "forward_xfm": f"{anat}_from-T1w_to-{SPACE}_mode-image_xfm.h5",
+        "inverse_xfm": f"{anat}_from-{SPACE}_to-T1w_mode-image_xfm.h5",
+        "warped": f"{anat}_space-{SPACE}_desc-preproc_T1w.nii.gz",
+        "jacobian": f"{anat}_space-{SPACE}_desc-T1w_jacobian.nii.gz",
+        "metrics_tsv": f"{anat}_space-{SPACE}_desc-T1w_metrics.tsv",
+        "metrics_json": f"{anat}_space-{SPACE}_desc-T1w_metrics.json",
+    }
+    ants = outputs.output_paths(out, job, "ants-syn")
+    assert ants["warped"].is_relative_to(out / "derivatives" / "regpipe-ants-syn" / "sub-01")
+    assert ants["preproc"] == outputs.output_paths(out, job, "network")["preproc"]
+
+
+def _write_dataset_files(args):
+    output_dir, methods = args
+    return outputs.write_dataset_files(output_dir, methods, "/data/bids")
+
+
+def test_dataset_files_are_safe_under_concurrent_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("REGPIPE_CONTAINER", "docker:regpipe/regpipe:0.1.0")
+    methods = ["network", "ants-syn"]
+    with multiprocessing.get_context("fork").Pool(3) as pool:  # no torch in the workers
+        pool.map(_write_dataset_files, [(str(tmp_path), methods)] * 6)
+    top = json.loads((tmp_path / "dataset_description.json").read_text())
+    assert top["DatasetType"] == "derivative"
+    assert top["GeneratedBy"][0]["Name"] == "regpipe"
+    assert top["GeneratedBy"][0]["Container"] == {"Type": "docker", "Tag": "regpipe/regpipe:0.1.0"}
+    assert top["DatasetLinks"]["raw"] == "file:///data/bids"
+    nested = json.loads(
+        (tmp_path / "derivatives/regpipe-ants-syn/dataset_description.json").read_text()
+    )
+    assert nested["GeneratedBy"][1]["Name"] == "ANTs"
+    ignore = (tmp_path / ".bidsignore").read_text().splitlines()
+    assert ignore.count("*_xfm.*") == 1
+    assert not list(tmp_path.rglob(".*.tmp"))
+    # an existing, different description is kept
+    (tmp_path / "dataset_description.json").write_text('{"Name": "mine"}')
+    assert outputs.write_json_once(tmp_path / "dataset_description.json", top, tmp_path) == "kept"
+
+
+def test_pybids_queries_the_output_scheme(skeleton, tmp_path):
+    bids_layout = pytest.importorskip("bids").BIDSLayout
+    out = tmp_path / "out"
+    methods = ["network", "ants-affine"]
+    outputs.write_dataset_files(out, methods, skeleton["bids"])
+    jobs = [validate_job(make_job(skeleton, "01_1")), validate_job(make_job(skeleton, "02"))]
+    for job in jobs:
+        for method in methods:
+            for path in outputs.output_paths(out, job, method).values():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text("{}" if path.suffix == ".json" else "")
+    layout = bids_layout(out, validate=False, derivatives=True)
+    top = layout.get(scope="self", suffix="xfm", extension=".h5", subject="01")
+    assert {f.entities["from"] for f in top} == {"T1w", SPACE}
+    forward = layout.get(scope="self", suffix="xfm", extension=".h5", to=SPACE, mode="image")
+    assert len(forward) == 2
+    nested = [d for d in layout.derivatives.values() if d.root.endswith("regpipe-ants-affine")]
+    assert len(nested) == 1
+    warped = nested[0].get(space=SPACE, desc="preproc", suffix="T1w", extension=".nii.gz")
+    assert {f.entities["subject"] for f in warped} == {"01", "02"}
+    metrics = layout.get(suffix="metrics", extension=".tsv", space=SPACE)
+    assert len(metrics) == 4  # both methods, both images
+    assert len(layout.get(scope="self", suffix="jacobian", desc="T1w")) == 2
+
+
+# --------------------------------------------------------------------------- interfaces
+
+
+def test_write_metrics_table(tmp_path, skeleton):
+    job = validate_job(make_job(skeleton, "02"))
+    evaluation = tmp_path / "metrics.json"
+    evaluation.write_text(
+        json.dumps(
+            {
+                "metrics": {"runtime_s": 1.5, "ncc_after": 0.9, "dice_mean": float("nan")},
+                "dice": {"2": 0.5, "10": 0.7},
+                "settings": {"seed": 1},
+            }
+        ).replace("NaN", "null")
+    )
+    tsv, sidecar = steps.write_metrics(str(evaluation), str(tmp_path / "m.tsv"), job, "network")
+    header, row = Path(tsv).read_text().splitlines()
+    values = dict(zip(header.split("\t"), row.split("\t")))
+    assert values["method"] == "network" and values["runtime_s"] == "1.5"
+    assert values["peak_memory_mb"] == "n/a" and values["dice_mean"] == "n/a"
+    assert header.split("\t")[-2:] == ["dice_2", "dice_10"]
+    described = json.loads(Path(sidecar).read_text())
+    assert described["runtime_s"]["Units"] == "s" and described["Dice"] == {"2": 0.5, "10": 0.7}
+
+
+def test_subject_report_calls_the_reports_module(monkeypatch, tmp_path):
+    calls = []
+
+    def write_subject_report(**kwargs):
+        calls.append(kwargs)
+        return kwargs["out_html"]
+
+    fake = types.ModuleType("regpipe.reports")
+    fake.write_subject_report = write_subject_report  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "regpipe.reports", fake)
+    section = {"method": "network", "label": "T1w"}
+    inputs = steps.collect_report_inputs("01", None, str(tmp_path), [[section], section])
+    assert steps.subject_report(inputs) == str(tmp_path / "sub-01.html")
+    assert calls[0]["sections"] == [section, section]
+    assert isinstance(calls[0]["output_dir"], Path)
