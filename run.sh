@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's two entry points on a fresh machine (Debian, Python >= 3.10, no GPU):
-#   bash run.sh demo   create/reuse .venv, install regpipe, run the main job offline on CPU
+#   bash run.sh demo   create/reuse .venv, install regpipe, build the demo BIDS dataset in
+#                      ./demo and run the BIDS App on it (participant + group), offline, CPU
 #   bash run.sh test   create/reuse .venv, install regpipe + test tools, run the test suite
 # Extra arguments after "test" go to pytest; after "demo" to the demo.
 set -euo pipefail
@@ -35,7 +36,7 @@ install() {
 case "$what" in
     demo)
         install demo
-        exec "$PY" -m regpipe.cli.demo "$@"
+        exec "$PY" -m regpipe.bids_app.demo demo --run "$@"
         ;;
     test)
         install test

@@ -257,18 +257,57 @@ def demo_commands(demo: DemoDataset, *, weights: str, nprocs: int = 2,
     return [participant, group]
 
 
+def run_demo(demo: DemoDataset, *, weights: str, io_iterations: str,
+             compare: Sequence[str]) -> int:
+    """Run participant then group on the demo dataset, offline; print where the reports are."""
+    import subprocess
+    import time
+
+    env = dict(os.environ, TEMPLATEFLOW_HOME=str(demo.templateflow_home), REGPIPE_OFFLINE="1")
+    runner = [sys.executable, "-c", "import sys; from regpipe.bids_app.run import main; "
+              "sys.exit(main())"]
+    participant, group = demo_commands(demo, weights=weights, compare=compare, fast=True,
+                                       nprocs=min(2, os.cpu_count() or 1))
+    participant += ["--io-iterations", io_iterations]
+    started = time.perf_counter()
+    for command in (participant, group):
+        print(f"[demo] {shlex.join(command)}", flush=True)
+        code = subprocess.call(runner + command[1:], env=env)
+        if code != 0:
+            print(f"[demo] {command[3]} level failed with exit code {code}", file=sys.stderr)
+            return code
+    reports = sorted(demo.output_dir.glob("sub-*.html"))
+    print(f"[demo] finished in {time.perf_counter() - started:.0f} s (weights: {weights})")
+    for report in reports:
+        print(f"[demo] subject report: {report}")
+    print(f"[demo] group report:   {demo.output_dir / 'group' / 'group_report.html'}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m regpipe.bids_app.demo",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path, help="folder for bids/ and templateflow/")
     parser.add_argument("--resolution", type=int, default=2, choices=(1, 2, 3, 4),
                         help="voxel size of the stand-in subjects in mm (default 2)")
+    parser.add_argument("--run", action="store_true",
+                        help="also run the participant and group levels (offline, CPU) and "
+                        "print where the reports are: the project's main job")
+    parser.add_argument("--weights", default=None,
+                        help="weights for --run (default: the default weights when available "
+                        "offline, else 'none')")
+    parser.add_argument("--io-iterations", default="20", help="for --run (default 20)")
+    parser.add_argument("--compare", nargs="*", default=["ants-affine"],
+                        help="ANTs methods for --run (default ants-affine)")
     args = parser.parse_args(argv)
     try:
         demo = build_demo(args.out_dir, resolution=args.resolution)
     except (RegpipeError, OSError) as error:
         print(f"demo: error: {error}", file=sys.stderr)
         return 1
+    if args.run:
+        return run_demo(demo, weights=args.weights or recommended_weights(),
+                        io_iterations=args.io_iterations, compare=args.compare)
     env = f"TEMPLATEFLOW_HOME={shlex.quote(str(demo.templateflow_home))} REGPIPE_OFFLINE=1"
     print(f"BIDS dataset:      {demo.bids_dir}")
     print(f"TEMPLATEFLOW_HOME: {demo.templateflow_home}")

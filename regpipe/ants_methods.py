@@ -61,6 +61,8 @@ ANTS_METHODS: dict[str, str] = {
 
 #: Environment variable ITK reads for its thread count (what antspyx's deterministic mode sets).
 ITK_THREADS = "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"
+#: Environment variable older ANTs builds read for their random seed.
+ANTS_SEED = "ANTS_RANDOM_SEED"
 
 __all__ = [
     "ANTS_METHODS",
@@ -213,7 +215,7 @@ def _ants_settings(seed: int | None, threads: int | None) -> Iterator[None]:
     so the thread settings only hold in a process that has not used ANTs yet (see
     :func:`_run_ants`).
     """
-    saved_threads = os.environ.get(ITK_THREADS)
+    saved_threads, saved_seed = os.environ.get(ITK_THREADS), os.environ.get(ANTS_SEED)
     numpy_state, python_state = np.random.get_state(), random.getstate()
     config: Any = None
     if threads:
@@ -227,7 +229,7 @@ def _ants_settings(seed: int | None, threads: int | None) -> Iterator[None]:
         else:  # antspyx < 0.5: only the environment (ANTs reads ANTS_RANDOM_SEED)
             config = None
             os.environ[ITK_THREADS] = "1"
-            os.environ["ANTS_RANDOM_SEED"] = str(int(seed))
+            os.environ[ANTS_SEED] = str(int(seed))
     try:
         yield
     finally:
@@ -235,10 +237,11 @@ def _ants_settings(seed: int | None, threads: int | None) -> Iterator[None]:
             config.set_ants_deterministic(False, None)
             np.random.set_state(numpy_state)
             random.setstate(python_state)
-        if saved_threads is None:
-            os.environ.pop(ITK_THREADS, None)
-        else:
-            os.environ[ITK_THREADS] = saved_threads
+        for name, value in ((ITK_THREADS, saved_threads), (ANTS_SEED, saved_seed)):
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _ants_registration_files(

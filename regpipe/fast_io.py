@@ -68,6 +68,9 @@ class FastIOSettings:
         at each level.
     lr_mm
         Adam step size (mm of displacement or velocity per iteration).
+    lr_final
+        Step size at the last iteration of each level as a fraction of ``lr_mm`` (linear
+        decay; 1 keeps it constant).
     diffusion
         Weight of the diffusion regulariser: mean over control points of
         ``sum_{a,c} (d field_c / d x_a)^2`` (dimensionless, mm per mm).
@@ -100,6 +103,7 @@ class FastIOSettings:
     level_steps: tuple[float, ...] = (1.0, 1.0)
     window_mm: float = 9.0
     lr_mm: float = 0.25
+    lr_final: float = 1.0
     diffusion: float = 0.5
     folding: float = 10.0
     jacobian_floor: float = 0.3
@@ -128,7 +132,9 @@ class FastIOSettings:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise InputError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("diffusion", "folding", "jacobian_floor", "margin_mm", "foreground"):
+        for name in (
+            "lr_final", "diffusion", "folding", "jacobian_floor", "margin_mm", "foreground"
+        ):
             if not getattr(self, name) >= 0:
                 raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= int(self.squarings) <= 12:
@@ -276,6 +282,9 @@ def _optimise_levels(
         param = param.detach().requires_grad_(True)
         optimiser = torch.optim.Adam([param], lr=settings.lr_mm)
         for iteration in range(n_iter):
+            fraction = iteration / max(n_iter - 1, 1)
+            for group in optimiser.param_groups:
+                group["lr"] = settings.lr_mm * (1.0 + (settings.lr_final - 1.0) * fraction)
             optimiser.zero_grad(set_to_none=True)
             field = _integrate(param, control_spacing, settings)
             dense = F.interpolate(field, size=level.shape, mode="trilinear", align_corners=True)

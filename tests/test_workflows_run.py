@@ -177,21 +177,32 @@ def test_corrupt_image_fails_its_subject_only(runs):
     assert "cannot be read as an image" in crash.read_text()
 
 
+#: Files of one image and one method, relative to the method's dataset (``{p}``: entities).
+PER_METHOD = [
+    "{p}_from-T1w_to-Tiny_mode-image_xfm.h5",
+    "{p}_from-T1w_to-Tiny_mode-image_xfm.json",
+    "{p}_from-Tiny_to-T1w_mode-image_xfm.h5",
+    "{p}_from-Tiny_to-T1w_mode-image_xfm.json",
+    "{p}_space-Tiny_desc-preproc_T1w.nii.gz",
+    "{p}_space-Tiny_desc-preproc_T1w.json",
+    "{p}_space-Tiny_desc-T1w_jacobian.nii.gz",
+    "{p}_space-Tiny_desc-T1w_jacobian.json",
+    "{p}_space-Tiny_desc-T1w_metrics.tsv",
+    "{p}_space-Tiny_desc-T1w_metrics.json",
+]
+
+
 def test_produced_files_match_the_expected_list(runs):
     out = runs["out"]
-    expected = {
-        ".regpipe.lock",
-        "dataset_description.json",
-        ".bidsignore",
-        "derivatives/regpipe-ants-affine/dataset_description.json",
-        "derivatives/regpipe-ants-affine/.bidsignore",
-    }
-    for job in runs["jobs"][:2]:
-        for method in METHODS:
-            for path in output_paths(out, job, method).values():
-                expected |= {str(path.relative_to(out)), str(sidecar_of(path).relative_to(out))}
+    ants = "derivatives/regpipe-ants-affine/"
+    expected = {".regpipe.lock", "dataset_description.json", ".bidsignore",
+                f"{ants}dataset_description.json", f"{ants}.bidsignore"}  # fmt: skip
+    for prefix in ("sub-01/ses-1/anat/sub-01_ses-1", "sub-02/anat/sub-02"):
+        expected |= {f"{prefix}_desc-preproc_T1w.nii.gz", f"{prefix}_desc-preproc_T1w.json"}
+        for root in ("", ants):
+            expected |= {root + name.format(p=prefix) for name in PER_METHOD}
     produced = {
-        str(p.relative_to(out))
+        p.relative_to(out).as_posix()
         for p in out.rglob("*")
         if p.is_file() and "/log/" not in p.as_posix()
     }

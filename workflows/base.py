@@ -617,7 +617,7 @@ def run_workflow(
     memory_gb: float | None = None,
     plugin_args: Mapping[str, Any] | None = None,
     stop_on_first_crash: bool = False,
-    poll_sleep_duration: float | None = None,
+    poll_sleep_duration: float | None = 0.5,
 ) -> RunSummary:
     """Run a workflow from :func:`init_regpipe_wf`; a failing subject does not stop the others.
 
@@ -635,7 +635,9 @@ def run_workflow(
     stop_on_first_crash
         Nipype's option; false: every node that can run, runs.
     poll_sleep_duration
-        Seconds between scheduler polls (Nipype's default: 2).
+        Seconds between scheduler polls (Nipype's default is 2; every level of the graph
+        waits one poll, even when cached, so 0.5 makes a fully cached rerun about 4x faster);
+        ``None`` keeps the workflow's configuration.
     """
     args: dict[str, Any] = {}
     if plugin == "MultiProc":
