@@ -143,3 +143,10 @@ def test_warp_needs_an_interpolator(files, tmp_path):
     with pytest.raises(SystemExit):
         warp_cli.main(["--fixed", str(files["fixed"]), "--moving", str(files["moving"]),
                        "--warped_moving_out", str(tmp_path / "w.nii.gz")])
+
+
+@pytest.mark.parametrize("option", [["--intensity_conservation_loss"], ["--dice_loss_weight", "1"]])
+def test_unimplemented_reference_options_are_refused(files, tmp_path, capsys, option):
+    assert register_cli.main(base_args(files, tmp_path) + option) == 1
+    assert "not implemented" in capsys.readouterr().err
+    assert not (tmp_path / "fwd.h5").exists()

@@ -137,8 +137,11 @@ def _main(args: argparse.Namespace) -> int:
         raise InputError(
             "--intensity_conservation_loss is not implemented in regpipe yet; run without it"
         )
-    if args.dice_loss_weight and args.io_method != "network":
-        raise InputError("--dice_loss_weight applies to --io_method network only")
+    if args.dice_loss_weight:
+        raise InputError(
+            "--dice_loss_weight is not implemented in regpipe yet (Dice is reported, not "
+            "optimised); run without it"
+        )
     _check_outputs(args)
     weights = args.network_weights or args.model or "default"
     masks = _masks(args)
