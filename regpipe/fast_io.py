@@ -79,6 +79,9 @@ class FastIOSettings:
         grid.
     jacobian_floor
         Jacobian determinant below which the folding penalty starts (dimensionless).
+    smoothing
+        Width of the box filter applied to the upsampled correction, as a multiple of the
+        control spacing (0 = plain trilinear upsampling).
     velocity
         Optimise a stationary velocity field integrated by scaling and squaring (``True``) or a
         displacement (``False``).
@@ -107,6 +110,7 @@ class FastIOSettings:
     diffusion: float = 0.5
     folding: float = 10.0
     jacobian_floor: float = 0.3
+    smoothing: float = 1.0
     velocity: bool = True
     esm: bool = True
     squarings: int = 6
@@ -133,7 +137,7 @@ class FastIOSettings:
             if not getattr(self, name) > 0:
                 raise InputError(f"{name} must be positive, got {getattr(self, name)}")
         for name in (
-            "lr_final", "diffusion", "folding", "jacobian_floor", "margin_mm", "foreground"
+            "lr_final", "smoothing", "diffusion", "folding", "jacobian_floor", "margin_mm", "foreground"
         ):
             if not getattr(self, name) >= 0:
                 raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -230,12 +234,12 @@ def optimise_displacement(
     crop_shape = tuple(int(s) for s in fixed_crop.shape[2:])
 
     with torch.enable_grad():
-        field_mm = _optimise_levels(
+        field_mm, smoothing_mm = _optimise_levels(
             moved, fixed_crop, mask_crop, crop_shape, spacing, steps, settings, progress
         )
     with torch.no_grad():
-        correction = F.interpolate(field_mm, size=crop_shape, mode="trilinear", align_corners=True)
-        correction = correction / spacing.view(1, 3, 1, 1, 1)
+        window = _smoothing_voxels(smoothing_mm, spacing)
+        correction = _dense(field_mm, crop_shape, window) / spacing.view(1, 3, 1, 1, 1)
         pads: list[int] = []
         for (lo, hi), n in zip(reversed(box), reversed(shape)):
             pads += [lo, n - 1 - hi]
@@ -256,11 +260,12 @@ def _optimise_levels(
     steps: int,
     settings: FastIOSettings,
     progress: bool,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, float]:
     """Coarse-to-fine optimisation on the cropped grid; returns the correction in mm.
 
     The result is the displacement ``w`` (mm, channel ``c`` along axis ``c + 2``) on the finest
-    control grid, which spans the same box as ``fixed`` (``align_corners`` convention).
+    control grid, which spans the same box as ``fixed`` (``align_corners`` convention), and the
+    width (mm) of the box smoothing applied after upsampling it (see :func:`_dense`).
     """
     extent_mm = (torch.tensor(shape, dtype=torch.float32) - 1).clamp(min=1) * spacing.cpu()
     iterations = [int(round(steps * f)) for f in settings.level_steps]
@@ -280,6 +285,8 @@ def _optimise_levels(
         else:
             param = F.interpolate(param, size=control_size, mode="trilinear", align_corners=True)
         param = param.detach().requires_grad_(True)
+        smoothing_mm = settings.smoothing * float(control_spacing.mean())
+        smoothing = _smoothing_voxels(smoothing_mm, level.spacing)
         optimiser = torch.optim.Adam([param], lr=settings.lr_mm)
         for iteration in range(n_iter):
             fraction = iteration / max(n_iter - 1, 1)
@@ -287,7 +294,7 @@ def _optimise_levels(
                 group["lr"] = settings.lr_mm * (1.0 + (settings.lr_final - 1.0) * fraction)
             optimiser.zero_grad(set_to_none=True)
             field = _integrate(param, control_spacing, settings)
-            dense = F.interpolate(field, size=level.shape, mode="trilinear", align_corners=True)
+            dense = _dense(field, level.shape, smoothing)
             warped = _WarpWithGradient.apply(dense / level.spacing.view(1, 3, 1, 1, 1), level)
             similarity = 1.0 - level.lncc(warped)
             loss = similarity
@@ -305,7 +312,7 @@ def _optimise_levels(
     if param is None:  # pragma: no cover - settings guarantee at least one level
         raise InputError("no optimisation level configured")
     with torch.no_grad():
-        return _integrate(param.detach(), control_spacing, settings)
+        return _integrate(param.detach(), control_spacing, settings), smoothing_mm
 
 
 @dataclass
@@ -600,10 +607,40 @@ def _level_size(shape: Sequence[int], factor: float) -> tuple[int, ...]:
     return tuple(max(int(round((n - 1) / factor)) + 1, 2) for n in shape)
 
 
-def _window_voxels(window_mm: float, spacing: torch.Tensor) -> int:
-    """Odd window width (voxels, >= 3) closest to ``window_mm`` at the mean level spacing."""
+def _window_voxels(window_mm: float, spacing: torch.Tensor, minimum: int = 3) -> int:
+    """Odd window width (voxels, >= ``minimum``) closest to ``window_mm`` at the mean spacing."""
     voxels = window_mm / float(spacing.mean())
-    return max(3, 2 * int(round((voxels - 1) / 2)) + 1)
+    return max(minimum, 2 * int(math.floor((voxels - 1) / 2 + 0.5)) + 1)
+
+
+def _smoothing_voxels(width_mm: float, spacing: torch.Tensor) -> int:
+    """Odd box width (voxels) of at least ``width_mm`` at the mean spacing; 1 for no smoothing."""
+    if width_mm <= 0:
+        return 1
+    voxels = width_mm / float(spacing.mean())
+    return 2 * int(math.ceil((voxels - 1) / 2 - 1e-6)) + 1
+
+
+def _dense(field: torch.Tensor, shape: Sequence[int], window: int) -> torch.Tensor:
+    """Trilinear upsampling of a control-grid field to ``shape``, then a box smoothing.
+
+    The box (``window`` voxels, edge values repeated at the borders) turns the piecewise
+    linear interpolant into a smoother, B-spline-like one, so the Jacobian has no jumps at the
+    control cells' faces.
+    """
+    dense = F.interpolate(field, size=tuple(shape), mode="trilinear", align_corners=True)
+    if window <= 1:
+        return dense
+    half = window // 2
+    padded = F.pad(dense, [half] * 6, mode="replicate")
+    out = padded
+    for dim in range(2, 5):
+        n = out.shape[dim] - 2 * half
+        total = out.narrow(dim, 0, n)
+        for shift in range(1, window):
+            total = total + out.narrow(dim, shift, n)
+        out = total
+    return out * (1.0 / window**3)
 
 
 def _downsample(volume: torch.Tensor, shape: tuple[int, ...], factor: float) -> torch.Tensor:
