@@ -20,7 +20,12 @@ import torch
 from tqdm.auto import tqdm
 
 from regpipe.errors import InputError
-from regpipe.losses import Similarity, get_similarity, gradicon_objective
+from regpipe.losses import (
+    Similarity,
+    get_similarity,
+    gradicon_objective,
+    shared_label_one_hot,
+)
 from regpipe.networks.gradicon import RegistrationNetwork
 
 __all__ = ["NetworkOptimisation", "optimise_network_weights"]
@@ -55,6 +60,10 @@ def optimise_network_weights(
     lam: float = 1.5,
     masks: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
     progress: bool = True,
+    *,
+    intensity_conservation: bool = False,
+    segmentations: tuple[torch.Tensor, torch.Tensor] | None = None,
+    dice_loss_weight: float = 0.0,
 ) -> NetworkOptimisation:
     """Fine-tune every weight of ``network`` on one pair, predict, restore the weights.
 
@@ -85,6 +94,13 @@ def optimise_network_weights(
         :func:`~regpipe.losses.gradicon_objective`).
     progress
         Show a tqdm progress bar with the current loss.
+    intensity_conservation
+        Jacobian-weighted similarity (uniGradICON's ``--intensity_conservation_loss``, for
+        CT pairs); see :func:`~regpipe.losses.gradicon_objective`.
+    segmentations
+        ``(moving_labels, fixed_labels)`` on the network grid, for the Dice term.
+    dice_loss_weight
+        Weight of the Dice term (0 = none; > 0 needs ``segmentations``).
 
     Returns
     -------
@@ -93,7 +109,8 @@ def optimise_network_weights(
     Raises
     ------
     InputError
-        For a negative ``steps``, a non-positive ``lr`` or unusable images.
+        For a negative ``steps``, a non-positive ``lr``, unusable images, a negative
+        ``dice_loss_weight``, or a positive one without two segmentations sharing a label.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise InputError(f"steps must be a non-negative integer, got {steps!r}")
@@ -101,6 +118,27 @@ def optimise_network_weights(
         raise InputError(f"the learning rate must be positive, got {lr!r}")
     measure = get_similarity(similarity)
     network.check_pair(moving, fixed)
+    dice_loss_weight = float(dice_loss_weight)
+    if not dice_loss_weight >= 0:
+        raise InputError(f"the Dice loss weight must be >= 0, got {dice_loss_weight!r}")
+    if dice_loss_weight > 0:
+        if segmentations is None or segmentations[0] is None or segmentations[1] is None:
+            raise InputError("a Dice loss weight > 0 needs both segmentations")
+        pairs = zip(segmentations, (moving, fixed), ("moving", "fixed"), strict=True)
+        for labels, image, name in pairs:
+            if labels.shape[0] != image.shape[0] or labels.shape[2:] != image.shape[2:]:
+                raise InputError(
+                    f"{name} segmentation shape {tuple(labels.shape)} does not match the "
+                    f"image's {tuple(image.shape)}"
+                )
+        shared_label_one_hot(*segmentations)  # fail before touching the weights
+    else:
+        segmentations = None
+    objective_options = {
+        "intensity_conservation": bool(intensity_conservation),
+        "segmentations": segmentations,
+        "dice_loss_weight": dice_loss_weight,
+    }
 
     saved = {key: value.detach().clone() for key, value in network.state_dict().items()}
     parameters = list(network.parameters())
@@ -117,7 +155,9 @@ def optimise_network_weights(
         ) as bar:
             for _ in range(steps):
                 optimiser.zero_grad(set_to_none=True)
-                terms = gradicon_objective(network, moving, fixed, measure, lam, masks)
+                terms = gradicon_objective(
+                    network, moving, fixed, measure, lam, masks, **objective_options
+                )
                 terms.all_loss.backward()
                 optimiser.step()
                 losses.append(float(terms.all_loss.detach()))

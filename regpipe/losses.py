@@ -34,6 +34,7 @@ __all__ = [
     "SIMILARITIES",
     "ObjectiveTerms",
     "Similarity",
+    "cell_jacobian_determinant",
     "count_flips",
     "gaussian_blur",
     "get_similarity",
@@ -366,6 +367,35 @@ class ObjectiveTerms(NamedTuple):
     flips: torch.Tensor
 
 
+def cell_jacobian_determinant(coordinates: torch.Tensor) -> torch.Tensor:
+    """Jacobian determinant of a map per grid cell, in grid units, ``[B, 1, n0-1, n1-1, n2-1]``.
+
+    The forward differences of the map values along axes 2, 3, 4, taken at each cell's far
+    corner, give the cell's edge vectors ``a, b, c``; the determinant is ``(a x b) . c``
+    scaled by ``(n0 - 1)(n1 - 1)(n2 - 1)`` (normalised units -> grid units), so the identity
+    map gives 1 everywhere. Differentiable.
+
+    Parameters
+    ----------
+    coordinates
+        ``[B, 3, n0, n1, n2]`` map values (not displacements), normalised units.
+    """
+    if coordinates.dim() != 5 or coordinates.shape[1] != 3:
+        raise InputError(f"expected a [B, 3, n0, n1, n2] map, got {tuple(coordinates.shape)}")
+    corner = coordinates[:, :, 1:, 1:, 1:]
+    a = corner - coordinates[:, :, :-1, 1:, 1:]
+    b = corner - coordinates[:, :, 1:, :-1, 1:]
+    c = corner - coordinates[:, :, 1:, 1:, :-1]
+    determinant = torch.sum(torch.linalg.cross(a, b, dim=1) * c, dim=1, keepdim=True)
+    n0, n1, n2 = coordinates.shape[2:]
+    return determinant * (n0 - 1) * (n1 - 1) * (n2 - 1)
+
+
+def _crop_high(volume: torch.Tensor | None) -> torch.Tensor | None:
+    """Drop the last voxel along every spatial axis (the cells of the Jacobian determinant)."""
+    return None if volume is None else volume[:, :, :-1, :-1, :-1]
+
+
 def gradicon_objective(
     network: RegistrationNetwork,
     moving: torch.Tensor,
@@ -373,12 +403,17 @@ def gradicon_objective(
     similarity: str | Similarity = "lncc",
     lam: float = 1.5,
     masks: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
+    *,
+    intensity_conservation: bool = False,
+    segmentations: tuple[torch.Tensor, torch.Tensor] | None = None,
+    dice_loss_weight: float = 0.0,
 ) -> ObjectiveTerms:
     """uniGradICON's symmetric objective for one batch of pairs.
 
-    ``all_loss = lam * L_gradicon + S(moving o phi_AB, fixed) + S(fixed o phi_BA, moving)``,
-    where both maps come from ``network`` (A = moving, B = fixed), the similarity warps use
-    zero padding, and ``L_gradicon`` is :func:`gradicon_regulariser` of ``(phi_AB, phi_BA)``.
+    ``all_loss = lam * L_gradicon + S(moving o phi_AB, fixed) + S(fixed o phi_BA, moving)
+    [+ dice_loss_weight * L_dice]``, where both maps come from ``network`` (A = moving,
+    B = fixed), the similarity warps use zero padding, and ``L_gradicon`` is
+    :func:`gradicon_regulariser` of ``(phi_AB, phi_BA)``.
 
     Parameters
     ----------
@@ -393,13 +428,39 @@ def gradicon_objective(
     masks
         Optional ``(moving_mask, fixed_mask)``, each ``[B, 1, n0, n1, n2]`` or ``None``: the
         fixed mask restricts the A->B similarity term, the moving mask the B->A term.
+    intensity_conservation
+        uniGradICON's ``--intensity_conservation_loss`` (mass-conserving registration, meant
+        for CT where air is the lowest intensity): each warped image is multiplied by the
+        per-cell Jacobian determinant of its map (:func:`cell_jacobian_determinant`) and the
+        similarity becomes ``S(warped_fixed * det_BA, moving) + S(warped_moving * det_AB,
+        fixed)`` with images and masks cropped by one voxel at the high end of every axis.
+    segmentations
+        ``(moving_labels, fixed_labels)``, each ``[B, 1, n0, n1, n2]`` integer-valued label
+        maps on the network grid; needed (and only used) when ``dice_loss_weight > 0``.
+    dice_loss_weight
+        Weight of uniGradICON's Dice term: the non-zero labels present in both maps
+        (:func:`shared_label_one_hot`) are warped with the maps (trilinear, border padding),
+        and ``L_dice = soft_dice_loss(moving_seg o phi_AB, fixed_seg) +
+        soft_dice_loss(fixed_seg o phi_BA, moving_seg)`` (classes valid in both maps only).
+        The term is added to ``all_loss`` only; the similarity term is unchanged.
 
     Returns
     -------
     :class:`ObjectiveTerms`: ``transform_magnitude`` is ``mean((phi_AB(x) - x)^2)`` and
     ``flips`` the number of folded cells of ``phi_BA`` per sample.
+
+    Raises
+    ------
+    InputError
+        When ``dice_loss_weight > 0`` without both segmentations, or when they share no
+        non-background label.
     """
     measure = get_similarity(similarity)
+    use_dice = dice_loss_weight > 0.0
+    if use_dice:
+        if segmentations is None or segmentations[0] is None or segmentations[1] is None:
+            raise InputError("a Dice loss weight > 0 needs both segmentations")
+        seg_moving, seg_fixed, valid = shared_label_one_hot(*segmentations)
     identity = network.identity_grid
     phi_ab = network.map(moving, fixed)
     phi_ba = network.map(fixed, moving)
@@ -408,11 +469,27 @@ def gradicon_objective(
     warped_moving = warp_normalised(moving, coordinates_ab, "zeros")
     warped_fixed = warp_normalised(fixed, coordinates_ba, "zeros")
     mask_moving, mask_fixed = masks if masks is not None else (None, None)
-    similarity_loss = measure(warped_moving, fixed, mask_fixed) + measure(
-        warped_fixed, moving, mask_moving
-    )
+    if intensity_conservation:
+        determinant_ab = cell_jacobian_determinant(coordinates_ab)
+        determinant_ba = cell_jacobian_determinant(coordinates_ba)
+        similarity_loss = measure(
+            _crop_high(warped_fixed) * determinant_ba, _crop_high(moving), _crop_high(mask_moving)
+        ) + measure(
+            _crop_high(warped_moving) * determinant_ab, _crop_high(fixed), _crop_high(mask_fixed)
+        )
+    else:
+        similarity_loss = measure(warped_moving, fixed, mask_fixed) + measure(
+            warped_fixed, moving, mask_moving
+        )
     icon_loss = gradicon_regulariser(phi_ab, phi_ba, identity)
     all_loss = lam * icon_loss + similarity_loss
+    if use_dice:
+        warped_seg_moving = warp_normalised(seg_moving, coordinates_ab, "border")
+        warped_seg_fixed = warp_normalised(seg_fixed, coordinates_ba, "border")
+        dice_loss = soft_dice_loss(warped_seg_moving, seg_fixed, valid) + soft_dice_loss(
+            warped_seg_fixed, seg_moving, valid
+        )
+        all_loss = all_loss + dice_loss * dice_loss_weight
     magnitude = torch.mean((identity - coordinates_ab) ** 2)
     return ObjectiveTerms(
         all_loss, icon_loss, similarity_loss, magnitude, count_flips(coordinates_ba)

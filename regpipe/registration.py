@@ -142,6 +142,8 @@ def register(
     threads: int | None = None,
     seed: int | None = 0,
     progress: bool = True,
+    intensity_conservation: bool = False,
+    dice_loss_weight: float = 0.0,
 ) -> RegistrationResult:
     """Register ``moving`` onto ``fixed``.
 
@@ -173,6 +175,20 @@ def register(
         ``"network"`` (uniGradICON's optimisation of all network weights).
     device, threads, seed
         Compute device (``"auto"``, ``"cpu"``, ``"cuda"``), CPU threads, random seed.
+    intensity_conservation
+        uniGradICON's ``--intensity_conservation_loss``: Jacobian-weighted similarity in
+        network instance optimisation (``io_method="network"``); both modalities must be CT.
+    dice_loss_weight
+        uniGradICON's ``--dice_loss_weight``: weight of a soft-Dice term on the shared labels
+        of both segmentations (nearest-neighbour resampled onto the network grids) in network
+        instance optimisation (``io_method="network"``); > 0 needs both segmentations.
+
+    Raises
+    ------
+    InputError
+        Besides unusable inputs: ``intensity_conservation`` without two CT images, a
+        negative ``dice_loss_weight`` or a positive one without both segmentations, and
+        either option with ``io_method="fast"``.
     """
     from regpipe.device import select_device, set_threads
 
@@ -184,6 +200,11 @@ def register(
     torch_device = select_device(device)
     fixed_modality = check_modality(fixed_modality)
     moving_modality = check_modality(moving_modality)
+    dice_loss_weight = float(dice_loss_weight)
+    _check_objective_options(
+        intensity_conservation, dice_loss_weight, fixed_modality, moving_modality,
+        fixed_segmentation is not None and moving_segmentation is not None, io_method,
+    )
 
     fixed_img = load_image(fixed, "image", "fixed image")
     moving_img = load_image(moving, "image", "moving image")
@@ -253,7 +274,9 @@ def register(
         displacement = _instance_optimise(
             io_method, network, moving_t, fixed_t, displacement, loss_masks, fixed_img, moving_img,
             grid_in, grid_out, grid_shape, squash_moving, mode, io_iterations, io_sim, io_lr,
-            progress,
+            progress, intensity_conservation=intensity_conservation,
+            dice_segmentations=segs if dice_loss_weight > 0 else {},
+            dice_loss_weight=dice_loss_weight,
         )
     forward = GridTransform(grid_in, displacement.detach().to("cpu", torch.float32)[0], grid_out)
     inverse = forward.inverse()
@@ -269,6 +292,8 @@ def register(
         "io_iterations": int(io_iterations or 0),
         "io_method": io_method if io_iterations else None,
         "io_sim": io_sim if io_iterations else None,
+        "intensity_conservation": bool(intensity_conservation) if io_iterations else None,
+        "dice_loss_weight": dice_loss_weight if io_iterations else None,
         "seed": seed,
         "device": str(torch_device),
         "fixed_modality": fixed_modality,
@@ -279,6 +304,25 @@ def register(
     result.metrics["runtime_s"] = time.perf_counter() - started
     result.metrics["peak_memory_mb"] = _peak_memory_mb()
     return result
+
+
+def _check_objective_options(
+    intensity_conservation: bool, dice_loss_weight: float, fixed_modality: str,
+    moving_modality: str, both_segmentations: bool, io_method: str,
+) -> None:
+    """uniGradICON's checks of ``--intensity_conservation_loss`` and ``--dice_loss_weight``."""
+    if not dice_loss_weight >= 0:  # also NaN
+        raise InputError(f"the Dice loss weight must be >= 0, got {dice_loss_weight!r}")
+    if intensity_conservation and (fixed_modality != "ct" or moving_modality != "ct"):
+        raise InputError("the intensity conservation loss is only supported for CT images "
+                         "(both modalities must be ct)")
+    if dice_loss_weight > 0 and not both_segmentations:
+        raise InputError("a Dice loss weight > 0 needs both the fixed and the moving "
+                         "segmentation")
+    if (intensity_conservation or dice_loss_weight > 0) and io_method != "network":
+        raise InputError("the intensity conservation loss and the Dice loss apply to network "
+                         "instance optimisation only: use io_method 'network' "
+                         "(--io_method network)")
 
 
 def _prealign(
@@ -318,10 +362,12 @@ def _network_displacement(network: Any, moving_t: torch.Tensor, fixed_t: torch.T
 def _instance_optimise(
     method, network, moving_t, fixed_t, displacement, masks, fixed_img, moving_img,
     grid_in, grid_out, grid_shape, squash_moving, mode, steps, sim, lr, progress,
+    intensity_conservation=False, dice_segmentations=None, dice_loss_weight=0.0,
 ) -> torch.Tensor:
     from regpipe import fast_io, instance_opt
 
     mask_t = {}
+    seg_t = {}
     for name, image, grid, squash in (
         ("fixed", fixed_img, grid_in, mode == "squash"),
         ("moving", moving_img, grid_out, squash_moving),
@@ -331,6 +377,11 @@ def _instance_optimise(
                 (masks[name].data != 0).astype(np.float32), image.geometry, grid, grid_shape,
                 squash=squash, nearest=True, device=fixed_t.device,
             )
+        if dice_segmentations and name in dice_segmentations:
+            seg_t[name] = network_input(
+                dice_segmentations[name].data, image.geometry, grid, grid_shape,
+                squash=squash, nearest=True, device=fixed_t.device,
+            )
     if method == "network":
         if network is None:
             raise InputError("io_method 'network' needs a network; use io_method 'fast'")
@@ -338,13 +389,18 @@ def _instance_optimise(
         normalised = instance_opt.optimise_network_weights(
             network, moving_t, fixed_t, steps=steps, similarity=sim,
             masks=(mask_t.get("moving"), mask_t.get("fixed")) if mask_t else None,
-            progress=progress, **kwargs,
+            progress=progress, intensity_conservation=intensity_conservation,
+            segmentations=(seg_t["moving"], seg_t["fixed"]) if len(seg_t) == 2 else None,
+            dice_loss_weight=dice_loss_weight if len(seg_t) == 2 else 0.0, **kwargs,
         )
         if isinstance(normalised, tuple):
             normalised = normalised[0]
         scale = torch.tensor([n - 1 for n in grid_shape], dtype=normalised.dtype, device=normalised.device)
         return normalised * scale.view(1, 3, 1, 1, 1)
     if method == "fast":
+        if intensity_conservation or dice_loss_weight > 0:
+            raise InputError("the intensity conservation and Dice losses need io_method "
+                             "'network'")
         spacing = float(np.linalg.norm(grid_in[:3, 0]))
         return fast_io.optimise_displacement(
             moving_t, fixed_t, displacement, steps=steps, fixed_mask=mask_t.get("fixed"),

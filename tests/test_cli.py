@@ -145,8 +145,42 @@ def test_warp_needs_an_interpolator(files, tmp_path):
                        "--warped_moving_out", str(tmp_path / "w.nii.gz")])
 
 
-@pytest.mark.parametrize("option", [["--intensity_conservation_loss"], ["--dice_loss_weight", "1"]])
-def test_unimplemented_reference_options_are_refused(files, tmp_path, capsys, option):
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--intensity_conservation_loss", "--io_method", "network"], "only supported for CT"),
+        (["--dice_loss_weight", "1", "--io_method", "network"], "needs both --fixed_segmentation"),
+        (["--dice_loss_weight", "-1"], "must be >= 0"),
+    ],
+)
+def test_reference_loss_options_are_validated(files, tmp_path, capsys, option, message):
     assert register_cli.main(base_args(files, tmp_path) + option) == 1
-    assert "not implemented" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "fwd.h5").exists()
+
+
+def ct_args_with_segmentations(files, out):
+    args = base_args(files, out) + ["--fixed_segmentation", str(files["fixed_seg"]),
+                                     "--moving_segmentation", str(files["moving_seg"])]
+    args[args.index("--fixed_modality") + 1] = "ct"
+    args[args.index("--moving-modality") + 1] = "ct"
+    return args
+
+
+@pytest.mark.parametrize("option", [["--intensity_conservation_loss"], ["--dice_loss_weight", "1"]])
+def test_reference_losses_with_fast_method_are_refused(files, tmp_path, capsys, option):
+    assert register_cli.main(ct_args_with_segmentations(files, tmp_path) + option) == 1
+    assert "use --io_method network" in capsys.readouterr().err
+    assert not (tmp_path / "fwd.h5").exists()
+
+
+def test_ct_pair_with_both_reference_losses_runs(files, tmp_path):
+    args = ct_args_with_segmentations(files, tmp_path) + [
+        "--dice_loss_weight", "0.5", "--intensity_conservation_loss", "--io_method", "network",
+        "--io_iterations", "2", "--affine", "none", "--metrics_out", str(tmp_path / "m.json"),
+        "--quiet",
+    ]
+    assert register_cli.main(args) == 0
+    settings = json.loads((tmp_path / "m.json").read_text())["settings"]
+    assert settings["intensity_conservation"] is True and settings["dice_loss_weight"] == 0.5
+    assert (tmp_path / "fwd.h5").stat().st_size > 0

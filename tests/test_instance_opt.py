@@ -89,3 +89,20 @@ def test_weights_are_restored_after_an_error(network) -> None:
 def test_invalid_settings_raise_input_error(network, steps, lr) -> None:
     with pytest.raises(InputError):
         optimise_network_weights(network, smooth(1), smooth(2), steps=steps, lr=lr)
+
+
+def test_reference_losses_are_accepted_and_checked(network) -> None:
+    moving, fixed = smooth(1), smooth(2)
+    segs = ((moving > moving.mean()).float() * 5, (fixed > fixed.mean()).float() * 5)
+    before = snapshot(network)
+    result = optimise_network_weights(
+        network, moving, fixed, steps=2, lr=1e-3, progress=False, intensity_conservation=True,
+        segmentations=segs, dice_loss_weight=0.5,
+    )
+    assert len(result.losses) == 2
+    assert all(torch.equal(value, before[key]) for key, value in network.state_dict().items())
+    for kwargs in ({"dice_loss_weight": 1.0}, {"dice_loss_weight": -1.0},
+                   {"dice_loss_weight": 1.0, "segmentations": (segs[0], segs[1] * 2)},
+                   {"dice_loss_weight": 1.0, "segmentations": (segs[0][..., :4], segs[1])}):
+        with pytest.raises(InputError):
+            optimise_network_weights(network, moving, fixed, steps=1, progress=False, **kwargs)

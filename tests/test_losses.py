@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from regpipe.errors import InputError
 from regpipe.losses import (
+    cell_jacobian_determinant,
     count_flips,
     gaussian_blur,
     get_similarity,
@@ -203,3 +204,30 @@ def test_objective_noise_follows_the_cpu_seed(tiny_network) -> None:
     assert torch.equal(first.inverse_consistency_loss, again.inverse_consistency_loss)
     assert not torch.equal(first.inverse_consistency_loss, other.inverse_consistency_loss)
     assert first.transform_magnitude > 0
+
+
+def test_cell_jacobian_determinant_of_identity_and_scaling() -> None:
+    grid = identity_grid((6, 7, 8))
+    assert torch.allclose(cell_jacobian_determinant(grid), torch.ones(1, 1, 5, 6, 7))
+    scaled = grid * torch.tensor([2.0, 1.0, 0.5]).view(1, 3, 1, 1, 1)
+    assert torch.allclose(cell_jacobian_determinant(scaled), torch.ones(1, 1, 5, 6, 7))
+    assert torch.allclose(cell_jacobian_determinant(grid * 2), torch.full((1, 1, 5, 6, 7), 8.0))
+
+
+def test_objective_with_intensity_conservation_and_dice(tiny_network) -> None:
+    moving, fixed = smooth_volume(1).abs(), smooth_volume(2).abs()
+    segs = ((moving > 0.5).float() * 2, (fixed > 0.5).float() * 2)
+    terms = gradicon_objective(
+        tiny_network, moving, fixed, intensity_conservation=True, segmentations=segs,
+        dice_loss_weight=1.0,
+    )
+    assert len(terms) == 5 and bool(torch.isfinite(terms.all_loss))
+    without_dice = 1.5 * terms.inverse_consistency_loss + terms.similarity_loss
+    assert float(terms.all_loss) >= float(without_dice) - 1e-5  # Dice term >= 0
+    terms.all_loss.backward()
+    assert any(p.grad is not None for p in tiny_network.parameters())
+    with pytest.raises(InputError, match="segmentations"):
+        gradicon_objective(tiny_network, moving, fixed, dice_loss_weight=1.0)
+    with pytest.raises(InputError, match="share no"):
+        gradicon_objective(tiny_network, moving, fixed, segmentations=(segs[0], segs[1] * 2),
+                           dice_loss_weight=1.0)

@@ -14,6 +14,11 @@ Max abs differences measured (torch 2.13.0+cpu, 2 threads):
   batch is larger than 1, we add it directly): displacement 3.0e-7, all_loss 7.6e-6,
   GradICON term 5.2e-6 (of a large value: random weights fold heavily), similarity 0;
   one instance-optimisation step: displacements 1.2e-7 (gradient accumulation order).
+* narrow U-Nets, 18x19x21, ``--intensity_conservation_loss`` objective (with and without
+  masks) and ``--dice_loss_weight`` 0.7 objective (two shared labels, one label only in each
+  map): all five terms 0 (bitwise); implied Dice term vs the reference's ``dice_loss`` 2.4e-7
+  (recovered from a difference of two all_loss values); one instance-optimisation step with
+  both options: displacements 2.4e-7.
 * full-width instance-optimisation step at 65^3 (opt-in, REGPIPE_SLOW_TESTS=1): 2.4e-7.
 """
 
@@ -139,7 +144,7 @@ def test_lncc_objective_terms_match(official) -> None:
     assert terms.flips > 0
 
 
-def narrow_reference(similarity, masking: bool = False):
+def narrow_reference(similarity, masking: bool = False, **options):
     """The official tree (3 resolutions + refinement) built from narrow reference U-Nets."""
 
     def step():
@@ -153,7 +158,7 @@ def narrow_reference(similarity, masking: bool = False):
         )
     tree = network_wrappers.TwoStepRegistration(tree, step())
     model = unigradicon.GradientICONSparse(
-        tree, similarity, lmbda=1.5, loss_function_masking=masking
+        tree, similarity, lmbda=1.5, loss_function_masking=masking, **options
     )
     model.assign_identity_map([1, 1, *NARROW_GRID])
     return model.eval()
@@ -214,12 +219,16 @@ def test_batch_of_two_matches_closely(narrow) -> None:
     assert abs(float(terms.flips - expected.flips)) <= 2  # a cell or two may tip over
 
 
-def compare_instance_optimisation(ours, reference, moving, fixed, steps: int) -> float:
+def compare_instance_optimisation(
+    ours, reference, moving, fixed, steps: int, ours_options=None, reference_options=None
+) -> float:
     torch.manual_seed(17)
-    result = optimise_network_weights(ours, moving, fixed, steps=steps, progress=False)
+    result = optimise_network_weights(
+        ours, moving, fixed, steps=steps, progress=False, **(ours_options or {})
+    )
     torch.manual_seed(17)
     with contextlib.redirect_stdout(io.StringIO()):
-        finetune_execute(reference, moving, fixed, steps, 2e-5)
+        finetune_execute(reference, moving, fixed, steps, 2e-5, **(reference_options or {}))
     with torch.no_grad():
         expected = reference.phi_AB(reference.identity_map) - reference.identity_map
         expected_inverse = reference.phi_BA(reference.identity_map) - reference.identity_map
@@ -240,6 +249,89 @@ def test_instance_optimisation_steps_match(narrow) -> None:
     assert all(
         torch.equal(value, state[key]) for key, value in reference.regis_net.state_dict().items()
     )
+
+
+def label_maps(images: torch.Tensor, levels: int, drop: int) -> torch.Tensor:
+    """Integer label maps with ``levels`` intensity bands; label ``drop`` removed (-> 0)."""
+    lo, hi = images.min(), images.max()
+    labels = torch.clamp(((images - lo) / (hi - lo) * levels).floor(), 0, levels - 1) * 3
+    return torch.where(labels == drop, torch.zeros_like(labels), labels)
+
+
+@pytest.fixture(scope="module")
+def narrow_segmentations(narrow):
+    _, _, moving, fixed, _ = narrow
+    # labels 3, 6, 9 (moving, 12 dropped) vs 3, 9, 12 (fixed, 6 dropped): 3 and 9 are shared,
+    # 6 and 12 occur in one map only
+    return label_maps(moving, 5, drop=12), label_maps(fixed, 5, drop=6)
+
+
+@pytest.mark.parametrize("masking", [False, True])
+def test_intensity_conservation_objective_matches(narrow, masking) -> None:
+    ours, state, moving, fixed, (mask_moving, mask_fixed) = narrow
+    reference = narrow_reference(
+        icon.LNCC(sigma=5), masking=masking, apply_intensity_conservation_loss=True
+    )
+    reference.regis_net.load_state_dict(state)
+    mask_kwargs = {"mask_A": mask_moving[:1], "mask_B": mask_fixed[:1]} if masking else {}
+    masks = (mask_moving[:1], mask_fixed[:1]) if masking else None
+    with torch.no_grad():
+        torch.manual_seed(19)
+        expected = run_reference(reference, moving[:1], fixed[:1], **mask_kwargs)
+        torch.manual_seed(19)
+        terms = gradicon_objective(
+            ours, moving[:1], fixed[:1], "lncc", masks=masks, intensity_conservation=True
+        )
+        torch.manual_seed(19)
+        plain = gradicon_objective(ours, moving[:1], fixed[:1], "lncc", masks=masks)
+    for name, value, reference_value in zip(terms._fields, terms, expected, strict=True):
+        assert float((value - reference_value).abs()) == 0, name
+    assert float((terms.similarity_loss - plain.similarity_loss).abs()) > 1e-3
+
+
+def test_dice_objective_matches(narrow, narrow_segmentations) -> None:
+    ours, state, moving, fixed, _ = narrow
+    seg_moving, seg_fixed = narrow_segmentations
+    reference = narrow_reference(icon.LNCC(sigma=5), dice_loss_weight=0.7)
+    reference.regis_net.load_state_dict(state)
+    with torch.no_grad():
+        torch.manual_seed(23)
+        expected = run_reference(
+            reference, moving[:1], fixed[:1],
+            segmentation_A=seg_moving[:1], segmentation_B=seg_fixed[:1],
+        )
+        torch.manual_seed(23)
+        terms = gradicon_objective(
+            ours, moving[:1], fixed[:1], "lncc",
+            segmentations=(seg_moving[:1], seg_fixed[:1]), dice_loss_weight=0.7,
+        )
+        torch.manual_seed(23)
+        plain = gradicon_objective(ours, moving[:1], fixed[:1], "lncc")
+    assert len(expected) == 6  # the reference adds its Dice term as a sixth field
+    for name, value, reference_value in zip(terms._fields, terms, expected[:5], strict=True):
+        assert float((value - reference_value).abs()) == 0, name
+    dice = (terms.all_loss - plain.all_loss) / 0.7
+    assert 0.1 < float(dice) < 2
+    assert float((dice - expected.dice_loss).abs()) < 1e-6
+
+
+def test_instance_optimisation_step_with_both_losses_matches(narrow, narrow_segmentations) -> None:
+    ours, state, moving, fixed, _ = narrow
+    seg_moving, seg_fixed = narrow_segmentations
+    reference = narrow_reference(
+        icon.LNCC(sigma=5), apply_intensity_conservation_loss=True, dice_loss_weight=0.7
+    )
+    reference.regis_net.load_state_dict(state)
+    error = compare_instance_optimisation(
+        ours, reference, moving[:1], fixed[:1], steps=1,
+        ours_options={
+            "intensity_conservation": True,
+            "segmentations": (seg_moving[:1], seg_fixed[:1]),
+            "dice_loss_weight": 0.7,
+        },
+        reference_options={"segmentation_A": seg_moving[:1], "segmentation_B": seg_fixed[:1]},
+    )
+    assert error < 2e-6
 
 
 @pytest.mark.skipif(

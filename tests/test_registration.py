@@ -123,3 +123,35 @@ def test_mask_on_other_grid_is_refused(pair):
     mask = Image(np.ones((5, 5, 5), np.uint8), Geometry((5, 5, 5), np.eye(4)))
     with pytest.raises(InputError, match="different grid"):
         regpipe.register(fixed, moving, weights=None, fixed_mask=mask)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"intensity_conservation": True, "io_method": "network"}, "only supported for CT"),
+        ({"dice_loss_weight": 1.0, "io_method": "network"}, "segmentation"),
+        ({"dice_loss_weight": -1.0}, ">= 0"),
+        ({"intensity_conservation": True, "fixed_modality": "ct", "moving_modality": "ct"},
+         "io_method 'network'"),
+    ],
+)
+def test_reference_loss_options_are_validated(pair, small_network, kwargs, message):
+    fixed, moving, _ = pair
+    with pytest.raises(InputError, match=message):
+        regpipe.register(fixed, moving, weights=small_network, affine="none", io_iterations=1,
+                         **kwargs)
+
+
+def test_network_io_with_reference_losses(pair, small_network):
+    fixed, moving, _ = pair
+    fixed_seg = Image((fixed.data > 0.4).astype(np.int16) * 4, fixed.geometry)
+    moving_seg = Image((moving.data > 0.4).astype(np.int16) * 4, moving.geometry)
+    result = regpipe.register(
+        fixed, moving, weights=small_network, affine="none", fixed_modality="ct",
+        moving_modality="ct", fixed_segmentation=fixed_seg, moving_segmentation=moving_seg,
+        io_iterations=1, io_method="network", intensity_conservation=True,
+        dice_loss_weight=0.5, progress=False,
+    )
+    assert result.settings["intensity_conservation"] is True
+    assert result.settings["dice_loss_weight"] == 0.5
+    assert "dice_mean" in result.metrics

@@ -46,8 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(parser, "moving_mask", help="region of interest on the moving grid")
     add_option(parser, "input_masking", action="store_true",
                help="zero the network input outside the masks")
-    add_option(parser, "fixed_segmentation", help="fixed label map (Dice reported)")
-    add_option(parser, "moving_segmentation", help="moving label map (Dice reported)")
+    add_option(parser, "fixed_segmentation",
+               help="fixed label map (Dice reported; Dice loss with --dice_loss_weight)")
+    add_option(parser, "moving_segmentation",
+               help="moving label map (Dice reported; Dice loss with --dice_loss_weight)")
     add_option(parser, "transform_out", required=True,
                help="forward transform (fixed->moving points; resamples moving onto fixed): "
                ".h5/.hdf5 ITK transform or .nii.gz ITK displacement field")
@@ -65,9 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(parser, "loss_function_masking", action="store_true",
                help="use the masks in the similarity of instance optimisation")
     add_option(parser, "intensity_conservation_loss", action="store_true",
-               help="CT only: Jacobian-weighted similarity in network instance optimisation")
+               help="CT only: Jacobian-weighted similarity in network instance optimisation "
+               "(needs --io_method network)")
     add_option(parser, "dice_loss_weight", type=float, default=0.0,
-               help="weight of a Dice term in network instance optimisation")
+               help="weight of a Dice term on the segmentations in network instance "
+               "optimisation (needs both segmentations and --io_method network)")
     add_option(parser, "ct_window", type=float, nargs=2, metavar=("MIN", "MAX"),
                default=(-1000.0, 1000.0), help="CT window in HU (default -1000 1000)")
     add_option(parser, "quantile_range", type=float, nargs=2, metavar=("LOW", "HIGH"),
@@ -128,20 +132,31 @@ def _masks(args: argparse.Namespace) -> tuple[str | None, str | None]:
     return fixed, moving
 
 
+def _check_objective_options(args: argparse.Namespace) -> None:
+    """``unigradicon-register``'s checks of the two extra loss options, plus the IO method."""
+    if args.intensity_conservation_loss and (
+        args.fixed_modality != "ct" or args.moving_modality != "ct"
+    ):
+        raise InputError("--intensity_conservation_loss is only supported for CT images "
+                         "(--fixed_modality ct --moving_modality ct)")
+    if not args.dice_loss_weight >= 0:  # also NaN
+        raise InputError(f"--dice_loss_weight must be >= 0, got {args.dice_loss_weight}")
+    if args.dice_loss_weight > 0 and not (args.fixed_segmentation and args.moving_segmentation):
+        raise InputError("--dice_loss_weight > 0 needs both --fixed_segmentation and "
+                         "--moving_segmentation")
+    for name, used in (("--intensity_conservation_loss", args.intensity_conservation_loss),
+                       ("--dice_loss_weight", args.dice_loss_weight > 0)):
+        if used and args.io_method != "network":
+            raise InputError(f"{name} applies to uniGradICON's network instance optimisation: "
+                             "use --io_method network")
+
+
 def _main(args: argparse.Namespace) -> int:
     from regpipe.registration import register
 
     if args.io_lr <= 0:
         raise InputError("--io_lr must be positive")
-    if args.intensity_conservation_loss:
-        raise InputError(
-            "--intensity_conservation_loss is not implemented in regpipe yet; run without it"
-        )
-    if args.dice_loss_weight:
-        raise InputError(
-            "--dice_loss_weight is not implemented in regpipe yet (Dice is reported, not "
-            "optimised); run without it"
-        )
+    _check_objective_options(args)
     _check_outputs(args)
     weights = args.network_weights or args.model or "default"
     masks = _masks(args)
@@ -169,6 +184,8 @@ def _main(args: argparse.Namespace) -> int:
         threads=args.threads,
         seed=args.seed,
         progress=not args.quiet,
+        intensity_conservation=args.intensity_conservation_loss,
+        dice_loss_weight=args.dice_loss_weight,
     )
     result.save(
         args.transform_out,
