@@ -71,6 +71,10 @@ class FastIOSettings:
     lr_final
         Step size at the last iteration of each level as a fraction of ``lr_mm`` (linear
         decay; 1 keeps it constant).
+    adam_eps
+        Adam's ``eps`` for the loss scaled by the number of control points: parameters whose
+        gradient is below it move proportionally to it (damping weak-signal regions) instead
+        of at the full step size.
     diffusion
         Weight of the diffusion regulariser: mean over control points of
         ``sum_{a,c} (d field_c / d x_a)^2`` (dimensionless, mm per mm).
@@ -82,6 +86,9 @@ class FastIOSettings:
     smoothing
         Width of the box filter applied to the upsampled correction, as a multiple of the
         control spacing (0 = plain trilinear upsampling).
+    jacobian_ceiling
+        Jacobian determinant above which the same penalty applies to expansion (``inf``:
+        none).
     velocity
         Optimise a stationary velocity field integrated by scaling and squaring (``True``) or a
         displacement (``False``).
@@ -91,9 +98,13 @@ class FastIOSettings:
     squarings
         Number of squaring steps when ``velocity`` is true.
     eps
-        Variance floor added to both local variances in the LNCC denominator
-        ``cov^2 / ((var_f + eps) (var_m + eps))`` (intensities in [0, 1]): windows whose
-        variance is below it (flat regions, noise) count less.
+        Variance floor added to the fixed image's local variance in the LNCC denominator
+        ``cov^2 / ((var_f + eps) (var_m + moving_eps))`` (intensities in [0, 1]): windows where
+        the fixed image is flat (background, noise) count less.
+    moving_eps
+        The same for the warped moving image; kept much smaller than ``eps`` because a floor
+        on this side rewards raising the warped image's local contrast (a bias that shifts
+        edges even between identical images).
     margin_mm
         Margin (mm) added around the foreground's bounding box; the correction is optimised in
         that box and extended outside it by repeating its edge values.
@@ -107,14 +118,17 @@ class FastIOSettings:
     window_mm: float = 9.0
     lr_mm: float = 0.25
     lr_final: float = 1.0
+    adam_eps: float = 1e-8
     diffusion: float = 0.5
     folding: float = 10.0
     jacobian_floor: float = 0.3
-    smoothing: float = 1.0
-    velocity: bool = True
+    jacobian_ceiling: float = math.inf
+    smoothing: float = 0.0
+    velocity: bool = False
     esm: bool = True
     squarings: int = 6
     eps: float = 1e-4
+    moving_eps: float = 1e-6
     margin_mm: float = 12.0
     foreground: float = 0.02
 
@@ -132,7 +146,7 @@ class FastIOSettings:
             raise InputError("image_scales and control_spacings must be >= 1 (network voxels)")
         if min(self.level_steps) < 0:
             raise InputError(f"level_steps must be >= 0, got {self.level_steps}")
-        positive = ("window_mm", "lr_mm", "eps")
+        positive = ("window_mm", "lr_mm", "eps", "moving_eps", "adam_eps")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise InputError(f"{name} must be positive, got {getattr(self, name)}")
@@ -141,6 +155,8 @@ class FastIOSettings:
         ):
             if not getattr(self, name) >= 0:
                 raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.jacobian_ceiling > max(self.jacobian_floor, 1.0):
+            raise InputError(f"jacobian_ceiling must exceed 1 and jacobian_floor, got {self.jacobian_ceiling}")
         if not 0 <= int(self.squarings) <= 12:
             raise InputError(f"squarings must be in 0..12, got {self.squarings}")
 
@@ -287,7 +303,10 @@ def _optimise_levels(
         param = param.detach().requires_grad_(True)
         smoothing_mm = settings.smoothing * float(control_spacing.mean())
         smoothing = _smoothing_voxels(smoothing_mm, level.spacing)
-        optimiser = torch.optim.Adam([param], lr=settings.lr_mm)
+        optimiser = torch.optim.Adam([param], lr=settings.lr_mm, eps=settings.adam_eps)
+        # Adam ignores the loss scale except through eps: scaling by the number of control
+        # points gives eps the same meaning at every level and grid size.
+        scale = float(param[0, 0].numel())
         for iteration in range(n_iter):
             fraction = iteration / max(n_iter - 1, 1)
             for group in optimiser.param_groups:
@@ -295,15 +314,17 @@ def _optimise_levels(
             optimiser.zero_grad(set_to_none=True)
             field = _integrate(param, control_spacing, settings)
             dense = _dense(field, level.shape, smoothing)
-            warped = _WarpWithGradient.apply(dense / level.spacing.view(1, 3, 1, 1, 1), level)
-            similarity = 1.0 - level.lncc(warped)
+            similarity = 1.0 - _WarpedLNCC.apply(dense / level.spacing.view(1, 3, 1, 1, 1), level)
             loss = similarity
             if settings.diffusion > 0:
                 loss = loss + settings.diffusion * _diffusion(param, control_spacing)
             if settings.folding > 0:
                 jac = _jacobian_determinant(field, control_spacing)
-                loss = loss + settings.folding * F.relu(settings.jacobian_floor - jac).pow(2).mean()
-            loss.backward()
+                penalty = F.relu(settings.jacobian_floor - jac).pow(2)
+                if math.isfinite(settings.jacobian_ceiling):
+                    penalty = penalty + F.relu(jac - settings.jacobian_ceiling).pow(2)
+                loss = loss + settings.folding * penalty.mean()
+            (loss * scale).backward()
             optimiser.step()
             bar.update(1)
             if progress and iteration % 10 == 0:
@@ -328,9 +349,9 @@ class _Level:
     to_normalised: torch.Tensor  # [3] factor from level-index displacement to grid_sample units
     fixed_mean: torch.Tensor
     fixed_var: torch.Tensor  # local variance of fixed plus eps
-    weight: torch.Tensor | None  # LNCC average weights (mask), or None for a plain mean
+    weight: torch.Tensor | None  # LNCC averaging weights (mask, sum 1), None for a plain mean
     window: int
-    eps: float
+    moving_eps: float
 
     @classmethod
     def build(
@@ -353,6 +374,7 @@ class _Level:
         weight = None
         if mask is not None:
             weight = F.interpolate(mask, size=shape, mode="trilinear", align_corners=True)
+            weight = weight / weight.sum().clamp(min=1e-6)
         window = _window_voxels(settings.window_mm, level_spacing)
         stats = _box(torch.cat([fixed_l, fixed_l * fixed_l], dim=1), window)
         fixed_mean = stats[:, :1]
@@ -370,61 +392,78 @@ class _Level:
             fixed_var=fixed_var,
             weight=weight,
             window=window,
-            eps=settings.eps,
+            moving_eps=settings.moving_eps,
         )
 
-    def lncc(self, warped: torch.Tensor) -> torch.Tensor:
-        """Mean (or mask-weighted mean) local squared correlation of ``warped`` with fixed."""
-        stats = _Box.apply(torch.cat([warped, warped * warped, warped * self.fixed], 1), self.window)
+    def warp(self, w: torch.Tensor) -> torch.Tensor:
+        """Moving image sampled at ``identity + w`` (``w``: ``[1, 3, ...]`` level-index units)."""
+        offset = (w * self.to_normalised.view(1, 3, 1, 1, 1)).permute(0, 2, 3, 4, 1).flip(-1)
+        return F.grid_sample(
+            self.moving, self.identity + offset, mode="bilinear", padding_mode="border",
+            align_corners=True,
+        )
+
+    def similarity(self, warped: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """LNCC of ``warped`` with the fixed image and the local statistics its gradient needs.
+
+        ``cc = cov^2 / ((var_f + eps) (var_m + moving_eps))`` per window, averaged over the
+        level's voxels (or weighted by the mask).
+        """
+        stats = _box(torch.cat([warped, warped * warped, warped * self.fixed], 1), self.window)
         mean, square, cross = stats[:, :1], stats[:, 1:2], stats[:, 2:]
         covariance = cross - self.fixed_mean * mean
-        variance = (square - mean * mean).clamp(min=0)
-        cc = covariance * covariance / (self.fixed_var * (variance + self.eps))
+        variance = (square - mean * mean).clamp_(min=0).add_(self.moving_eps)
+        cc = covariance * covariance / (self.fixed_var * variance)
         if self.weight is None:
-            return cc.mean()
-        return (cc * self.weight).sum() / self.weight.sum().clamp(min=1e-6)
+            value = cc.mean()
+        else:
+            value = (cc * self.weight).sum()
+        return value, (mean, covariance, variance)
+
+    def similarity_gradient(
+        self, warped: torch.Tensor, mean: torch.Tensor, covariance: torch.Tensor,
+        variance: torch.Tensor,
+    ) -> torch.Tensor:
+        """Derivative of :meth:`similarity`'s value with respect to every warped voxel.
+
+        With ``a = 2 w cov / (var_f' var_m')`` and ``b = a cov / var_m'`` per window (``w`` the
+        window's averaging weight) and ``K`` the (symmetric) box filter, it is
+        ``F K(a) - K(a mean_f) - M K(b) + K(b mean_m)``.
+        """
+        a = 2.0 * covariance / (self.fixed_var * variance)
+        a = a * (1.0 / warped.numel()) if self.weight is None else a * self.weight
+        b = a * covariance / variance
+        terms = _box(torch.cat([a, a * self.fixed_mean, b, b * mean], 1), self.window)
+        return self.fixed * terms[:, :1] - terms[:, 1:2] - warped * terms[:, 2:3] + terms[:, 3:]
 
 
-class _WarpWithGradient(torch.autograd.Function):
-    """Sample the moving image at ``identity + w`` (w in level-index units, ``[1, 3, ...]``).
+class _WarpedLNCC(torch.autograd.Function):
+    """LNCC between the fixed image and the moving image warped by ``w`` (level-index units).
 
-    The backward pass uses the spatial gradient of the warped image (central differences on
-    the level grid, averaged with the fixed image's gradient when ``level.esm`` is true: the
-    efficient second-order minimisation direction) instead of differentiating trilinear
-    interpolation: smoother, and one single-channel ``grid_sample`` for both passes.
+    The backward pass is analytic: the derivative of LNCC with respect to the warped image
+    (:meth:`_Level.similarity_gradient`) times the image gradient, taken as the central
+    differences of the warped image on the level grid, averaged with the fixed image's when
+    ``esm`` is set (efficient second-order minimisation), instead of differentiating the
+    trilinear interpolation: smoother, and much cheaper than autograd on CPU.
     """
 
     @staticmethod
     def forward(ctx, w: torch.Tensor, level: _Level) -> torch.Tensor:  # type: ignore[override]
-        offset = (w * level.to_normalised.view(1, 3, 1, 1, 1)).permute(0, 2, 3, 4, 1).flip(-1)
-        warped = F.grid_sample(
-            level.moving, level.identity + offset, mode="bilinear",
-            padding_mode="border", align_corners=True,
-        )
+        warped = level.warp(w)
+        value, stats = level.similarity(warped)
         ctx.level = level
-        ctx.save_for_backward(warped)
-        return warped
+        ctx.save_for_backward(warped, *stats)
+        return value
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
-        (warped,) = ctx.saved_tensors
+        warped, mean, covariance, variance = ctx.saved_tensors
+        level: _Level = ctx.level
+        d_warped = level.similarity_gradient(warped, mean, covariance, variance)
         gradient = _central_difference(warped)
-        if ctx.level.fixed_gradient is not None:
-            gradient = 0.5 * (gradient + ctx.level.fixed_gradient)
-        return grad_output * gradient, None
-
-
-class _Box(torch.autograd.Function):
-    """Box average over a ``window^3`` cube (zero padding); self-adjoint, so backward = forward."""
-
-    @staticmethod
-    def forward(ctx, volume: torch.Tensor, window: int) -> torch.Tensor:  # type: ignore[override]
-        ctx.window = window
-        return _box(volume, window)
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
-        return _box(grad_output, ctx.window), None
+        if level.fixed_gradient is not None:
+            gradient = gradient.add_(level.fixed_gradient).mul_(0.5)
+        return gradient.mul_(d_warped * grad_output), None
 
 
 def _box(volume: torch.Tensor, window: int) -> torch.Tensor:
