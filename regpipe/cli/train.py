@@ -1,0 +1,306 @@
+"""``regpipe-train``: train a registration network (from scratch or from weights).
+
+Data sources come from options or from a JSON recipe (``--recipe``), mixed by weight::
+
+    regpipe-train runs/compact --recipe training/compact.json --data-root ../shared/data \\
+        --budget 2h
+
+Running the same command again continues the run in that folder (``checkpoint.pt``).
+A recipe is a JSON object whose keys are the long option names (``"steps"``, ``"lr"``,
+``"grid"``...) plus ``"sources"``: a list of ``{"type": "label-maps" | "random-shapes" |
+"images" | "pairs", "paths": [...], "weight": w, "region": ..., ...}``. Options given on the
+command line override the recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from regpipe.cli._common import run_cli
+from regpipe.errors import InputError
+
+LOGGER = logging.getLogger("regpipe.train")
+
+#: The configuration of the bundled compact model.
+PRESETS: dict[str, dict[str, Any]] = {
+    "compact": {"grid": [96, 96, 96], "unets": 2, "down_channels": [8, 16, 32, 64, 128],
+                "up_channels": [8, 16, 32, 64, 64]},
+    "unigradicon": {"grid": [175, 175, 175], "unets": 4, "down_channels": [16, 32, 64, 256, 512],
+                    "up_channels": [16, 32, 64, 128, 256]},
+}
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def parse_duration(text: str | float | int) -> float:
+    """Seconds from ``"3600"``, ``"90m"``, ``"2h"``, ``"1h30m"`` or ``"45s"``."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    match = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*", text)
+    if not text.strip() or match is None or not any(match.groups()):
+        raise argparse.ArgumentTypeError(f"cannot read the duration {text!r} (try 90m, 2h, 3600)")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    return hours * 3600 + minutes * 60 + seconds
+
+
+def add_training_options(parser: argparse.ArgumentParser) -> None:
+    """Optimisation options shared by ``regpipe-train`` and ``regpipe-finetune``."""
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--steps", type=int, help="total steps of the run (default 1000)")
+    group.add_argument("--batch-size", type=int, help="pairs per step (default 1)")
+    group.add_argument("--lr", type=float, help="Adam learning rate (default 1e-4)")
+    group.add_argument("--lam", type=float, help="GradICON weight (default 1.5)")
+    group.add_argument("--similarity", choices=["lncc", "lncc2"], help="default lncc")
+    group.add_argument("--dice-weight", type=float, help="soft-Dice weight on labelled pairs (default 0)")
+    group.add_argument("--seed", type=int, help="random seed (default 0)")
+    group.add_argument("--device", help="auto, cpu or cuda (default auto)")
+    group.add_argument("--no-amp", action="store_true", help="no bfloat16 autocast on CUDA")
+    group.add_argument("--threads", type=int, help="CPU threads")
+    group.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 100)")
+    group.add_argument("--budget", type=parse_duration,
+                       help="stop cleanly after this wall-clock time (e.g. 90m, 2h); run again to continue")
+    group.add_argument("--no-progress", action="store_true", help="no progress bar")
+    group.add_argument("--name", help="model name for the card")
+    group.add_argument("--description", help="one line for the model card")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="regpipe-train",
+        description="Train a GradICON registration network on synthetic and/or real pairs.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    parser.add_argument("output", help="run folder (checkpoint.pt, weights.pt, weights.md, log.csv)")
+    parser.add_argument("--recipe", help="JSON recipe (options and data sources)")
+    parser.add_argument("--data-root", default=".", help="folder relative recipe paths start from")
+    net = parser.add_argument_group("network")
+    net.add_argument("--preset", choices=sorted(PRESETS), help="network shape (default compact)")
+    net.add_argument("--init", help="start from these weights (a file or a registry name)")
+    net.add_argument("--grid", type=_ints, help="network grid: N or N0,N1,N2")
+    net.add_argument("--unets", type=int, help="number of U-Nets (1-4)")
+    net.add_argument("--down-channels", type=_ints)
+    net.add_argument("--up-channels", type=_ints)
+    data = parser.add_argument_group("data (mixed by weight)")
+    data.add_argument("--label-maps", nargs="+", help="label-map files, folders or globs")
+    data.add_argument("--label-maps-weight", type=float, default=1.0)
+    data.add_argument("--region", default="brain", help="region of --label-maps/--images/--pairs")
+    data.add_argument("--strip-labels-from", type=int,
+                      help="labels >= this are non-brain: rendered as background half of the time")
+    data.add_argument("--random-shapes-weight", type=float, default=0.0,
+                      help="weight of random-shape label maps (used alone when no data is given)")
+    data.add_argument("--images", nargs="+", help="image files, folders or BIDS datasets (intra pairs)")
+    data.add_argument("--images-weight", type=float, default=1.0)
+    data.add_argument("--modality", default="mri", choices=["mri", "ct"])
+    data.add_argument("--pairs", help="CSV of 'moving,fixed' paths (real inter-subject pairs)")
+    data.add_argument("--pairs-weight", type=float, default=1.0)
+    add_training_options(parser)
+    return parser
+
+
+def expand_paths(patterns: Sequence[str], root: Path) -> list[Path]:
+    """Files from files, folders (their images) and glob patterns, relative to ``root``."""
+    from regpipe.training_data import find_images
+
+    found: list[Path] = []
+    for pattern in patterns:
+        path = Path(pattern).expanduser()
+        path = path if path.is_absolute() else root / path
+        if path.is_dir():
+            found.extend(find_images(path))
+        elif path.exists():
+            found.append(path)
+        else:
+            matches = sorted(Path(p) for p in glob.glob(str(path)))
+            if not matches:
+                raise InputError(f"no file matches {pattern!r} (looked in {root})")
+            found.extend(matches)
+    return found
+
+
+def build_source(specs: list[dict[str, Any]], shape: Sequence[int], root: Path):
+    """A :class:`~regpipe.training_data.MixedSource` from recipe source entries."""
+    from regpipe import training_data as td
+
+    sources, weights = [], []
+    for spec in specs:
+        spec = dict(spec)
+        kind = spec.pop("type", None)
+        weight = float(spec.pop("weight", 1.0))
+        if weight <= 0:
+            continue
+        region = spec.pop("region", "other" if kind == "random-shapes" else "brain")
+        if kind == "random-shapes":
+            source = td.RandomShapesSource(region=region)
+        elif kind == "label-maps":
+            paths = expand_paths(spec.pop("paths"), root)
+            strip = spec.pop("strip_labels_from", None)
+            background = range(int(strip), 100000) if strip is not None else ()
+            source = td.LabelMapSource(paths, shape, region=region, background_labels=background, **spec)
+        elif kind == "images":
+            paths = expand_paths(spec.pop("paths"), root)
+            source = td.ImageSource(paths, shape, region=region, **spec)
+        elif kind == "pairs":
+            source = td.ImagePairSource(_read_pairs(Path(spec.pop("csv")), root), shape, region=region, **spec)
+        else:
+            raise InputError(f"unknown source type {kind!r} (label-maps, random-shapes, images, pairs)")
+        LOGGER.info("data source %s (%s), weight %g", source.name, region, weight)
+        sources.append(source)
+        weights.append(weight)
+    return td.MixedSource(sources, weights)
+
+
+def _read_pairs(path: Path, root: Path) -> list[tuple[Path, Path]]:
+    import csv
+
+    path = path if path.is_absolute() else root / path
+    if not path.is_file():
+        raise InputError(f"pair list {path} does not exist")
+    pairs = []
+    with open(path, newline="", encoding="utf-8") as handle:
+        for row in csv.reader(handle):
+            if not row or row[0].startswith("#") or row[0] == "moving":
+                continue
+            if len(row) < 2:
+                raise InputError(f"{path}: each row needs 'moving,fixed', got {row}")
+            pairs.append(tuple((root / p.strip()) if not Path(p.strip()).is_absolute() else Path(p.strip())
+                               for p in row[:2]))
+    return pairs  # type: ignore[return-value]
+
+
+def _sources_from_args(args: argparse.Namespace) -> list[dict[str, Any]]:
+    specs: list[dict[str, Any]] = []
+    if args.label_maps:
+        specs.append({"type": "label-maps", "paths": args.label_maps, "weight": args.label_maps_weight,
+                      "region": args.region, "strip_labels_from": args.strip_labels_from})
+    if args.images:
+        specs.append({"type": "images", "paths": args.images, "weight": args.images_weight,
+                      "region": args.region, "modality": args.modality})
+    if args.pairs:
+        specs.append({"type": "pairs", "csv": args.pairs, "weight": args.pairs_weight,
+                      "region": args.region, "modality": args.modality})
+    if args.random_shapes_weight > 0:
+        specs.append({"type": "random-shapes", "weight": args.random_shapes_weight})
+    return specs
+
+
+def merged_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Recipe values overridden by the options given on the command line."""
+    settings: dict[str, Any] = {}
+    if args.recipe:
+        try:
+            settings = json.loads(Path(args.recipe).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise InputError(f"cannot read the recipe {args.recipe}: {error}") from error
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("recipe", "output")}
+    for key in ("no_amp", "no_progress"):
+        if not given.get(key):
+            given.pop(key, None)
+    sources = _sources_from_args(args)
+    if sources:
+        settings["sources"] = sources
+    for key, value in given.items():
+        if key.endswith("_weight") and key != "dice_weight" or key in (
+            "label_maps", "images", "pairs", "region", "modality", "strip_labels_from"
+        ):
+            continue
+        if key == "data_root" and value == "." and "data_root" in settings:
+            continue
+        settings[key] = value
+    if not settings.get("sources"):
+        settings["sources"] = [{"type": "random-shapes", "weight": 1.0}]
+    return settings
+
+
+def build_network_from(settings: dict[str, Any]):
+    """The network to train: ``init`` weights (resized to ``grid`` if given) or a preset."""
+    from regpipe.networks import NetworkConfig, build_network, load_weights
+    from regpipe.networks.checkpoint import read_checkpoint, infer_config
+
+    preset = dict(PRESETS[settings.get("preset", "compact")])
+    init = settings.get("init")
+    checkpoint = None
+    if init:
+        from regpipe.weights import resolve_weights
+
+        checkpoint = read_checkpoint(resolve_weights(init))
+        config = checkpoint.config or infer_config(checkpoint.state_dict)
+        preset = {"grid": list(config.grid_shape), "unets": config.n_steps,
+                  "down_channels": list(config.down_channels), "up_channels": list(config.up_channels)}
+    for key in ("grid", "unets", "down_channels", "up_channels"):
+        if settings.get(key) is not None:
+            preset[key] = settings[key]
+    grid = list(preset["grid"])
+    grid = grid * 3 if len(grid) == 1 else grid
+    config = NetworkConfig(tuple(grid), int(preset["unets"]), tuple(preset["down_channels"]),
+                           tuple(preset["up_channels"]))
+    network = build_network(config)
+    if checkpoint is not None:
+        load_weights(network, checkpoint)
+    return network, checkpoint
+
+
+def options_from(settings: dict[str, Any]):
+    from regpipe.training import TrainingOptions
+
+    fields = {"steps", "batch_size", "lr", "lam", "lam_range", "similarity", "dice_weight",
+              "seed", "device", "checkpoint_every"}
+    values = {k: settings[k] for k in fields if settings.get(k) is not None}
+    if settings.get("lam_range") is not None:
+        values["lam_range"] = tuple(settings["lam_range"])
+    if settings.get("budget") is not None:
+        values["budget_seconds"] = parse_duration(settings["budget"])
+    values["amp"] = not settings.get("no_amp", False)
+    values["progress"] = not settings.get("no_progress", False) and sys.stderr.isatty()
+    return TrainingOptions(**values)
+
+
+def run_training(settings: dict[str, Any], output: Path, card: dict[str, Any]) -> int:
+    from regpipe.device import set_threads
+    from regpipe.training import train
+
+    if settings.get("threads"):
+        set_threads(int(settings["threads"]))
+    network, _ = build_network_from(settings)
+    root = Path(settings.get("data_root", ".")).expanduser()
+    source = build_source(settings["sources"], network.config.grid_shape, root)
+    options = options_from(settings)
+    card = {"name": settings.get("name") or output.name, **card}
+    if settings.get("description"):
+        card["description"] = settings["description"]
+    card.setdefault("training", {})["recipe"] = {
+        k: v for k, v in settings.items() if k not in ("no_progress", "threads", "device")
+    }
+    card["grid_mode"] = settings.get("grid_mode", "squash")
+    state = train(network, source, output, options, card)
+    LOGGER.info("stopped after step %d (%s), %.1f h in all; weights: %s", state.step,
+                state.stopped_by, state.elapsed_seconds / 3600, output / "weights.pt")
+    print(json.dumps({"step": state.step, "stopped_by": state.stopped_by,
+                      "elapsed_seconds": round(state.elapsed_seconds, 1), **state.last_losses}))
+    return 0
+
+
+def _main(args: argparse.Namespace) -> int:
+    settings = merged_settings(args)
+    return run_training(settings, Path(args.output), {})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(_main, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,392 @@
+"""Training and finetuning of registration networks with the GradICON objective.
+
+:func:`train` runs Adam on ``lam * L_gradicon + S(A o phi_AB, B) + S(B o phi_BA, A)``
+(:func:`~regpipe.losses.gradicon_objective`, LNCC or squared LNCC), plus a soft-Dice term when
+the pairs carry label maps and ``dice_weight > 0``, on pairs drawn from a
+:class:`~regpipe.training_data.PairSource`.
+
+A run lives in one folder:
+
+``checkpoint.pt``
+    Everything needed to continue: weights, optimiser state, step, random-generator states,
+    options, elapsed time (plain tensors and numbers: read with ``weights_only=True``).
+    Written atomically every ``checkpoint_every`` steps, at the end, when the wall-clock
+    budget is spent, and on SIGINT/SIGTERM (the run stops after the current step).
+``weights.pt`` / ``weights.md``
+    The shippable weights file (:func:`~regpipe.networks.save_weights`) and its model card.
+``log.csv``
+    One row per step: losses, folds, seconds, the source of the pair.
+
+Calling :func:`train` again on the same folder continues where the previous call stopped;
+the sequence of pairs and the result are the same as one uninterrupted run with the same seed.
+
+Example
+-------
+>>> from regpipe.networks import NetworkConfig, build_network
+>>> from regpipe.training_data import RandomShapesSource
+>>> config = NetworkConfig((33, 33, 33), 1, (4, 8, 8), (4, 8, 8))
+>>> import tempfile
+>>> state = train(build_network(config), RandomShapesSource(), tempfile.mkdtemp(),
+...               TrainingOptions(steps=2, progress=False))
+>>> state.step
+2
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import math
+import os
+import signal
+import platform
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from regpipe.errors import InputError, WeightsError
+from regpipe.losses import gradicon_objective, shared_label_one_hot
+from regpipe.networks import RegistrationNetwork, save_weights
+from regpipe.training_data import PairSource, TrainingPair
+
+__all__ = ["TrainingOptions", "TrainingState", "train", "write_model_card"]
+
+CHECKPOINT = "checkpoint.pt"
+WEIGHTS = "weights.pt"
+CARD = "weights.md"
+LOG = "log.csv"
+LOG_FIELDS = ("step", "all", "similarity", "gradicon", "dice", "folds", "seconds", "region", "pair_type", "lam")
+
+
+@dataclass
+class TrainingOptions:
+    """Settings of a training run.
+
+    Attributes
+    ----------
+    steps
+        Total optimisation steps of the run (a resumed run stops at the same total).
+    batch_size
+        Pairs per step.
+    lr
+        Adam learning rate.
+    lam
+        Weight of the GradICON term (uniGradICON uses 1.5).
+    lam_range
+        When set, ``(low, high)``: each pair draws lam log-uniformly in this range (for
+        networks conditioned on the regularisation weight); ``lam`` is ignored.
+    similarity
+        ``"lncc"`` or ``"lncc2"`` (squared LNCC, uniGradICON's choice).
+    dice_weight
+        Weight of the soft-Dice term on pairs that carry label maps (0: none).
+    seed
+        Seeds the pair generator and torch's default generator (GradICON noise).
+    device
+        ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    amp
+        bfloat16 autocast on CUDA (ignored on the CPU).
+    checkpoint_every
+        Steps between checkpoints.
+    budget_seconds
+        Stop cleanly (checkpoint written) after this much wall-clock time in this call.
+    progress
+        Show a progress bar with the running losses.
+    """
+
+    steps: int = 1000
+    batch_size: int = 1
+    lr: float = 1e-4
+    lam: float = 1.5
+    lam_range: tuple[float, float] | None = None
+    similarity: str = "lncc"
+    dice_weight: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    checkpoint_every: int = 100
+    budget_seconds: float | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.batch_size < 1 or self.checkpoint_every < 1:
+            raise InputError("steps must be >= 0, batch_size and checkpoint_every >= 1")
+        if not self.lr > 0 or self.lam < 0 or self.dice_weight < 0:
+            raise InputError("lr must be > 0, lam and dice_weight >= 0")
+        if self.similarity not in ("lncc", "lncc2"):
+            raise InputError(f"similarity must be 'lncc' or 'lncc2', got {self.similarity!r}")
+        if self.lam_range is not None:
+            low, high = self.lam_range
+            if not 0 < low <= high:
+                raise InputError(f"lam_range must satisfy 0 < low <= high, got {self.lam_range}")
+            self.lam_range = (float(low), float(high))
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values["lam_range"] = list(self.lam_range) if self.lam_range else None
+        return values
+
+
+@dataclass
+class TrainingState:
+    """Where a run stands: ``step`` done, seconds spent over all calls, why it stopped."""
+
+    step: int
+    elapsed_seconds: float
+    stopped_by: str  # "steps", "budget" or "signal"
+    folder: Path
+    last_losses: dict[str, float]
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a flag checked between steps (main thread only)."""
+
+    def __init__(self) -> None:
+        self.raised = False
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {}
+
+        def handler(signum: int, _frame: Any) -> None:
+            self.raised = True
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+
+def _atomic_save(payload: Any, path: Path) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(payload, temporary)
+    os.replace(temporary, path)
+
+
+def _batch(pairs: list[TrainingPair], device: torch.device) -> dict[str, Any]:
+    moving = torch.cat([p.moving for p in pairs]).to(device)
+    fixed = torch.cat([p.fixed for p in pairs]).to(device)
+    labels = None
+    if all(p.moving_labels is not None and p.fixed_labels is not None for p in pairs):
+        labels = (
+            torch.cat([p.moving_labels for p in pairs]).to(device),  # type: ignore[misc]
+            torch.cat([p.fixed_labels for p in pairs]).to(device),  # type: ignore[misc]
+        )
+    return {"moving": moving, "fixed": fixed, "labels": labels}
+
+
+def _draw_lam(options: TrainingOptions, generator: torch.Generator) -> float:
+    if options.lam_range is None:
+        return options.lam
+    low, high = options.lam_range
+    u = float(torch.rand((), generator=generator))
+    return math.exp(math.log(low) + u * (math.log(high) - math.log(low)))
+
+
+def _objective(network: RegistrationNetwork, batch: dict[str, Any], lam: float, options: TrainingOptions):
+    labels = batch["labels"]
+    use_dice = options.dice_weight > 0 and labels is not None
+    if use_dice:
+        try:
+            shared_label_one_hot(*labels)
+        except InputError:
+            use_dice = False
+    return gradicon_objective(
+        network, batch["moving"], batch["fixed"], options.similarity, lam,
+        segmentations=labels if use_dice else None,
+        dice_loss_weight=options.dice_weight if use_dice else 0.0,
+    ), use_dice
+
+
+def _resume(folder: Path, network: RegistrationNetwork, optimiser: torch.optim.Optimizer,
+            generator: torch.Generator) -> tuple[int, float]:
+    path = folder / CHECKPOINT
+    if not path.exists():
+        return 0, 0.0
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise WeightsError(f"cannot read the training checkpoint {path}: {error}") from error
+    if saved.get("config") != network.config.to_dict():
+        raise InputError(
+            f"{path} was trained with network configuration {saved.get('config')}, not "
+            f"{network.config.to_dict()}; use another output folder, or start from its "
+            f"weights with --init {folder / WEIGHTS}"
+        )
+    network.regis_net.load_state_dict(saved["state_dict"], strict=True)
+    optimiser.load_state_dict(saved["optimizer"])
+    generator.set_state(saved["generator"])
+    torch.set_rng_state(saved["torch_rng"])
+    return int(saved["step"]), float(saved["elapsed_seconds"])
+
+
+def write_model_card(card: Mapping[str, Any], path: Path) -> Path:
+    """Render a model card dictionary as Markdown next to the weights."""
+    lines = [f"# Model card: {card.get('name', 'regpipe network')}", ""]
+    for key, value in card.items():
+        if isinstance(value, Mapping):
+            lines.append(f"## {key}")
+            lines.extend(f"- **{k}**: {v}" for k, v in value.items())
+            lines.append("")
+        else:
+            lines.append(f"- **{key}**: {value}")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _save(folder: Path, network: RegistrationNetwork, optimiser: torch.optim.Optimizer,
+          generator: torch.Generator, step: int, elapsed: float, options: TrainingOptions,
+          card: dict[str, Any]) -> None:
+    state = {k: v.detach().cpu().clone() for k, v in network.regis_net.state_dict().items()}
+    _atomic_save({
+        "state_dict": state,
+        "config": network.config.to_dict(),
+        "card": card,
+        "optimizer": optimiser.state_dict(),
+        "generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "step": step,
+        "elapsed_seconds": elapsed,
+        "options": options.to_dict(),
+    }, folder / CHECKPOINT)
+    temporary = folder / f".{WEIGHTS}.tmp"
+    save_weights(network, temporary, card)
+    os.replace(temporary, folder / WEIGHTS)
+    write_model_card(card, folder / CARD)
+
+
+def train(
+    network: RegistrationNetwork,
+    source: PairSource,
+    folder: str | os.PathLike[str],
+    options: TrainingOptions | None = None,
+    card: Mapping[str, Any] | None = None,
+) -> TrainingState:
+    """Train ``network`` on pairs from ``source``, checkpointing into ``folder``.
+
+    Parameters
+    ----------
+    network
+        The network to train (its current weights are the start unless ``folder`` holds a
+        checkpoint of the same configuration, which is resumed).
+    source
+        Where pairs come from (see :mod:`regpipe.training_data`).
+    folder
+        Run folder (created); see the module docstring for its files.
+    options
+        :class:`TrainingOptions`.
+    card
+        Extra model-card entries (name, data description...); the training record (steps,
+        wall time, hardware, options) is added automatically.
+
+    Returns
+    -------
+    :class:`TrainingState`.
+    """
+    from tqdm.auto import tqdm
+
+    from regpipe.device import select_device
+
+    options = options or TrainingOptions()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    device = select_device(options.device)
+    network.to(device).train()
+    torch.manual_seed(options.seed)
+    generator = torch.Generator().manual_seed(options.seed)
+    optimiser = torch.optim.Adam(network.parameters(), lr=options.lr)
+    step, elapsed_before = _resume(folder, network, optimiser, generator)
+    shape = network.config.grid_shape
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if options.amp and device.type == "cuda" else contextlib.nullcontext()
+    )
+    log_path = folder / LOG
+    new_log = not log_path.exists()
+    started = time.monotonic()
+    stop = _StopFlag()
+    stopped_by = "steps"
+    last: dict[str, float] = {}
+    base_card = dict(card or {})
+
+    def current_card() -> dict[str, Any]:
+        record = dict(base_card)
+        record["training"] = {
+            **dict(base_card.get("training", {})),
+            "steps": step,
+            "wall_time_hours": round((elapsed_before + time.monotonic() - started) / 3600, 3),
+            "hardware": _hardware(device),
+            "source": getattr(source, "name", type(source).__name__),
+            "options": {k: v for k, v in options.to_dict().items() if k not in ("progress",)},
+        }
+        return record
+
+    bar = tqdm(total=options.steps, initial=step, disable=not options.progress, desc="training",
+               unit="step", dynamic_ncols=True)
+    with open(log_path, "a", newline="", encoding="utf-8") as log_file, stop.installed():
+        writer = csv.writer(log_file)
+        if new_log:
+            writer.writerow(LOG_FIELDS)
+        while step < options.steps:
+            if stop.raised:
+                stopped_by = "signal"
+                break
+            if options.budget_seconds is not None and time.monotonic() - started >= options.budget_seconds:
+                stopped_by = "budget"
+                break
+            t0 = time.perf_counter()
+            pairs = [source.draw(shape, generator) for _ in range(options.batch_size)]
+            lam = _draw_lam(options, generator)
+            batch = _batch(pairs, device)
+            optimiser.zero_grad(set_to_none=True)
+            with autocast:
+                terms, used_dice = _objective(network, batch, lam, options)
+            loss = terms.all_loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"the loss became {loss.item()} at step {step + 1}; lower --lr or resume "
+                    f"from the last checkpoint in {folder}"
+                )
+            loss.backward()
+            optimiser.step()
+            step += 1
+            values = {k: float(v.detach()) for k, v in terms._asdict().items()}
+            dice = values["all_loss"] - lam * values["inverse_consistency_loss"] - values["similarity_loss"]
+            last = {
+                "all": values["all_loss"], "similarity": values["similarity_loss"],
+                "gradicon": values["inverse_consistency_loss"], "dice": dice if used_dice else 0.0,
+                "folds": values["flips"],
+            }
+            writer.writerow([step, *(f"{last[k]:.6g}" for k in ("all", "similarity", "gradicon", "dice", "folds")),
+                             f"{time.perf_counter() - t0:.3f}", pairs[0].region,
+                             pairs[0].pair_type, f"{lam:.4g}"])
+            bar.update(1)
+            bar.set_postfix(loss=f"{last['all']:.4f}", sim=f"{last['similarity']:.4f}",
+                            icon=f"{last['gradicon']:.4f}")
+            if step % options.checkpoint_every == 0:
+                log_file.flush()
+                _save(folder, network, optimiser, generator, step,
+                      elapsed_before + time.monotonic() - started, options, current_card())
+    bar.close()
+    elapsed = elapsed_before + time.monotonic() - started
+    _save(folder, network, optimiser, generator, step, elapsed, options, current_card())
+    network.eval()
+    return TrainingState(step, elapsed, stopped_by, folder, last)
+
+
+def _hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA)"
+    return f"CPU ({platform.machine()}), {torch.get_num_threads()} threads"

@@ -1,0 +1,321 @@
+"""Synthetic pairs, training sources, the training loop and ``regpipe-train``."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from regpipe.errors import InputError
+from regpipe.networks import NetworkConfig, build_network, network_from_file
+from regpipe.synth import (
+    DeformationRange,
+    IntensityRange,
+    random_shapes,
+    random_spatial_map,
+    sample_labels,
+    synthesize,
+)
+from regpipe.training import TrainingOptions, train
+from regpipe.training_data import (
+    ImagePairSource,
+    ImageSource,
+    LabelMapSource,
+    MixedSource,
+    RandomShapesSource,
+    find_images,
+)
+
+SHAPE = (24, 24, 24)
+TINY = NetworkConfig((33, 33, 33), 1, (4, 8, 8), (4, 8, 8))
+STILL = DeformationRange(0, 0, 0, 0, 0)
+
+
+def _generator(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _label_map(path, seed: int, shape=(40, 44, 36)) -> str:
+    rng = np.random.default_rng(seed)
+    labels = np.zeros(shape, np.int16)
+    labels[5:-5, 6:-6, 5:-5] = 2
+    labels[10:-10, 12:-12, 10:-10] = 3
+    centre = rng.integers(15, 22, size=3)
+    labels[centre[0] - 4:centre[0] + 4, centre[1] - 4:centre[1] + 4, centre[2] - 3:centre[2] + 3] = 4
+    labels[:3] = 150  # a "non-brain" label
+    nib.save(nib.Nifti1Image(labels, np.diag([1.2, 1.0, 1.1, 1.0])), path)
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- synth
+
+
+def test_random_shapes_has_the_requested_labels_and_is_seeded():
+    labels = random_shapes(SHAPE, 6, _generator(1))
+    assert labels.shape == (1, 1, *SHAPE) and labels.dtype == torch.int64
+    assert set(labels.unique().tolist()) <= set(range(6)) and labels.unique().numel() >= 4
+    assert torch.equal(labels, random_shapes(SHAPE, 6, _generator(1)))
+
+
+def test_random_shapes_refuses_one_label():
+    with pytest.raises(InputError):
+        random_shapes(SHAPE, 1)
+
+
+def test_still_spatial_map_is_the_identity_and_keeps_labels():
+    labels = random_shapes(SHAPE, 5, _generator(2))
+    coordinates = random_spatial_map(SHAPE, STILL, _generator(3))
+    assert torch.equal(sample_labels(labels, coordinates), labels)
+
+
+def test_spatial_map_moves_points_within_its_range():
+    ranges = DeformationRange(rotation_deg=0, scaling=0, shear=0, translation=0.1, warp=0)
+    coordinates = random_spatial_map(SHAPE, ranges, _generator(4))
+    still = random_spatial_map(SHAPE, STILL, _generator(4))
+    shift = (coordinates - still).flatten(2)
+    assert torch.allclose(shift, shift[:, :, :1], atol=1e-6)  # a pure translation
+    assert 0 < shift.abs().max() <= 0.1 + 1e-6
+
+
+def test_negative_ranges_are_refused():
+    with pytest.raises(InputError):
+        DeformationRange(rotation_deg=-1)
+
+
+def test_synthesized_image_is_normalised_and_background_stays_zero():
+    labels = random_shapes(SHAPE, 5, _generator(5))
+    image = synthesize(labels, IntensityRange(), _generator(6), zero_labels=(0, 1))
+    assert image.shape == labels.shape
+    assert float(image.min()) >= 0 and float(image.max()) <= 1
+    assert torch.all(image[(labels == 0) | (labels == 1)] == 0)
+    assert float(image[labels > 1].mean()) > 0
+
+
+def test_same_means_give_the_same_label_order():
+    labels = random_shapes(SHAPE, 4, _generator(7))
+    means = torch.tensor([0.0, 0.2, 0.5, 0.9])
+    plain = IntensityRange(label_noise=0, blur=0, bias=0, gamma=0, noise=0)
+    image = synthesize(labels, plain, _generator(8), means=means)
+    averages = [float(image[labels == k].mean()) for k in (1, 2, 3)]
+    assert averages == sorted(averages)
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def test_label_map_source_draws_pairs_with_shared_label_ids(tmp_path):
+    paths = [_label_map(tmp_path / f"s{i}.nii.gz", i) for i in range(3)]
+    source = LabelMapSource(paths, SHAPE, inter_probability=1.0, background_labels=[150])
+    pair = source.draw(SHAPE, _generator())
+    assert pair.pair_type == "inter" and pair.region == "brain"
+    assert pair.moving.shape == pair.fixed.shape == (1, 1, *SHAPE)
+    # ids are the contiguous indices of the union of the maps' labels (0, 2, 3, 4, 150)
+    assert source.original_ids.tolist() == [0, 2, 3, 4, 150]
+    assert set(pair.moving_labels.unique().tolist()) <= {0, 1, 2, 3, 4}
+
+
+def test_label_map_source_intra_pairs_come_from_one_map(tmp_path):
+    paths = [_label_map(tmp_path / f"s{i}.nii.gz", i) for i in range(2)]
+    source = LabelMapSource(paths, SHAPE, inter_probability=0.0, deformation=STILL)
+    pair = source.draw(SHAPE, _generator(1))
+    assert pair.pair_type == "intra"
+    assert torch.equal(pair.moving_labels, pair.fixed_labels)
+
+
+def test_stripped_labels_are_background_in_image_and_labels(tmp_path):
+    paths = [_label_map(tmp_path / "s.nii.gz", 0)]
+    source = LabelMapSource(paths, SHAPE, background_labels=[150], strip_probability=1.0,
+                            deformation=STILL)
+    pair = source.draw(SHAPE, _generator(2))
+    stripped = source.original_ids.tolist().index(150)
+    assert not torch.any(pair.moving_labels == stripped)
+
+
+def test_unknown_region_is_refused(tmp_path):
+    with pytest.raises(InputError, match="region"):
+        LabelMapSource([_label_map(tmp_path / "s.nii.gz", 0)], SHAPE, region="elbow")
+
+
+def test_find_images_in_a_bids_dataset_keeps_anat_t1w_outside_derivatives(tmp_path):
+    (tmp_path / "dataset_description.json").write_text("{}")
+    for rel in ("sub-01/anat/sub-01_T1w.nii.gz", "sub-01/anat/sub-01_dseg.nii.gz",
+                "derivatives/x/sub-01/anat/sub-01_T1w.nii.gz", "sub-02/anat/sub-02_T1w.nii"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    found = [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path)]
+    assert found == ["sub-01/anat/sub-01_T1w.nii.gz", "sub-02/anat/sub-02_T1w.nii"]
+
+
+def test_find_images_in_an_empty_folder_says_so(tmp_path):
+    with pytest.raises(InputError, match="no images"):
+        find_images(tmp_path)
+
+
+def _image(path, seed: int) -> str:
+    rng = np.random.default_rng(seed)
+    data = np.zeros((30, 28, 26), np.float32)
+    data[6:-6, 6:-6, 5:-5] = 100 + rng.normal(0, 5, (18, 16, 16))
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    return str(path)
+
+
+def test_image_sources_give_intra_and_inter_pairs(tmp_path):
+    paths = [_image(tmp_path / f"i{i}.nii.gz", i) for i in range(2)]
+    intra = ImageSource(paths, SHAPE).draw(SHAPE, _generator())
+    inter = ImagePairSource.all_pairs(paths, SHAPE).draw(SHAPE, _generator())
+    assert (intra.pair_type, inter.pair_type) == ("intra", "inter")
+    for image in (intra.moving, intra.fixed, inter.moving, inter.fixed):
+        assert image.shape == (1, 1, *SHAPE) and 0 <= float(image.min()) and float(image.max()) <= 1
+
+
+def test_mixed_source_never_draws_a_zero_weight_source():
+    shapes = RandomShapesSource(region="other")
+    knees = RandomShapesSource(region="knee")
+    mixed = MixedSource([shapes, knees], [0.0, 1.0])
+    regions = {mixed.draw((16, 16, 16), _generator(i)).region for i in range(5)}
+    assert regions == {"knee"}
+    with pytest.raises(InputError):
+        MixedSource([shapes], [-1.0])
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _train(folder, steps, **kwargs):
+    torch.manual_seed(0)
+    network = build_network(TINY)
+    options = TrainingOptions(steps=steps, progress=False, checkpoint_every=1, **kwargs)
+    return network, train(network, RandomShapesSource(), folder, options, {"name": "tiny"})
+
+
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    whole, state = _train(tmp_path / "whole", 4)
+    _train(tmp_path / "split", 2)
+    resumed, state2 = _train(tmp_path / "split", 4)
+    assert state.step == state2.step == 4
+    for (key, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), key
+    rows = list(csv.DictReader(open(tmp_path / "split" / "log.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+
+
+def test_budget_stops_cleanly_with_a_checkpoint(tmp_path):
+    _, state = _train(tmp_path, 50, budget_seconds=0.0)
+    assert state.stopped_by == "budget" and state.step == 0
+    assert (tmp_path / "checkpoint.pt").exists() and (tmp_path / "weights.pt").exists()
+
+
+def test_weights_file_loads_with_its_card(tmp_path):
+    _train(tmp_path, 1)
+    network = network_from_file(tmp_path / "weights.pt")
+    assert network.config == TINY
+    assert network.metadata["name"] == "tiny" and network.metadata["training"]["steps"] == 1
+    assert "Model card: tiny" in (tmp_path / "weights.md").read_text()
+
+
+def test_resuming_with_another_configuration_is_refused(tmp_path):
+    _train(tmp_path, 1)
+    other = build_network(NetworkConfig((33, 33, 33), 1, (4, 8, 16), (4, 8, 8)))
+    with pytest.raises(InputError, match="--init"):
+        train(other, RandomShapesSource(), tmp_path, TrainingOptions(steps=2, progress=False))
+
+
+def test_training_lowers_the_loss_on_a_fixed_pair(tmp_path):
+    class OnePair:
+        name, region = "one", "other"
+
+        def __init__(self):
+            self.pair = RandomShapesSource().draw(TINY.grid_shape, _generator(11))
+
+        def draw(self, shape, generator):
+            return self.pair
+
+    torch.manual_seed(0)
+    network = build_network(TINY)
+    options = TrainingOptions(steps=40, lr=2e-3, progress=False, checkpoint_every=100)
+    train(network, OnePair(), tmp_path, options)
+    rows = list(csv.DictReader(open(tmp_path / "log.csv")))
+    first = np.mean([float(r["similarity"]) for r in rows[:5]])
+    last = np.mean([float(r["similarity"]) for r in rows[-5:]])
+    assert last < first - 0.02
+
+
+def test_dice_term_is_logged_for_labelled_pairs(tmp_path):
+    torch.manual_seed(0)
+    train(build_network(TINY), RandomShapesSource(), tmp_path,
+          TrainingOptions(steps=2, dice_weight=1.0, progress=False))
+    rows = list(csv.DictReader(open(tmp_path / "log.csv")))
+    assert all(float(r["dice"]) > 0 for r in rows)
+
+
+def test_lam_range_draws_lam_per_step(tmp_path):
+    torch.manual_seed(0)
+    train(build_network(TINY), RandomShapesSource(), tmp_path,
+          TrainingOptions(steps=3, lam_range=(0.5, 5.0), progress=False))
+    lams = [float(r["lam"]) for r in csv.DictReader(open(tmp_path / "log.csv"))]
+    assert len(set(lams)) == 3 and all(0.5 <= v <= 5.0 for v in lams)
+
+
+def test_invalid_options_are_refused():
+    with pytest.raises(InputError):
+        TrainingOptions(similarity="mse")
+    with pytest.raises(InputError):
+        TrainingOptions(lam_range=(2.0, 1.0))
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_parse_duration():
+    from regpipe.cli.train import parse_duration
+
+    assert parse_duration("90m") == 5400 and parse_duration("1h30m") == 5400
+    assert parse_duration("45") == 45 and parse_duration("2h") == 7200
+    with pytest.raises(Exception, match="duration"):
+        parse_duration("soon")
+
+
+TINY_ARGS = ["--grid", "33", "--unets", "1", "--down-channels", "4,8,8", "--up-channels", "4,8,8",
+             "--no-progress"]
+
+
+def test_cli_trains_from_a_recipe_and_continues(tmp_path, capsys):
+    from regpipe.cli.train import main
+
+    maps = [_label_map(tmp_path / f"s{i}.nii.gz", i) for i in range(2)]
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({
+        "name": "unit", "steps": 2, "dice_weight": 0.5,
+        "sources": [{"type": "label-maps", "paths": ["s*.nii.gz"], "weight": 1,
+                     "strip_labels_from": 100}, {"type": "random-shapes", "weight": 1}],
+    }))
+    run = tmp_path / "run"
+    assert main([str(run), "--recipe", str(recipe), "--data-root", str(tmp_path), *TINY_ARGS]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 2
+    assert main([str(run), "--recipe", str(recipe), "--data-root", str(tmp_path), "--steps", "3",
+                 *TINY_ARGS]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 3
+    card = network_from_file(run / "weights.pt").metadata
+    assert card["name"] == "unit" and card["training"]["steps"] == 3
+    assert len(maps) == 2
+
+
+def test_cli_init_from_weights_at_another_grid(tmp_path, capsys):
+    from regpipe.cli.train import main
+
+    assert main([str(tmp_path / "a"), "--steps", "1", *TINY_ARGS]) == 0
+    args = [str(tmp_path / "b"), "--init", str(tmp_path / "a" / "weights.pt"), "--grid", "41",
+            "--steps", "1", "--no-progress"]
+    assert main(args) == 0
+    assert network_from_file(tmp_path / "b" / "weights.pt").config.grid_shape == (41, 41, 41)
+
+
+def test_cli_reports_a_missing_data_path(tmp_path, capsys):
+    from regpipe.cli.train import main
+
+    code = main([str(tmp_path / "run"), "--label-maps", str(tmp_path / "nothing*.nii.gz"), *TINY_ARGS])
+    assert code == 1 and "no file matches" in capsys.readouterr().err
