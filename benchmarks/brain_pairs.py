@@ -21,6 +21,9 @@ ours
     reported is the optimisation's; the affine's is reported separately.
 pipeline
     The same through ``regpipe.register(..., weights=None, io_method="fast")`` (whole process).
+network, network+io
+    ``regpipe.register(..., weights=--weights)`` without / with the fast instance optimisation
+    (whole process: reading aside, affine, network, IO, transform; ``--steps`` IO steps).
 syn, synquick
     ``ants.registration(type_of_transform="SyN" / "antsRegistrationSyNQuick[s]")`` from antspyx,
     default parameters (its own affine stage included in the time).
@@ -48,35 +51,11 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 from numpy.typing import NDArray
-from scipy import ndimage
 
-#: T1-like intensity (arbitrary units, white matter = 110) per aseg label; other brain labels
-#: (< 100) get ``DEFAULT_INTENSITY``.
-T1_INTENSITY: dict[int, float] = {
-    2: 110, 41: 110,  # cerebral white matter
-    3: 70, 42: 70,  # cerebral cortex
-    4: 25, 43: 25, 5: 25, 44: 25, 14: 25, 15: 25, 72: 25,  # ventricles
-    7: 105, 46: 105,  # cerebellum white matter
-    8: 78, 47: 78,  # cerebellum cortex
-    10: 92, 49: 92,  # thalamus
-    11: 80, 50: 80,  # caudate
-    12: 85, 51: 85,  # putamen
-    13: 98, 52: 98,  # pallidum
-    16: 100,  # brainstem
-    17: 72, 53: 72,  # hippocampus
-    18: 74, 54: 74,  # amygdala
-    24: 20,  # CSF
-    26: 78, 58: 78,  # accumbens
-    28: 95, 60: 95,  # ventral DC
-    30: 60, 62: 60,  # vessel
-    77: 90,  # white-matter hypointensities
-    85: 100,  # optic chiasm
-}
-DEFAULT_INTENSITY = 70.0
-#: Labels counted as brain (mask, image support) are those below this id.
-BRAIN_MAX_LABEL = 100
-#: Labels excluded from the Dice average (extra-cerebral CSF is not a structure).
-DICE_EXCLUDE = (24,)
+# The synthetic T1 images and the label selection are the library's (``regpipe-bench
+# --dev-set`` builds the same pairs); this script keeps its own method variants for tuning.
+from regpipe.devset import BRAIN_MAX_LABEL, dice_labels, synthetic_t1
+
 #: Margin (voxels, mm) around the fixed brain's bounding box where all methods are evaluated.
 EVAL_MARGIN = 12
 
@@ -103,42 +82,12 @@ class Subject:
         )
 
 
-def synthetic_t1(labels: NDArray[np.integer], seed: int) -> NDArray[np.float32]:
-    """T1-like skull-stripped image from an aseg label map (deterministic for a seed).
-
-    Brain labels (0 < id < 100) get :data:`T1_INTENSITY`, the rest 0; then a Gaussian blur of
-    0.6 voxel and Gaussian noise of SD 3 (inside the brain) are applied.
-    """
-    table = np.zeros(int(labels.max()) + 1, dtype=np.float32)
-    table[1:BRAIN_MAX_LABEL] = DEFAULT_INTENSITY
-    for label, value in T1_INTENSITY.items():
-        table[label] = value
-    table[BRAIN_MAX_LABEL:] = 0.0
-    image = table[labels]
-    image = ndimage.gaussian_filter(image, 0.6)
-    rng = np.random.default_rng(seed)
-    brain = (labels > 0) & (labels < BRAIN_MAX_LABEL)
-    image[brain] += rng.normal(0.0, 3.0, size=int(brain.sum())).astype(np.float32)
-    return np.clip(image, 0.0, None).astype(np.float32)
-
-
 def load_subject(folder: Path, index: int) -> Subject:
     """Read ``training_seg_XX.nii.gz`` and synthesise its T1 (seed = subject index)."""
     path = folder / f"training_seg_{index:02d}.nii.gz"
     nii = nib.load(path)
     labels = np.rint(np.asanyarray(nii.dataobj)).astype(np.int16)
     return Subject(path.name[:-7], labels, synthetic_t1(labels, seed=index), nii.affine)
-
-
-def dice_labels(fixed: NDArray, moving: NDArray, min_voxels: int) -> list[int]:
-    """Main aseg structures present in both label maps with at least ``min_voxels`` voxels."""
-    ids_f, counts_f = np.unique(fixed, return_counts=True)
-    ids_m, counts_m = np.unique(moving, return_counts=True)
-    big_f = {int(i) for i, c in zip(ids_f, counts_f) if c >= min_voxels}
-    big_m = {int(i) for i, c in zip(ids_m, counts_m) if c >= min_voxels}
-    return sorted(
-        i for i in big_f & big_m if 0 < i < BRAIN_MAX_LABEL and i not in DICE_EXCLUDE
-    )
 
 
 def mean_dice(fixed: NDArray, warped: NDArray, labels: Sequence[int]) -> float:
@@ -223,8 +172,10 @@ def run_ours(
     return GridTransform(grid_in, displacement[0], grid_out), seconds
 
 
-def run_pipeline(fixed: Subject, moving: Subject, steps: int, threads: int) -> tuple[Any, float]:
-    """The whole ``regpipe.register`` process without a network."""
+def run_pipeline(
+    fixed: Subject, moving: Subject, steps: int, threads: int, weights: Any = None
+) -> tuple[Any, float]:
+    """The whole ``regpipe.register`` process (``weights=None``: no network)."""
     import regpipe
     from regpipe.imageio import Image
     from regpipe.spaces import Geometry
@@ -236,7 +187,7 @@ def run_pipeline(fixed: Subject, moving: Subject, steps: int, threads: int) -> t
     result = register(
         Image(fixed.image, Geometry(fixed.labels.shape, fixed.affine)),
         Image(moving.image, Geometry(moving.labels.shape, moving.affine)),
-        weights=None, affine="ours", io_iterations=steps, io_method="fast", progress=False,
+        weights=weights, affine="ours", io_iterations=steps, io_method="fast", progress=False,
         threads=threads,
     )
     return result.forward, time.perf_counter() - started
@@ -317,8 +268,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=5, help="number of pairs (01->02, 03->04, ...)")
     parser.add_argument(
         "--methods", default="affine,ours,syn",
-        help="comma list of affine, ours, pipeline, syn, synquick",
+        help="comma list of affine, ours, pipeline, network, network+io, syn, synquick",
     )
+    parser.add_argument("--weights", default="default", help="weights of network, network+io")
     parser.add_argument("--grid", type=int, default=128, help="network grid size per axis")
     parser.add_argument("--steps", type=int, default=None, help="fast IO steps (default: library)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch and ITK)")
@@ -355,6 +307,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 row["time_s"] = seconds
             elif method == "pipeline":
                 transform, seconds = run_pipeline(fixed, moving, steps, args.threads)
+                row = evaluate_transform(fixed, moving, transform, labels)
+                row["time_s"] = seconds
+            elif method in ("network", "network+io"):
+                io_steps = 0 if method == "network" else steps
+                transform, seconds = run_pipeline(fixed, moving, io_steps, args.threads, args.weights)
                 row = evaluate_transform(fixed, moving, transform, labels)
                 row["time_s"] = seconds
             elif method in ("syn", "synquick"):

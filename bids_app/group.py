@@ -272,7 +272,7 @@ def write_tsv(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
     """Write ``rows`` as a BIDS-style TSV (``n/a`` for missing values), atomically."""
     columns = _columns(rows) or list(ID_COLUMNS[:3])
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per concurrent writer
     with open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
         writer.writerow(columns)
@@ -283,14 +283,11 @@ def write_tsv(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
 
 
 def _ignore_group_folder(output_dir: Path) -> None:
-    """Add ``group/`` to ``output_dir/.bidsignore`` (idempotent) so validators skip it."""
-    path = output_dir / ".bidsignore"
-    lines = path.read_text().splitlines() if path.is_file() else []
-    if f"{GROUP_DIR}/" in lines:
-        return
-    tmp = path.with_name(".bidsignore.tmp")
-    tmp.write_text("\n".join([*lines, f"{GROUP_DIR}/"]) + "\n")
-    os.replace(tmp, path)
+    """Add ``group/`` to ``output_dir/.bidsignore`` (idempotent) so validators skip it; under
+    the dataset lock, so participant runs merging their own lines meanwhile lose nothing."""
+    from regpipe.workflows.outputs import merge_bidsignore
+
+    merge_bidsignore(output_dir, [f"{GROUP_DIR}/"])
 
 
 def run_group(args: argparse.Namespace) -> int:

@@ -188,6 +188,28 @@ def _filter_file(value: str) -> dict[str, dict[str, Any]]:
     return data
 
 
+def _region(value: str) -> str:
+    if value.lower() == "auto":
+        return "auto"
+    from regpipe.errors import InputError
+    from regpipe.networks.condition import canonical_region
+
+    try:
+        return canonical_region(value)
+    except InputError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _smoothness(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}") from None
+    if not 0 < number < float("inf"):
+        raise argparse.ArgumentTypeError(f"--smoothness must be positive, got {value!r}")
+    return number
+
+
 def _template(value: str):
     try:
         return parse_template_spec(value)
@@ -251,6 +273,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="network weights: 'default' (bundled model), 'unigradicon', "
                      "'multigradicon', a checkpoint file, or 'none' (affine and instance "
                      "optimisation only)")
+    reg.add_argument("--region", type=_region, default="auto",
+                     help="conditional weights only: body region of the condition (brain, "
+                     "head_neck, thorax, abdomen, pelvis, knee, other); auto: brain for MRI, "
+                     "head_neck for CT. The pair type follows --mode (template: inter; "
+                     "longitudinal: intra)")
+    reg.add_argument("--smoothness", type=_smoothness, default=None, metavar="LAM",
+                     help="conditional weights only: regularisation weight lam of the "
+                     "condition (larger: smoother; default 1.5)")
     reg.add_argument("--io-iterations", type=_io_iterations, default=DEFAULT_IO_ITERATIONS,
                      metavar="N", help="instance-optimisation steps (0 or None: off)")
     reg.add_argument("--affine-init", choices=AFFINE_INIT, default="ours",

@@ -9,7 +9,8 @@ Order of work, so that every failure the App can foresee happens before any regi
    the images (66 none at all, 18 none left by the filters);
 4. check the Nipype plugin (64), import the workflows;
 5. resolve the network weights and the template offline (66, naming the file and the pre-fetch
-   command), the ``--labels`` dataset (66), the device; build the jobs (see
+   command), the ``--labels`` dataset (66), the device; refuse ``--region``/``--smoothness``
+   for unconditional weights (64); build the jobs (see
    :mod:`regpipe.bids_app.bids`; 66 when longitudinal mode finds no pair), check them with
    :func:`regpipe.workflows.base.validate_jobs` and log them;
 6. create ``output_dir`` and the work directory and check they are writable (73); save the
@@ -130,6 +131,23 @@ def _check_device(device: str) -> None:
     select_device(device)
 
 
+def _check_condition_options(args: argparse.Namespace, weights: str | None) -> None:
+    """``--region``/``--smoothness`` need conditional weights (64 otherwise)."""
+    from regpipe.networks.checkpoint import is_conditional_file
+
+    try:
+        conditional = weights is not None and is_conditional_file(weights)
+    except WeightsError:  # unreadable: the registration reports it when it loads the file
+        conditional = False
+    if not conditional and (args.region != "auto" or args.smoothness is not None):
+        raise UsageError(f"--region and --smoothness steer a conditional network; the weights "
+                         f"{args.weights!r} are not conditional")
+    if conditional:
+        LOGGER.info("conditional weights: region %s, pair type %s, smoothness %s",
+                    args.region, "inter" if args.mode == "template" else "intra",
+                    args.smoothness if args.smoothness is not None else "default (1.5)")
+
+
 def _describe(job: dict[str, Any]) -> str:
     return f"{Path(job['moving']).name} -> {job['fixed_space']} ({Path(job['fixed']).name})"
 
@@ -242,6 +260,8 @@ def run_participant(args: argparse.Namespace, argv: Sequence[str] | None = None)
     labels_layout = bids.load_derivatives(args.labels) if args.labels else None
     if weights is not None:
         _check_device(args.device)
+    if not args.reports_only:
+        _check_condition_options(args, weights)
     jobs = bids.build_jobs(images, mode=args.mode, template=template,
                            reference_session=args.reference_session,
                            labels_layout=labels_layout, weights_sha256=weights_sha256)
@@ -276,6 +296,8 @@ def run_participant(args: argparse.Namespace, argv: Sequence[str] | None = None)
         reports=True,
         bids_dir=args.bids_dir,
         run_uuid=run_id,
+        region=args.region,
+        smoothness=args.smoothness,
     )
     _run(workflow, args, plugin, log_dir)
     LOGGER.info("finished %d job(s) x %d method(s); outputs in %s", len(jobs),

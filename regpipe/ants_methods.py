@@ -358,6 +358,7 @@ def ants_register(
     seed: int | None = None,
     threads: int | None = None,
     progress: bool = False,
+    evaluate: bool = True,
 ) -> RegistrationResult:
     """Register ``moving`` onto ``fixed`` with ANTs; returns a ``RegistrationResult``.
 
@@ -385,6 +386,9 @@ def ants_register(
         has not used ANTs yet; ignored with a seed (one thread).
     progress
         Let ANTs print its iterations.
+    evaluate
+        Compute the metrics (default); ``False`` keeps only the runtime and memory measures
+        (as :func:`regpipe.register`'s ``evaluate``).
 
     Returns
     -------
@@ -439,11 +443,12 @@ def ants_register(
             fixed_img.geometry,
         )
         out = RegistrationResult(forward, inverse, fixed_img, moving_img, warped, None)
-        norm = {
-            "fixed": normalize_intensity(fixed_img.data, fixed_modality),
-            "moving": normalize_intensity(moving_img.data, moving_modality),
-        }
-        out.metrics = _metrics(out, norm, masks, segs)  # before = identity: affine is None
+        if evaluate:
+            norm = {
+                "fixed": normalize_intensity(fixed_img.data, fixed_modality),
+                "moving": normalize_intensity(moving_img.data, moving_modality),
+            }
+            out.metrics = _metrics(out, norm, masks, segs)  # before = identity: no affine
         out.affine = affine
     out.metrics.update(usage.as_metrics())
     if call:  # ANTs ran in its own process (seeded): its memory is not in this process's peak

@@ -12,6 +12,7 @@ import logging
 import os
 import resource
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -24,13 +25,15 @@ from regpipe.errors import InputError
 from regpipe.imageio import Image, ImageLike, check_same_grid, load_image, save_image
 from regpipe.metrics import dice_per_label, folding_stats, jacobian_determinant, ncc
 from regpipe.preprocess import check_modality, network_input, normalize_intensity
-from regpipe.spaces import Geometry, GridMode, network_grid
+from regpipe.spaces import GRID_MODES, Geometry, GridMode, network_grid
 from regpipe.transforms import AffineTransform, DisplacementField, GridTransform, Transform
 from regpipe.warp import Interpolation, warp_array
 
 LOGGER = logging.getLogger("regpipe")
 
 AffineMethod = Literal["ours", "ants", "none"]
+#: Regularisation weight asked of a conditional network when none is given.
+DEFAULT_SMOOTHNESS = 1.5
 IOMethod = Literal["fast", "network"]
 
 
@@ -110,8 +113,10 @@ def _load_network(weights: Any, device: torch.device):
 
 def _grid_mode(network: Any, grid_mode: str) -> GridMode:
     if grid_mode != "auto":
-        if grid_mode not in ("squash", "isotropic"):
-            raise InputError(f"grid mode must be auto, squash or isotropic, got {grid_mode!r}")
+        if grid_mode not in GRID_MODES:
+            raise InputError(
+                f"grid mode must be auto, {', '.join(GRID_MODES)}, got {grid_mode!r}"
+            )
         return grid_mode  # type: ignore[return-value]
     metadata = getattr(network, "metadata", None) or {}
     return metadata.get("grid_mode", "squash")
@@ -144,6 +149,10 @@ def register(
     progress: bool = True,
     intensity_conservation: bool = False,
     dice_loss_weight: float = 0.0,
+    evaluate: bool = True,
+    region: str | None = None,
+    pair_type: str | None = None,
+    smoothness: float | None = None,
 ) -> RegistrationResult:
     """Register ``moving`` onto ``fixed``.
 
@@ -167,7 +176,8 @@ def register(
         Affine pre-alignment composed into the result: ``"ours"`` (fast PyTorch, default),
         ``"ants"`` (antspyx) or ``"none"`` (uniGradICON's behaviour).
     grid_mode
-        ``"squash"`` (uniGradICON), ``"isotropic"`` or ``"auto"`` (what the weights expect).
+        ``"squash"`` (uniGradICON), ``"isotropic"``, ``"squash-ras"`` (squash after
+        reorienting to the closest RAS axes) or ``"auto"`` (what the weights' card says).
     io_iterations
         Instance-optimisation steps; ``None`` or 0 disables it.
     io_method
@@ -182,13 +192,26 @@ def register(
         uniGradICON's ``--dice_loss_weight``: weight of a soft-Dice term on the shared labels
         of both segmentations (nearest-neighbour resampled onto the network grids) in network
         instance optimisation (``io_method="network"``); > 0 needs both segmentations.
+    region, pair_type, smoothness
+        The condition of a conditional network (:mod:`regpipe.networks.conditional`): body
+        region (``brain``, ``head_neck``, ``thorax``, ``abdomen``, ``pelvis``, ``knee``,
+        ``other``; default ``other``, since a pair of images says nothing about the anatomy),
+        ``"inter"`` or ``"intra"`` (default ``inter``) and the regularisation weight lam
+        (> 0, default 1.5; larger is smoother). Recorded in ``result.settings["condition"]``
+        (``None`` without a conditional network). Giving any of them with an unconditional
+        network (or none) is an error: they would have no effect.
+    evaluate
+        Compute the metrics (default). ``False`` leaves only ``runtime_s`` and
+        ``peak_memory_mb`` in ``result.metrics``, so a benchmark that evaluates every method
+        with its own code (:mod:`regpipe.bench`) times the registration alone.
 
     Raises
     ------
     InputError
         Besides unusable inputs: ``intensity_conservation`` without two CT images, a
         negative ``dice_loss_weight`` or a positive one without both segmentations, and
-        either option with ``io_method="fast"``.
+        either option with ``io_method="fast"``; a condition (``region``, ``pair_type``,
+        ``smoothness``) that is invalid or given for an unconditional network.
     """
     from regpipe.device import select_device, set_threads
 
@@ -229,6 +252,7 @@ def register(
 
         weights = default_weights_name()
     network, weights_path = _load_network(weights, torch_device)
+    condition = _condition(network, weights_path, region, pair_type, smoothness)
     if network is not None:
         grid_shape = tuple(network.config.grid_shape)
         mode = _grid_mode(network, grid_mode)
@@ -268,16 +292,28 @@ def register(
     )
     LOGGER.info("network grid %s (%s mode), device %s", grid_shape, mode, torch_device)
 
-    displacement = _network_displacement(network, moving_t, fixed_t)
-    if io_iterations:
-        loss_masks = masks if loss_masking else {}
-        displacement = _instance_optimise(
-            io_method, network, moving_t, fixed_t, displacement, loss_masks, fixed_img, moving_img,
-            grid_in, grid_out, grid_shape, squash_moving, mode, io_iterations, io_sim, io_lr,
-            progress, intensity_conservation=intensity_conservation,
-            dice_segmentations=segs if dice_loss_weight > 0 else {},
-            dice_loss_weight=dice_loss_weight,
-        )
+    with _conditioned(network, condition):
+        displacement = _network_displacement(network, moving_t, fixed_t)
+        if io_iterations and io_method == "fast" and network is not None and not squash_moving:
+            # Refine on the fixed image's own (finer) grid, not on the coarser network grid.
+            io_shape = tuple(min(n, MAX_IO_GRID) for n in fixed_img.geometry.network_shape())
+            if io_shape != grid_shape:
+                grid_io = network_grid(fixed_img.geometry, io_shape, mode)
+                displacement = _displacement_on_grid(displacement, grid_in, grid_io, io_shape)
+                grid_in, grid_out, grid_shape = grid_io, matrix @ grid_io, io_shape
+                fixed_t = network_input(norm["fixed"], fixed_img.geometry, grid_in, grid_shape,
+                                        squash=mode == "squash", device=torch_device)
+                moving_t = network_input(norm["moving"], moving_img.geometry, grid_out, grid_shape,
+                                         device=torch_device)
+        if io_iterations:
+            loss_masks = masks if loss_masking else {}
+            displacement = _instance_optimise(
+                io_method, network, moving_t, fixed_t, displacement, loss_masks, fixed_img,
+                moving_img, grid_in, grid_out, grid_shape, squash_moving, mode, io_iterations,
+                io_sim, io_lr, progress, intensity_conservation=intensity_conservation,
+                dice_segmentations=segs if dice_loss_weight > 0 else {},
+                dice_loss_weight=dice_loss_weight,
+            )
     forward = GridTransform(grid_in, displacement.detach().to("cpu", torch.float32)[0], grid_out)
     inverse = forward.inverse()
 
@@ -298,12 +334,75 @@ def register(
         "device": str(torch_device),
         "fixed_modality": fixed_modality,
         "moving_modality": moving_modality,
+        "condition": condition.to_dict() if condition is not None else None,
     }
-    result.metrics = _metrics(result, norm, masks, segs)
-    result.metrics["inverse_consistency_voxels"] = forward.inverse_consistency(inverse)
+    if evaluate:
+        result.metrics = _metrics(result, norm, masks, segs)
+        result.metrics["inverse_consistency_voxels"] = forward.inverse_consistency(inverse)
     result.metrics["runtime_s"] = time.perf_counter() - started
     result.metrics["peak_memory_mb"] = _peak_memory_mb()
     return result
+
+
+def _condition(
+    network: Any, weights_path: Path | None, region: str | None, pair_type: str | None,
+    smoothness: float | None,
+) -> Any:
+    """The :class:`~regpipe.networks.Condition` for a conditional network, else ``None``.
+
+    Raises :class:`InputError` when a condition is given for an unconditional network.
+    """
+    from regpipe.networks import Condition, is_conditional
+
+    given = {k: v for k, v in (("region", region), ("pair_type", pair_type),
+                               ("smoothness", smoothness)) if v is not None}
+    if not is_conditional(network):
+        if given:
+            what = ("there is no network" if network is None else
+                    f"the weights {weights_path or '(in memory)'} are not conditional")
+            raise InputError(
+                f"{', '.join(given)}: these options steer a conditional network, but {what}; "
+                "choose conditional weights or leave them out"
+            )
+        return None
+    condition = Condition(region or "other", pair_type or "inter",
+                          DEFAULT_SMOOTHNESS if smoothness is None else smoothness)
+    trained = network.conditioning.lam_range
+    if trained is not None and not trained[0] <= condition.lam <= trained[1]:
+        LOGGER.warning("smoothness %g is outside the range the network was trained on "
+                       "(%g to %g): the result is an extrapolation", condition.lam, *trained)
+    LOGGER.info("condition: region %s, %s-subject, smoothness (lam) %g", condition.region,
+                condition.pair_type, condition.lam)
+    return condition
+
+
+def _conditioned(network: Any, condition: Any) -> Any:
+    """``network.conditioned(condition)``, or a no-op without a condition."""
+    return nullcontext() if condition is None else network.conditioned(condition)
+
+
+#: Largest axis of the grid instance optimisation runs on (the fixed image's voxels, capped).
+MAX_IO_GRID = 160
+
+
+def _displacement_on_grid(
+    displacement: torch.Tensor, grid_from: np.ndarray, grid_to: np.ndarray, shape: tuple[int, ...]
+) -> torch.Tensor:
+    """The same map's displacement on another grid over the same fixed space, index units.
+
+    Both grids share the pre-alignment ``M`` (``grid_out = M @ grid_in``), so for an index
+    ``p`` of ``grid_to``, with ``A = grid_from^-1 @ grid_to``: ``U_to(p) = A^-1 U(A p)`` (the
+    linear part of ``A^-1`` turns ``grid_from`` index steps into ``grid_to`` index steps).
+    """
+    from regpipe.fast_io import _index_grid, _sample
+
+    to_from = np.linalg.inv(grid_from) @ grid_to
+    a = torch.as_tensor(to_from, dtype=torch.float32, device=displacement.device)
+    index = _index_grid(shape, displacement.device)
+    points = torch.einsum("ij,bj...->bi...", a[:3, :3], index) + a[:3, 3].view(1, 3, 1, 1, 1)
+    sampled = _sample(displacement.float(), points, padding="border")
+    back = torch.linalg.inv(a[:3, :3])
+    return torch.einsum("ij,bj...->bi...", back, sampled).to(displacement.dtype)
 
 
 def _check_objective_options(
@@ -401,7 +500,7 @@ def _instance_optimise(
         if intensity_conservation or dice_loss_weight > 0:
             raise InputError("the intensity conservation and Dice losses need io_method "
                              "'network'")
-        spacing = float(np.linalg.norm(grid_in[:3, 0]))
+        spacing = [float(np.linalg.norm(grid_in[:3, axis])) for axis in range(3)]
         return fast_io.optimise_displacement(
             moving_t, fixed_t, displacement, steps=steps, fixed_mask=mask_t.get("fixed"),
             grid_spacing_mm=spacing, progress=progress,

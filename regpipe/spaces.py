@@ -39,7 +39,9 @@ from numpy.typing import NDArray
 #: Matrix converting RAS+ coordinates to LPS+ (it is its own inverse).
 RAS_TO_LPS: NDArray[np.float64] = np.diag([-1.0, -1.0, 1.0])
 
-GridMode = Literal["squash", "isotropic"]
+GridMode = Literal["squash", "isotropic", "squash-ras"]
+#: Every accepted grid mode.
+GRID_MODES: tuple[str, ...] = ("squash", "isotropic", "squash-ras")
 
 
 @dataclass(frozen=True, eq=False)
@@ -150,21 +152,24 @@ def network_grid(
     aspect ratio: one spacing for all axes, chosen so the longest side fits, centred on the
     image (shorter sides are padded with zeros when sampled), with voxel axes permuted and
     flipped to the closest RAS orientation so the network sees anatomy in one orientation.
+    ``squash-ras`` stretches each axis like ``squash`` after the same reorientation (network
+    axes ``(d0, d1, d2)`` = closest ``(S, A, R)``, whatever the file's voxel order): regpipe's
+    bundled model uses it.
     """
     n_net = np.asarray(grid_shape, dtype=np.float64)  # (n0, n1, n2) in network order
     if mode == "squash":
         shape = np.asarray(geometry.shape, dtype=np.float64)
         affine = geometry.affine
-    elif mode == "isotropic":
+    elif mode in ("isotropic", "squash-ras"):
         ornt = nib.orientations.io_orientation(geometry.affine)
         to_original = nib.orientations.inv_ornt_aff(ornt, geometry.shape)
         affine = geometry.affine @ to_original
         shape = np.empty(3)
         shape[ornt[:, 0].astype(int)] = geometry.shape
     else:
-        raise ValueError(f"grid mode must be 'squash' or 'isotropic', got {mode!r}")
+        raise ValueError(f"grid mode must be one of {', '.join(GRID_MODES)}, got {mode!r}")
     n_vox = n_net[::-1]  # network sizes along (i, j, k)
-    if mode == "squash":
+    if mode != "isotropic":
         scale = shape / n_vox
     else:
         spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))

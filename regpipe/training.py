@@ -5,6 +5,10 @@
 the pairs carry label maps and ``dice_weight > 0``, on pairs drawn from a
 :class:`~regpipe.training_data.PairSource`.
 
+A :class:`~regpipe.networks.ConditionalRegistrationNetwork` is trained on the condition of
+each pair: its region and pair type (from the source) and the step's ``lam``, which is also
+the GradICON weight of that step's loss (draw it from ``lam_range``).
+
 A run lives in one folder:
 
 ``checkpoint.pt``
@@ -51,7 +55,15 @@ import torch
 
 from regpipe.errors import InputError, WeightsError
 from regpipe.losses import gradicon_objective, shared_label_one_hot
-from regpipe.networks import RegistrationNetwork, save_weights
+from regpipe.networks import (
+    Condition,
+    ConditionalRegistrationNetwork,
+    RegistrationNetwork,
+    network_state,
+    restore_network_state,
+    save_weights,
+    saved_config,
+)
 from regpipe.training_data import PairSource, TrainingPair
 
 __all__ = ["TrainingOptions", "TrainingState", "train", "write_model_card"]
@@ -78,8 +90,9 @@ class TrainingOptions:
     lam
         Weight of the GradICON term (uniGradICON uses 1.5).
     lam_range
-        When set, ``(low, high)``: each pair draws lam log-uniformly in this range (for
-        networks conditioned on the regularisation weight); ``lam`` is ignored.
+        When set, ``(low, high)``: each step draws lam log-uniformly in this range, shared by
+        the pairs of the step (for networks conditioned on the regularisation weight);
+        ``lam`` is ignored.
     similarity
         ``"lncc"`` or ``"lncc2"`` (squared LNCC, uniGradICON's choice).
     dice_weight
@@ -195,6 +208,13 @@ def _draw_lam(options: TrainingOptions, generator: torch.Generator) -> float:
     return math.exp(math.log(low) + u * (math.log(high) - math.log(low)))
 
 
+def _conditioned(network: RegistrationNetwork, pairs: list[TrainingPair], lam: float):
+    """Set each pair's condition (region, pair type, ``lam``) on a conditional network."""
+    if not isinstance(network, ConditionalRegistrationNetwork):
+        return contextlib.nullcontext()
+    return network.conditioned([Condition(p.region, p.pair_type, lam) for p in pairs])
+
+
 def _objective(network: RegistrationNetwork, batch: dict[str, Any], lam: float, options: TrainingOptions):
     labels = batch["labels"]
     use_dice = options.dice_weight > 0 and labels is not None
@@ -219,13 +239,14 @@ def _resume(folder: Path, network: RegistrationNetwork, optimiser: torch.optim.O
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unreadable file gets the same advice
         raise WeightsError(f"cannot read the training checkpoint {path}: {error}") from error
-    if saved.get("config") != network.config.to_dict():
+    expected = saved_config(network)
+    if saved.get("config") != expected:
         raise InputError(
             f"{path} was trained with network configuration {saved.get('config')}, not "
-            f"{network.config.to_dict()}; use another output folder, or start from its "
+            f"{expected}; use another output folder, or start from its "
             f"weights with --init {folder / WEIGHTS}"
         )
-    network.regis_net.load_state_dict(saved["state_dict"], strict=True)
+    restore_network_state(network, saved)
     optimiser.load_state_dict(saved["optimizer"])
     generator.set_state(saved["generator"])
     torch.set_rng_state(saved["torch_rng"])
@@ -249,10 +270,8 @@ def write_model_card(card: Mapping[str, Any], path: Path) -> Path:
 def _save(folder: Path, network: RegistrationNetwork, optimiser: torch.optim.Optimizer,
           generator: torch.Generator, step: int, elapsed: float, options: TrainingOptions,
           card: dict[str, Any]) -> None:
-    state = {k: v.detach().cpu().clone() for k, v in network.regis_net.state_dict().items()}
     _atomic_save({
-        "state_dict": state,
-        "config": network.config.to_dict(),
+        **network_state(network),
         "card": card,
         "optimizer": optimiser.state_dict(),
         "generator": generator.get_state(),
@@ -351,7 +370,7 @@ def train(
             lam = _draw_lam(options, generator)
             batch = _batch(pairs, device)
             optimiser.zero_grad(set_to_none=True)
-            with autocast:
+            with autocast, _conditioned(network, pairs, lam):
                 terms, used_dice = _objective(network, batch, lam, options)
             loss = terms.all_loss
             if not torch.isfinite(loss):

@@ -81,7 +81,7 @@ from regpipe.workflows.outputs import (
 from regpipe.workflows.preprocessing import init_preproc_wf
 from regpipe.workflows.registration import init_ants_reg_wf, init_network_reg_wf
 
-from regpipe.errors import InputError
+from regpipe.errors import InputError, WeightsError
 
 #: Keys of a job (see the module docstring); ``fixed_uri`` is optional.
 JOB_KEYS: tuple[str, ...] = (
@@ -117,6 +117,25 @@ class RegistrationOptions:
     device: str = "auto"
     omp_nthreads: int = 1
     seed: int | None = None
+    conditional: bool = False
+    region: str = "auto"
+    smoothness: float | None = None
+
+
+#: Region of a conditional network for ``region="auto"``, by modality: the App registers
+#: anatomical head images, so an MRI (T1w, T2w, FLAIR...) is a brain image and a CT a head
+#: CT (the head-and-neck region of the condition; pass ``--region brain`` for brain-only CT).
+AUTO_REGIONS: dict[str, str] = {"mri": "brain", "ct": "head_neck"}
+
+
+def job_condition(job: Mapping[str, Any], options: RegistrationOptions) -> dict[str, Any]:
+    """The condition of a job for a conditional network: ``{"region", "pair_type",
+    "smoothness"}`` (the region from :data:`AUTO_REGIONS` unless given, the pair type from the
+    job: ``inter`` to a template, ``intra`` longitudinal; ``smoothness`` ``None``: default)."""
+    region = options.region
+    if region == "auto":
+        region = AUTO_REGIONS.get(job["modality"], "other")
+    return {"region": region, "pair_type": job["pair_type"], "smoothness": options.smoothness}
 
 
 # --------------------------------------------------------------------------- jobs
@@ -283,6 +302,8 @@ def init_regpipe_wf(
     reports: bool = True,
     bids_dir: str | os.PathLike[str] | None = None,
     run_uuid: str | None = None,
+    region: str = "auto",
+    smoothness: float | None = None,
     name: str = "regpipe_wf",
 ) -> pe.Workflow:
     """The whole participant-level run: one :func:`init_single_subject_wf` per subject.
@@ -309,9 +330,15 @@ def init_regpipe_wf(
         Raw dataset (``DatasetLinks``); derived from the jobs' ``bids:raw:`` URIs when absent.
     run_uuid
         Names this run's log folder ``sub-<label>/log/<run_uuid>/`` (crash files).
+    region, smoothness
+        Condition of a conditional network (:func:`job_condition`; the pair type comes from
+        each job): a region name or ``"auto"`` (from the modality), and the regularisation
+        weight (``None``: the network's default). Giving either with unconditional weights
+        raises :class:`~regpipe.errors.InputError`.
 
     Outputs: none (everything is written to ``output_dir``).
     """
+    from regpipe.networks.checkpoint import is_conditional_file
     from regpipe.weights import default_weights_name, resolve_weights
 
     checked = validate_jobs(jobs)
@@ -326,6 +353,13 @@ def init_regpipe_wf(
         weights_path = str(Path(resolve_weights(weights_name)).absolute())
         if Path(weights_name).name != weights_name or os.sep in weights_name:
             weights_name = Path(weights_path).name
+    try:
+        conditional = weights_path is not None and is_conditional_file(weights_path)
+    except WeightsError:  # unreadable: the registration node reports it when it loads it
+        conditional = False
+    if not conditional and (region != "auto" or smoothness is not None):
+        raise InputError("a region or smoothness steers a conditional network; the weights "
+                         f"{weights_name or 'none'} are not conditional")
     options = RegistrationOptions(
         weights_path,
         weights_name,
@@ -334,6 +368,9 @@ def init_regpipe_wf(
         device,
         int(omp_nthreads),
         seed,
+        conditional,
+        region,
+        smoothness,
     )
     output_dir = Path(output_dir).absolute()
     run_uuid = run_uuid or f"{time.strftime('%Y%m%d-%H%M%S')}_{uuid.uuid4()}"
@@ -538,7 +575,8 @@ def init_method_wf(
             weights=options.weights, weights_name=options.weights_name,
             weights_sha256=job["weights_sha256"], modality=job["modality"],
             affine_init=options.affine_init, io_iterations=options.io_iterations,
-            device=options.device, omp_nthreads=options.omp_nthreads, seed=options.seed, **masks,
+            device=options.device, omp_nthreads=options.omp_nthreads, seed=options.seed,
+            condition=job_condition(job, options) if options.conditional else None, **masks,
         )  # fmt: skip
     else:
         reg_wf = init_ants_reg_wf(

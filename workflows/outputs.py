@@ -54,6 +54,7 @@ or, for longitudinal registration, the reference image's label
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -207,13 +208,30 @@ def bids_uri(path: str | os.PathLike[str], root: str | os.PathLike[str], dataset
 # --------------------------------------------------------------------------- safe writing
 
 
+#: ``flock`` errors of file systems that do not support locks (some NFS and Lustre mounts).
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL)
+
+
 @contextlib.contextmanager
 def dataset_lock(output_dir: str | os.PathLike[str]) -> Iterator[None]:
-    """Exclusive ``fcntl`` lock on ``output_dir/.regpipe.lock`` (several runs, one folder)."""
+    """Exclusive ``fcntl`` lock on ``output_dir/.regpipe.lock`` (several runs, one folder).
+
+    On a file system without locks the block runs unlocked, with a warning: the writes it
+    guards are atomic renames of deterministic content, so concurrent runs still leave whole,
+    valid files (a ``.bidsignore`` merge may then need a rerun to gain a line).
+    """
     root = Path(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".regpipe.lock", "a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        except OSError as error:
+            if error.errno not in _NO_LOCKS:
+                raise
+            LOGGER.warning("cannot lock %s (%s): writing dataset files without a lock",
+                           handle.name, error.strerror or error)
+            yield
+            return
         try:
             yield
         finally:

@@ -25,6 +25,9 @@ reg_metrics
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 from regpipe.workflows.interfaces import AntsRegistration, NetworkRegistration
@@ -64,6 +67,7 @@ def init_network_reg_wf(
     seed: int | None = None,
     has_fixed_mask: bool = False,
     has_moving_mask: bool = False,
+    condition: Mapping[str, Any] | None = None,
     name: str = "network_reg_wf",
 ) -> pe.Workflow:
     """Register with the foundation network (:func:`regpipe.register`).
@@ -89,6 +93,9 @@ def init_network_reg_wf(
         Random seed (``None``: not seeded).
     has_fixed_mask, has_moving_mask
         Whether the mask inputs will be connected.
+    condition
+        For conditional weights: ``{"region", "pair_type", "smoothness"}`` (``None`` values:
+        the defaults of :func:`regpipe.register`); recorded in the transform sidecars.
 
     Inputs / Outputs: see :mod:`regpipe.workflows.registration`.
     """
@@ -110,6 +117,9 @@ def init_network_reg_wf(
         network_reg.inputs.weights_sha256 = weights_sha256
     if seed is not None:
         network_reg.inputs.seed = int(seed)
+    for key, value in (condition or {}).items():
+        if value is not None:
+            setattr(network_reg.inputs, key, value)
     _connect(workflow, network_reg, has_fixed_mask, has_moving_mask)
     return workflow
 

@@ -105,9 +105,16 @@ def network_registration(
     device: str = "auto",
     threads: int | None = None,
     seed: int | None = None,
+    region: str | None = None,
+    pair_type: str | None = None,
+    smoothness: float | None = None,
 ) -> dict[str, str]:
     """Network registration (:func:`regpipe.register`) of two files; writes the forward and
-    inverse transforms (``.h5``), the warped image and ``reg_metrics.json`` in ``out_dir``."""
+    inverse transforms (``.h5``), the warped image and ``reg_metrics.json`` in ``out_dir``.
+
+    ``region``, ``pair_type`` and ``smoothness`` are the condition of a conditional network;
+    the condition used is recorded as ``GeneratedBy[0]["Condition"]`` (absent for an
+    unconditional one) in the transform sidecars."""
     import regpipe
     from regpipe.ants_methods import measure_resources
     from regpipe.registration import register
@@ -118,7 +125,8 @@ def network_registration(
             fixed, moving, fixed_modality=modality, moving_modality=modality,
             weights=weights, fixed_mask=fixed_mask, moving_mask=moving_mask,
             affine=affine_init, io_iterations=io_iterations or None, device=device,
-            threads=threads, seed=seed, progress=False,
+            threads=threads, seed=seed, progress=False, region=region, pair_type=pair_type,
+            smoothness=smoothness,
         )  # fmt: skip
     metrics = {**result.metrics, **usage.as_metrics()}
     settings = result.settings
@@ -145,6 +153,8 @@ def network_registration(
         "Device": settings.get("device"),
         "Threads": threads,
     }
+    if settings.get("condition") is not None:  # a conditional network: what it was asked
+        generated_by["Condition"] = settings["condition"]
     return _save_result(result, out_dir, metrics, settings, [generated_by])
 
 

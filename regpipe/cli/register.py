@@ -2,7 +2,8 @@
 
 Every option of ``unigradicon-register`` 1.0.6 is accepted with the same spelling and meaning;
 each also has a kebab-case twin (``--fixed-modality``). regpipe adds the inverse transform,
-the Jacobian map, a metrics file, affine pre-alignment, the grid mode, device and threads.
+the Jacobian map, a metrics file, affine pre-alignment, the grid mode, device and threads,
+and the condition of a conditional network (``--region``, ``--pair-type``, ``--smoothness``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,25 @@ def _io_iterations(value: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected an integer or None, got {value!r}") from error
     if number < 0:
         raise argparse.ArgumentTypeError("io_iterations must be >= 0 (or None)")
+    return number
+
+
+def _region(value: str) -> str:
+    from regpipe.networks.condition import canonical_region
+
+    try:
+        return canonical_region(value)
+    except InputError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _smoothness(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}") from None
+    if not 0 < number < float("inf"):
+        raise argparse.ArgumentTypeError(f"the smoothness must be positive, got {value!r}")
     return number
 
 
@@ -86,10 +106,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(parser, "io_method", default="fast", choices=["fast", "network"],
                help="fast: CPU-friendly correction on top of the network output (default); "
                "network: uniGradICON's optimisation of all weights (GPU)")
-    add_option(parser, "grid_mode", default="auto", choices=["auto", "squash", "isotropic"])
+    add_option(parser, "grid_mode", default="auto", choices=["auto", "squash", "isotropic", "squash-ras"])
     add_option(parser, "device", default="auto", help="auto, cpu, cuda or cuda:N")
     add_option(parser, "threads", type=int, help="CPU threads for PyTorch")
     add_option(parser, "seed", type=int, default=0, help="random seed (default 0)")
+    # the condition of a conditional network (an error with other weights)
+    add_option(parser, "region", type=_region,
+               help="conditional networks: body region brain, head_neck, thorax, abdomen, "
+               "pelvis, knee or other (aliases: lung, chest, prostate...; default other)")
+    add_option(parser, "pair_type", choices=["inter", "intra"],
+               help="conditional networks: inter (two subjects, or a template; default) or "
+               "intra (one subject)")
+    add_option(parser, "smoothness", type=_smoothness, metavar="LAM",
+               help="conditional networks: regularisation weight lam (default 1.5; larger "
+               "is smoother)")
     add_option(parser, "quiet", action="store_true", help="only warnings and errors")
     return parser
 
@@ -186,6 +216,9 @@ def _main(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         intensity_conservation=args.intensity_conservation_loss,
         dice_loss_weight=args.dice_loss_weight,
+        region=args.region,
+        pair_type=args.pair_type,
+        smoothness=args.smoothness,
     )
     result.save(
         args.transform_out,

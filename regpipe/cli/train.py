@@ -6,6 +6,9 @@ Data sources come from options or from a JSON recipe (``--recipe``), mixed by we
         --budget 2h
 
 Running the same command again continues the run in that folder (``checkpoint.pt``).
+``--conditional film|dynamic`` trains a conditional network (region, pair type and lam steer
+the flow heads) on top of the built or ``--init`` network; each step draws lam from
+``--lam-range`` (default 0.3 6) and uses it as the GradICON weight.
 A recipe is a JSON object whose keys are the long option names (``"steps"``, ``"lr"``,
 ``"grid"``...) plus ``"sources"``: a list of ``{"type": "label-maps" | "random-shapes" |
 "images" | "pairs", "paths": [...], "weight": w, "region": ..., ...}``. Options given on the
@@ -63,6 +66,9 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=int, help="pairs per step (default 1)")
     group.add_argument("--lr", type=float, help="Adam learning rate (default 1e-4)")
     group.add_argument("--lam", type=float, help="GradICON weight (default 1.5)")
+    group.add_argument("--lam-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                       help="draw the GradICON weight log-uniformly per step in this range "
+                       "(default for --conditional: 0.3 6)")
     group.add_argument("--similarity", choices=["lncc", "lncc2"], help="default lncc")
     group.add_argument("--dice-weight", type=float, help="soft-Dice weight on labelled pairs (default 0)")
     group.add_argument("--seed", type=int, help="random seed (default 0)")
@@ -94,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--unets", type=int, help="number of U-Nets (1-4)")
     net.add_argument("--down-channels", type=_ints)
     net.add_argument("--up-channels", type=_ints)
+    net.add_argument("--conditional", choices=["film", "dynamic"],
+                     help="train a conditional network: a controller steers the flow heads by "
+                     "region, pair type and lam (FiLM or generated head deltas)")
     data = parser.add_argument_group("data (mixed by weight)")
     data.add_argument("--label-maps", nargs="+", help="label-map files, folders or globs")
     data.add_argument("--label-maps-weight", type=float, default=1.0)
@@ -131,7 +140,8 @@ def expand_paths(patterns: Sequence[str], root: Path) -> list[Path]:
     return found
 
 
-def build_source(specs: list[dict[str, Any]], shape: Sequence[int], root: Path):
+def build_source(specs: list[dict[str, Any]], shape: Sequence[int], root: Path,
+                 grid_mode: str = "squash"):
     """A :class:`~regpipe.training_data.MixedSource` from recipe source entries."""
     from regpipe import training_data as td
 
@@ -154,6 +164,7 @@ def build_source(specs: list[dict[str, Any]], shape: Sequence[int], root: Path):
             paths = expand_paths(spec.pop("paths"), root)
             source = td.ImageSource(paths, shape, region=region, **spec)
         elif kind == "pairs":
+            spec.setdefault("grid_mode", grid_mode)
             source = td.ImagePairSource(_read_pairs(Path(spec.pop("csv")), root), shape, region=region, **spec)
         else:
             raise InputError(f"unknown source type {kind!r} (label-maps, random-shapes, images, pairs)")
@@ -225,10 +236,28 @@ def merged_settings(args: argparse.Namespace) -> dict[str, Any]:
     return settings
 
 
+#: lam range of a conditional run when none is given.
+DEFAULT_CONDITIONAL_LAM_RANGE = (0.3, 6.0)
+
+
 def build_network_from(settings: dict[str, Any]):
-    """The network to train: ``init`` weights (resized to ``grid`` if given) or a preset."""
-    from regpipe.networks import NetworkConfig, build_network, load_weights
-    from regpipe.networks.checkpoint import read_checkpoint, infer_config
+    """The network to train: ``init`` weights (resized to ``grid`` if given) or a preset.
+
+    With ``settings["conditional"]`` (``"film"`` or ``"dynamic"``) the result is a
+    :class:`~regpipe.networks.ConditionalRegistrationNetwork` around that network (its
+    controller neutral, so it starts as the ``init`` network); a conditional ``init`` file
+    stays conditional (and must have the same mode). A conditional network without
+    ``lam_range`` gets :data:`DEFAULT_CONDITIONAL_LAM_RANGE` (written into ``settings``).
+    """
+    from regpipe.networks import (
+        ConditionalRegistrationNetwork,
+        ConditioningConfig,
+        NetworkConfig,
+        RegistrationNetwork,
+        build_network,
+        load_weights,
+    )
+    from regpipe.networks.checkpoint import infer_config, read_checkpoint
 
     preset = dict(PRESETS[settings.get("preset", "compact")])
     init = settings.get("init")
@@ -247,7 +276,22 @@ def build_network_from(settings: dict[str, Any]):
     grid = grid * 3 if len(grid) == 1 else grid
     config = NetworkConfig(tuple(grid), int(preset["unets"]), tuple(preset["down_channels"]),
                            tuple(preset["up_channels"]))
-    network = build_network(config)
+    mode = settings.get("conditional")
+    lam_range = settings.get("lam_range")
+    if checkpoint is not None and checkpoint.conditioning is not None:
+        if mode and mode != checkpoint.conditioning.mode:
+            raise InputError(f"--init {init} is a {checkpoint.conditioning.mode} conditional "
+                             f"network, not {mode}")
+        mode = checkpoint.conditioning.mode
+    if mode and lam_range is None:
+        lam_range = settings["lam_range"] = list(DEFAULT_CONDITIONAL_LAM_RANGE)
+        LOGGER.info("conditional network: lam drawn in %s", DEFAULT_CONDITIONAL_LAM_RANGE)
+    network: RegistrationNetwork
+    if mode:
+        conditioning = ConditioningConfig(mode, lam_range=tuple(lam_range) if lam_range else None)
+        network = ConditionalRegistrationNetwork(config, conditioning)
+    else:
+        network = build_network(config)
     if checkpoint is not None:
         load_weights(network, checkpoint)
     return network, checkpoint
@@ -276,7 +320,8 @@ def run_training(settings: dict[str, Any], output: Path, card: dict[str, Any]) -
         set_threads(int(settings["threads"]))
     network, _ = build_network_from(settings)
     root = Path(settings.get("data_root", ".")).expanduser()
-    source = build_source(settings["sources"], network.config.grid_shape, root)
+    source = build_source(settings["sources"], network.config.grid_shape, root,
+                          settings.get("grid_mode", "squash"))
     options = options_from(settings)
     card = {"name": settings.get("name") or output.name, **card}
     if settings.get("description"):
@@ -285,6 +330,14 @@ def run_training(settings: dict[str, Any], output: Path, card: dict[str, Any]) -
         k: v for k, v in settings.items() if k not in ("no_progress", "threads", "device")
     }
     card["grid_mode"] = settings.get("grid_mode", "squash")
+    conditioning = getattr(network, "conditioning", None)
+    if conditioning is not None:
+        card["conditioning"] = {
+            **conditioning.to_dict(),
+            "vector": "one-hot region (7), one-hot pair type (2), log(lam / 1.5) / log(10)",
+            "training": "region and pair type of each pair; lam drawn per step, also the "
+                        "GradICON weight of that step",
+        }
     state = train(network, source, output, options, card)
     LOGGER.info("stopped after step %d (%s), %.1f h in all; weights: %s", state.step,
                 state.stopped_by, state.elapsed_seconds / 3600, output / "weights.pt")

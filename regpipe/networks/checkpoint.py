@@ -9,6 +9,10 @@ official
 regpipe
     ``{"state_dict": <bare state dict>, "config": NetworkConfig.to_dict(), "card": {...}}``,
     written by :func:`save_weights`. ``{"model": <state dict>}`` is accepted as well.
+    A conditional network (:mod:`regpipe.networks.conditional`) adds
+    ``config["conditional"]`` (:meth:`ConditioningConfig.to_dict`) and ``"controller"`` (the
+    controller's state dict); ``state_dict`` keeps the plain network's keys, so the file's
+    base network is what an unconditional file would hold.
 
 Example
 -------
@@ -34,15 +38,21 @@ from typing import Any
 import torch
 
 from regpipe.errors import InputError, WeightsError
+from regpipe.networks.condition import ConditioningConfig
+from regpipe.networks.conditional import ConditionalRegistrationNetwork
 from regpipe.networks.gradicon import NetworkConfig, RegistrationNetwork, build_network
 
 __all__ = [
     "Checkpoint",
     "infer_config",
+    "is_conditional_file",
     "load_weights",
     "network_from_file",
+    "network_state",
     "read_checkpoint",
+    "restore_network_state",
     "save_weights",
+    "saved_config",
 ]
 
 #: How many keys of each kind a mismatch message names before abbreviating.
@@ -64,11 +74,17 @@ class Checkpoint:
         The saved configuration, or ``None`` for a bare (official-layout) state dict.
     card
         Free-form metadata saved with the weights (empty for official files).
+    conditioning
+        The controller's configuration of a conditional network, else ``None``.
+    controller
+        The controller's tensors of a conditional network, else ``None``.
     """
 
     state_dict: dict[str, torch.Tensor]
     config: NetworkConfig | None = None
     card: dict[str, Any] = field(default_factory=dict)
+    conditioning: ConditioningConfig | None = None
+    controller: dict[str, torch.Tensor] | None = None
 
 
 def _torch_load(path: Path) -> Any:
@@ -90,15 +106,28 @@ def _as_checkpoint(obj: Any, origin: str) -> Checkpoint:
     if not isinstance(obj, Mapping):
         raise WeightsError(f"{origin} holds a {type(obj).__name__}, not a state dict")
     config: NetworkConfig | None = None
+    conditioning: ConditioningConfig | None = None
+    controller: dict[str, torch.Tensor] | None = None
     card: dict[str, Any] = {}
     if "state_dict" in obj or "model" in obj:
         state = obj["state_dict"] if "state_dict" in obj else obj["model"]
         if obj.get("config") is not None:
+            values = dict(obj["config"])
+            conditional = values.pop("conditional", None)
             try:
-                config = NetworkConfig.from_dict(obj["config"])
+                config = NetworkConfig.from_dict(values)
+                if conditional is not None:
+                    conditioning = ConditioningConfig.from_dict(conditional)
             except (InputError, TypeError) as exc:
                 raise WeightsError(f"{origin} has an invalid network config: {exc}") from None
         card = dict(obj.get("card") or {})
+        if conditioning is not None:
+            controller = obj.get("controller")
+            if not isinstance(controller, Mapping) or not all(
+                isinstance(v, torch.Tensor) for v in controller.values()
+            ):
+                raise WeightsError(f"{origin} is conditional but holds no controller tensors")
+            controller = dict(controller)
     else:
         state = obj
     if not isinstance(state, Mapping) or not state:
@@ -109,7 +138,26 @@ def _as_checkpoint(obj: Any, origin: str) -> Checkpoint:
     tensors = dict(state)
     if all(key.startswith("regis_net.") for key in tensors):  # a whole-model state dict
         tensors = {key[len("regis_net.") :]: value for key, value in tensors.items()}
-    return Checkpoint(tensors, config, card)
+    return Checkpoint(tensors, config, card, conditioning, controller)
+
+
+def is_conditional_file(path: PathLike) -> bool:
+    """Whether the weights file at ``path`` holds a conditional network (see module docstring).
+
+    Memory-maps the file when its format allows, so large files are cheap to inspect.
+
+    Raises
+    ------
+    WeightsError
+        When the file is missing or unreadable.
+    """
+    path = Path(path).expanduser()
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - not a zip file (or unreadable): the full reader decides
+        obj = _torch_load(path)
+    config = obj.get("config") if isinstance(obj, Mapping) else None
+    return isinstance(config, Mapping) and config.get("conditional") is not None
 
 
 def read_checkpoint(path: PathLike) -> Checkpoint:
@@ -168,11 +216,18 @@ def load_weights(
     -------
     ``network`` itself.
 
+    Notes
+    -----
+    A :class:`~regpipe.networks.conditional.ConditionalRegistrationNetwork` also gets the
+    file's controller; from an unconditional file it keeps its own controller (a warm start:
+    the base network's weights under a fresh, neutral controller).
+
     Raises
     ------
     WeightsError
-        When the file cannot be read or its keys or shapes do not fit the network; the message
-        lists missing keys, unexpected keys and shape mismatches.
+        When the file cannot be read or its keys or shapes do not fit the network (the message
+        lists missing keys, unexpected keys and shape mismatches), or when a conditional file
+        is loaded into an unconditional network or one of another mode.
     """
     if isinstance(source, Checkpoint):
         checkpoint = source
@@ -185,8 +240,58 @@ def load_weights(
     if problem is not None:
         where = source if isinstance(source, (str, os.PathLike)) else "the weights"
         raise WeightsError(f"{where} do not fit the network ({network.config}):\n  {problem}")
+    if checkpoint.controller is not None:
+        _check_controller(network, checkpoint)
     network.regis_net.load_state_dict(checkpoint.state_dict, strict=True)
+    if checkpoint.controller is not None and isinstance(network, ConditionalRegistrationNetwork):
+        network.controller.load_state_dict(checkpoint.controller, strict=True)
     return network
+
+
+def _check_controller(network: RegistrationNetwork, checkpoint: Checkpoint) -> None:
+    """Refuse a conditional file for a plain network, another mode, or other shapes."""
+    mode = checkpoint.conditioning.mode if checkpoint.conditioning else "?"
+    if not isinstance(network, ConditionalRegistrationNetwork):
+        raise WeightsError(
+            f"these weights are a conditional ({mode}) network: load them with "
+            "network_from_file, or into a ConditionalRegistrationNetwork"
+        )
+    if network.conditioning.mode != mode:
+        raise WeightsError(
+            f"these weights condition the flow heads with {mode}, the network with "
+            f"{network.conditioning.mode}"
+        )
+    problem = _mismatch_report(network.controller.state_dict(), checkpoint.controller or {})
+    if problem is not None:
+        raise WeightsError(f"the controller does not fit the network:\n  {problem}")
+
+
+def saved_config(network: RegistrationNetwork) -> dict[str, Any]:
+    """The ``config`` entry of ``network``'s weights file (with ``"conditional"`` if any)."""
+    config = network.config.to_dict()
+    if isinstance(network, ConditionalRegistrationNetwork):
+        config["conditional"] = network.conditioning.to_dict()
+    return config
+
+
+def network_state(network: RegistrationNetwork) -> dict[str, Any]:
+    """The tensors and configuration of ``network`` as saved in weights files (CPU copies).
+
+    ``{"state_dict": regis_net tensors, "config": {...}}``, plus ``config["conditional"]``
+    and ``"controller"`` for a conditional network (see the module docstring).
+    """
+    state = {k: v.detach().to("cpu").clone() for k, v in network.regis_net.state_dict().items()}
+    payload: dict[str, Any] = {"state_dict": state, "config": saved_config(network)}
+    if isinstance(network, ConditionalRegistrationNetwork):
+        payload["controller"] = {
+            k: v.detach().to("cpu").clone() for k, v in network.controller.state_dict().items()
+        }
+    return payload
+
+
+def restore_network_state(network: RegistrationNetwork, payload: Mapping[str, Any]) -> None:
+    """Load what :func:`network_state` returned (strict) into ``network``."""
+    load_weights(network, _as_checkpoint(payload, "the saved network state"))
 
 
 def save_weights(
@@ -210,12 +315,8 @@ def save_weights(
     """
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {
-        key: value.detach().to("cpu").clone()
-        for key, value in network.regis_net.state_dict().items()
-    }
     card = dict(metadata if metadata is not None else network.metadata)
-    payload = {"state_dict": state, "config": network.config.to_dict(), "card": card}
+    payload = {**network_state(network), "card": card}
     torch.save(payload, path)
     return path
 
@@ -280,7 +381,8 @@ def _closest_config(state_dict: StateDict) -> NetworkConfig:
 def network_from_file(path: PathLike, device: torch.device | str = "cpu") -> RegistrationNetwork:
     """Build the network a weights file describes, load it, and return it in ``eval()`` mode.
 
-    The file's model card becomes ``network.metadata``.
+    The file's model card becomes ``network.metadata``. A file with a controller gives a
+    :class:`~regpipe.networks.conditional.ConditionalRegistrationNetwork`.
 
     The configuration is the one saved by :func:`save_weights`; for a bare state dict it is
     derived by :func:`infer_config` (175^3 grid), which gives
@@ -300,7 +402,11 @@ def network_from_file(path: PathLike, device: torch.device | str = "cpu") -> Reg
             # Fits nothing exactly: compare with the closest layout so the error lists the
             # missing and unexpected keys and the shape mismatches.
             config = _closest_config(checkpoint.state_dict)
-    network = build_network(config)
+    network: RegistrationNetwork
+    if checkpoint.conditioning is not None:
+        network = ConditionalRegistrationNetwork(config, checkpoint.conditioning)
+    else:
+        network = build_network(config)
     load_weights(network, checkpoint)
     network.metadata = dict(checkpoint.card)
     return network.to(device).eval()

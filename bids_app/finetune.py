@@ -1,0 +1,411 @@
+"""``regpipe-finetune BIDS_DIR OUTPUT_DIR --weights W``: finetune a network on a BIDS dataset.
+
+::
+
+    regpipe-finetune /data/bids /models/mydata --weights unigradicon --pairs both \\
+        --labels /data/bids/derivatives/synthseg --dice-weight 0.5 --steps 2000 --budget 2h
+    regpipe /data/bids /data/out participant --weights /models/mydata/weights.pt
+
+Order of work, so that foreseeable failures come before any training:
+
+1. parse the command line (64); check that ``OUTPUT_DIR`` is not inside ``BIDS_DIR`` unless
+   under ``derivatives/`` (64);
+2. index ``BIDS_DIR`` with pybids and select the images of ``--suffix`` with the BIDS App's
+   filters (16 invalid dataset, 66 no image, 18 filters selected nothing);
+3. form the pairs (66 when none is possible, with the reason): ``inter`` every ordered pair of
+   images of two different subjects, ``intra`` every ordered pair of images of one subject in
+   two different sessions, ``both`` the two kinds drawn 50/50 (only the available kind when one
+   has no pair);
+4. with ``--labels DERIV_DIR`` and ``--dice-weight > 0``, find each image's label map
+   (``*_dseg``, the BIDS App's rules) for a soft-Dice term (64 / 66 when none can be used);
+5. load the starting network offline (66 when its file is missing): ``default``, a registry
+   name or a file; the finetuned network keeps its configuration and the ``grid_mode`` of its
+   model card; a checkpoint already in ``OUTPUT_DIR`` must come from the same network and
+   starting weights (64 otherwise), and is resumed;
+6. train with :func:`regpipe.training.train` (GradICON objective, pairs placed on the grid the
+   way registration places them, affinely pre-aligned unless ``--affine-init none``) and
+   write ``OUTPUT_DIR/weights.pt``, ``weights.md`` (model card), ``checkpoint.pt`` and
+   ``log.csv``; print how to use the weights with the BIDS App.
+
+Running the same command again continues the run (up to ``--steps`` in all); ``--budget``
+stops cleanly (exit 0) and a signal stops after the current step (exit 130), both with a
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from regpipe.bids_app.exit_codes import AppError, ExitCode, UsageError
+
+from regpipe.errors import RegpipeError, WeightsError
+
+__all__ = ["PAIR_KINDS", "build_parser", "form_pairs", "main", "run_finetune"]
+
+LOGGER = logging.getLogger("regpipe.finetune")
+PAIR_KINDS = ("inter", "intra", "both")
+
+EXAMPLE = """example:
+  regpipe-finetune /data/bids /models/mydata --weights unigradicon --pairs both \\
+      --labels /data/bids/derivatives/synthseg --dice-weight 0.5 --steps 2000 --budget 2h
+  regpipe /data/bids /data/out participant --weights /models/mydata/weights.pt
+
+Running the same command again continues the run in OUTPUT_DIR."""
+
+Pair = tuple[Any, Any]  # (moving, fixed) :class:`regpipe.bids_app.bids.Image`
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (usage errors raise :class:`UsageError`, exit 64)."""
+    from regpipe.bids_app.parser import _filter_file, _labels_from, _Parser, _suffix
+
+    from regpipe.cli.train import add_training_options
+    from regpipe.training_data import REGIONS
+
+    parser = _Parser(
+        prog="regpipe-finetune",
+        description="Finetune a registration network on the images of a BIDS dataset; "
+        "writes OUTPUT_DIR/weights.pt for `regpipe ... --weights`.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLE,
+    )
+    parser.add_argument("bids_dir", type=Path, help="the BIDS dataset (never written to)")
+    parser.add_argument("output_dir", type=Path,
+                        help="run folder: weights.pt, weights.md, checkpoint.pt, log.csv")
+    parser.add_argument("--weights", required=True,
+                        help="starting weights: 'default', a registry name (unigradicon, "
+                        "multigradicon) or a file")
+    parser.add_argument("--pairs", choices=PAIR_KINDS, default="inter",
+                        help="inter: pairs of different subjects; intra: sessions of one "
+                        "subject; both: 50/50 (default inter)")
+    parser.add_argument("--participant-label", "--participant_label", dest="participant_label",
+                        nargs="+", type=_labels_from("sub-"), metavar="LABEL")
+    parser.add_argument("--session-label", "--session_label", dest="session_label",
+                        nargs="+", type=_labels_from("ses-"), metavar="LABEL")
+    parser.add_argument("--suffix", type=_suffix, default="T1w", help="default T1w")
+    parser.add_argument("--labels", type=Path, metavar="DERIV_DIR",
+                        help="derivative dataset with label maps (*_dseg) for --dice-weight")
+    parser.add_argument("--bids-filter-file", dest="bids_filters", type=_filter_file,
+                        metavar="FILE")
+    parser.add_argument("--skip-bids-validation", "--skip_bids_validation",
+                        dest="skip_bids_validation", action="store_true")
+    parser.add_argument("--affine-init", choices=["ours", "none"], default="ours",
+                        help="affine pre-alignment of each pair, as in registration "
+                        "(default ours)")
+    parser.add_argument("--region", choices=REGIONS, default="other",
+                        help="body region recorded with the pairs (default other)")
+    add_training_options(parser)
+    return parser
+
+
+# --------------------------------------------------------------------------- pairs
+
+
+def _sessions(images: Sequence[Any]) -> dict[str, set[str | None]]:
+    found: dict[str, set[str | None]] = {}
+    for image in images:
+        found.setdefault(image.subject, set()).add(image.session)
+    return found
+
+
+def inter_pairs(images: Sequence[Any]) -> list[Pair]:
+    """Every ordered pair ``(moving, fixed)`` of images of two different subjects."""
+    return [(a, b) for a in images for b in images if a.subject != b.subject]
+
+
+def intra_pairs(images: Sequence[Any]) -> list[Pair]:
+    """Every ordered pair of one subject's images from two different sessions."""
+    return [(a, b) for a in images for b in images
+            if a.subject == b.subject and a.session is not None and b.session is not None
+            and a.session != b.session]
+
+
+def _why_no_inter(images: Sequence[Any]) -> str:
+    subjects = sorted(_sessions(images))
+    return (f"inter-subject pairs need images of two or more subjects, and the selection has "
+            f"{len(images)} image(s) of sub-{subjects[0]} only")
+
+
+def _why_no_intra(images: Sequence[Any]) -> str:
+    counts = []
+    for subject, sessions in sorted(_sessions(images).items()):
+        named = sorted(s for s in sessions if s is not None)
+        counts.append(f"sub-{subject}: " + (f"{len(named)} session(s)" if named else "no session"))
+    shown = "; ".join(counts[:8]) + (f"; and {len(counts) - 8} more" if len(counts) > 8 else "")
+    return ("intra-subject pairs need a subject with images in two or more sessions, and none "
+            f"of the selected subjects has that ({shown})")
+
+
+def form_pairs(images: Sequence[Any], kind: str) -> dict[str, list[Pair]]:
+    """``{"inter": [...], "intra": [...]}`` for ``kind``; :class:`AppError` 66 when empty.
+
+    ``both`` keeps whichever kinds have pairs (a log line names a missing kind).
+    """
+    if kind not in PAIR_KINDS:
+        raise ValueError(f"unknown pair kind {kind!r}")
+    found: dict[str, list[Pair]] = {}
+    reasons = []
+    for name, pairs_of, why in (("inter", inter_pairs, _why_no_inter),
+                                ("intra", intra_pairs, _why_no_intra)):
+        if kind not in (name, "both"):
+            continue
+        pairs = pairs_of(images)
+        if pairs:
+            found[name] = pairs
+        else:
+            reasons.append(why(images))
+    if not found:
+        hint = ""
+        if kind == "inter" and intra_pairs(images):
+            hint = " (--pairs intra would give pairs)"
+        elif kind == "intra" and inter_pairs(images):
+            hint = " (--pairs inter would give pairs)"
+        raise AppError(ExitCode.NO_INPUT, "no training pairs: " + "; ".join(reasons) + hint)
+    for reason in reasons:
+        LOGGER.warning("--pairs both: %s; using %s pairs only", reason, ", ".join(found))
+    return found
+
+
+# --------------------------------------------------------------------------- labels, network
+
+
+def find_label_maps(labels_dir: Path, images: Sequence[Any]) -> dict[Path, Path]:
+    """``{image path: label map}`` for the images with a ``*_dseg`` file in ``labels_dir``."""
+    from regpipe.bids_app import bids
+
+    layout = bids.load_derivatives(labels_dir)
+    found = {}
+    for image in images:
+        path = bids.find_labels(layout, image)
+        if path is not None:
+            found[image.path] = path
+    LOGGER.info("label maps: %d of %d image(s) in %s", len(found), len(images), labels_dir)
+    return found
+
+
+def load_starting_network(weights: str):
+    """``(network, file, sha256, name)`` of ``--weights``, offline (WeightsError if missing)."""
+    from regpipe.networks import network_from_file
+    from regpipe.weights import default_weights_name, resolve_weights, sha256sum
+
+    name = default_weights_name() if weights == "default" else weights
+    path = resolve_weights(name)
+    network = network_from_file(path)
+    return network, Path(path).absolute(), sha256sum(path), name
+
+
+def check_resumable(folder: Path, network, sha256: str) -> bool:
+    """``True`` when ``folder`` holds a checkpoint to resume; 64 when it is another run's."""
+    import torch
+
+    from regpipe.training import CHECKPOINT
+
+    path = folder / CHECKPOINT
+    if not path.exists():
+        return False
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise UsageError(f"{path} cannot be read ({type(error).__name__}); remove it to start "
+                         "again or use another OUTPUT_DIR") from None
+    config = network.config.to_dict()
+    if saved.get("config") != config:
+        raise UsageError(
+            f"{folder} holds a finetuning run of another network configuration "
+            f"({_describe(saved.get('config'))}), while --weights gives {_describe(config)}; "
+            "use another OUTPUT_DIR, or the same --weights to continue that run")
+    started = (saved.get("card") or {}).get("finetuning", {}).get("starting_weights_sha256")
+    if started is not None and started != sha256:
+        raise UsageError(
+            f"{folder} holds a finetuning run started from other weights (sha256 "
+            f"{started[:12]}..., --weights has {sha256[:12]}...); use another OUTPUT_DIR, "
+            "or the same --weights to continue that run")
+    return True
+
+
+def _describe(config: Any) -> str:
+    if not isinstance(config, dict):
+        return "unknown"
+    return (f"grid {config.get('grid_shape')}, {config.get('n_steps')} U-Net(s), channels "
+            f"{config.get('down_channels')}/{config.get('up_channels')}")
+
+
+# --------------------------------------------------------------------------- run
+
+
+def _dataset_name(bids_dir: Path) -> str:
+    try:
+        description = json.loads((bids_dir / "dataset_description.json").read_text())
+        return str(description.get("Name") or bids_dir.name)
+    except (OSError, ValueError, AttributeError):
+        return bids_dir.name
+
+
+def build_source(pairs: dict[str, list[Pair]], shape: Sequence[int], *, labels: dict[Path, Path],
+                 modality: str, region: str, grid_mode: str, affine: str):
+    """One :class:`~regpipe.training_data.ImagePairSource` per pair kind, mixed 50/50."""
+    from regpipe.training_data import ImagePairSource, MixedSource
+
+    sources = []
+    for kind, kind_pairs in pairs.items():
+        paths = [(m.path, f.path) for m, f in kind_pairs]
+        sources.append(ImagePairSource(paths, shape, region=region, modality=modality,
+                                       labels=labels, pair_type=kind, grid_mode=grid_mode,
+                                       affine=affine, name=f"bids-{kind}"))
+    return sources[0] if len(sources) == 1 else MixedSource(sources, [1.0] * len(sources))
+
+
+def model_card(args: argparse.Namespace, *, start: dict[str, Any], dataset: str,
+               pairs: dict[str, list[Pair]], labelled: int, grid_mode: str) -> dict[str, Any]:
+    """The card saved with the weights (the training record is added by ``train``)."""
+    images = {i.path for kind in pairs.values() for pair in kind for i in pair}
+    subjects = {i.subject for kind in pairs.values() for pair in kind for i in pair}
+    slug = "".join(c if c.isalnum() else "-" for c in dataset).strip("-").lower() or "bids"
+    weights = Path(args.output_dir) / "weights.pt"
+    base = {k: v for k, v in start["card"].items()
+            if k not in ("name", "description", "training", "finetuning", "usage")}
+    return {
+        **base,
+        "name": args.name or f"{start['name']}-finetuned-{slug}",
+        "description": args.description or (
+            f"{start['name']} finetuned on {dataset} ({args.suffix}, {args.pairs} pairs)"),
+        "grid_mode": grid_mode,
+        "region": args.region,
+        "usage": f"regpipe BIDS_DIR OUT participant --weights {weights}",
+        "finetuning": {
+            "starting_weights": start["name"],
+            "starting_weights_file": str(start["file"]),
+            "starting_weights_sha256": start["sha256"],
+            "dataset": dataset,
+            "dataset_path": str(args.bids_dir),
+            "suffix": args.suffix,
+            "pair_type": args.pairs,
+            "subjects": len(subjects),
+            "images": len(images),
+            "pairs_inter": len(pairs.get("inter", [])),
+            "pairs_intra": len(pairs.get("intra", [])),
+            "labelled_pairs": labelled,
+            "labels": str(args.labels) if args.labels else None,
+            "affine_init": args.affine_init,
+            "participant_label": args.participant_label,
+            "session_label": args.session_label,
+        },
+    }
+
+
+def _check_output(args: argparse.Namespace) -> None:
+    bids_dir, output = args.bids_dir.resolve(), args.output_dir.resolve()
+    derivatives = bids_dir / "derivatives"
+    if (output == bids_dir or bids_dir in output.parents) and derivatives not in output.parents:
+        raise UsageError(f"OUTPUT_DIR {args.output_dir} is inside BIDS_DIR {args.bids_dir}, "
+                         f"which is never written to; use a folder outside it or under "
+                         f"{derivatives}/")
+
+
+def _normalise_args(args: argparse.Namespace) -> argparse.Namespace:
+    for name in ("participant_label", "session_label"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(args, name, sorted({label for group in value for label in group}))
+    for name in ("bids_dir", "output_dir", "labels"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(args, name, value.expanduser().absolute())
+    if args.weights.lower() == "default":
+        args.weights = "default"
+    if args.dice_weight and args.labels is None:
+        raise UsageError("--dice-weight needs label maps: give --labels DERIV_DIR")
+    return args
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    """Steps 1-6 of the module docstring; returns the exit code."""
+    from regpipe.bids_app import bids
+
+    from regpipe.cli.train import options_from
+    from regpipe.device import set_threads
+    from regpipe.training import train
+
+    _check_output(args)
+    if args.threads:
+        set_threads(args.threads)
+    layout = bids.load_layout(args.bids_dir, validate=not args.skip_bids_validation)
+    images = bids.collect_images(layout, suffix=args.suffix,
+                                 participant_label=args.participant_label,
+                                 session_label=args.session_label, filters=args.bids_filters)
+    pairs = form_pairs(images, args.pairs)
+    LOGGER.info("%d %s image(s); pairs: %s", len(images), args.suffix,
+                ", ".join(f"{len(v)} {k}" for k, v in pairs.items()))
+    labels: dict[Path, Path] = {}
+    if args.labels is not None:
+        if args.dice_weight:
+            labels = find_label_maps(args.labels, images)
+        else:
+            bids.load_derivatives(args.labels)  # 66 when missing
+            LOGGER.info("--labels given but --dice-weight is 0: label maps are not used")
+    network, path, sha256, name = load_starting_network(args.weights)
+    grid_mode = str(network.metadata.get("grid_mode", "squash"))
+    resuming = check_resumable(args.output_dir, network, sha256)
+    source = build_source(pairs, network.config.grid_shape, labels=labels,
+                          modality="ct" if args.suffix == "CT" else "mri", region=args.region,
+                          grid_mode=grid_mode, affine=args.affine_init)
+    kinds = getattr(source, "sources", [source])
+    labelled = sum(s.n_labelled_pairs for s in kinds)
+    if args.dice_weight and not labelled:
+        raise AppError(ExitCode.NO_INPUT,
+                       f"--dice-weight: no pair has label maps for both images in {args.labels}")
+    label = network.metadata.get("name") or (Path(name).stem if Path(name).suffix else name)
+    start = {"name": label, "file": path, "sha256": sha256, "card": dict(network.metadata)}
+    card = model_card(args, start=start, dataset=_dataset_name(args.bids_dir), pairs=pairs,
+                      labelled=labelled, grid_mode=grid_mode)
+    options = options_from(vars(args))
+    LOGGER.info("%s %s from %s (%s grid %s) in %s", "resuming" if resuming else "finetuning",
+                card["name"], name, grid_mode, network.config.grid_shape, args.output_dir)
+    state = train(network, source, args.output_dir, options, card)
+    weights = args.output_dir / "weights.pt"
+    print(json.dumps({"step": state.step, "stopped_by": state.stopped_by,
+                      "elapsed_seconds": round(state.elapsed_seconds, 1), **state.last_losses}))
+    if state.stopped_by != "steps":
+        print(f"stopped at step {state.step} of {options.steps} ({state.stopped_by}); run the "
+              "same command again to continue")
+    print(f"finetuned weights: {weights} (model card {weights.with_suffix('.md')})\n"
+          f"use them with: regpipe {args.bids_dir} OUT participant --weights {weights}")
+    return 130 if state.stopped_by == "signal" else int(ExitCode.SUCCESS)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``regpipe-finetune``; returns the exit code (see the module docstring)."""
+    try:
+        args = _normalise_args(build_parser().parse_args(argv))
+    except SystemExit as stop:  # --help
+        return int(stop.code or 0)
+    except AppError as error:
+        print(f"regpipe-finetune: error: {error}", file=sys.stderr)
+        return int(error.code)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: "
+                        "%(message)s", datefmt="%y%m%d-%H:%M:%S")
+    logging.getLogger("bidsschematools").setLevel(logging.WARNING)
+    try:
+        return run_finetune(args)
+    except AppError as error:
+        print(f"regpipe-finetune: error: {error}", file=sys.stderr)
+        return int(error.code)
+    except WeightsError as error:
+        print(f"regpipe-finetune: error: {error}", file=sys.stderr)
+        return int(ExitCode.NO_INPUT)
+    except RegpipeError as error:
+        print(f"regpipe-finetune: error: {error}", file=sys.stderr)
+        return int(ExitCode.FAILURE)
+    except KeyboardInterrupt:
+        print("regpipe-finetune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

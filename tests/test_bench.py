@@ -1,0 +1,491 @@
+"""Benchmark measures, pairs files and the ``regpipe-bench`` command (tiny synthetic volumes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy.spatial.distance import cdist
+
+from regpipe import bench
+from regpipe.bench import MethodSpec, PairSpec, parse_methods, read_pairs
+from regpipe.cli.bench import main
+from regpipe.errors import InputError
+from regpipe.evaluation import (
+    Landmarks,
+    evaluate_transform,
+    hd95,
+    jacobian_in_region,
+    landmark_errors,
+    match_landmarks,
+    parse_label_list,
+    read_fcsv,
+    write_fcsv,
+)
+from regpipe.metrics import dice_per_label, jacobian_determinant
+from regpipe.spaces import Geometry
+from regpipe.transforms import AffineTransform, DisplacementField
+
+SHAPE = (24, 24, 24)
+SPACING = 1.5
+SHIFT_MM = np.array([3.0, -1.5, 0.0])  # moving content = fixed content moved by this
+
+
+def _geometry(spacing=(SPACING, SPACING, SPACING)) -> Geometry:
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = -17.0
+    return Geometry(SHAPE, affine)
+
+
+def _cube(lo: int, hi: int, shift: int = 0, axis: int = 0) -> np.ndarray:
+    mask = np.zeros(SHAPE, bool)
+    mask[lo:hi, lo:hi, lo:hi] = True
+    return np.roll(mask, shift, axis=axis)
+
+
+def _translation(mm) -> AffineTransform:
+    matrix = np.eye(4)
+    matrix[:3, 3] = mm
+    return AffineTransform(matrix)
+
+
+# --------------------------------------------------------------------------- overlap, HD95
+
+
+def test_dice_of_cubes_shifted_by_a_quarter_is_three_quarters():
+    fixed = _cube(4, 12).astype(np.int16)
+    moving = _cube(4, 12, shift=2).astype(np.int16)
+    assert dice_per_label(fixed, moving) == {1: pytest.approx(0.75)}
+
+
+def test_hd95_of_shifted_one_voxel_slabs_is_the_shift_in_mm():
+    a = np.zeros(SHAPE, bool)
+    a[4, 2:22, 2:22] = True
+    b = np.roll(a, 3, axis=0)
+    assert hd95(a, b, spacing=(2.0, 1.0, 1.0)) == pytest.approx(6.0)
+    assert hd95(a, b, spacing=(1.0, 1.0, 1.0)) == pytest.approx(3.0)
+
+
+def test_hd95_of_identical_masks_is_zero_and_of_an_empty_mask_nan():
+    cube = _cube(4, 12)
+    assert hd95(cube, cube) == 0.0
+    assert np.isnan(hd95(cube, np.zeros(SHAPE, bool)))
+
+
+def test_hd95_matches_brute_force_surface_distances():
+    a = _cube(5, 13)
+    b = np.roll(_cube(4, 11), 2, axis=1)
+    spacing = np.array([1.0, 0.7, 2.0])
+
+    def surface(mask):
+        inner = mask.copy()
+        inner[1:-1, 1:-1, 1:-1] = (mask[1:-1, 1:-1, 1:-1] & mask[:-2, 1:-1, 1:-1]
+                                   & mask[2:, 1:-1, 1:-1] & mask[1:-1, :-2, 1:-1]
+                                   & mask[1:-1, 2:, 1:-1] & mask[1:-1, 1:-1, :-2]
+                                   & mask[1:-1, 1:-1, 2:])
+        return np.argwhere(mask & ~inner) * spacing
+
+    distances = cdist(surface(a), surface(b))
+    expected = max(np.percentile(distances.min(1), 95), np.percentile(distances.min(0), 95))
+    assert hd95(a, b, spacing) == pytest.approx(expected)
+
+
+# --------------------------------------------------------------------------- landmarks
+
+
+def test_tre_of_identity_is_the_displacement_magnitude():
+    fixed = np.array([[0.0, 0.0, 0.0], [10.0, -4.0, 2.0], [-3.0, 7.0, 5.0]])
+    errors = landmark_errors(AffineTransform.identity(), fixed, fixed + SHIFT_MM)
+    np.testing.assert_allclose(errors, np.linalg.norm(SHIFT_MM))
+
+
+def test_tre_maps_fixed_landmarks_through_the_pull_back():
+    fixed = np.array([[1.0, 2.0, 3.0], [-5.0, 0.0, 8.0]])
+    moving = fixed + SHIFT_MM
+    # the transform maps fixed points to moving points: T(x) = x + shift is exact
+    np.testing.assert_allclose(landmark_errors(_translation(SHIFT_MM), fixed, moving), 0.0,
+                               atol=1e-12)
+    # the other direction would be off by twice the shift
+    np.testing.assert_allclose(landmark_errors(_translation(-SHIFT_MM), fixed, moving),
+                               2 * np.linalg.norm(SHIFT_MM))
+
+
+FCSV_BODY = (
+    "vtkMRMLMarkupsFiducialNode_1,1.5,-2.0,3.0,0,0,0,1,1,1,0,AC,,vtkMRMLScalarVolumeNode1\n"
+    "vtkMRMLMarkupsFiducialNode_2,-4.0,5.0,-6.5,0,0,0,1,1,1,0,PC,,vtkMRMLScalarVolumeNode1\n"
+)
+COLUMNS = "# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID\n"
+
+
+@pytest.mark.parametrize("header, lps", [
+    ("# CoordinateSystem = 0\n", False),
+    ("# CoordinateSystem = RAS\n", False),
+    ("# CoordinateSystem = 1\n", True),
+    ("# CoordinateSystem = LPS\n", True),
+    ("", False),  # Slicer < 4.11 wrote no coordinate system line: RAS
+])
+def test_read_fcsv_handles_ras_and_lps_headers(tmp_path, header, lps):
+    path = tmp_path / "points.fcsv"
+    path.write_text("# Markups fiducial file version = 4.6\n" + header + COLUMNS + FCSV_BODY)
+    landmarks = read_fcsv(path)
+    expected = np.array([[1.5, -2.0, 3.0], [-4.0, 5.0, -6.5]])
+    if lps:
+        expected[:, :2] *= -1
+    np.testing.assert_allclose(landmarks.points, expected)
+    assert landmarks.labels == ("AC", "PC")
+
+
+def test_read_fcsv_follows_the_columns_line(tmp_path):
+    path = tmp_path / "points.fcsv"
+    path.write_text("# CoordinateSystem = 0\n# columns = label,z,y,x\nAC,3,2,1\n")
+    landmarks = read_fcsv(path)
+    np.testing.assert_allclose(landmarks.points, [[1.0, 2.0, 3.0]])
+    assert landmarks.labels == ("AC",)
+
+
+def test_read_fcsv_refuses_ijk_and_empty_files(tmp_path):
+    path = tmp_path / "ijk.fcsv"
+    path.write_text("# CoordinateSystem = 2\n" + FCSV_BODY)
+    with pytest.raises(InputError, match="not RAS"):
+        read_fcsv(path)
+    path.write_text("# CoordinateSystem = 0\n")
+    with pytest.raises(InputError, match="no points"):
+        read_fcsv(path)
+
+
+@pytest.mark.parametrize("system", ["RAS", "LPS"])
+def test_write_fcsv_round_trips(tmp_path, system):
+    points = np.array([[1.25, -2.5, 3.0], [4.0, 5.5, -6.0]])
+    path = write_fcsv(tmp_path / "p.fcsv", points, ["a", "b"], system=system)
+    assert f"CoordinateSystem = {system}" in path.read_text()
+    landmarks = read_fcsv(path)
+    np.testing.assert_allclose(landmarks.points, points)
+    assert landmarks.labels == ("a", "b")
+
+
+def test_landmarks_are_matched_by_label_when_labels_are_unique():
+    fixed = Landmarks(np.array([[0.0, 0, 0], [1, 1, 1], [2, 2, 2]]), ("AC", "PC", "X"))
+    moving = Landmarks(np.array([[11.0, 11, 11], [10, 10, 10]]), ("PC", "AC"))
+    f, m, labels = match_landmarks(fixed, moving)
+    assert labels == ("AC", "PC")
+    np.testing.assert_allclose(m - f, 10.0)
+
+
+def test_landmarks_without_labels_need_equal_counts():
+    fixed = Landmarks(np.zeros((3, 3)), ("", "", ""))
+    with pytest.raises(InputError, match="differ in size"):
+        match_landmarks(fixed, Landmarks(np.zeros((2, 3)), ("", "")))
+
+
+# --------------------------------------------------------------------------- Jacobian, all
+
+
+def test_jacobian_in_region_equals_the_whole_grid_computation():
+    geometry = _geometry((1.0, 1.2, 0.9))
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in SHAPE], indexing="ij"), -1)
+    field = np.stack([np.sin(ijk[..., 1] / 4.0), 0.5 * np.cos(ijk[..., 2] / 3.0),
+                      0.3 * np.sin(ijk[..., 0] / 5.0)], -1).astype(np.float32)
+    transform = DisplacementField(geometry, field)
+    region = _cube(6, 15)
+    whole = jacobian_determinant(transform)[region]
+    np.testing.assert_allclose(jacobian_in_region(transform, geometry, region), whole,
+                               rtol=1e-5)
+
+
+def test_evaluate_transform_on_a_known_shift():
+    geometry = _geometry()
+    fixed_labels = (_cube(6, 14).astype(np.int16) + _cube(9, 12)).astype(np.int16)
+    shift_voxels = 2
+    moving_labels = np.roll(fixed_labels, shift_voxels, axis=0)  # content moved +3 mm in x
+    shift = np.array([shift_voxels * SPACING, 0.0, 0.0])
+    points = np.array([[0.0, 0.0, 0.0], [3.0, -2.0, 1.0]])
+    common = dict(region=fixed_labels > 0, fixed_labels=fixed_labels,
+                  moving_labels=(moving_labels, geometry), fixed_points=points,
+                  moving_points=points + shift)
+    exact = evaluate_transform(_translation(shift), geometry, **common)
+    assert exact["dice_mean"] == pytest.approx(1.0)
+    assert exact["hd95_mean_mm"] == pytest.approx(0.0)
+    assert exact["tre_mean_mm"] == pytest.approx(0.0, abs=1e-9)
+    assert exact["folding_percent"] == 0.0
+    assert exact["sd_log_jacobian"] == pytest.approx(0.0, abs=1e-6)
+    identity = evaluate_transform(AffineTransform.identity(), geometry, **common)
+    assert identity["tre_max_mm"] == pytest.approx(3.0)
+    assert identity["dice"]["1"] < 1.0 and identity["n_labels"] == 2
+    assert identity["hd95"]["2"] == pytest.approx(3.0)  # a 3-voxel cube moved by 2 voxels
+
+
+def test_parse_label_list_accepts_ranges():
+    assert parse_label_list("2-4, 7;10") == (2, 3, 4, 7, 10)
+    with pytest.raises(InputError):
+        parse_label_list("a-b")
+
+
+# --------------------------------------------------------------------------- specs and files
+
+
+def test_parse_methods_builds_specs():
+    methods = parse_methods("identity,affine,ours,ours+io,ants-syn", weights="none",
+                            io_iterations=7)
+    assert [m.name for m in methods] == ["identity", "affine", "ours", "ours+io", "ants-syn"]
+    assert methods[1] == MethodSpec("affine", "ours")
+    assert methods[3].io_iterations == 7 and methods[3].weights is None
+    assert methods[4].ants_method == "syn"
+    with pytest.raises(InputError, match="unknown method"):
+        parse_methods("ants-elastix")
+
+
+def _write_pairs(tmp_path: Path, fmt: str) -> Path:
+    if fmt == "json":
+        path = tmp_path / "pairs.json"
+        path.write_text(json.dumps([{"fixed": "f.nii.gz", "moving": "m.nii.gz",
+                                     "modality": "CT", "labels": "1-3"}]))
+    elif fmt == "yaml":
+        path = tmp_path / "pairs.yaml"
+        path.write_text("pairs:\n  - fixed: f.nii.gz\n    moving: m.nii.gz\n"
+                        "    modality: ct\n    labels: [1, 2, 3]\n")
+    else:
+        path = tmp_path / "pairs.csv"
+        path.write_text('fixed,moving,modality,labels,mask\nf.nii.gz,m.nii.gz,ct,"1,2,3",\n')
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["json", "yaml", "csv"])
+def test_read_pairs_from_json_yaml_and_csv(tmp_path, fmt):
+    if fmt == "yaml":
+        pytest.importorskip("yaml")
+    (pair,) = read_pairs(_write_pairs(tmp_path, fmt))
+    assert pair.fixed == tmp_path / "f.nii.gz" and pair.moving == tmp_path / "m.nii.gz"
+    assert pair.fixed_modality == pair.moving_modality == "ct"
+    assert pair.labels == (1, 2, 3) and pair.mask is None
+    assert pair.name == "f__m"
+
+
+def test_read_pairs_rejects_unknown_fields(tmp_path):
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps([{"fixed": "f.nii.gz", "moving": "m.nii.gz", "fixd_mask": "x"}]))
+    with pytest.raises(InputError, match="fixd_mask"):
+        read_pairs(path)
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def _phantom(geometry: Geometry, centre: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in SHAPE], indexing="ij"), -1)
+    xyz = geometry.voxel_to_world(ijk.astype(float)) - centre
+    r = np.linalg.norm(xyz / [9.0, 7.0, 6.0], axis=-1)
+    image = np.exp(-3 * r**2) + 0.5 * np.exp(-np.sum((xyz - [3.0, -2.0, 0.0]) ** 2, -1) / 6)
+    labels = (r < 0.9).astype(np.int16) + ((r < 0.9) & (xyz[..., 0] > 0)).astype(np.int16)
+    return image.astype(np.float32), labels
+
+
+@pytest.fixture(scope="module")
+def pair_files(tmp_path_factory) -> Path:
+    """A good pair (moving = fixed moved by SHIFT_MM, labels and landmarks; the moving
+    landmarks stored in LPS) and a broken one (0-byte moving image)."""
+    folder = tmp_path_factory.mktemp("bench_pairs")
+    geometry = _geometry()
+    for name, centre in (("fixed", np.zeros(3)), ("moving", SHIFT_MM)):
+        image, labels = _phantom(geometry, centre)
+        nib.save(nib.Nifti1Image(image, geometry.affine), folder / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image(labels, geometry.affine), folder / f"{name}_labels.nii.gz")
+    points = np.array([[0.0, 0.0, 0.0], [4.0, 2.0, -1.0], [-3.0, 1.0, 2.0]])
+    write_fcsv(folder / "fixed.fcsv", points, ["a", "b", "c"])
+    write_fcsv(folder / "moving.fcsv", points + SHIFT_MM, ["a", "b", "c"], system="LPS")
+    (folder / "empty.nii.gz").write_bytes(b"")
+    good = {"name": "good", "fixed": "fixed.nii.gz", "moving": "moving.nii.gz",
+            "fixed_labels": "fixed_labels.nii.gz", "moving_labels": "moving_labels.nii.gz",
+            "fixed_landmarks": "fixed.fcsv", "moving_landmarks": "moving.fcsv"}
+    broken = {"name": "broken", "fixed": "fixed.nii.gz", "moving": "empty.nii.gz"}
+    (folder / "pairs.json").write_text(json.dumps({"pairs": [good, broken]}))
+    return folder
+
+
+METHODS = "identity,affine,ours+io"
+
+
+def _run(pair_files: Path, output: Path, *extra: str, methods: str = METHODS) -> int:
+    return main(["--pairs", str(pair_files / "pairs.json"), "--methods", methods,
+                 "--weights", "none", "--io-iterations", "5", "--threads", "1",
+                 "--output", str(output), "--quiet", *extra])
+
+
+@pytest.fixture(scope="module")
+def bench_run(pair_files, tmp_path_factory) -> tuple[Path, int]:
+    output = tmp_path_factory.mktemp("bench_out")
+    return output, _run(pair_files, output)
+
+
+def _rows(output: Path) -> dict[tuple[str, str], dict]:
+    data = json.loads((output / bench.RESULTS_JSON).read_text())
+    return {(r["pair"], r["method"]): r for r in data["rows"]}
+
+
+def test_cli_records_every_pair_and_method_and_fails_at_the_end(bench_run):
+    output, code = bench_run
+    assert code == 1  # the broken pair failed, the good one ran
+    rows = _rows(output)
+    assert len(rows) == 6
+    for method in METHODS.split(","):
+        assert rows["good", method]["status"] == "ok"
+        assert rows["broken", method]["status"] == "error"
+        assert "empty" in rows["broken", method]["error"]
+
+
+def test_cli_measures_the_known_shift(bench_run):
+    rows = _rows(bench_run[0])
+    identity, affine = rows["good", "identity"], rows["good", "affine"]
+    assert identity["tre_mean_mm"] == pytest.approx(np.linalg.norm(SHIFT_MM), abs=1e-6)
+    assert identity["dice_mean"] < 0.8
+    assert affine["dice_mean"] > 0.95 and affine["tre_max_mm"] < 0.5
+    assert affine["folding_percent"] == 0.0
+    assert rows["good", "ours+io"]["dice_mean"] > 0.9
+    for row in (identity, affine):
+        assert row["runtime_s"] >= 0 and row["peak_memory_mb"] > 0
+        assert set(row["dice"]) == {"1", "2"}
+
+
+def test_cli_writes_csv_markdown_and_plots(bench_run):
+    output, _ = bench_run
+    header = (output / bench.RESULTS_CSV).read_text().splitlines()[0].split(",")
+    assert header[:4] == ["pair", "subset", "method", "status"]
+    assert {"dice_1", "hd95_2", "tre_mean_mm", "runtime_s"} <= set(header)
+    markdown = (output / "results.md").read_text()
+    assert "| affine | 1/2 |" in markdown and "## Failures" in markdown
+    assert "mean ± SD" in markdown
+    for name in ("dice_boxplot.png", "runtime_vs_dice.png", "tre_boxplot.png"):
+        assert (output / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(read_pairs(output / "pairs.json")) == 2
+
+
+def test_cli_refuses_to_overwrite_results_without_resume(bench_run, pair_files, capsys):
+    output, _ = bench_run
+    assert _run(pair_files, output) == 1
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_resume_reruns_only_failures_and_changed_settings(pair_files, tmp_path, monkeypatch):
+    output = tmp_path / "out"
+    assert _run(pair_files, output, methods="identity,affine") == 1
+    calls = []
+    original = bench.run_method
+
+    def counting(method, pair, **kwargs):
+        calls.append((pair.spec.name, method.name))
+        return original(method, pair, **kwargs)
+
+    monkeypatch.setattr(bench, "run_method", counting)
+    assert _run(pair_files, output, "--resume", methods="identity,affine,ours") == 1
+    # the good pair's identity and affine rows are kept; ours is new. The broken pair never
+    # loads, so no method of it reaches run_method.
+    assert calls == [("good", "ours")]
+    rows = _rows(output)
+    assert rows["good", "affine"]["status"] == "ok" and len(rows) == 6
+    assert _run(pair_files, output, "--resume", "--seed", "3", methods="affine") == 1
+    assert calls[-1] == ("good", "affine")  # another seed is another result
+
+
+def test_run_benchmark_rejects_duplicate_pair_names(tmp_path):
+    pair = PairSpec("same", tmp_path / "f.nii.gz", tmp_path / "m.nii.gz")
+    with pytest.raises(InputError, match="unique"):
+        bench.run_benchmark([pair, pair], parse_methods("identity"), tmp_path)
+
+
+def test_cli_fails_early_on_missing_weights(pair_files, tmp_path, capsys):
+    code = main(["--pairs", str(pair_files / "pairs.json"), "--methods", "ours",
+                 "--weights", str(tmp_path / "missing.pt"), "--output", str(tmp_path / "o")])
+    assert code == 1
+    assert "missing.pt" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_runs_ants_affine_on_the_same_pair(pair_files, tmp_path):
+    pytest.importorskip("ants")
+    good = json.loads((pair_files / "pairs.json").read_text())["pairs"][0]
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text(json.dumps([{**good, **{k: str(pair_files / v) for k, v in good.items()
+                                             if k != "name"}}]))
+    code = main(["--pairs", str(pairs), "--methods", "ants-affine", "--output",
+                 str(tmp_path / "out"), "--quiet"])
+    assert code == 0
+    (row,) = _rows(tmp_path / "out").values()
+    assert row["status"] == "ok" and row["settings"]["deterministic"] is True
+    assert row["runtime_s"] > 0 and row["peak_memory_mb"] > 0
+    assert np.isfinite(row["dice_mean"]) and row["n_landmarks"] == 3
+
+
+# --------------------------------------------------------------------------- development set
+
+
+def _fake_shared(root: Path) -> Path:
+    """A miniature shared data folder: four label maps, two templates, AFIDs-like files."""
+    from regpipe.devset import BRAIN_MAX_LABEL
+
+    geometry = _geometry()
+    rng = np.random.default_rng(0)
+    folder = root / "brain/synthseg_label_maps"
+    folder.mkdir(parents=True)
+    for index in range(1, 5):
+        labels = np.zeros(SHAPE, np.int16)
+        labels[1:23, 1:23, 1:23] = BRAIN_MAX_LABEL + 65  # extra-cerebral (not brain)
+        lo = 3 + int(rng.integers(0, 2))
+        labels[lo:21, 3:21, 3:21] = 2
+        labels[lo + 4:20, 6:18, 6:18] = 4
+        labels[lo:lo + 14, 3:21, 3:7] = 24  # CSF: 1008 voxels, but never scored
+        nib.save(nib.Nifti1Image(labels, geometry.affine),
+                 folder / f"training_seg_{index:02d}.nii.gz")
+    image, _ = _phantom(geometry, np.zeros(3))
+    for relative in ("brain/colin27/ch2bet.nii.gz", "brain/mni152_fsl6/MNI152_T1_1mm_brain.nii.gz",
+                     "brain/mni_icbm152_2009/mni_icbm152_t1_tal_nlin_asym_09c_brain.nii.gz"):
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(image, geometry.affine), root / relative)
+    (root / "landmarks_afids").mkdir()
+    for name in ("Colin27", "MNI152NLin6Asym", "MNI152NLin2009cAsym"):
+        write_fcsv(root / f"landmarks_afids/tpl-{name}_afids.fcsv", np.eye(3), ["AC", "PC", "X"])
+    return root
+
+
+def test_dev_set_builds_synthetic_and_brain_pairs_into_a_reused_cache(tmp_path):
+    from regpipe.devset import build_dev_set, synthetic_t1
+
+    shared = _fake_shared(tmp_path / "shared")
+    cache = tmp_path / "cache"
+    pairs = build_dev_set(shared, cache, subset="synth", n_pairs=1)
+    (pair,) = pairs
+    assert pair.name == "training_seg_02_to_training_seg_01" and pair.subset == "synth"
+    assert pair.labels == (2, 4)  # brain labels with >= 1000 voxels in both, not CSF
+    assert pair.fixed.parent == cache / "v1" / "synth" and pair.fixed_labels.parent.name == (
+        "synthseg_label_maps")
+    mask = np.asarray(nib.load(pair.mask).dataobj)
+    labels = np.asarray(nib.load(pair.fixed_labels).dataobj)
+    np.testing.assert_array_equal(mask > 0, (labels > 0) & (labels < 100))
+    stamp = pair.fixed.stat().st_mtime_ns
+    assert build_dev_set(shared, cache, subset="synth", n_pairs=1) == pairs
+    assert pair.fixed.stat().st_mtime_ns == stamp  # reused, not rewritten
+    image = np.asarray(nib.load(pair.fixed).dataobj)
+    np.testing.assert_array_equal(image, synthetic_t1(labels, seed=1))
+    brain = build_dev_set(shared, cache, subset="brain")
+    assert [p.name for p in brain] == ["colin27_to_MNI152NLin6Asym",
+                                       "colin27_to_MNI152NLin2009cAsym"]
+    assert all(p.fixed_landmarks and p.moving_landmarks and p.mask for p in brain)
+
+
+def test_dev_set_names_missing_data(tmp_path):
+    from regpipe.devset import build_dev_set
+
+    with pytest.raises(InputError, match="knee"):
+        build_dev_set(_fake_shared(tmp_path), tmp_path / "cache", subset="ood")
+    with pytest.raises(InputError, match="subset"):
+        build_dev_set(tmp_path, tmp_path / "cache", subset="lungs")
+
+
+def test_written_pairs_read_back_from_another_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    pair = PairSpec("p", Path("f.nii.gz"), Path("m.nii.gz"), labels=(1, 2))
+    bench.write_pairs([pair], tmp_path / "sub" / "pairs.json")
+    (back,) = read_pairs(tmp_path / "sub" / "pairs.json")
+    assert back.fixed == tmp_path / "f.nii.gz" and back.labels == (1, 2)

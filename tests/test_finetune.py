@@ -1,0 +1,377 @@
+"""``regpipe-finetune``: pairs from a BIDS dataset, label maps for Dice, resume, errors, card.
+
+One module-scoped BIDS dataset of five tiny phantom images (20x22x18 at 2 mm): sub-01 and
+sub-02 with sessions 1 and 2, sub-03 with session 1; label maps (``desc-aseg_dseg``) in a
+derivative dataset for sub-01 (both sessions) and sub-02 ses-1. The starting network is a
+random 17^3 network with one U-Net whose card says ``grid_mode: isotropic``. Nothing touches
+the network; registry weights are absent on purpose.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from regpipe.bids_app import finetune
+from regpipe.bids_app.bids import Image
+from regpipe.bids_app.exit_codes import AppError
+
+from regpipe.errors import InputError
+from regpipe.networks import (
+    NetworkConfig,
+    build_network,
+    network_from_file,
+    save_weights,
+)
+from regpipe.spaces import network_grid
+from regpipe.synth import DeformationRange, IntensityRange
+from regpipe.training_data import ImagePairSource
+
+pytest.importorskip("bids")
+
+TINY = NetworkConfig((17, 17, 17), 1, (4, 8), (4, 8))
+OTHER = NetworkConfig((17, 17, 17), 1, (4, 4), (4, 4))
+SHAPE = (20, 22, 18)
+AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
+SESSIONS = [("01", "1"), ("01", "2"), ("02", "1"), ("02", "2"), ("03", "1")]
+STILL = DeformationRange(0, 0, 0, 0, 0)
+PLAIN = IntensityRange(0, 0, 0, 0, 0)
+FAST = ["--steps", "2", "--no-progress", "--threads", "1", "--affine-init", "none"]
+
+
+@pytest.fixture(autouse=True)
+def _offline(tmp_path_factory, monkeypatch):
+    """A private, empty weights cache; downloads forbidden."""
+    monkeypatch.setenv("REGPIPE_HOME", str(tmp_path_factory.mktemp("home")))
+    monkeypatch.setenv("REGPIPE_OFFLINE", "1")
+
+
+def _phantom(shift) -> tuple[np.ndarray, np.ndarray]:
+    """A smooth blob (labels 2) with a bright core (label 5), centred at ``centre + shift``."""
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in SHAPE], indexing="ij"), -1).astype(float)
+    centre = np.array([10.0, 11.0, 9.0]) + shift
+    radius = np.linalg.norm((index - centre) / [6, 7, 5], axis=-1)
+    core = np.linalg.norm((index - centre - [2, 1, 0]) / [2, 3, 2], axis=-1) < 1
+    labels = (radius < 1) * 2 + core * 3
+    return (np.exp(-2 * radius**2) * 100 + core * 50).astype(np.float32), labels.astype(np.int16)
+
+
+def _save(data: np.ndarray, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, AFFINE), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("finetune")
+    bids_dir, labels_dir = root / "bids", root / "labels"
+    bids_dir.mkdir()
+    (bids_dir / "dataset_description.json").write_text(
+        json.dumps({"Name": "Tiny Study", "BIDSVersion": "1.10.0"}))
+    labels_dir.mkdir()
+    (labels_dir / "dataset_description.json").write_text(json.dumps(
+        {"Name": "labels", "BIDSVersion": "1.10.0", "DatasetType": "derivative"}))
+    for i, (subject, session) in enumerate(SESSIONS):
+        image, labels = _phantom(np.array([i % 3 - 1, (2 * i) % 3 - 1, 0]))
+        stem = f"sub-{subject}/ses-{session}/anat/sub-{subject}_ses-{session}"
+        _save(image, bids_dir / f"{stem}_T1w.nii.gz")
+        if i < 3:
+            _save(labels, labels_dir / f"{stem}_desc-aseg_dseg.nii.gz")
+    torch.manual_seed(0)
+    start = save_weights(build_network(TINY), root / "start.pt",
+                         {"name": "tiny-start", "grid_mode": "isotropic"})
+    other = save_weights(build_network(OTHER), root / "other.pt", {"name": "other"})
+    return {"bids": bids_dir, "labels": labels_dir, "start": start, "other": other, "root": root}
+
+
+def _finetune(data: dict, out: Path, *options) -> int:
+    argv = [str(data["bids"]), str(out), "--weights", str(data["start"]), *map(str, options)]
+    return finetune.main(argv)
+
+
+def _card(folder: Path) -> dict:
+    return network_from_file(folder / "weights.pt").metadata
+
+
+def _log(folder: Path) -> list[dict]:
+    with open(folder / "log.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+# --------------------------------------------------------------------------- pairs
+
+
+def _images(*labels: tuple[str, str | None]) -> list[Image]:
+    return [Image(s, t, Path(f"/d/sub-{s}_ses-{t}_T1w.nii.gz"), {}) for s, t in labels]
+
+
+def test_inter_pairs_are_ordered_pairs_of_different_subjects():
+    images = _images(("01", "1"), ("01", "2"), ("02", "1"))
+    pairs = finetune.inter_pairs(images)
+    assert len(pairs) == 4 and all(a.subject != b.subject for a, b in pairs)
+    assert (images[0], images[2]) in pairs and (images[2], images[0]) in pairs
+
+
+def test_intra_pairs_join_sessions_of_one_subject_both_ways():
+    images = _images(("01", "1"), ("01", "2"), ("02", "1"), ("03", None))
+    assert finetune.intra_pairs(images) == [(images[0], images[1]), (images[1], images[0])]
+
+
+def test_both_uses_the_available_kind_when_the_other_has_none(caplog):
+    images = _images(("01", "1"), ("02", "1"))
+    pairs = finetune.form_pairs(images, "both")
+    assert list(pairs) == ["inter"] and len(pairs["inter"]) == 2
+    assert "two or more sessions" in caplog.text
+
+
+def test_no_intra_pairs_says_why_and_what_would_work():
+    with pytest.raises(AppError, match="two or more sessions.*--pairs inter") as error:
+        finetune.form_pairs(_images(("01", "1"), ("02", None)), "intra")
+    assert error.value.code == 66
+
+
+def test_no_inter_pairs_with_one_subject():
+    with pytest.raises(AppError, match="two or more subjects.*--pairs intra"):
+        finetune.form_pairs(_images(("01", "1"), ("01", "2")), "inter")
+
+
+@pytest.mark.parametrize("options, inter, intra", [
+    (["--pairs", "both"], 16, 4),
+    (["--pairs", "both", "--participant-label", "01", "sub-02"], 8, 4),
+    (["--pairs", "inter", "--session-label", "1"], 6, 0),
+    (["--pairs", "intra", "--participant-label", "02"], 0, 2),
+])
+def test_filters_select_the_pairs_recorded_in_the_card(data, tmp_path, options, inter, intra):
+    assert _finetune(data, tmp_path / "run", *FAST, "--steps", "0", *options) == 0
+    record = _card(tmp_path / "run")["finetuning"]
+    assert (record["pairs_inter"], record["pairs_intra"]) == (inter, intra)
+
+
+def test_intra_with_single_session_subjects_is_66(data, tmp_path, capsys):
+    code = _finetune(data, tmp_path / "run", *FAST, "--pairs", "intra", "--session-label", "1")
+    assert code == 66 and "two or more sessions" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------- labels and Dice
+
+
+def test_label_maps_are_found_and_give_a_dice_term(data, tmp_path):
+    out = tmp_path / "run"
+    assert _finetune(data, out, "--steps", "3", "--no-progress", "--threads", "1",
+                     "--pairs", "intra", "--participant-label", "01",
+                     "--labels", data["labels"], "--dice-weight", "1") == 0
+    rows = _log(out)
+    assert len(rows) == 3 and all(float(r["dice"]) > 0 for r in rows)
+    assert {r["pair_type"] for r in rows} == {"intra"}
+    assert _card(out)["finetuning"]["labelled_pairs"] == 2
+
+
+def test_dice_weight_without_labels_is_a_usage_error(data, tmp_path, capsys):
+    assert _finetune(data, tmp_path / "run", *FAST, "--dice-weight", "1") == 64
+    assert "--labels" in capsys.readouterr().err
+
+
+def test_labels_for_no_pair_is_66(data, tmp_path, capsys):
+    code = _finetune(data, tmp_path / "run", *FAST, "--participant-label", "02", "03",
+                     "--labels", data["labels"], "--dice-weight", "1")
+    assert code == 66 and "no pair has label maps" in capsys.readouterr().err
+
+
+def test_pair_source_re_indexes_labels_shared_across_images(tmp_path):
+    first, labels_a = _phantom(np.zeros(3))
+    second, _ = _phantom(np.ones(3))
+    labels_b = np.where(labels_a == 5, 9, labels_a).astype(np.int16)  # 2 and 9 instead of 2, 5
+    a, b = _save(first, tmp_path / "a.nii.gz"), _save(second, tmp_path / "b.nii.gz")
+    maps = {a: _save(labels_a, tmp_path / "a_dseg.nii.gz"),
+            b: _save(labels_b, tmp_path / "b_dseg.nii.gz")}
+    source = ImagePairSource([(a, b)], SHAPE[::-1], labels=maps, deformation=STILL)
+    assert source.original_ids.tolist() == [0, 2, 5, 9]
+    pair = source.draw(SHAPE[::-1], torch.Generator().manual_seed(0))
+    assert set(pair.moving_labels.unique().tolist()) == {0, 1, 2}
+    assert set(pair.fixed_labels.unique().tolist()) == {0, 1, 3}
+    # still deformation, squash grid of the image's own network shape: the map itself
+    expected = torch.from_numpy(np.searchsorted([0, 2, 5, 9], labels_a).T.copy())
+    assert torch.equal(pair.moving_labels[0, 0], expected)
+
+
+def test_label_map_on_another_grid_is_refused(tmp_path):
+    image, labels = _phantom(np.zeros(3))
+    path = _save(image, tmp_path / "a.nii.gz")
+    wrong = _save(labels[:, :, :-2], tmp_path / "a_dseg.nii.gz")
+    with pytest.raises(InputError, match="not on its image's voxel grid"):
+        ImagePairSource([(path, path)], (16, 16, 16), labels={path: wrong})
+
+
+# --------------------------------------------------------------------------- placement
+
+
+@pytest.mark.parametrize("mode", ["squash", "isotropic"])
+def test_pairs_are_placed_on_the_grid_like_registration(tmp_path, mode):
+    from regpipe.imageio import load_image
+    from regpipe.preprocess import network_input, normalize_intensity
+
+    path = _save(_phantom(np.zeros(3))[0], tmp_path / "a.nii.gz")
+    grid = (12, 16, 20)
+    source = ImagePairSource([(path, path)], grid, grid_mode=mode, deformation=STILL,
+                             intensity=PLAIN)
+    drawn = source.draw(grid, torch.Generator().manual_seed(0)).fixed
+    image = load_image(path)
+    norm = normalize_intensity(image.data.astype(np.float32), "mri")
+    expected = network_input(norm, image.geometry, network_grid(image.geometry, grid, mode), grid)
+    expected = (expected - expected.min()) / (expected.max() - expected.min())
+    assert torch.allclose(drawn, expected, atol=1e-5)
+
+
+def test_large_images_are_reduced_without_moving_them(tmp_path):
+    from regpipe.imageio import load_image
+    from regpipe.preprocess import network_input, normalize_intensity
+
+    path = _save(_phantom(np.array([3.0, -2.0, 1.0]))[0], tmp_path / "a.nii.gz")
+    grid = (8, 8, 8)  # volumes are kept at <= 16 voxels per axis: this one is reduced
+    source = ImagePairSource([(path, path)], grid, grid_mode="isotropic", deformation=STILL,
+                             intensity=PLAIN)
+    assert source.images[0].tensor.shape[2:] == (16, 16, 16)
+    drawn = source.draw(grid, torch.Generator().manual_seed(0)).fixed
+    image = load_image(path)
+    norm = normalize_intensity(image.data.astype(np.float32), "mri")
+    full = network_input(norm, image.geometry, network_grid(image.geometry, grid, "isotropic"),
+                         grid)
+    assert float(torch.corrcoef(torch.stack([drawn.flatten(), full.flatten()]))[0, 1]) > 0.98
+
+    def centre(volume):  # intensity centre of mass, grid voxels
+        index = torch.stack(torch.meshgrid(*[torch.arange(n) for n in grid], indexing="ij"))
+        return (index * volume[0]).flatten(1).sum(1) / volume.sum()
+
+    assert torch.allclose(centre(drawn), centre(full), atol=0.1)
+
+
+def test_affine_init_aligns_the_moving_image_to_the_fixed_one(tmp_path):
+    fixed_data, _ = _phantom(np.zeros(3))
+    fixed = _save(fixed_data, tmp_path / "fixed.nii.gz")
+    moving = _save(np.roll(fixed_data, 2, axis=0), tmp_path / "moving.nii.gz")
+    kwargs = {"deformation": STILL, "intensity": PLAIN}
+    plain = ImagePairSource([(moving, fixed)], (16, 16, 16), **kwargs)
+    aligned = ImagePairSource([(moving, fixed)], (16, 16, 16), affine="ours", **kwargs)
+
+    def error(source):
+        pair = source.draw((16, 16, 16), torch.Generator().manual_seed(0))
+        return float((pair.moving - pair.fixed).abs().mean())
+
+    assert error(aligned) < 0.1 * error(plain)
+    assert np.allclose(aligned.alignment(0, 1)[:3, 3], [4.0, 0, 0], atol=0.3)  # 2 voxels of 2 mm
+    assert np.allclose(aligned.alignment(1, 0), np.linalg.inv(aligned.alignment(0, 1)))
+
+
+# --------------------------------------------------------------------------- output, resume, errors
+
+
+def test_card_records_start_dataset_pairs_and_training(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _finetune(data, out, *FAST, "--pairs", "both") == 0
+    printed = capsys.readouterr().out
+    assert f"participant --weights {out / 'weights.pt'}" in printed
+    card = _card(out)
+    sha = hashlib.sha256(Path(data["start"]).read_bytes()).hexdigest()
+    assert card["name"] == "tiny-start-finetuned-tiny-study" and card["grid_mode"] == "isotropic"
+    record = card["finetuning"]
+    assert record["starting_weights"] == "tiny-start"
+    assert record["starting_weights_sha256"] == sha and record["dataset"] == "Tiny Study"
+    assert (record["subjects"], record["images"], record["pair_type"]) == (3, 5, "both")
+    assert card["training"]["steps"] == 2 and "CPU" in card["training"]["hardware"]
+    text = (out / "weights.md").read_text()
+    for expected in (sha, "Tiny Study", "wall_time_hours", "hardware", "pairs_inter", "lr"):
+        assert expected in text
+    assert network_from_file(out / "weights.pt").config == TINY
+
+
+def test_running_again_resumes(data, tmp_path):
+    out = tmp_path / "run"
+    assert _finetune(data, out, *FAST, "--steps", "1") == 0
+    assert _finetune(data, out, *FAST, "--steps", "3") == 0
+    assert [int(r["step"]) for r in _log(out)] == [1, 2, 3]
+    assert _card(out)["training"]["steps"] == 3
+
+
+def test_output_with_another_configuration_explains(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _finetune(data, out, *FAST, "--steps", "1") == 0
+    argv = [str(data["bids"]), str(out), "--weights", str(data["other"]), *FAST]
+    assert finetune.main(argv) == 64
+    err = capsys.readouterr().err
+    assert "another network configuration" in err and "use another OUTPUT_DIR" in err
+
+
+def test_output_started_from_other_weights_is_refused(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _finetune(data, out, *FAST, "--steps", "1") == 0
+    network = network_from_file(data["start"])
+    with torch.no_grad():
+        next(network.parameters()).add_(1.0)
+    same_shape = save_weights(network, tmp_path / "changed.pt", {"name": "changed"})
+    argv = [str(data["bids"]), str(out), "--weights", str(same_shape), *FAST]
+    assert finetune.main(argv) == 64 and "started from other weights" in capsys.readouterr().err
+
+
+def test_missing_registry_weights_is_66_naming_fetch(data, tmp_path, capsys):
+    argv = [str(data["bids"]), str(tmp_path / "run"), "--weights", "unigradicon", *FAST]
+    assert finetune.main(argv) == 66
+    assert "regpipe-weights fetch unigradicon" in capsys.readouterr().err
+
+
+def test_output_inside_the_dataset_is_64(data, capsys):
+    assert _finetune(data, data["bids"] / "model", *FAST) == 64
+    assert "inside BIDS_DIR" in capsys.readouterr().err
+
+
+def test_weights_are_required(data, tmp_path):
+    assert finetune.main([str(data["bids"]), str(tmp_path / "run")]) == 64
+
+
+# --------------------------------------------------------------------------- use in the App
+
+
+def test_finetuned_weights_work_in_the_bids_app_and_the_api(data, tmp_path, monkeypatch):
+    from regpipe.bids_app import run as run_module
+
+    import regpipe
+
+    out = tmp_path / "model"
+    assert _finetune(data, out, *FAST) == 0
+    weights = out / "weights.pt"
+    calls: dict = {}
+
+    class Workflow:
+        def __init__(self) -> None:
+            self.config: dict = {"execution": {}}
+            self.base_dir = None
+
+        def run(self, plugin=None, plugin_args=None):
+            calls["ran"] = True
+
+    def factory(**kwargs):
+        calls.update(kwargs)
+        return Workflow()
+
+    monkeypatch.setattr(run_module, "_workflow_factory", lambda: factory)
+    monkeypatch.setattr(run_module, "_run", lambda workflow, *args: workflow.run())
+    template = data["bids"] / "sub-03/ses-1/anat/sub-03_ses-1_T1w.nii.gz"
+    argv = [str(data["bids"]), str(tmp_path / "out"), "participant", "--template", str(template),
+            "--weights", str(weights), "--participant-label", "01", "-w", str(tmp_path / "work")]
+    assert run_module.main(argv) == 0 and calls["ran"]
+    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert calls["weights"] == str(weights)
+    assert {job["weights_sha256"] for job in calls["jobs"]} == {sha}
+
+    pair = [data["bids"] / f"sub-0{s}/ses-1/anat/sub-0{s}_ses-1_T1w.nii.gz" for s in (1, 2)]
+    result = regpipe.register(*pair, weights=str(weights), io_iterations=0)
+    assert result.settings["grid_mode"] == "isotropic"
+    assert result.settings["grid_shape"] == [17, 17, 17]
+    assert result.warped.data.shape == SHAPE

@@ -1,0 +1,316 @@
+"""Spreading work over a cluster: Nipype's SLURM plugin, the array job, concurrent participants.
+
+SLURM is replaced by the stand-ins in ``tests/fake_slurm/`` (``sbatch`` runs each job script on
+this machine in the background and prints ``Submitted batch job N``; ``squeue`` lists the jobs
+still running), so both ways users spread work run end to end on a tiny synthetic dataset
+(two subjects at 24x20x16 voxels, a synthetic template ``tpl-Tiny`` in a TemplateFlow folder,
+no network weights, no instance optimisation):
+
+- ``regpipe ... participant --plugin SLURM --plugin-args ...``: every Nipype node is a batch job;
+- ``sbatch --array=1-2 containers/slurm_array.sbatch``: one task per participant, at once
+  into one ``output_dir``, each started the way ``apptainer run --cleanenv`` starts the image:
+  an empty environment plus the Dockerfile's ``ENV`` (its paths moved under a temporary
+  "image" folder) and an empty ``$HOME``, which must stay empty.
+
+The dataset-level writers are also raced directly, from forked processes.
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import fcntl
+import json
+import logging
+import multiprocessing
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from regpipe.bids_app import group as group_module
+from regpipe.workflows import outputs
+
+from regpipe.spaces import Geometry
+from tests.conftest import blob_image, make_affine
+from tests.containerfiles import ROOT, Dockerfile
+
+SUBJECTS = ("01", "02")
+ARRAY_SCRIPT = ROOT / "containers" / "slurm_array.sbatch"
+#: The fastest registration the App offers: affine only, no network, one thread.
+FAST = ["--template", "Tiny", "--weights", "none", "--io-iterations", "0", "--omp-nthreads", "1"]
+PER_PARTICIPANT = [
+    "sub-{s}/anat/sub-{s}_from-T1w_to-Tiny_mode-image_xfm.h5",
+    "sub-{s}/anat/sub-{s}_from-Tiny_to-T1w_mode-image_xfm.h5",
+    "sub-{s}/anat/sub-{s}_space-Tiny_desc-T1w_metrics.tsv",
+    "sub-{s}.html",
+]
+
+
+def _save(data: np.ndarray, geometry: Geometry, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data * 100, geometry.affine), str(path))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> dict[str, Path]:
+    """A two-subject BIDS dataset, a TemplateFlow folder holding ``tpl-Tiny``, and an
+    "image" folder whose ``opt/templateflow`` holds the same template (as if pre-fetched)."""
+    root = tmp_path_factory.mktemp("hpc")
+    bids_dir = root / "bids"
+    bids_dir.mkdir()
+    (bids_dir / "dataset_description.json").write_text(
+        json.dumps({"Name": "tiny", "BIDSVersion": "1.10.0"}))
+    (bids_dir / "participants.tsv").write_text(
+        "participant_id\tage\n" + "".join(f"sub-{s}\t3{i}\n" for i, s in enumerate(SUBJECTS)))
+    shape = (24, 20, 16)
+    for i, subject in enumerate(SUBJECTS, start=1):
+        geometry = Geometry(shape, make_affine("oblique", shape))
+        _save(blob_image(geometry, i), geometry,
+              bids_dir / f"sub-{subject}" / "anat" / f"sub-{subject}_T1w.nii.gz")
+    template = Geometry(shape, make_affine("RAS", shape))
+    templateflow = root / "templateflow"
+    _save(blob_image(template, 0), template,
+          templateflow / "tpl-Tiny" / "tpl-Tiny_res-01_T1w.nii.gz")
+    image = root / "image"
+    shutil.copytree(templateflow, image / "opt" / "templateflow")
+    return {"root": root, "bids": bids_dir, "templateflow": templateflow, "image": image}
+
+
+def _fake_slurm(folder: Path) -> Path:
+    """Copy the SLURM stand-ins into ``folder`` (their job state goes to ``folder/state``)."""
+    if shutil.which("flock") is None:
+        pytest.skip("the sbatch stand-in numbers jobs under flock(1) (util-linux), not found")
+    folder.mkdir(parents=True)
+    for name in ("sbatch", "squeue"):
+        shutil.copy(ROOT / "tests" / "fake_slurm" / name, folder / name)
+        (folder / name).chmod(0o755)
+    return folder
+
+
+def _sbatch_calls(bin_dir: Path) -> list[list[str]]:
+    return [shlex.split(line)[1:] for line in (bin_dir / "state" / "calls.log").read_text()
+            .splitlines()]
+
+
+def _missing_outputs(output_dir: Path, subjects) -> list[str]:
+    return [name.format(s=s) for s in subjects for name in PER_PARTICIPANT
+            if not (output_dir / name.format(s=s)).is_file()]
+
+
+# --------------------------------------------------------------------------- Nipype's SLURM plugin
+
+
+@pytest.fixture(scope="module")
+def slurm_plugin_run(dataset) -> dict:
+    root = dataset["root"] / "plugin"
+    bin_dir = _fake_slurm(root / "bin")
+    env = {key: value for key, value in os.environ.items() if key != "LOGNAME"}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", HOME=str(root / "home"),
+               TEMPLATEFLOW_HOME=str(dataset["templateflow"]), REGPIPE_HOME=str(root / "regpipe"),
+               REGPIPE_OFFLINE="1", NIPYPE_NO_ET="1", MPLCONFIGDIR=str(root / "mpl"))
+    plugin_args = {"sbatch_args": "--time=00:10:00 --mem=1G", "retry_timeout": 0.1}
+    command = [sys.executable, "-m", "regpipe.bids_app.run", str(dataset["bids"]),
+               str(root / "out"), "participant", "--participant-label", "01", *FAST,
+               "--plugin", "SLURM", "--plugin-args", json.dumps(plugin_args),
+               "-w", str(root / "work")]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, check=False,
+                            timeout=900)
+    return {"result": result, "out": root / "out", "work": root / "work", "bin": bin_dir}
+
+
+def test_slurm_plugin_run_succeeds_with_every_output(slurm_plugin_run):
+    result = slurm_plugin_run["result"]
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _missing_outputs(slurm_plugin_run["out"], ["01"]) == []
+    assert not (slurm_plugin_run["out"] / "sub-02").exists()
+
+
+def test_slurm_plugin_submits_each_node_with_the_plugin_args(slurm_plugin_run):
+    calls = _sbatch_calls(slurm_plugin_run["bin"])
+    assert len(calls) >= 5  # preprocessing, registration, evaluation, report...: one job each
+    for call in calls:
+        assert call[:2] == ["--time=00:10:00", "--mem=1G"]
+        assert "-J" in call and call[-1].endswith(".sh")
+    jobs = list((slurm_plugin_run["work"] / "regpipe_wf" / "batch").glob("slurm-*.out"))
+    assert len(jobs) == len(calls)  # every job ran (and wrote its log) through the stand-in
+
+
+# --------------------------------------------------------------------------- the array job
+
+
+def _array_env(dataset: dict[str, Path], root: Path, bin_dir: Path) -> dict[str, str]:
+    """sbatch's environment: the script's variables, and a REGPIPE_CMD that starts regpipe as
+    ``apptainer run --cleanenv`` starts the image: only the image's environment and $HOME."""
+    image_env = Dockerfile.read().image_environment(dataset["image"])
+    launcher = ["env", "-i", f"HOME={root / 'home'}", "PATH=/usr/bin:/bin",
+                *(f"{k}={v}" for k, v in image_env.items()),
+                sys.executable, "-m", "regpipe.bids_app.run"]
+    assert not any(" " in word for word in launcher), "REGPIPE_CMD is split on blanks"
+    return {
+        "PATH": f"{bin_dir}{os.pathsep}/usr/bin:/bin",
+        "BIDS_DIR": str(dataset["bids"]), "OUTPUT_DIR": str(root / "out"),
+        "WORK_DIR": str(root / "work"), "REGPIPE_CMD": " ".join(launcher),
+        "REGPIPE_ARGS": " ".join(FAST),
+    }
+
+
+@pytest.fixture(scope="module")
+def array_run(dataset) -> dict:
+    root = dataset["root"] / "array"
+    bin_dir = _fake_slurm(root / "bin")
+    (root / "home").mkdir()
+    env = _array_env(dataset, root, bin_dir)
+    result = subprocess.run(["sbatch", "--wait", f"--array=1-{len(SUBJECTS)}", str(ARRAY_SCRIPT)],
+                            env=env, capture_output=True, text=True, check=False, timeout=900)
+    logs = {path.name: path.read_text() for path in (bin_dir / "state").glob("slurm-*.out")}
+    group = subprocess.run(env["REGPIPE_CMD"].split() + [env["BIDS_DIR"], env["OUTPUT_DIR"],
+                                                         "group", "-w", env["WORK_DIR"]],
+                           capture_output=True, text=True, check=False, timeout=600)
+    return {"result": result, "logs": logs, "group": group, "root": root, "out": root / "out"}
+
+
+def test_array_job_runs_every_participant(array_run):
+    assert array_run["result"].returncode == 0, "\n".join(array_run["logs"].values())[-4000:]
+    assert _missing_outputs(array_run["out"], SUBJECTS) == []
+    records = [json.loads(p.read_text()) for p in (array_run["out"] / "logs").glob("*/*.json")]
+    assert sorted(r["options"]["participant_label"][0] for r in records) == list(SUBJECTS)
+    work = array_run["root"] / "work"
+    assert sorted(p.name for p in work.iterdir()) == [f"sub-{s}" for s in SUBJECTS]
+
+
+def test_concurrent_participants_leave_whole_shared_files(array_run):
+    out = array_run["out"]
+    description = json.loads((out / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative"
+    assert description["GeneratedBy"][0]["Container"] == {"Type": "docker",
+                                                           "Tag": "regpipe/regpipe:0.1.0"}
+    ignore = (out / ".bidsignore").read_text().splitlines()
+    assert sorted(ignore) == sorted(set(outputs.BIDSIGNORE_LINES) | {"group/"})
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_group_level_after_the_array_job_sees_every_participant(array_run):
+    assert array_run["group"].returncode == 0, array_run["group"].stderr[-3000:]
+    with open(array_run["out"] / "group" / "group_metrics.tsv", newline="") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    assert sorted(row["subject"] for row in rows) == list(SUBJECTS)
+    assert "failure:" not in array_run["group"].stderr
+
+
+def test_container_environment_writes_nothing_to_home(array_run):
+    assert array_run["result"].returncode == 0
+    assert list((array_run["root"] / "home").iterdir()) == []
+
+
+# --------------------------------------------------------------------------- the array script
+
+
+def _array_script(tmp_path: Path, task: int, **env: str) -> subprocess.CompletedProcess:
+    """Run the array script as task ``task``, with a stand-in ``apptainer`` that prints its
+    arguments (one per line)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "apptainer").write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    (bin_dir / "apptainer").chmod(0o755)
+    bids_dir = tmp_path / "bids"
+    for subject in ("01", "02"):
+        (bids_dir / f"sub-{subject}").mkdir(parents=True, exist_ok=True)
+    variables = {"PATH": f"{bin_dir}{os.pathsep}/usr/bin:/bin", "BIDS_DIR": str(bids_dir),
+                 "OUTPUT_DIR": str(tmp_path / "out"), "REGPIPE_SIF": "/images/regpipe.sif",
+                 "SLURM_ARRAY_TASK_ID": str(task), "SLURM_CPUS_PER_TASK": "4", **env}
+    return subprocess.run(["bash", str(ARRAY_SCRIPT)], env=variables, capture_output=True,
+                          text=True, check=False, timeout=60)
+
+
+def test_array_script_starts_the_container_with_cleanenv_and_binds(tmp_path):
+    result = _array_script(tmp_path, 2, REGPIPE_ARGS="--compare ants-syn")
+    assert result.returncode == 0, result.stderr
+    bids_dir, out = tmp_path / "bids", tmp_path / "out"
+    work = tmp_path / "out-work" / "sub-02"
+    assert result.stdout.splitlines()[1:] == [
+        "run", "--cleanenv", "-B", f"{bids_dir}:{bids_dir}:ro", "-B", str(out), "-B", str(work),
+        "/images/regpipe.sif", str(bids_dir), str(out), "participant",
+        "--participant-label", "02", "-w", str(work), "--nprocs", "4", "--compare", "ants-syn"]
+
+
+def test_array_script_passes_nv_for_the_gpu(tmp_path):
+    result = _array_script(tmp_path, 1, REGPIPE_GPU="1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1:4] == ["run", "--cleanenv", "--nv"]
+
+
+def test_array_script_reads_a_plain_list_of_labels(tmp_path):
+    labels = tmp_path / "subjects.txt"
+    labels.write_text("sub-07\n08\n")
+    result = _array_script(tmp_path, 2, PARTICIPANTS=str(labels))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[lines.index("--participant-label") + 1] == "08"
+
+
+def test_array_script_refuses_a_task_without_participant(tmp_path):
+    result = _array_script(tmp_path, 3)
+    assert result.returncode == 64
+    assert "no participant number 3" in result.stderr
+
+
+# --------------------------------------------------------------------------- racing the writers
+
+
+def _describe_once(output_dir: str, barrier, results) -> None:
+    barrier.wait()
+    content = outputs.dataset_description(method="network", bids_dir=None, output_dir=output_dir)
+    results.put(outputs.write_json_once(Path(output_dir) / "dataset_description.json", content,
+                                        Path(output_dir)))
+
+
+def _merge_line(output_dir: str, line: str, barrier, results) -> None:
+    barrier.wait()
+    if line == "group/":
+        group_module._ignore_group_folder(Path(output_dir))
+    else:
+        outputs.merge_bidsignore(output_dir, [*outputs.BIDSIGNORE_LINES, line])
+    results.put(line)
+
+
+def _race(target, argument_lists) -> list:
+    context = multiprocessing.get_context("fork")  # the workers only write small text files
+    barrier, results = context.Barrier(len(argument_lists)), context.Queue()
+    workers = [context.Process(target=target, args=(*args, barrier, results))
+               for args in argument_lists]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert [worker.exitcode for worker in workers] == [0] * len(workers)
+    return [results.get(timeout=5) for _ in workers]
+
+
+def test_concurrent_writers_write_dataset_description_once(tmp_path):
+    statuses = _race(_describe_once, [(str(tmp_path),)] * 8)
+    assert sorted(statuses) == ["identical"] * 7 + ["written"]
+    assert json.loads((tmp_path / "dataset_description.json").read_text())["Name"]
+
+
+def test_concurrent_bidsignore_merges_keep_every_line(tmp_path):
+    lines = [f"extra-{i}/" for i in range(6)] + ["group/"]
+    _race(_merge_line, [(str(tmp_path), line) for line in lines])
+    merged = (tmp_path / ".bidsignore").read_text().splitlines()
+    assert sorted(merged) == sorted({*outputs.BIDSIGNORE_LINES, *lines})
+
+
+def test_dataset_files_are_written_where_flock_is_unsupported(tmp_path, monkeypatch, caplog):
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")  # as on some NFS mounts
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level(logging.WARNING, logger="nipype.workflow"):
+        written = outputs.write_dataset_files(tmp_path, ["network", "ants-affine"])
+    assert all(json.loads(Path(path).read_text())["BIDSVersion"] for path in written)
+    assert "without a lock" in caplog.text
