@@ -37,8 +37,9 @@ from regpipe.evaluation import evaluate_transform
 from regpipe.imageio import atomic_write
 
 __all__ = [
-    "METHOD_NAMES", "MethodSpec", "PairSpec", "check_weights", "load_pair", "parse_methods",
-    "read_pairs", "read_results", "run_benchmark", "run_method", "write_pairs", "write_results",
+    "METHOD_NAMES", "MethodSpec", "PairSpec", "load_pair", "parse_methods", "read_pairs",
+    "read_results", "resolve_method_weights", "run_benchmark", "run_method", "write_pairs",
+    "write_results",
 ]
 
 LOGGER = logging.getLogger("regpipe.bench")
@@ -99,12 +100,26 @@ def parse_methods(text: str | Sequence[str], *, weights: str | None = "default",
     return methods
 
 
-def check_weights(methods: Sequence[MethodSpec]) -> None:
-    """Fail before any work when a method's weights are not available offline."""
+def resolve_method_weights(methods: Sequence[MethodSpec]) -> list[MethodSpec]:
+    """The methods with their weights resolved to files (``"default"`` and registry names
+    included), so results record, and ``resume`` compares, the file actually used.
+
+    Raises
+    ------
+    WeightsError
+        Before any work, when weights are not available offline.
+    """
+    from dataclasses import replace
+
     from regpipe.weights import default_weights_name, resolve_weights
 
-    for name in {m.weights for m in methods if m.kind == "ours" and m.weights is not None}:
-        resolve_weights(default_weights_name() if name == "default" else name)
+    out = []
+    for method in methods:
+        if method.kind == "ours" and method.weights is not None:
+            name = default_weights_name() if method.weights == "default" else method.weights
+            method = replace(method, weights=str(Path(resolve_weights(name)).absolute()))
+        out.append(method)
+    return out
 
 
 def run_method(method: MethodSpec, pair: LoadedPair, *, seed: int | None = 0,

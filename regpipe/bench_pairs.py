@@ -128,7 +128,6 @@ def _stem(path: Any) -> str:
     return name
 
 
-
 @dataclass
 class LoadedPair:
     """A pair's images and evaluation data in memory (loaded once for all methods)."""

@@ -1,9 +1,11 @@
 """Tables and plots of benchmark rows (:mod:`regpipe.bench`): CSV, markdown, PNG figures.
 
 A row is a mapping with ``pair``, ``subset``, ``method``, ``status`` (``"ok"`` or
-``"error"``, with ``error``) and the measures of :func:`regpipe.evaluation.evaluate_transform`
-plus ``runtime_s`` and ``peak_memory_mb``. The functions need nothing else, so any table of
-such rows (for example the BIDS App's group metrics) can be summarised the same way.
+``"error"``, with ``error``; a row without ``status`` counts as ``"ok"``) and the measures of
+:func:`regpipe.evaluation.evaluate_transform` plus ``runtime_s`` and ``peak_memory_mb``. The
+functions need nothing else, so any table of such rows (for example the BIDS App's group
+metrics, which use the same measure names) can be summarised the same way
+(:func:`summary_table`).
 
 Figures use matplotlib's object interface with the Agg canvas (no pyplot, no display, no
 global backend change).
@@ -129,7 +131,7 @@ def summary_table(rows: Sequence[Mapping[str, Any]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method in _methods(rows):
         mine = [r for r in rows if r["method"] == method]
-        ok = [r for r in mine if r.get("status") == "ok"]
+        ok = [r for r in mine if r.get("status", "ok") == "ok"]
         cells = [method, f"{len(ok)}/{len(mine)}"]
         for key in keys:
             values = [v for v in (_number(r.get(key)) for r in ok) if v is not None]
@@ -146,7 +148,7 @@ def _pair_table(rows: Sequence[Mapping[str, Any]]) -> str:
     head = ["pair", "method"] + [MEASURES[k][0] for k in keys]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        if row.get("status") != "ok":
+        if row.get("status", "ok") != "ok":
             cells = [str(row["pair"]), str(row["method"]), "failed"] + [""] * (len(keys) - 1)
         else:
             cells = [str(row["pair"]), str(row["method"])]
@@ -163,7 +165,7 @@ def markdown_report(rows: Sequence[Mapping[str, Any]], *, title: str = "regpipe-
     several), the figures, every pair, the failures, and what each measure means."""
     from regpipe import __version__
 
-    failed = [r for r in rows if r.get("status") != "ok"]
+    failed = [r for r in rows if r.get("status", "ok") != "ok"]
     pairs = list(dict.fromkeys(str(r["pair"]) for r in rows))
     counts = (f"regpipe {__version__}: {len(pairs)} pair(s), {len(_methods(rows))} method(s), "
               f"{len(rows) - len(failed)} result(s), {len(failed)} failure(s).")
@@ -220,7 +222,7 @@ def _boxplot(rows: Sequence[Mapping[str, Any]], key: str, ylabel: str, path: Pat
     data = {}
     for method in _methods(rows):
         values = [v for v in (_number(r.get(key)) for r in rows
-                              if r["method"] == method and r.get("status") == "ok")
+                              if r["method"] == method and r.get("status", "ok") == "ok")
                   if v is not None]
         if values:
             data[method] = values
@@ -240,7 +242,7 @@ def _boxplot(rows: Sequence[Mapping[str, Any]], key: str, ylabel: str, path: Pat
 
 
 def _scatter(rows: Sequence[Mapping[str, Any]], path: Path) -> bool:
-    ok = [r for r in rows if r.get("status") == "ok"
+    ok = [r for r in rows if r.get("status", "ok") == "ok"
           and _number(r.get("dice_mean")) is not None and _number(r.get("runtime_s"))]
     if not ok:
         return False

@@ -31,6 +31,7 @@ import os
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
@@ -171,7 +172,7 @@ def synth_pairs(shared: Path, cache: Path, n_pairs: int | None = None) -> list[P
         for path in maps[2 * k: 2 * k + 2]:
             stem = path.name[: -len(".nii.gz")]
             index = int(stem[-2:])
-            nii = nib.load(path)
+            nii = cast(nib.Nifti1Image, nib.load(path))
             labels = np.rint(np.asanyarray(nii.dataobj)).astype(np.int16)
             geometry = Geometry(labels.shape, nii.affine)
             image = _cached(cache / "synth" / f"{stem}_T1w.nii.gz",
@@ -192,7 +193,7 @@ def synth_pairs(shared: Path, cache: Path, n_pairs: int | None = None) -> list[P
 def _prostate_case(folder: Path, cache: Path, case: str, side: str) -> tuple[Path, Path | None]:
     """Gland label map and landmark file (centroids of the landmark blobs, channels 1 and 2
     where present) of one image."""
-    nii = nib.load(_need(folder / f"{side}_labels" / f"{case}.nii.gz"))
+    nii = cast(nib.Nifti1Image, nib.load(_need(folder / f"{side}_labels" / f"{case}.nii.gz")))
     channels = np.asarray(nii.dataobj) > 0.5
     if channels.ndim == 3:  # some cases hold the gland only
         channels = channels[..., None]

@@ -53,6 +53,7 @@ __all__ = [
     "jacobian_in_region",
     "landmark_errors",
     "match_landmarks",
+    "overlap_per_label",
     "parse_label_list",
     "read_fcsv",
     "write_fcsv",
@@ -212,7 +213,8 @@ def _surface(mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
 
 
 def hd95(
-    a: NDArray, b: NDArray, spacing: Sequence[float] = (1.0, 1.0, 1.0), percentile: float = 95.0
+    a: NDArray, b: NDArray, spacing: Sequence[float] | NDArray = (1.0, 1.0, 1.0),
+    percentile: float = 95.0,
 ) -> float:
     """Robust Hausdorff distance (mm) between two binary masks on the same grid.
 
@@ -235,13 +237,43 @@ def hd95(
     return float(max(np.percentile(a_to_b, percentile), np.percentile(b_to_a, percentile)))
 
 
-def hd95_per_label(
+def overlap_per_label(
     fixed_labels: NDArray, warped_labels: NDArray, labels: Sequence[int],
-    spacing: Sequence[float],
-) -> dict[int, float]:
-    """:func:`hd95` of each label between two label maps on one grid."""
-    return {int(label): hd95(fixed_labels == label, warped_labels == label, spacing)
-            for label in labels}
+    spacing: Sequence[float] | NDArray,
+) -> tuple[dict[int, float], dict[int, float]]:
+    """Dice and :func:`hd95` (mm) of each label between two label maps on one grid.
+
+    Each label is compared inside the union of its bounding boxes in both maps (found once
+    with :func:`scipy.ndimage.find_objects`), which gives the same values as whole-volume
+    comparisons at a fraction of the cost. Dice is NaN for a label absent from both maps;
+    HD95 is NaN for a label absent from either.
+    """
+    fixed_labels, warped_labels = np.asarray(fixed_labels), np.asarray(warped_labels)
+    labels = [int(label) for label in labels]
+    boxes: dict[int, list[tuple[slice, ...]]] = {label: [] for label in labels}
+    if min(labels, default=0) >= 1 and min(fixed_labels.min(), warped_labels.min()) >= 0:
+        top = max(labels) + 1
+        for data in (fixed_labels, warped_labels):
+            clipped = np.where(data < top, data, 0) if data.max() >= top else data
+            found = ndimage.find_objects(clipped.astype(np.int64, copy=False), max_label=top)
+            for label in labels:
+                if found[label - 1] is not None:
+                    boxes[label].append(found[label - 1])
+    else:  # negative or zero labels: whole volume
+        boxes = {label: [tuple(slice(0, n) for n in fixed_labels.shape)] for label in labels}
+    dice: dict[int, float] = {}
+    distance: dict[int, float] = {}
+    for label in labels:
+        if not boxes[label]:
+            dice[label], distance[label] = float("nan"), float("nan")
+            continue
+        box = tuple(slice(min(b[a].start for b in boxes[label]),
+                          max(b[a].stop for b in boxes[label])) for a in range(3))
+        in_fixed, in_warped = fixed_labels[box] == label, warped_labels[box] == label
+        total = int(in_fixed.sum() + in_warped.sum())
+        dice[label] = float(2.0 * np.logical_and(in_fixed, in_warped).sum() / total)
+        distance[label] = hd95(in_fixed, in_warped, spacing)
+    return dice, distance
 
 
 # --------------------------------------------------------------------------- Jacobian
@@ -329,8 +361,7 @@ def evaluate_transform(
             )
         warped = warp_array(np.asarray(moving_data), moving_geometry, transform, geometry,
                             interpolation="nearest")
-        dice = dice_per_label(np.asarray(fixed_labels), warped, list(labels))
-        distance = hd95_per_label(np.asarray(fixed_labels), warped, labels, geometry.spacing)
+        dice, distance = overlap_per_label(fixed_labels, warped, labels, geometry.spacing)
         metrics["dice"] = {str(k): v for k, v in dice.items()}
         metrics["hd95"] = {str(k): v for k, v in distance.items()}
         metrics["dice_mean"] = _mean(dice.values())

@@ -132,21 +132,24 @@ class RandomShapesSource:
         return TrainingPair(images[0], images[1], "intra", self.region, maps[0], maps[1])
 
 
-def _crop_and_reduce(volume: np.ndarray, shape: Shape, nearest: bool) -> torch.Tensor:
-    """Crop to the non-zero bounding box (+4 voxels), reduce to at most 2x ``shape``."""
-    where = np.nonzero(volume)
-    if where[0].size == 0:
-        raise InputError("the volume is empty (all zeros)")
-    box = tuple(
-        slice(max(int(w.min()) - 4, 0), min(int(w.max()) + 5, n))
-        for w, n in zip(where, volume.shape, strict=True)
-    )
-    tensor = torch.from_numpy(np.ascontiguousarray(volume[box])).float()[None, None]
+def _reduce_labels(volume: np.ndarray, shape: Shape) -> torch.Tensor:
+    """A label volume as int16 ``[1, 1, ...]``, reduced (nearest) to at most 2x ``shape``."""
+    tensor = torch.from_numpy(np.ascontiguousarray(volume))[None, None]
     target = [min(int(n), 2 * int(s)) for n, s in zip(tensor.shape[2:], shape, strict=True)]
     if list(tensor.shape[2:]) != target:
-        mode = "nearest" if nearest else "area"
-        tensor = F.interpolate(tensor, size=tuple(target), mode=mode)
+        tensor = F.interpolate(tensor.float(), size=tuple(target), mode="nearest").short()
     return tensor
+
+
+def _foreground_box(volume: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised ``(low, high)`` corners (``[3]`` each) of the non-zero voxels' bounding box."""
+    where = np.nonzero(volume)
+    if where[0].size == 0:
+        raise InputError("the label map is empty (all zeros)")
+    sizes = np.maximum(np.asarray(volume.shape, dtype=np.float64) - 1, 1)
+    low = np.array([w.min() for w in where]) / sizes
+    high = np.array([w.max() for w in where]) / sizes
+    return torch.tensor(low, dtype=torch.float32), torch.tensor(high, dtype=torch.float32)
 
 
 class LabelMapSource:
@@ -203,10 +206,11 @@ class LabelMapSource:
         original = np.unique(np.concatenate([np.unique(r) for r in raw]))
         self.original_ids = original
         lookup = {int(v): i for i, v in enumerate(original)}
-        self.maps = []
+        self.maps, self.boxes = [], []
         for data in raw:
-            contiguous = np.searchsorted(original, data).astype(np.int32)
-            self.maps.append(_crop_and_reduce(contiguous, shape, nearest=True).long())
+            contiguous = np.searchsorted(original, data).astype(np.int16)
+            self.maps.append(_reduce_labels(contiguous, shape))
+            self.boxes.append(_foreground_box(contiguous))
         self.background = [lookup[int(v)] for v in background_labels if int(v) in lookup]
         self.paths = [Path(p) for p in paths]
 
@@ -223,8 +227,14 @@ class LabelMapSource:
         zero = [0] + (self.background if _chance(self.strip_probability, generator) else [])
         means = torch.rand(self.n_labels, generator=generator) * 0.95 + 0.05
         images, labels = [], []
+        # Field of view: from the tight foreground box (t = 0) to the whole volume (t = 1), the
+        # same t for both images, as after an affine pre-alignment onto the fixed image's grid.
+        t = float(torch.rand((), generator=generator))
         for index in (first, second):
+            low, high = self.boxes[index]
+            low, high = low * (1 - t), high + (1 - high) * t
             coords = random_spatial_map(shape, self.deformation, generator)
+            coords = low.view(1, 3, 1, 1, 1) + coords * (high - low).view(1, 3, 1, 1, 1)
             warped = sample_labels(self.maps[index], coords)
             if not _chance(self.same_contrast_probability, generator) and images:
                 means = torch.rand(self.n_labels, generator=generator) * 0.95 + 0.05

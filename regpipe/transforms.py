@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
+from collections.abc import Iterator
 from typing import Protocol
 
 import numpy as np
@@ -167,14 +168,53 @@ class DisplacementField:
         """Evaluate any transform at the voxel centres of ``geometry``."""
         field = np.empty((*geometry.shape, 3), dtype=np.float32)
         flat = field.reshape(-1, 3)
-        n = flat.shape[0]
         shape = geometry.shape
-        for start in range(0, n, chunk):
-            lin = np.arange(start, min(start + chunk, n))
+        for start, moved in map_voxel_grid(transform, geometry, chunk=chunk):
+            lin = np.arange(start, start + len(moved))
             ijk = np.stack(np.unravel_index(lin, shape), axis=-1).astype(np.float64)
-            world = geometry.voxel_to_world(ijk)
-            flat[start : start + len(lin)] = transform.map_points(world) - world
+            flat[start : start + len(moved)] = moved - geometry.voxel_to_world(ijk)
         return cls(geometry, field)
+
+
+def map_voxel_grid(
+    transform: Transform,
+    geometry: Geometry,
+    output_matrix: NDArray[np.floating] | None = None,
+    chunk: int = _CHUNK,
+) -> Iterator[tuple[int, NDArray[np.float64]]]:
+    """``output_matrix @ T(x)`` for the voxel centres ``x`` of ``geometry``, in chunks.
+
+    Yields ``(start, points)``: ``points`` ``[n, 3]`` for the voxels ``start .. start + n`` in
+    C order of ``geometry.shape``. ``output_matrix`` (default: identity, world RAS+ mm) lets a
+    caller ask directly for a source image's voxel indices. :class:`GridTransform` and
+    :class:`AffineTransform` are evaluated in torch, with their matrices folded together
+    (one trilinear sample per point for a grid); other transforms through ``map_points``.
+    """
+    out = np.eye(4) if output_matrix is None else np.asarray(output_matrix, dtype=np.float64)
+    shape = geometry.shape
+    per_slab = max(int(shape[1]) * int(shape[2]), 1)
+    slabs = max(chunk // per_slab, 1)
+    j, k = torch.meshgrid(torch.arange(shape[1], dtype=torch.float64),
+                          torch.arange(shape[2], dtype=torch.float64), indexing="ij")
+    plane = torch.stack([torch.zeros_like(j), j, k], dim=-1).reshape(-1, 3)
+    for first in range(0, shape[0], slabs):
+        i = torch.arange(first, min(first + slabs, shape[0]), dtype=torch.float64)
+        ijk = (plane[None] + torch.stack([i, 0 * i, 0 * i], dim=-1)[:, None]).reshape(-1, 3)
+        start = first * per_slab
+        if isinstance(transform, GridTransform):
+            to_grid = torch.from_numpy(np.linalg.inv(transform.grid_in) @ geometry.affine)
+            g = ijk @ to_grid[:3, :3].T + to_grid[:3, 3]
+            u = sample_network(transform.displacement[None].float(), g.float(),
+                               padding=transform.outside)  # type: ignore[arg-type]
+            to_out = torch.from_numpy(out @ transform.grid_out)
+            moved = (g + u.double()) @ to_out[:3, :3].T + to_out[:3, 3]
+            yield start, moved.numpy()
+        elif isinstance(transform, AffineTransform):
+            m = torch.from_numpy(out @ transform.matrix @ geometry.affine)
+            yield start, (ijk @ m[:3, :3].T + m[:3, 3]).numpy()
+        else:
+            world = apply_affine(geometry.affine, ijk.numpy())
+            yield start, apply_affine(out, transform.map_points(world))
 
 
 def compose(*transforms: Transform) -> ComposedTransform:

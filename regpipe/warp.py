@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 
 from regpipe.spaces import Geometry, index_to_sampling_grid
-from regpipe.transforms import Transform
+from regpipe.transforms import Transform, map_voxel_grid
 
 Interpolation = Literal["linear", "nearest"]
 
@@ -45,16 +45,11 @@ def warp_array(
         tensor = torch.from_numpy(
             np.ascontiguousarray(flat_data.transpose(3, 2, 1, 0), dtype=np.float32)
         )[None]
-    n = out.shape[0]
-    for start in range(0, n, _CHUNK):
-        lin = np.arange(start, min(start + _CHUNK, n))
-        ijk = np.stack(np.unravel_index(lin, reference.shape), axis=-1).astype(np.float64)
-        moved = transform.map_points(reference.voxel_to_world(ijk))
-        vox = moved @ to_voxel[:3, :3].T + to_voxel[:3, 3]
+    for start, vox in map_voxel_grid(transform, reference, to_voxel, chunk=_CHUNK):
         if interpolation == "nearest":
-            out[start : start + len(lin)] = _nearest(flat_data, vox, fill)
+            out[start : start + len(vox)] = _nearest(flat_data, vox, fill)
         else:
-            out[start : start + len(lin)] = _linear(tensor, vox, source.shape, fill)
+            out[start : start + len(vox)] = _linear(tensor, vox, source.shape, fill)
     return out.reshape(*reference.shape, *extra) if extra else out.reshape(reference.shape)
 
 

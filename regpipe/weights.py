@@ -162,6 +162,17 @@ def unregister_entry(name: str) -> None:
 
 register_entry(
     WeightsEntry(
+        name="regpipe-compact",
+        url=None,
+        filename="regpipe-compact.pt",
+        description="regpipe's compact GradICON model, bundled (see regpipe-compact.md)",
+        licence="Apache-2.0 (trained by the regpipe authors)",
+        bundled=True,
+        config="compact",
+    )
+)
+register_entry(
+    WeightsEntry(
         name="unigradicon",
         url=f"{_GITHUB_RELEASES}/unigradicon_weights/Step_2_final.trch",
         filename="Step_2_final.trch",

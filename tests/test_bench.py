@@ -202,9 +202,9 @@ def test_evaluate_transform_on_a_known_shift():
     moving_labels = np.roll(fixed_labels, shift_voxels, axis=0)  # content moved +3 mm in x
     shift = np.array([shift_voxels * SPACING, 0.0, 0.0])
     points = np.array([[0.0, 0.0, 0.0], [3.0, -2.0, 1.0]])
-    common = dict(region=fixed_labels > 0, fixed_labels=fixed_labels,
-                  moving_labels=(moving_labels, geometry), fixed_points=points,
-                  moving_points=points + shift)
+    common = {"region": fixed_labels > 0, "fixed_labels": fixed_labels,
+              "moving_labels": (moving_labels, geometry), "fixed_points": points,
+              "moving_points": points + shift}
     exact = evaluate_transform(_translation(shift), geometry, **common)
     assert exact["dice_mean"] == pytest.approx(1.0)
     assert exact["hd95_mean_mm"] == pytest.approx(0.0)
@@ -489,3 +489,59 @@ def test_written_pairs_read_back_from_another_folder(tmp_path, monkeypatch):
     bench.write_pairs([pair], tmp_path / "sub" / "pairs.json")
     (back,) = read_pairs(tmp_path / "sub" / "pairs.json")
     assert back.fixed == tmp_path / "f.nii.gz" and back.labels == (1, 2)
+
+
+def test_overlap_per_label_matches_whole_volume_computations():
+    from regpipe.evaluation import overlap_per_label
+
+    rng = np.random.default_rng(4)
+    fixed = np.zeros(SHAPE, np.int16)
+    fixed[3:15, 4:18, 5:20] = 3
+    fixed[10:20, 2:9, 8:14] = 7
+    warped = np.roll(fixed, (1, -2, 1), axis=(0, 1, 2))
+    warped[rng.random(SHAPE) < 0.01] = 3  # scattered false positives far from the object
+    spacing = (1.0, 0.8, 1.3)
+    dice, distance = overlap_per_label(fixed, warped, [3, 7, 9], spacing)
+    reference = dice_per_label(fixed, warped, [3, 7, 9])
+    for label in (3, 7):
+        assert dice[label] == pytest.approx(reference[label])
+        assert distance[label] == pytest.approx(hd95(fixed == label, warped == label, spacing))
+    assert np.isnan(dice[9]) and np.isnan(distance[9])
+
+
+def test_summary_table_takes_rows_without_status():
+    from regpipe.bench_report import summary_table
+
+    rows = [{"method": "network", "dice_mean": 0.7, "runtime_s": 10.0},
+            {"method": "network", "dice_mean": 0.8, "runtime_s": 12.0},
+            {"method": "ants-syn", "dice_mean": 0.75}]
+    table = summary_table(rows).splitlines()
+    assert table[0] == "| method | pairs ok | Dice | runtime (s) |"
+    assert table[2] == "| network | 2/2 | 0.750 ± 0.071 | 11.0 ± 1.4 |"
+    assert table[3] == "| ants-syn | 1/1 | 0.750 | - |"
+
+
+def test_cli_runs_a_network_from_a_weights_file(pair_files, tmp_path):
+    import torch
+
+    from regpipe.networks import NetworkConfig, build_network, save_weights
+
+    torch.manual_seed(0)
+    network = build_network(NetworkConfig(grid_shape=(24, 24, 24), n_steps=1,
+                                          down_channels=(4, 8, 8, 8, 8),
+                                          up_channels=(4, 8, 8, 8, 8)))
+    weights = save_weights(network, tmp_path / "tiny.pt", {"grid_mode": "isotropic"})
+    good = json.loads((pair_files / "pairs.json").read_text())["pairs"][0]
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text(json.dumps([{k: (v if k == "name" else str(pair_files / v))
+                                  for k, v in good.items()}]))
+    code = main(["--pairs", str(pairs), "--methods", "ours,ours+io", "--weights", str(weights),
+                 "--io-iterations", "3", "--threads", "1", "--output", str(tmp_path / "out"),
+                 "--quiet"])
+    assert code == 0
+    rows = _rows(tmp_path / "out")
+    for method, steps in (("ours", 0), ("ours+io", 3)):
+        settings = rows["good", method]["settings"]
+        assert settings["weights"] == str(weights) and settings["io_iterations"] == steps
+        assert settings["grid_mode"] == "isotropic"
+        assert np.isfinite(rows["good", method]["dice_mean"])

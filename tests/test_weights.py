@@ -171,7 +171,10 @@ def test_cache_dir_defaults_to_user_cache(tmp_path: Path, monkeypatch: pytest.Mo
     assert weights.cache_dir() == tmp_path / ".cache/regpipe/weights"
 
 
-def test_default_is_unigradicon_without_bundled_model() -> None:
+def test_default_is_unigradicon_without_bundled_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(weights, "bundled_dir", lambda: tmp_path)  # an install without it
     assert weights.default_weights_name() == "unigradicon"
 
 

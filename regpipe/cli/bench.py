@@ -85,9 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _main(args: argparse.Namespace) -> int:
     from regpipe.bench import (
         RESULTS_JSON,
-        check_weights,
-        parse_methods,
+            parse_methods,
         read_pairs,
+        resolve_method_weights,
         run_benchmark,
         write_pairs,
     )
@@ -101,7 +101,7 @@ def _main(args: argparse.Namespace) -> int:
         raise InputError("--subset and --n-pairs apply to --dev-set only")
     methods = parse_methods(args.methods, weights=args.weights,
                             io_iterations=args.io_iterations)
-    check_weights(methods)
+    methods = resolve_method_weights(methods)
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as error:
