@@ -44,12 +44,12 @@ from regpipe.spaces import identity_grid
 __all__ = [
     "DeformationRange",
     "IntensityRange",
+    "augment_intensity",
     "random_shapes",
     "random_spatial_map",
-    "sample_labels",
     "sample_image",
+    "sample_labels",
     "synthesize",
-    "augment_intensity",
 ]
 
 Shape = Sequence[int]

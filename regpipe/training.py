@@ -43,8 +43,8 @@ import csv
 import dataclasses
 import math
 import os
-import signal
 import platform
+import signal
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -237,7 +237,7 @@ def _resume(folder: Path, network: RegistrationNetwork, optimiser: torch.optim.O
         return 0, 0.0
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same advice
+    except Exception as error:
         raise WeightsError(f"cannot read the training checkpoint {path}: {error}") from error
     expected = saved_config(network)
     if saved.get("config") != expected:

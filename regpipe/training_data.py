@@ -30,7 +30,7 @@ Example
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -40,7 +40,6 @@ import torch
 import torch.nn.functional as F
 
 from regpipe.errors import InputError
-from regpipe.spaces import GRID_MODES, Geometry, GridMode
 from regpipe.synth import (
     DeformationRange,
     IntensityRange,
@@ -54,7 +53,7 @@ from regpipe.synth import (
 
 __all__ = [
     "REGIONS",
-    "ImagePairSource",
+    "ImagePairSource",  # noqa: F822 (lazy, see __getattr__)
     "ImageSource",
     "LabelMapSource",
     "MixedSource",
@@ -321,219 +320,13 @@ class ImageSource:
         return TrainingPair(pair[0], pair[1], "intra", self.region)
 
 
-@dataclass(frozen=True)
-class _Volume:
-    """A volume in network order ``[1, 1, k, j, i]`` and the grid of its voxels."""
+def __getattr__(name: str):
+    """``ImagePairSource`` lives in :mod:`regpipe.image_pairs` (imported lazily: it uses this module)."""
+    if name == "ImagePairSource":
+        from regpipe.image_pairs import ImagePairSource
 
-    tensor: torch.Tensor
-    geometry: Geometry
-    source: Geometry
-
-
-def _reduce(volume: np.ndarray, geometry: Geometry, most: int, nearest: bool) -> _Volume:
-    """Network-order tensor of ``volume`` with no axis longer than ``most`` (area or nearest)."""
-    from regpipe.spaces import to_network_tensor
-
-    tensor = to_network_tensor(volume)
-    shape = np.asarray(geometry.shape)
-    target = np.minimum(shape, most)
-    if np.array_equal(target, shape):
-        return _Volume(tensor, geometry, geometry)
-    mode = "nearest-exact" if nearest else "area"
-    tensor = F.interpolate(tensor, size=tuple(int(n) for n in target[::-1]), mode=mode)
-    factor = shape / target  # new voxel i covers old voxels around factor * (i + 1/2) - 1/2
-    to_old = np.eye(4)
-    to_old[:3, :3] = np.diag(factor)
-    to_old[:3, 3] = factor / 2 - 0.5
-    reduced = Geometry(tuple(int(n) for n in target), geometry.affine @ to_old)  # type: ignore[arg-type]
-    return _Volume(tensor, reduced, geometry)
-
-
-def _normalised_to_volume(volume: Geometry, grid_to_world: np.ndarray, shape: Shape) -> np.ndarray:
-    """4x4 map from normalised network-grid coordinates (``[0, 1]``, network order) to the
-    normalised coordinates of ``volume``'s network-order tensor, through world space."""
-    grid_scale = np.diag([max(int(n) - 1, 1) for n in shape] + [1]).astype(np.float64)
-    volume_scale = np.diag([1 / max(n - 1, 1) for n in volume.network_shape()] + [1.0])
-    return volume_scale @ np.linalg.inv(volume.network_to_world()) @ grid_to_world @ grid_scale
-
-
-def _map_coordinates(matrix: np.ndarray, coordinates: torch.Tensor) -> torch.Tensor:
-    linear = torch.as_tensor(matrix[:3, :3], dtype=coordinates.dtype)
-    offset = torch.as_tensor(matrix[:3, 3], dtype=coordinates.dtype).view(1, 3, 1, 1, 1)
-    return torch.einsum("ij,bj...->bi...", linear, coordinates) + offset
-
-
-class ImagePairSource:
-    """Pairs of real images (inter-subject, or sessions of one subject), optionally labelled.
-
-    Each image is placed on the network grid the way :func:`regpipe.register` places it
-    (``grid_mode`` ``"squash"`` or ``"isotropic"``, network axis order); with
-    ``affine="ours"`` the moving image is first aligned to the fixed one by
-    :func:`regpipe.affine.affine_register` (computed at a pair's first draw, then cached; the
-    reverse pair reuses its inverse), as the BIDS App and ``regpipe-register`` do by default.
-    Every draw adds a small random affine and intensity augmentation to both images.
-
-    Parameters
-    ----------
-    pairs
-        ``(moving, fixed)`` image paths.
-    shape
-        Network grid (volumes larger than twice its longest side are reduced once).
-    labels
-        Optional ``{image path: label-map path}`` (label maps on their image's voxel grid).
-        A pair whose two images both have one carries ``moving_labels`` / ``fixed_labels``
-        (nearest-neighbour samples at the images' coordinates) for a Dice term. Label values
-        are re-indexed to contiguous ids shared by the whole dataset (``original_ids[k]`` is
-        the value of id ``k``; 0 stays background).
-    pair_type
-        ``"inter"`` (different subjects) or ``"intra"`` (one subject's sessions).
-    grid_mode
-        Placement of images on the network grid: ``"squash"`` or ``"isotropic"`` (use the
-        ``grid_mode`` of the network's model card).
-    affine
-        ``"none"`` (each image on its own placement, uniGradICON's training setting) or
-        ``"ours"`` (moving image affinely aligned to the fixed image's placement).
-
-    Example
-    -------
-    >>> source = ImagePairSource([("a.nii.gz", "b.nii.gz")], (96, 96, 96),
-    ...                          labels={"a.nii.gz": "a_dseg.nii.gz",
-    ...                                  "b.nii.gz": "b_dseg.nii.gz"})  # doctest: +SKIP
-    >>> pair = source.draw((96, 96, 96), torch.Generator().manual_seed(0))  # doctest: +SKIP
-    """
-
-    def __init__(
-        self,
-        pairs: Sequence[tuple[str | os.PathLike[str], str | os.PathLike[str]]],
-        shape: Shape,
-        *,
-        region: str = "brain",
-        modality: str = "mri",
-        labels: Mapping[str | os.PathLike[str], str | os.PathLike[str]] | None = None,
-        pair_type: str = "inter",
-        grid_mode: str = "squash",
-        affine: str = "none",
-        deformation: DeformationRange | None = None,
-        intensity: IntensityRange | None = None,
-        name: str = "image-pairs",
-    ) -> None:
-        if not pairs:
-            raise InputError("ImagePairSource needs at least one pair")
-        for option, value, allowed in (("pair_type", pair_type, ("inter", "intra")),
-                                       ("grid_mode", grid_mode, GRID_MODES),
-                                       ("affine", affine, ("none", "ours"))):
-            if value not in allowed:
-                raise InputError(f"{option} must be {' or '.join(allowed)}, got {value!r}")
-        self.name, self.region, self.pair_type = name, region, pair_type
-        self.grid_mode, self.affine = grid_mode, affine
-        self.deformation = deformation or DeformationRange(
-            rotation_deg=4, scaling=0.04, shear=0.01, translation=0.02, warp=0.0)
-        self.intensity = intensity or IntensityRange(blur=0.5, bias=0.15, gamma=0.1, noise=0.02)
-        most = 2 * max(int(n) for n in shape)
-        paths = list(dict.fromkeys(Path(p) for pair in pairs for p in pair))
-        index = {path: i for i, path in enumerate(paths)}
-        self.images = [_load_placed_image(path, modality, most) for path in paths]
-        self.pairs = [(index[Path(m)], index[Path(f)]) for m, f in pairs]
-        label_files = {Path(k): Path(v) for k, v in (labels or {}).items()}
-        self.label_maps, self.original_ids = _load_label_maps(
-            [label_files.get(path) for path in paths], self.images, most)
-        self.paths = paths
-        self._alignments: dict[tuple[int, int], np.ndarray] = {}
-
-    @classmethod
-    def all_pairs(cls, paths: Sequence[str | os.PathLike[str]], shape: Shape, **kwargs) -> ImagePairSource:
-        """Every ordered pair of distinct images."""
-        pairs = [(a, b) for a in paths for b in paths if a != b]
-        if not pairs:
-            raise InputError("inter-subject pairs need at least two images")
-        return cls(pairs, shape, **kwargs)
-
-    @property
-    def n_labelled_pairs(self) -> int:
-        """Pairs whose two images both have a label map."""
-        maps = self.label_maps
-        return sum(maps[m] is not None and maps[f] is not None for m, f in self.pairs)
-
-    def alignment(self, moving: int, fixed: int) -> np.ndarray:
-        """RAS+ mm matrix mapping points of image ``fixed`` to image ``moving`` (cached)."""
-        if self.affine == "none":
-            return np.eye(4)
-        if (moving, fixed) not in self._alignments:
-            if (fixed, moving) in self._alignments:
-                matrix = np.linalg.inv(self._alignments[(fixed, moving)])
-            else:
-                from regpipe.affine import affine_register
-                from regpipe.spaces import from_network_tensor
-
-                a, b = self.images[fixed], self.images[moving]
-                matrix = affine_register(from_network_tensor(a.tensor), a.geometry,
-                                         from_network_tensor(b.tensor), b.geometry).matrix
-            self._alignments[(moving, fixed)] = matrix
-        return self._alignments[(moving, fixed)]
-
-    def draw(self, shape: Shape, generator: torch.Generator) -> TrainingPair:
-        from regpipe.spaces import network_grid
-
-        moving, fixed = self.pairs[_choice(len(self.pairs), generator)]
-        grid_shape = (int(shape[0]), int(shape[1]), int(shape[2]))
-        mode: GridMode = self.grid_mode  # type: ignore[assignment]
-        # placed on the images' own grids (as registration does), sampled from the stored volumes
-        fixed_grid = network_grid(self.images[fixed].source, grid_shape, mode)
-        if self.affine == "none":
-            moving_grid = network_grid(self.images[moving].source, grid_shape, mode)
-        else:
-            moving_grid = self.alignment(moving, fixed) @ fixed_grid
-        images, maps = [], []
-        for which, grid in ((moving, moving_grid), (fixed, fixed_grid)):
-            matrix = _normalised_to_volume(self.images[which].geometry, grid, shape)
-            coords = _map_coordinates(matrix, random_spatial_map(shape, self.deformation, generator))
-            image = sample_image(self.images[which].tensor, coords)
-            images.append(augment_intensity(image, self.intensity, generator))
-            label_map = self.label_maps[which]
-            maps.append(None if label_map is None else sample_labels(label_map, coords))
-        if maps[0] is None or maps[1] is None:
-            maps = [None, None]
-        return TrainingPair(images[0], images[1], self.pair_type, self.region, maps[0], maps[1])
-
-
-def _load_placed_image(path: Path, modality: str, most: int) -> _Volume:
-    from regpipe.imageio import load_image
-    from regpipe.preprocess import normalize_intensity
-
-    image = load_image(path)
-    data = normalize_intensity(np.asarray(image.data, dtype=np.float32), modality)
-    return _reduce(data, image.geometry, most, nearest=False)
-
-
-def _load_label_maps(files: Sequence[Path | None], images: Sequence[_Volume], most: int
-                     ) -> tuple[list[torch.Tensor | None], np.ndarray]:
-    """Label maps (int16 network-order tensors, contiguous shared ids) beside their images."""
-    from regpipe.imageio import load_image
-
-    raw: list[tuple[np.ndarray, Geometry] | None] = []
-    for path in files:
-        if path is None:
-            raw.append(None)
-            continue
-        loaded = load_image(path, "labels", "label map")
-        raw.append((np.rint(loaded.data).astype(np.int64), loaded.geometry))
-    values = [np.unique(r[0]) for r in raw if r is not None]
-    original = np.unique(np.concatenate([np.zeros(1, np.int64), *values]))
-    if original.size > np.iinfo(np.int16).max:
-        raise InputError(f"the label maps hold {original.size} distinct labels (at most 32767)")
-    maps: list[torch.Tensor | None] = []
-    for path, entry, image in zip(files, raw, images, strict=True):
-        if entry is None:
-            maps.append(None)
-            continue
-        data, geometry = entry
-        if not geometry.same_as(image.source, atol=1e-3):
-            raise InputError(
-                f"label map {path} is not on its image's voxel grid (shape {geometry.shape} vs "
-                f"{image.source.shape}, or another affine): resample it onto the image first")
-        contiguous = np.searchsorted(original, data).astype(np.int16)
-        maps.append(_reduce(contiguous, geometry, most, nearest=True).tensor.to(torch.int16))
-    return maps, original
+        return ImagePairSource
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class MixedSource:

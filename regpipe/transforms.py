@@ -15,9 +15,9 @@ the moving image onto the fixed grid samples ``moving`` at ``T(x)``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
-from collections.abc import Iterator
 from typing import Protocol
 
 import numpy as np

@@ -173,6 +173,17 @@ register_entry(
 )
 register_entry(
     WeightsEntry(
+        name="regpipe-conditional",
+        url=None,
+        filename="regpipe-conditional.pt",
+        description="conditional (region, pair type, smoothness) compact model, bundled",
+        licence="Apache-2.0 (trained by the regpipe authors)",
+        bundled=True,
+        config="compact-conditional",
+    )
+)
+register_entry(
+    WeightsEntry(
         name="unigradicon",
         url=f"{_GITHUB_RELEASES}/unigradicon_weights/Step_2_final.trch",
         filename="Step_2_final.trch",

@@ -199,7 +199,7 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
     assert state.step == state2.step == 4
     for (key, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.allclose(a, b, atol=1e-6), key
-    rows = list(csv.DictReader(open(tmp_path / "split" / "log.csv")))
+    rows = list(csv.DictReader((tmp_path / "split" / "log.csv").read_text().splitlines()))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
 
 
@@ -238,7 +238,7 @@ def test_training_lowers_the_loss_on_a_fixed_pair(tmp_path):
     network = build_network(TINY)
     options = TrainingOptions(steps=40, lr=2e-3, progress=False, checkpoint_every=100)
     train(network, OnePair(), tmp_path, options)
-    rows = list(csv.DictReader(open(tmp_path / "log.csv")))
+    rows = list(csv.DictReader((tmp_path / "log.csv").read_text().splitlines()))
     first = np.mean([float(r["similarity"]) for r in rows[:5]])
     last = np.mean([float(r["similarity"]) for r in rows[-5:]])
     assert last < first - 0.02
@@ -248,7 +248,7 @@ def test_dice_term_is_logged_for_labelled_pairs(tmp_path):
     torch.manual_seed(0)
     train(build_network(TINY), RandomShapesSource(), tmp_path,
           TrainingOptions(steps=2, dice_weight=1.0, progress=False))
-    rows = list(csv.DictReader(open(tmp_path / "log.csv")))
+    rows = list(csv.DictReader((tmp_path / "log.csv").read_text().splitlines()))
     assert all(float(r["dice"]) > 0 for r in rows)
 
 
@@ -256,7 +256,7 @@ def test_lam_range_draws_lam_per_step(tmp_path):
     torch.manual_seed(0)
     train(build_network(TINY), RandomShapesSource(), tmp_path,
           TrainingOptions(steps=3, lam_range=(0.5, 5.0), progress=False))
-    lams = [float(r["lam"]) for r in csv.DictReader(open(tmp_path / "log.csv"))]
+    lams = [float(r["lam"]) for r in csv.DictReader((tmp_path / "log.csv").read_text().splitlines())]
     assert len(set(lams)) == 3 and all(0.5 <= v <= 5.0 for v in lams)
 
 

@@ -420,7 +420,8 @@ def test_verify_accepts_regpipe_layout(tmp_path: Path) -> None:
 def test_cli_list(capsys: pytest.CaptureFixture[str], home: Path) -> None:
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    assert "unigradicon *" in out and "multigradicon" in out
+    assert f"{weights.default_weights_name()} *" in out
+    assert "unigradicon" in out and "multigradicon" in out and "regpipe-compact" in out
     assert UNIGRADICON_URL in out
     assert str(home / "weights/unigradicon/Step_2_final.trch") in out
     assert "~282.8 MB" in out

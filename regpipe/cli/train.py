@@ -48,7 +48,7 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def parse_duration(text: str | float | int) -> float:
+def parse_duration(text: str | float) -> float:
     """Seconds from ``"3600"``, ``"90m"``, ``"2h"``, ``"1h30m"`` or ``"45s"``."""
     if isinstance(text, (int, float)):
         return float(text)

@@ -1,0 +1,145 @@
+"""What the conditional model's conditions do, measured (issue 5).
+
+Three experiments, network only (affine pre-alignment, no instance optimisation):
+
+smoothness
+    Brain pairs 01->02, 03->04... (T1-like images from the SynthSeg label maps 01-10, never
+    trained on) registered at several smoothness values (lam): mean Dice, SD of log J and
+    folding % inside the fixed brain, per lam.
+pair type
+    Intra-subject pairs (a brain image against a smoothly deformed copy of itself, and the real
+    knee pair) and inter-subject brain pairs, each registered with the matching and the
+    mismatched ``pair_type`` condition: Dice (brain) or NCC after (knee).
+versus unconditional
+    Mean Dice on the brain pairs for the unconditional model and the conditional one
+    (region brain, inter, lam 1.5); NCC after registration on the knee pair for both.
+
+Example
+-------
+``python benchmarks/conditional_eval.py --data ../shared/data --conditional runs/cond/weights.pt
+--unconditional regpipe/data/weights/regpipe-compact.pt --pairs 3``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from brain_pairs import evaluate_transform, load_subject
+
+from regpipe.devset import dice_labels
+
+
+def _register(fixed, moving, weights, **condition):
+    from regpipe.imageio import Image
+    from regpipe.registration import register
+    from regpipe.spaces import Geometry
+
+    images = [x if isinstance(x, Image) else Image(x.image, Geometry(x.labels.shape, x.affine))
+              for x in (fixed, moving)]
+    return register(images[0], images[1], weights=weights, affine="ours", io_iterations=0,
+                    progress=False, evaluate=False, **condition)
+
+
+def _deformed_copy(subject, seed: int, amplitude_mm: float = 4.0):
+    """The subject's image and labels pulled through a smooth random deformation."""
+    rng = np.random.default_rng(seed)
+    shape = subject.labels.shape
+    coarse = ndimage.gaussian_filter(rng.normal(size=(3, 6, 6, 6)), 1.0)
+    field = np.stack([ndimage.zoom(c, np.array(shape) / 6, order=1) for c in coarse])
+    field *= amplitude_mm / np.abs(field).max()
+    coords = np.indices(shape, dtype=np.float32) + field
+    copy = type(subject)(subject.name + "-deformed",
+                         ndimage.map_coordinates(subject.labels, coords, order=0).astype(np.int16),
+                         ndimage.map_coordinates(subject.image, coords, order=1).astype(np.float32),
+                         subject.affine)
+    return copy
+
+
+def _knee(data: Path):
+    from regpipe.imageio import load_image
+
+    folder = data / "ood" / "knee_mri"
+    return load_image(folder / "fair_knee3D_T.nii.gz"), load_image(folder / "fair_knee3D_R.nii.gz")
+
+
+def _knee_ncc(result) -> float:
+    from regpipe.metrics import ncc
+    from regpipe.preprocess import normalize_intensity
+    from regpipe.warp import warp_array
+
+    fixed, moving = result.fixed, result.moving
+    warped = warp_array(normalize_intensity(moving.data, "mri"), moving.geometry, result.forward,
+                        fixed.geometry)
+    target = normalize_intensity(fixed.data, "mri")
+    return ncc(warped, target, target > 0.05)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, required=True, help="the shared data folder")
+    parser.add_argument("--conditional", required=True)
+    parser.add_argument("--unconditional", required=True)
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--lams", default="0.3,0.75,1.5,3,6")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    maps = args.data / "brain" / "synthseg_label_maps"
+    pairs = [(load_subject(maps, 2 * p + 1), load_subject(maps, 2 * p + 2)) for p in range(args.pairs)]
+    labels = [dice_labels(f.labels, m.labels, 1000) for f, m in pairs]
+    out: dict = {"smoothness": [], "pair_type": [], "versus": []}
+
+    def brain_row(fixed, moving, chosen, weights, **condition):
+        result = _register(fixed, moving, weights, **condition)
+        return evaluate_transform(fixed, moving, result.forward, chosen)
+
+    for lam in (float(v) for v in args.lams.split(",")):
+        rows = [brain_row(f, m, lab, args.conditional, region="brain", pair_type="inter", smoothness=lam)
+                for (f, m), lab in zip(pairs, labels)]
+        summary = {k: float(np.mean([r[k] for r in rows])) for k in ("dice", "sd_log_j", "folding_pct")}
+        out["smoothness"].append({"lam": lam, **summary})
+        print(f"lam {lam:5.2f}: Dice {summary['dice']:.4f} SD log J {summary['sd_log_j']:.3f} "
+              f"folding {summary['folding_pct']:.4f}%", flush=True)
+
+    knee_fixed, knee_moving = _knee(args.data)
+    for kind in ("intra", "inter"):
+        brain_intra = []
+        for index, (fixed, _) in enumerate(pairs):
+            copy = _deformed_copy(fixed, seed=index)
+            brain_intra.append(brain_row(fixed, copy, dice_labels(fixed.labels, copy.labels, 1000),
+                                         args.conditional, region="brain", pair_type=kind)["dice"])
+        brain_inter = [brain_row(f, m, lab, args.conditional, region="brain", pair_type=kind)["dice"]
+                       for (f, m), lab in zip(pairs, labels)]
+        knee = _knee_ncc(_register(knee_fixed, knee_moving, args.conditional, region="knee", pair_type=kind))
+        row = {"condition": kind, "brain_intra_dice": float(np.mean(brain_intra)),
+               "brain_inter_dice": float(np.mean(brain_inter)), "knee_ncc": knee}
+        out["pair_type"].append(row)
+        print(f"pair_type={kind}: brain intra Dice {row['brain_intra_dice']:.4f}, brain inter Dice "
+              f"{row['brain_inter_dice']:.4f}, knee NCC {knee:.4f}", flush=True)
+
+    for name, weights, condition in (
+        ("unconditional", args.unconditional, {}),
+        ("conditional", args.conditional, {"region": "brain", "pair_type": "inter", "smoothness": 1.5}),
+    ):
+        dice = [brain_row(f, m, lab, weights, **condition)["dice"] for (f, m), lab in zip(pairs, labels)]
+        knee_condition = dict(condition, region="knee", pair_type="intra") if condition else {}
+        knee = _knee_ncc(_register(knee_fixed, knee_moving, weights, **knee_condition))
+        out["versus"].append({"model": name, "brain_dice": float(np.mean(dice)), "knee_ncc": knee})
+        print(f"{name}: brain Dice {np.mean(dice):.4f}, knee NCC {knee:.4f}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
