@@ -30,6 +30,7 @@ from regpipe.bids_app.exit_codes import UsageError
 from regpipe.bids_app.templates import parse_template_spec
 
 from regpipe import __version__
+from regpipe.cli._common import region_argument, smoothness_argument
 
 __all__ = [
     "ANALYSIS_LEVELS",
@@ -189,25 +190,8 @@ def _filter_file(value: str) -> dict[str, dict[str, Any]]:
 
 
 def _region(value: str) -> str:
-    if value.lower() == "auto":
-        return "auto"
-    from regpipe.errors import InputError
-    from regpipe.networks.condition import canonical_region
-
-    try:
-        return canonical_region(value)
-    except InputError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _smoothness(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}") from None
-    if not 0 < number < float("inf"):
-        raise argparse.ArgumentTypeError(f"--smoothness must be positive, got {value!r}")
-    return number
+    """``--region``: ``auto`` (derived from the modality) or a region of the conditional model."""
+    return "auto" if value.lower() == "auto" else region_argument(value)
 
 
 def _template(value: str):
@@ -278,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "head_neck, thorax, abdomen, pelvis, knee, other); auto: brain for MRI, "
                      "head_neck for CT. The pair type follows --mode (template: inter; "
                      "longitudinal: intra)")
-    reg.add_argument("--smoothness", type=_smoothness, default=None, metavar="LAM",
+    reg.add_argument("--smoothness", type=smoothness_argument, default=None, metavar="LAM",
                      help="conditional weights only: regularisation weight lam of the "
                      "condition (larger: smoother; default 1.5)")
     reg.add_argument("--io-iterations", type=_io_iterations, default=DEFAULT_IO_ITERATIONS,

@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from regpipe.errors import RegpipeError
+from regpipe.errors import InputError, RegpipeError
 
 
 def add_option(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
@@ -35,3 +35,24 @@ def run_cli(main: Callable[[argparse.Namespace], int], parser: argparse.Argument
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted; no output was written", file=sys.stderr)
         return 130
+
+
+def region_argument(value: str) -> str:
+    """argparse type of ``--region``: a body region of the conditional model (or an alias)."""
+    from regpipe.networks.condition import canonical_region
+
+    try:
+        return canonical_region(value)
+    except InputError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def smoothness_argument(value: str) -> float:
+    """argparse type of ``--smoothness``: a positive, finite lam."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}") from None
+    if not 0 < number < float("inf"):
+        raise argparse.ArgumentTypeError(f"--smoothness must be positive, got {value!r}")
+    return number

@@ -16,7 +16,12 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from regpipe.cli._common import add_option, run_cli
+from regpipe.cli._common import (
+    add_option,
+    region_argument,
+    run_cli,
+    smoothness_argument,
+)
 from regpipe.errors import InputError
 
 LOGGER = logging.getLogger("regpipe")
@@ -31,25 +36,6 @@ def _io_iterations(value: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected an integer or None, got {value!r}") from error
     if number < 0:
         raise argparse.ArgumentTypeError("io_iterations must be >= 0 (or None)")
-    return number
-
-
-def _region(value: str) -> str:
-    from regpipe.networks.condition import canonical_region
-
-    try:
-        return canonical_region(value)
-    except InputError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _smoothness(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}") from None
-    if not 0 < number < float("inf"):
-        raise argparse.ArgumentTypeError(f"the smoothness must be positive, got {value!r}")
     return number
 
 
@@ -111,13 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(parser, "threads", type=int, help="CPU threads for PyTorch")
     add_option(parser, "seed", type=int, default=0, help="random seed (default 0)")
     # the condition of a conditional network (an error with other weights)
-    add_option(parser, "region", type=_region,
+    add_option(parser, "region", type=region_argument,
                help="conditional networks: body region brain, head_neck, thorax, abdomen, "
                "pelvis, knee or other (aliases: lung, chest, prostate...; default other)")
     add_option(parser, "pair_type", choices=["inter", "intra"],
                help="conditional networks: inter (two subjects, or a template; default) or "
                "intra (one subject)")
-    add_option(parser, "smoothness", type=_smoothness, metavar="LAM",
+    add_option(parser, "smoothness", type=smoothness_argument, metavar="LAM",
                help="conditional networks: regularisation weight lam (default 1.5; larger "
                "is smoother)")
     add_option(parser, "quiet", action="store_true", help="only warnings and errors")

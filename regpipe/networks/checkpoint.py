@@ -1,7 +1,7 @@
 """Reading and writing network weights: the official layout and regpipe's own files.
 
-Two file layouts are read, always with ``torch.load(path, map_location="cpu",
-weights_only=True)`` (no arbitrary pickles):
+Two file layouts are read, always with
+``torch.load(path, map_location="cpu", weights_only=True)`` (no arbitrary pickles):
 
 official
     A bare state dict of ``RegistrationNetwork.regis_net`` (uniGradICON's
