@@ -44,7 +44,9 @@ from regpipe.spaces import identity_grid
 __all__ = [
     "DeformationRange",
     "IntensityRange",
+    "apply_affine",
     "augment_intensity",
+    "random_affine",
     "random_shapes",
     "random_spatial_map",
     "sample_image",
@@ -152,6 +154,28 @@ def _rotation(angles: torch.Tensor) -> torch.Tensor:
     return matrix
 
 
+def random_affine(
+    ranges: DeformationRange | None = None, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random ``(matrix [3, 3], translation [3])`` drawn from the affine part of ``ranges``:
+    rotation x scaling x shear, and a shift in units of each axis's extent."""
+    ranges = ranges or DeformationRange()
+    generator = generator or torch.Generator().manual_seed(0)
+    angles = _uniform(-1, 1, generator, (3,)) * math.radians(ranges.rotation_deg)
+    log_scale = _uniform(-1, 1, generator, (3,)) * math.log1p(ranges.scaling)
+    shear = torch.eye(3) + _uniform(-1, 1, generator, (3, 3)) * ranges.shear * (1 - torch.eye(3))
+    matrix = _rotation(angles) @ torch.diag(torch.exp(log_scale)) @ shear
+    translation = _uniform(-1, 1, generator, (3,)) * ranges.translation
+    return matrix, translation
+
+
+def apply_affine(coordinates: torch.Tensor, affine: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``c + A (x - c) + t`` for normalised coordinates ``[B, 3, ...]`` (``c`` = the centre)."""
+    matrix, translation = affine
+    mapped = torch.einsum("ij,bj...->bi...", matrix, coordinates - 0.5) + 0.5
+    return mapped + translation.view(1, 3, *([1] * (coordinates.dim() - 2)))
+
+
 def random_spatial_map(
     shape: Shape,
     ranges: DeformationRange | None = None,
@@ -166,15 +190,7 @@ def random_spatial_map(
     """
     ranges = ranges or DeformationRange()
     generator = generator or torch.Generator().manual_seed(0)
-    angles = _uniform(-1, 1, generator, (3,)) * math.radians(ranges.rotation_deg)
-    log_scale = _uniform(-1, 1, generator, (3,)) * math.log1p(ranges.scaling)
-    shear = torch.eye(3) + _uniform(-1, 1, generator, (3, 3)) * ranges.shear * (1 - torch.eye(3))
-    matrix = _rotation(angles) @ torch.diag(torch.exp(log_scale)) @ shear
-    translation = _uniform(-1, 1, generator, (3,)) * ranges.translation
-    grid = identity_grid(tuple(shape))  # [1, 3, ...] in [0, 1]
-    centred = grid - 0.5
-    mapped = torch.einsum("ij,bj...->bi...", matrix, centred) + 0.5
-    mapped = mapped + translation.view(1, 3, 1, 1, 1)
+    mapped = apply_affine(identity_grid(tuple(shape)), random_affine(ranges, generator))
     if ranges.warp > 0:
         low, high = ranges.warp_resolution
         resolution = int(torch.randint(low, high + 1, (1,), generator=generator))

@@ -43,7 +43,9 @@ from regpipe.errors import InputError
 from regpipe.synth import (
     DeformationRange,
     IntensityRange,
+    apply_affine,
     augment_intensity,
+    random_affine,
     random_shapes,
     random_spatial_map,
     sample_image,
@@ -168,6 +170,19 @@ class LabelMapSource:
     background_labels
         Label ids rendered as zero background with probability ``strip_probability`` (for
         the SynthSeg brain maps, the non-brain labels >= 100 give skull-stripped images).
+    deformation
+        Random affine and smooth deformation drawn for each image of a pair; their difference
+        is what the network learns to undo.
+    align
+        Affinely pre-align every map onto the first one once, when the source is built (with
+        :func:`regpipe.affine.affine_register` on a T1-like rendering of the maps), and frame
+        both images of a pair by the fixed map's field of view. Pairs then look like
+        registration's input after its affine pre-alignment: only ``deformation`` separates
+        them. Without it each map is framed by its own foreground box, so inter-subject pairs
+        also differ by everything a bounding box does not align.
+    placement
+        A random affine shared by both images of a pair (its ``warp`` is ignored): varies the
+        pose and framing of the anatomy on the grid without adding to the misalignment.
     """
 
     def __init__(
@@ -182,6 +197,8 @@ class LabelMapSource:
         strip_probability: float = 0.5,
         deformation: DeformationRange | None = None,
         intensity: IntensityRange | None = None,
+        align: bool = False,
+        placement: DeformationRange | None = None,
         name: str = "label-maps",
     ) -> None:
         import nibabel as nib
@@ -196,21 +213,28 @@ class LabelMapSource:
         self.strip_probability = strip_probability
         self.deformation = deformation or DeformationRange()
         self.intensity = intensity or IntensityRange()
-        raw = []
+        self.align, self.placement = align, placement
+        raw, spacings = [], []
         for path in paths:
             nii = nib.load(os.fspath(path))
             data = np.rint(np.asanyarray(nii.dataobj)).astype(np.int32)
             raw.append(network_order_ras(data, nii.affine))
+            ornt = nib.orientations.io_orientation(nii.affine)
+            zooms = np.asarray(nii.header.get_zooms()[:3], dtype=np.float64)[ornt[:, 0].astype(int)]
+            spacings.append(zooms[::-1])  # network order (S, A, R)
         # One contiguous label table shared by all maps, so ids agree between subjects.
         original = np.unique(np.concatenate([np.unique(r) for r in raw]))
         self.original_ids = original
         lookup = {int(v): i for i, v in enumerate(original)}
-        self.maps, self.boxes = [], []
-        for data in raw:
-            contiguous = np.searchsorted(original, data).astype(np.int16)
-            self.maps.append(_reduce_labels(contiguous, shape))
-            self.boxes.append(_foreground_box(contiguous))
+        self.maps = []
+        for index, data in enumerate(raw):
+            reduced = _reduce_labels(np.searchsorted(original, data).astype(np.int16), shape)
+            spacings[index] = spacings[index] * np.asarray(data.shape) / np.asarray(reduced.shape[2:])
+            self.maps.append(reduced)
         self.background = [lookup[int(v)] for v in background_labels if int(v) in lookup]
+        if align and len(self.maps) > 1:
+            self.maps = _align_maps(self.maps, spacings, original, self.background)
+        self.boxes = [_foreground_box(m[0, 0].numpy()) for m in self.maps]
         self.paths = [Path(p) for p in paths]
 
     @property
@@ -229,10 +253,13 @@ class LabelMapSource:
         # Field of view: from the tight foreground box (t = 0) to the whole volume (t = 1), the
         # same t for both images, as after an affine pre-alignment onto the fixed image's grid.
         t = float(torch.rand((), generator=generator))
+        shared = random_affine(self.placement, generator) if self.placement is not None else None
         for index in (first, second):
-            low, high = self.boxes[index]
+            low, high = self.boxes[second if self.align else index]
             low, high = low * (1 - t), high + (1 - high) * t
             coords = random_spatial_map(shape, self.deformation, generator)
+            if shared is not None:
+                coords = apply_affine(coords, shared)
             coords = low.view(1, 3, 1, 1, 1) + coords * (high - low).view(1, 3, 1, 1, 1)
             warped = sample_labels(self.maps[index], coords)
             if not _chance(self.same_contrast_probability, generator) and images:
@@ -243,6 +270,40 @@ class LabelMapSource:
             labels.append(warped)
         pair_type = "inter" if inter else "intra"
         return TrainingPair(images[0], images[1], pair_type, self.region, labels[0], labels[1])
+
+
+def _align_maps(maps: list[torch.Tensor], spacings: list[np.ndarray], original_ids: np.ndarray,
+                background: Sequence[int]) -> list[torch.Tensor]:
+    """Every label map resampled (nearest) onto the first one's grid through an affine
+    registration of T1-like renderings, skull-stripped as registration usually sees brains."""
+    from regpipe.affine import affine_register
+    from regpipe.preprocess import network_input
+    from regpipe.spaces import Geometry
+
+    strip = np.zeros(original_ids.size, dtype=bool)
+    strip[list(background)] = True
+
+    def rendering(labels: torch.Tensor) -> np.ndarray:
+        ids = labels[0, 0].numpy().astype(np.int64)
+        # A fixed intensity per label (same for every map), background labels dark.
+        table = np.random.default_rng(0).uniform(0.2, 1.0, original_ids.size).astype(np.float32)
+        table[0] = 0.0
+        table[strip] = 0.0
+        return table[ids]
+
+    def geometry(labels: torch.Tensor, spacing: np.ndarray) -> Geometry:
+        return Geometry(tuple(labels.shape[2:]), np.diag([*spacing, 1.0]))
+
+    reference = geometry(maps[0], spacings[0])
+    fixed = rendering(maps[0])
+    aligned = [maps[0]]
+    for labels, spacing in zip(maps[1:], spacings[1:], strict=True):
+        moving_geometry = geometry(labels, spacing)
+        transform = affine_register(fixed, reference, rendering(labels), moving_geometry)
+        resampled = network_input(labels[0, 0].numpy().astype(np.float32), moving_geometry,
+                                  transform.matrix @ reference.affine, reference.shape, nearest=True)
+        aligned.append(resampled.round().to(torch.int16))
+    return aligned
 
 
 def find_images(root: str | os.PathLike[str]) -> list[Path]:

@@ -15,6 +15,8 @@ from regpipe.networks import NetworkConfig, build_network, network_from_file
 from regpipe.synth import (
     DeformationRange,
     IntensityRange,
+    apply_affine,
+    random_affine,
     random_shapes,
     random_spatial_map,
     sample_labels,
@@ -81,6 +83,16 @@ def test_spatial_map_moves_points_within_its_range():
     assert 0 < shift.abs().max() <= 0.1 + 1e-6
 
 
+def test_spatial_map_without_warp_is_its_random_affine():
+    ranges = DeformationRange(rotation_deg=8, scaling=0.1, shear=0.03, translation=0.05, warp=0)
+    from regpipe.spaces import identity_grid
+
+    expected = apply_affine(identity_grid(SHAPE), random_affine(ranges, _generator(9)))
+    assert torch.allclose(random_spatial_map(SHAPE, ranges, _generator(9)), expected)
+    matrix, _ = random_affine(ranges, _generator(9))
+    assert not torch.allclose(matrix, torch.eye(3))
+
+
 def test_negative_ranges_are_refused():
     with pytest.raises(InputError):
         DeformationRange(rotation_deg=-1)
@@ -133,6 +145,61 @@ def test_stripped_labels_are_background_in_image_and_labels(tmp_path):
     pair = source.draw(SHAPE, _generator(2))
     stripped = source.original_ids.tolist().index(150)
     assert not torch.any(pair.moving_labels == stripped)
+
+
+def test_shared_placement_moves_both_images_alike(tmp_path):
+    paths = [_label_map(tmp_path / "s.nii.gz", 0)]
+    placement = DeformationRange(rotation_deg=15, scaling=0.1, shear=0.03, translation=0.05, warp=0)
+    placed = LabelMapSource(paths, SHAPE, deformation=STILL, placement=placement).draw(SHAPE, _generator(3))
+    plain = LabelMapSource(paths, SHAPE, deformation=STILL).draw(SHAPE, _generator(3))
+    assert torch.equal(placed.moving_labels, placed.fixed_labels)  # no misalignment added
+    assert not torch.equal(placed.fixed_labels, plain.fixed_labels)  # but another pose
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> float:
+    labels = [k for k in b.unique().tolist() if k != 0]
+    return float(np.mean([2 * ((a == k) & (b == k)).sum() / ((a == k).sum() + (b == k).sum())
+                          for k in labels]))
+
+
+def test_aligned_maps_start_pairs_as_an_affine_pre_alignment_would(tmp_path):
+    from scipy import ndimage
+
+    shape = (48, 48, 48)
+    first = np.zeros(shape, np.int16)
+    first[10:38, 12:36, 9:39] = 1
+    first[16:30, 18:30, 14:26] = 2
+    first[20:26, 14:20, 28:34] = 3
+    # the same anatomy turned by 12 degrees and shifted, in a differently framed volume
+    second = ndimage.rotate(first, 12, axes=(0, 2), reshape=False, order=0)
+    second = np.pad(ndimage.shift(second, (3, -2, 2), order=0), ((0, 8), (4, 0), (0, 0)))
+    paths = []
+    for i, data in enumerate((first, second)):
+        paths.append(str(tmp_path / f"m{i}.nii.gz"))
+        nib.save(nib.Nifti1Image(data, np.eye(4)), paths[-1])
+    kwargs = dict(inter_probability=1.0, deformation=STILL)
+    boxes = LabelMapSource(paths, SHAPE, **kwargs).draw(SHAPE, _generator(4))
+    aligned = LabelMapSource(paths, SHAPE, align=True, **kwargs).draw(SHAPE, _generator(4))
+    assert _overlap(aligned.moving_labels, aligned.fixed_labels) > 0.85
+    assert _overlap(aligned.moving_labels, aligned.fixed_labels) > (
+        _overlap(boxes.moving_labels, boxes.fixed_labels) + 0.1)
+
+
+def test_recipe_ranges_become_deformation_ranges(tmp_path):
+    from regpipe.cli.train import build_source
+
+    paths = [_label_map(tmp_path / "s.nii.gz", 0)]
+    source = build_source([
+        {"type": "label-maps", "paths": paths, "placement": {"rotation_deg": 5, "warp": 0},
+         "deformation": {"warp": 0.01, "warp_resolution": [3, 5]}},
+        {"type": "random-shapes", "deformation": {"scaling": 0.02}},
+    ], SHAPE, tmp_path)
+    labels, shapes = source.sources
+    assert labels.placement == DeformationRange(rotation_deg=5, warp=0)
+    assert labels.deformation.warp_resolution == (3, 5)
+    assert shapes.deformation == DeformationRange(scaling=0.02)
+    with pytest.raises(InputError, match="placement"):
+        build_source([{"type": "label-maps", "paths": paths, "placement": {"spin": 1}}], SHAPE, tmp_path)
 
 
 def test_unknown_region_is_refused(tmp_path):

@@ -145,6 +145,10 @@ def build_source(specs: list[dict[str, Any]], shape: Sequence[int], root: Path,
     """A :class:`~regpipe.training_data.MixedSource` from recipe source entries."""
     from regpipe import training_data as td
 
+    from regpipe.synth import DeformationRange, IntensityRange
+
+    ranges = {"deformation": DeformationRange, "placement": DeformationRange,
+              "intensity": IntensityRange}
     sources, weights = [], []
     for spec in specs:
         spec = dict(spec)
@@ -153,8 +157,17 @@ def build_source(specs: list[dict[str, Any]], shape: Sequence[int], root: Path,
         if weight <= 0:
             continue
         region = spec.pop("region", "other" if kind == "random-shapes" else "brain")
+        for key, kind_of_range in ranges.items():
+            if isinstance(spec.get(key), dict):
+                values = dict(spec[key])
+                if "warp_resolution" in values:
+                    values["warp_resolution"] = tuple(values["warp_resolution"])
+                try:
+                    spec[key] = kind_of_range(**values)
+                except TypeError as error:
+                    raise InputError(f"recipe source {kind!r}: bad {key} {values}: {error}") from error
         if kind == "random-shapes":
-            source = td.RandomShapesSource(region=region)
+            source = td.RandomShapesSource(region=region, **spec)
         elif kind == "label-maps":
             paths = expand_paths(spec.pop("paths"), root)
             strip = spec.pop("strip_labels_from", None)
