@@ -15,6 +15,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import numpy as np
@@ -35,6 +36,9 @@ AffineMethod = Literal["ours", "ants", "none"]
 #: Regularisation weight asked of a conditional network when none is given.
 DEFAULT_SMOOTHNESS = 1.5
 IOMethod = Literal["fast", "network"]
+
+#: Default largest size per axis of the fast instance-optimisation grid (``io_grid``).
+MAX_IO_GRID = 160
 
 
 @dataclass
@@ -141,6 +145,8 @@ def register(
     io_method: IOMethod = "fast",
     io_sim: str = "lncc",
     io_lr: float | None = None,
+    io_grid: int = MAX_IO_GRID,
+    io_options: Mapping[str, Any] | None = None,
     ct_window: tuple[float, float] = (-1000.0, 1000.0),
     quantile_range: tuple[float, float] = (0.0, 0.99),
     device: str = "auto",
@@ -183,6 +189,12 @@ def register(
     io_method
         ``"fast"`` (a displacement correction on top of the network, CPU friendly) or
         ``"network"`` (uniGradICON's optimisation of all network weights).
+    io_grid
+        Largest size per axis of the grid fast instance optimisation works on (the fixed
+        image's own grid, reduced; default 160). Smaller is faster and coarser.
+    io_options
+        Fields of :class:`regpipe.fast_io.FastIOSettings` for fast instance optimisation (for
+        example ``{"level_steps": (2.0, 0.5)}``).
     device, threads, seed
         Compute device (``"auto"``, ``"cpu"``, ``"cuda"``), CPU threads, random seed.
     intensity_conservation
@@ -221,6 +233,8 @@ def register(
     if seed is not None:
         torch.manual_seed(seed)
     torch_device = select_device(device)
+    if not int(io_grid) >= 16:
+        raise InputError(f"io_grid must be at least 16 voxels, got {io_grid!r}")
     fixed_modality = check_modality(fixed_modality)
     moving_modality = check_modality(moving_modality)
     dice_loss_weight = float(dice_loss_weight)
@@ -257,7 +271,7 @@ def register(
         grid_shape = tuple(network.config.grid_shape)
         mode = _grid_mode(network, grid_mode)
     else:  # no network: optimise on the fixed image's own voxel grid (at most 160 per axis)
-        grid_shape = tuple(min(n, 160) for n in fixed_img.geometry.network_shape())
+        grid_shape = tuple(min(n, io_grid) for n in fixed_img.geometry.network_shape())
         mode = "squash" if grid_mode == "auto" else _grid_mode(None, grid_mode)
 
     norm = {
@@ -296,7 +310,7 @@ def register(
         displacement = _network_displacement(network, moving_t, fixed_t)
         if io_iterations and io_method == "fast" and network is not None and not squash_moving:
             # Refine on the fixed image's own (finer) grid, not on the coarser network grid.
-            io_shape = tuple(min(n, MAX_IO_GRID) for n in fixed_img.geometry.network_shape())
+            io_shape = tuple(min(n, io_grid) for n in fixed_img.geometry.network_shape())
             if io_shape != grid_shape:
                 grid_io = network_grid(fixed_img.geometry, io_shape, mode)
                 displacement = _displacement_on_grid(displacement, grid_in, grid_io, io_shape)
@@ -312,7 +326,7 @@ def register(
                 moving_img, grid_in, grid_out, grid_shape, squash_moving, mode, io_iterations,
                 io_sim, io_lr, progress, intensity_conservation=intensity_conservation,
                 dice_segmentations=segs if dice_loss_weight > 0 else {},
-                dice_loss_weight=dice_loss_weight,
+                dice_loss_weight=dice_loss_weight, io_options=io_options,
             )
     forward = GridTransform(grid_in, displacement.detach().to("cpu", torch.float32)[0], grid_out)
     inverse = forward.inverse()
@@ -382,7 +396,6 @@ def _conditioned(network: Any, condition: Any) -> Any:
 
 
 #: Largest axis of the grid instance optimisation runs on (the fixed image's voxels, capped).
-MAX_IO_GRID = 160
 
 
 def _displacement_on_grid(
@@ -461,7 +474,7 @@ def _network_displacement(network: Any, moving_t: torch.Tensor, fixed_t: torch.T
 def _instance_optimise(
     method, network, moving_t, fixed_t, displacement, masks, fixed_img, moving_img,
     grid_in, grid_out, grid_shape, squash_moving, mode, steps, sim, lr, progress,
-    intensity_conservation=False, dice_segmentations=None, dice_loss_weight=0.0,
+    intensity_conservation=False, dice_segmentations=None, dice_loss_weight=0.0, io_options=None,
 ) -> torch.Tensor:
     from regpipe import fast_io, instance_opt
 
@@ -503,7 +516,7 @@ def _instance_optimise(
         spacing = [float(np.linalg.norm(grid_in[:3, axis])) for axis in range(3)]
         return fast_io.optimise_displacement(
             moving_t, fixed_t, displacement, steps=steps, fixed_mask=mask_t.get("fixed"),
-            grid_spacing_mm=spacing, progress=progress,
+            grid_spacing_mm=spacing, progress=progress, **dict(io_options or {}),
         )
     raise InputError(f"io method must be fast or network, got {method!r}")
 

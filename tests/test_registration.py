@@ -77,6 +77,21 @@ def test_fast_instance_optimisation_improves_similarity(pair):
     assert tuned.metrics["folding_percent"] == 0.0
 
 
+def test_io_grid_and_options_reach_the_optimisation(pair):
+    fixed, moving, _ = pair
+    coarse = regpipe.register(fixed, moving, weights=None, affine="none", grid_mode="isotropic",
+                              io_iterations=5, io_grid=20, progress=False)
+    assert max(coarse.settings["grid_shape"]) == 20 and coarse.forward.grid_shape == tuple(
+        coarse.settings["grid_shape"])
+    still = regpipe.register(fixed, moving, weights=None, affine="none", grid_mode="isotropic",
+                             io_iterations=5, io_options={"level_steps": (0.0, 0.0)}, progress=False)
+    assert float(still.forward.displacement.abs().max()) == 0.0  # no iteration at any level
+    with pytest.raises(InputError, match="io_grid"):
+        regpipe.register(fixed, moving, weights=None, io_iterations=5, io_grid=4)
+    with pytest.raises(InputError):
+        regpipe.register(fixed, moving, weights=None, io_iterations=5, io_options={"speed": 2})
+
+
 def test_segmentations_give_dice(pair):
     fixed, moving, _ = pair
     fixed_seg = Image((fixed.data > 0.5).astype(np.int16) * 3, fixed.geometry)
