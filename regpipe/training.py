@@ -107,6 +107,10 @@ class TrainingOptions:
         Steps between checkpoints.
     budget_seconds
         Stop cleanly (checkpoint written) after this much wall-clock time in this call.
+    trainable
+        ``"all"`` parameters, or only the ``"controller"`` of a conditional network (its
+        base network frozen: the conditions can only steer what the base already does, so
+        it cannot forget).
     progress
         Show a progress bar with the running losses.
     """
@@ -124,12 +128,15 @@ class TrainingOptions:
     checkpoint_every: int = 100
     budget_seconds: float | None = None
     progress: bool = True
+    trainable: str = "all"
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.checkpoint_every < 1:
             raise InputError("steps must be >= 0, batch_size and checkpoint_every >= 1")
         if not self.lr > 0 or self.lam < 0 or self.dice_weight < 0:
             raise InputError("lr must be > 0, lam and dice_weight >= 0")
+        if self.trainable not in ("all", "controller"):
+            raise InputError(f"trainable must be 'all' or 'controller', got {self.trainable!r}")
         if self.similarity not in ("lncc", "lncc2"):
             raise InputError(f"similarity must be 'lncc' or 'lncc2', got {self.similarity!r}")
         if self.lam_range is not None:
@@ -325,7 +332,7 @@ def train(
     network.to(device).train()
     torch.manual_seed(options.seed)
     generator = torch.Generator().manual_seed(options.seed)
-    optimiser = torch.optim.Adam(network.parameters(), lr=options.lr)
+    optimiser = torch.optim.Adam(_trainable_parameters(network, options.trainable), lr=options.lr)
     step, elapsed_before = _resume(folder, network, optimiser, generator)
     shape = network.config.grid_shape
     autocast = (
@@ -401,8 +408,25 @@ def train(
     bar.close()
     elapsed = elapsed_before + time.monotonic() - started
     _save(folder, network, optimiser, generator, step, elapsed, options, current_card())
+    network.requires_grad_(True)
     network.eval()
     return TrainingState(step, elapsed, stopped_by, folder, last)
+
+
+def _trainable_parameters(network: RegistrationNetwork, trainable: str) -> list[torch.nn.Parameter]:
+    """The parameters to optimise; with ``"controller"`` every other one is frozen, and the
+    base network's batch-norm statistics too (its layers run as at inference)."""
+    if trainable == "all":
+        return list(network.parameters())
+    if not isinstance(network, ConditionalRegistrationNetwork):
+        raise InputError("training the controller only needs a conditional network")
+    chosen = {id(p) for p in network.controller.parameters()}
+    for parameter in network.parameters():
+        parameter.requires_grad_(id(parameter) in chosen)
+    for module in network.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
+    return list(network.controller.parameters())
 
 
 def _hardware(device: torch.device) -> str:

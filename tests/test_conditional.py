@@ -257,6 +257,21 @@ def test_training_sets_each_pairs_condition_and_the_drawn_lam(tmp_path):
     assert network.controller.heads[0].weight.abs().sum() > 0  # the controller was trained
 
 
+def test_controller_only_training_leaves_the_base_network_as_it_was(tmp_path):
+    torch.manual_seed(0)
+    network = ConditionalRegistrationNetwork.from_base(_base(), ConditioningConfig("film", hidden=8))
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    options = TrainingOptions(steps=2, lam_range=(0.5, 4.0), progress=False, lr=1e-2,
+                              trainable="controller")
+    train(network, _LabelledPairs(), tmp_path, options)
+    after = network.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("controller.") for k in changed)  # BN statistics too
+    assert all(p.requires_grad for p in network.parameters())  # unfrozen afterwards
+    with pytest.raises(InputError, match="conditional"):
+        train(_base(), _LabelledPairs(), tmp_path / "plain", options)
+
+
 def test_conditional_run_resumes_with_its_controller(tmp_path):
     def run(folder, steps):
         torch.manual_seed(0)

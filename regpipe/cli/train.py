@@ -78,6 +78,8 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 100)")
     group.add_argument("--budget", type=parse_duration,
                        help="stop cleanly after this wall-clock time (e.g. 90m, 2h); run again to continue")
+    group.add_argument("--trainable", choices=["all", "controller"],
+                       help="all parameters (default) or only a conditional network's controller")
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
     group.add_argument("--name", help="model name for the card")
     group.add_argument("--description", help="one line for the model card")
@@ -314,7 +316,7 @@ def options_from(settings: dict[str, Any]):
     from regpipe.training import TrainingOptions
 
     fields = {"steps", "batch_size", "lr", "lam", "lam_range", "similarity", "dice_weight",
-              "seed", "device", "checkpoint_every"}
+              "seed", "device", "checkpoint_every", "trainable"}
     values = {k: settings[k] for k in fields if settings.get(k) is not None}
     if settings.get("lam_range") is not None:
         values["lam_range"] = tuple(settings["lam_range"])
