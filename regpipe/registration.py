@@ -12,10 +12,10 @@ import logging
 import os
 import resource
 import time
+from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Mapping
 from typing import Any, Literal
 
 import numpy as np
@@ -27,7 +27,12 @@ from regpipe.imageio import Image, ImageLike, check_same_grid, load_image, save_
 from regpipe.metrics import dice_per_label, folding_stats, jacobian_determinant, ncc
 from regpipe.preprocess import check_modality, network_input, normalize_intensity
 from regpipe.spaces import GRID_MODES, Geometry, GridMode, network_grid
-from regpipe.transforms import AffineTransform, DisplacementField, GridTransform, Transform
+from regpipe.transforms import (
+    AffineTransform,
+    DisplacementField,
+    GridTransform,
+    Transform,
+)
 from regpipe.warp import Interpolation, warp_array
 
 LOGGER = logging.getLogger("regpipe")

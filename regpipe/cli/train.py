@@ -146,7 +146,6 @@ def build_source(specs: list[dict[str, Any]], shape: Sequence[int], root: Path,
                  grid_mode: str = "squash"):
     """A :class:`~regpipe.training_data.MixedSource` from recipe source entries."""
     from regpipe import training_data as td
-
     from regpipe.synth import DeformationRange, IntensityRange
 
     ranges = {"deformation": DeformationRange, "placement": DeformationRange,
