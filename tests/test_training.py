@@ -327,6 +327,25 @@ def test_lam_range_draws_lam_per_step(tmp_path):
     assert len(set(lams)) == 3 and all(0.5 <= v <= 5.0 for v in lams)
 
 
+def test_lncc_sigma_reaches_the_similarity(tmp_path, monkeypatch):
+    from regpipe import losses
+
+    seen = []
+    original = losses.lncc_loss
+
+    def spy(*args, sigma=losses.LNCC_SIGMA, **kwargs):
+        seen.append(sigma)
+        return original(*args, sigma=sigma, **kwargs)
+
+    monkeypatch.setitem(losses.SIMILARITIES, "lncc", spy)
+    torch.manual_seed(0)
+    train(build_network(TINY), RandomShapesSource(), tmp_path,
+          TrainingOptions(steps=1, lncc_sigma=2.0, progress=False))
+    assert seen and set(seen) == {2.0}
+    with pytest.raises(InputError, match="lncc_sigma"):
+        TrainingOptions(lncc_sigma=0)
+
+
 def test_invalid_options_are_refused():
     with pytest.raises(InputError):
         TrainingOptions(similarity="mse")

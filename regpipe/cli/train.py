@@ -70,6 +70,8 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
                        help="draw the GradICON weight log-uniformly per step in this range "
                        "(default for --conditional: 0.3 6)")
     group.add_argument("--similarity", choices=["lncc", "lncc2"], help="default lncc")
+    group.add_argument("--lncc-sigma", type=float,
+                       help="LNCC Gaussian window in grid voxels (default 5, uniGradICON's at 175^3)")
     group.add_argument("--dice-weight", type=float, help="soft-Dice weight on labelled pairs (default 0)")
     group.add_argument("--seed", type=int, help="random seed (default 0)")
     group.add_argument("--device", help="auto, cpu or cuda (default auto)")
@@ -314,7 +316,7 @@ def build_network_from(settings: dict[str, Any]):
 def options_from(settings: dict[str, Any]):
     from regpipe.training import TrainingOptions
 
-    fields = {"steps", "batch_size", "lr", "lam", "lam_range", "similarity", "dice_weight",
+    fields = {"steps", "batch_size", "lr", "lam", "lam_range", "similarity", "lncc_sigma", "dice_weight",
               "seed", "device", "checkpoint_every", "trainable"}
     values = {k: settings[k] for k in fields if settings.get(k) is not None}
     if settings.get("lam_range") is not None:
