@@ -497,3 +497,31 @@ def test_verify_reports_dangling_symlink_in_cache(tmp_path: Path) -> None:
     target.symlink_to(tmp_path / "annex/object")
     result = weights.verify("unigradicon")
     assert not result.exists and "dangling symbolic link" in result.problems[0]
+
+
+def test_average_weights_is_the_mean_of_the_files(tmp_path: Path, capsys) -> None:
+    from regpipe.cli.weights import main
+    from regpipe.networks import NetworkConfig, build_network, network_from_file, save_weights
+
+    config = NetworkConfig((17, 17, 17), 1, (4, 4), (4, 4))
+    files = []
+    for seed in (0, 1, 2):
+        torch.manual_seed(seed)
+        network = build_network(config)
+        with torch.no_grad():
+            for parameter in network.parameters():
+                parameter.normal_(0.0, 0.1)
+        files.append(save_weights(network, tmp_path / f"s{seed}.pt", {"name": f"s{seed}"}))
+    assert main(["average", str(tmp_path / "mean.pt"), *map(str, files)]) == 0
+    mean = network_from_file(tmp_path / "mean.pt")
+    parts = [network_from_file(f).regis_net.state_dict() for f in files]
+    for key, value in mean.regis_net.state_dict().items():
+        if value.is_floating_point():
+            assert torch.allclose(value, sum(p[key] for p in parts) / 3, atol=1e-6), key
+    card = mean.metadata
+    assert [entry["file"] for entry in card["averaged_from"]] == ["s0.pt", "s1.pt", "s2.pt"]
+    assert card["name"] == "s2"
+    other = save_weights(build_network(NetworkConfig((17, 17, 17), 1, (4, 8), (4, 8))),
+                         tmp_path / "other.pt")
+    assert main(["average", str(tmp_path / "bad.pt"), str(files[0]), str(other)]) == 1
+    assert "different network configurations" in capsys.readouterr().err

@@ -7,6 +7,7 @@ Usage::
     regpipe-weights fetch unigradicon --url file:///mnt/usb/Step_2_final.trch
     regpipe-weights verify unigradicon        # or a file path; exit 1 when a check fails
     regpipe-weights path unigradicon          # where the file is, or must be put by hand
+    regpipe-weights average OUT.pt A.pt B.pt  # weight averaging of snapshots of one run
 
 Exit codes: 0 success, 1 a regpipe error (one line on stderr), 2 bad usage, 130 interrupted.
 """
@@ -94,6 +95,14 @@ def _cmd_path(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_average(args: argparse.Namespace) -> int:
+    from regpipe.networks import average_weights
+
+    path = average_weights(args.inputs, args.output)
+    print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of ``regpipe-weights``."""
     parser = argparse.ArgumentParser(
@@ -121,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_path = sub.add_parser("path", help="print where a checkpoint is (or must be put)")
     p_path.add_argument("name", metavar="NAME")
     p_path.set_defaults(func=_cmd_path)
+
+    p_average = sub.add_parser("average", help="average weights files of one configuration "
+                               "(snapshots of a training run) into one")
+    p_average.add_argument("output", metavar="OUT")
+    p_average.add_argument("inputs", metavar="FILE", nargs="+")
+    p_average.set_defaults(func=_cmd_average)
     return parser
 
 

@@ -9,6 +9,7 @@ pull-backs in normalised coordinates (see :mod:`regpipe.networks.gradicon`).
 
 from regpipe.networks.checkpoint import (
     Checkpoint,
+    average_weights,
     infer_config,
     is_conditional_file,
     load_weights,
@@ -59,6 +60,7 @@ __all__ = [
     "RegistrationNetwork",
     "TwoStep",
     "UNet2",
+    "average_weights",
     "build_network",
     "canonical_region",
     "infer_config",
