@@ -347,6 +347,8 @@ def register(
         "io_iterations": int(io_iterations or 0),
         "io_method": io_method if io_iterations else None,
         "io_sim": io_sim if io_iterations else None,
+        "io_grid": int(io_grid) if io_iterations and io_method == "fast" else None,
+        "io_options": dict(io_options) if io_iterations and io_options else None,
         "intensity_conservation": bool(intensity_conservation) if io_iterations else None,
         "dice_loss_weight": dice_loss_weight if io_iterations else None,
         "seed": seed,

@@ -184,3 +184,13 @@ def test_ct_pair_with_both_reference_losses_runs(files, tmp_path):
     settings = json.loads((tmp_path / "m.json").read_text())["settings"]
     assert settings["intensity_conservation"] is True and settings["dice_loss_weight"] == 0.5
     assert (tmp_path / "fwd.h5").stat().st_size > 0
+
+
+def test_io_grid_caps_the_optimisation_grid(files, tmp_path):
+    args = base_args(files, tmp_path) + [
+        "--io_iterations", "2", "--io_grid", "20", "--metrics_out", str(tmp_path / "m.json"),
+        "--quiet",
+    ]
+    assert register_cli.main(args) == 0
+    settings = json.loads((tmp_path / "m.json").read_text())["settings"]
+    assert settings["io_grid"] == 20 and max(settings["grid_shape"]) == 20

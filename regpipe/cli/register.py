@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(parser, "warped_moving_out", help="moving image resampled onto the fixed grid")
     add_option(parser, "io_iterations", type=_io_iterations, default=50,
                help="instance-optimisation steps, or None to disable (default 50)")
+    add_option(parser, "io_grid", type=int, default=160,
+               help="largest size per axis of the fast instance-optimisation grid (default 160; "
+               "smaller is faster and coarser)")
     add_option(parser, "io_sim", default="lncc", choices=["lncc", "lncc2", "mind"],
                help="similarity for instance optimisation")
     add_option(parser, "io_lr", type=float, default=2e-5,
@@ -194,6 +197,7 @@ def _main(args: argparse.Namespace) -> int:
         io_method=args.io_method,
         io_sim=args.io_sim,
         io_lr=args.io_lr,
+        io_grid=args.io_grid,
         ct_window=tuple(args.ct_window),
         quantile_range=tuple(args.quantile_range),
         device=args.device,
