@@ -520,6 +520,12 @@ def test_average_weights_is_the_mean_of_the_files(tmp_path: Path, capsys) -> Non
             assert torch.allclose(value, sum(p[key] for p in parts) / 3, atol=1e-6), key
     card = mean.metadata
     assert [entry["file"] for entry in card["averaged_from"]] == ["s0.pt", "s1.pt", "s2.pt"]
+    # a tensor equal in every file (a frozen base) stays bit-exact
+    twice = save_weights(network_from_file(files[0]), tmp_path / "again.pt")
+    assert main(["average", str(tmp_path / "same.pt"), str(files[0]), str(twice)]) == 0
+    same = network_from_file(tmp_path / "same.pt").regis_net.state_dict()
+    original = network_from_file(files[0]).regis_net.state_dict()
+    assert all(torch.equal(same[k], original[k]) for k in original)
     assert card["name"] == "s2"
     other = save_weights(build_network(NetworkConfig((17, 17, 17), 1, (4, 8), (4, 8))),
                          tmp_path / "other.pt")

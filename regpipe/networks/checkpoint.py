@@ -442,9 +442,10 @@ def average_weights(
             continue
         mean = {
             key: (torch.stack([s[part][key].float() for s in states]).mean(0).to(value.dtype)
-                  if value.is_floating_point() else value)
+                  if value.is_floating_point()
+                  and not all(torch.equal(s[part][key], value) for s in states) else value)
             for key, value in states[-1][part].items()
-        }
+        }  # tensors equal in every file (a frozen part) stay bit-exact
         module = average.regis_net if part == "state_dict" else average.controller  # type: ignore[attr-defined]
         module.load_state_dict(mean, strict=True)
     card = dict(getattr(average, "metadata", {}) or {})
