@@ -51,11 +51,17 @@ def main() -> None:
     parser.add_argument("--weights", default="default")
     parser.add_argument("--starts", default="network,affine",
                         help="network (the --weights output) and/or affine (no network)")
+    parser.add_argument("--tuning", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="extra FastIOSettings fields for every run, e.g. diffusion=0.7")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", type=Path, default=Path("runs/io_budget.json"))
     args = parser.parse_args()
 
     configs = [parse_config(c) for c in args.configs]
+    for item in args.tuning:
+        key, _, value = item.partition("=")
+        for config in configs:
+            config["io_options"][key] = float(value)
     pairs = [load_pair(p) for p in synth_pairs(args.dev_set, args.cache, args.pairs)]
     rows = []
     for config in configs:
@@ -88,7 +94,7 @@ def main() -> None:
             chosen = [r for r in rows if r["config"] == config["name"] and r["start"] == start]
             dice = [r["dice_mean"] for r in chosen]
             print(f"| {config['name']} ({config['steps']} steps, grid {config['io_grid']}"
-                  f"{', levels ' + str(config['io_options']['level_steps']) if config['io_options'] else ''})"
+                  f"{', ' + str(config['io_options']) if config['io_options'] else ''})"
                   f" | {start} | {statistics.mean(dice):.3f} ± {statistics.stdev(dice) if len(dice) > 1 else 0:.3f}"
                   f" | {statistics.mean(r['sd_log_jacobian'] for r in chosen):.3f}"
                   f" | {statistics.mean(r['folding_percent'] for r in chosen):.4f}"
