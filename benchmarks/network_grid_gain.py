@@ -27,14 +27,13 @@ import torch
 
 
 def grid_dice(moving: torch.Tensor, fixed: torch.Tensor, min_voxels: int = 20) -> float:
+    """Mean Dice of the labels with at least ``min_voxels`` voxels in both maps."""
+    from regpipe.metrics import dice_per_label
+
     a, b = moving.numpy(), fixed.numpy()
-    scores = []
-    for label in np.unique(b):
-        x, y = a == label, b == label
-        if label == 0 or x.sum() < min_voxels or y.sum() < min_voxels:
-            continue
-        scores.append(2 * (x & y).sum() / (x.sum() + y.sum()))
-    return float(np.mean(scores))
+    labels = [int(k) for k in np.unique(b)
+              if k != 0 and (a == k).sum() >= min_voxels and (b == k).sum() >= min_voxels]
+    return float(np.mean(list(dice_per_label(a, b, labels).values())))
 
 
 def warp_labels(labels: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:

@@ -275,7 +275,7 @@ def register(
     if network is not None:
         grid_shape = tuple(network.config.grid_shape)
         mode = _grid_mode(network, grid_mode)
-    else:  # no network: optimise on the fixed image's own voxel grid (at most 160 per axis)
+    else:  # no network: optimise on the fixed image's own voxel grid (at most io_grid per axis)
         grid_shape = tuple(min(n, io_grid) for n in fixed_img.geometry.network_shape())
         mode = "squash" if grid_mode == "auto" else _grid_mode(None, grid_mode)
 
@@ -400,9 +400,6 @@ def _condition(
 def _conditioned(network: Any, condition: Any) -> Any:
     """``network.conditioned(condition)``, or a no-op without a condition."""
     return nullcontext() if condition is None else network.conditioned(condition)
-
-
-#: Largest axis of the grid instance optimisation runs on (the fixed image's voxels, capped).
 
 
 def _displacement_on_grid(

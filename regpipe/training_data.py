@@ -280,16 +280,12 @@ def _align_maps(maps: list[torch.Tensor], spacings: list[np.ndarray], original_i
     from regpipe.preprocess import network_input
     from regpipe.spaces import Geometry
 
-    strip = np.zeros(original_ids.size, dtype=bool)
-    strip[list(background)] = True
+    # A fixed intensity per label (the same for every map), background labels dark.
+    table = np.random.default_rng(0).uniform(0.2, 1.0, original_ids.size).astype(np.float32)
+    table[[0, *background]] = 0.0
 
     def rendering(labels: torch.Tensor) -> np.ndarray:
-        ids = labels[0, 0].numpy().astype(np.int64)
-        # A fixed intensity per label (same for every map), background labels dark.
-        table = np.random.default_rng(0).uniform(0.2, 1.0, original_ids.size).astype(np.float32)
-        table[0] = 0.0
-        table[strip] = 0.0
-        return table[ids]
+        return table[labels[0, 0].numpy().astype(np.int64)]
 
     def geometry(labels: torch.Tensor, spacing: np.ndarray) -> Geometry:
         return Geometry(tuple(labels.shape[2:]), np.diag([*spacing, 1.0]))

@@ -448,20 +448,9 @@ def average_weights(
         }  # tensors equal in every file (a frozen part) stay bit-exact
         module = average.regis_net if part == "state_dict" else average.controller  # type: ignore[attr-defined]
         module.load_state_dict(mean, strict=True)
+    from regpipe.weights import sha256sum
+
     card = dict(getattr(average, "metadata", {}) or {})
-    card["averaged_from"] = [
-        {"file": Path(path).name, "sha256": _sha256(Path(path))} for path in paths
-    ]
+    card["averaged_from"] = [{"file": Path(path).name, "sha256": sha256sum(path)} for path in paths]
     card.update(metadata or {})
     return save_weights(average, output, card)
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
