@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal
@@ -213,6 +211,7 @@ def ants_affine_register(
     """
     import ants  # type: ignore[import-untyped]  # heavy: imported only when used
 
+    from regpipe.ants_methods import ants_settings
     from regpipe.transform_files import read_transform
 
     del device
@@ -232,7 +231,7 @@ def ants_affine_register(
     options = _ants_schedule(levels, iterations, float(fixed_geometry.spacing.min()))
     with tempfile.TemporaryDirectory(prefix="regpipe_ants_") as folder:
         initial = _ants_initial(init, fixed_geometry, moving_geometry, folder)
-        with _ants_seed(seed):
+        with ants_settings(seed, None):
             result = ants.registration(
                 ants_images["fixed"],
                 ants_images["moving"],
@@ -304,30 +303,6 @@ def _ants_initial(init: str, fixed: Geometry, moving: Geometry, folder: str) -> 
     return [path]
 
 
-@contextmanager
-def _ants_seed(seed: int | None) -> Iterator[None]:
-    """Deterministic ANTs inside the block; the global state before it is restored."""
-    if seed is None:
-        yield
-        return
-    from ants.config import set_ants_deterministic  # type: ignore[import-untyped]
-
-    threads = os.environ.get(_ITK_THREADS)
-    numpy_state, python_state = np.random.get_state(), random.getstate()
-    set_ants_deterministic(True, int(seed))
-    try:
-        yield
-    finally:
-        set_ants_deterministic(False, None)
-        np.random.set_state(numpy_state)
-        random.setstate(python_state)
-        if threads is None:
-            os.environ.pop(_ITK_THREADS, None)
-        else:
-            os.environ[_ITK_THREADS] = threads
-
-
-_ITK_THREADS = "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"
 
 
 # --------------------------------------------------------------------------- input checks

@@ -67,7 +67,9 @@ ANTS_SEED = "ANTS_RANDOM_SEED"
 __all__ = [
     "ANTS_METHODS",
     "ResourceUsage",
+    "ants_random_seed",
     "ants_register",
+    "ants_settings",
     "ants_version",
     "measure_resources",
     "n4_bias_correct",
@@ -206,12 +208,29 @@ def _nothing() -> Iterator[ResourceUsage]:
     yield ResourceUsage()
 
 
+def ants_random_seed(seed: int) -> int:
+    """The ``--random-seed`` that ANTs gets for a regpipe seed in ``[0, 2**32)``.
+
+    ``antsRegistration`` takes a positive 32-bit ``int`` and reads 0 as "seed from the system
+    clock", which made ``seed=0`` (the BIDS App's default) silently non-deterministic. The seed
+    is mapped to ``1 + seed % (2**31 - 1)``: seeds below ``2**31 - 1`` give distinct ANTs
+    seeds.
+
+    >>> ants_random_seed(0), ants_random_seed(41), ants_random_seed(2**31 - 1)
+    (1, 42, 1)
+    """
+    if seed < 0:
+        raise InputError(f"the seed must be a non-negative integer, got {seed}")
+    return 1 + int(seed) % (2**31 - 1)
+
+
 @contextmanager
-def _ants_settings(seed: int | None, threads: int | None) -> Iterator[None]:
+def ants_settings(seed: int | None, threads: int | None) -> Iterator[None]:
     """ANTs' thread count and determinism inside the block; global state restored after.
 
-    With a seed, antspyx's ``set_ants_deterministic(True, seed)`` passes ``--random-seed``
-    and asks for one ITK thread. ITK fixes its thread count at its first use in a process,
+    With a seed, antspyx's ``set_ants_deterministic(True, ...)`` passes ``--random-seed``
+    (:func:`ants_random_seed` of ``seed``: ANTs reads 0 as "seed from the clock") and asks
+    for one ITK thread. ITK fixes its thread count at its first use in a process,
     so the thread settings only hold in a process that has not used ANTs yet (see
     :func:`_run_ants`).
     """
@@ -225,11 +244,11 @@ def _ants_settings(seed: int | None, threads: int | None) -> Iterator[None]:
 
         config = getattr(ants, "config", None)
         if config is not None and hasattr(config, "set_ants_deterministic"):
-            config.set_ants_deterministic(True, int(seed))
+            config.set_ants_deterministic(True, ants_random_seed(seed))
         else:  # antspyx < 0.5: only the environment (ANTs reads ANTS_RANDOM_SEED)
             config = None
             os.environ[ITK_THREADS] = "1"
-            os.environ[ANTS_SEED] = str(int(seed))
+            os.environ[ANTS_SEED] = str(ants_random_seed(seed))
     try:
         yield
     finally:
@@ -263,7 +282,7 @@ def _ants_registration_files(
 
     ants_images = {name: _from_args(args) for name, args in images.items()}
     meter = measure_resources() if measure else _nothing()
-    with _ants_settings(seed, threads), meter as usage:
+    with ants_settings(seed, threads), meter as usage:
         output = ants.registration(
             ants_images["fixed"],
             ants_images["moving"],
@@ -460,6 +479,7 @@ def ants_register(
         "type_of_transform": ANTS_METHODS[method],
         "ants_version": ants_version(),
         "seed": seed,
+        "ants_random_seed": None if seed is None else ants_random_seed(seed),
         "deterministic": seed is not None,
         "threads": 1 if seed is not None else threads,
         "device": "cpu",
@@ -551,7 +571,7 @@ def n4_bias_correct(
         region = load_image(mask, "mask", "bias-correction mask")
         check_same_grid(source, region, "bias-correction mask")
         ants_mask = _to_ants((region.data != 0).astype(np.float32), region.geometry)
-    with _ants_settings(None, threads):
+    with ants_settings(None, threads):
         corrected = ants.n4_bias_field_correction(
             _to_ants(data, source.geometry), mask=ants_mask, shrink_factor=shrink
         )

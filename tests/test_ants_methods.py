@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from regpipe.ants_methods import ANTS_METHODS, ants_register, measure_resources, n4_bias_correct
+from regpipe.ants_methods import (
+    ANTS_METHODS,
+    ants_random_seed,
+    ants_register,
+    measure_resources,
+    n4_bias_correct,
+)
 from regpipe.errors import InputError
 from regpipe.imageio import Image, save_image
 from regpipe.registration import RegistrationResult
@@ -117,6 +123,22 @@ def test_synquick_improves_similarity_and_reports_dice(synquick):
 def test_seed_makes_ants_reproducible(pair, synquick):
     again = ants_register(*pair, method="synquick", seed=3)
     assert np.array_equal(again.warped.data, synquick.warped.data)
+
+
+def test_seed_zero_is_reproducible_too(pair):
+    # ANTs reads --random-seed 0 as "seed from the clock"; regpipe's seed 0 (the BIDS App's
+    # default) must still give identical runs.
+    first, second = (ants_register(*pair, method="affine", seed=0) for _ in range(2))
+    assert np.array_equal(first.forward.matrix, second.forward.matrix)
+    assert first.settings["ants_random_seed"] == 1
+
+
+def test_ants_random_seed_is_positive_and_distinct():
+    seeds = [ants_random_seed(s) for s in (0, 1, 2, 2**31 - 2, 2**32 - 1)]
+    assert all(1 <= s <= 2**31 - 1 for s in seeds)
+    assert len(set(seeds[:4])) == 4
+    with pytest.raises(InputError, match="non-negative"):
+        ants_random_seed(-1)
 
 
 def test_n4_keeps_grid_and_removes_bias(tmp_path):
