@@ -43,7 +43,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -254,10 +254,11 @@ def summarise(rows: list[dict]) -> str:
     ]
     for method in methods:
         sel = [r for r in rows if r["method"] == method]
-        mean: Callable[[str], float] = lambda key: float(np.mean([r[key] for r in sel]))  # noqa: E731
+        keys = ("dice", "sd_log_j", "folding_pct", "time_s")
+        mean = {key: float(np.mean([r[key] for r in sel])) for key in keys}
         lines.append(
-            f"| {method} | {len(sel)} | {mean('dice'):.4f} | {mean('sd_log_j'):.3f} | "
-            f"{mean('folding_pct'):.4f} | {mean('time_s'):.1f} |"
+            f"| {method} | {len(sel)} | {mean['dice']:.4f} | {mean['sd_log_j']:.3f} | "
+            f"{mean['folding_pct']:.4f} | {mean['time_s']:.1f} |"
         )
     return "\n".join(lines)
 

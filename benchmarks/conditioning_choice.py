@@ -58,12 +58,18 @@ def _train(network: RegistrationNetwork, steps: int, lam_range: tuple[float, flo
 
 
 @torch.no_grad()
-def _evaluate(network: RegistrationNetwork, pairs: list[Any], lams: list[float]) -> dict:
+def evaluate(network: RegistrationNetwork, pairs: list[Any], lams: list[float],
+             seed: int | None = None) -> dict:
+    """Mean metrics of ``network`` on ``pairs`` at each lam; with ``seed``, the GradICON
+    term's random perturbations are drawn from that seed for every pair (same draws for every
+    network: comparable numbers)."""
     network.eval()
     results: dict[str, dict[str, float]] = {}
     for lam in lams:
         sums = {"similarity": 0.0, "gradicon": 0.0, "grad2": 0.0, "sd_log_j": 0.0, "folds": 0.0}
         for pair in pairs:
+            if seed is not None:
+                torch.manual_seed(seed)
             if isinstance(network, ConditionalRegistrationNetwork):
                 network.set_condition(Condition(pair.region, pair.pair_type, lam))
             terms = gradicon_objective(network, pair.moving, pair.fixed, "lncc", lam)
@@ -119,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, network in variants.items():
         seconds = _train(network, args.steps, None if name == "none" else (low, high),
                          args.seed + 2, args.lr)
-        metrics = _evaluate(network, pairs, lams)
+        metrics = evaluate(network, pairs, lams)
         grad2 = [metrics[f"{lam:g}"]["grad2"] for lam in lams]
         controller = getattr(network, "controller", None)
         report["variants"][name] = {

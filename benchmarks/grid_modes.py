@@ -58,8 +58,8 @@ def main() -> int:
     args = parser.parse_args()
     rows = [describe(Path(args.data) / rel, args.grid) for rel in IMAGES
             if (Path(args.data) / rel).exists()]
-    print(f"| image | shape | spacing (mm) | squash mm/voxel | squash distortion | "
-          f"isotropic mm/voxel | isotropic fill |")
+    print("| image | shape | spacing (mm) | squash mm/voxel | squash distortion | "
+          "isotropic mm/voxel | isotropic fill |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['image']} | {r['shape']} | {r['spacing']} | {r['squash_mm']} | "
