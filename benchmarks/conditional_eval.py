@@ -4,8 +4,8 @@ Three experiments, network only (affine pre-alignment, no instance optimisation)
 
 smoothness
     Brain pairs 01->02, 03->04... (T1-like images from the SynthSeg label maps 01-10, never
-    trained on) registered at several smoothness values (lam): mean Dice, SD of log J and
-    folding % inside the fixed brain, per lam.
+    trained on) registered at several smoothness values (lam): mean Dice, NCC of the warped
+    and the fixed image, SD of log J and folding %, inside the fixed brain, per lam.
 pair type
     Intra-subject pairs (a brain image against a smoothly deformed copy of itself, and the real
     knee pair) and inter-subject brain pairs, each registered with the matching and the
@@ -69,7 +69,9 @@ def _knee(data: Path):
     return load_image(folder / "fair_knee3D_T.nii.gz"), load_image(folder / "fair_knee3D_R.nii.gz")
 
 
-def _knee_ncc(result) -> float:
+def _ncc_after(result, mask=None) -> float:
+    """NCC of the warped moving and the fixed image (normalised as MRI) within ``mask``
+    (default: fixed intensity above 0.05)."""
     from regpipe.metrics import ncc
     from regpipe.preprocess import normalize_intensity
     from regpipe.warp import warp_array
@@ -78,7 +80,7 @@ def _knee_ncc(result) -> float:
     warped = warp_array(normalize_intensity(moving.data, "mri"), moving.geometry, result.forward,
                         fixed.geometry)
     target = normalize_intensity(fixed.data, "mri")
-    return ncc(warped, target, target > 0.05)
+    return ncc(warped, target, target > 0.05 if mask is None else mask)
 
 
 def main(argv=None) -> int:
@@ -101,15 +103,17 @@ def main(argv=None) -> int:
 
     def brain_row(fixed, moving, chosen, weights, **condition):
         result = _register(fixed, moving, weights, **condition)
-        return evaluate_transform(fixed, moving, result.forward, chosen)
+        row = evaluate_transform(fixed, moving, result.forward, chosen)
+        return {**row, "ncc": _ncc_after(result, fixed.labels > 0)}
 
     for lam in (float(v) for v in args.lams.split(",")):
         rows = [brain_row(f, m, lab, args.conditional, region="brain", pair_type="inter", smoothness=lam)
                 for (f, m), lab in zip(pairs, labels)]
-        summary = {k: float(np.mean([r[k] for r in rows])) for k in ("dice", "sd_log_j", "folding_pct")}
+        keys = ("dice", "ncc", "sd_log_j", "folding_pct")
+        summary = {k: float(np.mean([r[k] for r in rows])) for k in keys}
         out["smoothness"].append({"lam": lam, **summary})
-        print(f"lam {lam:5.2f}: Dice {summary['dice']:.4f} SD log J {summary['sd_log_j']:.3f} "
-              f"folding {summary['folding_pct']:.4f}%", flush=True)
+        print(f"lam {lam:5.2f}: Dice {summary['dice']:.4f} NCC {summary['ncc']:.4f} SD log J "
+              f"{summary['sd_log_j']:.3f} folding {summary['folding_pct']:.4f}%", flush=True)
 
     knee_fixed, knee_moving = _knee(args.data)
     for kind in ("intra", "inter"):
@@ -120,7 +124,7 @@ def main(argv=None) -> int:
                                          args.conditional, region="brain", pair_type=kind)["dice"])
         brain_inter = [brain_row(f, m, lab, args.conditional, region="brain", pair_type=kind)["dice"]
                        for (f, m), lab in zip(pairs, labels)]
-        knee = _knee_ncc(_register(knee_fixed, knee_moving, args.conditional, region="knee", pair_type=kind))
+        knee = _ncc_after(_register(knee_fixed, knee_moving, args.conditional, region="knee", pair_type=kind))
         row = {"condition": kind, "brain_intra_dice": float(np.mean(brain_intra)),
                "brain_inter_dice": float(np.mean(brain_inter)), "knee_ncc": knee}
         out["pair_type"].append(row)
@@ -133,7 +137,7 @@ def main(argv=None) -> int:
     ):
         dice = [brain_row(f, m, lab, weights, **condition)["dice"] for (f, m), lab in zip(pairs, labels)]
         knee_condition = dict(condition, region="knee", pair_type="intra") if condition else {}
-        knee = _knee_ncc(_register(knee_fixed, knee_moving, weights, **knee_condition))
+        knee = _ncc_after(_register(knee_fixed, knee_moving, weights, **knee_condition))
         out["versus"].append({"model": name, "brain_dice": float(np.mean(dice)), "knee_ncc": knee})
         print(f"{name}: brain Dice {np.mean(dice):.4f}, knee NCC {knee:.4f}", flush=True)
     if args.json:
