@@ -4,8 +4,9 @@ Three experiments, network only (affine pre-alignment, no instance optimisation)
 
 smoothness
     Brain pairs 01->02, 03->04... (T1-like images from the SynthSeg label maps 01-10, never
-    trained on) registered at several smoothness values (lam): mean Dice, NCC of the warped
-    and the fixed image, SD of log J and folding %, inside the fixed brain, per lam.
+    trained on) registered at several smoothness values (lam): mean Dice, SD of log J and
+    folding % inside the fixed brain, and NCC of the warped and the fixed image inside the
+    fixed head (labels > 0), per lam.
 pair type
     Intra-subject pairs (a brain image against a smoothly deformed copy of itself, and the real
     knee pair) and inter-subject brain pairs, each registered with the matching and the
@@ -101,13 +102,14 @@ def main(argv=None) -> int:
     labels = [dice_labels(f.labels, m.labels, 1000) for f, m in pairs]
     out: dict = {"smoothness": [], "pair_type": [], "versus": []}
 
-    def brain_row(fixed, moving, chosen, weights, **condition):
+    def brain_row(fixed, moving, chosen, weights, with_ncc=False, **condition):
         result = _register(fixed, moving, weights, **condition)
         row = evaluate_transform(fixed, moving, result.forward, chosen)
-        return {**row, "ncc": _ncc_after(result, fixed.labels > 0)}
+        return {**row, "ncc": _ncc_after(result, fixed.labels > 0)} if with_ncc else row
 
     for lam in (float(v) for v in args.lams.split(",")):
-        rows = [brain_row(f, m, lab, args.conditional, region="brain", pair_type="inter", smoothness=lam)
+        rows = [brain_row(f, m, lab, args.conditional, with_ncc=True, region="brain",
+                          pair_type="inter", smoothness=lam)
                 for (f, m), lab in zip(pairs, labels)]
         keys = ("dice", "ncc", "sd_log_j", "folding_pct")
         summary = {k: float(np.mean([r[k] for r in rows])) for k in keys}

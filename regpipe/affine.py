@@ -303,8 +303,6 @@ def _ants_initial(init: str, fixed: Geometry, moving: Geometry, folder: str) -> 
     return [path]
 
 
-
-
 # --------------------------------------------------------------------------- input checks
 
 

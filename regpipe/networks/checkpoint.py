@@ -429,6 +429,8 @@ def average_weights(
     WeightsError
         With fewer than two files, or files of different configurations.
     """
+    from regpipe.weights import sha256sum  # regpipe.weights imports this module
+
     if len(paths) < 2:
         raise WeightsError("averaging needs at least two weights files")
     networks = [network_from_file(path) for path in paths]
@@ -448,8 +450,6 @@ def average_weights(
         }  # tensors equal in every file (a frozen part) stay bit-exact
         module = average.regis_net if part == "state_dict" else average.controller  # type: ignore[attr-defined]
         module.load_state_dict(mean, strict=True)
-    from regpipe.weights import sha256sum
-
     card = dict(getattr(average, "metadata", {}) or {})
     card["averaged_from"] = [{"file": Path(path).name, "sha256": sha256sum(path)} for path in paths]
     card.update(metadata or {})
