@@ -226,23 +226,25 @@ def ants_affine_register(
         "moving": _check_mask(moving_mask, moving_geometry, "moving_mask"),
     }
     geometries = {"fixed": fixed_geometry, "moving": moving_geometry}
-    ants_images = {k: _to_ants(images[k], geometries[k]) for k in images}
-    ants_masks = {k: None if m is None else _to_ants(m, geometries[k]) for k, m in masks.items()}
     options = _ants_schedule(levels, iterations, float(fixed_geometry.spacing.min()))
-    with tempfile.TemporaryDirectory(prefix="regpipe_ants_") as folder:
-        initial = _ants_initial(init, fixed_geometry, moving_geometry, folder)
-        with ants_settings(seed, None):
-            result = ants.registration(
-                ants_images["fixed"],
-                ants_images["moving"],
-                type_of_transform=_ANTS_TRANSFORMS[dof],
-                initial_transform=initial,
-                mask=ants_masks["fixed"],
-                moving_mask=ants_masks["moving"],
-                outprefix=os.path.join(folder, "reg_"),
-                verbose=progress,
-                **options,
-            )
+    # The seed's settings (one ITK thread) are in force before ITK is first touched: ITK fixes
+    # its thread count at its first use in a process.
+    with ants_settings(seed, None), tempfile.TemporaryDirectory(prefix="regpipe_ants_") as folder:
+        ants_images = {k: _to_ants(images[k], geometries[k]) for k in images}
+        ants_masks = {
+            k: None if m is None else _to_ants(m, geometries[k]) for k, m in masks.items()
+        }
+        result = ants.registration(
+            ants_images["fixed"],
+            ants_images["moving"],
+            type_of_transform=_ANTS_TRANSFORMS[dof],
+            initial_transform=_ants_initial(init, fixed_geometry, moving_geometry, folder),
+            mask=ants_masks["fixed"],
+            moving_mask=ants_masks["moving"],
+            outprefix=os.path.join(folder, "reg_"),
+            verbose=progress,
+            **options,
+        )
         transform = read_transform(result["fwdtransforms"][-1])
     if not isinstance(transform, AffineTransform):
         raise InputError(f"ANTs returned {type(transform).__name__}, not an affine")
