@@ -53,6 +53,10 @@ def main() -> None:
                         help="network (the --weights output) and/or affine (no network)")
     parser.add_argument("--tuning", nargs="*", default=[], metavar="KEY=VALUE",
                         help="extra FastIOSettings fields for every run, e.g. diffusion=0.7")
+    parser.add_argument("--smoothness", type=float, default=None,
+                        help="lambda for a conditional --weights file (regpipe-conditional)")
+    parser.add_argument("--region", default=None, help="body region for a conditional model")
+    parser.add_argument("--pair-type", default=None, help="inter or intra, for a conditional model")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", type=Path, default=Path("runs/io_budget.json"))
     args = parser.parse_args()
@@ -62,6 +66,8 @@ def main() -> None:
         key, _, value = item.partition("=")
         for config in configs:
             config["io_options"][key] = float(value)
+    condition = {k: v for k, v in (("smoothness", args.smoothness), ("region", args.region),
+                                    ("pair_type", args.pair_type)) if v is not None}
     pairs = [load_pair(p) for p in synth_pairs(args.dev_set, args.cache, args.pairs)]
     rows = []
     for config in configs:
@@ -73,7 +79,7 @@ def main() -> None:
                         pair.fixed, pair.moving, weights=weights, affine="ours",
                         io_iterations=config["steps"], io_method="fast", io_grid=config["io_grid"],
                         io_options=config["io_options"], threads=args.threads, seed=0,
-                        progress=False, evaluate=False,
+                        progress=False, evaluate=False, **(condition if weights else {}),
                     )
                 metrics = evaluate_transform(
                     result.forward, pair.fixed.geometry, region=pair.region,

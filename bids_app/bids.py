@@ -27,7 +27,7 @@ Masks and labels (``--labels DERIV_DIR``, a derivative dataset)
 
 Jobs
     A job is a plain dict (picklable, JSON-serialisable) describing one registration, the
-    contract with :func:`regpipe.workflows.base.init_regpipe_wf`:
+    contract of :mod:`regpipe.workflows.jobs`:
 
     ===============  ==========================================================================
     key              value
@@ -42,7 +42,7 @@ Jobs
     fixed            absolute path of the template or of the reference-session image
     fixed_space      label for ``space-``/``to-``: the template identifier (``MNI152NLin2009cAsym``)
                      or, longitudinal, the reference image's label
-                     (:func:`regpipe.workflows.base.reference_space_label`: ``sub01ses1``)
+                     (:func:`regpipe.workflows.jobs.reference_space_label`: ``sub01ses1``)
     fixed_uri        ``SpatialReference`` of the fixed space: TemplateFlow URL, file URI or
                      ``bids:raw:...`` of the reference image (optional key of the contract)
     pair_type        ``"inter"`` (template mode) or ``"intra"`` (longitudinal)
@@ -403,7 +403,7 @@ def longitudinal_jobs(images: Sequence[Image], *, reference_session: str | None 
                       labels_layout=None, weights_sha256: str | None = None
                       ) -> list[dict[str, Any]]:
     """``"intra"`` jobs of :func:`longitudinal_pairs` (see the module docstring)."""
-    from regpipe.workflows.base import reference_space_label
+    from regpipe.workflows.jobs import reference_space_label
 
     jobs = []
     for moving, fixed in longitudinal_pairs(images, reference_session):

@@ -12,7 +12,7 @@ Order of work, so that every failure the App can foresee happens before any regi
    command), the ``--labels`` dataset (66), the device; refuse ``--region``/``--smoothness``
    for unconditional weights (64); build the jobs (see
    :mod:`regpipe.bids_app.bids`; 66 when longitudinal mode finds no pair), check them with
-   :func:`regpipe.workflows.base.validate_jobs` and log them;
+   :func:`regpipe.workflows.jobs.validate_jobs` and log them;
 6. create ``output_dir`` and the work directory and check they are writable (73); save the
    options and jobs in ``output_dir/logs/<run_id>/regpipe_run.json``;
 7. build the Nipype workflow with :func:`regpipe.workflows.base.init_regpipe_wf` and run it with
@@ -247,7 +247,7 @@ def run_participant(args: argparse.Namespace, argv: Sequence[str] | None = None)
                                  session_label=args.session_label, filters=args.bids_filters)
     LOGGER.info("%d %s image(s) selected in %s", len(images), args.suffix, args.bids_dir)
     plugin = plugin_settings(args)
-    workflows = _workflows()
+    _workflows()  # fails here, before any work, when the workflows are not installed
 
     # --reports-only redraws reports from existing outputs: no network is loaded
     weights, weights_sha256 = (None, None) if args.reports_only else \
@@ -265,7 +265,9 @@ def run_participant(args: argparse.Namespace, argv: Sequence[str] | None = None)
     jobs = bids.build_jobs(images, mode=args.mode, template=template,
                            reference_session=args.reference_session,
                            labels_layout=labels_layout, weights_sha256=weights_sha256)
-    workflows.validate_jobs(jobs)
+    from regpipe.workflows.jobs import validate_jobs
+
+    validate_jobs(jobs)
     for job in jobs:
         LOGGER.info("job sub-%s%s: %s", job["subject"],
                     f" ses-{job['session']}" if job["session"] else "", _describe(job))

@@ -416,7 +416,7 @@ def test_sidecars_record_the_condition(images, conditional_file, tmp_path):
 
 
 def test_job_condition_derives_region_and_type():
-    from regpipe.workflows.base import RegistrationOptions, job_condition
+    from regpipe.workflows.jobs import RegistrationOptions, job_condition
 
     options = RegistrationOptions(conditional=True)
     assert job_condition({"modality": "mri", "pair_type": "inter"}, options) == {

@@ -18,13 +18,9 @@ import numpy as np
 import pytest
 
 from regpipe.errors import InputError
+from regpipe.figures import cut_coordinates, plot_group_metric
 from regpipe.imageio import Image
-from regpipe.reports import (
-    cut_coordinates,
-    plot_group_metric,
-    write_group_report,
-    write_subject_report,
-)
+from regpipe.reports import write_group_report, write_subject_report
 from regpipe.spaces import Geometry
 from tests.conftest import blob_image, make_affine
 

@@ -13,11 +13,11 @@ import types
 from pathlib import Path
 
 import pytest
-from regpipe.workflows import base, outputs, steps
-from regpipe.workflows.base import (
+from regpipe.workflows import jobs, outputs, steps
+from regpipe.workflows.base import init_regpipe_wf
+from regpipe.workflows.jobs import (
     JOB_KEYS,
     check_methods,
-    init_regpipe_wf,
     reference_space_label,
     validate_job,
     validate_jobs,
@@ -115,7 +115,7 @@ def nodes_named(graph, name: str) -> list:
 
 def test_job_keys_are_documented():
     for key in (*JOB_KEYS, "fixed_uri"):
-        assert f"``{key}``" in base.__doc__
+        assert f"``{key}``" in jobs.__doc__
 
 
 def test_validate_job_fills_optional_keys(skeleton):

@@ -27,7 +27,8 @@ ants = pytest.importorskip("ants")
 bids = pytest.importorskip("bids")
 pytest.importorskip("nipype")
 
-from regpipe.workflows.base import init_regpipe_wf, run_workflow, validate_job
+from regpipe.workflows.base import init_regpipe_wf, run_workflow
+from regpipe.workflows.jobs import validate_job
 from regpipe.workflows.outputs import output_paths, sidecar_of
 
 METHODS = ["network", "ants-affine"]

@@ -280,7 +280,7 @@ class WriteDerivative(SimpleInterface):
 class _WriteMetricsInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="evaluation JSON")
     out_file = traits.Str(mandatory=True, hash_files=False, desc="destination TSV")
-    job = traits.Dict(mandatory=True, desc="the job (see regpipe.workflows.base)")
+    job = traits.Dict(mandatory=True, desc="the job (see regpipe.workflows.jobs)")
     method = traits.Str(mandatory=True, desc="method name")
     output_dir = traits.Str(desc="output dataset (unused; kept for the hash)")
 

@@ -47,7 +47,7 @@ existing, different file is kept and a warning logged, so concurrent participant
 
 ``<space>`` is the job's ``fixed_space``: a TemplateFlow identifier (``MNI152NLin2009cAsym``)
 or, for longitudinal registration, the reference image's label
-(:func:`regpipe.workflows.base.reference_space_label`, e.g. ``sub01ses1``); sidecars carry
+(:func:`regpipe.workflows.jobs.reference_space_label`, e.g. ``sub01ses1``); sidecars carry
 ``SpatialReference``.
 """
 
