@@ -13,6 +13,8 @@ Example
 ``python benchmarks/network_grid_gain.py --dev-set ../shared/data --pairs 3
 regpipe/data/weights/regpipe-compact.pt runs/compact/weights.pt``
 
+Conditional weights files are evaluated at ``--condition`` (default ``brain,inter,1.5``).
+
 Data are read only from ``--dev-set``; nothing here is used by the test suite.
 """
 
@@ -98,6 +100,8 @@ def recipe_pairs(recipe: Path, data_root: Path, n_pairs: int, shape: tuple[int, 
 def main() -> None:
     from regpipe.device import set_threads
     from regpipe.networks import network_from_file
+    from regpipe.networks.condition import Condition
+    from regpipe.networks.conditional import is_conditional
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("weights", nargs="+", type=Path)
@@ -105,11 +109,18 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("runs/bench_cache/v1"))
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--recipe", type=Path, help="also draw pairs from this recipe's first source")
+    parser.add_argument("--condition", default="brain,inter,1.5", metavar="REGION,TYPE,LAM",
+                        help="condition of conditional weights files (default brain,inter,1.5)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     set_threads(args.threads)
+    region, pair_type, lam = args.condition.split(",")
+    condition = Condition(region, pair_type, lam=float(lam))
 
     networks = {path: network_from_file(path).eval() for path in args.weights}
+    for network in networks.values():
+        if is_conditional(network):
+            network.set_condition(condition)
     first = next(iter(networks.values()))
     shape = tuple(first.config.grid_shape)
     mode = first.metadata.get("grid_mode", "squash") if hasattr(first, "metadata") else "squash"
