@@ -274,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"also run these ANTs methods ({', '.join(COMPARE_METHODS)})")
     reg.add_argument("--device", type=_device, default="auto",
                      help="compute device of the network: auto, cpu, cuda, cuda:N")
+    reg.add_argument("--mixed-precision", "--mixed_precision", dest="mixed_precision",
+                     action="store_true",
+                     help="run the network in bfloat16 autocast on a GPU (ignored on the CPU)")
     reg.add_argument("--random-seed", type=_seed, default=0, metavar="SEED",
                      help="seed of Python, NumPy, PyTorch and ANTs")
 

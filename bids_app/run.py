@@ -300,6 +300,7 @@ def run_participant(args: argparse.Namespace, argv: Sequence[str] | None = None)
         run_uuid=run_id,
         region=args.region,
         smoothness=args.smoothness,
+        mixed_precision=args.mixed_precision,
     )
     _run(workflow, args, plugin, log_dir)
     LOGGER.info("finished %d job(s) x %d method(s); outputs in %s", len(jobs),

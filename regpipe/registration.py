@@ -157,6 +157,7 @@ def register(
     device: str = "auto",
     threads: int | None = None,
     seed: int | None = 0,
+    mixed_precision: bool = False,
     progress: bool = True,
     intensity_conservation: bool = False,
     dice_loss_weight: float = 0.0,
@@ -202,6 +203,12 @@ def register(
         example ``{"level_steps": (2.0, 0.5)}``).
     device, threads, seed
         Compute device (``"auto"``, ``"cpu"``, ``"cuda"``), CPU threads, random seed.
+    mixed_precision
+        Run the network's forward pass with bfloat16 autocast on a CUDA device
+        (:func:`regpipe.device.autocast`; the displacement is returned as float32 and the
+        affine, the fast instance optimisation and the resampling stay float32). Ignored,
+        with a log message, on the CPU. Recorded in ``result.settings["mixed_precision"]``
+        (whether it was in effect). ``benchmarks/mixed_precision.py`` measures its effect.
     intensity_conservation
         uniGradICON's ``--intensity_conservation_loss``: Jacobian-weighted similarity in
         network instance optimisation (``io_method="network"``); both modalities must be CT.
@@ -230,7 +237,7 @@ def register(
         either option with ``io_method="fast"``; a condition (``region``, ``pair_type``,
         ``smoothness``) that is invalid or given for an unconditional network.
     """
-    from regpipe.device import select_device, set_threads
+    from regpipe.device import autocast, select_device, set_threads
 
     started = time.perf_counter()
     if threads:
@@ -238,6 +245,11 @@ def register(
     if seed is not None:
         torch.manual_seed(seed)
     torch_device = select_device(device)
+    mixed_precision = bool(mixed_precision)
+    if mixed_precision and torch_device.type != "cuda":
+        LOGGER.info("mixed precision applies on CUDA only: the network runs in float32 on %s",
+                    torch_device)
+        mixed_precision = False
     if not int(io_grid) >= 16:
         raise InputError(f"io_grid must be at least 16 voxels, got {io_grid!r}")
     fixed_modality = check_modality(fixed_modality)
@@ -312,7 +324,8 @@ def register(
     LOGGER.info("network grid %s (%s mode), device %s", grid_shape, mode, torch_device)
 
     with _conditioned(network, condition):
-        displacement = _network_displacement(network, moving_t, fixed_t)
+        with autocast(torch_device, enabled=mixed_precision):
+            displacement = _network_displacement(network, moving_t, fixed_t).float()
         if io_iterations and io_method == "fast" and network is not None and not squash_moving:
             # Refine on the fixed image's own (finer) grid, not on the coarser network grid.
             io_shape = tuple(min(n, io_grid) for n in fixed_img.geometry.network_shape())
@@ -353,6 +366,7 @@ def register(
         "dice_loss_weight": dice_loss_weight if io_iterations else None,
         "seed": seed,
         "device": str(torch_device),
+        "mixed_precision": mixed_precision,
         "fixed_modality": fixed_modality,
         "moving_modality": moving_modality,
         "condition": condition.to_dict() if condition is not None else None,

@@ -338,7 +338,7 @@ def test_template_jobs_contract_and_run_settings(tmp_path, template_file, fake_w
                                              "sub-02/anat/sub-02_T1w.nii.gz"])
     assert participant(bids_dir, tmp_path, template_file, "--compare", "ants-syn",
                        "--nprocs", "2", "--omp-nthreads", "1", "--mem", "3G",
-                       "--random-seed", "7", "--io-iterations", "None",
+                       "--random-seed", "7", "--io-iterations", "None", "--mixed-precision",
                        "--stop-on-first-crash") == 0
     kwargs = fake_wf["kwargs"]
     jobs = kwargs["jobs"]
@@ -357,6 +357,7 @@ def test_template_jobs_contract_and_run_settings(tmp_path, template_file, fake_w
     json.dumps(jobs)  # plain data
     assert kwargs["methods"] == ["network", "ants-syn"] and kwargs["weights"] is None
     assert (kwargs["omp_nthreads"], kwargs["seed"], kwargs["io_iterations"]) == (1, 7, None)
+    assert kwargs["mixed_precision"] is True
     assert kwargs["bids_dir"] == bids_dir and kwargs["reports"] is True
     workflow = fake_wf["workflow"]
     ((plugin, plugin_args),) = workflow.runs

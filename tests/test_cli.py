@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import nibabel as nib
 import numpy as np
@@ -194,3 +195,14 @@ def test_io_grid_caps_the_optimisation_grid(files, tmp_path):
     assert register_cli.main(args) == 0
     settings = json.loads((tmp_path / "m.json").read_text())["settings"]
     assert settings["io_grid"] == 20 and max(settings["grid_shape"]) == 20
+
+
+def test_mixed_precision_option_reaches_the_registration(files, tmp_path, caplog):
+    args = base_args(files, tmp_path) + [
+        "--mixed-precision", "--device", "cpu", "--metrics_out", str(tmp_path / "m.json"),
+    ]
+    with caplog.at_level(logging.INFO, logger="regpipe"):
+        assert register_cli.main(args) == 0
+    assert "mixed precision applies on CUDA only" in caplog.text
+    settings = json.loads((tmp_path / "m.json").read_text())["settings"]
+    assert settings["mixed_precision"] is False  # asked for, but on the CPU: float32

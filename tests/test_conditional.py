@@ -501,6 +501,11 @@ def test_participant_workflow_gives_the_network_each_jobs_condition(tmp_path, co
     workflow = init_regpipe_wf(jobs=[_job(tmp_path, "inter")], weights=str(plain), **common)
     (node,) = _network_nodes(workflow)
     assert not isdefined(node.inputs.region)
+    assert node.inputs.mixed_precision is False
+    workflow = init_regpipe_wf(jobs=[_job(tmp_path, "inter")], weights=str(plain),
+                               mixed_precision=True, **common)
+    (node,) = _network_nodes(workflow)
+    assert node.inputs.mixed_precision is True
     with pytest.raises(InputError, match="not conditional"):
         init_regpipe_wf(jobs=[_job(tmp_path, "inter")], weights=str(plain), region="knee",
                         **common)

@@ -170,3 +170,23 @@ def test_network_io_with_reference_losses(pair, small_network):
     assert result.settings["intensity_conservation"] is True
     assert result.settings["dice_loss_weight"] == 0.5
     assert "dice_mean" in result.metrics
+
+
+def test_mixed_precision_is_float32_on_the_cpu(pair, small_network):
+    fixed, moving, _ = pair
+    plain = regpipe.register(fixed, moving, weights=small_network, affine="none", device="cpu")
+    asked = regpipe.register(fixed, moving, weights=small_network, affine="none", device="cpu",
+                             mixed_precision=True)
+    assert asked.settings["mixed_precision"] is False and plain.settings["mixed_precision"] is False
+    torch.testing.assert_close(asked.forward.displacement, plain.forward.displacement, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_mixed_precision_on_gpu_stays_close_to_float32(pair, small_network):
+    fixed, moving, _ = pair
+    plain = regpipe.register(fixed, moving, weights=small_network, affine="none", device="cuda")
+    mixed = regpipe.register(fixed, moving, weights=small_network, affine="none", device="cuda",
+                             mixed_precision=True)
+    assert mixed.settings["mixed_precision"] is True
+    difference = (mixed.forward.displacement - plain.forward.displacement).abs()
+    assert 0 < float(difference.max()) < 0.1

@@ -254,6 +254,7 @@ def test_metrics_tables_and_sidecars(runs):
             if method == "network":
                 assert tools["regpipe"]["Weights"]["SHA256"] == sha
                 assert tools["regpipe"]["Seed"] == 0
+                assert tools["regpipe"]["MixedPrecision"] is False  # float32 on the CPU
             else:
                 assert tools["ANTs"]["TypeOfTransform"] == "Affine"
 

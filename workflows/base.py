@@ -78,6 +78,7 @@ def init_regpipe_wf(
     run_uuid: str | None = None,
     region: str = "auto",
     smoothness: float | None = None,
+    mixed_precision: bool = False,
     name: str = "regpipe_wf",
 ) -> pe.Workflow:
     """The whole participant-level run: one :func:`init_single_subject_wf` per subject.
@@ -109,6 +110,9 @@ def init_regpipe_wf(
         each job): a region name or ``"auto"`` (from the modality), and the regularisation
         weight (``None``: the network's default). Giving either with unconditional weights
         raises :class:`~regpipe.errors.InputError`.
+    mixed_precision
+        Run the network in bfloat16 autocast on CUDA (:func:`regpipe.register`; float32 on
+        the CPU).
 
     Outputs: none (everything is written to ``output_dir``).
     """
@@ -145,6 +149,7 @@ def init_regpipe_wf(
         conditional,
         region,
         smoothness,
+        bool(mixed_precision),
     )
     output_dir = Path(output_dir).absolute()
     run_uuid = run_uuid or f"{time.strftime('%Y%m%d-%H%M%S')}_{uuid.uuid4()}"
@@ -350,6 +355,7 @@ def init_method_wf(
             weights_sha256=job["weights_sha256"], modality=job["modality"],
             affine_init=options.affine_init, io_iterations=options.io_iterations,
             device=options.device, omp_nthreads=options.omp_nthreads, seed=options.seed,
+            mixed_precision=options.mixed_precision,
             condition=job_condition(job, options) if options.conditional else None, **masks,
         )  # fmt: skip
     else:

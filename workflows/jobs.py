@@ -98,6 +98,7 @@ class RegistrationOptions:
     conditional: bool = False
     region: str = "auto"
     smoothness: float | None = None
+    mixed_precision: bool = False
 
 
 #: Region of a conditional network for ``region="auto"``, by modality: the App registers

@@ -65,6 +65,7 @@ def init_network_reg_wf(
     device: str = "auto",
     omp_nthreads: int = 1,
     seed: int | None = None,
+    mixed_precision: bool = False,
     has_fixed_mask: bool = False,
     has_moving_mask: bool = False,
     condition: Mapping[str, Any] | None = None,
@@ -91,6 +92,8 @@ def init_network_reg_wf(
         CPU threads of the node (torch intra-op threads).
     seed
         Random seed (``None``: not seeded).
+    mixed_precision
+        bfloat16 autocast of the network on CUDA (float32 on the CPU).
     has_fixed_mask, has_moving_mask
         Whether the mask inputs will be connected.
     condition
@@ -103,7 +106,7 @@ def init_network_reg_wf(
     network_reg = pe.Node(
         NetworkRegistration(
             modality=modality, affine_init=affine_init, io_iterations=int(io_iterations or 0),
-            device=device, threads=omp_nthreads,
+            device=device, threads=omp_nthreads, mixed_precision=bool(mixed_precision),
         ),
         name="network_reg",
         n_procs=omp_nthreads,

@@ -105,6 +105,7 @@ def network_registration(
     device: str = "auto",
     threads: int | None = None,
     seed: int | None = None,
+    mixed_precision: bool = False,
     region: str | None = None,
     pair_type: str | None = None,
     smoothness: float | None = None,
@@ -125,8 +126,8 @@ def network_registration(
             fixed, moving, fixed_modality=modality, moving_modality=modality,
             weights=weights, fixed_mask=fixed_mask, moving_mask=moving_mask,
             affine=affine_init, io_iterations=io_iterations or None, device=device,
-            threads=threads, seed=seed, progress=False, region=region, pair_type=pair_type,
-            smoothness=smoothness,
+            threads=threads, seed=seed, mixed_precision=mixed_precision, progress=False,
+            region=region, pair_type=pair_type, smoothness=smoothness,
         )  # fmt: skip
     metrics = {**result.metrics, **usage.as_metrics()}
     settings = result.settings
@@ -151,6 +152,7 @@ def network_registration(
         "GridMode": settings.get("grid_mode"),
         "Seed": seed,
         "Device": settings.get("device"),
+        "MixedPrecision": settings.get("mixed_precision", False),
         "Threads": threads,
     }
     if settings.get("condition") is not None:  # a conditional network: what it was asked

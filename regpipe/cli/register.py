@@ -2,8 +2,9 @@
 
 Every option of ``unigradicon-register`` 1.0.6 is accepted with the same spelling and meaning;
 each also has a kebab-case twin (``--fixed-modality``). regpipe adds the inverse transform,
-the Jacobian map, a metrics file, affine pre-alignment, the grid mode, device and threads,
-and the condition of a conditional network (``--region``, ``--pair-type``, ``--smoothness``).
+the Jacobian map, a metrics file, affine pre-alignment, the grid mode, device, threads, mixed
+precision (``--mixed_precision``) and the condition of a conditional network (``--region``,
+``--pair-type``, ``--smoothness``).
 """
 
 from __future__ import annotations
@@ -98,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(parser, "grid_mode", default="auto", choices=["auto", "squash", "isotropic", "squash-ras"])
     add_option(parser, "device", default="auto", help="auto, cpu, cuda or cuda:N")
     add_option(parser, "threads", type=int, help="CPU threads for PyTorch")
+    add_option(parser, "mixed_precision", action="store_true",
+               help="run the network in bfloat16 autocast on a CUDA device (ignored on the CPU)")
     add_option(parser, "seed", type=int, default=0, help="random seed (default 0)")
     # the condition of a conditional network (an error with other weights)
     add_option(parser, "region", type=region_argument,
@@ -203,6 +206,7 @@ def _main(args: argparse.Namespace) -> int:
         device=args.device,
         threads=args.threads,
         seed=args.seed,
+        mixed_precision=args.mixed_precision,
         progress=not args.quiet,
         intensity_conservation=args.intensity_conservation_loss,
         dice_loss_weight=args.dice_loss_weight,
