@@ -68,7 +68,7 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--lam", type=float, help="GradICON weight (default 1.5)")
     group.add_argument("--lam-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
                        help="draw the GradICON weight log-uniformly per step in this range "
-                       "(default for --conditional: 0.3 6)")
+                       "(default for a conditional network: 0.3 6)")
     group.add_argument("--similarity", choices=["lncc", "lncc2"], help="default lncc")
     group.add_argument("--lncc-sigma", type=float,
                        help="LNCC Gaussian window in grid voxels (default 5, uniGradICON's at 175^3)")
