@@ -320,9 +320,11 @@ def to_float(value: Any) -> float:
 
 
 def methods_in_order(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The distinct ``row["method"]`` values in order of first appearance ("?" when absent)."""
     return list(dict.fromkeys(str(row.get("method", "?")) for row in rows))
 
 
 def finite_values(rows: Sequence[Mapping[str, Any]], key: str, method: str) -> NDArray:
+    """The finite numbers ``row[key]`` of ``method``'s rows (missing, "n/a", inf left out)."""
     values = [to_float(r.get(key)) for r in rows if str(r.get("method", "?")) == method]
     return np.array([v for v in values if not math.isnan(v)], dtype=float)
