@@ -45,7 +45,16 @@ in :mod:`regpipe.workflows.outputs`.
 
 Example
 -------
->>> validate_job({"subject": "01", ...})  # doctest: +SKIP
+>>> job = validate_job({
+...     "subject": "01", "session": None, "suffix": "T1w", "modality": "mri",
+...     "moving": "/data/bids/sub-01/anat/sub-01_T1w.nii.gz",
+...     "entities": {"subject": "01", "suffix": "T1w", "datatype": "anat"},
+...     "fixed": "/templates/tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz",
+...     "fixed_space": "MNI152NLin2009cAsym", "pair_type": "inter",
+...     "source_uri": "bids:raw:sub-01/anat/sub-01_T1w.nii.gz",
+... })
+>>> job["fixed_mask"], job["fixed_uri"]
+(None, 'file:///templates/tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz')
 """
 
 from __future__ import annotations
