@@ -40,12 +40,12 @@ def grid_dice(moving: torch.Tensor, fixed: torch.Tensor, min_voxels: int = 20) -
 
 def warp_labels(labels: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
     """Labels ``[1, 1, ...]`` pulled through a grid-index displacement (one-hot, linear, arg-max)."""
-    from regpipe.fast_io import _index_grid, _sample
+    from regpipe.spaces import index_grid, sample_at_indices
 
     values = torch.unique(labels)
     values = values[values > 0]
     one_hot = (labels == values.view(1, -1, 1, 1, 1)).float()
-    warped = _sample(one_hot, _index_grid(tuple(labels.shape[2:]), labels.device) + displacement,
+    warped = sample_at_indices(one_hot, index_grid(tuple(labels.shape[2:]), labels.device) + displacement,
                      "zeros")
     out = values[warped.argmax(1, keepdim=True)]
     out[warped.sum(1, keepdim=True) < 0.5] = 0

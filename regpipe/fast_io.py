@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from regpipe.errors import InputError
+from regpipe.spaces import index_grid, sample_at_indices
 
 __all__ = ["DEFAULT_STEPS", "FastIOSettings", "lncc", "optimise_displacement"]
 
@@ -242,11 +243,11 @@ def optimise_displacement(
         raise InputError(f"fast instance optimisation: the {what} is empty")
     box = _bounding_box(region[0, 0], spacing, settings.margin_mm)
     crop = tuple(slice(lo, hi + 1) for lo, hi in box)
-    index_grid = _index_grid(shape, device)
+    identity = index_grid(shape, device)
     with torch.no_grad():
         if bool(disp.abs().max() > 0):
-            points = index_grid[(slice(None), slice(None), *crop)] + disp[(slice(None), slice(None), *crop)]
-            moved = _sample(moving, points, padding="zeros")
+            points = identity[(slice(None), slice(None), *crop)] + disp[(slice(None), slice(None), *crop)]
+            moved = sample_at_indices(moving, points, padding="zeros")
         else:
             moved = moving[(slice(None), slice(None), *crop)]
     fixed_crop = fixed[(slice(None), slice(None), *crop)]
@@ -264,7 +265,7 @@ def optimise_displacement(
         for (lo, hi), n in zip(reversed(box), reversed(shape)):
             pads += [lo, n - 1 - hi]
         correction = F.pad(correction, pads, mode="replicate")
-        refined = correction + _sample(disp, index_grid + correction, padding="border")
+        refined = correction + sample_at_indices(disp, identity + correction, padding="border")
     return refined.to(displacement.dtype)
 
 
@@ -711,17 +712,3 @@ def _normalised_identity(shape: Sequence[int], device: torch.device) -> torch.Te
     axes = [torch.linspace(-1.0, 1.0, int(n), device=device) for n in shape]
     mesh = torch.meshgrid(*axes, indexing="ij")
     return torch.stack(mesh[::-1], dim=-1)[None]
-
-
-def _index_grid(shape: Sequence[int], device: torch.device) -> torch.Tensor:
-    """Index coordinates ``[1, 3, n0, n1, n2]`` (channel ``c`` = index along axis ``c + 2``)."""
-    axes = [torch.arange(int(n), dtype=torch.float32, device=device) for n in shape]
-    return torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]
-
-
-def _sample(volume: torch.Tensor, points: torch.Tensor, padding: str) -> torch.Tensor:
-    """Trilinear sample of ``[1, C, n0, n1, n2]`` at index points ``[1, 3, ...]`` -> ``[1, C, ...]``."""
-    sizes = torch.tensor(volume.shape[2:], dtype=torch.float32, device=volume.device)
-    scale = (2.0 / (sizes - 1).clamp(min=1)).view(1, 3, 1, 1, 1)
-    grid = (points * scale - 1.0).permute(0, 2, 3, 4, 1).flip(-1)
-    return F.grid_sample(volume, grid, mode="bilinear", padding_mode=padding, align_corners=True)

@@ -425,13 +425,13 @@ def _displacement_on_grid(
     ``p`` of ``grid_to``, with ``A = grid_from^-1 @ grid_to``: ``U_to(p) = A^-1 U(A p)`` (the
     linear part of ``A^-1`` turns ``grid_from`` index steps into ``grid_to`` index steps).
     """
-    from regpipe.fast_io import _index_grid, _sample
+    from regpipe.spaces import index_grid, sample_at_indices
 
     to_from = np.linalg.inv(grid_from) @ grid_to
     a = torch.as_tensor(to_from, dtype=torch.float32, device=displacement.device)
-    index = _index_grid(shape, displacement.device)
+    index = index_grid(shape, displacement.device)
     points = torch.einsum("ij,bj...->bi...", a[:3, :3], index) + a[:3, 3].view(1, 3, 1, 1, 1)
-    sampled = _sample(displacement.float(), points, padding="border")
+    sampled = sample_at_indices(displacement.float(), points, padding="border")
     back = torch.linalg.inv(a[:3, :3])
     return torch.einsum("ij,bj...->bi...", back, sampled).to(displacement.dtype)
 

@@ -205,6 +205,31 @@ def index_to_sampling_grid(
     return index_points * (2.0 / torch.clamp(size - 1, min=1)) - 1.0
 
 
+def index_grid(shape: tuple[int, ...] | list[int], device: torch.device | str | None = None) -> torch.Tensor:
+    """Network-index coordinates ``[1, 3, n0, n1, n2]`` of a grid (float32).
+
+    Channel ``c`` holds the index along tensor axis ``c + 2``: the identity map in the
+    grid-index units of displacement fields (``g + U(g)``).
+    """
+    axes = [torch.arange(int(n), dtype=torch.float32, device=device) for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]
+
+
+def sample_at_indices(
+    volume: torch.Tensor, points: torch.Tensor, padding: Literal["zeros", "border"] = "border"
+) -> torch.Tensor:
+    """Trilinear samples of ``volume`` ``[1, C, n0, n1, n2]`` at network-index points.
+
+    ``points`` is ``[1, 3, ...]`` in :func:`index_grid`'s layout (channel ``c``: index along
+    axis ``c``); the result is ``[1, C, ...]``. ``padding``: ``grid_sample``'s, outside the
+    grid.
+    """
+    sizes = torch.tensor(volume.shape[2:], dtype=torch.float32, device=volume.device)
+    scale = (2.0 / (sizes - 1).clamp(min=1)).view(1, 3, 1, 1, 1)
+    grid = (points * scale - 1.0).permute(0, 2, 3, 4, 1).flip(-1)
+    return F.grid_sample(volume, grid, mode="bilinear", padding_mode=padding, align_corners=True)
+
+
 def resample_volume(
     volume: torch.Tensor,
     source: Geometry,

@@ -90,3 +90,17 @@ def test_resample_volume_world_consistency():
     target = shift @ geom.network_to_world()
     out = from_network_tensor(resample_volume(to_network_tensor(data), geom, target, (20, 20, 20)))
     assert out[8, 10, 10] == pytest.approx(1.0)
+
+
+def test_sampling_at_the_index_grid_is_the_identity_and_shifts_by_whole_voxels():
+    from regpipe.spaces import index_grid, sample_at_indices
+
+    volume = torch.rand(1, 2, 5, 6, 7)
+    identity = index_grid((5, 6, 7))
+    assert identity.shape == (1, 3, 5, 6, 7) and float(identity[0, 1, 0, 4, 0]) == 4.0
+    torch.testing.assert_close(sample_at_indices(volume, identity), volume)
+    shifted = identity + torch.tensor([0.0, 0.0, 1.0]).view(1, 3, 1, 1, 1)
+    torch.testing.assert_close(sample_at_indices(volume, shifted)[..., :-1], volume[..., 1:])
+    # one voxel beyond the last centre: zero with zero padding, the edge value with border
+    assert float(sample_at_indices(volume, shifted, padding="zeros")[..., -1].abs().max()) == 0.0
+    torch.testing.assert_close(sample_at_indices(volume, shifted)[..., -1], volume[..., -1])
