@@ -44,13 +44,15 @@ def bf16_context(device: torch.device):
 
 
 def folding_percent(displacement: torch.Tensor) -> float:
-    """Share (%) of grid voxels whose map ``g + U(g)`` has a Jacobian determinant <= 0
-    (``U``: ``[1, 3, ...]`` grid-index units, channel ``c`` along axis ``c``; central
-    differences)."""
-    field = displacement[0].numpy().astype(np.float64)
-    jac = np.stack([np.stack(np.gradient(field[c]), 0) for c in range(3)], 0)  # [c, a, ...]
-    jac = np.moveaxis(jac, (0, 1), (-2, -1)) + np.eye(3)
-    return float((np.linalg.det(jac) <= 0).mean() * 100)
+    """Share (%) of grid voxels where ``g + U(g)`` folds (``U``: ``[1, 3, ...]`` grid-index
+    units), with regpipe's own Jacobian and folding metrics on a unit-spacing grid."""
+    from regpipe.metrics import folding_stats, jacobian_determinant
+    from regpipe.spaces import Geometry
+    from regpipe.transforms import DisplacementField
+
+    field = displacement[0].permute(1, 2, 3, 0).numpy().astype(np.float32)
+    grid = Geometry(field.shape[:3], np.eye(4))
+    return folding_stats(jacobian_determinant(DisplacementField(grid, field)))["folding_percent"]
 
 
 def main() -> None:

@@ -45,8 +45,8 @@ def warp_labels(labels: torch.Tensor, displacement: torch.Tensor) -> torch.Tenso
     values = torch.unique(labels)
     values = values[values > 0]
     one_hot = (labels == values.view(1, -1, 1, 1, 1)).float()
-    warped = sample_at_indices(one_hot, index_grid(tuple(labels.shape[2:]), labels.device) + displacement,
-                     "zeros")
+    points = index_grid(tuple(labels.shape[2:]), labels.device) + displacement
+    warped = sample_at_indices(one_hot, points, "zeros")
     out = values[warped.argmax(1, keepdim=True)]
     out[warped.sum(1, keepdim=True) < 0.5] = 0
     return out

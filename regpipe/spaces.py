@@ -224,9 +224,8 @@ def sample_at_indices(
     axis ``c``); the result is ``[1, C, ...]``. ``padding``: ``grid_sample``'s, outside the
     grid.
     """
-    sizes = torch.tensor(volume.shape[2:], dtype=torch.float32, device=volume.device)
-    scale = (2.0 / (sizes - 1).clamp(min=1)).view(1, 3, 1, 1, 1)
-    grid = (points * scale - 1.0).permute(0, 2, 3, 4, 1).flip(-1)
+    # grid_sample wants (d2, d1, d0) last
+    grid = index_to_sampling_grid(points.permute(0, 2, 3, 4, 1).flip(-1), volume.shape[2:][::-1])
     return F.grid_sample(volume, grid, mode="bilinear", padding_mode=padding, align_corners=True)
 
 

@@ -139,17 +139,10 @@ def init_regpipe_wf(
         raise InputError("a region or smoothness steers a conditional network; the weights "
                          f"{weights_name or 'none'} are not conditional")
     options = RegistrationOptions(
-        weights_path,
-        weights_name,
-        int(io_iterations or 0),
-        affine_init,
-        device,
-        int(omp_nthreads),
-        seed,
-        conditional,
-        region,
-        smoothness,
-        bool(mixed_precision),
+        weights=weights_path, weights_name=weights_name, io_iterations=int(io_iterations or 0),
+        affine_init=affine_init, device=device, omp_nthreads=int(omp_nthreads), seed=seed,
+        conditional=conditional, region=region, smoothness=smoothness,
+        mixed_precision=bool(mixed_precision),
     )
     output_dir = Path(output_dir).absolute()
     run_uuid = run_uuid or f"{time.strftime('%Y%m%d-%H%M%S')}_{uuid.uuid4()}"
