@@ -12,7 +12,7 @@ the GradICON weight of that step's loss (draw it from ``lam_range``).
 A run lives in one folder:
 
 ``checkpoint.pt``
-    Everything needed to continue: weights, optimiser state, step, random-generator states,
+    Everything needed to continue: weights, optimiser state, step, torch's random state,
     options, elapsed time (plain tensors and numbers: read with ``weights_only=True``).
     Written atomically every ``checkpoint_every`` steps, at the end, when the wall-clock
     budget is spent, and on SIGINT/SIGTERM (the run stops after the current step).
@@ -23,6 +23,11 @@ A run lives in one folder:
 
 Calling :func:`train` again on the same folder continues where the previous call stopped;
 the sequence of pairs and the result are the same as one uninterrupted run with the same seed.
+
+Pairs are drawn with a random generator of their own, seeded by ``(seed, step, index)``, so
+they do not depend on what was drawn before: ``workers`` threads can draw the next steps' pairs
+while the current step runs (on a GPU the data would otherwise be the bottleneck), and the run
+is the same with any number of workers.
 
 Example
 -------
@@ -42,12 +47,15 @@ import contextlib
 import csv
 import dataclasses
 import functools
+import hashlib
 import math
 import os
 import platform
 import signal
 import time
+from collections import deque
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,7 +110,8 @@ class TrainingOptions:
     dice_weight
         Weight of the soft-Dice term on pairs that carry label maps (0: none).
     seed
-        Seeds the pair generator and torch's default generator (GradICON noise).
+        Seeds every pair's generator (with its step) and torch's default generator (GradICON
+        noise).
     device
         ``"auto"``, ``"cpu"`` or ``"cuda"``.
     amp
@@ -117,6 +126,11 @@ class TrainingOptions:
         it cannot forget).
     progress
         Show a progress bar with the running losses.
+    workers
+        Threads drawing the next steps' pairs while a step runs; ``None`` picks
+        ``min(8, CPUs - 1)`` on a GPU, where the network is faster than one thread's
+        synthesis, and 0 on the CPU, where the step itself needs every core. The pairs, and
+        so the run, are the same with any number.
     """
 
     steps: int = 1000
@@ -134,10 +148,13 @@ class TrainingOptions:
     budget_seconds: float | None = None
     progress: bool = True
     trainable: str = "all"
+    workers: int | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.checkpoint_every < 1:
             raise InputError("steps must be >= 0, batch_size and checkpoint_every >= 1")
+        if self.workers is not None and self.workers < 0:
+            raise InputError(f"workers must be >= 0, got {self.workers}")
         if not self.lr > 0 or self.lam < 0 or self.dice_weight < 0:
             raise InputError("lr must be > 0, lam and dice_weight >= 0")
         if self.trainable not in ("all", "controller"):
@@ -160,13 +177,15 @@ class TrainingOptions:
 
 @dataclass
 class TrainingState:
-    """Where a run stands: ``step`` done, seconds spent over all calls, why it stopped."""
+    """Where a run stands: ``step`` done, seconds spent over all calls, why it stopped, and
+    how long this call's steps waited for their pairs (the data's share of the time)."""
 
     step: int
     elapsed_seconds: float
     stopped_by: str  # "steps", "budget" or "signal"
     folder: Path
     last_losses: dict[str, float]
+    data_wait_seconds: float = 0.0  # of this call: time the steps waited for their pairs
 
 
 class _StopFlag:
@@ -214,12 +233,69 @@ def _batch(pairs: list[TrainingPair], device: torch.device) -> dict[str, Any]:
     return {"moving": moving, "fixed": fixed, "labels": labels}
 
 
-def _draw_lam(options: TrainingOptions, generator: torch.Generator) -> float:
+def _generator(seed: int, step: int, item: int) -> torch.Generator:
+    """The random generator of item ``item`` of step ``step``: pair ``item`` of the batch, or
+    the step's lam for ``item = -1``."""
+    digest = hashlib.sha256(f"regpipe-train:{seed}:{step}:{item}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def _draw_lam(options: TrainingOptions, step: int) -> float:
     if options.lam_range is None:
         return options.lam
     low, high = options.lam_range
-    u = float(torch.rand((), generator=generator))
+    u = float(torch.rand((), generator=_generator(options.seed, step, -1)))
     return math.exp(math.log(low) + u * (math.log(high) - math.log(low)))
+
+
+def _workers(options: TrainingOptions, device: torch.device) -> int:
+    if options.workers is not None:
+        return options.workers
+    return min(8, max(1, (os.cpu_count() or 2) - 1)) if device.type == "cuda" else 0
+
+
+class _PairStream:
+    """The pairs of each step in order, drawn ``workers`` threads ahead (or on demand with 0).
+
+    Sources only read their data and the generator they are given, so drawing in threads is
+    safe; torch releases the GIL in the resampling and filtering that dominate a draw.
+    """
+
+    def __init__(self, source: PairSource, shape: tuple[int, int, int], options: TrainingOptions,
+                 workers: int) -> None:
+        self.source, self.shape, self.options = source, shape, options
+        self.executor = (ThreadPoolExecutor(workers, thread_name_prefix="regpipe-pairs")
+                         if workers else None)
+        # enough steps in flight to keep every worker busy, and at least the next one
+        self.ahead = max(2, math.ceil(2 * workers / options.batch_size))
+        self.pending: deque[tuple[int, list[Future[TrainingPair]]]] = deque()
+        self.waited = 0.0
+
+    def _draw(self, step: int, item: int) -> TrainingPair:
+        return self.source.draw(self.shape, _generator(self.options.seed, step, item))
+
+    def pairs(self, step: int) -> list[TrainingPair]:
+        """The pairs of ``step`` (steps are asked for in increasing order)."""
+        started = time.perf_counter()
+        try:
+            if self.executor is None:
+                return [self._draw(step, i) for i in range(self.options.batch_size)]
+            while self.pending and self.pending[0][0] < step:
+                self.pending.popleft()
+            following = self.pending[-1][0] + 1 if self.pending else step
+            while len(self.pending) < self.ahead and following <= max(step, self.options.steps):
+                futures = [self.executor.submit(self._draw, following, i)
+                           for i in range(self.options.batch_size)]
+                self.pending.append((following, futures))
+                following += 1
+            _, futures = self.pending.popleft()
+            return [future.result() for future in futures]
+        finally:
+            self.waited += time.perf_counter() - started
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
 
 
 def _conditioned(network: RegistrationNetwork, pairs: list[TrainingPair], lam: float):
@@ -245,8 +321,8 @@ def _objective(network: RegistrationNetwork, batch: dict[str, Any], lam: float, 
     ), use_dice
 
 
-def _resume(folder: Path, network: RegistrationNetwork, optimiser: torch.optim.Optimizer,
-            generator: torch.Generator) -> tuple[int, float]:
+def _resume(folder: Path, network: RegistrationNetwork, optimiser: torch.optim.Optimizer
+            ) -> tuple[int, float]:
     path = folder / CHECKPOINT
     if not path.exists():
         return 0, 0.0
@@ -263,7 +339,6 @@ def _resume(folder: Path, network: RegistrationNetwork, optimiser: torch.optim.O
         )
     restore_network_state(network, saved)
     optimiser.load_state_dict(saved["optimizer"])
-    generator.set_state(saved["generator"])
     torch.set_rng_state(saved["torch_rng"])
     return int(saved["step"]), float(saved["elapsed_seconds"])
 
@@ -283,13 +358,11 @@ def write_model_card(card: Mapping[str, Any], path: Path) -> Path:
 
 
 def _save(folder: Path, network: RegistrationNetwork, optimiser: torch.optim.Optimizer,
-          generator: torch.Generator, step: int, elapsed: float, options: TrainingOptions,
-          card: dict[str, Any]) -> None:
+          step: int, elapsed: float, options: TrainingOptions, card: dict[str, Any]) -> None:
     _atomic_save({
         **network_state(network),
         "card": card,
         "optimizer": optimiser.state_dict(),
-        "generator": generator.get_state(),
         "torch_rng": torch.get_rng_state(),
         "step": step,
         "elapsed_seconds": elapsed,
@@ -339,9 +412,8 @@ def train(
     device = select_device(options.device)
     network.to(device).train()
     torch.manual_seed(options.seed)
-    generator = torch.Generator().manual_seed(options.seed)
     optimiser = torch.optim.Adam(_trainable_parameters(network, options.trainable), lr=options.lr)
-    step, elapsed_before = _resume(folder, network, optimiser, generator)
+    step, elapsed_before = _resume(folder, network, optimiser)
     shape = network.config.grid_shape
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16)
@@ -369,7 +441,9 @@ def train(
 
     bar = tqdm(total=options.steps, initial=step, disable=not options.progress, desc="training",
                unit="step", dynamic_ncols=True)
-    with open(log_path, "a", newline="", encoding="utf-8") as log_file, stop.installed():
+    stream = _PairStream(source, shape, options, _workers(options, device))
+    with open(log_path, "a", newline="", encoding="utf-8") as log_file, stop.installed(), \
+            contextlib.closing(stream):
         writer = csv.writer(log_file)
         if new_log:
             writer.writerow(LOG_FIELDS)
@@ -381,8 +455,8 @@ def train(
                 stopped_by = "budget"
                 break
             t0 = time.perf_counter()
-            pairs = [source.draw(shape, generator) for _ in range(options.batch_size)]
-            lam = _draw_lam(options, generator)
+            pairs = stream.pairs(step + 1)
+            lam = _draw_lam(options, step + 1)
             batch = _batch(pairs, device)
             optimiser.zero_grad(set_to_none=True)
             with autocast, _conditioned(network, pairs, lam):
@@ -411,14 +485,14 @@ def train(
                             icon=f"{last['gradicon']:.4f}")
             if step % options.checkpoint_every == 0:
                 log_file.flush()
-                _save(folder, network, optimiser, generator, step,
+                _save(folder, network, optimiser, step,
                       elapsed_before + time.monotonic() - started, options, current_card())
     bar.close()
     elapsed = elapsed_before + time.monotonic() - started
-    _save(folder, network, optimiser, generator, step, elapsed, options, current_card())
+    _save(folder, network, optimiser, step, elapsed, options, current_card())
     network.requires_grad_(True)
     network.eval()
-    return TrainingState(step, elapsed, stopped_by, folder, last)
+    return TrainingState(step, elapsed, stopped_by, folder, last, stream.waited)
 
 
 def _trainable_parameters(network: RegistrationNetwork, trainable: str) -> list[torch.nn.Parameter]:

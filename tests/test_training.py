@@ -177,7 +177,7 @@ def test_aligned_maps_start_pairs_as_an_affine_pre_alignment_would(tmp_path):
     for i, data in enumerate((first, second)):
         paths.append(str(tmp_path / f"m{i}.nii.gz"))
         nib.save(nib.Nifti1Image(data, np.eye(4)), paths[-1])
-    kwargs = dict(inter_probability=1.0, deformation=STILL)
+    kwargs = {"inter_probability": 1.0, "deformation": STILL}
     boxes = LabelMapSource(paths, SHAPE, **kwargs).draw(SHAPE, _generator(4))
     aligned = LabelMapSource(paths, SHAPE, align=True, **kwargs).draw(SHAPE, _generator(4))
     assert _overlap(aligned.moving_labels, aligned.fixed_labels) > 0.85
@@ -268,6 +268,49 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
         assert torch.allclose(a, b, atol=1e-6), key
     rows = list(csv.DictReader((tmp_path / "split" / "log.csv").read_text().splitlines()))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+
+
+def test_workers_draw_the_same_pairs_and_give_the_same_run(tmp_path):
+    serial, _ = _train(tmp_path / "serial", 3, workers=0, batch_size=2, lam_range=(0.5, 5.0))
+    threaded, state = _train(tmp_path / "threaded", 3, workers=3, batch_size=2, lam_range=(0.5, 5.0))
+    assert state.step == 3 and state.data_wait_seconds >= 0
+    for (key, a), b in zip(serial.state_dict().items(), threaded.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), key
+    logs = [[(r["similarity"], r["lam"], r["pair_type"]) for r in
+             csv.DictReader((tmp_path / run / "log.csv").read_text().splitlines())]
+            for run in ("serial", "threaded")]
+    assert logs[0] == logs[1]
+    assert len({lam for _, lam, _ in logs[0]}) == 3  # each step its own lam
+
+
+def test_resumed_threaded_run_equals_an_uninterrupted_one(tmp_path):
+    whole, _ = _train(tmp_path / "whole", 4, workers=0)
+    _train(tmp_path / "split", 2, workers=2)
+    resumed, _ = _train(tmp_path / "split", 4, workers=2)
+    for (key, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), key
+
+
+def test_a_failing_draw_in_a_worker_reaches_the_caller(tmp_path):
+    class Broken:
+        name, region = "broken", "other"
+
+        def draw(self, shape, generator):
+            raise InputError("this source cannot draw")
+
+    options = TrainingOptions(steps=3, progress=False, workers=2)
+    with pytest.raises(InputError, match="cannot draw"):
+        train(build_network(TINY), Broken(), tmp_path, options)
+    with pytest.raises(InputError, match="workers"):
+        TrainingOptions(workers=-1)
+
+
+def test_workers_default_to_none_on_the_cpu_and_some_on_a_gpu():
+    from regpipe.training import _workers
+
+    assert _workers(TrainingOptions(), torch.device("cpu")) == 0
+    assert _workers(TrainingOptions(workers=3), torch.device("cpu")) == 3
+    assert 1 <= _workers(TrainingOptions(), torch.device("cuda")) <= 8
 
 
 def test_budget_stops_cleanly_with_a_checkpoint(tmp_path):
@@ -383,10 +426,12 @@ def test_cli_trains_from_a_recipe_and_continues(tmp_path, capsys):
     assert main([str(run), "--recipe", str(recipe), "--data-root", str(tmp_path), *TINY_ARGS]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 2
     assert main([str(run), "--recipe", str(recipe), "--data-root", str(tmp_path), "--steps", "3",
-                 *TINY_ARGS]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 3
+                 "--workers", "2", *TINY_ARGS]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["step"] == 3 and summary["data_wait_seconds"] >= 0
     card = network_from_file(run / "weights.pt").metadata
     assert card["name"] == "unit" and card["training"]["steps"] == 3
+    assert card["training"]["options"]["workers"] == 2
     assert len(maps) == 2
 
 

@@ -23,6 +23,7 @@ import json
 import logging
 import re
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,9 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", help="auto, cpu or cuda (default auto)")
     group.add_argument("--no-amp", action="store_true", help="no bfloat16 autocast on CUDA")
     group.add_argument("--threads", type=int, help="CPU threads")
+    group.add_argument("--workers", type=int,
+                       help="threads drawing the next pairs while a step runs (default: "
+                       "min(8, CPUs - 1) on a GPU, 0 on the CPU); the run is the same with any number")
     group.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 100)")
     group.add_argument("--budget", type=parse_duration,
                        help="stop cleanly after this wall-clock time (e.g. 90m, 2h); run again to continue")
@@ -317,7 +321,7 @@ def options_from(settings: dict[str, Any]):
     from regpipe.training import TrainingOptions
 
     fields = {"steps", "batch_size", "lr", "lam", "lam_range", "similarity", "lncc_sigma", "dice_weight",
-              "seed", "device", "checkpoint_every", "trainable"}
+              "seed", "device", "checkpoint_every", "trainable", "workers"}
     values = {k: settings[k] for k in fields if settings.get(k) is not None}
     if settings.get("lam_range") is not None:
         values["lam_range"] = tuple(settings["lam_range"])
@@ -343,7 +347,7 @@ def run_training(settings: dict[str, Any], output: Path, card: dict[str, Any]) -
     if settings.get("description"):
         card["description"] = settings["description"]
     card.setdefault("training", {})["recipe"] = {
-        k: v for k, v in settings.items() if k not in ("no_progress", "threads", "device")
+        k: v for k, v in settings.items() if k not in ("no_progress", "threads", "device", "workers")
     }
     card["grid_mode"] = settings.get("grid_mode", "squash")
     conditioning = getattr(network, "conditioning", None)
@@ -354,11 +358,17 @@ def run_training(settings: dict[str, Any], output: Path, card: dict[str, Any]) -
             "training": "region and pair type of each pair; lam drawn per step, also the "
                         "GradICON weight of that step",
         }
+    started = time.monotonic()
     state = train(network, source, output, options, card)
+    spent = time.monotonic() - started
     LOGGER.info("stopped after step %d (%s), %.1f h in all; weights: %s", state.step,
                 state.stopped_by, state.elapsed_seconds / 3600, output / "weights.pt")
+    LOGGER.info("this run waited %.0f s of %.0f s for training pairs%s", state.data_wait_seconds,
+                spent, "; more --workers would keep the device busier"
+                if state.data_wait_seconds > 0.2 * spent else "")
     print(json.dumps({"step": state.step, "stopped_by": state.stopped_by,
-                      "elapsed_seconds": round(state.elapsed_seconds, 1), **state.last_losses}))
+                      "elapsed_seconds": round(state.elapsed_seconds, 1),
+                      "data_wait_seconds": round(state.data_wait_seconds, 1), **state.last_losses}))
     return 0
 
 
