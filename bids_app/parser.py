@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -304,13 +303,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
 def _finalize(args: argparse.Namespace) -> argparse.Namespace:
     """Flatten label lists, fill CPU defaults, check option combinations."""
     for name in ("participant_label", "session_label"):
@@ -325,7 +317,9 @@ def _finalize(args: argparse.Namespace) -> argparse.Namespace:
             raise UsageError("--reference-session applies to --mode longitudinal only")
     args.compare = list(dict.fromkeys(args.compare))
     if args.nprocs is None:
-        args.nprocs = _cpu_count()
+        from regpipe.device import available_cpus  # torch: not for --help
+
+        args.nprocs = available_cpus()
     if args.omp_nthreads is None:
         args.omp_nthreads = min(args.nprocs, 8)
     if args.omp_nthreads > args.nprocs:

@@ -10,6 +10,7 @@ Example
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from collections.abc import Iterator
 
@@ -17,7 +18,7 @@ import torch
 
 from regpipe.errors import InputError, ResourceError
 
-__all__ = ["autocast", "select_device", "set_threads"]
+__all__ = ["autocast", "available_cpus", "select_device", "set_threads"]
 
 _CUDA_SPEC = re.compile(r"^cuda(?::(\d+))?$")
 
@@ -63,6 +64,15 @@ def select_device(spec: str | torch.device = "auto") -> torch.device:
             raise ResourceError(f"device {text!r} requested but only {count} GPU(s) are visible")
         return torch.device("cuda", index)
     return torch.device("cuda")
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on: its affinity mask where the system has one (a SLURM or
+    container CPU allocation), else all of the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 
 
 def set_threads(n: int | None) -> int:

@@ -128,7 +128,7 @@ class TrainingOptions:
         Show a progress bar with the running losses.
     workers
         Threads drawing the next steps' pairs while a step runs; ``None`` picks
-        ``min(8, CPUs - 1)`` on a GPU, where the network is faster than one thread's
+        ``min(8, CPUs - 1)`` on a GPU (the CPUs this process may use), where the network is faster than one thread's
         synthesis, and 0 on the CPU, where the step itself needs every core. The pairs, and
         so the run, are the same with any number.
     """
@@ -251,7 +251,9 @@ def _draw_lam(options: TrainingOptions, step: int) -> float:
 def _workers(options: TrainingOptions, device: torch.device) -> int:
     if options.workers is not None:
         return options.workers
-    return min(8, max(1, (os.cpu_count() or 2) - 1)) if device.type == "cuda" else 0
+    from regpipe.device import available_cpus
+
+    return min(8, max(1, available_cpus() - 1)) if device.type == "cuda" else 0
 
 
 class _PairStream:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from regpipe.device import autocast, select_device, set_threads
+from regpipe.device import autocast, available_cpus, select_device, set_threads
 from regpipe.errors import InputError, ResourceError
 
 
@@ -44,6 +44,15 @@ def test_set_threads() -> None:
     for bad in (0, -2, 1.5, True):
         with pytest.raises(InputError):
             set_threads(bad)  # type: ignore[arg-type]
+
+
+def test_available_cpus_follow_the_affinity_mask(monkeypatch) -> None:
+    import os
+
+    assert 1 <= available_cpus() <= (os.cpu_count() or 1)
+    if hasattr(os, "sched_getaffinity"):  # a SLURM allocation of 3 CPUs on a bigger node
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 5, 9})
+        assert available_cpus() == 3
 
 
 def test_autocast_is_a_no_op_on_cpu() -> None:
