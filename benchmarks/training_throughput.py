@@ -33,7 +33,7 @@ import torch
 
 from regpipe.cli.train import build_network_from, build_source
 from regpipe.device import select_device, set_threads
-from regpipe.training import TrainingOptions, _PairStream, train
+from regpipe.training import TrainingOptions, PairStream, train
 
 
 def main(argv=None) -> int:
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
                                   dice_weight=float(settings.get("dice_weight", 0.0)),
                                   device=str(device), progress=False, workers=workers,
                                   checkpoint_every=args.steps + 1)
-        stream = _PairStream(source, shape, options, workers)
+        stream = PairStream(source, shape, options, workers)
         t0 = time.perf_counter()
         try:
             for step in range(1, args.steps + 1):

@@ -75,7 +75,7 @@ from regpipe.networks import (
 )
 from regpipe.training_data import PairSource, TrainingPair
 
-__all__ = ["TrainingOptions", "TrainingState", "train", "write_model_card"]
+__all__ = ["PairStream", "TrainingOptions", "TrainingState", "train", "write_model_card"]
 
 CHECKPOINT = "checkpoint.pt"
 WEIGHTS = "weights.pt"
@@ -256,11 +256,22 @@ def _workers(options: TrainingOptions, device: torch.device) -> int:
     return min(8, max(1, available_cpus() - 1)) if device.type == "cuda" else 0
 
 
-class _PairStream:
-    """The pairs of each step in order, drawn ``workers`` threads ahead (or on demand with 0).
+class PairStream:
+    """The pairs of each step of a run, drawn ``workers`` threads ahead (on demand with 0).
 
-    Sources only read their data and the generator they are given, so drawing in threads is
-    safe; torch releases the GIL in the resampling and filtering that dominate a draw.
+    Pair ``i`` of step ``s`` is drawn from ``source`` with a generator seeded by
+    ``(options.seed, s, i)``: the same pairs with any number of workers. Sources only read
+    their data and the generator they are given, so drawing in threads is safe; torch
+    releases the GIL in the resampling and filtering that dominate a draw. ``waited`` adds up
+    the seconds :meth:`pairs` spent drawing or waiting; :meth:`close` stops the threads.
+
+    Example
+    -------
+    >>> from regpipe.training_data import RandomShapesSource
+    >>> stream = PairStream(RandomShapesSource(), (16, 16, 16), TrainingOptions(steps=2), workers=2)
+    >>> [p.moving.shape for p in stream.pairs(1)]
+    [torch.Size([1, 1, 16, 16, 16])]
+    >>> stream.close()
     """
 
     def __init__(self, source: PairSource, shape: tuple[int, int, int], options: TrainingOptions,
@@ -443,7 +454,7 @@ def train(
 
     bar = tqdm(total=options.steps, initial=step, disable=not options.progress, desc="training",
                unit="step", dynamic_ncols=True)
-    stream = _PairStream(source, shape, options, _workers(options, device))
+    stream = PairStream(source, shape, options, _workers(options, device))
     with open(log_path, "a", newline="", encoding="utf-8") as log_file, stop.installed(), \
             contextlib.closing(stream):
         writer = csv.writer(log_file)
