@@ -25,6 +25,7 @@ Example
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -175,7 +176,7 @@ def ants_version() -> str:
     return str(getattr(ants, "__version__", "unknown"))
 
 
-#: ANTs image description that pickles without regpipe: (data, LPS origin, spacing, direction).
+#: ANTs image description, plain arrays and numbers: (data, LPS origin, spacing, direction).
 _AntsArgs = tuple[NDArray[np.float32], tuple[float, ...], tuple[float, ...], NDArray[np.float64]]
 
 
@@ -301,25 +302,30 @@ def _ants_registration_files(
 
 
 def _in_fresh_process(args: tuple, folder: str) -> dict[str, Any]:
-    """:func:`_ants_registration_files` in a new Python process (arguments and result pickled
-    through files; nothing of the caller's ``__main__`` is imported, unlike ``spawn``)."""
-    import pickle
+    """:func:`_ants_registration_files` in a new Python process (nothing of the caller's
+    ``__main__`` is imported, unlike ``spawn``). The request travels as an ``.npz`` of the
+    images read without pickle plus JSON, the reply as JSON: no pickle crosses the processes."""
     import subprocess
     import sys
 
-    request, reply = Path(folder) / "request.pkl", Path(folder) / "reply.pkl"
-    request.write_bytes(pickle.dumps(args))
-    code = (
-        "import pickle, sys; from regpipe.ants_methods import _ants_registration_files as run; "
-        "args = pickle.load(open(sys.argv[1], 'rb')); "
-        "pickle.dump(run(*args, measure=True), open(sys.argv[2], 'wb'))"
-    )
+    images, type_of_transform, work, seed, threads, progress = args
+    arrays: dict[str, NDArray[np.generic]] = {}
+    request: dict[str, Any] = {"images": {}, "type_of_transform": type_of_transform,
+                               "folder": work, "seed": seed, "threads": threads, "progress": progress}
+    for name, (data, origin, spacing, direction) in images.items():
+        arrays[f"{name}_data"], arrays[f"{name}_direction"] = data, direction
+        request["images"][name] = {"origin": list(origin), "spacing": list(spacing)}
+    np.savez(Path(folder) / "request.npz", **arrays)
+    (Path(folder) / "request.json").write_text(json.dumps(request), encoding="utf-8")
+    reply = Path(folder) / "reply.json"
+    reply.unlink(missing_ok=True)
+    code = "import sys; from regpipe.ants_methods import _serve_request; _serve_request(sys.argv[1])"
     env = {**os.environ, ITK_THREADS: "1"}
     done = subprocess.run(
-        [sys.executable, "-c", code, str(request), str(reply)],
+        [sys.executable, "-c", code, folder],
         env=env,
         check=False,
-        stdout=None if args[-1] else subprocess.DEVNULL,
+        stdout=None if progress else subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -331,7 +337,25 @@ def _in_fresh_process(args: tuple, folder: str) -> dict[str, Any]:
             f"ANTs registration failed (exit {done.returncode}): "
             + (lines[-1] if lines else "no message")
         )
-    return pickle.loads(reply.read_bytes())
+    return json.loads(reply.read_text(encoding="utf-8"))
+
+
+def _serve_request(folder: str) -> None:
+    """The fresh process's side of :func:`_in_fresh_process`: read the request in ``folder``,
+    register, write ``reply.json``."""
+    request = json.loads((Path(folder) / "request.json").read_text(encoding="utf-8"))
+    with np.load(Path(folder) / "request.npz", allow_pickle=False) as arrays:
+        images: dict[str, _AntsArgs] = {
+            name: (arrays[f"{name}_data"], tuple(meta["origin"]), tuple(meta["spacing"]),
+                   arrays[f"{name}_direction"])
+            for name, meta in request["images"].items()
+        }
+    files = _ants_registration_files(images, request["type_of_transform"], request["folder"],
+                                     request["seed"], request["threads"], request["progress"],
+                                     measure=True)
+    temporary = Path(folder) / ".reply.json.tmp"
+    temporary.write_text(json.dumps(files), encoding="utf-8")
+    os.replace(temporary, Path(folder) / "reply.json")
 
 
 def _chain(paths: Sequence[str], invert_affines: bool) -> Transform:

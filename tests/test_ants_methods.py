@@ -133,6 +133,21 @@ def test_seed_zero_is_reproducible_too(pair):
     assert first.settings["ants_random_seed"] == 1
 
 
+def test_the_fresh_process_exchanges_no_pickle_and_reports_its_failure(pair, tmp_path):
+    from regpipe.ants_methods import _ants_args, _in_fresh_process
+    from regpipe.errors import RegpipeError
+
+    fixed, moving = pair
+    images = {"fixed": _ants_args(fixed.data, fixed.geometry),
+              "moving": _ants_args(moving.data, moving.geometry)}
+    files = _in_fresh_process((images, "Translation", str(tmp_path), 1, 1, False), str(tmp_path))
+    assert files["fwdtransforms"] and files["runtime_s"] > 0  # measured in the child
+    with np.load(tmp_path / "request.npz", allow_pickle=False) as arrays:  # no object arrays
+        assert np.array_equal(arrays["fixed_data"], images["fixed"][0])
+    with pytest.raises(RegpipeError, match="ANTs registration failed"):
+        _in_fresh_process((images, "NoSuchTransform", str(tmp_path), 1, 1, False), str(tmp_path))
+
+
 def test_ants_random_seed_is_positive_and_distinct():
     seeds = [ants_random_seed(s) for s in (0, 1, 2, 2**31 - 2, 2**32 - 1)]
     assert all(1 <= s <= 2**31 - 1 for s in seeds)
