@@ -59,6 +59,17 @@ _MEMORY_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECAS
 _MEMORY_UNIT_GB = {"K": 1 / 1024**2, "": 1 / 1024, "M": 1 / 1024, "G": 1.0, "T": 1024.0}
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: ...)`` only where it informs: not for unset values (``None``,
+    ``False``, empty lists) and not where the help text already says the default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, []) or re.search(r"\bdefault[: ]", text):
+            return text
+        return super()._get_help_string(action) or text
+
+
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose usage errors raise :class:`UsageError` (exit 64, not 2)."""
 
@@ -206,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="regpipe",
         description="regpipe BIDS App: register anatomical images with a foundation network "
         "and compare with ANTs; writes BIDS Derivatives and QC reports.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("bids_dir", type=Path, help="the input BIDS dataset (never written to)")
     parser.add_argument("output_dir", type=Path,

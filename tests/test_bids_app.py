@@ -189,6 +189,15 @@ def test_template_spec_parsing():
         f"tpl-{TPL}_res-01_T1w.nii.gz"
 
 
+def test_help_states_each_default_once_and_no_unset_ones():
+    from regpipe.bids_app.parser import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "(default: T1w)" in text and "(default: MultiProc)" in text
+    assert "default 1.5)" in text and "default 1.5) (default" not in text  # --smoothness
+
+
 # --------------------------------------------------------------------------- exit codes
 
 
