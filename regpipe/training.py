@@ -18,6 +18,10 @@ A run lives in one folder:
     budget is spent, and on SIGINT/SIGTERM (the run stops after the current step).
 ``weights.pt`` / ``weights.md``
     The shippable weights file (:func:`~regpipe.networks.save_weights`) and its model card.
+``weights-avg.pt`` / ``weights-avg.md``
+    With ``average_from``: the mean of the snapshots taken every ``average_every`` steps from
+    that step on (:class:`~regpipe.networks.WeightAverage`), updated at every checkpoint; the
+    running sums travel in ``checkpoint.pt``, so a resumed run keeps averaging.
 ``log.csv``
     One row per step: losses, folds, seconds, the source of the pair.
 
@@ -68,6 +72,7 @@ from regpipe.networks import (
     Condition,
     ConditionalRegistrationNetwork,
     RegistrationNetwork,
+    WeightAverage,
     network_state,
     restore_network_state,
     save_weights,
@@ -80,6 +85,7 @@ __all__ = ["PairStream", "TrainingOptions", "TrainingState", "train", "write_mod
 CHECKPOINT = "checkpoint.pt"
 WEIGHTS = "weights.pt"
 CARD = "weights.md"
+AVERAGE = "weights-avg.pt"
 LOG = "log.csv"
 LOG_FIELDS = ("step", "all", "similarity", "gradicon", "dice", "folds", "seconds", "region", "pair_type", "lam")
 
@@ -126,6 +132,11 @@ class TrainingOptions:
         it cannot forget).
     progress
         Show a progress bar with the running losses.
+    average_from
+        Keep the mean of the weights of every ``average_every``-th step from this step on
+        (weight averaging; written as ``weights-avg.pt``). ``None``: no average.
+    average_every
+        Steps between the snapshots of the average.
     workers
         Threads drawing the next steps' pairs while a step runs; ``None`` picks
         ``min(8, CPUs - 1)`` on a GPU (the CPUs this process may use), where the network is faster than one thread's
@@ -149,12 +160,16 @@ class TrainingOptions:
     progress: bool = True
     trainable: str = "all"
     workers: int | None = None
+    average_from: int | None = None
+    average_every: int = 50
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.checkpoint_every < 1:
             raise InputError("steps must be >= 0, batch_size and checkpoint_every >= 1")
         if self.workers is not None and self.workers < 0:
             raise InputError(f"workers must be >= 0, got {self.workers}")
+        if self.average_every < 1 or (self.average_from is not None and self.average_from < 0):
+            raise InputError("average_every must be >= 1 and average_from >= 0")
         if not self.lr > 0 or self.lam < 0 or self.dice_weight < 0:
             raise InputError("lr must be > 0, lam and dice_weight >= 0")
         if self.trainable not in ("all", "controller"):
@@ -248,6 +263,12 @@ def _draw_lam(options: TrainingOptions, step: int) -> float:
     return math.exp(math.log(low) + u * (math.log(high) - math.log(low)))
 
 
+def _averaged(step: int, options: TrainingOptions) -> bool:
+    """Whether the weights after ``step`` join the weight average."""
+    start = options.average_from
+    return start is not None and step >= start and step % options.average_every == 0
+
+
 def _workers(options: TrainingOptions, device: torch.device) -> int:
     if options.workers is not None:
         return options.workers
@@ -334,8 +355,8 @@ def _objective(network: RegistrationNetwork, batch: dict[str, Any], lam: float, 
     ), use_dice
 
 
-def _resume(folder: Path, network: RegistrationNetwork, optimiser: torch.optim.Optimizer
-            ) -> tuple[int, float]:
+def _resume(folder: Path, network: RegistrationNetwork, optimiser: torch.optim.Optimizer,
+            average: WeightAverage | None) -> tuple[int, float]:
     path = folder / CHECKPOINT
     if not path.exists():
         return 0, 0.0
@@ -352,6 +373,8 @@ def _resume(folder: Path, network: RegistrationNetwork, optimiser: torch.optim.O
         )
     restore_network_state(network, saved)
     optimiser.load_state_dict(saved["optimizer"])
+    if average is not None and saved.get("average"):
+        average.load_state_dict(saved["average"])
     torch.set_rng_state(saved["torch_rng"])
     return int(saved["step"]), float(saved["elapsed_seconds"])
 
@@ -371,7 +394,8 @@ def write_model_card(card: Mapping[str, Any], path: Path) -> Path:
 
 
 def _save(folder: Path, network: RegistrationNetwork, optimiser: torch.optim.Optimizer,
-          step: int, elapsed: float, options: TrainingOptions, card: dict[str, Any]) -> None:
+          step: int, elapsed: float, options: TrainingOptions, card: dict[str, Any],
+          average: WeightAverage | None) -> None:
     _atomic_save({
         **network_state(network),
         "card": card,
@@ -380,11 +404,17 @@ def _save(folder: Path, network: RegistrationNetwork, optimiser: torch.optim.Opt
         "step": step,
         "elapsed_seconds": elapsed,
         "options": options.to_dict(),
+        "average": average.state_dict() if average is not None else None,
     }, folder / CHECKPOINT)
     temporary = folder / f".{WEIGHTS}.tmp"
     save_weights(network, temporary, card)
     os.replace(temporary, folder / WEIGHTS)
     write_model_card(card, folder / CARD)
+    if average is not None and average.count:
+        temporary = folder / f".{AVERAGE}.tmp"
+        average.save(temporary, card)
+        os.replace(temporary, folder / AVERAGE)
+        write_model_card(average.card(card), (folder / AVERAGE).with_suffix(".md"))
 
 
 def train(
@@ -426,7 +456,8 @@ def train(
     network.to(device).train()
     torch.manual_seed(options.seed)
     optimiser = torch.optim.Adam(_trainable_parameters(network, options.trainable), lr=options.lr)
-    step, elapsed_before = _resume(folder, network, optimiser)
+    average = WeightAverage() if options.average_from is not None else None
+    step, elapsed_before = _resume(folder, network, optimiser, average)
     shape = network.config.grid_shape
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16)
@@ -483,6 +514,8 @@ def train(
             loss.backward()
             optimiser.step()
             step += 1
+            if average is not None and _averaged(step, options):
+                average.add(network, step)
             values = {k: float(v.detach()) for k, v in terms._asdict().items()}
             dice = values["all_loss"] - lam * values["inverse_consistency_loss"] - values["similarity_loss"]
             last = {
@@ -499,10 +532,10 @@ def train(
             if step % options.checkpoint_every == 0:
                 log_file.flush()
                 _save(folder, network, optimiser, step,
-                      elapsed_before + time.monotonic() - started, options, current_card())
+                      elapsed_before + time.monotonic() - started, options, current_card(), average)
     bar.close()
     elapsed = elapsed_before + time.monotonic() - started
-    _save(folder, network, optimiser, step, elapsed, options, current_card())
+    _save(folder, network, optimiser, step, elapsed, options, current_card(), average)
     network.requires_grad_(True)
     network.eval()
     return TrainingState(step, elapsed, stopped_by, folder, last, stream.waited)

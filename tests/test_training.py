@@ -313,6 +313,33 @@ def test_workers_default_to_none_on_the_cpu_and_some_on_a_gpu():
     assert 1 <= _workers(TrainingOptions(), torch.device("cuda")) <= 8
 
 
+def test_weight_average_of_a_resumed_run_is_the_mean_of_its_snapshots(tmp_path):
+    import shutil
+
+    from regpipe.networks import average_weights
+
+    snapshots = []
+    for steps in (2, 4, 6):  # three calls: the average travels in the checkpoint
+        _train(tmp_path / "run", steps, average_from=2, average_every=2, lr=1e-2)
+        snapshots.append(shutil.copy(tmp_path / "run" / "weights.pt", tmp_path / f"step{steps}.pt"))
+    average_weights(snapshots, tmp_path / "expected.pt")
+    expected = network_from_file(tmp_path / "expected.pt").regis_net.state_dict()
+    averaged = network_from_file(tmp_path / "run" / "weights-avg.pt")
+    last = network_from_file(tmp_path / "run" / "weights.pt").regis_net.state_dict()
+    for key, value in averaged.regis_net.state_dict().items():
+        assert torch.allclose(value, expected[key], atol=1e-6), key
+    assert any(not torch.allclose(averaged.regis_net.state_dict()[k], last[k]) for k in last)
+    assert averaged.metadata["weight_average"] == {"snapshots": 3, "first_step": 2, "last_step": 6}
+    assert "weight_average" in (tmp_path / "run" / "weights-avg.md").read_text()
+    with pytest.raises(InputError, match="average_every"):
+        TrainingOptions(average_every=0)
+
+
+def test_no_average_file_without_average_from(tmp_path):
+    _train(tmp_path, 2)
+    assert not (tmp_path / "weights-avg.pt").exists()
+
+
 def test_budget_stops_cleanly_with_a_checkpoint(tmp_path):
     _, state = _train(tmp_path, 50, budget_seconds=0.0)
     assert state.stopped_by == "budget" and state.step == 0
@@ -426,12 +453,13 @@ def test_cli_trains_from_a_recipe_and_continues(tmp_path, capsys):
     assert main([str(run), "--recipe", str(recipe), "--data-root", str(tmp_path), *TINY_ARGS]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 2
     assert main([str(run), "--recipe", str(recipe), "--data-root", str(tmp_path), "--steps", "3",
-                 "--workers", "2", *TINY_ARGS]) == 0
+                 "--workers", "2", "--average-from", "1", "--average-every", "1", *TINY_ARGS]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["step"] == 3 and summary["data_wait_seconds"] >= 0
     card = network_from_file(run / "weights.pt").metadata
     assert card["name"] == "unit" and card["training"]["steps"] == 3
     assert card["training"]["options"]["workers"] == 2
+    assert network_from_file(run / "weights-avg.pt").metadata["weight_average"]["snapshots"] == 1
     assert len(maps) == 2
 
 

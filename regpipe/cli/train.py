@@ -82,6 +82,11 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
                        help="threads drawing the next pairs while a step runs (default: "
                        "min(8, CPUs - 1) on a GPU, 0 on the CPU); the run is the same with any number")
     group.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 100)")
+    group.add_argument("--average-from", type=int, metavar="STEP",
+                       help="weight averaging: keep the mean of the weights of every "
+                       "--average-every-th step from STEP on, written as weights-avg.pt")
+    group.add_argument("--average-every", type=int, metavar="N",
+                       help="steps between the snapshots of the average (default 50)")
     group.add_argument("--budget", type=parse_duration,
                        help="stop cleanly after this wall-clock time (e.g. 90m, 2h); run again to continue")
     group.add_argument("--trainable", choices=["all", "controller"],
@@ -321,7 +326,8 @@ def options_from(settings: dict[str, Any]):
     from regpipe.training import TrainingOptions
 
     fields = {"steps", "batch_size", "lr", "lam", "lam_range", "similarity", "lncc_sigma", "dice_weight",
-              "seed", "device", "checkpoint_every", "trainable", "workers"}
+              "seed", "device", "checkpoint_every", "trainable", "workers", "average_from",
+              "average_every"}
     values = {k: settings[k] for k in fields if settings.get(k) is not None}
     if settings.get("lam_range") is not None:
         values["lam_range"] = tuple(settings["lam_range"])

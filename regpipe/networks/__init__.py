@@ -7,9 +7,9 @@ that steers the flow heads by region, pair type and regularisation weight. All m
 pull-backs in normalised coordinates (see :mod:`regpipe.networks.gradicon`).
 """
 
+from regpipe.networks.averaging import WeightAverage, average_weights
 from regpipe.networks.checkpoint import (
     Checkpoint,
-    average_weights,
     infer_config,
     is_conditional_file,
     load_weights,
@@ -17,6 +17,7 @@ from regpipe.networks.checkpoint import (
     network_state,
     read_checkpoint,
     restore_network_state,
+    save_network_state,
     save_weights,
     saved_config,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "RegistrationNetwork",
     "TwoStep",
     "UNet2",
+    "WeightAverage",
     "average_weights",
     "build_network",
     "canonical_region",
@@ -72,6 +74,7 @@ __all__ = [
     "network_state",
     "read_checkpoint",
     "restore_network_state",
+    "save_network_state",
     "save_weights",
     "saved_config",
     "warp_normalised",

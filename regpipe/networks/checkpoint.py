@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,6 @@ from regpipe.networks.gradicon import NetworkConfig, RegistrationNetwork, build_
 
 __all__ = [
     "Checkpoint",
-    "average_weights",
     "infer_config",
     "is_conditional_file",
     "load_weights",
@@ -52,6 +51,7 @@ __all__ = [
     "network_state",
     "read_checkpoint",
     "restore_network_state",
+    "save_network_state",
     "save_weights",
     "saved_config",
 ]
@@ -314,11 +314,15 @@ def save_weights(
     -------
     The written path.
     """
+    card = dict(metadata if metadata is not None else network.metadata)
+    return save_network_state(network_state(network), path, card)
+
+
+def save_network_state(state: Mapping[str, Any], path: PathLike, card: Mapping[str, Any]) -> Path:
+    """Write a :func:`network_state` payload and its card in :func:`save_weights`'s layout."""
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
-    card = dict(metadata if metadata is not None else network.metadata)
-    payload = {**network_state(network), "card": card}
-    torch.save(payload, path)
+    torch.save({**state, "card": dict(card)}, path)
     return path
 
 
@@ -411,46 +415,3 @@ def network_from_file(path: PathLike, device: torch.device | str = "cpu") -> Reg
     load_weights(network, checkpoint)
     network.metadata = dict(checkpoint.card)
     return network.to(device).eval()
-
-
-def average_weights(
-    paths: Sequence[PathLike], output: PathLike, metadata: Mapping[str, Any] | None = None
-) -> Path:
-    """Average several weights files of one configuration into ``output`` (weight averaging).
-
-    Snapshots of one training run taken a few hundred steps apart sit around the same minimum;
-    their mean usually registers better than any of them (stochastic weight averaging). Every
-    floating-point tensor (parameters, batch-norm statistics, a conditional network's
-    controller) is averaged; integer buffers come from the last file. The card is the last
-    file's, plus ``averaged_from`` (each file's name and sha256) and ``metadata``.
-
-    Raises
-    ------
-    WeightsError
-        With fewer than two files, or files of different configurations.
-    """
-    from regpipe.weights import sha256sum  # regpipe.weights imports this module
-
-    if len(paths) < 2:
-        raise WeightsError("averaging needs at least two weights files")
-    networks = [network_from_file(path) for path in paths]
-    states = [network_state(network) for network in networks]
-    if any(state["config"] != states[0]["config"] for state in states[1:]):
-        raise WeightsError("the weights files have different network configurations: "
-                           + ", ".join(str(p) for p in paths))
-    average = networks[-1]
-    for part in ("state_dict", "controller"):
-        if part not in states[-1]:
-            continue
-        mean = {
-            key: (torch.stack([s[part][key].float() for s in states]).mean(0).to(value.dtype)
-                  if value.is_floating_point()
-                  and not all(torch.equal(s[part][key], value) for s in states) else value)
-            for key, value in states[-1][part].items()
-        }  # tensors equal in every file (a frozen part) stay bit-exact
-        module = average.regis_net if part == "state_dict" else average.controller  # type: ignore[attr-defined]
-        module.load_state_dict(mean, strict=True)
-    card = dict(getattr(average, "metadata", {}) or {})
-    card["averaged_from"] = [{"file": Path(path).name, "sha256": sha256sum(path)} for path in paths]
-    card.update(metadata or {})
-    return save_weights(average, output, card)
