@@ -33,7 +33,8 @@ import torch
 
 from regpipe.cli.train import build_network_from, build_source
 from regpipe.device import select_device, set_threads
-from regpipe.training import TrainingOptions, PairStream, train
+from regpipe.pair_stream import PairStream
+from regpipe.training import TrainingOptions, train
 
 
 def main(argv=None) -> int:
@@ -66,7 +67,8 @@ def main(argv=None) -> int:
                                   dice_weight=float(settings.get("dice_weight", 0.0)),
                                   device=str(device), progress=False, workers=workers,
                                   checkpoint_every=args.steps + 1)
-        stream = PairStream(source, shape, options, workers)
+        stream = PairStream(source, shape, seed=0, batch_size=args.batch_size, workers=workers,
+                            last_step=args.steps)
         t0 = time.perf_counter()
         try:
             for step in range(1, args.steps + 1):

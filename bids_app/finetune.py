@@ -204,7 +204,7 @@ def check_resumable(folder: Path, network, sha256: str) -> bool:
     """``True`` when ``folder`` holds a checkpoint to resume; 64 when it is another run's."""
     import torch
 
-    from regpipe.training import CHECKPOINT
+    from regpipe.run_folder import CHECKPOINT
 
     path = folder / CHECKPOINT
     if not path.exists():

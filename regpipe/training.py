@@ -9,29 +9,18 @@ A :class:`~regpipe.networks.ConditionalRegistrationNetwork` is trained on the co
 each pair: its region and pair type (from the source) and the step's ``lam``, which is also
 the GradICON weight of that step's loss (draw it from ``lam_range``).
 
-A run lives in one folder:
-
-``checkpoint.pt``
-    Everything needed to continue: weights, optimiser state, step, torch's random state,
-    options, elapsed time (plain tensors and numbers: read with ``weights_only=True``).
-    Written atomically every ``checkpoint_every`` steps, at the end, when the wall-clock
-    budget is spent, and on SIGINT/SIGTERM (the run stops after the current step).
-``weights.pt`` / ``weights.md``
-    The shippable weights file (:func:`~regpipe.networks.save_weights`) and its model card.
-``weights-avg.pt`` / ``weights-avg.md``
-    With ``average_from``: the mean of the snapshots taken every ``average_every`` steps from
-    that step on (:class:`~regpipe.networks.WeightAverage`), updated at every checkpoint; the
-    running sums travel in ``checkpoint.pt``, so a resumed run keeps averaging.
-``log.csv``
-    One row per step: losses, folds, seconds, the source of the pair.
+A run lives in one folder (:mod:`regpipe.run_folder`): ``checkpoint.pt`` (written atomically
+every ``checkpoint_every`` steps, at the end, when the wall-clock budget is spent, and on
+SIGINT/SIGTERM after the current step), ``weights.pt`` + ``weights.md``, with
+``average_from`` the weight average ``weights-avg.pt`` + ``weights-avg.md``, and ``log.csv``.
 
 Calling :func:`train` again on the same folder continues where the previous call stopped;
 the sequence of pairs and the result are the same as one uninterrupted run with the same seed.
 
-Pairs are drawn with a random generator of their own, seeded by ``(seed, step, index)``, so
-they do not depend on what was drawn before: ``workers`` threads can draw the next steps' pairs
-while the current step runs (on a GPU the data would otherwise be the bottleneck), and the run
-is the same with any number of workers.
+Each pair has a random generator of its own, seeded by ``(seed, step, index)``
+(:mod:`regpipe.pair_stream`): ``workers`` threads can draw the next steps' pairs while the
+current step runs (on a GPU the data would otherwise be the bottleneck), and the run is the
+same with any number of workers.
 
 Example
 -------
@@ -51,43 +40,38 @@ import contextlib
 import csv
 import dataclasses
 import functools
-import hashlib
 import math
 import os
 import platform
-import signal
 import time
-from collections import deque
-from collections.abc import Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from regpipe.errors import InputError, WeightsError
+from regpipe.errors import InputError
 from regpipe.losses import SIMILARITIES, gradicon_objective, shared_label_one_hot
 from regpipe.networks import (
     Condition,
     ConditionalRegistrationNetwork,
     RegistrationNetwork,
     WeightAverage,
-    network_state,
-    restore_network_state,
-    save_weights,
-    saved_config,
+)
+from regpipe.pair_stream import PairStream, default_workers, pair_generator
+from regpipe.run_folder import (
+    LOG,
+    LOG_FIELDS,
+    ProgressLog,
+    StopFlag,
+    resume_run,
+    save_run,
+    write_model_card,
 )
 from regpipe.training_data import PairSource, TrainingPair
 
-__all__ = ["PairStream", "TrainingOptions", "TrainingState", "train", "write_model_card"]
-
-CHECKPOINT = "checkpoint.pt"
-WEIGHTS = "weights.pt"
-CARD = "weights.md"
-AVERAGE = "weights-avg.pt"
-LOG = "log.csv"
-LOG_FIELDS = ("step", "all", "similarity", "gradicon", "dice", "folds", "seconds", "region", "pair_type", "lam")
+__all__ = ["TrainingOptions", "TrainingState", "train", "write_model_card"]
 
 
 @dataclass
@@ -203,39 +187,6 @@ class TrainingState:
     data_wait_seconds: float = 0.0  # of this call: time the steps waited for their pairs
 
 
-class _StopFlag:
-    """Turns SIGINT/SIGTERM into a flag checked between steps (main thread only)."""
-
-    def __init__(self) -> None:
-        self.raised = False
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {}
-
-        def handler(signum: int, _frame: Any) -> None:
-            self.raised = True
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, handler)
-        try:
-            yield
-        finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
-
-
-def _atomic_save(payload: Any, path: Path) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(payload, temporary)
-    os.replace(temporary, path)
-
-
 def _batch(pairs: list[TrainingPair], device: torch.device) -> dict[str, Any]:
     moving = torch.cat([p.moving for p in pairs]).to(device)
     fixed = torch.cat([p.fixed for p in pairs]).to(device)
@@ -248,18 +199,11 @@ def _batch(pairs: list[TrainingPair], device: torch.device) -> dict[str, Any]:
     return {"moving": moving, "fixed": fixed, "labels": labels}
 
 
-def _generator(seed: int, step: int, item: int) -> torch.Generator:
-    """The random generator of item ``item`` of step ``step``: pair ``item`` of the batch, or
-    the step's lam for ``item = -1``."""
-    digest = hashlib.sha256(f"regpipe-train:{seed}:{step}:{item}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-
-
 def _draw_lam(options: TrainingOptions, step: int) -> float:
     if options.lam_range is None:
         return options.lam
     low, high = options.lam_range
-    u = float(torch.rand((), generator=_generator(options.seed, step, -1)))
+    u = float(torch.rand((), generator=pair_generator(options.seed, step, -1)))
     return math.exp(math.log(low) + u * (math.log(high) - math.log(low)))
 
 
@@ -267,69 +211,6 @@ def _averaged(step: int, options: TrainingOptions) -> bool:
     """Whether the weights after ``step`` join the weight average."""
     start = options.average_from
     return start is not None and step >= start and step % options.average_every == 0
-
-
-def _workers(options: TrainingOptions, device: torch.device) -> int:
-    if options.workers is not None:
-        return options.workers
-    from regpipe.device import available_cpus
-
-    return min(8, max(1, available_cpus() - 1)) if device.type == "cuda" else 0
-
-
-class PairStream:
-    """The pairs of each step of a run, drawn ``workers`` threads ahead (on demand with 0).
-
-    Pair ``i`` of step ``s`` is drawn from ``source`` with a generator seeded by
-    ``(options.seed, s, i)``: the same pairs with any number of workers. Sources only read
-    their data and the generator they are given, so drawing in threads is safe; torch
-    releases the GIL in the resampling and filtering that dominate a draw. ``waited`` adds up
-    the seconds :meth:`pairs` spent drawing or waiting; :meth:`close` stops the threads.
-
-    Example
-    -------
-    >>> from regpipe.training_data import RandomShapesSource
-    >>> stream = PairStream(RandomShapesSource(), (16, 16, 16), TrainingOptions(steps=2), workers=2)
-    >>> [p.moving.shape for p in stream.pairs(1)]
-    [torch.Size([1, 1, 16, 16, 16])]
-    >>> stream.close()
-    """
-
-    def __init__(self, source: PairSource, shape: tuple[int, int, int], options: TrainingOptions,
-                 workers: int) -> None:
-        self.source, self.shape, self.options = source, shape, options
-        self.executor = (ThreadPoolExecutor(workers, thread_name_prefix="regpipe-pairs")
-                         if workers else None)
-        # enough steps in flight to keep every worker busy, and at least the next one
-        self.ahead = max(2, math.ceil(2 * workers / options.batch_size))
-        self.pending: deque[tuple[int, list[Future[TrainingPair]]]] = deque()
-        self.waited = 0.0
-
-    def _draw(self, step: int, item: int) -> TrainingPair:
-        return self.source.draw(self.shape, _generator(self.options.seed, step, item))
-
-    def pairs(self, step: int) -> list[TrainingPair]:
-        """The pairs of ``step`` (steps are asked for in increasing order)."""
-        started = time.perf_counter()
-        try:
-            if self.executor is None:
-                return [self._draw(step, i) for i in range(self.options.batch_size)]
-            while self.pending and self.pending[0][0] < step:
-                self.pending.popleft()
-            following = self.pending[-1][0] + 1 if self.pending else step
-            while len(self.pending) < self.ahead and following <= max(step, self.options.steps):
-                futures = [self.executor.submit(self._draw, following, i)
-                           for i in range(self.options.batch_size)]
-                self.pending.append((following, futures))
-                following += 1
-            _, futures = self.pending.popleft()
-            return [future.result() for future in futures]
-        finally:
-            self.waited += time.perf_counter() - started
-
-    def close(self) -> None:
-        if self.executor is not None:
-            self.executor.shutdown(wait=True, cancel_futures=True)
 
 
 def _conditioned(network: RegistrationNetwork, pairs: list[TrainingPair], lam: float):
@@ -353,68 +234,6 @@ def _objective(network: RegistrationNetwork, batch: dict[str, Any], lam: float, 
         segmentations=labels if use_dice else None,
         dice_loss_weight=options.dice_weight if use_dice else 0.0,
     ), use_dice
-
-
-def _resume(folder: Path, network: RegistrationNetwork, optimiser: torch.optim.Optimizer,
-            average: WeightAverage | None) -> tuple[int, float]:
-    path = folder / CHECKPOINT
-    if not path.exists():
-        return 0, 0.0
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise WeightsError(f"cannot read the training checkpoint {path}: {error}") from error
-    expected = saved_config(network)
-    if saved.get("config") != expected:
-        raise InputError(
-            f"{path} was trained with network configuration {saved.get('config')}, not "
-            f"{expected}; use another output folder, or start from its "
-            f"weights with --init {folder / WEIGHTS}"
-        )
-    restore_network_state(network, saved)
-    optimiser.load_state_dict(saved["optimizer"])
-    if average is not None and saved.get("average"):
-        average.load_state_dict(saved["average"])
-    torch.set_rng_state(saved["torch_rng"])
-    return int(saved["step"]), float(saved["elapsed_seconds"])
-
-
-def write_model_card(card: Mapping[str, Any], path: Path) -> Path:
-    """Render a model card dictionary as Markdown next to the weights."""
-    lines = [f"# Model card: {card.get('name', 'regpipe network')}", ""]
-    for key, value in card.items():
-        if isinstance(value, Mapping):
-            lines.append(f"## {key}")
-            lines.extend(f"- **{k}**: {v}" for k, v in value.items())
-            lines.append("")
-        else:
-            lines.append(f"- **{key}**: {value}")
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
-def _save(folder: Path, network: RegistrationNetwork, optimiser: torch.optim.Optimizer,
-          step: int, elapsed: float, options: TrainingOptions, card: dict[str, Any],
-          average: WeightAverage | None) -> None:
-    _atomic_save({
-        **network_state(network),
-        "card": card,
-        "optimizer": optimiser.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        "step": step,
-        "elapsed_seconds": elapsed,
-        "options": options.to_dict(),
-        "average": average.state_dict() if average is not None else None,
-    }, folder / CHECKPOINT)
-    temporary = folder / f".{WEIGHTS}.tmp"
-    save_weights(network, temporary, card)
-    os.replace(temporary, folder / WEIGHTS)
-    write_model_card(card, folder / CARD)
-    if average is not None and average.count:
-        temporary = folder / f".{AVERAGE}.tmp"
-        average.save(temporary, card)
-        os.replace(temporary, folder / AVERAGE)
-        write_model_card(average.card(card), (folder / AVERAGE).with_suffix(".md"))
 
 
 def train(
@@ -457,7 +276,7 @@ def train(
     torch.manual_seed(options.seed)
     optimiser = torch.optim.Adam(_trainable_parameters(network, options.trainable), lr=options.lr)
     average = WeightAverage() if options.average_from is not None else None
-    step, elapsed_before = _resume(folder, network, optimiser, average)
+    step, elapsed_before = resume_run(folder, network, optimiser, average)
     shape = network.config.grid_shape
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16)
@@ -466,7 +285,7 @@ def train(
     log_path = folder / LOG
     new_log = not log_path.exists()
     started = time.monotonic()
-    stop = _StopFlag()
+    stop = StopFlag()
     stopped_by = "steps"
     last: dict[str, float] = {}
     base_card = dict(card or {})
@@ -485,7 +304,10 @@ def train(
 
     bar = tqdm(total=options.steps, initial=step, disable=not options.progress, desc="training",
                unit="step", dynamic_ncols=True)
-    stream = PairStream(source, shape, options, _workers(options, device))
+    workers = options.workers if options.workers is not None else default_workers(device)
+    stream = PairStream(source, shape, seed=options.seed, batch_size=options.batch_size,
+                        workers=workers, last_step=options.steps)
+    progress_log = ProgressLog(options.steps, enabled=not options.progress)
     with open(log_path, "a", newline="", encoding="utf-8") as log_file, stop.installed(), \
             contextlib.closing(stream):
         writer = csv.writer(log_file)
@@ -526,16 +348,20 @@ def train(
             writer.writerow([step, *(f"{last[k]:.6g}" for k in ("all", "similarity", "gradicon", "dice", "folds")),
                              f"{time.perf_counter() - t0:.3f}", pairs[0].region,
                              pairs[0].pair_type, f"{lam:.4g}"])
+            progress_log.add(last)
             bar.update(1)
             bar.set_postfix(loss=f"{last['all']:.4f}", sim=f"{last['similarity']:.4f}",
                             icon=f"{last['gradicon']:.4f}")
             if step % options.checkpoint_every == 0:
                 log_file.flush()
-                _save(folder, network, optimiser, step,
-                      elapsed_before + time.monotonic() - started, options, current_card(), average)
+                save_run(folder, network, optimiser, step=step, card=current_card(), average=average,
+                         elapsed=elapsed_before + time.monotonic() - started, options=options.to_dict())
+                budget = options.budget_seconds
+                progress_log.report(step, None if budget is None else budget - (time.monotonic() - started))
     bar.close()
     elapsed = elapsed_before + time.monotonic() - started
-    _save(folder, network, optimiser, step, elapsed, options, current_card(), average)
+    save_run(folder, network, optimiser, step=step, elapsed=elapsed, options=options.to_dict(),
+             card=current_card(), average=average)
     network.requires_grad_(True)
     network.eval()
     return TrainingState(step, elapsed, stopped_by, folder, last, stream.waited)

@@ -305,12 +305,28 @@ def test_a_failing_draw_in_a_worker_reaches_the_caller(tmp_path):
         TrainingOptions(workers=-1)
 
 
-def test_workers_default_to_none_on_the_cpu_and_some_on_a_gpu():
-    from regpipe.training import _workers
+def test_pairs_depend_on_seed_step_and_place_only():
+    from regpipe.pair_stream import PairStream
 
-    assert _workers(TrainingOptions(), torch.device("cpu")) == 0
-    assert _workers(TrainingOptions(workers=3), torch.device("cpu")) == 3
-    assert 1 <= _workers(TrainingOptions(), torch.device("cuda")) <= 8
+    def stream(workers):
+        return PairStream(RandomShapesSource(), SHAPE, seed=3, batch_size=2, workers=workers, last_step=5)
+
+    serial, threaded = stream(0), stream(2)
+    try:
+        late = threaded.pairs(4)  # steps 1-3 never drawn by this one
+        assert all(torch.equal(a.moving, b.moving) for a, b in zip(serial.pairs(4), late, strict=True))
+        assert not torch.equal(late[0].moving, late[1].moving)
+        assert not torch.equal(serial.pairs(5)[0].moving, late[0].moving)
+    finally:
+        serial.close()
+        threaded.close()
+
+
+def test_workers_default_to_none_on_the_cpu_and_some_on_a_gpu():
+    from regpipe.pair_stream import default_workers
+
+    assert default_workers(torch.device("cpu")) == 0
+    assert 1 <= default_workers(torch.device("cuda")) <= 8
 
 
 def test_weight_average_of_a_resumed_run_is_the_mean_of_its_snapshots(tmp_path):
@@ -333,6 +349,18 @@ def test_weight_average_of_a_resumed_run_is_the_mean_of_its_snapshots(tmp_path):
     assert "weight_average" in (tmp_path / "run" / "weights-avg.md").read_text()
     with pytest.raises(InputError, match="average_every"):
         TrainingOptions(average_every=0)
+
+
+def test_without_a_progress_bar_each_checkpoint_logs_a_line(tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="regpipe.training"):
+        torch.manual_seed(0)
+        train(build_network(TINY), RandomShapesSource(), tmp_path,
+              TrainingOptions(steps=4, checkpoint_every=2, progress=False))
+    lines = [r.getMessage() for r in caplog.records if r.name == "regpipe.training"]
+    assert len(lines) == 2 and lines[0].startswith("step 2/4: loss ") and "s/step" in lines[0]
+    assert "mean of 2 steps" in lines[1] and lines[1].endswith("0 min to go")
 
 
 def test_no_average_file_without_average_from(tmp_path):

@@ -1,0 +1,179 @@
+"""A training run's folder: its checkpoint, weights, model cards and log, and its stop signals.
+
+``checkpoint.pt``
+    Everything needed to continue: weights, optimiser state, step, torch's random state,
+    options, elapsed time, the running weight average (plain tensors and numbers: read with
+    ``weights_only=True``). Written atomically.
+``weights.pt`` / ``weights.md``
+    The shippable weights file (:func:`~regpipe.networks.save_weights`) and its model card.
+``weights-avg.pt`` / ``weights-avg.md``
+    The weight average, when the run keeps one (:class:`~regpipe.networks.WeightAverage`).
+``log.csv``
+    One row per step (:data:`LOG_FIELDS`).
+
+The pairs need no state here: each is seeded by its step (:mod:`regpipe.pair_stream`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from regpipe.errors import InputError, WeightsError
+from regpipe.networks import (
+    RegistrationNetwork,
+    WeightAverage,
+    network_state,
+    restore_network_state,
+    save_weights,
+    saved_config,
+)
+
+__all__ = ["LOG_FIELDS", "ProgressLog", "StopFlag", "resume_run", "save_run", "write_model_card"]
+
+LOGGER = logging.getLogger("regpipe.training")
+
+CHECKPOINT = "checkpoint.pt"
+WEIGHTS = "weights.pt"
+CARD = "weights.md"
+AVERAGE = "weights-avg.pt"
+LOG = "log.csv"
+LOG_FIELDS = ("step", "all", "similarity", "gradicon", "dice", "folds", "seconds", "region", "pair_type", "lam")
+
+
+class StopFlag:
+    """Turns SIGINT/SIGTERM into a flag checked between steps (main thread only)."""
+
+    def __init__(self) -> None:
+        self.raised = False
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {}
+
+        def handler(signum: int, _frame: Any) -> None:
+            self.raised = True
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+
+class ProgressLog:
+    """Without a progress bar (batch jobs, SLURM logs), one log line per checkpoint: the mean
+    losses since the previous line, the speed and the time still to go."""
+
+    KEYS = ("all", "similarity", "gradicon", "dice")
+
+    def __init__(self, total_steps: int, enabled: bool) -> None:
+        self.total_steps, self.enabled = total_steps, enabled
+        self.sums = dict.fromkeys(self.KEYS, 0.0)
+        self.count, self.since = 0, time.monotonic()
+
+    def add(self, losses: Mapping[str, float]) -> None:
+        for key in self.KEYS:
+            self.sums[key] += losses[key]
+        self.count += 1
+
+    def report(self, step: int, budget_left: float | None) -> None:
+        """Log the line for ``step`` (``budget_left``: seconds of the wall-clock budget)."""
+        if not self.enabled or not self.count:
+            return
+        per_step = (time.monotonic() - self.since) / self.count
+        to_go = (self.total_steps - step) * per_step
+        if budget_left is not None:
+            to_go = min(to_go, max(budget_left, 0.0))
+        mean = {key: value / self.count for key, value in self.sums.items()}
+        LOGGER.info("step %d/%d: loss %.4f (similarity %.4f, GradICON %.4f, Dice %.4f; mean of "
+                    "%d steps), %.2f s/step, %s to go", step, self.total_steps, mean["all"],
+                    mean["similarity"], mean["gradicon"], mean["dice"], self.count, per_step,
+                    f"{to_go / 60:.0f} min" if to_go < 3600 else f"{to_go / 3600:.1f} h")
+        self.sums = dict.fromkeys(self.KEYS, 0.0)
+        self.count, self.since = 0, time.monotonic()
+
+
+def _atomic_save(payload: Any, path: Path) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(payload, temporary)
+    os.replace(temporary, path)
+
+
+def resume_run(folder: Path, network: RegistrationNetwork, optimiser: torch.optim.Optimizer,
+               average: WeightAverage | None) -> tuple[int, float]:
+    """Restore the run in ``folder`` into ``network``, ``optimiser``, ``average`` and torch's
+    random state; return its step and elapsed seconds (``0, 0.0`` for a new run)."""
+    path = folder / CHECKPOINT
+    if not path.exists():
+        return 0, 0.0
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise WeightsError(f"cannot read the training checkpoint {path}: {error}") from error
+    expected = saved_config(network)
+    if saved.get("config") != expected:
+        raise InputError(
+            f"{path} was trained with network configuration {saved.get('config')}, not "
+            f"{expected}; use another output folder, or start from its "
+            f"weights with --init {folder / WEIGHTS}"
+        )
+    restore_network_state(network, saved)
+    optimiser.load_state_dict(saved["optimizer"])
+    if average is not None and saved.get("average"):
+        average.load_state_dict(saved["average"])
+    torch.set_rng_state(saved["torch_rng"])
+    return int(saved["step"]), float(saved["elapsed_seconds"])
+
+
+def write_model_card(card: Mapping[str, Any], path: Path) -> Path:
+    """Render a model card dictionary as Markdown next to the weights."""
+    lines = [f"# Model card: {card.get('name', 'regpipe network')}", ""]
+    for key, value in card.items():
+        if isinstance(value, Mapping):
+            lines.append(f"## {key}")
+            lines.extend(f"- **{k}**: {v}" for k, v in value.items())
+            lines.append("")
+        else:
+            lines.append(f"- **{key}**: {value}")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def save_run(folder: Path, network: RegistrationNetwork, optimiser: torch.optim.Optimizer, *,
+             step: int, elapsed: float, options: Mapping[str, Any], card: dict[str, Any],
+             average: WeightAverage | None) -> None:
+    """Write the checkpoint, the weights and their card (and the average's) atomically."""
+    _atomic_save({
+        **network_state(network),
+        "card": card,
+        "optimizer": optimiser.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "step": step,
+        "elapsed_seconds": elapsed,
+        "options": dict(options),
+        "average": average.state_dict() if average is not None else None,
+    }, folder / CHECKPOINT)
+    temporary = folder / f".{WEIGHTS}.tmp"
+    save_weights(network, temporary, card)
+    os.replace(temporary, folder / WEIGHTS)
+    write_model_card(card, folder / CARD)
+    if average is not None and average.count:
+        temporary = folder / f".{AVERAGE}.tmp"
+        average.save(temporary, card)
+        os.replace(temporary, folder / AVERAGE)
+        write_model_card(average.card(card), (folder / AVERAGE).with_suffix(".md"))
