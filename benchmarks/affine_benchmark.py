@@ -63,7 +63,8 @@ class Pair:
 
 
 def read_fcsv(path: Path) -> NDArray[np.float64]:
-    """Landmarks ``[n, 3]`` in RAS mm from a Slicer ``.fcsv`` (:func:`regpipe.evaluation.read_fcsv`)."""
+    """Landmarks ``[n, 3]`` in RAS mm from a Slicer ``.fcsv``
+    (:func:`regpipe.evaluation.read_fcsv`)."""
     from regpipe.evaluation import read_fcsv as read
 
     return read(path).points

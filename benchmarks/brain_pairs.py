@@ -78,7 +78,7 @@ class Subject:
         where = np.nonzero(self.brain)
         return tuple(  # type: ignore[return-value]
             slice(max(int(w.min()) - margin, 0), min(int(w.max()) + margin + 1, n))
-            for w, n in zip(where, self.labels.shape)
+            for w, n in zip(where, self.labels.shape, strict=True)
         )
 
 
@@ -160,7 +160,8 @@ def run_ours(
     shape = (grid, grid, grid)
     grid_in = network_grid(geometry_f, shape, "squash")
     grid_out = affine.matrix @ grid_in
-    fixed_t = network_input(normalize_intensity(fixed.image, "mri"), geometry_f, grid_in, shape, squash=True)
+    fixed_t = network_input(normalize_intensity(fixed.image, "mri"), geometry_f, grid_in, shape,
+                            squash=True)
     moving_t = network_input(normalize_intensity(moving.image, "mri"), geometry_m, grid_out, shape)
     spacing = [float(np.linalg.norm(grid_in[:3, a])) for a in range(3)]
     zero = torch.zeros((1, 3, *shape))
@@ -265,8 +266,10 @@ def summarise(rows: list[dict]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, required=True, help="folder of training_seg_XX.nii.gz")
-    parser.add_argument("--pairs", type=int, default=5, help="number of pairs (01->02, 03->04, ...)")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="folder of training_seg_XX.nii.gz")
+    parser.add_argument("--pairs", type=int, default=5,
+                        help="number of pairs (01->02, 03->04, ...)")
     parser.add_argument(
         "--methods", default="affine,ours,syn",
         help="comma list of affine, ours, pipeline, network, network+io, syn, synquick",
@@ -312,7 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 row["time_s"] = seconds
             elif method in ("network", "network+io"):
                 io_steps = 0 if method == "network" else steps
-                transform, seconds = run_pipeline(fixed, moving, io_steps, args.threads, args.weights)
+                transform, seconds = run_pipeline(fixed, moving, io_steps, args.threads,
+                                                  args.weights)
                 row = evaluate_transform(fixed, moving, transform, labels)
                 row["time_s"] = seconds
             elif method in ("syn", "synquick"):

@@ -91,7 +91,8 @@ def main() -> int:
                 "--affine", "none", "--grid_mode", "squash", "--threads", str(args.threads),
                 "--quiet"]
     if shutil.which(ref_cmd[0]) is None:
-        raise SystemExit("unigradicon-register is not installed (pip install --no-deps unigradicon==1.0.6)")
+        raise SystemExit("unigradicon-register is not installed "
+                         "(pip install --no-deps unigradicon==1.0.6)")
     ref_time, ref_mem = run(ref_cmd, env)
     ours_time, ours_mem = run(ours_cmd, env)
 

@@ -56,10 +56,9 @@ def _deformed_copy(subject, seed: int, amplitude_mm: float = 4.0):
     field = np.stack([ndimage.zoom(c, np.array(shape) / 6, order=1) for c in coarse])
     field *= amplitude_mm / np.abs(field).max()
     coords = np.indices(shape, dtype=np.float32) + field
-    copy = type(subject)(subject.name + "-deformed",
-                         ndimage.map_coordinates(subject.labels, coords, order=0).astype(np.int16),
-                         ndimage.map_coordinates(subject.image, coords, order=1).astype(np.float32),
-                         subject.affine)
+    labels = ndimage.map_coordinates(subject.labels, coords, order=0).astype(np.int16)
+    image = ndimage.map_coordinates(subject.image, coords, order=1).astype(np.float32)
+    copy = type(subject)(subject.name + "-deformed", labels, image, subject.affine)
     return copy
 
 
@@ -98,7 +97,8 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     maps = args.data / "brain" / "synthseg_label_maps"
-    pairs = [(load_subject(maps, 2 * p + 1), load_subject(maps, 2 * p + 2)) for p in range(args.pairs)]
+    pairs = [(load_subject(maps, 2 * p + 1), load_subject(maps, 2 * p + 2))
+             for p in range(args.pairs)]
     labels = [dice_labels(f.labels, m.labels, 1000) for f, m in pairs]
     out: dict = {"smoothness": [], "pair_type": [], "versus": []}
 
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     for lam in (float(v) for v in args.lams.split(",")):
         rows = [brain_row(f, m, lab, args.conditional, with_ncc=True, region="brain",
                           pair_type="inter", smoothness=lam)
-                for (f, m), lab in zip(pairs, labels)]
+                for (f, m), lab in zip(pairs, labels, strict=True)]
         keys = ("dice", "ncc", "sd_log_j", "folding_pct")
         summary = {k: float(np.mean([r[k] for r in rows])) for k in keys}
         out["smoothness"].append({"lam": lam, **summary})
@@ -124,20 +124,26 @@ def main(argv=None) -> int:
             copy = _deformed_copy(fixed, seed=index)
             brain_intra.append(brain_row(fixed, copy, dice_labels(fixed.labels, copy.labels, 1000),
                                          args.conditional, region="brain", pair_type=kind)["dice"])
-        brain_inter = [brain_row(f, m, lab, args.conditional, region="brain", pair_type=kind)["dice"]
-                       for (f, m), lab in zip(pairs, labels)]
-        knee = _ncc_after(_register(knee_fixed, knee_moving, args.conditional, region="knee", pair_type=kind))
+        brain_inter = [
+            brain_row(f, m, lab, args.conditional, region="brain", pair_type=kind)["dice"]
+            for (f, m), lab in zip(pairs, labels, strict=True)
+        ]
+        knee_result = _register(knee_fixed, knee_moving, args.conditional, region="knee",
+                                pair_type=kind)
+        knee = _ncc_after(knee_result)
         row = {"condition": kind, "brain_intra_dice": float(np.mean(brain_intra)),
                "brain_inter_dice": float(np.mean(brain_inter)), "knee_ncc": knee}
         out["pair_type"].append(row)
-        print(f"pair_type={kind}: brain intra Dice {row['brain_intra_dice']:.4f}, brain inter Dice "
-              f"{row['brain_inter_dice']:.4f}, knee NCC {knee:.4f}", flush=True)
+        print(f"pair_type={kind}: brain intra Dice {row['brain_intra_dice']:.4f}, "
+              f"brain inter Dice {row['brain_inter_dice']:.4f}, knee NCC {knee:.4f}", flush=True)
 
     for name, weights, condition in (
         ("unconditional", args.unconditional, {}),
-        ("conditional", args.conditional, {"region": "brain", "pair_type": "inter", "smoothness": 1.5}),
+        ("conditional", args.conditional,
+         {"region": "brain", "pair_type": "inter", "smoothness": 1.5}),
     ):
-        dice = [brain_row(f, m, lab, weights, **condition)["dice"] for (f, m), lab in zip(pairs, labels)]
+        dice = [brain_row(f, m, lab, weights, **condition)["dice"]
+                for (f, m), lab in zip(pairs, labels, strict=True)]
         knee_condition = dict(condition, region="knee", pair_type="intra") if condition else {}
         knee = _ncc_after(_register(knee_fixed, knee_moving, weights, **knee_condition))
         out["versus"].append({"model": name, "brain_dice": float(np.mean(dice)), "knee_ncc": knee})

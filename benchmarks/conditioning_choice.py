@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
 
     report: dict[str, Any] = {
         "settings": {**{k: v for k, v in vars(args).items() if k != "json"},
-                     "network": config.to_dict(), "pretrain_s_per_step": round(pretrain_seconds, 3)},
+                     "network": config.to_dict(),
+                     "pretrain_s_per_step": round(pretrain_seconds, 3)},
         "variants": {},
     }
     variants: dict[str, RegistrationNetwork] = {"none": copy.deepcopy(base)}
@@ -136,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
             "response": round(grad2[0] / max(grad2[-1], 1e-12), 3),
             "monotonic": all(a >= b for a, b in itertools.pairwise(grad2)),
         }
-        print(f"{name:8s} {seconds:6.2f} s/step  response {report['variants'][name]['response']:.3f}"
-              f"  monotonic {report['variants'][name]['monotonic']}", file=sys.stderr)
+        variant = report["variants"][name]
+        print(f"{name:8s} {seconds:6.2f} s/step  response {variant['response']:.3f}"
+              f"  monotonic {variant['monotonic']}", file=sys.stderr)
         for lam in lams:
             row = metrics[f"{lam:g}"]
             print(f"    lam {lam:4g}: " + "  ".join(f"{k} {v:.4f}" for k, v in row.items()),

@@ -13,7 +13,8 @@ coarse and fine level as multiples of ``steps`` (``FastIOSettings.level_steps``)
 
 Example
 -------
-``python benchmarks/io_budget.py --dev-set ../shared/data --configs default:50:160 quick:30:128:2,0.5``
+``python benchmarks/io_budget.py --dev-set ../shared/data
+--configs default:50:160 quick:30:128:2,0.5``
 
 Data are read only from ``--dev-set``; nothing here is used by the test suite.
 """
@@ -56,7 +57,8 @@ def main() -> None:
     parser.add_argument("--smoothness", type=float, default=None,
                         help="lambda for a conditional --weights file (regpipe-conditional)")
     parser.add_argument("--region", default=None, help="body region for a conditional model")
-    parser.add_argument("--pair-type", default=None, help="inter or intra, for a conditional model")
+    parser.add_argument("--pair-type", default=None,
+                        help="inter or intra, for a conditional model")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", type=Path, default=Path("runs/io_budget.json"))
     args = parser.parse_args()
@@ -87,21 +89,23 @@ def main() -> None:
                     moving_labels=(pair.moving_labels.data, pair.moving_labels.geometry),
                     labels=pair.spec.labels,
                 )
+                reported = ("dice_mean", "sd_log_jacobian", "folding_percent")
                 row = {"config": config["name"], "start": start, "pair": pair.spec.name,
-                       "runtime_s": usage.runtime_s, **{k: metrics[k] for k in
-                                                        ("dice_mean", "sd_log_jacobian", "folding_percent")}}
+                       "runtime_s": usage.runtime_s, **{k: metrics[k] for k in reported}}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(rows, indent=1))
-    print("\n| configuration | start | Dice | SD log J | folding % | time s |\n|---|---|---|---|---|---|")
+    print("\n| configuration | start | Dice | SD log J | folding % | time s |"
+          "\n|---|---|---|---|---|---|")
     for config in configs:
         for start in args.starts.split(","):
             chosen = [r for r in rows if r["config"] == config["name"] and r["start"] == start]
             dice = [r["dice_mean"] for r in chosen]
+            dice_sd = statistics.stdev(dice) if len(dice) > 1 else 0
             print(f"| {config['name']} ({config['steps']} steps, grid {config['io_grid']}"
                   f"{', ' + str(config['io_options']) if config['io_options'] else ''})"
-                  f" | {start} | {statistics.mean(dice):.3f} ± {statistics.stdev(dice) if len(dice) > 1 else 0:.3f}"
+                  f" | {start} | {statistics.mean(dice):.3f} ± {dice_sd:.3f}"
                   f" | {statistics.mean(r['sd_log_jacobian'] for r in chosen):.3f}"
                   f" | {statistics.mean(r['folding_percent'] for r in chosen):.4f}"
                   f" | {statistics.mean(r['runtime_s'] for r in chosen):.1f} |")

@@ -74,7 +74,8 @@ def main() -> None:
     shape = tuple(network.config.grid_shape)
     mode = getattr(network, "metadata", {}).get("grid_mode", "squash")
     pairs = dev_pairs(args.dev_set, args.cache, args.pairs, shape, mode)
-    scale = torch.tensor([n - 1 for n in shape], dtype=torch.float32, device=device).view(1, 3, 1, 1, 1)
+    scale = torch.tensor([n - 1 for n in shape], dtype=torch.float32, device=device)
+    scale = scale.view(1, 3, 1, 1, 1)
     print(f"{args.weights} on {device}, grid {shape}")
     print("| pair | max abs diff (voxels) | mean abs diff (voxels) | Dice fp32 | Dice bf16 |"
           " folding % fp32 | folding % bf16 |\n|---|---|---|---|---|---|---|")
@@ -87,7 +88,8 @@ def main() -> None:
                 displacement = network.displacement(moving, fixed).float() * scale
             results[label] = displacement.cpu()
         difference = (results["fp32"] - results["bf16"]).abs()
-        dice = {k: grid_dice(warp_labels(moving_labels, v), fixed_labels) for k, v in results.items()}
+        dice = {k: grid_dice(warp_labels(moving_labels, v), fixed_labels)
+                for k, v in results.items()}
         folds = {k: folding_percent(v) for k, v in results.items()}
         rows.append((float(difference.max()), float(difference.mean()), dice["fp32"], dice["bf16"],
                      folds["fp32"], folds["bf16"]))

@@ -39,7 +39,8 @@ def grid_dice(moving: torch.Tensor, fixed: torch.Tensor, min_voxels: int = 20) -
 
 
 def warp_labels(labels: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
-    """Labels ``[1, 1, ...]`` pulled through a grid-index displacement (one-hot, linear, arg-max)."""
+    """Labels ``[1, 1, ...]`` pulled through a grid-index displacement (one-hot, linear,
+    arg-max)."""
     from regpipe.spaces import index_grid, sample_at_indices
 
     values = torch.unique(labels)
@@ -75,7 +76,8 @@ def dev_pairs(dev_set: Path, cache: Path, n_pairs: int, shape: tuple[int, ...], 
         pairs.append((
             spec.name, place(moving, pair.moving.geometry, grid_out),
             place(fixed, pair.fixed.geometry, grid_in),
-            place(pair.moving_labels.data, pair.moving_labels.geometry, grid_out, True).round().long(),
+            place(pair.moving_labels.data, pair.moving_labels.geometry, grid_out,
+                  True).round().long(),
             place(pair.fixed_labels.data, pair.fixed.geometry, grid_in, True).round().long(),
         ))
     return pairs
@@ -108,7 +110,8 @@ def main() -> None:
     parser.add_argument("--dev-set", type=Path, required=True)
     parser.add_argument("--cache", type=Path, default=Path("runs/bench_cache/v1"))
     parser.add_argument("--pairs", type=int, default=3)
-    parser.add_argument("--recipe", type=Path, help="also draw pairs from this recipe's first source")
+    parser.add_argument("--recipe", type=Path,
+                        help="also draw pairs from this recipe's first source")
     parser.add_argument("--condition", default="brain,inter,1.5", metavar="REGION,TYPE,LAM",
                         help="condition of conditional weights files (default brain,inter,1.5)")
     parser.add_argument("--threads", type=int, default=2)
@@ -124,9 +127,12 @@ def main() -> None:
     first = next(iter(networks.values()))
     shape = tuple(first.config.grid_shape)
     mode = first.metadata.get("grid_mode", "squash") if hasattr(first, "metadata") else "squash"
-    sets = {"held-out development pairs": dev_pairs(args.dev_set, args.cache, args.pairs, shape, mode)}
+    sets = {
+        "held-out development pairs": dev_pairs(args.dev_set, args.cache, args.pairs, shape, mode)
+    }
     if args.recipe:
-        sets["pairs drawn from the recipe"] = recipe_pairs(args.recipe, args.dev_set, args.pairs, shape)
+        sets["pairs drawn from the recipe"] = recipe_pairs(args.recipe, args.dev_set, args.pairs,
+                                                          shape)
     for title, pairs in sets.items():
         print(f"\n{title} (mean Dice on the {shape} grid, affine -> network)")
         for path, network in networks.items():
@@ -136,8 +142,8 @@ def main() -> None:
                     normalised = network.displacement(moving, fixed)
                 scale = torch.tensor([n - 1 for n in shape], dtype=normalised.dtype)
                 before = grid_dice(moving_labels, fixed_labels)
-                after = grid_dice(warp_labels(moving_labels, normalised * scale.view(1, 3, 1, 1, 1)),
-                                  fixed_labels)
+                displacement = normalised * scale.view(1, 3, 1, 1, 1)
+                after = grid_dice(warp_labels(moving_labels, displacement), fixed_labels)
                 gains.append(after - before)
                 cells.append(f"{before:.3f}->{after:.3f}")
             print(f"  {path}: {' '.join(cells)}  mean gain {np.mean(gains):+.3f}")

@@ -1,4 +1,5 @@
-"""Is training limited by the network or by the synthesis of its pairs? Throughput by ``--workers``.
+"""Is training limited by the network or by the synthesis of its pairs? Throughput by
+``--workers``.
 
 ``regpipe-train`` draws every pair on the CPU (label maps resampled through random
 deformations, random intensities, blur, bias field, noise). On a CPU the network step takes far
@@ -55,14 +56,17 @@ def main(argv=None) -> int:
     network, _ = build_network_from(settings)
     shape = network.config.grid_shape
     started = time.perf_counter()
-    source = build_source(settings["sources"], shape, Path(args.data_root), settings.get("grid_mode", "squash"))
+    source = build_source(settings["sources"], shape, Path(args.data_root),
+                          settings.get("grid_mode", "squash"))
     print(f"device {device}, {torch.get_num_threads()} torch threads, grid {shape}, batch "
-          f"{args.batch_size}, {args.steps} steps; sources built in {time.perf_counter() - started:.1f} s")
+          f"{args.batch_size}, {args.steps} steps; sources built in "
+          f"{time.perf_counter() - started:.1f} s")
     print("| workers | synthesis pairs/s | training s/step | data wait |")
     print("|---|---|---|---|")
     for workers in (int(w) for w in args.workers.split(",")):
+        lam_range = tuple(settings["lam_range"]) if settings.get("lam_range") else None
         options = TrainingOptions(steps=args.steps, batch_size=args.batch_size, lr=1e-4,
-                                  lam_range=tuple(settings["lam_range"]) if settings.get("lam_range") else None,
+                                  lam_range=lam_range,
                                   lncc_sigma=float(settings.get("lncc_sigma", 5.0)),
                                   dice_weight=float(settings.get("dice_weight", 0.0)),
                                   device=str(device), progress=False, workers=workers,

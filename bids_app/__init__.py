@@ -1,1 +1,2 @@
-"""The regpipe BIDS App (command line, BIDS queries, templates), installed as ``regpipe.bids_app``."""
+"""The regpipe BIDS App (command line, BIDS queries, templates), installed as
+``regpipe.bids_app``."""

@@ -40,8 +40,8 @@ Jobs
     suffix           the image's suffix (``T1w``...)
     modality         ``"ct"`` when suffix is ``CT``, else ``"mri"`` (intensity normalisation)
     fixed            absolute path of the template or of the reference-session image
-    fixed_space      label for ``space-``/``to-``: the template identifier (``MNI152NLin2009cAsym``)
-                     or, longitudinal, the reference image's label
+    fixed_space      label for ``space-``/``to-``: the template identifier
+                     (``MNI152NLin2009cAsym``) or, longitudinal, the reference image's label
                      (:func:`regpipe.workflows.jobs.reference_space_label`: ``sub01ses1``)
     fixed_uri        ``SpatialReference`` of the fixed space: TemplateFlow URL, file URI or
                      ``bids:raw:...`` of the reference image (optional key of the contract)
@@ -314,7 +314,8 @@ def _resolution_of(name: str) -> str | None:
 # --------------------------------------------------------------------------- jobs
 
 
-def _job(image: Image, *, fixed: Path, fixed_space: str, fixed_uri: str, pair_type: str, fixed_mask: Path | None, fixed_labels: Path | None, labels_layout,
+def _job(image: Image, *, fixed: Path, fixed_space: str, fixed_uri: str, pair_type: str,
+         fixed_mask: Path | None, fixed_labels: Path | None, labels_layout,
          weights_sha256: str | None) -> dict[str, Any]:
     suffix = image.entities.get("suffix", "")
     moving_labels = _maybe(find_labels, labels_layout, image)

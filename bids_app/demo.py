@@ -265,8 +265,8 @@ def run_demo(demo: DemoDataset, *, weights: str, io_iterations: str,
     import time
 
     env = dict(os.environ, TEMPLATEFLOW_HOME=str(demo.templateflow_home), REGPIPE_OFFLINE="1")
-    runner = [sys.executable, "-c", "import sys; from regpipe.bids_app.run import main; "
-              "sys.exit(main())"]
+    runner = [sys.executable, "-c", ("import sys; from regpipe.bids_app.run import main; "
+                                     "sys.exit(main())")]
     participant, group = demo_commands(demo, weights=weights, compare=compare, fast=True,
                                        nprocs=min(2, os.cpu_count() or 1))
     participant += ["--io-iterations", io_iterations]

@@ -211,7 +211,7 @@ def check_resumable(folder: Path, network, sha256: str) -> bool:
         return False
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same advice
+    except Exception as error:  # any unreadable file gets the same advice
         raise UsageError(f"{path} cannot be read ({type(error).__name__}); remove it to start "
                          "again or use another OUTPUT_DIR") from None
     config = network.config.to_dict()
@@ -371,7 +371,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     weights = args.output_dir / "weights.pt"
     print(json.dumps({"step": state.step, "stopped_by": state.stopped_by,
                       "elapsed_seconds": round(state.elapsed_seconds, 1),
-                      "data_wait_seconds": round(state.data_wait_seconds, 1), **state.last_losses}))
+                      "data_wait_seconds": round(state.data_wait_seconds, 1),
+                      **state.last_losses}))
     if state.stopped_by != "steps":
         print(f"stopped at step {state.step} of {options.steps} ({state.stopped_by}); run the "
               "same command again to continue")

@@ -2,12 +2,13 @@
 
 Inputs (written by the participant level)
     ``output_dir`` is the network's derivative dataset (method ``network``); each ANTs method
-    ``ants-M`` of ``--compare`` is the derivative dataset ``output_dir/derivatives/regpipe-ants-M/``
-    (see :mod:`regpipe.workflows.outputs`). In each, every registration has a one-row
-    ``*_metrics.tsv`` (a JSON object ``*_metrics.json`` is read when there is no TSV); its entities
-    (``sub``, ``ses``, ``acq``, ``run``..., ``space``/``to`` for the fixed space) say which
-    image it belongs to. ``output_dir/logs/<run_id>/regpipe_run.json`` lists the jobs and methods
-    of each participant run, and the same folder holds that run's Nipype crash files.
+    ``ants-M`` of ``--compare`` is the derivative dataset
+    ``output_dir/derivatives/regpipe-ants-M/`` (see :mod:`regpipe.workflows.outputs`). In each,
+    every registration has a one-row ``*_metrics.tsv`` (a JSON object ``*_metrics.json`` is read
+    when there is no TSV); its entities (``sub``, ``ses``, ``acq``, ``run``..., ``space``/``to``
+    for the fixed space) say which image it belongs to.
+    ``output_dir/logs/<run_id>/regpipe_run.json`` lists the jobs and methods of each participant
+    run, and the same folder holds that run's Nipype crash files.
 
 Outputs
     ``output_dir/group/group_metrics.tsv``: one row per registration and method (``subject``,
@@ -106,7 +107,9 @@ def read_metrics(path: Path) -> dict[str, Any]:
     header, body = rows[0], rows[1:]
     if len(header) == 2 and header[0].lower() in ("metric", "name", "key"):
         return {row[0]: _number(row[1]) for row in body if len(row) == 2}
-    return {key: _number(value) for key, value in zip(header, body[0])} if body else {}
+    if not body:
+        return {}
+    return {key: _number(value) for key, value in zip(header, body[0], strict=False)}
 
 
 def _metrics_files(root: Path) -> list[tuple[dict[str, Any], Path]]:

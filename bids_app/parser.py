@@ -44,7 +44,8 @@ __all__ = [
 ANALYSIS_LEVELS = ("participant", "group")
 NETWORK_METHOD = "network"
 """Name of the network method in the ``methods`` list given to the workflow (its outputs are
-the top level of ``output_dir``; ``ants-<m>`` go to ``output_dir/derivatives/regpipe-ants-<m>/``)."""
+the top level of ``output_dir``; ``ants-<m>`` go to
+``output_dir/derivatives/regpipe-ants-<m>/``)."""
 COMPARE_METHODS = ("ants-syn", "ants-synquick", "ants-affine")
 """Values of ``--compare``: the ANTs methods run on the same preprocessed images."""
 AFFINE_INIT = ("ours", "ants", "none")

@@ -258,7 +258,7 @@ def _try_download(home: Path, spec: TemplateSpec, target: Path, query: dict) -> 
         _download(home, spec, **query)
     except (RegpipeError, OSError, RuntimeError, ValueError) as error:
         return f"downloading it failed ({type(error).__name__}: {str(error).splitlines()[0]})"
-    except Exception as error:  # noqa: BLE001 - requests' errors share no base we import
+    except Exception as error:  # requests' errors share no base we import
         return f"downloading it failed ({type(error).__name__})"
     return None if _usable(target) else "the download left no file"
 
@@ -401,7 +401,7 @@ def fetch_template(identifier: str, *, resolution: str | None = "1", cohort: str
                                  desc=desc)
         try:
             paths = _download(home, spec, resolution=resolution, suffix=suffix, desc=desc)
-        except Exception as error:  # noqa: BLE001 - requests' errors share no base we import
+        except Exception as error:  # requests' errors share no base we import
             detail = str(error).splitlines()[0] if str(error) else ""
             raise TemplateError(
                 f"could not download {name} into {home} ({type(error).__name__}: {detail}); "

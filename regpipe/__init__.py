@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
-__all__ = ["register", "apply_transform", "RegistrationResult", "__version__"]
+__all__ = ["RegistrationResult", "__version__", "apply_transform", "register"]
 
 if TYPE_CHECKING:
     from regpipe.registration import RegistrationResult, apply_transform, register

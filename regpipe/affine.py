@@ -156,7 +156,7 @@ def affine_register(
     params = torch.zeros(dof, dtype=torch.float64, device=torch_device)  # see _linear
     centre = torch.as_tensor(moving_centre, dtype=torch.float64, device=torch_device)
     with tqdm(total=sum(iterations), desc="affine", unit="step", disable=not progress) as bar:
-        for spacing, steps in zip(levels, iterations):
+        for spacing, steps in zip(levels, iterations, strict=True):
             level = _build_level(fixed_image, moving_image, spacing, fixed_centre)
             params = _optimise(level, _Start(params, centre, radius), steps, bar)
     linear = _linear(params[3:].cpu(), radius).numpy()
@@ -277,7 +277,7 @@ def _ants_schedule(
         shrink = tuple(max(1, round(s / finest)) for s in levels)
         options["aff_shrink_factors"] = shrink
         options["aff_smoothing_sigmas"] = tuple(
-            0.0 if f == 1 else s / 2 for f, s in zip(shrink, levels)
+            0.0 if f == 1 else s / 2 for f, s in zip(shrink, levels, strict=True)
         )
         options["smoothing_in_mm"] = True
     if iterations is not None:
@@ -432,7 +432,8 @@ class _Image:
         return ((weight[:, None] * points).sum(0) / weight.sum()).cpu().numpy()
 
     def radius(self, centre: NDArray[np.float64]) -> float:
-        """RMS distance (mm, at least 10) of the foreground from ``centre``: rotations' lever arm."""
+        """RMS distance (mm, at least 10) of the foreground from ``centre``: rotations' lever
+        arm."""
         points, weight = self.foreground
         squared = ((points - torch.as_tensor(centre, device=points.device)) ** 2).sum(-1)
         return max(float(torch.sqrt((weight * squared).sum() / weight.sum())), 10.0)

@@ -19,8 +19,10 @@ per-call peak memory, used for every method so the numbers compare) live here to
 
 Example
 -------
->>> result = ants_register("fixed.nii.gz", "moving.nii.gz", method="synquick", seed=1)  # doctest: +SKIP
->>> result.save("fwd_xfm.h5", inverse_out="inv_xfm.h5", warped_out="warped.nii.gz")  # doctest: +SKIP
+>>> result = ants_register("fixed.nii.gz", "moving.nii.gz",  # doctest: +SKIP
+...                        method="synquick", seed=1)
+>>> result.save("fwd_xfm.h5", inverse_out="inv_xfm.h5",  # doctest: +SKIP
+...             warped_out="warped.nii.gz")
 """
 
 from __future__ import annotations
@@ -311,7 +313,8 @@ def _in_fresh_process(args: tuple, folder: str) -> dict[str, Any]:
     images, type_of_transform, work, seed, threads, progress = args
     arrays: dict[str, NDArray[np.generic]] = {}
     request: dict[str, Any] = {"images": {}, "type_of_transform": type_of_transform,
-                               "folder": work, "seed": seed, "threads": threads, "progress": progress}
+                               "folder": work, "seed": seed, "threads": threads,
+                               "progress": progress}
     for name, (data, origin, spacing, direction) in images.items():
         arrays[f"{name}_data"], arrays[f"{name}_direction"] = data, direction
         request["images"][name] = {"origin": list(origin), "spacing": list(spacing)}
@@ -319,7 +322,8 @@ def _in_fresh_process(args: tuple, folder: str) -> dict[str, Any]:
     (Path(folder) / "request.json").write_text(json.dumps(request), encoding="utf-8")
     reply = Path(folder) / "reply.json"
     reply.unlink(missing_ok=True)
-    code = "import sys; from regpipe.ants_methods import _serve_request; _serve_request(sys.argv[1])"
+    code = ("import sys; from regpipe.ants_methods import _serve_request; "
+            "_serve_request(sys.argv[1])")
     env = {**os.environ, ITK_THREADS: "1"}
     done = subprocess.run(
         [sys.executable, "-c", code, folder],

@@ -1,8 +1,8 @@
 """Benchmark: every method on every image pair, evaluated by the same code, in one run.
 
 A :class:`~regpipe.bench_pairs.PairSpec` names a fixed and a moving image with optional label
-maps, landmark files (``.fcsv``) and a mask; a :class:`MethodSpec` names a method: our network with or
-without instance optimisation (``ours``, ``ours+io``), our affine alone (``affine``), no
+maps, landmark files (``.fcsv``) and a mask; a :class:`MethodSpec` names a method: our network with
+or without instance optimisation (``ours``, ``ours+io``), our affine alone (``affine``), no
 registration (``identity``), or ANTs (``ants-affine``, ``ants-syn``, ``ants-synquick``).
 :func:`run_benchmark` runs each method on each pair, times it (:func:`measure_resources`),
 evaluates its forward transform with :func:`regpipe.evaluation.evaluate_transform` and writes
@@ -215,7 +215,9 @@ def read_results(output: str | os.PathLike) -> list[dict[str, Any]]:
     try:
         data = json.loads(path.read_text())
     except ValueError as error:
-        raise InputError(f"{path} is not valid JSON ({error}); move it away to start anew")
+        raise InputError(
+            f"{path} is not valid JSON ({error}); move it away to start anew"
+        ) from error
     return list(data.get("rows", []) if isinstance(data, dict) else data)
 
 
@@ -300,7 +302,7 @@ def run_benchmark(
                     raise load_error  # type: ignore[misc]
                 row.update(run_method(method, pair, seed=seed, threads=threads,
                                       ants_threads=ants_threads, device=device))
-            except Exception as error:  # noqa: BLE001 - one failure must not end a benchmark
+            except Exception as error:  # one failure must not end a benchmark
                 row.update(status="error", error=f"{type(error).__name__}: {error}")
                 LOGGER.debug("%s", traceback.format_exc())
             row["config"] = _config(spec, method, seed)

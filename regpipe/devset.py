@@ -22,7 +22,8 @@ cache folder and reused):
 
 Example
 -------
->>> pairs = build_dev_set("../shared/data", "bench_out/cache", subset="synth", n_pairs=3)  # doctest: +SKIP
+>>> pairs = build_dev_set("../shared/data", "bench_out/cache",  # doctest: +SKIP
+...                       subset="synth", n_pairs=3)
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def dice_labels(fixed: NDArray, moving: NDArray, min_voxels: int = MIN_VOXELS) -
     big = []
     for labels in (fixed, moving):
         ids, counts = np.unique(labels, return_counts=True)
-        big.append({int(i) for i, c in zip(ids, counts) if c >= min_voxels})
+        big.append({int(i) for i, c in zip(ids, counts, strict=True) if c >= min_voxels})
     return sorted(i for i in big[0] & big[1] if 0 < i < BRAIN_MAX_LABEL and i not in DICE_EXCLUDE)
 
 

@@ -153,7 +153,7 @@ def write_fcsv(
         f"# CoordinateSystem = {system}",
         "# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID",
     ]
-    for i, (point, label) in enumerate(zip(stored, labels)):
+    for i, (point, label) in enumerate(zip(stored, labels, strict=False)):
         x, y, z = (repr(float(v)) for v in point)
         lines.append(f"vtkMRMLMarkupsFiducialNode_{i + 1},{x},{y},{z},0,0,0,1,1,1,0,{label},,")
     path = Path(path)
@@ -203,7 +203,7 @@ def _bounding_box(mask: NDArray[np.bool_], margin: int) -> tuple[slice, ...]:
     where = np.nonzero(mask)
     return tuple(
         slice(max(int(w.min()) - margin, 0), min(int(w.max()) + margin + 1, n))
-        for w, n in zip(where, mask.shape)
+        for w, n in zip(where, mask.shape, strict=True)
     )
 
 
@@ -388,5 +388,7 @@ def parse_label_list(text: str) -> tuple[int, ...]:
         try:
             out.extend(range(int(low), int(high) + 1) if dash else [int(low)])
         except ValueError:
-            raise InputError(f"bad label list {text!r}: expected integers and ranges like 5-9")
+            raise InputError(
+                f"bad label list {text!r}: expected integers and ranges like 5-9"
+            ) from None
     return tuple(out)

@@ -156,12 +156,14 @@ class FastIOSettings:
             if not getattr(self, name) > 0:
                 raise InputError(f"{name} must be positive, got {getattr(self, name)}")
         for name in (
-            "lr_final", "smoothing", "diffusion", "folding", "jacobian_floor", "margin_mm", "foreground"
+            "lr_final", "smoothing", "diffusion", "folding", "jacobian_floor", "margin_mm",
+            "foreground",
         ):
             if not getattr(self, name) >= 0:
                 raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.jacobian_ceiling > max(self.jacobian_floor, 1.0):
-            raise InputError(f"jacobian_ceiling must exceed 1 and jacobian_floor, got {self.jacobian_ceiling}")
+            raise InputError("jacobian_ceiling must exceed 1 and jacobian_floor, "
+                             f"got {self.jacobian_ceiling}")
         if not 0 <= int(self.squarings) <= 12:
             raise InputError(f"squarings must be in 0..12, got {self.squarings}")
 
@@ -246,7 +248,8 @@ def optimise_displacement(
     identity = index_grid(shape, device)
     with torch.no_grad():
         if bool(disp.abs().max() > 0):
-            points = identity[(slice(None), slice(None), *crop)] + disp[(slice(None), slice(None), *crop)]
+            cropped = (slice(None), slice(None), *crop)
+            points = identity[cropped] + disp[cropped]
             moved = sample_at_indices(moving, points, padding="zeros")
         else:
             moved = moving[(slice(None), slice(None), *crop)]
@@ -262,7 +265,7 @@ def optimise_displacement(
         window = _smoothing_voxels(smoothing_mm, spacing)
         correction = _dense(field_mm, crop_shape, window) / spacing.view(1, 3, 1, 1, 1)
         pads: list[int] = []
-        for (lo, hi), n in zip(reversed(box), reversed(shape)):
+        for (lo, hi), n in zip(reversed(box), reversed(shape), strict=True):
             pads += [lo, n - 1 - hi]
         correction = F.pad(correction, pads, mode="replicate")
         refined = correction + sample_at_indices(disp, identity + correction, padding="border")
@@ -294,7 +297,7 @@ def _optimise_levels(
     param: torch.Tensor | None = None
     control_size: tuple[int, ...] = ()
     for scale, control, n_iter in zip(
-        settings.image_scales, settings.control_spacings, iterations
+        settings.image_scales, settings.control_spacings, iterations, strict=True
     ):
         level = _Level.build(moving, fixed, mask, shape, spacing, scale, settings)
         control_size = _level_size(shape, control)
@@ -490,7 +493,8 @@ def _box(volume: torch.Tensor, window: int) -> torch.Tensor:
 
 
 def _central_difference(volume: torch.Tensor) -> torch.Tensor:
-    """Central differences (one-sided at the edges) of ``[1, 1, ...]`` -> ``[1, 3, ...]`` per voxel."""
+    """Central differences (one-sided at the edges) of ``[1, 1, ...]`` -> ``[1, 3, ...]`` per
+    voxel."""
     out = torch.empty((1, 3, *volume.shape[2:]), dtype=volume.dtype, device=volume.device)
     for axis in range(3):
         dim = axis + 2
@@ -504,11 +508,15 @@ def _central_difference(volume: torch.Tensor) -> torch.Tensor:
                 (volume.narrow(dim, 2, n - 2) - volume.narrow(dim, 0, n - 2)) * 0.5
             )
         target.narrow(dim, 0, 1).copy_(volume.narrow(dim, 1, 1) - volume.narrow(dim, 0, 1))
-        target.narrow(dim, n - 1, 1).copy_(volume.narrow(dim, n - 1, 1) - volume.narrow(dim, n - 2, 1))
+        target.narrow(dim, n - 1, 1).copy_(
+            volume.narrow(dim, n - 1, 1) - volume.narrow(dim, n - 2, 1)
+        )
     return out
 
 
-def _integrate(param: torch.Tensor, spacing: torch.Tensor, settings: FastIOSettings) -> torch.Tensor:
+def _integrate(
+    param: torch.Tensor, spacing: torch.Tensor, settings: FastIOSettings
+) -> torch.Tensor:
     """Displacement (mm) of the correction: ``param`` itself, or ``exp(param)`` for a velocity."""
     if not settings.velocity or settings.squarings == 0:
         return param
@@ -586,7 +594,9 @@ def lncc(
         stats = _box(torch.cat([a, b, a * a, b * b, a * b], 1), window)
         ma, mb, aa, bb, ab = stats.unbind(1)
         cov = ab - ma * mb
-        cc = cov * cov / (((aa - ma * ma).clamp(min=0) + eps) * ((bb - mb * mb).clamp(min=0) + eps))
+        var_a = (aa - ma * ma).clamp(min=0) + eps
+        var_b = (bb - mb * mb).clamp(min=0) + eps
+        cc = cov * cov / (var_a * var_b)
         if mask is None:
             return float(cc.mean())
         weight = (mask[:, 0] != 0).float()
@@ -611,7 +621,9 @@ def _check_inputs(
             f"{tuple(displacement.shape)}"
         )
     if mask is not None and tuple(mask.shape) != tuple(fixed.shape):
-        raise InputError(f"fixed_mask {tuple(mask.shape)} does not match fixed_t {tuple(fixed.shape)}")
+        raise InputError(
+            f"fixed_mask {tuple(mask.shape)} does not match fixed_t {tuple(fixed.shape)}"
+        )
     if isinstance(steps, bool) or int(steps) != steps or steps < 0:
         raise InputError(f"steps must be a non-negative integer, got {steps!r}")
     if min(shape) < 2:
@@ -624,7 +636,9 @@ def _spacing(grid_spacing_mm: float | Sequence[float]) -> torch.Tensor:
         float(v) for v in grid_spacing_mm
     ]
     if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
-        raise InputError(f"grid_spacing_mm must be positive (one or three values), got {grid_spacing_mm}")
+        raise InputError(
+            f"grid_spacing_mm must be positive (one or three values), got {grid_spacing_mm}"
+        )
     return torch.tensor(values, dtype=torch.float32)
 
 
@@ -636,7 +650,7 @@ def _bounding_box(
     for axis in range(3):
         other = tuple(a for a in range(3) if a != axis)
         present = torch.nonzero(region.amax(dim=other) > 0).flatten()
-        margin = int(math.ceil(margin_mm / float(spacing[axis])))
+        margin = math.ceil(margin_mm / float(spacing[axis]))
         n = region.shape[axis]
         lo = max(int(present[0]) - margin, 0)
         hi = min(int(present[-1]) + margin, n - 1)
@@ -648,13 +662,13 @@ def _bounding_box(
 
 def _level_size(shape: Sequence[int], factor: float) -> tuple[int, ...]:
     """Grid size spanning the same box as ``shape`` with ``factor`` times the spacing."""
-    return tuple(max(int(round((n - 1) / factor)) + 1, 2) for n in shape)
+    return tuple(max(round((n - 1) / factor) + 1, 2) for n in shape)
 
 
 def _window_voxels(window_mm: float, spacing: torch.Tensor, minimum: int = 3) -> int:
     """Odd window width (voxels, >= ``minimum``) closest to ``window_mm`` at the mean spacing."""
     voxels = window_mm / float(spacing.mean())
-    return max(minimum, 2 * int(math.floor((voxels - 1) / 2 + 0.5)) + 1)
+    return max(minimum, 2 * math.floor((voxels - 1) / 2 + 0.5) + 1)
 
 
 def _smoothing_voxels(width_mm: float, spacing: torch.Tensor) -> int:
@@ -662,7 +676,7 @@ def _smoothing_voxels(width_mm: float, spacing: torch.Tensor) -> int:
     if width_mm <= 0:
         return 1
     voxels = width_mm / float(spacing.mean())
-    return 2 * int(math.ceil((voxels - 1) / 2 - 1e-6)) + 1
+    return 2 * math.ceil((voxels - 1) / 2 - 1e-6) + 1
 
 
 def _dense(field: torch.Tensor, shape: Sequence[int], window: int) -> torch.Tensor:
@@ -688,11 +702,12 @@ def _dense(field: torch.Tensor, shape: Sequence[int], window: int) -> torch.Tens
 
 
 def _downsample(volume: torch.Tensor, shape: tuple[int, ...], factor: float) -> torch.Tensor:
-    """Gaussian anti-aliasing (sigma = factor / 2 voxels) then trilinear resampling to ``shape``."""
+    """Gaussian anti-aliasing (sigma = factor / 2 voxels) then trilinear resampling to
+    ``shape``."""
     if tuple(volume.shape[2:]) == tuple(shape):
         return volume
     sigma = factor / 2.0
-    radius = max(1, int(math.ceil(2.5 * sigma)))
+    radius = max(1, math.ceil(2.5 * sigma))
     x = torch.arange(-radius, radius + 1, dtype=volume.dtype, device=volume.device)
     kernel = torch.exp(-0.5 * (x / sigma) ** 2)
     kernel = kernel / kernel.sum()

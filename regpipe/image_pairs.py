@@ -152,7 +152,9 @@ class ImagePairSource:
         self._alignments: dict[tuple[int, int], np.ndarray] = {}
 
     @classmethod
-    def all_pairs(cls, paths: Sequence[str | os.PathLike[str]], shape: Shape, **kwargs) -> ImagePairSource:
+    def all_pairs(
+        cls, paths: Sequence[str | os.PathLike[str]], shape: Shape, **kwargs
+    ) -> ImagePairSource:
         """Every ordered pair of distinct images."""
         pairs = [(a, b) for a in paths for b in paths if a != b]
         if not pairs:
@@ -197,7 +199,8 @@ class ImagePairSource:
         images, maps = [], []
         for which, grid in ((moving, moving_grid), (fixed, fixed_grid)):
             matrix = _normalised_to_volume(self.images[which].geometry, grid, shape)
-            coords = _map_coordinates(matrix, random_spatial_map(shape, self.deformation, generator))
+            spatial_map = random_spatial_map(shape, self.deformation, generator)
+            coords = _map_coordinates(matrix, spatial_map)
             image = sample_image(self.images[which].tensor, coords)
             images.append(augment_intensity(image, self.intensity, generator))
             label_map = self.label_maps[which]

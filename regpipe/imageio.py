@@ -12,7 +12,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal
 
 import nibabel as nib
 import numpy as np
@@ -48,14 +48,15 @@ class Image:
         return image
 
 
-ImageLike = Union[str, os.PathLike, nib.spatialimages.SpatialImage, Image]
+ImageLike = str | os.PathLike | nib.spatialimages.SpatialImage | Image
 
 
 def check_readable_file(path: Path, what: str = "image") -> None:
     """Fail clearly on missing, empty, dangling-link and git-annex placeholder files."""
     if path.is_symlink() and not path.exists():
         target = os.readlink(path)
-        hint = " (a git-annex file whose content is not present: run `datalad get` or `git annex get`)" if "annex" in target else ""
+        hint = (" (a git-annex file whose content is not present: run `datalad get` or "
+                "`git annex get`)") if "annex" in target else ""
         raise InputError(f"{what} {path} is a dangling symbolic link to {target}{hint}")
     if not path.exists():
         raise InputError(f"{what} {path} does not exist")

@@ -73,5 +73,6 @@ def dice_per_label(
     for label in labels:
         in_a, in_b = a == label, b == label
         total = int(in_a.sum() + in_b.sum())
-        scores[label] = float(2.0 * np.logical_and(in_a, in_b).sum() / total) if total else float("nan")
+        scores[label] = (float(2.0 * np.logical_and(in_a, in_b).sum() / total) if total
+                         else float("nan"))
     return scores

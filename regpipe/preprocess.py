@@ -71,12 +71,14 @@ def normalize_intensity(
     else:
         q_lo, q_hi = quantile_range
         if not 0.0 <= q_lo < q_hi <= 1.0:
-            raise InputError(f"quantile range must satisfy 0 <= low < high <= 1, got {quantile_range}")
+            raise InputError("quantile range must satisfy 0 <= low < high <= 1, "
+                             f"got {quantile_range}")
         lo = float(image.min()) if q_lo == 0 else _kth_smallest(image, q_lo)
         hi = _kth_smallest(image, q_hi)
         image = np.clip(image, lo, hi)
     if hi <= lo:
-        raise InputError("image has no intensity range left after clamping (constant inside window)")
+        raise InputError("image has no intensity range left after clamping "
+                         "(constant inside window)")
     out = ((image - np.float32(lo)) * np.float32(1.0 / (hi - lo))).astype(np.float32)
     if mask is not None:
         out = out * (np.asarray(mask) != 0)

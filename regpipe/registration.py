@@ -263,7 +263,9 @@ def register(
     fixed_img = load_image(fixed, "image", "fixed image")
     moving_img = load_image(moving, "image", "moving image")
     masks = {}
-    for name, source, image in (("fixed", fixed_mask, fixed_img), ("moving", moving_mask, moving_img)):
+    for name, source, image in (
+        ("fixed", fixed_mask, fixed_img), ("moving", moving_mask, moving_img)
+    ):
         if source is not None:
             mask = load_image(source, "mask", f"{name} mask")
             check_same_grid(image, mask, f"{name} mask")
@@ -349,11 +351,14 @@ def register(
     forward = GridTransform(grid_in, displacement.detach().to("cpu", torch.float32)[0], grid_out)
     inverse = forward.inverse()
 
-    warped_data = warp_array(moving_img.data.astype(np.float32), moving_img.geometry, forward, fixed_img.geometry)
+    warped_data = warp_array(moving_img.data.astype(np.float32), moving_img.geometry, forward,
+                             fixed_img.geometry)
     warped = Image(warped_data, fixed_img.geometry)
     result = RegistrationResult(forward, inverse, fixed_img, moving_img, warped, affine_tx)
     result.settings = {
-        "weights": str(weights_path) if weights_path else (None if network is None else "in-memory"),
+        "weights": (
+            str(weights_path) if weights_path else (None if network is None else "in-memory")
+        ),
         "grid_shape": list(grid_shape),
         "grid_mode": mode,
         "affine": affine,
@@ -462,10 +467,10 @@ def _prealign(
         return None
     from regpipe import affine as affine_mod
 
-    kwargs = dict(
-        fixed_mask=masks["fixed"].data if "fixed" in masks else None,
-        moving_mask=masks["moving"].data if "moving" in masks else None,
-    )
+    kwargs = {
+        "fixed_mask": masks["fixed"].data if "fixed" in masks else None,
+        "moving_mask": masks["moving"].data if "moving" in masks else None,
+    }
     if method == "ours":
         func = affine_mod.affine_register
     elif method == "ants":
@@ -479,7 +484,9 @@ def _prealign(
 
 
 @torch.no_grad()
-def _network_displacement(network: Any, moving_t: torch.Tensor, fixed_t: torch.Tensor) -> torch.Tensor:
+def _network_displacement(
+    network: Any, moving_t: torch.Tensor, fixed_t: torch.Tensor
+) -> torch.Tensor:
     """Network displacement ``[1, 3, n0, n1, n2]`` in grid-index units (zeros without network)."""
     shape = moving_t.shape[2:]
     if network is None:
@@ -525,7 +532,8 @@ def _instance_optimise(
         )
         if isinstance(normalised, tuple):
             normalised = normalised[0]
-        scale = torch.tensor([n - 1 for n in grid_shape], dtype=normalised.dtype, device=normalised.device)
+        scale = torch.tensor([n - 1 for n in grid_shape], dtype=normalised.dtype,
+                             device=normalised.device)
         return normalised * scale.view(1, 3, 1, 1, 1)
     if method == "fast":
         if intensity_conservation or dice_loss_weight > 0:
@@ -584,7 +592,8 @@ def apply_transform(
         geometry = load_image(reference, "mask", "reference image").geometry
     if isinstance(transform, (str, os.PathLike)):
         transform = read_transform(Path(transform))
-    data = warp_array(moving_img.data, moving_img.geometry, transform, geometry, interpolation=interpolation)
+    data = warp_array(moving_img.data, moving_img.geometry, transform, geometry,
+                      interpolation=interpolation)
     image = Image(data, geometry)
     if output is not None:
         save_image(image, output)
@@ -594,4 +603,5 @@ def apply_transform(
 def warped_labels(result: RegistrationResult, labels: ImageLike) -> NDArray[np.integer]:
     """Resample a moving-space label map onto the fixed grid with nearest neighbour."""
     seg = load_image(labels, "labels", "moving segmentation")
-    return warp_array(seg.data, seg.geometry, result.forward, result.fixed.geometry, interpolation="nearest")
+    return warp_array(seg.data, seg.geometry, result.forward, result.fixed.geometry,
+                      interpolation="nearest")

@@ -108,7 +108,8 @@ td.best{font-weight:bold;background:#e6f4e6}figure{margin:.8em 0}
 figure img,figure object{width:100%;max-width:1000px;display:block;background:#000}
 .plots{display:flex;flex-wrap:wrap;gap:1em}
 .plots figure img{width:auto;max-width:100%;background:none}
-.scroll{overflow-x:auto}figcaption{color:#555;font-size:.9em}.error{color:#a00}nav a{margin-right:1em}
+.scroll{overflow-x:auto}figcaption{color:#555;font-size:.9em}.error{color:#a00}
+nav a{margin-right:1em}
 [data-loaded="0"]{outline:3px solid #a00}
 """
 # Marks every figure data-loaded="1" (shown) or "0" (missing, broken: outlined in red) and counts

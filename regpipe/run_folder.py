@@ -47,7 +47,8 @@ WEIGHTS = "weights.pt"
 CARD = "weights.md"
 AVERAGE = "weights-avg.pt"
 LOG = "log.csv"
-LOG_FIELDS = ("step", "all", "similarity", "gradicon", "dice", "folds", "seconds", "region", "pair_type", "lam")
+LOG_FIELDS = ("step", "all", "similarity", "gradicon", "dice", "folds", "seconds", "region",
+              "pair_type", "lam")
 
 
 class StopFlag:

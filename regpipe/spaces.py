@@ -117,7 +117,9 @@ REVERSE_AXES: NDArray[np.float64] = np.array(
 )
 
 
-def apply_affine(matrix: NDArray[np.floating], points: NDArray[np.floating]) -> NDArray[np.float64]:
+def apply_affine(
+    matrix: NDArray[np.floating], points: NDArray[np.floating]
+) -> NDArray[np.float64]:
     """Apply a 4x4 homogeneous matrix to points ``[..., 3]``."""
     points = np.asarray(points, dtype=np.float64)
     return points @ matrix[:3, :3].T + matrix[:3, 3]
@@ -183,7 +185,9 @@ def network_grid(
     return affine @ to_voxel @ REVERSE_AXES
 
 
-def identity_grid(grid_shape: tuple[int, int, int], device: torch.device | None = None) -> torch.Tensor:
+def identity_grid(
+    grid_shape: tuple[int, int, int], device: torch.device | None = None
+) -> torch.Tensor:
     """Normalised identity coordinates ``[1, 3, n0, n1, n2]`` (float64 ``i/(n-1)`` -> float32)."""
     axes = [
         torch.arange(n, dtype=torch.float64, device=device) / max(n - 1, 1) for n in grid_shape
@@ -205,7 +209,9 @@ def index_to_sampling_grid(
     return index_points * (2.0 / torch.clamp(size - 1, min=1)) - 1.0
 
 
-def index_grid(shape: tuple[int, ...] | list[int], device: torch.device | str | None = None) -> torch.Tensor:
+def index_grid(
+    shape: tuple[int, ...] | list[int], device: torch.device | str | None = None
+) -> torch.Tensor:
     """Network-index coordinates ``[1, 3, n0, n1, n2]`` of a grid (float32).
 
     Channel ``c`` holds the index along tensor axis ``c + 2``: the identity map in the
@@ -300,7 +306,9 @@ def sample_network(
     return out.reshape(*indices.shape[:-1], tensor.shape[1])
 
 
-def to_network_tensor(data: NDArray[np.generic], device: torch.device | None = None) -> torch.Tensor:
+def to_network_tensor(
+    data: NDArray[np.generic], device: torch.device | None = None
+) -> torch.Tensor:
     """Array ``[i, j, k]`` -> tensor ``[1, 1, k, j, i]`` (network order), float32, contiguous."""
     array = np.ascontiguousarray(np.asarray(data, dtype=np.float32).transpose(2, 1, 0))
     return torch.from_numpy(array)[None, None].to(device)

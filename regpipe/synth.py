@@ -118,11 +118,15 @@ class IntensityRange:
     noise: float = 0.03
 
 
-def _uniform(low: float, high: float, generator: torch.Generator, size: Shape = ()) -> torch.Tensor:
+def _uniform(
+    low: float, high: float, generator: torch.Generator, size: Shape = ()
+) -> torch.Tensor:
     return low + (high - low) * torch.rand(tuple(size), generator=generator)
 
 
-def _smooth_noise(shape: Shape, resolution: int, generator: torch.Generator, channels: int = 1) -> torch.Tensor:
+def _smooth_noise(
+    shape: Shape, resolution: int, generator: torch.Generator, channels: int = 1
+) -> torch.Tensor:
     """Noise drawn on a ``resolution^3`` lattice, upsampled (trilinear) to ``shape``."""
     coarse = torch.randn((1, channels, resolution, resolution, resolution), generator=generator)
     return F.interpolate(coarse, size=tuple(shape), mode="trilinear", align_corners=True)
@@ -169,7 +173,9 @@ def random_affine(
     return matrix, translation
 
 
-def apply_affine(coordinates: torch.Tensor, affine: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def apply_affine(
+    coordinates: torch.Tensor, affine: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
     """``c + A (x - c) + t`` for normalised coordinates ``[B, 3, ...]`` (``c`` = the centre)."""
     matrix, translation = affine
     mapped = torch.einsum("ij,bj...->bi...", matrix, coordinates - 0.5) + 0.5
@@ -199,7 +205,9 @@ def random_spatial_map(
     return mapped
 
 
-def _grid_sample(volume: torch.Tensor, coordinates: torch.Tensor, mode: str, padding: str) -> torch.Tensor:
+def _grid_sample(
+    volume: torch.Tensor, coordinates: torch.Tensor, mode: str, padding: str
+) -> torch.Tensor:
     grid = (coordinates * 2.0 - 1.0).flip(1).permute(0, 2, 3, 4, 1)
     if grid.shape[0] != volume.shape[0]:
         grid = grid.expand(volume.shape[0], *grid.shape[1:])

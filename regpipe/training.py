@@ -123,9 +123,9 @@ class TrainingOptions:
         Steps between the snapshots of the average.
     workers
         Threads drawing the next steps' pairs while a step runs; ``None`` picks
-        ``min(8, CPUs - 1)`` on a GPU (the CPUs this process may use), where the network is faster than one thread's
-        synthesis, and 0 on the CPU, where the step itself needs every core. The pairs, and
-        so the run, are the same with any number.
+        ``min(8, CPUs - 1)`` on a GPU (the CPUs this process may use), where the network is
+        faster than one thread's synthesis, and 0 on the CPU, where the step itself needs every
+        core. The pairs, and so the run, are the same with any number.
     """
 
     steps: int = 1000
@@ -220,7 +220,9 @@ def _conditioned(network: RegistrationNetwork, pairs: list[TrainingPair], lam: f
     return network.conditioned([Condition(p.region, p.pair_type, lam) for p in pairs])
 
 
-def _objective(network: RegistrationNetwork, batch: dict[str, Any], lam: float, options: TrainingOptions):
+def _objective(
+    network: RegistrationNetwork, batch: dict[str, Any], lam: float, options: TrainingOptions
+):
     labels = batch["labels"]
     use_dice = options.dice_weight > 0 and labels is not None
     if use_dice:
@@ -317,7 +319,8 @@ def train(
             if stop.raised:
                 stopped_by = "signal"
                 break
-            if options.budget_seconds is not None and time.monotonic() - started >= options.budget_seconds:
+            if (options.budget_seconds is not None
+                    and time.monotonic() - started >= options.budget_seconds):
                 stopped_by = "budget"
                 break
             t0 = time.perf_counter()
@@ -339,13 +342,15 @@ def train(
             if average is not None and _averaged(step, options):
                 average.add(network, step)
             values = {k: float(v.detach()) for k, v in terms._asdict().items()}
-            dice = values["all_loss"] - lam * values["inverse_consistency_loss"] - values["similarity_loss"]
+            dice = (values["all_loss"] - lam * values["inverse_consistency_loss"]
+                    - values["similarity_loss"])
             last = {
                 "all": values["all_loss"], "similarity": values["similarity_loss"],
                 "gradicon": values["inverse_consistency_loss"], "dice": dice if used_dice else 0.0,
                 "folds": values["flips"],
             }
-            writer.writerow([step, *(f"{last[k]:.6g}" for k in ("all", "similarity", "gradicon", "dice", "folds")),
+            loss_columns = ("all", "similarity", "gradicon", "dice", "folds")
+            writer.writerow([step, *(f"{last[k]:.6g}" for k in loss_columns),
                              f"{time.perf_counter() - t0:.3f}", pairs[0].region,
                              pairs[0].pair_type, f"{lam:.4g}"])
             progress_log.add(last)
@@ -354,10 +359,12 @@ def train(
                             icon=f"{last['gradicon']:.4f}")
             if step % options.checkpoint_every == 0:
                 log_file.flush()
-                save_run(folder, network, optimiser, step=step, card=current_card(), average=average,
-                         elapsed=elapsed_before + time.monotonic() - started, options=options.to_dict())
+                save_run(folder, network, optimiser, step=step, card=current_card(),
+                         average=average, elapsed=elapsed_before + time.monotonic() - started,
+                         options=options.to_dict())
                 budget = options.budget_seconds
-                progress_log.report(step, None if budget is None else budget - (time.monotonic() - started))
+                remaining = None if budget is None else budget - (time.monotonic() - started)
+                progress_log.report(step, remaining)
     bar.close()
     elapsed = elapsed_before + time.monotonic() - started
     save_run(folder, network, optimiser, step=step, elapsed=elapsed, options=options.to_dict(),
@@ -367,7 +374,9 @@ def train(
     return TrainingState(step, elapsed, stopped_by, folder, last, stream.waited)
 
 
-def _trainable_parameters(network: RegistrationNetwork, trainable: str) -> list[torch.nn.Parameter]:
+def _trainable_parameters(
+    network: RegistrationNetwork, trainable: str
+) -> list[torch.nn.Parameter]:
     """The parameters to optimise; with ``"controller"`` every other one is frozen, and the
     base network's batch-norm statistics too (its layers run as at inference)."""
     if trainable == "all":

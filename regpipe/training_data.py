@@ -220,7 +220,8 @@ class LabelMapSource:
             data = np.rint(np.asanyarray(nii.dataobj)).astype(np.int32)
             raw.append(network_order_ras(data, nii.affine))
             ornt = nib.orientations.io_orientation(nii.affine)
-            zooms = np.asarray(nii.header.get_zooms()[:3], dtype=np.float64)[ornt[:, 0].astype(int)]
+            zooms = np.asarray(nii.header.get_zooms()[:3], dtype=np.float64)
+            zooms = zooms[ornt[:, 0].astype(int)]
             spacings.append(zooms[::-1])  # network order (S, A, R)
         # One contiguous label table shared by all maps, so ids agree between subjects.
         original = np.unique(np.concatenate([np.unique(r) for r in raw]))
@@ -229,7 +230,8 @@ class LabelMapSource:
         self.maps = []
         for index, data in enumerate(raw):
             reduced = _reduce_labels(np.searchsorted(original, data).astype(np.int16), shape)
-            spacings[index] = spacings[index] * np.asarray(data.shape) / np.asarray(reduced.shape[2:])
+            spacings[index] = (spacings[index] * np.asarray(data.shape)
+                               / np.asarray(reduced.shape[2:]))
             self.maps.append(reduced)
         self.background = [lookup[int(v)] for v in background_labels if int(v) in lookup]
         if align and len(self.maps) > 1:
@@ -297,7 +299,8 @@ def _align_maps(maps: list[torch.Tensor], spacings: list[np.ndarray], original_i
         moving_geometry = geometry(labels, spacing)
         transform = affine_register(fixed, reference, rendering(labels), moving_geometry)
         resampled = network_input(labels[0, 0].numpy().astype(np.float32), moving_geometry,
-                                  transform.matrix @ reference.affine, reference.shape, nearest=True)
+                                  transform.matrix @ reference.affine, reference.shape,
+                                  nearest=True)
         aligned.append(resampled.round().to(torch.int16))
     return aligned
 
@@ -378,7 +381,8 @@ class ImageSource:
 
 
 def __getattr__(name: str):
-    """``ImagePairSource`` lives in :mod:`regpipe.image_pairs` (imported lazily: it uses this module)."""
+    """``ImagePairSource`` lives in :mod:`regpipe.image_pairs` (imported lazily: it uses this
+    module)."""
     if name == "ImagePairSource":
         from regpipe.image_pairs import ImagePairSource
 
@@ -389,7 +393,9 @@ def __getattr__(name: str):
 class MixedSource:
     """Draw from ``sources`` with probabilities proportional to ``weights``."""
 
-    def __init__(self, sources: Sequence[PairSource], weights: Sequence[float] | None = None) -> None:
+    def __init__(
+        self, sources: Sequence[PairSource], weights: Sequence[float] | None = None
+    ) -> None:
         if not sources:
             raise InputError("no training data source was given")
         weights = list(weights) if weights is not None else [1.0] * len(sources)

@@ -27,7 +27,8 @@ def warp_array(
     interpolation: Interpolation = "linear",
     fill: float = 0.0,
 ) -> NDArray[np.generic]:
-    """Resample ``data`` (on ``source``) at ``transform(x)`` for every voxel ``x`` of ``reference``.
+    """Resample ``data`` (on ``source``) at ``transform(x)`` for every voxel ``x`` of
+    ``reference``.
 
     Linear interpolation returns float32 (float64 input stays float64); nearest neighbour keeps
     the input dtype exactly, so integer label maps stay integer with their original values.
@@ -39,7 +40,8 @@ def warp_array(
     extra = data.shape[3:]
     flat_data = data.reshape(*source.shape, -1)
     to_voxel = np.linalg.inv(source.affine)
-    out_dtype = data.dtype if interpolation == "nearest" else np.result_type(data.dtype, np.float32)
+    out_dtype = (data.dtype if interpolation == "nearest"
+                 else np.result_type(data.dtype, np.float32))
     out = np.empty((int(np.prod(reference.shape)), flat_data.shape[-1]), dtype=out_dtype)
     if interpolation == "linear":
         tensor = torch.from_numpy(
@@ -67,7 +69,8 @@ def _linear(
 ) -> NDArray:
     grid = index_to_sampling_grid(torch.from_numpy(vox.astype(np.float32)), shape)
     grid = grid.reshape(1, -1, 1, 1, 3)
-    values = F.grid_sample(tensor, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    values = F.grid_sample(tensor, grid, mode="bilinear", padding_mode="border",
+                           align_corners=True)
     values = values.reshape(tensor.shape[1], -1).T.numpy()
     # As ITK and ANTs: edge values up to half a voxel outside, ``fill`` beyond.
     outside = np.any((vox < -0.5) | (vox >= np.asarray(shape) - 0.5), axis=-1)

@@ -430,7 +430,8 @@ def test_longitudinal_jobs(tmp_path, template_file, fake_wf, caplog):
     assert participant(bids_dir, tmp_path, template_file, "--mode", "longitudinal") == 0
     jobs = fake_wf["kwargs"]["jobs"]
     assert [(j["subject"], j["session"]) for j in jobs] == [("01", "2"), ("01", "10")]
-    assert {j["fixed"] for j in jobs} == {str(bids_dir / "sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz")}
+    reference = bids_dir / "sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz"
+    assert {j["fixed"] for j in jobs} == {str(reference)}
     assert {(j["fixed_space"], j["pair_type"]) for j in jobs} == {("sub01ses1", "intra")}
     assert "sub-02 has 1 session(s)" in caplog.text
     assert participant(bids_dir, tmp_path, template_file, "--mode", "longitudinal",
@@ -455,9 +456,10 @@ def test_labels_and_masks_from_derivatives(tmp_path, template_file, fake_wf):
     assert participant(bids_dir, tmp_path, template_file, "--mode", "longitudinal",
                        "--labels", labels) == 0
     (job,) = fake_wf["kwargs"]["jobs"]
-    assert job["moving_labels"] == str(labels / "sub-01/ses-2/anat/sub-01_ses-2_desc-aseg_dseg.nii.gz")
-    assert job["fixed_labels"] == str(labels / "sub-01/ses-1/anat/sub-01_ses-1_desc-aseg_dseg.nii.gz")
-    assert job["fixed_mask"] == str(labels / "sub-01/ses-1/anat/sub-01_ses-1_desc-brain_mask.nii.gz")
+    session_1, session_2 = labels / "sub-01/ses-1/anat", labels / "sub-01/ses-2/anat"
+    assert job["moving_labels"] == str(session_2 / "sub-01_ses-2_desc-aseg_dseg.nii.gz")
+    assert job["fixed_labels"] == str(session_1 / "sub-01_ses-1_desc-aseg_dseg.nii.gz")
+    assert job["fixed_mask"] == str(session_1 / "sub-01_ses-1_desc-brain_mask.nii.gz")
     assert job["moving_mask"] is None  # the only ses-2 mask belongs to run 2
 
 
@@ -469,7 +471,8 @@ def test_failed_node_exits_1_naming_the_subject(tmp_path, template_file, monkeyp
     assert "1 node(s) failed (subject(s) 02)" in err
     crashes = list((tmp_path / "out" / "logs").glob("*/crash-*.txt"))
     assert len(crashes) == 1 and "corrupt image" in crashes[0].read_text()
-    assert (tmp_path / "work" / "regpipe_wf" / "sub_01_wf" / "check" / "result_check.pklz").is_file()
+    node_dir = tmp_path / "work" / "regpipe_wf" / "sub_01_wf" / "check"
+    assert (node_dir / "result_check.pklz").is_file()
 
 
 def test_corrupt_image_crashes_its_subject_in_the_real_workflow(tmp_path, capsys):
@@ -593,7 +596,7 @@ def test_failed_download_becomes_template_error(tmp_path, monkeypatch):
         raise ConnectionError("Name or service not known")
 
     monkeypatch.setattr(templates, "_download", offline)
-    with pytest.raises(TemplateError, match="downloading it failed .ConnectionError"):
+    with pytest.raises(TemplateError, match=r"downloading it failed .ConnectionError"):
         templates.resolve_template(TPL)
 
 
@@ -651,7 +654,8 @@ def test_group_collects_metrics_and_failures(tmp_path, monkeypatch):
                  folding_percent="n/a")
     _metrics_tsv(out / "derivatives" / "regpipe-ants-syn" / "sub-01" / "anat" / stem,
                  runtime_s=40)
-    jobs = [{"subject": s, "session": None, "moving": str(bids_dir / f"sub-{s}/anat/sub-{s}_T1w.nii.gz"),
+    jobs = [{"subject": s, "session": None,
+             "moving": str(bids_dir / f"sub-{s}/anat/sub-{s}_T1w.nii.gz"),
              "entities": {"subject": s}, "fixed_space": TPL} for s in ("01", "02")]
     log_dir = out / "logs" / "20260101-000000_x"
     log_dir.mkdir(parents=True)

@@ -12,7 +12,8 @@ from regpipe.networks import network_from_file
 from regpipe.spaces import Geometry
 
 BUNDLED = weights.bundled_dir() / "regpipe-compact.pt"
-pytestmark = pytest.mark.skipif(not BUNDLED.exists(), reason="bundled weights not in this checkout")
+pytestmark = pytest.mark.skipif(not BUNDLED.exists(),
+                                reason="bundled weights not in this checkout")
 
 
 def test_bundled_model_is_the_default_and_small():
@@ -37,8 +38,10 @@ def _blob_brain(shift: tuple[float, float, float]) -> Image:
     shape = (96, 112, 96)
     grid = np.indices(shape, dtype=np.float32)
     centre = (np.array(shape) - 1) / 2
-    r = np.sqrt(sum(((g - c) / (s * 0.38)) ** 2 for g, c, s in zip(grid, centre, shape)))
-    image = np.where(r < 1.0, 60.0, 0.0) + np.where(r < 0.75, 40.0, 0.0) + np.where(r < 0.35, -50.0, 0.0)
+    r = np.sqrt(sum(((g - c) / (s * 0.38)) ** 2
+                    for g, c, s in zip(grid, centre, shape, strict=True)))
+    image = (np.where(r < 1.0, 60.0, 0.0) + np.where(r < 0.75, 40.0, 0.0)
+             + np.where(r < 0.35, -50.0, 0.0))
     image = ndimage.gaussian_filter(image.astype(np.float32), 1.0)
     if any(shift):
         warp = ndimage.gaussian_filter(np.random.default_rng(0).normal(size=(3, 8, 8, 8)), 1)
@@ -74,7 +77,8 @@ def test_bundled_model_keeps_its_prediction_under_bfloat16_autocast():
     inputs = []
     for image in (_blob_brain((2.0, -1.5, 1.0)), _blob_brain((0, 0, 0))):
         grid = network_grid(image.geometry, shape, "squash-ras")
-        inputs.append(network_input(normalize_intensity(image.data, "mri"), image.geometry, grid, shape))
+        inputs.append(network_input(normalize_intensity(image.data, "mri"), image.geometry, grid,
+                                    shape))
     with torch.no_grad():
         full = network.displacement(*inputs)
         with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -45,7 +45,8 @@ def base_args(files, out):
 
 
 def test_register_writes_every_output(files, tmp_path, capsys):
-    args = base_args(files, tmp_path) + [
+    args = [
+        *base_args(files, tmp_path),
         "--io_iterations", "None", "--inverse-transform-out", str(tmp_path / "inv.nii.gz"),
         "--warped_moving_out", str(tmp_path / "warped.nii.gz"),
         "--jacobian_out", str(tmp_path / "jac.nii.gz"), "--metrics_out", str(tmp_path / "m.json"),
@@ -67,7 +68,8 @@ def test_bad_moving_image_fails_without_output(files, tmp_path, capsys, problem)
     if problem == "empty":
         bad.write_bytes(b"")
     elif problem == "4d":
-        nib.save(nib.Nifti1Image(np.random.rand(8, 8, 8, 2).astype(np.float32), np.eye(4)), str(bad))
+        data = np.random.rand(8, 8, 8, 2).astype(np.float32)
+        nib.save(nib.Nifti1Image(data, np.eye(4)), str(bad))
     elif problem == "nan":
         data = np.random.rand(8, 8, 8).astype(np.float32)
         data[0, 0, 0] = np.nan
@@ -76,18 +78,19 @@ def test_bad_moving_image_fails_without_output(files, tmp_path, capsys, problem)
         nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), str(bad))
     args = base_args(files, tmp_path)
     args[args.index("--moving") + 1] = str(bad)
-    assert register_cli.main(args + ["--warped_moving_out", str(tmp_path / "w.nii.gz")]) == 1
+    assert register_cli.main([*args, "--warped_moving_out", str(tmp_path / "w.nii.gz")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("regpipe-register: error: moving image")
     assert "Traceback" not in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == (["bad.nii.gz"] if problem != "missing" else [])
+    left = ["bad.nii.gz"] if problem != "missing" else []
+    assert sorted(p.name for p in tmp_path.iterdir()) == left
 
 
 def test_mask_on_wrong_grid(files, tmp_path, capsys):
     mask = tmp_path / "mask.nii.gz"
     nib.save(nib.Nifti1Image(np.ones((5, 5, 5), np.uint8), np.eye(4)), str(mask))
-    args = base_args(files, tmp_path) + ["--fixed_mask", str(mask), "--moving_mask", str(mask),
-                                         "--loss_function_masking"]
+    args = [*base_args(files, tmp_path), "--fixed_mask", str(mask), "--moving_mask", str(mask),
+            "--loss_function_masking"]
     assert register_cli.main(args) == 1
     assert "different grid" in capsys.readouterr().err
     assert not (tmp_path / "fwd.h5").exists()
@@ -123,7 +126,8 @@ def test_missing_output_folder(files, tmp_path, capsys):
 
 
 def test_warp_and_jacobian_tools(files, tmp_path, capsys):
-    assert register_cli.main(base_args(files, tmp_path) + ["--io_iterations", "None", "--quiet"]) == 0
+    args = [*base_args(files, tmp_path), "--io_iterations", "None", "--quiet"]
+    assert register_cli.main(args) == 0
     out = tmp_path / "seg_in_fixed.nii.gz"
     assert warp_cli.main(["--fixed", str(files["fixed"]), "--moving", str(files["moving_seg"]),
                           "--transform", str(tmp_path / "fwd.h5"), "--warped_moving_out", str(out),
@@ -132,7 +136,8 @@ def test_warp_and_jacobian_tools(files, tmp_path, capsys):
     assert warped.get_data_dtype() == np.int16
     assert set(np.unique(np.asanyarray(warped.dataobj))) <= {0, 7}
     capsys.readouterr()
-    assert jacobian_cli.main(["--transform", str(tmp_path / "fwd.h5"), "--fixed", str(files["fixed"]),
+    assert jacobian_cli.main(["--transform", str(tmp_path / "fwd.h5"),
+                              "--fixed", str(files["fixed"]),
                               "--jacob", str(tmp_path / "j.nii.gz"),
                               "--log_jacob", str(tmp_path / "lj.nii.gz")]) == 0
     stats = json.loads(capsys.readouterr().out)
@@ -161,14 +166,15 @@ def test_reference_loss_options_are_validated(files, tmp_path, capsys, option, m
 
 
 def ct_args_with_segmentations(files, out):
-    args = base_args(files, out) + ["--fixed_segmentation", str(files["fixed_seg"]),
-                                     "--moving_segmentation", str(files["moving_seg"])]
+    args = [*base_args(files, out), "--fixed_segmentation", str(files["fixed_seg"]),
+            "--moving_segmentation", str(files["moving_seg"])]
     args[args.index("--fixed_modality") + 1] = "ct"
     args[args.index("--moving-modality") + 1] = "ct"
     return args
 
 
-@pytest.mark.parametrize("option", [["--intensity_conservation_loss"], ["--dice_loss_weight", "1"]])
+@pytest.mark.parametrize("option",
+                         [["--intensity_conservation_loss"], ["--dice_loss_weight", "1"]])
 def test_reference_losses_with_fast_method_are_refused(files, tmp_path, capsys, option):
     assert register_cli.main(ct_args_with_segmentations(files, tmp_path) + option) == 1
     assert "use --io_method network" in capsys.readouterr().err
@@ -176,7 +182,8 @@ def test_reference_losses_with_fast_method_are_refused(files, tmp_path, capsys, 
 
 
 def test_ct_pair_with_both_reference_losses_runs(files, tmp_path):
-    args = ct_args_with_segmentations(files, tmp_path) + [
+    args = [
+        *ct_args_with_segmentations(files, tmp_path),
         "--dice_loss_weight", "0.5", "--intensity_conservation_loss", "--io_method", "network",
         "--io_iterations", "2", "--affine", "none", "--metrics_out", str(tmp_path / "m.json"),
         "--quiet",
@@ -188,7 +195,8 @@ def test_ct_pair_with_both_reference_losses_runs(files, tmp_path):
 
 
 def test_io_grid_caps_the_optimisation_grid(files, tmp_path):
-    args = base_args(files, tmp_path) + [
+    args = [
+        *base_args(files, tmp_path),
         "--io_iterations", "2", "--io_grid", "20", "--metrics_out", str(tmp_path / "m.json"),
         "--quiet",
     ]
@@ -198,7 +206,8 @@ def test_io_grid_caps_the_optimisation_grid(files, tmp_path):
 
 
 def test_mixed_precision_option_reaches_the_registration(files, tmp_path, caplog):
-    args = base_args(files, tmp_path) + [
+    args = [
+        *base_args(files, tmp_path),
         "--mixed-precision", "--device", "cpu", "--metrics_out", str(tmp_path / "m.json"),
     ]
     with caplog.at_level(logging.INFO, logger="regpipe"):

@@ -84,7 +84,7 @@ def test_region_aliases_name_the_canonical_regions():
 
 
 def test_unknown_region_is_refused_with_the_choices():
-    with pytest.raises(InputError, match="unknown region 'liver'.*brain, head_neck"):
+    with pytest.raises(InputError, match=r"unknown region 'liver'.*brain, head_neck"):
         Condition("liver")
 
 
@@ -210,7 +210,7 @@ def test_conditional_file_is_refused_by_a_plain_or_other_mode_network(tmp_path):
                         tmp_path / "film.pt")
     with pytest.raises(WeightsError, match="conditional"):
         load_weights(build_network(TINY), path)
-    with pytest.raises(WeightsError, match="film.*dynamic"):
+    with pytest.raises(WeightsError, match=r"film.*dynamic"):
         load_weights(ConditionalRegistrationNetwork(TINY, ConditioningConfig("dynamic")), path)
 
 
@@ -259,7 +259,8 @@ def test_training_sets_each_pairs_condition_and_the_drawn_lam(tmp_path):
 
 def test_controller_only_training_leaves_the_base_network_as_it_was(tmp_path):
     torch.manual_seed(0)
-    network = ConditionalRegistrationNetwork.from_base(_base(), ConditioningConfig("film", hidden=8))
+    network = ConditionalRegistrationNetwork.from_base(_base(),
+                                                       ConditioningConfig("film", hidden=8))
     before = {k: v.clone() for k, v in network.state_dict().items()}
     options = TrainingOptions(steps=2, lam_range=(0.5, 4.0), progress=False, lr=1e-2,
                               trainable="controller")
@@ -421,7 +422,8 @@ def test_job_condition_derives_region_and_type():
     options = RegistrationOptions(conditional=True)
     assert job_condition({"modality": "mri", "pair_type": "inter"}, options) == {
         "region": "brain", "pair_type": "inter", "smoothness": None}
-    assert job_condition({"modality": "ct", "pair_type": "intra"}, options)["region"] == "head_neck"
+    ct_condition = job_condition({"modality": "ct", "pair_type": "intra"}, options)
+    assert ct_condition["region"] == "head_neck"
     chosen = RegistrationOptions(conditional=True, region="knee", smoothness=3.0)
     assert job_condition({"modality": "mri", "pair_type": "intra"}, chosen) == {
         "region": "knee", "pair_type": "intra", "smoothness": 3.0}

@@ -30,7 +30,8 @@ MODULES = _modules()
 
 
 def test_the_walk_reaches_the_library_workflows_and_app():
-    assert {"regpipe.training", "regpipe.workflows.jobs", "regpipe.bids_app.parser"} <= set(MODULES)
+    expected = {"regpipe.training", "regpipe.workflows.jobs", "regpipe.bids_app.parser"}
+    assert expected <= set(MODULES)
 
 
 @pytest.mark.parametrize("name", MODULES)

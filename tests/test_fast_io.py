@@ -1,4 +1,5 @@
-"""Tests of the fast CPU instance optimisation (:mod:`regpipe.fast_io`), small synthetic volumes."""
+"""Tests of the fast CPU instance optimisation (:mod:`regpipe.fast_io`), small synthetic
+volumes."""
 
 from __future__ import annotations
 
@@ -165,7 +166,7 @@ def test_respects_fixed_mask(pair):
     fixed = _blobs(grid + u)[None, None].float()
     mask = torch.zeros((1, 1, *SHAPE))
     mask[:, :, :, :14] = 1
-    kwargs = dict(steps=30, grid_spacing_mm=1.0, progress=False, level_steps=(1.0, 1.0))
+    kwargs = {"steps": 30, "grid_spacing_mm": 1.0, "progress": False, "level_steps": (1.0, 1.0)}
     masked = optimise_displacement(moving, fixed, _zeros(), fixed_mask=mask, **kwargs)
     free = optimise_displacement(moving, fixed, _zeros(), **kwargs)
     assert masked.abs().max() < 0.3
@@ -216,10 +217,10 @@ def test_identical_images_stay_still(pair, level_steps, mean, largest):
     ],
 )
 def test_invalid_inputs_raise_input_error(pair, change):
-    kwargs = dict(
-        moving_t=pair["moving"], fixed_t=pair["fixed"], displacement=_zeros(), steps=2,
-        grid_spacing_mm=1.0, progress=False,
-    )
+    kwargs = {
+        "moving_t": pair["moving"], "fixed_t": pair["fixed"], "displacement": _zeros(), "steps": 2,
+        "grid_spacing_mm": 1.0, "progress": False,
+    }
     kwargs.update(change)
     with pytest.raises(InputError):
         optimise_displacement(**kwargs)

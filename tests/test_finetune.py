@@ -132,13 +132,13 @@ def test_both_uses_the_available_kind_when_the_other_has_none(caplog):
 
 
 def test_no_intra_pairs_says_why_and_what_would_work():
-    with pytest.raises(AppError, match="two or more sessions.*--pairs inter") as error:
+    with pytest.raises(AppError, match=r"two or more sessions.*--pairs inter") as error:
         finetune.form_pairs(_images(("01", "1"), ("02", None)), "intra")
     assert error.value.code == 66
 
 
 def test_no_inter_pairs_with_one_subject():
-    with pytest.raises(AppError, match="two or more subjects.*--pairs intra"):
+    with pytest.raises(AppError, match=r"two or more subjects.*--pairs intra"):
         finetune.form_pairs(_images(("01", "1"), ("01", "2")), "inter")
 
 
@@ -270,7 +270,7 @@ def test_affine_init_aligns_the_moving_image_to_the_fixed_one(tmp_path):
     assert np.allclose(aligned.alignment(1, 0), np.linalg.inv(aligned.alignment(0, 1)))
 
 
-# --------------------------------------------------------------------------- output, resume, errors
+# -------------------------------------------------------------------------- output, resume, errors
 
 
 def test_card_records_start_dataset_pairs_and_training(data, tmp_path, capsys):

@@ -169,8 +169,8 @@ def array_run(dataset) -> dict:
     result = subprocess.run(["sbatch", "--wait", f"--array=1-{len(SUBJECTS)}", str(ARRAY_SCRIPT)],
                             env=env, capture_output=True, text=True, check=False, timeout=900)
     logs = {path.name: path.read_text() for path in (bin_dir / "state").glob("slurm-*.out")}
-    group = subprocess.run(env["REGPIPE_CMD"].split() + [env["BIDS_DIR"], env["OUTPUT_DIR"],
-                                                         "group", "-w", env["WORK_DIR"]],
+    group = subprocess.run([*env["REGPIPE_CMD"].split(), env["BIDS_DIR"], env["OUTPUT_DIR"],
+                            "group", "-w", env["WORK_DIR"]],
                            capture_output=True, text=True, check=False, timeout=600)
     return {"result": result, "logs": logs, "group": group, "root": root, "out": root / "out"}
 

@@ -34,12 +34,12 @@ import torch.nn.functional as F
 
 icon = pytest.importorskip("icon_registration")
 unigradicon = pytest.importorskip("unigradicon")
-from icon_registration import network_wrappers, networks
-from icon_registration.itk_wrapper import finetune_execute
+from icon_registration import network_wrappers, networks  # noqa: E402
+from icon_registration.itk_wrapper import finetune_execute  # noqa: E402
 
-from regpipe.instance_opt import optimise_network_weights
-from regpipe.losses import gradicon_objective
-from regpipe.networks import NetworkConfig, build_network, load_weights
+from regpipe.instance_opt import optimise_network_weights  # noqa: E402
+from regpipe.losses import gradicon_objective  # noqa: E402
+from regpipe.networks import NetworkConfig, build_network, load_weights  # noqa: E402
 
 OFFICIAL_GRID = (65, 65, 65)  # the smallest grid the official tree accepts
 NARROW_GRID = (18, 19, 21)

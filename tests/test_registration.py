@@ -84,7 +84,8 @@ def test_io_grid_and_options_reach_the_optimisation(pair):
     assert max(coarse.settings["grid_shape"]) == 20 and coarse.forward.grid_shape == tuple(
         coarse.settings["grid_shape"])
     still = regpipe.register(fixed, moving, weights=None, affine="none", grid_mode="isotropic",
-                             io_iterations=5, io_options={"level_steps": (0.0, 0.0)}, progress=False)
+                             io_iterations=5, io_options={"level_steps": (0.0, 0.0)},
+                             progress=False)
     assert float(still.forward.displacement.abs().max()) == 0.0  # no iteration at any level
     with pytest.raises(InputError, match="io_grid"):
         regpipe.register(fixed, moving, weights=None, io_iterations=5, io_grid=4)
@@ -177,8 +178,10 @@ def test_mixed_precision_is_float32_on_the_cpu(pair, small_network):
     plain = regpipe.register(fixed, moving, weights=small_network, affine="none", device="cpu")
     asked = regpipe.register(fixed, moving, weights=small_network, affine="none", device="cpu",
                              mixed_precision=True)
-    assert asked.settings["mixed_precision"] is False and plain.settings["mixed_precision"] is False
-    torch.testing.assert_close(asked.forward.displacement, plain.forward.displacement, rtol=0, atol=0)
+    assert (asked.settings["mixed_precision"] is False
+            and plain.settings["mixed_precision"] is False)
+    torch.testing.assert_close(asked.forward.displacement, plain.forward.displacement,
+                               rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

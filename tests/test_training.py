@@ -47,7 +47,8 @@ def _label_map(path, seed: int, shape=(40, 44, 36)) -> str:
     labels[5:-5, 6:-6, 5:-5] = 2
     labels[10:-10, 12:-12, 10:-10] = 3
     centre = rng.integers(15, 22, size=3)
-    labels[centre[0] - 4:centre[0] + 4, centre[1] - 4:centre[1] + 4, centre[2] - 3:centre[2] + 3] = 4
+    labels[centre[0] - 4:centre[0] + 4, centre[1] - 4:centre[1] + 4,
+           centre[2] - 3:centre[2] + 3] = 4
     labels[:3] = 150  # a "non-brain" label
     nib.save(nib.Nifti1Image(labels, np.diag([1.2, 1.0, 1.1, 1.0])), path)
     return str(path)
@@ -149,8 +150,10 @@ def test_stripped_labels_are_background_in_image_and_labels(tmp_path):
 
 def test_shared_placement_moves_both_images_alike(tmp_path):
     paths = [_label_map(tmp_path / "s.nii.gz", 0)]
-    placement = DeformationRange(rotation_deg=15, scaling=0.1, shear=0.03, translation=0.05, warp=0)
-    placed = LabelMapSource(paths, SHAPE, deformation=STILL, placement=placement).draw(SHAPE, _generator(3))
+    placement = DeformationRange(rotation_deg=15, scaling=0.1, shear=0.03, translation=0.05,
+                                 warp=0)
+    placed = LabelMapSource(paths, SHAPE, deformation=STILL,
+                            placement=placement).draw(SHAPE, _generator(3))
     plain = LabelMapSource(paths, SHAPE, deformation=STILL).draw(SHAPE, _generator(3))
     assert torch.equal(placed.moving_labels, placed.fixed_labels)  # no misalignment added
     assert not torch.equal(placed.fixed_labels, plain.fixed_labels)  # but another pose
@@ -199,7 +202,8 @@ def test_recipe_ranges_become_deformation_ranges(tmp_path):
     assert labels.deformation.warp_resolution == (3, 5)
     assert shapes.deformation == DeformationRange(scaling=0.02)
     with pytest.raises(InputError, match="placement"):
-        build_source([{"type": "label-maps", "paths": paths, "placement": {"spin": 1}}], SHAPE, tmp_path)
+        build_source([{"type": "label-maps", "paths": paths, "placement": {"spin": 1}}], SHAPE,
+                     tmp_path)
 
 
 def test_unknown_region_is_refused(tmp_path):
@@ -236,7 +240,8 @@ def test_image_sources_give_intra_and_inter_pairs(tmp_path):
     inter = ImagePairSource.all_pairs(paths, SHAPE).draw(SHAPE, _generator())
     assert (intra.pair_type, inter.pair_type) == ("intra", "inter")
     for image in (intra.moving, intra.fixed, inter.moving, inter.fixed):
-        assert image.shape == (1, 1, *SHAPE) and 0 <= float(image.min()) and float(image.max()) <= 1
+        assert (image.shape == (1, 1, *SHAPE) and 0 <= float(image.min())
+                and float(image.max()) <= 1)
 
 
 def test_mixed_source_never_draws_a_zero_weight_source():
@@ -272,9 +277,11 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
 
 def test_workers_draw_the_same_pairs_and_give_the_same_run(tmp_path):
     serial, _ = _train(tmp_path / "serial", 3, workers=0, batch_size=2, lam_range=(0.5, 5.0))
-    threaded, state = _train(tmp_path / "threaded", 3, workers=3, batch_size=2, lam_range=(0.5, 5.0))
+    threaded, state = _train(tmp_path / "threaded", 3, workers=3, batch_size=2,
+                             lam_range=(0.5, 5.0))
     assert state.step == 3 and state.data_wait_seconds >= 0
-    for (key, a), b in zip(serial.state_dict().items(), threaded.state_dict().values(), strict=True):
+    for (key, a), b in zip(serial.state_dict().items(), threaded.state_dict().values(),
+                           strict=True):
         assert torch.allclose(a, b, atol=1e-6), key
     logs = [[(r["similarity"], r["lam"], r["pair_type"]) for r in
              csv.DictReader((tmp_path / run / "log.csv").read_text().splitlines())]
@@ -309,12 +316,14 @@ def test_pairs_depend_on_seed_step_and_place_only():
     from regpipe.pair_stream import PairStream
 
     def stream(workers):
-        return PairStream(RandomShapesSource(), SHAPE, seed=3, batch_size=2, workers=workers, last_step=5)
+        return PairStream(RandomShapesSource(), SHAPE, seed=3, batch_size=2, workers=workers,
+                          last_step=5)
 
     serial, threaded = stream(0), stream(2)
     try:
         late = threaded.pairs(4)  # steps 1-3 never drawn by this one
-        assert all(torch.equal(a.moving, b.moving) for a, b in zip(serial.pairs(4), late, strict=True))
+        assert all(torch.equal(a.moving, b.moving)
+                   for a, b in zip(serial.pairs(4), late, strict=True))
         assert not torch.equal(late[0].moving, late[1].moving)
         assert not torch.equal(serial.pairs(5)[0].moving, late[0].moving)
     finally:
@@ -337,7 +346,8 @@ def test_weight_average_of_a_resumed_run_is_the_mean_of_its_snapshots(tmp_path):
     snapshots = []
     for steps in (2, 4, 6):  # three calls: the average travels in the checkpoint
         _train(tmp_path / "run", steps, average_from=2, average_every=2, lr=1e-2)
-        snapshots.append(shutil.copy(tmp_path / "run" / "weights.pt", tmp_path / f"step{steps}.pt"))
+        snapshots.append(shutil.copy(tmp_path / "run" / "weights.pt",
+                                     tmp_path / f"step{steps}.pt"))
     average_weights(snapshots, tmp_path / "expected.pt")
     expected = network_from_file(tmp_path / "expected.pt").regis_net.state_dict()
     averaged = network_from_file(tmp_path / "run" / "weights-avg.pt")
@@ -421,7 +431,8 @@ def test_lam_range_draws_lam_per_step(tmp_path):
     torch.manual_seed(0)
     train(build_network(TINY), RandomShapesSource(), tmp_path,
           TrainingOptions(steps=3, lam_range=(0.5, 5.0), progress=False))
-    lams = [float(r["lam"]) for r in csv.DictReader((tmp_path / "log.csv").read_text().splitlines())]
+    rows = csv.DictReader((tmp_path / "log.csv").read_text().splitlines())
+    lams = [float(r["lam"]) for r in rows]
     assert len(set(lams)) == 3 and all(0.5 <= v <= 5.0 for v in lams)
 
 
@@ -504,5 +515,6 @@ def test_cli_init_from_weights_at_another_grid(tmp_path, capsys):
 def test_cli_reports_a_missing_data_path(tmp_path, capsys):
     from regpipe.cli.train import main
 
-    code = main([str(tmp_path / "run"), "--label-maps", str(tmp_path / "nothing*.nii.gz"), *TINY_ARGS])
+    code = main([str(tmp_path / "run"), "--label-maps", str(tmp_path / "nothing*.nii.gz"),
+                 *TINY_ARGS])
     assert code == 1 and "no file matches" in capsys.readouterr().err

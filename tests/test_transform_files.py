@@ -703,7 +703,7 @@ def test_missing_file_is_reported(tmp_path: Path) -> None:
 
 
 def test_missing_folder_is_reported(tmp_path: Path) -> None:
-    with pytest.raises(TransformFileError, match="folder .* does not exist"):
+    with pytest.raises(TransformFileError, match=r"folder .* does not exist"):
         write_transform(AffineTransform.identity(), tmp_path / "absent" / "xfm.mat")
     assert os.listdir(tmp_path) == []
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from regpipe.spaces import Geometry, network_grid
 from regpipe.transforms import AffineTransform, DisplacementField, GridTransform, compose

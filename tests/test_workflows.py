@@ -26,7 +26,7 @@ from regpipe.workflows.jobs import (
 from regpipe.errors import InputError, WeightsError
 
 pe = pytest.importorskip("nipype.pipeline.engine")
-from nipype.pipeline.engine.utils import generate_expanded_graph
+from nipype.pipeline.engine.utils import generate_expanded_graph  # noqa: E402
 
 SPACE = "MNI152NLin2009cAsym"
 
@@ -402,7 +402,7 @@ def test_write_metrics_table(tmp_path, skeleton):
     )
     tsv, sidecar = steps.write_metrics(str(evaluation), str(tmp_path / "m.tsv"), job, "network")
     header, row = Path(tsv).read_text().splitlines()
-    values = dict(zip(header.split("\t"), row.split("\t")))
+    values = dict(zip(header.split("\t"), row.split("\t"), strict=True))
     assert values["method"] == "network" and values["runtime_s"] == "1.5"
     assert values["peak_memory_mb"] == "n/a" and values["dice_mean"] == "n/a"
     assert header.split("\t")[-2:] == ["dice_2", "dice_10"]

@@ -27,9 +27,9 @@ ants = pytest.importorskip("ants")
 bids = pytest.importorskip("bids")
 pytest.importorskip("nipype")
 
-from regpipe.workflows.base import init_regpipe_wf, run_workflow
-from regpipe.workflows.jobs import validate_job
-from regpipe.workflows.outputs import output_paths, sidecar_of
+from regpipe.workflows.base import init_regpipe_wf, run_workflow  # noqa: E402
+from regpipe.workflows.jobs import validate_job  # noqa: E402
+from regpipe.workflows.outputs import output_paths, sidecar_of  # noqa: E402
 
 METHODS = ["network", "ants-affine"]
 SPACE = "Tiny"
@@ -57,7 +57,7 @@ def _phantom_labels(geometry: Geometry) -> np.ndarray:
     labels = np.zeros(geometry.shape, np.int16)
     labels[np.linalg.norm(xyz / [24.0, 20.0, 18.0], axis=-1) < 1] = 1
     labels[np.linalg.norm((xyz - [6, -4, 2]) / [9.0, 7.0, 6.0], axis=-1) < 1] = 2
-    labels[np.linalg.norm((xyz + [8, 2, 0]) / [5.0, 5.0, 8.0], axis=-1) < 1] = 3
+    labels[np.linalg.norm((xyz + np.array([8, 2, 0])) / [5.0, 5.0, 8.0], axis=-1) < 1] = 3
     return labels
 
 
@@ -230,7 +230,7 @@ def test_metrics_tables_and_sidecars(runs):
         for method in METHODS:
             paths = output_paths(runs["out"], job, method)
             header, row = paths["metrics_tsv"].read_text().splitlines()
-            values = dict(zip(header.split("\t"), row.split("\t")))
+            values = dict(zip(header.split("\t"), row.split("\t"), strict=True))
             assert (
                 values["method"] == method and values["participant_id"] == f"sub-{job['subject']}"
             )

@@ -282,9 +282,11 @@ def init_image_wf(
         niu.Merge(len(methods)), name="merge_sections", run_without_submitting=True
     )
     workflow.connect([
-        (inputnode, moving_preproc_wf, [("moving", "inputnode.in_file"), ("moving_mask", "inputnode.mask"),
+        (inputnode, moving_preproc_wf, [("moving", "inputnode.in_file"),
+                                        ("moving_mask", "inputnode.mask"),
                                         ("moving_labels", "inputnode.labels")]),
-        (inputnode, fixed_preproc_wf, [("fixed", "inputnode.in_file"), ("fixed_mask", "inputnode.mask"),
+        (inputnode, fixed_preproc_wf, [("fixed", "inputnode.in_file"),
+                                       ("fixed_mask", "inputnode.mask"),
                                        ("fixed_labels", "inputnode.labels")]),
         (moving_preproc_wf, ds_preproc_wf, [("outputnode.out_file", "inputnode.preproc")]),
         (merge_sections, outputnode, [("out", "sections")]),
@@ -371,7 +373,8 @@ def init_method_wf(
     )
     report_section = pe.Node(
         ReportSection(method=method, space=job["fixed_space"],
-                      label=f"{job['suffix']} {label} -> {job['fixed_space']} ({method})".replace("  ", " ")),
+                      label=(f"{job['suffix']} {label} -> {job['fixed_space']} "
+                             f"({method})").replace("  ", " ")),
         name="report_section", run_without_submitting=True,
     )  # fmt: skip
     reg_fields = [

@@ -67,6 +67,7 @@ def init_eval_wf(
         workflow.connect([(inputnode, evaluate, [("fixed_mask", "fixed_mask")])])
     if has_labels:
         workflow.connect([
-            (inputnode, evaluate, [("fixed_labels", "fixed_labels"), ("moving_labels", "moving_labels")]),
+            (inputnode, evaluate, [("fixed_labels", "fixed_labels"),
+                                   ("moving_labels", "moving_labels")]),
         ])  # fmt: skip
     return workflow

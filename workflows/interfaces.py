@@ -193,7 +193,8 @@ class NetworkRegistration(SimpleInterface):
             i.fixed, i.moving, runtime.cwd, weights=_opt(i.weights),
             weights_name=_opt(i.weights_name), weights_sha256=_opt(i.weights_sha256),
             affine_init=i.affine_init, io_iterations=i.io_iterations, device=i.device,
-            mixed_precision=i.mixed_precision, region=_opt(i.region), pair_type=_opt(i.pair_type), smoothness=_opt(i.smoothness),
+            mixed_precision=i.mixed_precision, region=_opt(i.region), pair_type=_opt(i.pair_type),
+            smoothness=_opt(i.smoothness),
             **_common(i),
         ))  # fmt: skip
         return runtime

@@ -95,7 +95,8 @@ _SPACE = re.compile(r"^[A-Za-z0-9+]+$")
 
 @dataclass(frozen=True)
 class RegistrationOptions:
-    """Settings shared by every job of a run (see :func:`regpipe.workflows.base.init_regpipe_wf`)."""
+    """Settings shared by every job of a run (see
+    :func:`regpipe.workflows.base.init_regpipe_wf`)."""
 
     weights: str | None = None
     weights_name: str | None = None

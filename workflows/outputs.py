@@ -14,23 +14,25 @@ entities, ``sub-<l>[_ses-<l>][_task-..][_acq-..][_ce-..][_rec-..][_dir-..][_run-
 [_part-..][_chunk-..]``, ``<R>`` the method's dataset root and ``<anat>`` =
 ``sub-<l>[/ses-<l>]/<datatype>`` (``anat`` unless the job's entities name another datatype).
 
-============================================================  =======  ==================================
-File (under ``<R>/<anat>/``)                                  Where    Content
-============================================================  =======  ==================================
-``<src>_desc-preproc_<suffix>.nii.gz`` + ``.json``            top      moving image as every method
-                                                                       received it (RAS, N4, masked,
-                                                                       intensities scaled to [0, 1])
-``<src>_from-<suffix>_to-<space>_mode-image_xfm.h5`` + json   each     forward transform: resamples the
-                                                                       moving image into ``<space>``
-``<src>_from-<space>_to-<suffix>_mode-image_xfm.h5`` + json   each     inverse transform
-``<src>_space-<space>_desc-preproc_<suffix>.nii.gz`` + json   each     preprocessed moving image
-                                                                       resampled into ``<space>``
-``<src>_space-<space>_desc-<suffix>_jacobian.nii.gz`` + json  each     Jacobian determinant of the
-                                                                       forward transform, fixed grid
-``<src>_space-<space>_desc-<suffix>_metrics.tsv`` + ``.json`` each     one-row metrics table; the JSON
-                                                                       describes its columns and holds
-                                                                       Dice per label and settings
-============================================================  =======  ==================================
+=============================================================  =====  =============================
+File (under ``<R>/<anat>/``)                                   Where  Content
+=============================================================  =====  =============================
+``<src>_desc-preproc_<suffix>.nii.gz`` + ``.json``             top    moving image as every method
+                                                                      received it (RAS, N4, masked,
+                                                                      intensities scaled to [0, 1])
+``<src>_from-<suffix>_to-<space>_mode-image_xfm.h5`` + json    each   forward transform: resamples
+                                                                      the moving image into
+                                                                      ``<space>``
+``<src>_from-<space>_to-<suffix>_mode-image_xfm.h5`` + json    each   inverse transform
+``<src>_space-<space>_desc-preproc_<suffix>.nii.gz`` + json    each   preprocessed moving image
+                                                                      resampled into ``<space>``
+``<src>_space-<space>_desc-<suffix>_jacobian.nii.gz`` + json   each   Jacobian determinant of the
+                                                                      forward transform, fixed grid
+``<src>_space-<space>_desc-<suffix>_metrics.tsv`` + ``.json``  each   one-row metrics table; the
+                                                                      JSON describes its columns
+                                                                      and holds Dice per label and
+                                                                      settings
+=============================================================  =====  =============================
 
 Transforms are ITK HDF5 files (a ``CompositeTransform`` holding one dense displacement field,
 LPS mm, on the grid of the image they resample *into*), readable by ANTs
@@ -42,8 +44,8 @@ Dataset-level files (written under a ``fcntl`` lock, atomically, and only when a
 existing, different file is kept and a warning logged, so concurrent participant runs into one
 ``output_dir`` are safe): ``dataset_description.json`` (top and every nested dataset),
 ``.bidsignore`` (lines merged). The top level also holds ``sub-<l>.html`` (QC report,
-:mod:`regpipe.reports`) and ``sub-<l>/log/<run-uuid>/crash-*.txt`` (Nipype crash files); the BIDS App adds ``logs/``
-(run records).
+:mod:`regpipe.reports`) and ``sub-<l>/log/<run-uuid>/crash-*.txt`` (Nipype crash files); the
+BIDS App adds ``logs/`` (run records).
 
 ``<space>`` is the job's ``fixed_space``: a TemplateFlow identifier (``MNI152NLin2009cAsym``)
 or, for longitudinal registration, the reference image's label
@@ -174,7 +176,10 @@ def output_paths(
     ``inverse_xfm``, ``warped``, ``jacobian``, ``metrics_tsv``, ``metrics_json``)."""
     root = method_root(output_dir, method)
     suffix, space = job["suffix"], job["fixed_space"]
-    path = lambda root_, **kw: derivative_path(root_, job, **kw)
+
+    def path(root_: str | os.PathLike[str], **kw: Any) -> Path:
+        return derivative_path(root_, job, **kw)
+
     return {
         "preproc": path(Path(output_dir), suffix=suffix, desc="preproc", extension=".nii.gz"),
         "forward_xfm": path(
@@ -511,7 +516,8 @@ def jacobian_metadata(
             "SpatialReference": job["fixed_uri"],
             "Description": (
                 "Determinant of the Jacobian of the forward transform on the fixed grid: < 1 the "
-                f"{job['fixed_space']} region maps to a smaller {job['suffix']} region, <= 0 folding."
+                f"{job['fixed_space']} region maps to a smaller {job['suffix']} region, "
+                "<= 0 folding."
             ),
             "Units": "arbitrary",
             "Method": method,

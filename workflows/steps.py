@@ -454,7 +454,7 @@ def report_section(
     tsv = Path(metrics_json).with_suffix(".tsv")
     if tsv.is_file():
         header, values = tsv.read_text().splitlines()[:2]
-        for key, value in zip(header.split("\t"), values.split("\t")):
+        for key, value in zip(header.split("\t"), values.split("\t"), strict=False):
             if key in METRIC_COLUMNS or key.startswith("dice_"):
                 metrics[key] = None if value == "n/a" else float(value)
     metrics["dice"] = sidecar.get("Dice", {})

@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(parser, "io_method", default="fast", choices=["fast", "network"],
                help="fast: CPU-friendly correction on top of the network output (default); "
                "network: uniGradICON's optimisation of all weights (GPU)")
-    add_option(parser, "grid_mode", default="auto", choices=["auto", "squash", "isotropic", "squash-ras"])
+    add_option(parser, "grid_mode", default="auto",
+               choices=["auto", "squash", "isotropic", "squash-ras"])
     add_option(parser, "device", default="auto", help="auto, cpu, cuda or cuda:N")
     add_option(parser, "threads", type=int, help="CPU threads for PyTorch")
     add_option(parser, "mixed_precision", action="store_true",

@@ -46,14 +46,19 @@ def _ints(text: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
 
 
 def parse_duration(text: str | float) -> float:
     """Seconds from ``"3600"``, ``"90m"``, ``"2h"``, ``"1h30m"`` or ``"45s"``."""
     if isinstance(text, (int, float)):
         return float(text)
-    match = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*", text)
+    pattern = (r"\s*(?:(\d+(?:\.\d+)?)h)?"
+               r"\s*(?:(\d+(?:\.\d+)?)m)?"
+               r"\s*(?:(\d+(?:\.\d+)?)s?)?\s*")
+    match = re.fullmatch(pattern, text)
     if not text.strip() or match is None or not any(match.groups()):
         raise argparse.ArgumentTypeError(f"cannot read the duration {text!r} (try 90m, 2h, 3600)")
     hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
@@ -72,23 +77,28 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
                        "(default for a conditional network: 0.3 6)")
     group.add_argument("--similarity", choices=["lncc", "lncc2"], help="default lncc")
     group.add_argument("--lncc-sigma", type=float,
-                       help="LNCC Gaussian window in grid voxels (default 5, uniGradICON's at 175^3)")
-    group.add_argument("--dice-weight", type=float, help="soft-Dice weight on labelled pairs (default 0)")
+                       help="LNCC Gaussian window in grid voxels (default 5, uniGradICON's at "
+                       "175^3)")
+    group.add_argument("--dice-weight", type=float,
+                       help="soft-Dice weight on labelled pairs (default 0)")
     group.add_argument("--seed", type=int, help="random seed (default 0)")
     group.add_argument("--device", help="auto, cpu or cuda (default auto)")
     group.add_argument("--no-amp", action="store_true", help="no bfloat16 autocast on CUDA")
     group.add_argument("--threads", type=int, help="CPU threads")
     group.add_argument("--workers", type=int,
                        help="threads drawing the next pairs while a step runs (default: "
-                       "min(8, CPUs - 1) on a GPU, 0 on the CPU); the run is the same with any number")
-    group.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 100)")
+                       "min(8, CPUs - 1) on a GPU, 0 on the CPU); the run is the same with any "
+                       "number")
+    group.add_argument("--checkpoint-every", type=int,
+                       help="steps between checkpoints (default 100)")
     group.add_argument("--average-from", type=int, metavar="STEP",
                        help="weight averaging: keep the mean of the weights of every "
                        "--average-every-th step from STEP on, written as weights-avg.pt")
     group.add_argument("--average-every", type=int, metavar="N",
                        help="steps between the snapshots of the average (default 50)")
     group.add_argument("--budget", type=parse_duration,
-                       help="stop cleanly after this wall-clock time (e.g. 90m, 2h); run again to continue")
+                       help="stop cleanly after this wall-clock time (e.g. 90m, 2h); run again to "
+                       "continue")
     group.add_argument("--trainable", choices=["all", "controller"],
                        help="all parameters (default) or only a conditional network's controller")
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -103,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
-    parser.add_argument("output", help="run folder (checkpoint.pt, weights.pt, weights.md, log.csv)")
+    parser.add_argument("output",
+                        help="run folder (checkpoint.pt, weights.pt, weights.md, log.csv)")
     parser.add_argument("--recipe", help="JSON recipe (options and data sources)")
     parser.add_argument("--data-root", default=".", help="folder relative recipe paths start from")
     net = parser.add_argument_group("network")
@@ -124,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="labels >= this are non-brain: rendered as background half of the time")
     data.add_argument("--random-shapes-weight", type=float, default=0.0,
                       help="weight of random-shape label maps (used alone when no data is given)")
-    data.add_argument("--images", nargs="+", help="image files, folders or BIDS datasets (intra pairs)")
+    data.add_argument("--images", nargs="+",
+                      help="image files, folders or BIDS datasets (intra pairs)")
     data.add_argument("--images-weight", type=float, default=1.0)
     data.add_argument("--modality", default="mri", choices=["mri", "ct"])
     data.add_argument("--pairs", help="CSV of 'moving,fixed' paths (real inter-subject pairs)")
@@ -177,22 +189,28 @@ def build_source(specs: list[dict[str, Any]], shape: Sequence[int], root: Path,
                 try:
                     spec[key] = kind_of_range(**values)
                 except TypeError as error:
-                    raise InputError(f"recipe source {kind!r}: bad {key} {values}: {error}") from error
+                    raise InputError(
+                        f"recipe source {kind!r}: bad {key} {values}: {error}"
+                    ) from error
         if kind == "random-shapes":
             source = td.RandomShapesSource(region=region, **spec)
         elif kind == "label-maps":
             paths = expand_paths(spec.pop("paths"), root)
             strip = spec.pop("strip_labels_from", None)
             background = range(int(strip), 100000) if strip is not None else ()
-            source = td.LabelMapSource(paths, shape, region=region, background_labels=background, **spec)
+            source = td.LabelMapSource(paths, shape, region=region, background_labels=background,
+                                       **spec)
         elif kind == "images":
             paths = expand_paths(spec.pop("paths"), root)
             source = td.ImageSource(paths, shape, region=region, **spec)
         elif kind == "pairs":
             spec.setdefault("grid_mode", grid_mode)
-            source = td.ImagePairSource(_read_pairs(Path(spec.pop("csv")), root), shape, region=region, **spec)
+            pair_paths = _read_pairs(Path(spec.pop("csv")), root)
+            source = td.ImagePairSource(pair_paths, shape, region=region, **spec)
         else:
-            raise InputError(f"unknown source type {kind!r} (label-maps, random-shapes, images, pairs)")
+            raise InputError(
+                f"unknown source type {kind!r} (label-maps, random-shapes, images, pairs)"
+            )
         LOGGER.info("data source %s (%s), weight %g", source.name, region, weight)
         sources.append(source)
         weights.append(weight)
@@ -212,16 +230,19 @@ def _read_pairs(path: Path, root: Path) -> list[tuple[Path, Path]]:
                 continue
             if len(row) < 2:
                 raise InputError(f"{path}: each row needs 'moving,fixed', got {row}")
-            pairs.append(tuple((root / p.strip()) if not Path(p.strip()).is_absolute() else Path(p.strip())
-                               for p in row[:2]))
+            pairs.append(tuple(
+                (root / p.strip()) if not Path(p.strip()).is_absolute() else Path(p.strip())
+                for p in row[:2]
+            ))
     return pairs  # type: ignore[return-value]
 
 
 def _sources_from_args(args: argparse.Namespace) -> list[dict[str, Any]]:
     specs: list[dict[str, Any]] = []
     if args.label_maps:
-        specs.append({"type": "label-maps", "paths": args.label_maps, "weight": args.label_maps_weight,
-                      "region": args.region, "strip_labels_from": args.strip_labels_from})
+        specs.append({"type": "label-maps", "paths": args.label_maps,
+                      "weight": args.label_maps_weight, "region": args.region,
+                      "strip_labels_from": args.strip_labels_from})
     if args.images:
         specs.append({"type": "images", "paths": args.images, "weight": args.images_weight,
                       "region": args.region, "modality": args.modality})
@@ -241,7 +262,8 @@ def merged_settings(args: argparse.Namespace) -> dict[str, Any]:
             settings = json.loads(Path(args.recipe).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as error:
             raise InputError(f"cannot read the recipe {args.recipe}: {error}") from error
-    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("recipe", "output")}
+    given = {k: v for k, v in vars(args).items()
+             if v is not None and k not in ("recipe", "output")}
     for key in ("no_amp", "no_progress"):
         if not given.get(key):
             given.pop(key, None)
@@ -249,7 +271,7 @@ def merged_settings(args: argparse.Namespace) -> dict[str, Any]:
     if sources:
         settings["sources"] = sources
     for key, value in given.items():
-        if key.endswith("_weight") and key != "dice_weight" or key in (
+        if (key.endswith("_weight") and key != "dice_weight") or key in (
             "label_maps", "images", "pairs", "region", "modality", "strip_labels_from"
         ):
             continue
@@ -293,7 +315,8 @@ def build_network_from(settings: dict[str, Any]):
         checkpoint = read_checkpoint(resolve_weights(init))
         config = checkpoint.config or infer_config(checkpoint.state_dict)
         preset = {"grid": list(config.grid_shape), "unets": config.n_steps,
-                  "down_channels": list(config.down_channels), "up_channels": list(config.up_channels)}
+                  "down_channels": list(config.down_channels),
+                  "up_channels": list(config.up_channels)}
     for key in ("grid", "unets", "down_channels", "up_channels"):
         if settings.get(key) is not None:
             preset[key] = settings[key]
@@ -325,9 +348,9 @@ def build_network_from(settings: dict[str, Any]):
 def options_from(settings: dict[str, Any]):
     from regpipe.training import TrainingOptions
 
-    fields = {"steps", "batch_size", "lr", "lam", "lam_range", "similarity", "lncc_sigma", "dice_weight",
-              "seed", "device", "checkpoint_every", "trainable", "workers", "average_from",
-              "average_every"}
+    fields = {"steps", "batch_size", "lr", "lam", "lam_range", "similarity", "lncc_sigma",
+              "dice_weight", "seed", "device", "checkpoint_every", "trainable", "workers",
+              "average_from", "average_every"}
     values = {k: settings[k] for k in fields if settings.get(k) is not None}
     if settings.get("lam_range") is not None:
         values["lam_range"] = tuple(settings["lam_range"])
@@ -353,7 +376,8 @@ def run_training(settings: dict[str, Any], output: Path, card: dict[str, Any]) -
     if settings.get("description"):
         card["description"] = settings["description"]
     card.setdefault("training", {})["recipe"] = {
-        k: v for k, v in settings.items() if k not in ("no_progress", "threads", "device", "workers")
+        k: v for k, v in settings.items()
+        if k not in ("no_progress", "threads", "device", "workers")
     }
     card["grid_mode"] = settings.get("grid_mode", "squash")
     conditioning = getattr(network, "conditioning", None)
@@ -374,7 +398,8 @@ def run_training(settings: dict[str, Any], output: Path, card: dict[str, Any]) -
                 if state.data_wait_seconds > 0.2 * spent else "")
     print(json.dumps({"step": state.step, "stopped_by": state.stopped_by,
                       "elapsed_seconds": round(state.elapsed_seconds, 1),
-                      "data_wait_seconds": round(state.data_wait_seconds, 1), **state.last_losses}))
+                      "data_wait_seconds": round(state.data_wait_seconds, 1),
+                      **state.last_losses}))
     return 0
 
 

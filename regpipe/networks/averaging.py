@@ -143,6 +143,7 @@ def average_weights(
             raise WeightsError("the weights files have different network configurations: "
                                + ", ".join(str(p) for p in paths)) from None
         card = dict(getattr(network, "metadata", {}) or {})
-    card["averaged_from"] = [{"file": Path(path).name, "sha256": sha256sum(path)} for path in paths]
+    card["averaged_from"] = [{"file": Path(path).name, "sha256": sha256sum(path)}
+                             for path in paths]
     card.update(metadata or {})
     return save_network_state(average.state(), output, card)

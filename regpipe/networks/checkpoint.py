@@ -93,7 +93,7 @@ def _torch_load(path: Path) -> Any:
         raise WeightsError(f"weights file not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
+    except Exception as exc:  # torch raises many types for bad files
         text = str(exc).strip()
         first_line = text.splitlines()[0] if text else ""
         raise WeightsError(
@@ -155,7 +155,7 @@ def is_conditional_file(path: PathLike) -> bool:
     path = Path(path).expanduser()
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - not a zip file (or unreadable): the full reader decides
+    except Exception:  # not a zip file (or unreadable): the full reader decides
         obj = _torch_load(path)
     config = obj.get("config") if isinstance(obj, Mapping) else None
     return isinstance(config, Mapping) and config.get("conditional") is not None
