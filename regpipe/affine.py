@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
-from tqdm.auto import tqdm  # type: ignore[import-untyped]
+from tqdm.auto import tqdm
 
 from regpipe.errors import InputError, ResourceError
 from regpipe.spaces import (
@@ -209,7 +209,7 @@ def ants_affine_register(
     InputError
         As :func:`affine_register`, or ``dof=9``.
     """
-    import ants  # type: ignore[import-untyped]  # heavy: imported only when used
+    import ants  # heavy: imported only when used
 
     from regpipe.ants_methods import ants_settings
     from regpipe.transform_files import read_transform
@@ -257,7 +257,7 @@ _ANTS_TRANSFORMS = {6: "Rigid", 7: "Similarity", 12: "Affine"}
 
 def _to_ants(data: NDArray[np.float32], geometry: Geometry) -> Any:
     """An ANTsImage (LPS+ origin and direction) holding ``data`` on ``geometry``."""
-    import ants  # type: ignore[import-untyped]
+    import ants
 
     return ants.from_numpy(
         np.ascontiguousarray(data, dtype=np.float32),

@@ -172,7 +172,7 @@ def measure_resources() -> Iterator[ResourceUsage]:
 def ants_version() -> str:
     """The antspyx version string (``"unknown"`` when it cannot be told)."""
     try:
-        import ants  # type: ignore[import-untyped]
+        import ants
     except ImportError:
         return "unknown"
     return str(getattr(ants, "__version__", "unknown"))
@@ -200,7 +200,7 @@ def _to_ants(data: NDArray[np.generic], geometry: Geometry) -> Any:
 
 
 def _from_args(args: _AntsArgs) -> Any:
-    import ants  # type: ignore[import-untyped]
+    import ants
 
     data, origin, spacing, direction = args
     return ants.from_numpy(data, origin=origin, spacing=spacing, direction=direction)
@@ -243,7 +243,7 @@ def ants_settings(seed: int | None, threads: int | None) -> Iterator[None]:
     if threads:
         os.environ[ITK_THREADS] = str(int(threads))
     if seed is not None:
-        import ants  # type: ignore[import-untyped]
+        import ants
 
         config = getattr(ants, "config", None)
         if config is not None and hasattr(config, "set_ants_deterministic"):
@@ -281,7 +281,7 @@ def _ants_registration_files(
     Module-level and regpipe-free so that it can run in a fresh process (``images`` holds
     ``fixed``, ``moving`` and optionally ``fixed_mask`` / ``moving_mask``).
     """
-    import ants  # type: ignore[import-untyped]  # heavy: imported only when used
+    import ants  # heavy: imported only when used
 
     ants_images = {name: _from_args(args) for name, args in images.items()}
     meter = measure_resources() if measure else _nothing()
@@ -318,7 +318,8 @@ def _in_fresh_process(args: tuple, folder: str) -> dict[str, Any]:
     for name, (data, origin, spacing, direction) in images.items():
         arrays[f"{name}_data"], arrays[f"{name}_direction"] = data, direction
         request["images"][name] = {"origin": list(origin), "spacing": list(spacing)}
-    np.savez(Path(folder) / "request.npz", **arrays)
+    # mypy matches **arrays against savez's allow_pickle: bool too (no such key is passed)
+    np.savez(Path(folder) / "request.npz", **arrays)  # type: ignore[arg-type]
     (Path(folder) / "request.json").write_text(json.dumps(request), encoding="utf-8")
     reply = Path(folder) / "reply.json"
     reply.unlink(missing_ok=True)
@@ -587,7 +588,7 @@ def n4_bias_correct(
     -------
     The corrected image (float32) on the input's grid.
     """
-    import ants  # type: ignore[import-untyped]
+    import ants
 
     from regpipe.imageio import Image, check_same_grid, load_image
 

@@ -294,7 +294,7 @@ def jacobian_in_region(
     box = _bounding_box(region, 2)
     shift = np.eye(4)
     shift[:3, 3] = [s.start for s in box]
-    sub = Geometry(tuple(s.stop - s.start for s in box), geometry.affine @ shift)  # type: ignore[arg-type]
+    sub = Geometry(tuple(s.stop - s.start for s in box), geometry.affine @ shift)
     jacobian = jacobian_determinant(DisplacementField.from_transform(transform, sub))
     return jacobian[region[box]]
 

@@ -246,15 +246,15 @@ def optimise_displacement(
     box = _bounding_box(region[0, 0], spacing, settings.margin_mm)
     crop = tuple(slice(lo, hi + 1) for lo, hi in box)
     identity = index_grid(shape, device)
+    cropped = (slice(None), slice(None), *crop)
     with torch.no_grad():
         if bool(disp.abs().max() > 0):
-            cropped = (slice(None), slice(None), *crop)
             points = identity[cropped] + disp[cropped]
             moved = sample_at_indices(moving, points, padding="zeros")
         else:
-            moved = moving[(slice(None), slice(None), *crop)]
-    fixed_crop = fixed[(slice(None), slice(None), *crop)]
-    mask_crop = None if mask is None else mask[(slice(None), slice(None), *crop)]
+            moved = moving[cropped]
+    fixed_crop = fixed[cropped]
+    mask_crop = None if mask is None else mask[cropped]
     crop_shape = tuple(int(s) for s in fixed_crop.shape[2:])
 
     with torch.enable_grad():
@@ -456,7 +456,7 @@ class _WarpedLNCC(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, w: torch.Tensor, level: _Level) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, w: torch.Tensor, level: _Level) -> torch.Tensor:
         warped = level.warp(w)
         value, stats = level.similarity(warped)
         ctx.level = level
@@ -464,7 +464,7 @@ class _WarpedLNCC(torch.autograd.Function):
         return value
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad_output: torch.Tensor):
         warped, mean, covariance, variance = ctx.saved_tensors
         level: _Level = ctx.level
         d_warped = level.similarity_gradient(warped, mean, covariance, variance)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import nibabel as nib
 import numpy as np
@@ -111,6 +112,8 @@ def _read_file(path: Path, what: str) -> Image:
         if name.endswith(_ITK_SUFFIXES):
             return _read_itk(path)
         loaded = nib.load(str(path))
+        if not isinstance(loaded, nib.spatialimages.SpatialImage):
+            raise TypeError(f"{type(loaded).__name__} is not a spatial image")
         data = np.asanyarray(loaded.dataobj)
     except InputError:
         raise
@@ -176,7 +179,7 @@ def check_same_grid(image: Image, mask: Image, what: str) -> None:
         )
 
 
-def atomic_write(path: str | os.PathLike, write: callable) -> Path:  # type: ignore[valid-type]
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     """Call ``write(tmp_path)`` then move the temporary file onto ``path`` in one step.
 
     The temporary file keeps ``path``'s suffixes (writers choose formats from them) and lives

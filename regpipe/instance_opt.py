@@ -134,11 +134,7 @@ def optimise_network_weights(
         shared_label_one_hot(*segmentations)  # fail before touching the weights
     else:
         segmentations = None
-    objective_options = {
-        "intensity_conservation": bool(intensity_conservation),
-        "segmentations": segmentations,
-        "dice_loss_weight": dice_loss_weight,
-    }
+    conserve_intensity = bool(intensity_conservation)
 
     saved = {key: value.detach().clone() for key, value in network.state_dict().items()}
     parameters = list(network.parameters())
@@ -156,7 +152,9 @@ def optimise_network_weights(
             for _ in range(steps):
                 optimiser.zero_grad(set_to_none=True)
                 terms = gradicon_objective(
-                    network, moving, fixed, measure, lam, masks, **objective_options
+                    network, moving, fixed, measure, lam, masks,
+                    intensity_conservation=conserve_intensity, segmentations=segmentations,
+                    dice_loss_weight=dice_loss_weight,
                 )
                 terms.all_loss.backward()
                 optimiser.step()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, overload
 
 import torch
 import torch.nn.functional as F
@@ -391,6 +391,10 @@ def cell_jacobian_determinant(coordinates: torch.Tensor) -> torch.Tensor:
     return determinant * (n0 - 1) * (n1 - 1) * (n2 - 1)
 
 
+@overload
+def _crop_high(volume: torch.Tensor) -> torch.Tensor: ...
+@overload
+def _crop_high(volume: torch.Tensor | None) -> torch.Tensor | None: ...
 def _crop_high(volume: torch.Tensor | None) -> torch.Tensor | None:
     """Drop the last voxel along every spatial axis (the cells of the Jacobian determinant)."""
     return None if volume is None else volume[:, :, :-1, :-1, :-1]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from numpy.typing import NDArray
 
@@ -19,7 +21,7 @@ def jacobian_determinant(field: DisplacementField) -> NDArray[np.float32]:
     inv_linear = np.linalg.inv(field.geometry.affine[:3, :3])
     # grads[a][..., c] = d field_c / d voxel_a
     grads = [np.gradient(field.field, axis=a).astype(np.float32) for a in range(3)]
-    jac = [[None] * 3 for _ in range(3)]
+    jac: list[list[Any]] = [[None] * 3 for _ in range(3)]
     for row in range(3):
         for col in range(3):
             value = sum(grads[a][..., row] * np.float32(inv_linear[a, col]) for a in range(3))
@@ -64,7 +66,7 @@ def ncc(a: NDArray[np.floating], b: NDArray[np.floating], mask: NDArray | None =
 
 
 def dice_per_label(
-    a: NDArray[np.integer], b: NDArray[np.integer], labels: list[int] | None = None
+    a: NDArray[np.generic], b: NDArray[np.generic], labels: list[int] | None = None
 ) -> dict[int, float]:
     """Dice overlap of each label (background 0 excluded) between two label maps."""
     if labels is None:

@@ -106,6 +106,6 @@ def network_input(
         if nearest:
             return F.interpolate(tensor, size=grid_shape, mode="nearest")
         return F.interpolate(tensor, size=grid_shape, mode="trilinear", align_corners=False)
-    mode = "nearest" if nearest else "bilinear"
+    mode: Literal["bilinear", "nearest"] = "nearest" if nearest else "bilinear"
     return resample_volume(tensor, geometry, grid_to_world, grid_shape, mode=mode)
 

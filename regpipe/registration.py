@@ -120,6 +120,11 @@ def _load_network(weights: Any, device: torch.device):
     return network.to(device).eval(), path
 
 
+def _capped(shape: tuple[int, int, int], most: int) -> tuple[int, int, int]:
+    """``shape`` with every axis limited to ``most`` voxels."""
+    return (min(shape[0], most), min(shape[1], most), min(shape[2], most))
+
+
 def _grid_mode(network: Any, grid_mode: str) -> GridMode:
     if grid_mode != "auto":
         if grid_mode not in GRID_MODES:
@@ -286,11 +291,12 @@ def register(
         weights = default_weights_name()
     network, weights_path = _load_network(weights, torch_device)
     condition = _condition(network, weights_path, region, pair_type, smoothness)
+    grid_shape: tuple[int, int, int]
     if network is not None:
         grid_shape = tuple(network.config.grid_shape)
         mode = _grid_mode(network, grid_mode)
     else:  # no network: optimise on the fixed image's own voxel grid (at most io_grid per axis)
-        grid_shape = tuple(min(n, io_grid) for n in fixed_img.geometry.network_shape())
+        grid_shape = _capped(fixed_img.geometry.network_shape(), io_grid)
         mode = "squash" if grid_mode == "auto" else _grid_mode(None, grid_mode)
 
     norm = {
@@ -330,7 +336,7 @@ def register(
             displacement = _network_displacement(network, moving_t, fixed_t).float()
         if io_iterations and io_method == "fast" and network is not None and not squash_moving:
             # Refine on the fixed image's own (finer) grid, not on the coarser network grid.
-            io_shape = tuple(min(n, io_grid) for n in fixed_img.geometry.network_shape())
+            io_shape = _capped(fixed_img.geometry.network_shape(), io_grid)
             if io_shape != grid_shape:
                 grid_io = network_grid(fixed_img.geometry, io_shape, mode)
                 displacement = _displacement_on_grid(displacement, grid_in, grid_io, io_shape)
@@ -467,10 +473,8 @@ def _prealign(
         return None
     from regpipe import affine as affine_mod
 
-    kwargs = {
-        "fixed_mask": masks["fixed"].data if "fixed" in masks else None,
-        "moving_mask": masks["moving"].data if "moving" in masks else None,
-    }
+    fixed_mask = masks["fixed"].data if "fixed" in masks else None
+    moving_mask = masks["moving"].data if "moving" in masks else None
     if method == "ours":
         func = affine_mod.affine_register
     elif method == "ants":
@@ -478,7 +482,8 @@ def _prealign(
     else:
         raise InputError(f"affine method must be ours, ants or none, got {method!r}")
     started = time.perf_counter()
-    result = func(norm["fixed"], fixed.geometry, norm["moving"], moving.geometry, **kwargs)
+    result = func(norm["fixed"], fixed.geometry, norm["moving"], moving.geometry,
+                  fixed_mask=fixed_mask, moving_mask=moving_mask)
     LOGGER.info("affine pre-alignment (%s): %.1f s", method, time.perf_counter() - started)
     return result
 
@@ -523,15 +528,14 @@ def _instance_optimise(
         if network is None:
             raise InputError("io_method 'network' needs a network; use io_method 'fast'")
         kwargs = {} if lr is None else {"lr": lr}
-        normalised = instance_opt.optimise_network_weights(
+        optimised = instance_opt.optimise_network_weights(
             network, moving_t, fixed_t, steps=steps, similarity=sim,
             masks=(mask_t.get("moving"), mask_t.get("fixed")) if mask_t else None,
             progress=progress, intensity_conservation=intensity_conservation,
             segmentations=(seg_t["moving"], seg_t["fixed"]) if len(seg_t) == 2 else None,
             dice_loss_weight=dice_loss_weight if len(seg_t) == 2 else 0.0, **kwargs,
         )
-        if isinstance(normalised, tuple):
-            normalised = normalised[0]
+        normalised = optimised.displacement
         scale = torch.tensor([n - 1 for n in grid_shape], dtype=normalised.dtype,
                              device=normalised.device)
         return normalised * scale.view(1, 3, 1, 1, 1)
@@ -550,7 +554,7 @@ def _instance_optimise(
 def _metrics(result: RegistrationResult, norm: dict, masks: dict, segs: dict) -> dict[str, Any]:
     fixed = result.fixed
     region = masks["fixed"].data if "fixed" in masks else norm["fixed"] > 0.05
-    jac = result.jacobian().data
+    jac = jacobian_determinant(result.forward_field())  # result.jacobian()'s data
     metrics: dict[str, Any] = dict(folding_stats(jac, region))
     identity = AffineTransform.identity() if result.affine is None else result.affine
     before = warp_array(norm["moving"], result.moving.geometry, identity, fixed.geometry)
@@ -585,7 +589,7 @@ def apply_transform(
     from regpipe.transform_files import read_transform
 
     kind = "labels" if interpolation == "nearest" else "image"
-    moving_img = load_image(moving, kind if kind == "image" else "mask", "moving image")
+    moving_img = load_image(moving, "image" if kind == "image" else "mask", "moving image")
     if isinstance(reference, Geometry):
         geometry = reference
     else:
@@ -600,8 +604,9 @@ def apply_transform(
     return image
 
 
-def warped_labels(result: RegistrationResult, labels: ImageLike) -> NDArray[np.integer]:
-    """Resample a moving-space label map onto the fixed grid with nearest neighbour."""
+def warped_labels(result: RegistrationResult, labels: ImageLike) -> NDArray[np.generic]:
+    """Resample a moving-space label map onto the fixed grid with nearest neighbour (the map's
+    integer or boolean voxel type is kept)."""
     seg = load_image(labels, "labels", "moving segmentation")
     return warp_array(seg.data, seg.geometry, result.forward, result.fixed.geometry,
                       interpolation="nearest")

@@ -186,7 +186,7 @@ def network_grid(
 
 
 def identity_grid(
-    grid_shape: tuple[int, int, int], device: torch.device | None = None
+    grid_shape: tuple[int, ...], device: torch.device | None = None
 ) -> torch.Tensor:
     """Normalised identity coordinates ``[1, 3, n0, n1, n2]`` (float64 ``i/(n-1)`` -> float32)."""
     axes = [
@@ -197,7 +197,7 @@ def identity_grid(
 
 
 def index_to_sampling_grid(
-    index_points: torch.Tensor, source_shape: tuple[int, int, int]
+    index_points: torch.Tensor, source_shape: tuple[int, ...]
 ) -> torch.Tensor:
     """Turn source-voxel indices ``[..., 3]`` (``(i, j, k)`` order) into grid_sample coordinates.
 
@@ -293,7 +293,7 @@ def sample_network(
     """
     shape = tuple(tensor.shape[2:])
     flat = indices.reshape(1, -1, 1, 1, 3).flip(-1)  # grid_sample wants (d2, d1, d0)
-    grid = index_to_sampling_grid(flat.to(tensor.dtype), shape[::-1])  # type: ignore[arg-type]
+    grid = index_to_sampling_grid(flat.to(tensor.dtype), shape[::-1])
     out = F.grid_sample(tensor, grid, mode=mode, padding_mode="border", align_corners=True)
     out = out.reshape(tensor.shape[1], -1).T
     if padding == "zeros":

@@ -44,7 +44,7 @@ import math
 import os
 import platform
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -230,9 +230,11 @@ def _objective(
             shared_label_one_hot(*labels)
         except InputError:
             use_dice = False
+    # "lncc" and "lncc2" (the similarities TrainingOptions allows) take a ``sigma`` keyword
+    measure: Callable[..., torch.Tensor] = SIMILARITIES[options.similarity]
     return gradicon_objective(
         network, batch["moving"], batch["fixed"],
-        functools.partial(SIMILARITIES[options.similarity], sigma=options.lncc_sigma), lam,
+        functools.partial(measure, sigma=options.lncc_sigma), lam,
         segmentations=labels if use_dice else None,
         dice_loss_weight=options.dice_weight if use_dice else 0.0,
     ), use_dice

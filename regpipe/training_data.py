@@ -217,6 +217,8 @@ class LabelMapSource:
         raw, spacings = [], []
         for path in paths:
             nii = nib.load(os.fspath(path))
+            if not isinstance(nii, nib.spatialimages.SpatialImage):
+                raise InputError(f"label map {path} is not a spatial image")
             data = np.rint(np.asanyarray(nii.dataobj)).astype(np.int32)
             raw.append(network_order_ras(data, nii.affine))
             ornt = nib.orientations.io_orientation(nii.affine)
@@ -251,7 +253,8 @@ class LabelMapSource:
             second = (first + 1 + _choice(len(self.maps) - 1, generator)) % len(self.maps)
         zero = [0] + (self.background if _chance(self.strip_probability, generator) else [])
         means = torch.rand(self.n_labels, generator=generator) * 0.95 + 0.05
-        images, labels = [], []
+        images: list[torch.Tensor] = []
+        labels: list[torch.Tensor] = []
         # Field of view: from the tight foreground box (t = 0) to the whole volume (t = 1), the
         # same t for both images, as after an affine pre-alignment onto the fixed image's grid.
         t = float(torch.rand((), generator=generator))
@@ -290,7 +293,8 @@ def _align_maps(maps: list[torch.Tensor], spacings: list[np.ndarray], original_i
         return table[labels[0, 0].numpy().astype(np.int64)]
 
     def geometry(labels: torch.Tensor, spacing: np.ndarray) -> Geometry:
-        return Geometry(tuple(labels.shape[2:]), np.diag([*spacing, 1.0]))
+        n0, n1, n2 = labels.shape[2:]
+        return Geometry((n0, n1, n2), np.diag([*spacing, 1.0]))
 
     reference = geometry(maps[0], spacings[0])
     fixed = rendering(maps[0])

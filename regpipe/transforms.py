@@ -48,7 +48,7 @@ class AffineTransform:
         return apply_affine(self.matrix, points)
 
     def inverse(self) -> AffineTransform:
-        return AffineTransform(np.linalg.inv(self.matrix))
+        return AffineTransform(np.asarray(np.linalg.inv(self.matrix), dtype=np.float64))
 
     @classmethod
     def identity(cls) -> AffineTransform:
@@ -162,12 +162,12 @@ class DisplacementField:
             )
 
     def map_points(self, points: NDArray[np.floating]) -> NDArray[np.float64]:
-        points = np.asarray(points, dtype=np.float64)
-        vox = self.geometry.world_to_voxel(points)
+        world = np.asarray(points, dtype=np.float64)
+        vox = self.geometry.world_to_voxel(world)
         tensor = torch.from_numpy(np.ascontiguousarray(self.field.transpose(3, 2, 1, 0)))[None]
         idx = torch.from_numpy(vox[..., ::-1].astype(np.float32).copy())
         disp = sample_network(tensor.float(), idx, padding="zeros")
-        return points + disp.numpy().astype(np.float64)
+        return world + disp.numpy().astype(np.float64)
 
     @classmethod
     def from_transform(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, overload
 
 import numpy as np
 import torch
@@ -18,6 +18,26 @@ Interpolation = Literal["linear", "nearest"]
 _CHUNK = 2_000_000
 
 
+@overload
+def warp_array(
+    data: NDArray[np.generic],
+    source: Geometry,
+    transform: Transform,
+    reference: Geometry,
+    *,
+    interpolation: Literal["linear"] = "linear",
+    fill: float = 0.0,
+) -> NDArray[np.floating]: ...
+@overload
+def warp_array(
+    data: NDArray[np.generic],
+    source: Geometry,
+    transform: Transform,
+    reference: Geometry,
+    *,
+    interpolation: Interpolation = "linear",
+    fill: float = 0.0,
+) -> NDArray[np.generic]: ...
 def warp_array(
     data: NDArray[np.generic],
     source: Geometry,
@@ -71,8 +91,8 @@ def _linear(
     grid = grid.reshape(1, -1, 1, 1, 3)
     values = F.grid_sample(tensor, grid, mode="bilinear", padding_mode="border",
                            align_corners=True)
-    values = values.reshape(tensor.shape[1], -1).T.numpy()
+    result = values.reshape(tensor.shape[1], -1).T.numpy()
     # As ITK and ANTs: edge values up to half a voxel outside, ``fill`` beyond.
     outside = np.any((vox < -0.5) | (vox >= np.asarray(shape) - 0.5), axis=-1)
-    values[outside] = fill
-    return values
+    result[outside] = fill
+    return result

@@ -192,6 +192,7 @@ def build_source(specs: list[dict[str, Any]], shape: Sequence[int], root: Path,
                     raise InputError(
                         f"recipe source {kind!r}: bad {key} {values}: {error}"
                     ) from error
+        source: td.PairSource
         if kind == "random-shapes":
             source = td.RandomShapesSource(region=region, **spec)
         elif kind == "label-maps":

@@ -198,4 +198,4 @@ class ConditioningConfig:
             raise InputError(f"unknown conditioning keys: {', '.join(unknown)}")
         lam_range = values.get("lam_range")
         return cls(values.get("mode", "film"), values.get("hidden", 64),
-                   tuple(lam_range) if lam_range else None)  # type: ignore[arg-type]
+                   tuple(lam_range) if lam_range else None)

@@ -107,7 +107,7 @@ def warp_normalised(
 def _identity(grid_shape: Sequence[int], device: torch.device | str | None) -> torch.Tensor:
     if device is not None and torch.device(device).type == "meta":
         return torch.empty((1, 3, *grid_shape), device=device)  # shapes only
-    return identity_grid(tuple(grid_shape)).to(device)  # type: ignore[arg-type]
+    return identity_grid(tuple(grid_shape)).to(device)
 
 
 class CoordinateMap(Protocol):
