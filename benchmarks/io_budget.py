@@ -38,11 +38,11 @@ def parse_config(text: str) -> dict:
 
 
 def main() -> None:
-    from regpipe.ants_methods import measure_resources
     from regpipe.bench_pairs import load_pair
     from regpipe.devset import synth_pairs
     from regpipe.evaluation import evaluate_transform
     from regpipe.registration import register
+    from regpipe.resources import measure_resources
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dev-set", type=Path, required=True, help="the shared data folder")

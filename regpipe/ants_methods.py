@@ -14,8 +14,8 @@ ANTs' conventions, converted here once:
 * ``invtransforms`` is ``[0GenericAffine.mat, 1InverseWarp.nii.gz]`` with the affine to be
   *inverted*: a moving point ``y`` goes to ``W_inv(A^-1(y))``.
 
-:func:`n4_bias_correct` (N4 bias-field correction) and :class:`measure_resources` (runtime and
-per-call peak memory, used for every method so the numbers compare) live here too.
+:func:`n4_bias_correct` (N4 bias-field correction) lives here too. Runtime and peak memory
+are measured by :func:`regpipe.resources.measure_resources`, for every method alike.
 
 Example
 -------
@@ -30,13 +30,9 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
-import resource
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -44,6 +40,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from regpipe.errors import InputError
+from regpipe.resources import ResourceUsage, measure_resources
 
 # Light at import (numpy only): a fresh process running a seeded ANTs registration imports
 # this module without torch. The image/transform modules are imported where they are used.
@@ -69,101 +66,12 @@ ANTS_SEED = "ANTS_RANDOM_SEED"
 
 __all__ = [
     "ANTS_METHODS",
-    "ResourceUsage",
     "ants_random_seed",
     "ants_register",
     "ants_settings",
     "ants_version",
-    "measure_resources",
     "n4_bias_correct",
 ]
-
-
-# --------------------------------------------------------------------------- resources
-
-
-@dataclass
-class ResourceUsage:
-    """What :class:`measure_resources` measured.
-
-    ``peak_memory_mb`` is the peak resident memory (MiB) of the process *during the block*
-    when Linux lets the high-water mark be reset (``/proc/self/clear_refs``; ``scope`` is
-    ``"block"``), else the peak over the process lifetime (``scope`` ``"process"``).
-    ``peak_gpu_memory_mb`` is CUDA's peak allocation during the block (``None`` without CUDA).
-    """
-
-    runtime_s: float = 0.0
-    peak_memory_mb: float = 0.0
-    scope: str = "process"
-    peak_gpu_memory_mb: float | None = None
-
-    def as_metrics(self) -> dict[str, Any]:
-        metrics: dict[str, Any] = {
-            "runtime_s": self.runtime_s,
-            "peak_memory_mb": self.peak_memory_mb,
-            "peak_memory_scope": self.scope,
-        }
-        if self.peak_gpu_memory_mb is not None:
-            metrics["peak_gpu_memory_mb"] = self.peak_gpu_memory_mb
-        return metrics
-
-
-def _read_vm_hwm_mb() -> float | None:
-    try:
-        status = Path("/proc/self/status").read_text()
-    except OSError:
-        return None
-    match = re.search(r"VmHWM:\s+(\d+)\s+kB", status)
-    return int(match.group(1)) / 1024.0 if match else None
-
-
-def _reset_vm_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")  # resets the peak RSS (Linux >= 4.0)
-    except OSError:
-        return False
-    return _read_vm_hwm_mb() is not None
-
-
-def _cuda_in_use() -> Any:
-    import sys
-
-    torch = sys.modules.get("torch")  # never import torch just to measure
-    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        return torch
-    return None
-
-
-@contextmanager
-def measure_resources() -> Iterator[ResourceUsage]:
-    """Measure wall-clock runtime and peak memory of a block of code.
-
-    Example
-    -------
-    >>> with measure_resources() as usage:
-    ...     total = sum(range(1000))
-    >>> usage.runtime_s >= 0.0
-    True
-    """
-    usage = ResourceUsage()
-    block_scope = _reset_vm_hwm()
-    torch = _cuda_in_use()
-    if torch is not None:
-        torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
-    try:
-        yield usage
-    finally:
-        usage.runtime_s = time.perf_counter() - started
-        peak = _read_vm_hwm_mb() if block_scope else None
-        if peak is None:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-        usage.peak_memory_mb = float(peak)
-        usage.scope = "block" if block_scope else "process"
-        torch = torch or _cuda_in_use()
-        if torch is not None:
-            usage.peak_gpu_memory_mb = torch.cuda.max_memory_allocated() / 2**20
 
 
 # --------------------------------------------------------------------------- antspyx glue

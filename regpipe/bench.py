@@ -4,7 +4,8 @@ A :class:`~regpipe.bench_pairs.PairSpec` names a fixed and a moving image with o
 maps, landmark files (``.fcsv``) and a mask; a :class:`MethodSpec` names a method: our network with
 or without instance optimisation (``ours``, ``ours+io``), our affine alone (``affine``), no
 registration (``identity``), or ANTs (``ants-affine``, ``ants-syn``, ``ants-synquick``).
-:func:`run_benchmark` runs each method on each pair, times it (:func:`measure_resources`),
+:func:`run_benchmark` runs each method on each pair, times it
+(:func:`~regpipe.resources.measure_resources`),
 evaluates its forward transform with :func:`regpipe.evaluation.evaluate_transform` and writes
 one row per pair and method to ``results.json`` and ``results.csv`` after every row, so an
 interrupted run resumes where it stopped (``resume=True``). A method that fails on a pair
@@ -129,7 +130,7 @@ def run_method(method: MethodSpec, pair: LoadedPair, *, seed: int | None = 0,
     ``pair``, ``subset``, ``method`` and ``status``)."""
     import time
 
-    from regpipe.ants_methods import measure_resources
+    from regpipe.resources import measure_resources
     from regpipe.transforms import AffineTransform
     from regpipe.warp import warp_array
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import time
 from collections.abc import Mapping
 from contextlib import nullcontext
@@ -26,6 +25,7 @@ from regpipe.errors import InputError
 from regpipe.imageio import Image, ImageLike, check_same_grid, load_image, save_image
 from regpipe.metrics import dice_per_label, folding_stats, jacobian_determinant, ncc
 from regpipe.preprocess import check_modality, network_input, normalize_intensity
+from regpipe.resources import peak_memory_mb
 from regpipe.spaces import GRID_MODES, Geometry, GridMode, network_grid
 from regpipe.transforms import (
     AffineTransform,
@@ -101,10 +101,6 @@ class RegistrationResult:
             save_image(self.warped, warped_out)
         if jacobian_out is not None:
             save_image(self.jacobian(), jacobian_out)
-
-
-def _peak_memory_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _load_network(weights: Any, device: torch.device):
@@ -386,7 +382,7 @@ def register(
         result.metrics = _metrics(result, norm, masks, segs)
         result.metrics["inverse_consistency_voxels"] = forward.inverse_consistency(inverse)
     result.metrics["runtime_s"] = time.perf_counter() - started
-    result.metrics["peak_memory_mb"] = _peak_memory_mb()
+    result.metrics["peak_memory_mb"] = peak_memory_mb()
     return result
 
 

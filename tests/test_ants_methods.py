@@ -9,12 +9,12 @@ from regpipe.ants_methods import (
     ANTS_METHODS,
     ants_random_seed,
     ants_register,
-    measure_resources,
     n4_bias_correct,
 )
 from regpipe.errors import InputError
 from regpipe.imageio import Image, save_image
 from regpipe.registration import RegistrationResult
+from regpipe.resources import measure_resources
 from regpipe.spaces import Geometry
 from regpipe.transforms import AffineTransform, ComposedTransform, DisplacementField
 from regpipe.warp import warp_array

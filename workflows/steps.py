@@ -117,8 +117,8 @@ def network_registration(
     the condition used is recorded as ``GeneratedBy[0]["Condition"]`` (absent for an
     unconditional one) in the transform sidecars."""
     import regpipe
-    from regpipe.ants_methods import measure_resources
     from regpipe.registration import register
+    from regpipe.resources import measure_resources
     from regpipe.weights import sha256sum
 
     with measure_resources() as usage:
