@@ -145,7 +145,8 @@ def tre(pair: Pair, matrix: NDArray[np.float64]) -> NDArray[np.float64]:
 
 
 def methods(ants_seed: int | None) -> dict[str, Callable[[Pair], NDArray[np.float64]]]:
-    from regpipe.affine import affine_register, ants_affine_register
+    from regpipe.affine import affine_register
+    from regpipe.ants_affine import ants_affine_register
     from regpipe.spaces import Geometry
 
     def run(function: Callable, pair: Pair, **kwargs: object) -> NDArray[np.float64]:

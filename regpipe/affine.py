@@ -13,7 +13,9 @@ Two registrations with one signature and one result, an
   image's centre of mass; the start aligns the intensity centres of mass. On a 1 mm brain pair
   it takes about 1-1.5 s of one CPU core and beats ANTs' ``Affine`` on landmark error
   (``benchmarks/affine_benchmark.py``).
-* :func:`ants_affine_register`, ANTs' ``antsRegistration`` through antspyx (about 20-50 s).
+* :func:`regpipe.ants_affine.ants_affine_register`, ANTs' ``antsRegistration`` through antspyx
+  (about 20-50 s), with the same inputs checked by :func:`check_image`, :func:`check_mask` and
+  :func:`check_levels`.
 
 Example
 -------
@@ -24,12 +26,10 @@ Example
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -39,9 +39,7 @@ from tqdm.auto import tqdm
 
 from regpipe.errors import InputError, ResourceError
 from regpipe.spaces import (
-    RAS_TO_LPS,
     Geometry,
-    ras_to_lps,
     to_network_tensor,
 )
 from regpipe.transforms import AffineTransform
@@ -142,10 +140,10 @@ def affine_register(
     """
     levels, iterations = _check_options(levels, iterations, dof, init)
     torch_device = _torch_device(device)
-    fixed_data = _check_image(fixed, fixed_geometry, "fixed")
-    moving_data = _check_image(moving, moving_geometry, "moving")
-    fixed_weight = _check_mask(fixed_mask, fixed_geometry, "fixed_mask")
-    moving_weight = _check_mask(moving_mask, moving_geometry, "moving_mask")
+    fixed_data = check_image(fixed, fixed_geometry, "fixed")
+    moving_data = check_image(moving, moving_geometry, "moving")
+    fixed_weight = check_mask(fixed_mask, fixed_geometry, "fixed_mask")
+    moving_weight = check_mask(moving_mask, moving_geometry, "moving_mask")
 
     fixed_image = _Image.build(fixed_data, fixed_geometry, fixed_weight, torch_device)
     moving_image = _Image.build(moving_data, moving_geometry, moving_weight, torch_device)
@@ -163,152 +161,11 @@ def affine_register(
     return _to_transform(linear, params[:3].cpu().numpy(), fixed_centre, moving_centre)
 
 
-def ants_affine_register(
-    fixed: NDArray[np.generic],
-    fixed_geometry: Geometry,
-    moving: NDArray[np.generic],
-    moving_geometry: Geometry,
-    *,
-    fixed_mask: NDArray[np.generic] | None = None,
-    moving_mask: NDArray[np.generic] | None = None,
-    levels: Sequence[float] | None = None,
-    iterations: Sequence[int] | None = None,
-    dof: int = 12,
-    init: Init = "com",
-    progress: bool = False,
-    device: str | torch.device = "cpu",
-    seed: int | None = None,
-) -> AffineTransform:
-    """ANTs' affine registration (antspyx): the RAS+ mm matrix mapping fixed to moving points.
-
-    Runs ``antsRegistration`` with Mattes mutual information, as
-    ``ants.registration(type_of_transform="Affine")`` does, and converts its LPS ``.mat``
-    (which, applied to a fixed-space point, gives the moving-space point) to RAS+.
-
-    Parameters
-    ----------
-    fixed, fixed_geometry, moving, moving_geometry, fixed_mask, moving_mask, dof, init
-        As in :func:`affine_register`; ``dof`` 9 has no ANTs counterpart (6: ``Rigid``,
-        7: ``Similarity``, 12: ``Affine``).
-    levels
-        Grid spacings (mm), coarsest first, turned into ANTs shrink factors of the fixed
-        image's finest spacing with Gaussian smoothing of half the spacing (mm).
-        ``None`` keeps ANTs' defaults (shrink 6x4x2x1, smoothing 3x2x1x0 voxels).
-    iterations
-        Iterations per level; ``None`` keeps ANTs' defaults (2100x1200x1200x10).
-    progress
-        Let ANTs print its iterations.
-    device
-        Ignored: ANTs runs on the CPU.
-    seed
-        When given, ANTs runs deterministically (one thread, fixed sampling seed), about
-        1.7x slower; the package-global setting is restored afterwards.
-
-    Raises
-    ------
-    InputError
-        As :func:`affine_register`, or ``dof=9``.
-    """
-    import ants  # heavy: imported only when used
-
-    from regpipe.ants_methods import ants_settings
-    from regpipe.transform_files import read_transform
-
-    del device
-    if dof not in _ANTS_TRANSFORMS:
-        raise InputError(f"ANTs registers with dof {sorted(_ANTS_TRANSFORMS)}, not {dof}")
-    images = {
-        "fixed": _check_image(fixed, fixed_geometry, "fixed"),
-        "moving": _check_image(moving, moving_geometry, "moving"),
-    }
-    masks = {
-        "fixed": _check_mask(fixed_mask, fixed_geometry, "fixed_mask"),
-        "moving": _check_mask(moving_mask, moving_geometry, "moving_mask"),
-    }
-    geometries = {"fixed": fixed_geometry, "moving": moving_geometry}
-    options = _ants_schedule(levels, iterations, float(fixed_geometry.spacing.min()))
-    # The seed's settings (one ITK thread) are in force before ITK is first touched: ITK fixes
-    # its thread count at its first use in a process.
-    with ants_settings(seed, None), tempfile.TemporaryDirectory(prefix="regpipe_ants_") as folder:
-        ants_images = {k: _to_ants(images[k], geometries[k]) for k in images}
-        ants_masks = {
-            k: None if m is None else _to_ants(m, geometries[k]) for k, m in masks.items()
-        }
-        result = ants.registration(
-            ants_images["fixed"],
-            ants_images["moving"],
-            type_of_transform=_ANTS_TRANSFORMS[dof],
-            initial_transform=_ants_initial(init, fixed_geometry, moving_geometry, folder),
-            mask=ants_masks["fixed"],
-            moving_mask=ants_masks["moving"],
-            outprefix=os.path.join(folder, "reg_"),
-            verbose=progress,
-            **options,
-        )
-        transform = read_transform(result["fwdtransforms"][-1])
-    if not isinstance(transform, AffineTransform):
-        raise InputError(f"ANTs returned {type(transform).__name__}, not an affine")
-    return transform
-
-
-#: ANTs transform type per degree of freedom.
-_ANTS_TRANSFORMS = {6: "Rigid", 7: "Similarity", 12: "Affine"}
-
-
-def _to_ants(data: NDArray[np.float32], geometry: Geometry) -> Any:
-    """An ANTsImage (LPS+ origin and direction) holding ``data`` on ``geometry``."""
-    import ants
-
-    return ants.from_numpy(
-        np.ascontiguousarray(data, dtype=np.float32),
-        origin=tuple(ras_to_lps(geometry.affine[:3, 3])),
-        spacing=tuple(geometry.spacing),
-        direction=RAS_TO_LPS @ geometry.direction_ras,
-    )
-
-
-def _ants_schedule(
-    levels: Sequence[float] | None, iterations: Sequence[int] | None, finest: float
-) -> dict[str, Any]:
-    """``ants.registration`` keyword arguments for a multi-resolution schedule."""
-    options: dict[str, Any] = {}
-    if levels is not None:
-        levels = _check_levels(levels)
-        shrink = tuple(max(1, round(s / finest)) for s in levels)
-        options["aff_shrink_factors"] = shrink
-        options["aff_smoothing_sigmas"] = tuple(
-            0.0 if f == 1 else s / 2 for f, s in zip(shrink, levels, strict=True)
-        )
-        options["smoothing_in_mm"] = True
-    if iterations is not None:
-        options["aff_iterations"] = tuple(int(n) for n in iterations)
-    count = len(options.get("aff_shrink_factors", (6, 4, 2, 1)))
-    if len(options.get("aff_iterations", (0,) * count)) != count:
-        raise InputError("ANTs needs one iteration count per level")
-    return options
-
-
-def _ants_initial(init: str, fixed: Geometry, moving: Geometry, folder: str) -> list[str] | None:
-    """ANTs' ``-r`` initial transform for ``init`` (``None``: ANTs' own centre-of-mass one)."""
-    from regpipe.transform_files import write_transform
-
-    if init == "com":
-        return None
-    if init == "identity":
-        return ["Identity"]
-    if init != "geometry":
-        raise InputError(f"init must be 'com', 'geometry' or 'identity', got {init!r}")
-    matrix = np.eye(4)
-    matrix[:3, 3] = moving.center_world() - fixed.center_world()
-    path = os.path.join(folder, "initial.mat")
-    write_transform(AffineTransform(matrix), path)
-    return [path]
-
-
 # --------------------------------------------------------------------------- input checks
+# (shared with regpipe.ants_affine)
 
 
-def _check_levels(levels: Sequence[float]) -> tuple[float, ...]:
+def check_levels(levels: Sequence[float]) -> tuple[float, ...]:
     spacings = tuple(float(s) for s in levels)
     if not spacings or min(spacings) <= 0 or not all(map(math.isfinite, spacings)):
         raise InputError(f"levels must be positive grid spacings in mm, got {spacings}")
@@ -318,7 +175,7 @@ def _check_levels(levels: Sequence[float]) -> tuple[float, ...]:
 def _check_options(
     levels: Sequence[float], iterations: Sequence[int], dof: int, init: str
 ) -> tuple[tuple[float, ...], tuple[int, ...]]:
-    levels = _check_levels(levels)
+    levels = check_levels(levels)
     iterations = tuple(int(n) for n in iterations)
     if len(iterations) != len(levels) or min(iterations) < 0:
         raise InputError(
@@ -341,7 +198,7 @@ def _torch_device(device: str | torch.device) -> torch.device:
     return torch_device
 
 
-def _check_image(data: NDArray[np.generic], geometry: Geometry, name: str) -> NDArray[np.float32]:
+def check_image(data: NDArray[np.generic], geometry: Geometry, name: str) -> NDArray[np.float32]:
     """Validated float32 copy of a 3-D image (NaN and infinities become 0)."""
     array = _as_volume(data, geometry, name)
     values = np.nan_to_num(array.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
@@ -350,7 +207,7 @@ def _check_image(data: NDArray[np.generic], geometry: Geometry, name: str) -> ND
     return values
 
 
-def _check_mask(
+def check_mask(
     mask: NDArray[np.generic] | None, geometry: Geometry, name: str
 ) -> NDArray[np.float32] | None:
     if mask is None:

@@ -71,6 +71,7 @@ __all__ = [
     "ants_settings",
     "ants_version",
     "n4_bias_correct",
+    "to_ants_image",
 ]
 
 
@@ -102,7 +103,7 @@ def _ants_args(data: NDArray[np.generic], geometry: Geometry) -> _AntsArgs:
     )
 
 
-def _to_ants(data: NDArray[np.generic], geometry: Geometry) -> Any:
+def to_ants_image(data: NDArray[np.generic], geometry: Geometry) -> Any:
     """An ANTsImage (LPS+ origin and direction) holding ``data`` (float32) on ``geometry``."""
     return _from_args(_ants_args(data, geometry))
 
@@ -507,9 +508,9 @@ def n4_bias_correct(
     if mask is not None:
         region = load_image(mask, "mask", "bias-correction mask")
         check_same_grid(source, region, "bias-correction mask")
-        ants_mask = _to_ants((region.data != 0).astype(np.float32), region.geometry)
+        ants_mask = to_ants_image((region.data != 0).astype(np.float32), region.geometry)
     with ants_settings(None, threads):
         corrected = ants.n4_bias_field_correction(
-            _to_ants(data, source.geometry), mask=ants_mask, shrink_factor=shrink
+            to_ants_image(data, source.geometry), mask=ants_mask, shrink_factor=shrink
         )
     return Image(np.asarray(corrected.numpy(), dtype=np.float32), source.geometry, source.path)

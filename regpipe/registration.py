@@ -467,14 +467,15 @@ def _prealign(
 ) -> AffineTransform | None:
     if method in (None, "none", False):
         return None
-    from regpipe import affine as affine_mod
+    from regpipe.affine import affine_register
+    from regpipe.ants_affine import ants_affine_register
 
     fixed_mask = masks["fixed"].data if "fixed" in masks else None
     moving_mask = masks["moving"].data if "moving" in masks else None
     if method == "ours":
-        func = affine_mod.affine_register
+        func = affine_register
     elif method == "ants":
-        func = affine_mod.ants_affine_register
+        func = ants_affine_register
     else:
         raise InputError(f"affine method must be ours, ants or none, got {method!r}")
     started = time.perf_counter()

@@ -10,7 +10,8 @@ import pytest
 import torch
 from numpy.typing import NDArray
 
-from regpipe.affine import affine_register, ants_affine_register
+from regpipe.affine import affine_register
+from regpipe.ants_affine import ants_affine_register
 from regpipe.errors import InputError
 from regpipe.spaces import Geometry, apply_affine
 

@@ -55,9 +55,9 @@ def synquick(pair) -> RegistrationResult:
 
 
 def _ants_image(image: Image):
-    from regpipe.ants_methods import _to_ants
+    from regpipe.ants_methods import to_ants_image
 
-    return _to_ants(image.data, image.geometry)
+    return to_ants_image(image.data, image.geometry)
 
 
 def test_methods_table_names_ants_transforms():

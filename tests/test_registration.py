@@ -68,6 +68,15 @@ def test_affine_recovers_known_shift(pair):
     assert np.linalg.norm(result.forward.map_points(centre) - (centre + shift[:3, 3])) < 1.0
 
 
+def test_ants_affine_pre_alignment_recovers_the_shift_too(pair):
+    pytest.importorskip("ants")
+    fixed, moving, shift = pair
+    result = regpipe.register(fixed, moving, weights=None, affine="ants", io_iterations=0)
+    assert result.settings["affine"] == "ants"
+    centre = fixed.geometry.center_world()
+    assert np.linalg.norm(result.affine.map_points(centre) - (centre + shift[:3, 3])) < 1.5
+
+
 def test_fast_instance_optimisation_improves_similarity(pair):
     fixed, moving, _ = pair
     base = regpipe.register(fixed, moving, weights=None, affine="none", grid_mode="isotropic")
