@@ -40,6 +40,7 @@ import contextlib
 import csv
 import dataclasses
 import functools
+import logging
 import math
 import os
 import platform
@@ -72,6 +73,8 @@ from regpipe.run_folder import (
 from regpipe.training_data import PairSource, TrainingPair
 
 __all__ = ["TrainingOptions", "TrainingState", "train", "write_model_card"]
+
+LOGGER = logging.getLogger(__name__)
 
 
 @dataclass
@@ -312,6 +315,12 @@ def train(
     stream = PairStream(source, shape, seed=options.seed, batch_size=options.batch_size,
                         workers=workers, last_step=options.steps)
     progress_log = ProgressLog(options.steps, enabled=not options.progress)
+    LOGGER.info("%s at step %d of %d on %s: batch %d, %d thread(s) drawing pairs ahead%s",
+                "continuing" if step else "starting", step, options.steps, _hardware(device),
+                options.batch_size, workers,
+                "" if options.average_from is None else
+                f", averaging weights every {options.average_every} steps from step "
+                f"{options.average_from}")
     with open(log_path, "a", newline="", encoding="utf-8") as log_file, stop.installed(), \
             contextlib.closing(stream):
         writer = csv.writer(log_file)
