@@ -26,19 +26,13 @@ Example
 from __future__ import annotations
 
 import hashlib
-import http.client
 import os
 import re
 import tempfile
-import urllib.error
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
-from tqdm.auto import tqdm
-
+from regpipe.download import as_url, stream_into
 from regpipe.errors import InputError, WeightsError
 
 __all__ = [
@@ -70,7 +64,6 @@ ENV_OFFLINE = "REGPIPE_OFFLINE"
 """Environment variable: ``1``/``true``/``yes``/``on`` forbids every download."""
 
 _CHUNK_BYTES = 1 << 20
-_TIMEOUT_S = 60.0
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _LFS_HEADER = b"version https://git-lfs"
@@ -373,72 +366,6 @@ def resolve_weights(
     return fetch(entry.name, force=True, progress=progress)
 
 
-def _as_url(source: str) -> str:
-    """Return ``source`` as a URL; an existing local path becomes a ``file://`` URL."""
-    if urllib.parse.urlsplit(source).scheme in ("http", "https", "file"):
-        return source
-    if Path(source).expanduser().is_file():
-        return Path(source).expanduser().resolve().as_uri()
-    raise WeightsError(
-        f"cannot download from {source!r}: not an http(s):// or file:// URL nor an existing file"
-    )
-
-
-def _network_error(source: str, target: Path, detail: object) -> WeightsError:
-    if urllib.parse.urlsplit(source).scheme == "file":
-        return WeightsError(f"cannot read {source}: {detail}")
-    return WeightsError(
-        f"could not download {source} ({detail}); we are probably offline or behind a "
-        f"firewall: download the file on a machine with internet access and put it at {target}"
-    )
-
-
-def _download(
-    source: str, out: IO[bytes], entry: WeightsEntry, target: Path, progress: bool
-) -> tuple[int, str]:
-    """Stream ``source`` into ``out``; return (bytes written, sha256 hex)."""
-    request = urllib.request.Request(source, headers={"User-Agent": "regpipe-weights"})
-    try:
-        response = urllib.request.urlopen(request, timeout=_TIMEOUT_S)
-    except urllib.error.HTTPError as exc:
-        raise WeightsError(
-            f"downloading {source} failed: HTTP {exc.code} {exc.reason}; check the URL, or put "
-            f"the file at {target} by hand"
-        ) from None
-    except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
-        raise _network_error(source, target, getattr(exc, "reason", exc)) from None
-    length = response.headers.get("Content-Length")
-    expected = int(length) if length and length.isdigit() else None
-    digest = hashlib.sha256()
-    written = 0
-    bar = tqdm(
-        total=expected or entry.approx_size,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        desc=f"fetch {entry.name}",
-        disable=not progress,
-    )
-    with response, bar:
-        while True:
-            try:
-                chunk = response.read(_CHUNK_BYTES)
-            except (http.client.HTTPException, OSError) as exc:
-                raise _network_error(source, target, f"connection lost: {exc}") from None
-            if not chunk:
-                break
-            try:
-                out.write(chunk)
-            except OSError as exc:
-                raise WeightsError(f"cannot write into {target.parent}: {exc}") from None
-            digest.update(chunk)
-            written += len(chunk)
-            bar.update(len(chunk))
-    if expected is not None and written != expected:
-        raise _network_error(source, target, f"interrupted after {written} of {expected} bytes")
-    return written, digest.hexdigest()
-
-
 def _check_download(entry: WeightsEntry, source: str, written: int, digest: str) -> None:
     if written == 0:
         raise WeightsError(f"{source} returned no data; nothing was saved")
@@ -488,7 +415,7 @@ def fetch(name: str, force: bool = False, url: str | None = None, progress: bool
     source = url if url is not None else entry.url
     if source is None:
         raise WeightsError(f"weights {name!r} have no download URL; give one with url=")
-    source = _as_url(source)
+    source = as_url(source)
     if is_offline():
         raise WeightsError(
             f"{ENV_OFFLINE} is set, so {source} is not downloaded; put the file at {target} "
@@ -507,7 +434,8 @@ def fetch(name: str, force: bool = False, url: str | None = None, progress: bool
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out:
-            written, digest = _download(source, out, entry, target, progress)
+            written, digest = stream_into(source, out, target=target, label=f"fetch {entry.name}",
+                                          approx_size=entry.approx_size, progress=progress)
             out.flush()
             os.fsync(out.fileno())
         _check_download(entry, source, written, digest)
