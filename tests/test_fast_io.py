@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from regpipe.errors import InputError
-from regpipe.fast_io import FastIOSettings, _box, _Level, lncc, optimise_displacement
+from regpipe.fast_io import FastIOSettings, lncc, optimise_displacement
+from regpipe.io_level import Level, box_mean
 
 SHAPE = (36, 40, 36)
 
@@ -235,7 +236,7 @@ def test_settings_reject_unknown_names():
 def test_box_filter_matches_average_pooling(window):
     volume = torch.rand((1, 2, 9, 11, 13), dtype=torch.float64)
     expected = F.avg_pool3d(volume, window, stride=1, padding=window // 2, count_include_pad=True)
-    torch.testing.assert_close(_box(volume, window), expected)
+    torch.testing.assert_close(box_mean(volume, window), expected)
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -246,7 +247,7 @@ def test_analytic_lncc_gradient_matches_autograd(masked):
     warped = torch.rand((1, 1, *shape), generator=generator, dtype=torch.float64)
     mask = (torch.rand((1, 1, *shape), generator=generator) > 0.5).double() if masked else None
     settings = FastIOSettings(window_mm=5.0)
-    level = _Level.build(warped, fixed, mask, shape, torch.ones(3), 1.0, settings)
+    level = Level.build(warped, fixed, mask, shape, torch.ones(3), 1.0, settings)
     warped.requires_grad_(True)
     value, _ = level.similarity(warped)
     (expected,) = torch.autograd.grad(value, warped)
