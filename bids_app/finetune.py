@@ -369,10 +369,7 @@ def run_finetune(args: argparse.Namespace) -> int:
                 card["name"], name, grid_mode, network.config.grid_shape, args.output_dir)
     state = train(network, source, args.output_dir, options, card)
     weights = args.output_dir / "weights.pt"
-    print(json.dumps({"step": state.step, "stopped_by": state.stopped_by,
-                      "elapsed_seconds": round(state.elapsed_seconds, 1),
-                      "data_wait_seconds": round(state.data_wait_seconds, 1),
-                      **state.last_losses}))
+    print(json.dumps(state.summary()))
     if state.stopped_by != "steps":
         print(f"stopped at step {state.step} of {options.steps} ({state.stopped_by}); run the "
               "same command again to continue")

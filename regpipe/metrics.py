@@ -52,8 +52,8 @@ def folding_stats(jacobian: NDArray[np.floating], mask: NDArray | None = None) -
     }
 
 
-def ncc(a: NDArray[np.floating], b: NDArray[np.floating], mask: NDArray | None = None) -> float:
-    """Global normalised cross-correlation of two arrays (inside ``mask``), in [-1, 1]."""
+def ncc(a: NDArray[np.generic], b: NDArray[np.generic], mask: NDArray | None = None) -> float:
+    """Global normalised cross-correlation of two numeric arrays (inside ``mask``), in [-1, 1]."""
     x = np.asarray(a, dtype=np.float64)
     y = np.asarray(b, dtype=np.float64)
     if mask is not None:

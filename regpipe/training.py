@@ -75,6 +75,8 @@ from regpipe.training_data import PairSource, TrainingPair
 __all__ = ["TrainingOptions", "TrainingState", "train", "write_model_card"]
 
 LOGGER = logging.getLogger(__name__)
+#: The loss columns of ``log.csv`` (after ``step``), in the order of :data:`LOG_FIELDS`.
+_LOSS_COLUMNS = LOG_FIELDS[1:6]
 
 
 @dataclass
@@ -188,6 +190,12 @@ class TrainingState:
     folder: Path
     last_losses: dict[str, float]
     data_wait_seconds: float = 0.0  # of this call: time the steps waited for their pairs
+
+    def summary(self) -> dict[str, Any]:
+        """The run as the one JSON line ``regpipe-train`` and ``regpipe-finetune`` print."""
+        return {"step": self.step, "stopped_by": self.stopped_by,
+                "elapsed_seconds": round(self.elapsed_seconds, 1),
+                "data_wait_seconds": round(self.data_wait_seconds, 1), **self.last_losses}
 
 
 def _batch(pairs: list[TrainingPair], device: torch.device) -> dict[str, Any]:
@@ -360,8 +368,7 @@ def train(
                 "gradicon": values["inverse_consistency_loss"], "dice": dice if used_dice else 0.0,
                 "folds": values["flips"],
             }
-            loss_columns = ("all", "similarity", "gradicon", "dice", "folds")
-            writer.writerow([step, *(f"{last[k]:.6g}" for k in loss_columns),
+            writer.writerow([step, *(f"{last[k]:.6g}" for k in _LOSS_COLUMNS),
                              f"{time.perf_counter() - t0:.3f}", pairs[0].region,
                              pairs[0].pair_type, f"{lam:.4g}"])
             progress_log.add(last)
@@ -377,7 +384,11 @@ def train(
                 remaining = None if budget is None else budget - (time.monotonic() - started)
                 progress_log.report(step, remaining)
     bar.close()
-    elapsed = elapsed_before + time.monotonic() - started
+    spent = time.monotonic() - started
+    starved = stream.waited > 0.2 * spent
+    LOGGER.info("waited %.0f s of %.0f s for training pairs%s", stream.waited, spent,
+                "; more workers would keep the device busier" if starved else "")
+    elapsed = elapsed_before + spent
     save_run(folder, network, optimiser, step=step, elapsed=elapsed, options=options.to_dict(),
              card=current_card(), average=average)
     network.requires_grad_(True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, overload
+from typing import Literal
 
 import numpy as np
 import torch
@@ -18,26 +18,6 @@ Interpolation = Literal["linear", "nearest"]
 _CHUNK = 2_000_000
 
 
-@overload
-def warp_array(
-    data: NDArray[np.generic],
-    source: Geometry,
-    transform: Transform,
-    reference: Geometry,
-    *,
-    interpolation: Literal["linear"] = "linear",
-    fill: float = 0.0,
-) -> NDArray[np.floating]: ...
-@overload
-def warp_array(
-    data: NDArray[np.generic],
-    source: Geometry,
-    transform: Transform,
-    reference: Geometry,
-    *,
-    interpolation: Interpolation = "linear",
-    fill: float = 0.0,
-) -> NDArray[np.generic]: ...
 def warp_array(
     data: NDArray[np.generic],
     source: Geometry,

@@ -370,7 +370,8 @@ def test_without_a_progress_bar_each_checkpoint_logs_a_line(tmp_path, caplog):
               TrainingOptions(steps=4, checkpoint_every=2, progress=False))
     lines = [r.getMessage() for r in caplog.records if r.name == "regpipe.training"]
     assert lines[0].startswith("starting at step 0 of 4 on CPU") and "0 thread(s)" in lines[0]
-    lines = lines[1:]
+    assert lines[-1].startswith("waited ") and "for training pairs" in lines[-1]
+    lines = lines[1:-1]
     assert len(lines) == 2 and lines[0].startswith("step 2/4: loss ") and "s/step" in lines[0]
     assert "mean of 2 steps" in lines[1] and lines[1].endswith("0 min to go")
 

@@ -23,7 +23,6 @@ import json
 import logging
 import re
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -389,18 +388,10 @@ def run_training(settings: dict[str, Any], output: Path, card: dict[str, Any]) -
             "training": "region and pair type of each pair; lam drawn per step, also the "
                         "GradICON weight of that step",
         }
-    started = time.monotonic()
     state = train(network, source, output, options, card)
-    spent = time.monotonic() - started
     LOGGER.info("stopped after step %d (%s), %.1f h in all; weights: %s", state.step,
                 state.stopped_by, state.elapsed_seconds / 3600, output / "weights.pt")
-    LOGGER.info("this run waited %.0f s of %.0f s for training pairs%s", state.data_wait_seconds,
-                spent, "; more --workers would keep the device busier"
-                if state.data_wait_seconds > 0.2 * spent else "")
-    print(json.dumps({"step": state.step, "stopped_by": state.stopped_by,
-                      "elapsed_seconds": round(state.elapsed_seconds, 1),
-                      "data_wait_seconds": round(state.data_wait_seconds, 1),
-                      **state.last_losses}))
+    print(json.dumps(state.summary()))
     return 0
 
 

@@ -53,6 +53,8 @@ class WeightAverage:
         self.first: int | None = None
         self.last: int | None = None
         self.sums: dict[str, dict[str, torch.Tensor]] = {}
+        # of the last snapshot: its configuration, and per part its integer buffers with an
+        # empty tensor of the right dtype standing for each floating one (the mean is in sums)
         self.latest: dict[str, Any] = {}
 
     @property
@@ -76,7 +78,13 @@ class WeightAverage:
                 if value.is_floating_point():
                     term = value.detach().to("cpu", torch.float64)
                     sums[key] = sums[key] + term if key in sums else term.clone()
-        self.latest = {k: v for k, v in state.items() if k in ("config", *_PARTS)}
+        self.latest = {"config": state["config"]}
+        for part in _PARTS:
+            if part in state:
+                self.latest[part] = {
+                    key: torch.empty(0, dtype=value.dtype) if value.is_floating_point() else value
+                    for key, value in state[part].items()
+                }
         self.count += 1
         self.first = step if self.first is None else self.first
         self.last = step
