@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from regpipe.errors import InputError
-from regpipe.io_level import Level, WarpedLNCC, level_size, lncc, normalised_identity
-from regpipe.spaces import index_grid, sample_at_indices
+from regpipe.io_level import Level, WarpedLNCC, level_size, lncc
+from regpipe.spaces import index_grid, sample_at_indices, sampling_identity
 
 __all__ = ["DEFAULT_STEPS", "FastIOSettings", "lncc", "optimise_displacement"]
 
@@ -354,7 +354,7 @@ def _integrate(
         return param
     sizes = torch.tensor(param.shape[2:], dtype=torch.float32, device=param.device)
     to_normalised = (2.0 / (sizes - 1).clamp(min=1) / spacing).view(1, 3, 1, 1, 1)
-    identity = normalised_identity(tuple(param.shape[2:]), param.device)
+    identity = sampling_identity(tuple(param.shape[2:]), param.device)
     field = param / (2 ** settings.squarings)
     for _ in range(settings.squarings):
         offset = (field * to_normalised).permute(0, 2, 3, 4, 1).flip(-1)

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from regpipe.spaces import sampling_identity
+
 if TYPE_CHECKING:
     from regpipe.fast_io import FastIOSettings
 
@@ -38,7 +40,6 @@ __all__ = [
     "downsample",
     "level_size",
     "lncc",
-    "normalised_identity",
     "window_voxels",
 ]
 
@@ -93,7 +94,7 @@ class Level:
             fixed=fixed_l,
             moving=moving_l.contiguous(),
             fixed_gradient=central_difference(fixed_l) if settings.esm else None,
-            identity=normalised_identity(shape, fixed.device),
+            identity=sampling_identity(shape, fixed.device),
             to_normalised=2.0 / (sizes - 1).clamp(min=1),
             fixed_mean=fixed_mean,
             fixed_var=fixed_var,
@@ -281,10 +282,3 @@ def downsample(volume: torch.Tensor, shape: tuple[int, ...], factor: float) -> t
         pad[2 * (2 - axis) + 1] = radius
         out = F.conv3d(F.pad(out, pad, mode="replicate"), kernel.view(1, 1, *size))
     return F.interpolate(out, size=shape, mode="trilinear", align_corners=True)
-
-
-def normalised_identity(shape: Sequence[int], device: torch.device) -> torch.Tensor:
-    """``grid_sample`` identity coordinates ``[1, n0, n1, n2, 3]`` (last axis ``(d2, d1, d0)``)."""
-    axes = [torch.linspace(-1.0, 1.0, int(n), device=device) for n in shape]
-    mesh = torch.meshgrid(*axes, indexing="ij")
-    return torch.stack(mesh[::-1], dim=-1)[None]

@@ -221,6 +221,16 @@ def index_grid(
     return torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]
 
 
+def sampling_identity(
+    shape: tuple[int, ...] | list[int], device: torch.device | str | None = None
+) -> torch.Tensor:
+    """``grid_sample``'s identity coordinates ``[1, n0, n1, n2, 3]`` of a network-order grid:
+    last axis ``(d2, d1, d0)`` in [-1, 1] (``align_corners=True``), i.e. :func:`index_grid`
+    through :func:`index_to_sampling_grid`, built directly for hot loops."""
+    axes = [torch.linspace(-1.0, 1.0, int(n), device=device) for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij")[::-1], dim=-1)[None]
+
+
 def sample_at_indices(
     volume: torch.Tensor, points: torch.Tensor, padding: Literal["zeros", "border"] = "border"
 ) -> torch.Tensor:

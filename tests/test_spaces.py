@@ -104,3 +104,17 @@ def test_sampling_at_the_index_grid_is_the_identity_and_shifts_by_whole_voxels()
     # one voxel beyond the last centre: zero with zero padding, the edge value with border
     assert float(sample_at_indices(volume, shifted, padding="zeros")[..., -1].abs().max()) == 0.0
     torch.testing.assert_close(sample_at_indices(volume, shifted)[..., -1], volume[..., -1])
+
+
+def test_sampling_identity_is_the_index_grid_in_grid_sample_coordinates():
+    from regpipe.spaces import index_grid, index_to_sampling_grid, sampling_identity
+
+    shape = (5, 6, 7)
+    direct = sampling_identity(shape)
+    assert direct.shape == (1, 5, 6, 7, 3)
+    via_indices = index_to_sampling_grid(index_grid(shape).permute(0, 2, 3, 4, 1).flip(-1),
+                                         shape[::-1])
+    torch.testing.assert_close(direct, via_indices)
+    volume = torch.rand(1, 1, *shape)
+    torch.testing.assert_close(
+        torch.nn.functional.grid_sample(volume, direct, align_corners=True), volume)
