@@ -32,10 +32,10 @@ from pathlib import Path
 
 import torch
 
-from regpipe.cli.train import build_network_from, build_source
+from regpipe.cli.train import build_network_from, build_source, options_from
 from regpipe.device import select_device, set_threads
 from regpipe.pair_stream import PairStream
-from regpipe.training import TrainingOptions, train
+from regpipe.training import train
 
 
 def main(argv=None) -> int:
@@ -64,15 +64,13 @@ def main(argv=None) -> int:
     print("| workers | synthesis pairs/s | training s/step | data wait |")
     print("|---|---|---|---|")
     for workers in (int(w) for w in args.workers.split(",")):
-        lam_range = tuple(settings["lam_range"]) if settings.get("lam_range") else None
-        options = TrainingOptions(steps=args.steps, batch_size=args.batch_size, lr=1e-4,
-                                  lam_range=lam_range,
-                                  lncc_sigma=float(settings.get("lncc_sigma", 5.0)),
-                                  dice_weight=float(settings.get("dice_weight", 0.0)),
-                                  device=str(device), progress=False, workers=workers,
-                                  checkpoint_every=args.steps + 1)
-        stream = PairStream(source, shape, seed=0, batch_size=args.batch_size, workers=workers,
-                            last_step=args.steps)
+        # the recipe's own options (as regpipe-train reads them), timed for a few steps
+        options = options_from({**settings, "steps": args.steps, "batch_size": args.batch_size,
+                                "device": str(device), "workers": workers, "no_progress": True,
+                                "checkpoint_every": args.steps + 1, "budget": None,
+                                "average_from": None})
+        stream = PairStream(source, shape, seed=options.seed, batch_size=args.batch_size,
+                            workers=workers, last_step=args.steps)
         t0 = time.perf_counter()
         try:
             for step in range(1, args.steps + 1):
