@@ -3,7 +3,7 @@
 Inputs (written by the participant level)
     ``output_dir`` is the network's derivative dataset (method ``network``); each ANTs method
     ``ants-M`` of ``--compare`` is the derivative dataset
-    ``output_dir/derivatives/regpipe-ants-M/`` (see :mod:`regpipe.workflows.outputs`). In each,
+    ``output_dir/derivatives/regpipe-ants-M/`` (see :mod:`regpipe.workflows.derivatives`). In each,
     every registration has a one-row ``*_metrics.tsv`` (a JSON object ``*_metrics.json`` is read
     when there is no TSV); its entities (``sub``, ``ses``, ``acq``, ``run``..., ``space``/``to``
     for the fixed space) say which image it belongs to.
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import logging
 import math
@@ -42,6 +43,8 @@ from regpipe.bids_app.bids import IDENTITY_ENTITIES, bids_layout, natural_key
 from regpipe.bids_app.exit_codes import AppError, ExitCode
 from regpipe.bids_app.parser import NETWORK_METHOD
 from regpipe.bids_app.run import RUN_RECORD
+
+from regpipe.atomic import atomic_write_text
 
 __all__ = ["collect_rows", "find_failures", "method_datasets", "run_group", "write_tsv"]
 
@@ -274,21 +277,18 @@ def _cell(value: Any) -> str:
 def write_tsv(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
     """Write ``rows`` as a BIDS-style TSV (``n/a`` for missing values), atomically."""
     columns = _columns(rows) or list(ID_COLUMNS[:3])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per concurrent writer
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
-        writer.writerow(columns)
-        for row in rows:
-            writer.writerow([_cell(row.get(column)) for column in columns])
-    os.replace(tmp, path)
-    return path
+    table = io.StringIO()
+    writer = csv.writer(table, delimiter="\t", lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([_cell(row.get(column)) for column in columns])
+    return atomic_write_text(path, table.getvalue(), parents=True)
 
 
 def _ignore_group_folder(output_dir: Path) -> None:
     """Add ``group/`` to ``output_dir/.bidsignore`` (idempotent) so validators skip it; under
     the dataset lock, so participant runs merging their own lines meanwhile lose nothing."""
-    from regpipe.workflows.outputs import merge_bidsignore
+    from regpipe.workflows.derivatives import merge_bidsignore
 
     merge_bidsignore(output_dir, [f"{GROUP_DIR}/"])
 

@@ -1,7 +1,7 @@
 """``--reports-only``: rewrite each subject's QC page from the outputs already on disk.
 
 No registration runs and no network is loaded: for every job and method the files named by
-:func:`regpipe.workflows.outputs.output_paths` are read back (warped image, Jacobian map,
+:func:`regpipe.workflows.derivatives.output_paths` are read back (warped image, Jacobian map,
 metrics and the stored preprocessed moving image) and handed to
 :func:`regpipe.reports.write_subject_report`, which writes ``output_dir/sub-<label>.html`` as
 the participant workflow does. The fixed image shown is the job's ``fixed`` file (the template
@@ -26,8 +26,8 @@ _NEEDED = ("warped", "jacobian", "metrics_json", "preproc")
 def subject_sections(jobs: Sequence[Mapping[str, Any]], methods: Sequence[str],
                      output_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
     """Report sections of one subject's jobs, and the outputs found missing."""
+    from regpipe.workflows.derivatives import output_paths
     from regpipe.workflows.interfaces import report_section
-    from regpipe.workflows.outputs import output_paths
 
     sections, missing = [], []
     for job in jobs:

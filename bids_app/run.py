@@ -46,6 +46,7 @@ from typing import Any
 from regpipe.bids_app.exit_codes import AppError, ExitCode, UsageError
 
 from regpipe import __version__
+from regpipe.atomic import atomic_write_text
 from regpipe.errors import RegpipeError, TemplateError, WeightsError
 
 __all__ = ["main", "run_participant"]
@@ -166,11 +167,7 @@ def _write_run_record(log_dir: Path, args: argparse.Namespace, argv: Sequence[st
         "methods": list(args.methods),
         "jobs": jobs,
     }
-    path = log_dir / RUN_RECORD
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(log_dir / RUN_RECORD, json.dumps(record, indent=2, default=str))
 
 
 def crash_subjects(crash_files: Sequence[Path]) -> list[str]:

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
+from regpipe.atomic import atomic_write_text
 from regpipe.errors import InputError
 from regpipe.resources import ResourceUsage, measure_resources
 
@@ -267,9 +268,7 @@ def _serve_request(folder: str) -> None:
     files = _ants_registration_files(images, request["type_of_transform"], request["folder"],
                                      request["seed"], request["threads"], request["progress"],
                                      measure=True)
-    temporary = Path(folder) / ".reply.json.tmp"
-    temporary.write_text(json.dumps(files), encoding="utf-8")
-    os.replace(temporary, Path(folder) / "reply.json")
+    atomic_write_text(Path(folder) / "reply.json", json.dumps(files))
 
 
 def _chain(paths: Sequence[str], invert_affines: bool) -> Transform:

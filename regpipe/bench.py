@@ -32,10 +32,10 @@ from typing import Any
 
 import numpy as np
 
+from regpipe.atomic import atomic_write
 from regpipe.bench_pairs import LoadedPair, PairSpec, load_pair, read_pairs, write_pairs
 from regpipe.errors import InputError, RegpipeError
 from regpipe.evaluation import evaluate_transform
-from regpipe.imageio import atomic_write
 
 __all__ = [
     "METHOD_NAMES", "MethodSpec", "PairSpec", "load_pair", "parse_methods", "read_pairs",

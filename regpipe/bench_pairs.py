@@ -31,9 +31,10 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from regpipe.atomic import atomic_write
 from regpipe.errors import InputError
 from regpipe.evaluation import match_landmarks, read_fcsv
-from regpipe.imageio import Image, atomic_write, check_same_grid, load_image
+from regpipe.imageio import Image, check_same_grid, load_image
 
 __all__ = ["LoadedPair", "PairSpec", "load_pair", "read_pairs", "write_pairs"]
 

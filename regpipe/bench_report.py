@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from regpipe.atomic import atomic_write
+
 __all__ = ["csv_text", "markdown_report", "summary_table", "write_plots", "write_report"]
 
 REPORT_MD = "results.md"
@@ -237,7 +239,7 @@ def _boxplot(rows: Sequence[Mapping[str, Any]], key: str, ylabel: str, path: Pat
     axes.set_ylabel(ylabel)
     axes.grid(axis="y", alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path)
+    atomic_write(path, lambda tmp: figure.savefig(tmp))
     return True
 
 
@@ -258,7 +260,7 @@ def _scatter(rows: Sequence[Mapping[str, Any]], path: Path) -> bool:
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
     figure.tight_layout()
-    figure.savefig(path)
+    atomic_write(path, lambda tmp: figure.savefig(tmp))
     return True
 
 
@@ -278,8 +280,6 @@ def write_plots(rows: Sequence[Mapping[str, Any]], output: str | os.PathLike) ->
 
 def write_report(rows: Sequence[Mapping[str, Any]], output: str | os.PathLike) -> Path:
     """Write the figures and ``results.md`` into ``output``; returns the markdown path."""
-    from regpipe.imageio import atomic_write
-
     figures = write_plots(rows, output)
     text = markdown_report(rows, figures=figures)
     return atomic_write(Path(output) / REPORT_MD, lambda tmp: tmp.write_text(text))

@@ -40,6 +40,7 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
+from regpipe.atomic import atomic_write_text
 from regpipe.errors import InputError
 from regpipe.metrics import dice_per_label, folding_stats, jacobian_determinant, ncc
 from regpipe.spaces import Geometry, lps_to_ras
@@ -156,9 +157,7 @@ def write_fcsv(
     for i, (point, label) in enumerate(zip(stored, labels, strict=False)):
         x, y, z = (repr(float(v)) for v in point)
         lines.append(f"vtkMRMLMarkupsFiducialNode_{i + 1},{x},{y},{z},0,0,0,1,1,1,0,{label},,")
-    path = Path(path)
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def match_landmarks(

@@ -30,8 +30,9 @@ import nibabel as nib
 import numpy as np
 from numpy.typing import NDArray
 
+from regpipe.atomic import atomic_write
 from regpipe.errors import InputError
-from regpipe.imageio import Image, atomic_write, check_readable_file
+from regpipe.imageio import Image, check_readable_file
 
 __all__ = [
     "cut_coordinates",
@@ -114,7 +115,7 @@ def plot_flicker(
             (warped_nii, "warped", warped_label),
         )
     ]
-    return write_shared(out_file, lambda tmp: compose_view(layers[0], layers[1], out_file=tmp))
+    return atomic_write(out_file, lambda tmp: compose_view(layers[0], layers[1], out_file=tmp))
 
 
 def plot_contours(
@@ -252,7 +253,7 @@ def plot_group_metric(
     axes.set_xlim(0.4, len(methods) + 0.6)
     axes.set_title(_literal(title or key), fontsize=10)
     axes.grid(axis="y", alpha=0.3)
-    return write_shared(out_file, lambda tmp: figure.savefig(tmp, format="svg"))
+    return atomic_write(out_file, lambda tmp: figure.savefig(tmp, format="svg"))
 
 
 def _write_stacked(panel: Callable[[View, bool], Any], out_file: str | os.PathLike) -> Path:
@@ -265,14 +266,7 @@ def _write_stacked(panel: Callable[[View, bool], Any], out_file: str | os.PathLi
         display = panel(view, index == 0)
         svgs.append(fromstring(extract_svg(display, compress=False)))
         display.close()
-    return write_shared(out_file, lambda tmp: compose_view(svgs, [], out_file=tmp))
-
-
-def write_shared(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
-    """Write atomically, then make the file world-readable: reports are shared as files."""
-    written = atomic_write(path, write)
-    written.chmod(0o644)  # atomic_write's temporary file is created 0600
-    return written
+    return atomic_write(out_file, lambda tmp: compose_view(svgs, [], out_file=tmp))
 
 
 def _to_nifti(source: FigureSource, what: str) -> nib.Nifti1Image:

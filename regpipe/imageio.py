@@ -9,16 +9,15 @@ converting ITK's LPS geometry to RAS.
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import nibabel as nib
 import numpy as np
 from numpy.typing import NDArray
 
+from regpipe.atomic import atomic_write
 from regpipe.errors import InputError
 from regpipe.spaces import Geometry
 
@@ -177,31 +176,6 @@ def check_same_grid(image: Image, mask: Image, what: str) -> None:
             f"{what} {mask.name} is on a different grid ({mask.geometry.shape}) than its image "
             f"{image.name} ({image.geometry.shape}); resample it onto the image first"
         )
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
-    """Call ``write(tmp_path)`` then move the temporary file onto ``path`` in one step.
-
-    The temporary file keeps ``path``'s suffixes (writers choose formats from them) and lives
-    in the destination folder, so the final rename is atomic; on failure it is removed and no
-    file appears at ``path``.
-    """
-    path = Path(path)
-    if not path.parent.exists():
-        raise InputError(f"cannot write {path}: folder {path.parent} does not exist")
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs follow the umask
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def save_image(image: Image, path: str | os.PathLike, dtype: np.dtype | None = None) -> Path:

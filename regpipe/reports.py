@@ -33,6 +33,7 @@ from urllib.parse import quote
 import numpy as np
 
 from regpipe import __version__
+from regpipe.atomic import atomic_write
 from regpipe.errors import InputError
 from regpipe.figures import (
     cut_coordinates,
@@ -43,7 +44,6 @@ from regpipe.figures import (
     plot_group_metric,
     plot_jacobian,
     to_float,
-    write_shared,
 )
 
 __all__ = ["COMPARED_METRICS", "GROUP_METRICS", "write_group_report", "write_subject_report"]
@@ -388,7 +388,7 @@ def write_subject_report(
         *parts,
     ]
     page = _page(f"regpipe: {title}", body)
-    return write_shared(out_html, lambda tmp: tmp.write_text(page, encoding="utf-8"))
+    return atomic_write(out_html, lambda tmp: tmp.write_text(page, encoding="utf-8"))
 
 
 # ------------------------------------------------------------------------------ group report
@@ -485,4 +485,4 @@ def write_group_report(
     body.append("</section>")
     out_html.parent.mkdir(parents=True, exist_ok=True)
     page = _page("regpipe: group report", body)
-    return write_shared(out_html, lambda tmp: tmp.write_text(page, encoding="utf-8"))
+    return atomic_write(out_html, lambda tmp: tmp.write_text(page, encoding="utf-8"))

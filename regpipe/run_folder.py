@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import signal
 import threading
 import time
@@ -28,6 +27,7 @@ from typing import Any
 
 import torch
 
+from regpipe.atomic import atomic_write, atomic_write_text
 from regpipe.errors import InputError, WeightsError
 from regpipe.networks import (
     RegistrationNetwork,
@@ -110,9 +110,7 @@ class ProgressLog:
 
 
 def _atomic_save(payload: Any, path: Path) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(payload, temporary)
-    os.replace(temporary, path)
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def resume_run(folder: Path, network: RegistrationNetwork, optimiser: torch.optim.Optimizer,
@@ -151,8 +149,7 @@ def write_model_card(card: Mapping[str, Any], path: Path) -> Path:
             lines.append("")
         else:
             lines.append(f"- **{key}**: {value}")
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    return atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def save_run(folder: Path, network: RegistrationNetwork, optimiser: torch.optim.Optimizer, *,
@@ -169,12 +166,8 @@ def save_run(folder: Path, network: RegistrationNetwork, optimiser: torch.optim.
         "options": dict(options),
         "average": average.state_dict() if average is not None else None,
     }, folder / CHECKPOINT)
-    temporary = folder / f".{WEIGHTS}.tmp"
-    save_weights(network, temporary, card)
-    os.replace(temporary, folder / WEIGHTS)
+    save_weights(network, folder / WEIGHTS, card)
     write_model_card(card, folder / CARD)
     if average is not None and average.count:
-        temporary = folder / f".{AVERAGE}.tmp"
-        average.save(temporary, card)
-        os.replace(temporary, folder / AVERAGE)
+        average.save(folder / AVERAGE, card)
         write_model_card(average.card(card), (folder / AVERAGE).with_suffix(".md"))

@@ -32,6 +32,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from regpipe.atomic import atomic_write_text
 from regpipe.download import as_url, stream_into
 from regpipe.errors import InputError, WeightsError
 
@@ -451,9 +452,7 @@ def fetch(name: str, force: bool = False, url: str | None = None, progress: bool
 
 
 def _write_sidecar(sidecar: Path, digest: str, filename: str) -> None:
-    tmp = sidecar.with_name(sidecar.name + ".part")
-    tmp.write_text(f"{digest}  {filename}\n", encoding="ascii")
-    os.replace(tmp, sidecar)
+    atomic_write_text(sidecar, f"{digest}  {filename}\n")
 
 
 def _read_sidecar(sidecar: Path) -> str | None:

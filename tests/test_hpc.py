@@ -34,7 +34,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from regpipe.bids_app import group as group_module
-from regpipe.workflows import outputs
+from regpipe.workflows import derivatives
 
 from regpipe.spaces import Geometry
 from tests.conftest import blob_image, make_affine
@@ -191,7 +191,7 @@ def test_concurrent_participants_leave_whole_shared_files(array_run):
     assert description["GeneratedBy"][0]["Container"] == {"Type": "docker",
                                                            "Tag": "regpipe/regpipe:0.1.0"}
     ignore = (out / ".bidsignore").read_text().splitlines()
-    assert sorted(ignore) == sorted(set(outputs.BIDSIGNORE_LINES) | {"group/"})
+    assert sorted(ignore) == sorted(set(derivatives.BIDSIGNORE_LINES) | {"group/"})
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
 
 
@@ -265,9 +265,10 @@ def test_array_script_refuses_a_task_without_participant(tmp_path):
 
 def _describe_once(output_dir: str, barrier, results) -> None:
     barrier.wait()
-    content = outputs.dataset_description(method="network", bids_dir=None, output_dir=output_dir)
-    results.put(outputs.write_json_once(Path(output_dir) / "dataset_description.json", content,
-                                        Path(output_dir)))
+    content = derivatives.dataset_description(method="network", bids_dir=None,
+                                              output_dir=output_dir)
+    results.put(derivatives.write_json_once(Path(output_dir) / "dataset_description.json",
+                                            content, Path(output_dir)))
 
 
 def _merge_line(output_dir: str, line: str, barrier, results) -> None:
@@ -275,7 +276,7 @@ def _merge_line(output_dir: str, line: str, barrier, results) -> None:
     if line == "group/":
         group_module._ignore_group_folder(Path(output_dir))
     else:
-        outputs.merge_bidsignore(output_dir, [*outputs.BIDSIGNORE_LINES, line])
+        derivatives.merge_bidsignore(output_dir, [*derivatives.BIDSIGNORE_LINES, line])
     results.put(line)
 
 
@@ -302,7 +303,7 @@ def test_concurrent_bidsignore_merges_keep_every_line(tmp_path):
     lines = [f"extra-{i}/" for i in range(6)] + ["group/"]
     _race(_merge_line, [(str(tmp_path), line) for line in lines])
     merged = (tmp_path / ".bidsignore").read_text().splitlines()
-    assert sorted(merged) == sorted({*outputs.BIDSIGNORE_LINES, *lines})
+    assert sorted(merged) == sorted({*derivatives.BIDSIGNORE_LINES, *lines})
 
 
 def test_dataset_files_are_written_where_flock_is_unsupported(tmp_path, monkeypatch, caplog):
@@ -311,6 +312,6 @@ def test_dataset_files_are_written_where_flock_is_unsupported(tmp_path, monkeypa
 
     monkeypatch.setattr(fcntl, "flock", no_locks)
     with caplog.at_level(logging.WARNING, logger="nipype.workflow"):
-        written = outputs.write_dataset_files(tmp_path, ["network", "ants-affine"])
+        written = derivatives.write_dataset_files(tmp_path, ["network", "ants-affine"])
     assert all(json.loads(Path(path).read_text())["BIDSVersion"] for path in written)
     assert "without a lock" in caplog.text

@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from regpipe.errors import InputError
-from regpipe.imageio import Image, atomic_write, load_image, save_image
+from regpipe.imageio import Image, load_image, save_image
 from regpipe.spaces import Geometry
 from tests.conftest import make_affine
 
@@ -106,18 +106,6 @@ def test_float_labels_must_be_integral(tmp_path):
         load_image(write_nifti(tmp_path / "s.nii.gz", data), "labels")
 
 
-def test_atomic_write_leaves_nothing_on_failure(tmp_path):
-    target = tmp_path / "out.nii.gz"
-
-    def fail(tmp):
-        tmp.write_bytes(b"partial")
-        raise RuntimeError("disk full")
-
-    with pytest.raises(RuntimeError):
-        atomic_write(target, fail)
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_save_image_round_trip(tmp_path):
     geometry = Geometry((6, 5, 4), make_affine("LIA", (6, 5, 4)))
     data = np.arange(120, dtype=np.int16).reshape(6, 5, 4)
@@ -125,12 +113,3 @@ def test_save_image_round_trip(tmp_path):
     back = load_image(tmp_path / "x.nii.gz", "labels")
     assert back.data.dtype == np.int16 and np.array_equal(back.data, data)
     assert back.geometry.same_as(geometry)
-
-
-def test_atomic_write_follows_umask(tmp_path):
-    old = os.umask(0o022)
-    try:
-        path = atomic_write(tmp_path / "x.txt", lambda tmp: tmp.write_text("ok"))
-    finally:
-        os.umask(old)
-    assert path.stat().st_mode & 0o777 == 0o644

@@ -13,7 +13,7 @@ import types
 from pathlib import Path
 
 import pytest
-from regpipe.workflows import jobs, outputs, steps
+from regpipe.workflows import derivatives, jobs, steps
 from regpipe.workflows.base import init_regpipe_wf
 from regpipe.workflows.jobs import (
     JOB_KEYS,
@@ -316,7 +316,7 @@ def test_output_paths_follow_the_scheme(skeleton, tmp_path):
     out = tmp_path / "out"
     names = {
         k: p.relative_to(out).as_posix()
-        for k, p in outputs.output_paths(out, job, "network").items()
+        for k, p in derivatives.output_paths(out, job, "network").items()
     }
     anat = "sub-01/ses-1/anat/sub-01_ses-1"
     assert names == {
@@ -328,14 +328,14 @@ def test_output_paths_follow_the_scheme(skeleton, tmp_path):
         "metrics_tsv": f"{anat}_space-{SPACE}_desc-T1w_metrics.tsv",
         "metrics_json": f"{anat}_space-{SPACE}_desc-T1w_metrics.json",
     }
-    ants = outputs.output_paths(out, job, "ants-syn")
+    ants = derivatives.output_paths(out, job, "ants-syn")
     assert ants["warped"].is_relative_to(out / "derivatives" / "regpipe-ants-syn" / "sub-01")
-    assert ants["preproc"] == outputs.output_paths(out, job, "network")["preproc"]
+    assert ants["preproc"] == derivatives.output_paths(out, job, "network")["preproc"]
 
 
 def _write_dataset_files(args):
     output_dir, methods = args
-    return outputs.write_dataset_files(output_dir, methods, "/data/bids")
+    return derivatives.write_dataset_files(output_dir, methods, "/data/bids")
 
 
 def test_dataset_files_are_safe_under_concurrent_runs(tmp_path, monkeypatch):
@@ -357,18 +357,19 @@ def test_dataset_files_are_safe_under_concurrent_runs(tmp_path, monkeypatch):
     assert not list(tmp_path.rglob(".*.tmp"))
     # an existing, different description is kept
     (tmp_path / "dataset_description.json").write_text('{"Name": "mine"}')
-    assert outputs.write_json_once(tmp_path / "dataset_description.json", top, tmp_path) == "kept"
+    described = tmp_path / "dataset_description.json"
+    assert derivatives.write_json_once(described, top, tmp_path) == "kept"
 
 
 def test_pybids_queries_the_output_scheme(skeleton, tmp_path):
     bids_layout = pytest.importorskip("bids").BIDSLayout
     out = tmp_path / "out"
     methods = ["network", "ants-affine"]
-    outputs.write_dataset_files(out, methods, skeleton["bids"])
+    derivatives.write_dataset_files(out, methods, skeleton["bids"])
     jobs = [validate_job(make_job(skeleton, "01_1")), validate_job(make_job(skeleton, "02"))]
     for job in jobs:
         for method in methods:
-            for path in outputs.output_paths(out, job, method).values():
+            for path in derivatives.output_paths(out, job, method).values():
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text("{}" if path.suffix == ".json" else "")
     layout = bids_layout(out, validate=False, derivatives=True)

@@ -28,8 +28,8 @@ bids = pytest.importorskip("bids")
 pytest.importorskip("nipype")
 
 from regpipe.workflows.base import init_regpipe_wf, run_workflow  # noqa: E402
+from regpipe.workflows.derivatives import output_paths, sidecar_of  # noqa: E402
 from regpipe.workflows.jobs import validate_job  # noqa: E402
-from regpipe.workflows.outputs import output_paths, sidecar_of  # noqa: E402
 
 METHODS = ["network", "ants-affine"]
 SPACE = "Tiny"

@@ -3,7 +3,7 @@
 The workflows take *jobs* (one moving image onto one fixed image each; the contract and its
 checks are in :mod:`regpipe.workflows.jobs`) and settings shared by the run
 (:class:`~regpipe.workflows.jobs.RegistrationOptions`). Outputs are described in
-:mod:`regpipe.workflows.outputs`.
+:mod:`regpipe.workflows.derivatives`.
 
 Example
 -------
@@ -27,6 +27,7 @@ from typing import Any
 
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
+from regpipe.workflows.derivatives import SOURCE_ENTITIES
 from regpipe.workflows.evaluation import init_eval_wf
 from regpipe.workflows.interfaces import (
     CollectReportInputs,
@@ -43,7 +44,6 @@ from regpipe.workflows.jobs import (
     validate_jobs,
 )
 from regpipe.workflows.outputs import (
-    SOURCE_ENTITIES,
     init_ds_metrics_wf,
     init_ds_preproc_wf,
     init_ds_registration_wf,
@@ -88,7 +88,7 @@ def init_regpipe_wf(
     jobs
         Job dicts (module docstring); validated here.
     output_dir
-        The derivative dataset written (see :mod:`regpipe.workflows.outputs`).
+        The derivative dataset written (see :mod:`regpipe.workflows.derivatives`).
     work_dir
         Nipype's cache (``base_dir``): rerunning with it recomputes nothing already done.
     methods

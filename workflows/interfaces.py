@@ -317,13 +317,13 @@ class _DatasetFilesOutputSpec(TraitedSpec):
 
 class DatasetFiles(SimpleInterface):
     """Dataset-level files, safe under concurrent runs
-    (:func:`regpipe.workflows.outputs.write_dataset_files`)."""
+    (:func:`regpipe.workflows.derivatives.write_dataset_files`)."""
 
     input_spec = _DatasetFilesInputSpec
     output_spec = _DatasetFilesOutputSpec
 
     def _run_interface(self, runtime):
-        from regpipe.workflows.outputs import write_dataset_files
+        from regpipe.workflows.derivatives import write_dataset_files
 
         i = self.inputs
         self._results["out_files"] = write_dataset_files(i.output_dir, i.methods, _opt(i.bids_dir))

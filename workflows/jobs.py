@@ -41,7 +41,7 @@ key                 type                      meaning
 
 :func:`validate_job` checks a job and returns it normalised (paths as ``str``, optional keys
 filled); every workflow factory (:mod:`regpipe.workflows.base`) calls it. Outputs are described
-in :mod:`regpipe.workflows.outputs`.
+in :mod:`regpipe.workflows.derivatives`.
 
 Example
 -------
@@ -66,7 +66,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from regpipe.workflows.outputs import output_paths
+from regpipe.workflows.derivatives import output_paths
 
 from regpipe.errors import InputError
 

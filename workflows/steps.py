@@ -23,9 +23,11 @@ _CONSISTENCY_POINTS = 20_000
 
 
 def _write_json(path: str | os.PathLike[str], data: Mapping[str, Any]) -> str:
-    from regpipe.workflows.outputs import atomic_write_text, to_json
+    from regpipe.workflows.derivatives import to_json
 
-    atomic_write_text(path, to_json(data))
+    from regpipe.atomic import atomic_write_text
+
+    atomic_write_text(path, to_json(data), parents=True)
     return str(path)
 
 
@@ -41,7 +43,8 @@ def conform_file(in_file: str, kind: str, out_file: str) -> str:
     """
     import nibabel as nib
 
-    from regpipe.imageio import atomic_write, load_image
+    from regpipe.atomic import atomic_write
+    from regpipe.imageio import load_image
 
     image = load_image(in_file, kind, f"input {kind}")  # type: ignore[arg-type]
     if kind == "mask":
@@ -346,12 +349,14 @@ def write_derivative(
 ) -> str:
     """Copy ``in_file`` to ``out_file`` atomically and write its JSON sidecar (``meta``, plus
     the ``sidecar`` entry of ``meta_json`` when given)."""
-    from regpipe.workflows.outputs import atomic_copy, sidecar_of
+    from regpipe.workflows.derivatives import sidecar_of
+
+    from regpipe.atomic import atomic_copy
 
     sidecar = dict(meta)
     if meta_json is not None:
         sidecar.update(json.loads(Path(meta_json).read_text()).get("sidecar", {}))
-    atomic_copy(in_file, out_file)
+    atomic_copy(in_file, out_file, parents=True)
     if sidecar:
         _write_json(sidecar_of(out_file), sidecar)
     return out_file
@@ -378,7 +383,9 @@ def write_metrics(
     in_file: str, out_file: str, job: Mapping[str, Any], method: str
 ) -> tuple[str, str]:
     """Write the one-row metrics TSV ``out_file`` and its JSON sidecar from an evaluation JSON."""
-    from regpipe.workflows.outputs import atomic_write_text, sidecar_of
+    from regpipe.workflows.derivatives import sidecar_of
+
+    from regpipe.atomic import atomic_write_text
 
     data = json.loads(Path(in_file).read_text())
     metrics, dice = data["metrics"], data.get("dice", {})
@@ -401,7 +408,8 @@ def write_metrics(
         return f"{value:.6g}" if isinstance(value, float) else str(value)
 
     atomic_write_text(
-        out_file, "\t".join(row) + "\n" + "\t".join(cell(v) for v in row.values()) + "\n"
+        out_file, "\t".join(row) + "\n" + "\t".join(cell(v) for v in row.values()) + "\n",
+        parents=True,
     )
     columns: dict[str, Any] = {
         "participant_id": {"Description": "Subject (sub-<label>)"},

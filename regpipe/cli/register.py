@@ -223,7 +223,7 @@ def _main(args: argparse.Namespace) -> int:
     )
     summary = {"metrics": result.metrics, "settings": result.settings}
     if args.metrics_out:
-        from regpipe.imageio import atomic_write
+        from regpipe.atomic import atomic_write
 
         text = json.dumps(summary, indent=2, default=str)
         atomic_write(args.metrics_out, lambda tmp: tmp.write_text(text))

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from regpipe.atomic import atomic_write
 from regpipe.errors import InputError, WeightsError
 from regpipe.networks.condition import ConditioningConfig
 from regpipe.networks.conditional import ConditionalRegistrationNetwork
@@ -319,11 +320,11 @@ def save_weights(
 
 
 def save_network_state(state: Mapping[str, Any], path: PathLike, card: Mapping[str, Any]) -> Path:
-    """Write a :func:`network_state` payload and its card in :func:`save_weights`'s layout."""
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({**state, "card": dict(card)}, path)
-    return path
+    """Write a :func:`network_state` payload and its card in :func:`save_weights`'s layout
+    (atomically, creating missing folders)."""
+    payload = {**state, "card": dict(card)}
+    return atomic_write(Path(path).expanduser(), lambda tmp: torch.save(payload, tmp),
+                        parents=True)
 
 
 def _expected_shapes(config: NetworkConfig) -> dict[str, torch.Size]:

@@ -1,0 +1,115 @@
+"""Atomic file writes: a file appears whole at its path, or not at all.
+
+Every writer in regpipe (images, transforms, tables, JSON, checkpoints, reports) goes through
+:func:`atomic_write`: the content is written to a temporary file in the destination folder and
+moved onto the destination with one ``os.replace``, so a crash, a full disk or a killed job
+never leaves a truncated output for a later run to trust, and a reader never sees a half-written
+file. Temporary files are named ``.<name>.<random><suffix>`` (hidden, and keeping the
+destination's suffix, from which writers such as nibabel choose the format) and are removed on
+failure. Files get the usual permissions ``0666 & ~umask`` (``tempfile`` makes them 0600).
+
+Example
+-------
+>>> import tempfile
+>>> from pathlib import Path
+>>> folder = Path(tempfile.mkdtemp())
+>>> atomic_write_text(folder / "a" / "notes.txt", "hello\\n", parents=True).read_text()
+'hello\\n'
+>>> def broken(tmp):
+...     tmp.write_text("half")
+...     raise RuntimeError("disk full")
+>>> try:
+...     atomic_write(folder / "b.txt", broken)
+... except RuntimeError:
+...     pass
+>>> sorted(p.name for p in folder.iterdir())
+['a']
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from regpipe.errors import InputError
+
+__all__ = ["atomic_copy", "atomic_write", "atomic_write_text"]
+
+
+def _suffix(path: Path) -> str:
+    """The suffix writers read the format from: ``.nii.gz`` for gzipped files, else the last."""
+    return "".join(path.suffixes[-2:]) if path.name.endswith(".gz") else path.suffix
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def atomic_write(
+    path: str | os.PathLike[str], write: Callable[[Path], Any], *, parents: bool = False
+) -> Path:
+    """Call ``write(tmp_path)``, then move the temporary file onto ``path`` in one step.
+
+    Parameters
+    ----------
+    path
+        Destination.
+    write
+        Writes the content to the path it is given (a file in ``path``'s folder that already
+        exists, empty, with ``path``'s suffix).
+    parents
+        Create missing parent folders; otherwise a missing folder is an :class:`InputError`.
+
+    Returns
+    -------
+    Path
+        ``path``.
+
+    Raises
+    ------
+    InputError
+        When the folder does not exist and ``parents`` is false. Anything ``write`` raises
+        propagates, after the temporary file is removed.
+    """
+    path = Path(path)
+    if parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    elif not path.parent.is_dir():
+        raise InputError(f"cannot write {path}: folder {path.parent} does not exist")
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_suffix(path), dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(
+    path: str | os.PathLike[str], text: str, *, parents: bool = False
+) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; see :func:`atomic_write`."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"),
+                        parents=parents)
+
+
+def atomic_copy(
+    source: str | os.PathLike[str], path: str | os.PathLike[str], *, parents: bool = False
+) -> Path:
+    """Copy ``source``'s bytes to ``path`` atomically; a byte-identical ``path`` is left alone
+    (its modification time too)."""
+    source, path = Path(source), Path(path)
+    same_size = path.is_file() and path.stat().st_size == source.stat().st_size
+    if same_size and path.read_bytes() == source.read_bytes():
+        return path
+    return atomic_write(path, lambda tmp: shutil.copyfile(source, tmp), parents=parents)
