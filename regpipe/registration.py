@@ -22,7 +22,14 @@ import torch
 from numpy.typing import NDArray
 
 from regpipe.errors import InputError
-from regpipe.imageio import Image, ImageLike, check_same_grid, load_image, save_image
+from regpipe.imageio import (
+    Image,
+    ImageKind,
+    ImageLike,
+    check_same_grid,
+    load_image,
+    save_image,
+)
 from regpipe.metrics import dice_per_label, folding_stats, jacobian_determinant, ncc
 from regpipe.preprocess import check_modality, network_input, normalize_intensity
 from regpipe.resources import peak_memory_mb
@@ -263,23 +270,11 @@ def register(
 
     fixed_img = load_image(fixed, "image", "fixed image")
     moving_img = load_image(moving, "image", "moving image")
-    masks = {}
-    for name, source, image in (
-        ("fixed", fixed_mask, fixed_img), ("moving", moving_mask, moving_img)
-    ):
-        if source is not None:
-            mask = load_image(source, "mask", f"{name} mask")
-            check_same_grid(image, mask, f"{name} mask")
-            masks[name] = mask
-    segs = {}
-    for name, source, image in (
-        ("fixed", fixed_segmentation, fixed_img),
-        ("moving", moving_segmentation, moving_img),
-    ):
-        if source is not None:
-            seg = load_image(source, "labels", f"{name} segmentation")
-            check_same_grid(image, seg, f"{name} segmentation")
-            segs[name] = seg
+    images = {"fixed": fixed_img, "moving": moving_img}
+    masks = _companions(images, {"fixed": fixed_mask, "moving": moving_mask}, "mask")
+    segs = _companions(
+        images, {"fixed": fixed_segmentation, "moving": moving_segmentation}, "labels"
+    )
 
     if weights == "default":
         from regpipe.weights import default_weights_name
@@ -357,6 +352,7 @@ def register(
                              fixed_img.geometry)
     warped = Image(warped_data, fixed_img.geometry)
     result = RegistrationResult(forward, inverse, fixed_img, moving_img, warped, affine_tx)
+    optimised = bool(io_iterations)
     result.settings = {
         "weights": (
             str(weights_path) if weights_path else (None if network is None else "in-memory")
@@ -365,12 +361,8 @@ def register(
         "grid_mode": mode,
         "affine": affine,
         "io_iterations": int(io_iterations or 0),
-        "io_method": io_method if io_iterations else None,
-        "io_sim": io_sim if io_iterations else None,
-        "io_grid": int(io_grid) if io_iterations and io_method == "fast" else None,
-        "io_options": dict(io_options) if io_iterations and io_options else None,
-        "intensity_conservation": bool(intensity_conservation) if io_iterations else None,
-        "dice_loss_weight": dice_loss_weight if io_iterations else None,
+        **_io_settings(optimised, io_method, io_sim, io_grid, io_options,
+                       intensity_conservation, dice_loss_weight),
         "seed": seed,
         "device": str(torch_device),
         "mixed_precision": mixed_precision,
@@ -384,6 +376,37 @@ def register(
     result.metrics["runtime_s"] = time.perf_counter() - started
     result.metrics["peak_memory_mb"] = peak_memory_mb()
     return result
+
+
+def _companions(
+    images: Mapping[str, Image], sources: Mapping[str, ImageLike | None], kind: ImageKind
+) -> dict[str, Image]:
+    """Load the masks or label maps (``kind``) given for the images, each checked to be on
+    its image's grid."""
+    what = "mask" if kind == "mask" else "segmentation"
+    loaded = {}
+    for name, source in sources.items():
+        if source is not None:
+            companion = load_image(source, kind, f"{name} {what}")
+            check_same_grid(images[name], companion, f"{name} {what}")
+            loaded[name] = companion
+    return loaded
+
+
+def _io_settings(
+    optimised: bool, io_method: str, io_sim: str, io_grid: int,
+    io_options: Mapping[str, Any] | None, intensity_conservation: bool, dice_loss_weight: float,
+) -> dict[str, Any]:
+    """The instance-optimisation entries of ``RegistrationResult.settings`` (``None`` when
+    there was none, and ``io_grid`` only for the fast method)."""
+    return {
+        "io_method": io_method if optimised else None,
+        "io_sim": io_sim if optimised else None,
+        "io_grid": int(io_grid) if optimised and io_method == "fast" else None,
+        "io_options": dict(io_options) if optimised and io_options else None,
+        "intensity_conservation": bool(intensity_conservation) if optimised else None,
+        "dice_loss_weight": dice_loss_weight if optimised else None,
+    }
 
 
 def _condition(
