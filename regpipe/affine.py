@@ -303,7 +303,7 @@ class _Image:
 
 def _robust_range(values: NDArray[np.float32]) -> tuple[float, float]:
     """Percentile range of the intensities (subsampled for speed; falls back to min/max)."""
-    flat = values.ravel()
+    flat = values.ravel(order="K")  # any order will do: no copy of a Fortran-ordered array
     step = max(1, flat.size // 1_000_000)
     low, high = np.percentile(flat[::step], _PERCENTILES)
     if high <= low:

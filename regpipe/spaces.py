@@ -209,6 +209,16 @@ def index_to_sampling_grid(
     return index_points * (2.0 / torch.clamp(size - 1, min=1)) - 1.0
 
 
+def index_to_sampling_matrix(source_shape: tuple[int, ...]) -> NDArray[np.float64]:
+    """4x4 matrix form of :func:`index_to_sampling_grid`: homogeneous ``(i, j, k)`` source-voxel
+    indices to ``grid_sample`` coordinates of a network-order tensor."""
+    matrix = np.eye(4)
+    for axis, n in enumerate(source_shape):
+        matrix[axis, axis] = 2.0 / max(int(n) - 1, 1)
+        matrix[axis, 3] = -1.0
+    return matrix
+
+
 def index_grid(
     shape: tuple[int, ...] | list[int], device: torch.device | str | None = None
 ) -> torch.Tensor:

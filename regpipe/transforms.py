@@ -192,37 +192,75 @@ def map_voxel_grid(
 ) -> Iterator[tuple[int, NDArray[np.float64]]]:
     """``output_matrix @ T(x)`` for the voxel centres ``x`` of ``geometry``, in chunks.
 
-    Yields ``(start, points)``: ``points`` ``[n, 3]`` for the voxels ``start .. start + n`` in
-    C order of ``geometry.shape``. ``output_matrix`` (default: identity, world RAS+ mm) lets a
-    caller ask directly for a source image's voxel indices. :class:`GridTransform` and
-    :class:`AffineTransform` are evaluated in torch, with their matrices folded together
-    (one trilinear sample per point for a grid); other transforms through ``map_points``.
+    Yields ``(start, points)``: ``points`` ``[n, 3]`` float64 for the voxels ``start .. start +
+    n`` in C order of ``geometry.shape``. ``output_matrix`` (default: identity, world RAS+ mm)
+    lets a caller ask directly for a source image's voxel indices. See
+    :func:`map_voxel_slabs` for the same as torch tensors, in either memory order.
+    """
+    per_slab = max(int(geometry.shape[1]) * int(geometry.shape[2]), 1)
+    for first, points in map_voxel_slabs(transform, geometry, output_matrix, chunk=chunk):
+        yield first * per_slab, points.reshape(-1, 3).numpy()
+
+
+def map_voxel_slabs(
+    transform: Transform,
+    geometry: Geometry,
+    output_matrix: NDArray[np.floating] | None = None,
+    *,
+    chunk: int = _CHUNK,
+    dtype: torch.dtype = torch.float64,
+    network_order: bool = False,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``output_matrix @ T(x)`` for the voxel centres ``x`` of ``geometry``, a slab at a time.
+
+    Yields ``(first, points)``, ``points`` a ``dtype`` tensor of ``(x, y, z)`` triples for a
+    slab of whole planes (at most about ``chunk`` points). By default the slab is the planes
+    ``first ...`` along the first voxel axis and ``points`` is ``[m, n1, n2, 3]`` (C order of
+    ``geometry.shape``). With ``network_order`` the slab runs along the last voxel axis and
+    ``points`` is ``[m, n1, n0, 3]``: the ``[k, j, i]`` layout of network tensors
+    (:func:`~regpipe.spaces.to_network_tensor`), in which consecutive points sample a
+    network-order image at consecutive addresses, several times faster than C order.
+
+    :class:`GridTransform` and :class:`AffineTransform` are evaluated in torch with their
+    matrices folded together (one trilinear sample per point for a grid); other transforms
+    through ``map_points`` (float64, then converted).
     """
     out = np.eye(4) if output_matrix is None else np.asarray(output_matrix, dtype=np.float64)
-    shape = geometry.shape
-    per_slab = max(int(shape[1]) * int(shape[2]), 1)
-    slabs = max(chunk // per_slab, 1)
-    j, k = torch.meshgrid(torch.arange(shape[1], dtype=torch.float64),
-                          torch.arange(shape[2], dtype=torch.float64), indexing="ij")
-    plane = torch.stack([torch.zeros_like(j), j, k], dim=-1).reshape(-1, 3)
-    for first in range(0, shape[0], slabs):
-        i = torch.arange(first, min(first + slabs, shape[0]), dtype=torch.float64)
-        ijk = (plane[None] + torch.stack([i, 0 * i, 0 * i], dim=-1)[:, None]).reshape(-1, 3)
-        start = first * per_slab
-        if isinstance(transform, GridTransform):
-            to_grid = torch.from_numpy(np.linalg.inv(transform.grid_in) @ geometry.affine)
-            g = ijk @ to_grid[:3, :3].T + to_grid[:3, 3]
-            u = sample_network(transform.displacement[None].float(), g.float(),
-                               padding=transform.outside)  # type: ignore[arg-type]
-            to_out = torch.from_numpy(out @ transform.grid_out)
-            moved = (g + u.double()) @ to_out[:3, :3].T + to_out[:3, 3]
-            yield start, moved.numpy()
-        elif isinstance(transform, AffineTransform):
-            m = torch.from_numpy(out @ transform.matrix @ geometry.affine)
-            yield start, (ijk @ m[:3, :3].T + m[:3, 3]).numpy()
-        else:
-            world = apply_affine(geometry.affine, ijk.numpy())
-            yield start, apply_affine(out, transform.map_points(world))
+    shape = tuple(int(n) for n in geometry.shape)
+    axis, rows, columns = (2, shape[1], shape[0]) if network_order else (0, shape[1], shape[2])
+    slabs = max(chunk // max(rows * columns, 1), 1)
+    row, column = torch.meshgrid(torch.arange(rows, dtype=dtype),
+                                 torch.arange(columns, dtype=dtype), indexing="ij")
+    for first in range(0, shape[axis], slabs):
+        plane = torch.arange(first, min(first + slabs, shape[axis]), dtype=dtype)
+        plane, j, other = torch.broadcast_tensors(plane[:, None, None], row[None], column[None])
+        ijk = torch.stack([other, j, plane] if network_order else [plane, j, other], dim=-1)
+        yield first, _map_indices(transform, geometry, out, ijk)
+
+
+def _map_indices(
+    transform: Transform, geometry: Geometry, out: NDArray[np.float64], ijk: torch.Tensor
+) -> torch.Tensor:
+    """``out @ T(x)`` at the voxel indices ``ijk`` ``[..., 3]`` of ``geometry``."""
+    dtype = ijk.dtype
+
+    def matrix(m: NDArray[np.float64]) -> tuple[torch.Tensor, torch.Tensor]:
+        tensor = torch.from_numpy(np.ascontiguousarray(m)).to(dtype)
+        return tensor[:3, :3].T, tensor[:3, 3]
+
+    if isinstance(transform, GridTransform):
+        linear, shift = matrix(np.linalg.inv(transform.grid_in) @ geometry.affine)
+        g = ijk @ linear + shift
+        u = sample_network(transform.displacement[None].float(), g.float(),
+                           padding=transform.outside)  # type: ignore[arg-type]
+        linear, shift = matrix(out @ transform.grid_out)
+        return (g + u.to(dtype)) @ linear + shift
+    if isinstance(transform, AffineTransform):
+        linear, shift = matrix(out @ transform.matrix @ geometry.affine)
+        return ijk @ linear + shift
+    world = apply_affine(geometry.affine, ijk.reshape(-1, 3).to(torch.float64).numpy())
+    moved = apply_affine(out, transform.map_points(world))
+    return torch.from_numpy(moved).to(dtype).reshape(ijk.shape)
 
 
 def compose(*transforms: Transform) -> ComposedTransform:

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
 
-from regpipe.spaces import Geometry, index_to_sampling_grid
-from regpipe.transforms import Transform, map_voxel_grid
+from regpipe.spaces import Geometry, index_to_sampling_matrix
+from regpipe.transforms import Transform, map_voxel_grid, map_voxel_slabs
 
 Interpolation = Literal["linear", "nearest"]
 
@@ -39,19 +39,15 @@ def warp_array(
         raise ValueError(f"data shape {data.shape} does not match its geometry {source.shape}")
     extra = data.shape[3:]
     flat_data = data.reshape(*source.shape, -1)
-    to_voxel = np.linalg.inv(source.affine)
     out_dtype = (data.dtype if interpolation == "nearest"
                  else np.result_type(data.dtype, np.float32))
-    out = np.empty((int(np.prod(reference.shape)), flat_data.shape[-1]), dtype=out_dtype)
     if interpolation == "linear":
-        tensor = torch.from_numpy(
-            np.ascontiguousarray(flat_data.transpose(3, 2, 1, 0), dtype=np.float32)
-        )[None]
-    for start, vox in map_voxel_grid(transform, reference, to_voxel, chunk=_CHUNK):
-        if interpolation == "nearest":
+        out = _linear(flat_data, source, transform, reference, fill).astype(out_dtype, copy=False)
+    else:
+        out = np.empty((int(np.prod(reference.shape)), flat_data.shape[-1]), dtype=out_dtype)
+        to_voxel = np.linalg.inv(source.affine)
+        for start, vox in map_voxel_grid(transform, reference, to_voxel, chunk=_CHUNK):
             out[start : start + len(vox)] = _nearest(flat_data, vox, fill)
-        else:
-            out[start : start + len(vox)] = _linear(tensor, vox, source.shape, fill)
     return out.reshape(*reference.shape, *extra) if extra else out.reshape(reference.shape)
 
 
@@ -65,14 +61,28 @@ def _nearest(data: NDArray[np.generic], vox: NDArray[np.float64], fill: float) -
 
 
 def _linear(
-    tensor: torch.Tensor, vox: NDArray[np.float64], shape: tuple[int, int, int], fill: float
-) -> NDArray:
-    grid = index_to_sampling_grid(torch.from_numpy(vox.astype(np.float32)), shape)
-    grid = grid.reshape(1, -1, 1, 1, 3)
-    values = F.grid_sample(tensor, grid, mode="bilinear", padding_mode="border",
-                           align_corners=True)
-    result = values.reshape(tensor.shape[1], -1).T.numpy()
+    data: NDArray[np.generic], source: Geometry, transform: Transform, reference: Geometry,
+    fill: float,
+) -> NDArray[np.float32]:
+    """Trilinear resampling of ``data`` ``[n0, n1, n2, C]``: ``[m0 * m1 * m2, C]`` float32.
+
+    Works in network order (:func:`~regpipe.transforms.map_voxel_slabs`), so the samples
+    visit the source in memory order.
+    """
+    tensor = torch.from_numpy(
+        np.ascontiguousarray(data.transpose(3, 2, 1, 0), dtype=np.float32)
+    )[None]
+    to_sampling = index_to_sampling_matrix(source.shape) @ np.linalg.inv(source.affine)
     # As ITK and ANTs: edge values up to half a voxel outside, ``fill`` beyond.
-    outside = np.any((vox < -0.5) | (vox >= np.asarray(shape) - 0.5), axis=-1)
-    result[outside] = fill
-    return result
+    spans = [max(int(n) - 1, 1) for n in source.shape]
+    low = torch.tensor([-1.0 - 1.0 / d for d in spans])
+    high = torch.tensor([(2.0 * n - 1.0) / d - 1.0 for n, d in zip(source.shape, spans,
+                                                                   strict=True)])
+    out = torch.empty(tensor.shape[1], *reference.shape[::-1])
+    for first, points in map_voxel_slabs(transform, reference, to_sampling, chunk=_CHUNK,
+                                         dtype=torch.float32, network_order=True):
+        values = F.grid_sample(tensor, points[None], mode="bilinear", padding_mode="border",
+                               align_corners=True)[0]
+        outside = ((points < low) | (points >= high)).any(dim=-1)
+        out[:, first : first + points.shape[0]] = values.masked_fill(outside, fill)
+    return np.ascontiguousarray(out.numpy().transpose(3, 2, 1, 0)).reshape(-1, out.shape[0])

@@ -6,7 +6,13 @@ import numpy as np
 import torch
 
 from regpipe.spaces import Geometry, network_grid
-from regpipe.transforms import AffineTransform, DisplacementField, GridTransform, compose
+from regpipe.transforms import (
+    AffineTransform,
+    DisplacementField,
+    GridTransform,
+    compose,
+    map_voxel_slabs,
+)
 from regpipe.warp import warp_array
 from tests.conftest import blob_image
 
@@ -98,3 +104,64 @@ def test_compose_applies_first_transform_first():
     b[:3, 3] = [1.0, 0.0, 0.0]
     chain = compose(AffineTransform(a), AffineTransform(b))
     assert np.allclose(chain.map_points(np.array([1.0, 1.0, 1.0])), [3.0, 2.0, 2.0])
+
+
+def _grid_transform(geometry):
+    shape = (12, 14, 16)
+    grid = network_grid(geometry, shape, "squash")
+    shift = np.eye(4)
+    shift[:3, 3] = [1.5, -2.0, 0.5]
+    return GridTransform(grid, smooth_displacement(shape), shift @ grid)
+
+
+def test_slabs_in_network_order_hold_the_same_points(geometry):
+    tx = _grid_transform(geometry)
+    c_order = torch.cat([p for _, p in map_voxel_slabs(tx, geometry, chunk=500)])
+    network = torch.cat([p for _, p in map_voxel_slabs(tx, geometry, chunk=500,
+                                                        network_order=True)])
+    assert c_order.shape == (*geometry.shape, 3)
+    assert torch.allclose(network.permute(2, 1, 0, 3), c_order, atol=1e-9)
+    ijk = np.array([[3, 4, 5], [10, 2, 7], [0, 0, 0]])
+    expected = tx.map_points(geometry.voxel_to_world(ijk.astype(float)))
+    assert np.allclose(c_order[tuple(ijk.T)].numpy(), expected, atol=1e-6)
+
+
+def _trilinear(data, vox):
+    """Reference trilinear interpolation at voxel indices (ITK's half-voxel edge rule)."""
+    shape = np.asarray(data.shape[:3])
+    out = np.zeros((len(vox), *data.shape[3:]))
+    for n, point in enumerate(vox):
+        if np.any(point < -0.5) or np.any(point >= shape - 0.5):
+            continue
+        point = np.clip(point, 0, shape - 1)
+        low = np.minimum(np.floor(point).astype(int), np.maximum(shape - 2, 0))
+        frac = point - low
+        for corner in np.ndindex(2, 2, 2):
+            index = np.minimum(low + corner, shape - 1)
+            weight = np.prod(np.where(corner, frac, 1 - frac))
+            out[n] += weight * data[tuple(index)]
+    return out
+
+
+def test_linear_warp_matches_direct_interpolation(geometry):
+    rng = np.random.default_rng(3)
+    data = rng.random((*geometry.shape, 2)).astype(np.float32)  # two channels
+    chain = compose(_grid_transform(geometry), AffineTransform(np.diag([1.05, 0.95, 1.0, 1.0])))
+    for transform in (_grid_transform(geometry), chain):
+        out = warp_array(data, geometry, transform, geometry, fill=-1.0)
+        ijk = np.stack(np.unravel_index(rng.choice(out[..., 0].size, 300), geometry.shape), -1)
+        moved = transform.map_points(geometry.voxel_to_world(ijk.astype(float)))
+        expected = _trilinear(data, geometry.world_to_voxel(moved))
+        outside = np.all(expected == 0, axis=-1)
+        expected[outside] = -1.0
+        assert np.allclose(out[tuple(ijk.T)], expected, atol=1e-4)
+
+
+def test_linear_warp_of_a_single_slice_keeps_it():
+    geom = Geometry((10, 8, 1), np.diag([1.0, 1.0, 3.0, 1.0]))
+    data = np.arange(80, dtype=np.float32).reshape(10, 8, 1)
+    out = warp_array(data, geom, AffineTransform.identity(), geom)
+    assert np.allclose(out, data)
+    moved = np.eye(4)
+    moved[2, 3] = 1.6  # more than half a voxel (1.5 mm) out of the slab
+    assert np.all(warp_array(data, geom, AffineTransform(moved), geom) == 0)
