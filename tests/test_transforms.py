@@ -124,6 +124,9 @@ def test_slabs_in_network_order_hold_the_same_points(geometry):
     ijk = np.array([[3, 4, 5], [10, 2, 7], [0, 0, 0]])
     expected = tx.map_points(geometry.voxel_to_world(ijk.astype(float)))
     assert np.allclose(c_order[tuple(ijk.T)].numpy(), expected, atol=1e-6)
+    moved = torch.cat([p for _, p in map_voxel_slabs(tx, geometry, displacement=True)])
+    world = geometry.voxel_to_world(np.stack(np.indices(geometry.shape), -1).astype(float))
+    assert np.allclose(moved.numpy(), c_order.numpy() - world, atol=1e-9)
 
 
 def _trilinear(data, vox):
