@@ -71,6 +71,7 @@ class RegistrationResult:
     affine: AffineTransform | None
     metrics: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    _jacobian: tuple[Transform, Image] | None = field(default=None, repr=False, compare=False)
 
     def forward_field(self) -> DisplacementField:
         """The forward transform as a dense field on the fixed image's grid."""
@@ -81,8 +82,12 @@ class RegistrationResult:
         return DisplacementField.from_transform(self.inverse, self.moving.geometry)
 
     def jacobian(self) -> Image:
-        """Jacobian determinant of the forward transform on the fixed grid."""
-        return Image(jacobian_determinant(self.forward_field()), self.fixed.geometry)
+        """Jacobian determinant of the forward transform on the fixed grid (computed once:
+        the metrics and :meth:`save` share it)."""
+        if self._jacobian is None or self._jacobian[0] is not self.forward:
+            map_ = Image(jacobian_determinant(self.forward_field()), self.fixed.geometry)
+            self._jacobian = (self.forward, map_)
+        return self._jacobian[1]
 
     def save(
         self,
@@ -348,9 +353,11 @@ def register(
     forward = GridTransform(grid_in, displacement.detach().to("cpu", torch.float32)[0], grid_out)
     inverse = forward.inverse()
 
-    warped_data = warp_array(moving_img.data.astype(np.float32), moving_img.geometry, forward,
+    # with the metrics, the normalised moving image is warped in the same pass (a 2nd channel)
+    channels = [moving_img.data.astype(np.float32)] + ([norm["moving"]] if evaluate else [])
+    warped_data = warp_array(np.stack(channels, axis=-1), moving_img.geometry, forward,
                              fixed_img.geometry)
-    warped = Image(warped_data, fixed_img.geometry)
+    warped = Image(warped_data[..., 0], fixed_img.geometry)
     result = RegistrationResult(forward, inverse, fixed_img, moving_img, warped, affine_tx)
     optimised = bool(io_iterations)
     result.settings = {
@@ -371,7 +378,7 @@ def register(
         "condition": condition.to_dict() if condition is not None else None,
     }
     if evaluate:
-        result.metrics = _metrics(result, norm, masks, segs)
+        result.metrics = _metrics(result, norm, masks, segs, after=warped_data[..., 1])
         result.metrics["inverse_consistency_voxels"] = forward.inverse_consistency(inverse)
     result.metrics["runtime_s"] = time.perf_counter() - started
     result.metrics["peak_memory_mb"] = peak_memory_mb()
@@ -571,14 +578,20 @@ def _instance_optimise(
     raise InputError(f"io method must be fast or network, got {method!r}")
 
 
-def _metrics(result: RegistrationResult, norm: dict, masks: dict, segs: dict) -> dict[str, Any]:
+def _metrics(
+    result: RegistrationResult, norm: dict, masks: dict, segs: dict,
+    after: NDArray[np.generic] | None = None,
+) -> dict[str, Any]:
+    """Folding, NCC before (affine only) and after registration and, with both label maps,
+    Dice. ``after``: the normalised moving image already warped by ``result.forward``."""
     fixed = result.fixed
     region = masks["fixed"].data if "fixed" in masks else norm["fixed"] > 0.05
-    jac = jacobian_determinant(result.forward_field())  # result.jacobian()'s data
-    metrics: dict[str, Any] = dict(folding_stats(jac, region))
+    jacobian = np.asarray(result.jacobian().data, dtype=np.float32)
+    metrics: dict[str, Any] = dict(folding_stats(jacobian, region))
     identity = AffineTransform.identity() if result.affine is None else result.affine
     before = warp_array(norm["moving"], result.moving.geometry, identity, fixed.geometry)
-    after = warp_array(norm["moving"], result.moving.geometry, result.forward, fixed.geometry)
+    if after is None:
+        after = warp_array(norm["moving"], result.moving.geometry, result.forward, fixed.geometry)
     metrics["ncc_before"] = ncc(before, norm["fixed"], region)
     metrics["ncc_after"] = ncc(after, norm["fixed"], region)
     if "fixed" in segs and "moving" in segs:

@@ -22,6 +22,25 @@ def test_jacobian_of_affine_is_its_determinant(kind):
     assert np.allclose(jac, np.linalg.det(matrix[:3, :3]), atol=1e-4)
 
 
+@pytest.mark.parametrize("slab_voxels", [10**9, 99, 1])  # one slab, slabs of 1 and 1 plane
+def test_jacobian_in_slabs_equals_whole_volume_differences(monkeypatch, slab_voxels):
+    monkeypatch.setattr("regpipe.metrics._SLAB_VOXELS", slab_voxels)
+    shape = (7, 9, 11)
+    geometry = Geometry(shape, make_affine("oblique", shape))
+    rng = np.random.default_rng(2)
+    field = DisplacementField(geometry, rng.normal(0, 0.4, (*shape, 3)).astype(np.float32))
+    # reference: np.gradient over the whole volume, chain rule through the affine
+    grads = np.stack([np.gradient(field.field.astype(np.float64), axis=a) for a in range(3)], -1)
+    expected = np.linalg.det(grads @ np.linalg.inv(geometry.affine[:3, :3]) + np.eye(3))
+    assert np.allclose(jacobian_determinant(field), expected, atol=1e-4)
+
+
+def test_jacobian_needs_two_voxels_per_axis():
+    geometry = Geometry((5, 1, 4), np.eye(4))
+    with pytest.raises(ValueError, match="at least 2 voxels"):
+        jacobian_determinant(DisplacementField(geometry, np.zeros((5, 1, 4, 3), np.float32)))
+
+
 def test_folding_detected():
     jac = np.ones((10, 10, 10), np.float32)
     jac[0, 0, :5] = -0.5

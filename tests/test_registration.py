@@ -202,3 +202,14 @@ def test_mixed_precision_on_gpu_stays_close_to_float32(pair, small_network):
     assert mixed.settings["mixed_precision"] is True
     difference = (mixed.forward.displacement - plain.forward.displacement).abs()
     assert 0 < float(difference.max()) < 0.1
+
+
+def test_jacobian_is_computed_once_per_forward_transform():
+    geometry = Geometry((6, 6, 6), np.eye(4))
+    image = Image(np.zeros(geometry.shape, np.float32), geometry)
+    scale = AffineTransform(np.diag([2.0, 1.0, 1.0, 1.0]))
+    result = regpipe.RegistrationResult(scale, scale, image, image, image, None)
+    first = result.jacobian()
+    assert result.jacobian() is first and np.allclose(first.data, 2.0)
+    result.forward = AffineTransform(np.diag([1.0, 3.0, 1.0, 1.0]))
+    assert np.allclose(result.jacobian().data, 3.0)
