@@ -363,8 +363,9 @@ def ants_register(
         Unknown method or modality, unreadable or mismatched images.
     """
     from regpipe.imageio import Image, load_image
+    from regpipe.metrics import registration_metrics
     from regpipe.preprocess import check_modality, normalize_intensity
-    from regpipe.registration import RegistrationResult, _metrics
+    from regpipe.registration import RegistrationResult
     from regpipe.warp import warp_array
 
     if method not in ANTS_METHODS:
@@ -404,7 +405,8 @@ def ants_register(
                 "fixed": normalize_intensity(fixed_img.data, fixed_modality),
                 "moving": normalize_intensity(moving_img.data, moving_modality),
             }
-            out.metrics = _metrics(out, norm, masks, segs)  # before = identity: no affine
+            # no affine pre-alignment here: "before" is the identity
+            out.metrics = registration_metrics(out, norm, masks, segs)
         out.affine = affine
     out.metrics.update(usage.as_metrics())
     if call:  # ANTs ran in its own process (seeded): its memory is not in this process's peak

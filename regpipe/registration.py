@@ -30,7 +30,7 @@ from regpipe.imageio import (
     load_image,
     save_image,
 )
-from regpipe.metrics import dice_per_label, folding_stats, jacobian_determinant, ncc
+from regpipe.metrics import jacobian_determinant, registration_metrics
 from regpipe.preprocess import check_modality, network_input, normalize_intensity
 from regpipe.resources import peak_memory_mb
 from regpipe.spaces import GRID_MODES, Geometry, GridMode, network_grid
@@ -378,7 +378,8 @@ def register(
         "condition": condition.to_dict() if condition is not None else None,
     }
     if evaluate:
-        result.metrics = _metrics(result, norm, masks, segs, after=warped_data[..., 1])
+        result.metrics = registration_metrics(result, norm, masks, segs,
+                                              after=warped_data[..., 1])
         result.metrics["inverse_consistency_voxels"] = forward.inverse_consistency(inverse)
     result.metrics["runtime_s"] = time.perf_counter() - started
     result.metrics["peak_memory_mb"] = peak_memory_mb()
@@ -576,34 +577,6 @@ def _instance_optimise(
             grid_spacing_mm=spacing, progress=progress, **dict(io_options or {}),
         )
     raise InputError(f"io method must be fast or network, got {method!r}")
-
-
-def _metrics(
-    result: RegistrationResult, norm: dict, masks: dict, segs: dict,
-    after: NDArray[np.generic] | None = None,
-) -> dict[str, Any]:
-    """Folding, NCC before (affine only) and after registration and, with both label maps,
-    Dice. ``after``: the normalised moving image already warped by ``result.forward``."""
-    fixed = result.fixed
-    region = masks["fixed"].data if "fixed" in masks else norm["fixed"] > 0.05
-    jacobian = np.asarray(result.jacobian().data, dtype=np.float32)
-    metrics: dict[str, Any] = dict(folding_stats(jacobian, region))
-    identity = AffineTransform.identity() if result.affine is None else result.affine
-    before = warp_array(norm["moving"], result.moving.geometry, identity, fixed.geometry)
-    if after is None:
-        after = warp_array(norm["moving"], result.moving.geometry, result.forward, fixed.geometry)
-    metrics["ncc_before"] = ncc(before, norm["fixed"], region)
-    metrics["ncc_after"] = ncc(after, norm["fixed"], region)
-    if "fixed" in segs and "moving" in segs:
-        warped_seg = warp_array(
-            segs["moving"].data, result.moving.geometry, result.forward, fixed.geometry,
-            interpolation="nearest",
-        )
-        dice = dice_per_label(segs["fixed"].data, warped_seg)
-        metrics["dice"] = {str(k): v for k, v in dice.items()}
-        valid = [v for v in dice.values() if np.isfinite(v)]
-        metrics["dice_mean"] = float(np.mean(valid)) if valid else float("nan")
-    return metrics
 
 
 def apply_transform(
