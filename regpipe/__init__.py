@@ -24,13 +24,18 @@ __version__ = "0.1.0"
 __all__ = ["RegistrationResult", "__version__", "apply_transform", "register"]
 
 if TYPE_CHECKING:
-    from regpipe.registration import RegistrationResult, apply_transform, register
+    from regpipe.registration import RegistrationResult, register
+    from regpipe.warp import apply_transform
 
 
 def __getattr__(name: str) -> Any:
     # Lazy: importing regpipe stays cheap (no torch import until registration is used).
-    if name in ("register", "apply_transform", "RegistrationResult"):
-        from regpipe import registration as _module
+    if name in ("register", "RegistrationResult"):
+        from regpipe import registration
 
-        return getattr(_module, name)
+        return getattr(registration, name)
+    if name == "apply_transform":
+        from regpipe.warp import apply_transform
+
+        return apply_transform
     raise AttributeError(f"module 'regpipe' has no attribute {name!r}")

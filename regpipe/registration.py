@@ -1,4 +1,4 @@
-"""Pairwise registration: the public ``register`` and ``apply_transform`` functions.
+"""Pairwise registration: the public ``register`` function and its result.
 
 Pipeline: load and check both images -> normalise intensities per modality -> optional affine
 pre-alignment -> network on a grid laid over the fixed image -> optional instance optimisation
@@ -19,7 +19,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from numpy.typing import NDArray
 
 from regpipe.errors import InputError
 from regpipe.imageio import (
@@ -33,14 +32,14 @@ from regpipe.imageio import (
 from regpipe.metrics import jacobian_determinant, registration_metrics
 from regpipe.preprocess import check_modality, network_input, normalize_intensity
 from regpipe.resources import peak_memory_mb
-from regpipe.spaces import GRID_MODES, Geometry, GridMode, network_grid
+from regpipe.spaces import GRID_MODES, GridMode, network_grid
 from regpipe.transforms import (
     AffineTransform,
     DisplacementField,
     GridTransform,
     Transform,
 )
-from regpipe.warp import Interpolation, warp_array
+from regpipe.warp import warp_array
 
 LOGGER = logging.getLogger("regpipe")
 
@@ -577,42 +576,3 @@ def _instance_optimise(
             grid_spacing_mm=spacing, progress=progress, **dict(io_options or {}),
         )
     raise InputError(f"io method must be fast or network, got {method!r}")
-
-
-def apply_transform(
-    moving: ImageLike,
-    transform: Transform | str | os.PathLike,
-    reference: ImageLike | Geometry,
-    *,
-    interpolation: Interpolation = "linear",
-    output: str | os.PathLike | None = None,
-) -> Image:
-    """Resample ``moving`` onto ``reference``'s grid through ``transform`` (fixed -> moving).
-
-    ``transform`` may be a transform object or a file (see :mod:`regpipe.transform_files`).
-    Use ``interpolation="nearest"`` for label maps: their integer type and values are kept.
-    """
-    from regpipe.transform_files import read_transform
-
-    kind = "labels" if interpolation == "nearest" else "image"
-    moving_img = load_image(moving, "image" if kind == "image" else "mask", "moving image")
-    if isinstance(reference, Geometry):
-        geometry = reference
-    else:
-        geometry = load_image(reference, "mask", "reference image").geometry
-    if isinstance(transform, (str, os.PathLike)):
-        transform = read_transform(Path(transform))
-    data = warp_array(moving_img.data, moving_img.geometry, transform, geometry,
-                      interpolation=interpolation)
-    image = Image(data, geometry)
-    if output is not None:
-        save_image(image, output)
-    return image
-
-
-def warped_labels(result: RegistrationResult, labels: ImageLike) -> NDArray[np.generic]:
-    """Resample a moving-space label map onto the fixed grid with nearest neighbour (the map's
-    integer or boolean voxel type is kept)."""
-    seg = load_image(labels, "labels", "moving segmentation")
-    return warp_array(seg.data, seg.geometry, result.forward, result.fixed.geometry,
-                      interpolation="nearest")

@@ -1,7 +1,13 @@
-"""Resample images and label maps through a transform onto a reference grid."""
+"""Resample images and label maps through a transform onto a reference grid.
+
+:func:`apply_transform` takes files or images (``regpipe.apply_transform``); :func:`warp_array`
+works on arrays and geometries.
+"""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -9,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
 
+from regpipe.imageio import Image, ImageLike, load_image, save_image
 from regpipe.spaces import Geometry, index_to_sampling_matrix
 from regpipe.transforms import Transform, map_voxel_grid, map_voxel_slabs
 
@@ -86,3 +93,34 @@ def _linear(
         outside = ((points < low) | (points >= high)).any(dim=-1)
         out[:, first : first + points.shape[0]] = values.masked_fill(outside, fill)
     return np.ascontiguousarray(out.numpy().transpose(3, 2, 1, 0)).reshape(-1, out.shape[0])
+
+
+def apply_transform(
+    moving: ImageLike,
+    transform: Transform | str | os.PathLike,
+    reference: ImageLike | Geometry,
+    *,
+    interpolation: Interpolation = "linear",
+    output: str | os.PathLike | None = None,
+) -> Image:
+    """Resample ``moving`` onto ``reference``'s grid through ``transform`` (fixed -> moving).
+
+    ``transform`` may be a transform object or a file (see :mod:`regpipe.transform_files`).
+    Use ``interpolation="nearest"`` for label maps: their integer type and values are kept.
+    """
+    from regpipe.transform_files import read_transform
+
+    kind = "labels" if interpolation == "nearest" else "image"
+    moving_img = load_image(moving, "image" if kind == "image" else "mask", "moving image")
+    if isinstance(reference, Geometry):
+        geometry = reference
+    else:
+        geometry = load_image(reference, "mask", "reference image").geometry
+    if isinstance(transform, (str, os.PathLike)):
+        transform = read_transform(Path(transform))
+    data = warp_array(moving_img.data, moving_img.geometry, transform, geometry,
+                      interpolation=interpolation)
+    image = Image(data, geometry)
+    if output is not None:
+        save_image(image, output)
+    return image

@@ -26,8 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from regpipe.registration import apply_transform
     from regpipe.transforms import AffineTransform
+    from regpipe.warp import apply_transform
 
     transform = args.transform if args.transform else AffineTransform.identity()
     apply_transform(
