@@ -52,7 +52,8 @@ def _umask() -> int:
 
 
 def atomic_write(
-    path: str | os.PathLike[str], write: Callable[[Path], Any], *, parents: bool = False
+    path: str | os.PathLike[str], write: Callable[[Path], Any], *, parents: bool = False,
+    suffix: str | None = None,
 ) -> Path:
     """Call ``write(tmp_path)``, then move the temporary file onto ``path`` in one step.
 
@@ -65,6 +66,9 @@ def atomic_write(
         exists, empty, with ``path``'s suffix).
     parents
         Create missing parent folders; otherwise a missing folder is an :class:`InputError`.
+    suffix
+        The temporary file's suffix, when the writer needs another spelling than ``path``'s
+        (default: ``path``'s, ``.nii.gz`` for gzipped files).
 
     Returns
     -------
@@ -82,7 +86,9 @@ def atomic_write(
         path.parent.mkdir(parents=True, exist_ok=True)
     elif not path.parent.is_dir():
         raise InputError(f"cannot write {path}: folder {path.parent} does not exist")
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_suffix(path), dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.",
+                                suffix=_suffix(path) if suffix is None else suffix,
+                                dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:

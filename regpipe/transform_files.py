@@ -41,7 +41,6 @@ Example
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +50,7 @@ import numpy as np
 import SimpleITK as sitk
 from numpy.typing import NDArray
 
+from regpipe.atomic import atomic_write
 from regpipe.errors import TransformFileError
 from regpipe.spaces import RAS_TO_LPS, Geometry, affine_ras_to_lps
 from regpipe.transforms import (
@@ -138,16 +138,12 @@ def write_transform(
     parent = path.parent
     if not parent.is_dir():
         raise TransformFileError(f"cannot write {path}: folder {parent} does not exist")
-    suffix = _matching_suffix(path, fmt)
-    tmp = parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp{suffix}"
     try:
-        fmt.write(transform, tmp, reference)
-        os.replace(tmp, path)
+        # the format's own (lower-case) suffix: ITK chooses its reader and writer by it
+        return atomic_write(path, lambda tmp: fmt.write(transform, tmp, reference),
+                            suffix=_matching_suffix(path, fmt))
     except OSError as exc:
         raise TransformFileError(f"cannot write {path}: {_short_message(exc)}") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def read_transform(path: PathLike, *, allow_nonstandard: bool = False) -> Transform:
