@@ -158,7 +158,7 @@ def register(
     loss_masking: bool = True,
     affine: AffineMethod = "ours",
     grid_mode: str = "auto",
-    io_iterations: int | None = None,
+    io_iterations: int | None = 50,
     io_method: IOMethod = "fast",
     io_sim: str = "lncc",
     io_lr: float | None = None,
@@ -203,7 +203,8 @@ def register(
         ``"squash"`` (uniGradICON), ``"isotropic"``, ``"squash-ras"`` (squash after
         reorienting to the closest RAS axes) or ``"auto"`` (what the weights' card says).
     io_iterations
-        Instance-optimisation steps; ``None`` or 0 disables it.
+        Instance-optimisation budget (default 50, like ``regpipe-register`` and the BIDS
+        App); ``None`` or 0 gives the network's output alone.
     io_method
         ``"fast"`` (a displacement correction on top of the network, CPU friendly) or
         ``"network"`` (uniGradICON's optimisation of all network weights).

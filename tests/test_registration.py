@@ -46,6 +46,7 @@ def pair():
 def test_register_outputs_are_consistent(pair, small_network, tmp_path):
     fixed, moving, _ = pair
     result = regpipe.register(fixed, moving, weights=small_network, affine="ours")
+    assert result.settings["io_iterations"] == 50  # the command line's default, from Python too
     assert result.warped.data.shape == fixed.data.shape
     assert result.metrics["ncc_after"] > 0.9
     assert result.metrics["inverse_consistency_voxels"] < 0.5
@@ -63,7 +64,7 @@ def test_register_outputs_are_consistent(pair, small_network, tmp_path):
 
 def test_affine_recovers_known_shift(pair):
     fixed, moving, shift = pair
-    result = regpipe.register(fixed, moving, weights=None, affine="ours")
+    result = regpipe.register(fixed, moving, weights=None, affine="ours", io_iterations=0)
     centre = fixed.geometry.center_world()
     assert np.linalg.norm(result.forward.map_points(centre) - (centre + shift[:3, 3])) < 1.0
 
@@ -79,7 +80,8 @@ def test_ants_affine_pre_alignment_recovers_the_shift_too(pair):
 
 def test_fast_instance_optimisation_improves_similarity(pair):
     fixed, moving, _ = pair
-    base = regpipe.register(fixed, moving, weights=None, affine="none", grid_mode="isotropic")
+    base = regpipe.register(fixed, moving, weights=None, affine="none", grid_mode="isotropic",
+                            io_iterations=0)
     tuned = regpipe.register(fixed, moving, weights=None, affine="none", grid_mode="isotropic",
                              io_iterations=30)
     assert tuned.metrics["ncc_after"] > base.metrics["ncc_after"]
@@ -184,9 +186,10 @@ def test_network_io_with_reference_losses(pair, small_network):
 
 def test_mixed_precision_is_float32_on_the_cpu(pair, small_network):
     fixed, moving, _ = pair
-    plain = regpipe.register(fixed, moving, weights=small_network, affine="none", device="cpu")
+    plain = regpipe.register(fixed, moving, weights=small_network, affine="none", device="cpu",
+                             io_iterations=0)
     asked = regpipe.register(fixed, moving, weights=small_network, affine="none", device="cpu",
-                             mixed_precision=True)
+                             io_iterations=0, mixed_precision=True)
     assert (asked.settings["mixed_precision"] is False
             and plain.settings["mixed_precision"] is False)
     torch.testing.assert_close(asked.forward.displacement, plain.forward.displacement,
@@ -196,9 +199,10 @@ def test_mixed_precision_is_float32_on_the_cpu(pair, small_network):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_mixed_precision_on_gpu_stays_close_to_float32(pair, small_network):
     fixed, moving, _ = pair
-    plain = regpipe.register(fixed, moving, weights=small_network, affine="none", device="cuda")
+    plain = regpipe.register(fixed, moving, weights=small_network, affine="none", device="cuda",
+                             io_iterations=0)
     mixed = regpipe.register(fixed, moving, weights=small_network, affine="none", device="cuda",
-                             mixed_precision=True)
+                             io_iterations=0, mixed_precision=True)
     assert mixed.settings["mixed_precision"] is True
     difference = (mixed.forward.displacement - plain.forward.displacement).abs()
     assert 0 < float(difference.max()) < 0.1

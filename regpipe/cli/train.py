@@ -34,7 +34,7 @@ LOGGER = logging.getLogger("regpipe.train")
 
 #: The configuration of the bundled compact model.
 PRESETS: dict[str, dict[str, Any]] = {
-    "compact": {"grid": [96, 96, 96], "unets": 2, "down_channels": [8, 16, 32, 64, 128],
+    "compact": {"grid": [64, 64, 64], "unets": 2, "down_channels": [8, 16, 32, 64, 128],
                 "up_channels": [8, 16, 32, 64, 64]},
     "unigradicon": {"grid": [175, 175, 175], "unets": 4, "down_channels": [16, 32, 64, 256, 512],
                     "up_channels": [16, 32, 64, 128, 256]},
