@@ -430,6 +430,42 @@ def test_dice_term_is_logged_for_labelled_pairs(tmp_path):
     assert all(float(r["dice"]) > 0 for r in rows)
 
 
+def test_drawn_dice_labels_keep_at_most_n_shared_labels_in_both_maps():
+    from regpipe.training import _draw_labels
+
+    moving = torch.tensor([0, 1, 2, 3, 4, 5, 9]).view(1, 1, 7, 1, 1)
+    fixed = torch.tensor([0, 1, 2, 3, 4, 5, 6]).view(1, 1, 7, 1, 1)
+    kept_moving, kept_fixed = _draw_labels((moving, fixed), 2, _generator(3))
+    kept = set(kept_moving.unique().tolist()) - {0}
+    assert len(kept) == 2 and kept <= {1, 2, 3, 4, 5}
+    assert set(kept_fixed.unique().tolist()) - {0} == kept
+    assert torch.equal(kept_moving != 0, torch.isin(moving, torch.tensor(sorted(kept))))
+    assert _draw_labels((moving, fixed), 5, _generator()) == (moving, fixed)
+    draws = {frozenset(_draw_labels((moving, fixed), 2, _generator(s))[0].unique().tolist())
+             for s in range(20)}
+    assert len(draws) > 3  # different labels on different steps
+    with pytest.raises(InputError, match="dice_labels"):
+        TrainingOptions(dice_labels=0)
+
+
+def test_dice_labels_reach_the_dice_term(tmp_path, monkeypatch):
+    from regpipe import losses
+
+    seen = []
+    original = losses.shared_label_one_hot
+
+    def spy(*args, **kwargs):
+        result = original(*args, **kwargs)
+        seen.append(result[0].shape[1])
+        return result
+
+    monkeypatch.setattr(losses, "shared_label_one_hot", spy)
+    torch.manual_seed(0)
+    train(build_network(TINY), RandomShapesSource(labels_range=(8, 8)), tmp_path,
+          TrainingOptions(steps=2, dice_weight=1.0, dice_labels=2, progress=False))
+    assert seen and max(seen) == 2
+
+
 def test_lam_range_draws_lam_per_step(tmp_path):
     torch.manual_seed(0)
     train(build_network(TINY), RandomShapesSource(), tmp_path,

@@ -80,6 +80,9 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
                        "175^3)")
     group.add_argument("--dice-weight", type=float,
                        help="soft-Dice weight on labelled pairs (default 0)")
+    group.add_argument("--dice-labels", type=int, metavar="N",
+                       help="score N randomly drawn shared labels per step instead of all "
+                       "(cheaper steps; default all)")
     group.add_argument("--seed", type=int, help="random seed (default 0)")
     group.add_argument("--device", help="auto, cpu or cuda (default auto)")
     group.add_argument("--no-amp", action="store_true", help="no bfloat16 autocast on CUDA")
@@ -349,7 +352,7 @@ def options_from(settings: dict[str, Any]):
     from regpipe.training import TrainingOptions
 
     fields = {"steps", "batch_size", "lr", "lam", "lam_range", "similarity", "lncc_sigma",
-              "dice_weight", "seed", "device", "checkpoint_every", "trainable", "workers",
+              "dice_weight", "dice_labels", "seed", "device", "checkpoint_every", "trainable", "workers",
               "average_from", "average_every"}
     values = {k: settings[k] for k in fields if settings.get(k) is not None}
     if settings.get("lam_range") is not None:
