@@ -34,7 +34,8 @@ __all__ = ["PairStream", "default_workers", "pair_generator"]
 
 def pair_generator(seed: int, step: int, item: int) -> torch.Generator:
     """The random generator of item ``item`` of step ``step`` (1-based) of a run seeded with
-    ``seed``: pair ``item`` of the batch, ``item = -1`` for the step's lam and ``-2`` for its Dice labels."""
+    ``seed``: pair ``item`` of the batch, ``item = -1`` for the step's lam and ``-2`` for its
+    Dice labels."""
     digest = hashlib.sha256(f"regpipe-train:{seed}:{step}:{item}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 

@@ -352,8 +352,8 @@ def options_from(settings: dict[str, Any]):
     from regpipe.training import TrainingOptions
 
     fields = {"steps", "batch_size", "lr", "lam", "lam_range", "similarity", "lncc_sigma",
-              "dice_weight", "dice_labels", "seed", "device", "checkpoint_every", "trainable", "workers",
-              "average_from", "average_every"}
+              "dice_weight", "dice_labels", "seed", "device", "checkpoint_every", "trainable",
+              "workers", "average_from", "average_every"}
     values = {k: settings[k] for k in fields if settings.get(k) is not None}
     if settings.get("lam_range") is not None:
         values["lam_range"] = tuple(settings["lam_range"])
