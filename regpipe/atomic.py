@@ -104,9 +104,13 @@ def atomic_write(
 def atomic_write_text(
     path: str | os.PathLike[str], text: str, *, parents: bool = False
 ) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically; see :func:`atomic_write`."""
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"),
-                        parents=parents)
+    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_write`); a ``path``
+    that already holds exactly this text is left alone (its modification time too)."""
+    data = text.encode("utf-8")
+    target = Path(path)
+    if target.is_file() and target.stat().st_size == len(data) and target.read_bytes() == data:
+        return target
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data), parents=parents)
 
 
 def atomic_copy(

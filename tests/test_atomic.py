@@ -56,3 +56,13 @@ def test_copy_leaves_an_identical_file_alone(tmp_path):
     source.write_text("different")
     atomic_copy(source, target)
     assert target.read_text() == "different"
+
+
+def test_text_already_in_place_is_left_alone(tmp_path):
+    target = tmp_path / "a.json"
+    atomic_write_text(target, "{}\n")
+    os.utime(target, (1, 1))
+    atomic_write_text(target, "{}\n")
+    assert target.stat().st_mtime == 1
+    atomic_write_text(target, "{ }\n")
+    assert target.read_text() == "{ }\n" and target.stat().st_mtime > 1

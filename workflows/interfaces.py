@@ -268,6 +268,10 @@ class _WriteDerivativeOutputSpec(TraitedSpec):
 class WriteDerivative(SimpleInterface):
     """Store one derivative file with its sidecar (:func:`write_derivative`)."""
 
+    # Run on every run, cached or not: a deleted output is written again (an unchanged one is
+    # left untouched by the byte-identical check of the atomic writers).
+    _always_run = True
+
     input_spec = _WriteDerivativeInputSpec
     output_spec = _WriteDerivativeOutputSpec
 
@@ -295,6 +299,10 @@ class _WriteMetricsOutputSpec(TraitedSpec):
 class WriteMetrics(SimpleInterface):
     """Store the metrics TSV and JSON sidecar (:func:`write_metrics`)."""
 
+    # Run on every run, cached or not: a deleted output is written again (an unchanged one is
+    # left untouched by the byte-identical check of the atomic writers).
+    _always_run = True
+
     input_spec = _WriteMetricsInputSpec
     output_spec = _WriteMetricsOutputSpec
 
@@ -318,6 +326,8 @@ class _DatasetFilesOutputSpec(TraitedSpec):
 class DatasetFiles(SimpleInterface):
     """Dataset-level files, safe under concurrent runs
     (:func:`regpipe.workflows.derivatives.write_dataset_files`)."""
+
+    _always_run = True  # a deleted dataset_description.json is written again
 
     input_spec = _DatasetFilesInputSpec
     output_spec = _DatasetFilesOutputSpec
@@ -404,6 +414,8 @@ class _SubjectReportOutputSpec(TraitedSpec):
 
 class SubjectReport(SimpleInterface):
     """Write one subject's HTML report (:func:`subject_report`)."""
+
+    _always_run = True  # a deleted report is written again
 
     input_spec = _SubjectReportInputSpec
     output_spec = _SubjectReportOutputSpec
