@@ -75,6 +75,33 @@ def check_paths(args: argparse.Namespace) -> None:
                 f"{option} {path} is inside bids_dir {bids_dir}, which regpipe never writes to; "
                 f"use a folder outside it or under {derivatives}/ (e.g. {derivatives}/regpipe)"
             )
+    if _inside(args.work_dir, args.output_dir):
+        raise UsageError(
+            f"--work-dir {args.work_dir} is inside output_dir {args.output_dir}: its Nipype "
+            f"files would be read as outputs (by the group level and BIDS tools); put it "
+            f"elsewhere"
+        )
+    _check_not_foreign(args.output_dir)
+
+
+def _check_not_foreign(output_dir: Path) -> None:
+    """Refuse an ``output_dir`` that holds a dataset regpipe did not make (exit 64): its
+    files could have the names regpipe writes (``desc-preproc_T1w``, ``_xfm.h5``)."""
+    description = output_dir / "dataset_description.json"
+    if not description.is_file():
+        return
+    try:
+        generated = json.loads(description.read_text(encoding="utf-8")).get("GeneratedBy") or []
+        name = str(generated[0].get("Name", "")) if generated else ""
+    except (OSError, ValueError, AttributeError):
+        name = "unreadable"
+    if name != "regpipe":
+        made_by = f"made by {name}" if name else "not made by regpipe (no GeneratedBy)"
+        raise UsageError(
+            f"output_dir {output_dir} holds another dataset ({made_by}, see {description}); "
+            f"regpipe would overwrite files of the same names there: choose another folder, "
+            f"e.g. {output_dir.parent / 'regpipe'}"
+        )
 
 
 def make_writable_dir(path: Path, option: str) -> Path:

@@ -261,6 +261,33 @@ def test_output_inside_bids_dir_is_64_unless_derivatives(tmp_path, template_file
                    *common) == 0
 
 
+def test_output_dir_of_another_pipeline_is_64_and_left_untouched(tmp_path, template_file,
+                                                                  fake_wf, capsys):
+    bids_dir = two_subjects(tmp_path / "bids")
+    other = tmp_path / "fmriprep"
+    other.mkdir()
+    (other / "dataset_description.json").write_text(
+        '{"Name": "x", "BIDSVersion": "1.9.0", "DatasetType": "derivative", '
+        '"GeneratedBy": [{"Name": "fMRIPrep"}]}')
+    before = sorted(p.name for p in other.iterdir())
+    common = ["--template", template_file, "--weights", "none", "-w", tmp_path / "work"]
+    assert regpipe(bids_dir, other, "participant", *common) == 64
+    assert "made by fMRIPrep" in capsys.readouterr().err
+    assert sorted(p.name for p in other.iterdir()) == before
+    (other / "dataset_description.json").write_text('{"Name": "raw", "BIDSVersion": "1.9.0"}')
+    assert regpipe(bids_dir, other, "participant", *common) == 64
+    out = tmp_path / "out"
+    assert regpipe(bids_dir, out, "participant", *common) == 0
+    assert regpipe(bids_dir, out, "participant", *common) == 0  # its own output: fine
+
+
+def test_work_dir_inside_output_dir_is_64(tmp_path, template_file):
+    bids_dir = two_subjects(tmp_path / "bids")
+    out = tmp_path / "out"
+    assert regpipe(bids_dir, out, "participant", "--template", template_file, "--weights",
+                   "none", "-w", out / "work") == 64
+
+
 def test_work_dir_inside_bids_dir_is_64(tmp_path, template_file):
     bids_dir = two_subjects(tmp_path / "bids")
     assert regpipe(bids_dir, tmp_path / "out", "participant", "--template", template_file,
