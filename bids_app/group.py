@@ -125,6 +125,8 @@ def _metrics_files(root: Path) -> list[tuple[dict[str, Any], Path]]:
     for bids_file in layout.get(return_type="object", suffix="metrics",
                                 extension=[".json", ".tsv"]):
         path = Path(bids_file.path)
+        if "subject" not in bids_file.get_entities(metadata=False):
+            continue  # the group level's own group/group_metrics.tsv, not a registration
         stem = path.name.rsplit(".", 1)[0]
         key = str(path.with_name(stem))
         if key not in chosen or path.suffix == ".tsv":
@@ -206,12 +208,22 @@ def _crash_summary(crash: Path) -> tuple[str | None, str | None, str]:
             where)
 
 
-def _crash_files(output_dir: Path, latest_log: Path | None, work_dir: Path | None
-                 ) -> list[Path]:
+def _crash_files(output_dir: Path, records: Sequence[tuple[Path, Mapping[str, Any]]],
+                 work_dir: Path | None) -> list[Path]:
+    """Crash files of the latest run (dataset level) and of each subject's latest run: a
+    crash that a later run of the same subject got past is history, not a failure."""
     found: list[Path] = []
-    if latest_log is not None:
-        found += sorted(latest_log.glob("crash-*"))
-    found += sorted(output_dir.glob("sub-*/log/**/crash-*"))
+    latest_run: dict[str, str] = {}
+    for folder, record in records:  # oldest first (run ids start with the time)
+        for job in record.get("jobs", []):
+            latest_run[str(job["subject"])] = folder.name
+    if records:
+        found += sorted(records[-1][0].glob("crash-*"))
+    for crash in sorted(output_dir.glob("sub-*/log/**/crash-*")):
+        subject = crash.relative_to(output_dir).parts[0][len("sub-"):]
+        run = crash.relative_to(output_dir / f"sub-{subject}" / "log").parts[0]
+        if subject not in latest_run or latest_run[subject] == run:
+            found.append(crash)
     if work_dir is not None and work_dir.is_dir():
         found += sorted(work_dir.glob("crash-*"))
     return list(dict.fromkeys(found))
@@ -243,8 +255,7 @@ def find_failures(output_dir: Path, rows: Sequence[Mapping[str, Any]], *,
                         "reason": f"no metrics for {Path(job['moving']).name} to "
                                   f"{job.get('fixed_space')}",
                     })
-    latest = records[-1][0] if records else None
-    for crash in _crash_files(output_dir, latest, work_dir):
+    for crash in _crash_files(output_dir, records, work_dir):
         subject, session, where = _crash_summary(crash)
         if keep and subject not in keep:
             continue

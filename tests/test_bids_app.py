@@ -717,6 +717,44 @@ def test_group_collects_metrics_and_failures(tmp_path, monkeypatch):
     assert "group/" in (out / ".bidsignore").read_text()
 
 
+def test_group_rerun_does_not_count_its_own_table(tmp_path, monkeypatch):
+    bids_dir = two_subjects(tmp_path / "bids")
+    out = tmp_path / "out"
+    _dataset(out)
+    _metrics_tsv(out / "sub-01" / "anat" / f"sub-01_space-{TPL}_desc-T1w_metrics.tsv",
+                 runtime_s=3)
+    from regpipe import reports
+
+    monkeypatch.setattr(reports, "write_group_report", lambda rows, failures, out_html: out_html)
+    for _ in range(2):
+        assert regpipe(bids_dir, out, "group", work=tmp_path / "work") == 0
+        assert len(group_module.collect_rows(out)) == 1
+    assert len((out / "group" / "group_metrics.tsv").read_text().splitlines()) == 2
+
+
+def test_crash_fixed_by_a_later_run_of_its_subject_is_not_a_failure(tmp_path):
+    out = tmp_path / "out"
+    _dataset(out)
+    _metrics_tsv(out / "sub-01" / "anat" / f"sub-01_space-{TPL}_desc-T1w_metrics.tsv",
+                 method="network")
+    job = {"subject": "01", "session": None, "moving": "sub-01_T1w.nii.gz",
+           "entities": {"subject": "01"}, "fixed_space": TPL}
+    for run in ("20260101-000000_a", "20260102-000000_b"):
+        (out / "logs" / run).mkdir(parents=True)
+        (out / "logs" / run / "regpipe_run.json").write_text(
+            json.dumps({"jobs": [job], "methods": ["network"]}))
+    old_crash = out / "sub-01" / "log" / "20260101-000000_a" / "crash-1-report.txt"
+    old_crash.parent.mkdir(parents=True)
+    old_crash.write_text("Node: regpipe_wf.sub_01_wf.report\nValueError: boom\n")
+    rows = group_module.collect_rows(out)
+    assert group_module.find_failures(out, rows) == []
+    new_crash = out / "sub-01" / "log" / "20260102-000000_b" / "crash-2-report.txt"
+    new_crash.parent.mkdir(parents=True)
+    new_crash.write_text("Node: regpipe_wf.sub_01_wf.report\nValueError: boom\n")
+    (failure,) = group_module.find_failures(out, rows)
+    assert failure["crash_file"] == os.path.relpath(new_crash, out)
+
+
 def test_group_without_participant_outputs_is_66(tmp_path, capsys):
     bids_dir = two_subjects(tmp_path / "bids")
     assert regpipe(bids_dir, tmp_path / "empty", "group") == 66
