@@ -269,6 +269,13 @@ def _resolve_file(spec: TemplateSpec, suffix: str) -> ResolvedTemplate:
         raise TemplateError(f"--template {path} does not exist")
     if path.stat().st_size == 0:
         raise TemplateError(f"--template {path} is an empty (0-byte) file")
+    from regpipe.errors import InputError
+    from regpipe.imageio import load_image
+
+    try:  # before any subject is processed: a bad target would fail every one of them
+        load_image(path, "image", f"--template {path}")
+    except InputError as error:
+        raise TemplateError(str(error)) from None
     match = re.match(r"^tpl-([A-Za-z0-9]+)", path.name)
     stem = re.sub(r"\.nii(\.gz)?$", "", path.name)
     space = match.group(1) if match else (re.sub(r"[^A-Za-z0-9]", "", stem) or "custom")

@@ -597,6 +597,22 @@ def test_missing_template_offline_names_file_and_fetch(tf_home, monkeypatch):
     assert f"--template {TPL}:res-1:desc-brain" in message
 
 
+@pytest.mark.parametrize("content", [b"not an image", "4-D", "constant"])
+def test_unreadable_template_file_is_66_before_any_work(tmp_path, fake_wf, content, capsys):
+    bids_dir = two_subjects(tmp_path / "bids")
+    bad = tmp_path / "bad_tpl.nii.gz"
+    if content == "4-D":
+        nib.save(nib.Nifti1Image(np.random.rand(4, 4, 4, 2).astype(np.float32), np.eye(4)), bad)
+    elif content == "constant":
+        nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), bad)
+    else:
+        bad.write_bytes(content)
+    assert regpipe(bids_dir, tmp_path / "out", "participant", "--template", bad,
+                   "--weights", "none", "-w", tmp_path / "work") == 66
+    assert str(bad) in capsys.readouterr().err
+    assert "workflow" not in fake_wf  # refused before any workflow was built
+
+
 def test_placeholder_template_is_detected_without_download(tmp_path, monkeypatch, capsys):
     home = tmp_path / "tf"
     placeholder = home / f"tpl-{TPL}" / f"tpl-{TPL}_res-02_T1w.nii.gz"
