@@ -193,6 +193,18 @@ def _format_for(path: Path) -> _Format:
     raise TransformFileError(f"unknown transform file type {path.name!r}; use one of: {known}")
 
 
+def check_field_path(path: str | os.PathLike[str]) -> None:
+    """Raise :class:`TransformFileError` unless ``path``'s suffix selects a format that holds
+    a displacement field (NIfTI field or ITK HDF5; the ``.mat``/``.txt``/``.tfm`` ones hold
+    affine transforms only)."""
+    fmt = _format_for(Path(path))
+    if fmt.name == "itk-affine":
+        raise TransformFileError(
+            f"{Path(path).name}: {fmt.suffixes} files hold affine transforms only; a "
+            f"registration's transform needs .nii.gz, .nii, .h5 or .hdf5"
+        )
+
+
 def _matching_suffix(path: Path, fmt: _Format) -> str:
     name = path.name.lower()
     return next((s for s in fmt.suffixes if name.endswith(s)), "")

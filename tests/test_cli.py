@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import logging
 
 import nibabel as nib
@@ -123,6 +124,59 @@ def test_missing_output_folder(files, tmp_path, capsys):
     args[args.index("--transform_out") + 1] = str(tmp_path / "nope" / "fwd.h5")
     assert register_cli.main(args) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("option", "name", "message"), [
+    ("--transform_out", "fwd.mat", "affine transforms only"),
+    ("--transform_out", "fwd.xyz", "unknown transform file type"),
+    ("--inverse_transform_out", "inv.txt", "affine transforms only"),
+    ("--warped_moving_out", "warped.mha", "images are written as"),
+    ("--jacobian_out", "jac", "images are written as"),
+    ("--warped_moving_out", ".", "is a folder"),
+])
+def test_bad_output_names_are_refused_before_registering(files, tmp_path, capsys, option, name,
+                                                          message, monkeypatch):
+    import regpipe.registration
+
+    def never(*args, **kwargs):
+        raise AssertionError("registered before checking the outputs")
+
+    monkeypatch.setattr(regpipe.registration, "register", never)
+    args = base_args(files, tmp_path)
+    target = str(tmp_path if name == "." else tmp_path / name)
+    if option in args:
+        args[args.index(option) + 1] = target
+    else:
+        args += [option, target]
+    assert register_cli.main(args) == 1
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_output_folder_is_refused(files, tmp_path, capsys):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        assert warp_cli.main(["--fixed", str(files["fixed"]), "--moving", str(files["moving"]),
+                              "--warped_moving_out", str(folder / "w.nii.gz"), "--linear"]) == 1
+    finally:
+        folder.chmod(0o755)
+    assert "not writable" in capsys.readouterr().err
+
+
+def test_jacobian_mask_is_checked_before_anything_is_written(files, tmp_path, capsys):
+    args = [*base_args(files, tmp_path), "--io_iterations", "None", "--quiet"]
+    assert register_cli.main(args) == 0
+    small = tmp_path / "small_mask.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((12, 12, 12), np.uint8), np.eye(4)), str(small))
+    for mask, message in ((small, "different grid"), (tmp_path / "missing.nii.gz", "missing")):
+        jacobian = tmp_path / "j.nii.gz"
+        assert jacobian_cli.main(["--transform", str(tmp_path / "fwd.h5"),
+                                  "--fixed", str(files["fixed"]), "--jacob", str(jacobian),
+                                  "--mask", str(mask)]) == 1
+        assert message in capsys.readouterr().err.lower() and not jacobian.exists()
 
 
 def test_warp_and_jacobian_tools(files, tmp_path, capsys):

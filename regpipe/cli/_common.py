@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 from regpipe.errors import InputError, RegpipeError
 
@@ -32,6 +34,10 @@ def run_cli(main: Callable[[argparse.Namespace], int], parser: argparse.Argument
     except RegpipeError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 1
+    except OSError as error:  # a full disk, a folder made read-only meanwhile...
+        where = f" ({error.filename})" if error.filename else ""
+        print(f"{parser.prog}: error: {error.strerror or error}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted; no output was written", file=sys.stderr)
         return 130
@@ -56,3 +62,43 @@ def smoothness_argument(value: str) -> float:
     if not 0 < number < float("inf"):
         raise argparse.ArgumentTypeError(f"--smoothness must be positive, got {value!r}")
     return number
+
+
+#: Suffixes the image outputs may have (nibabel writes them; NIfTI is the native one).
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".mgh")
+
+
+def check_outputs(outputs: Mapping[str, tuple[str | None, str]]) -> None:
+    """Check output paths before any work: ``{option: (path or None, kind)}``, ``kind`` one of
+    ``"image"`` (a suffix of :data:`IMAGE_SUFFIXES`), ``"field"`` (a transform file that holds
+    a displacement field: ``.nii.gz``, ``.nii``, ``.h5``, ``.hdf5``) or ``"file"`` (anything).
+    The folder must exist and be writable, and the path must not be a folder.
+
+    Raises
+    ------
+    InputError
+        Naming the option and what is wrong with its path.
+    """
+    from regpipe.transform_files import check_field_path
+
+    for option, (value, kind) in outputs.items():
+        if value is None:
+            continue
+        path = Path(value)
+        flag = f"--{option}"
+        if path.is_dir():
+            raise InputError(f"{flag} {path} is a folder; give a file name")
+        folder = path.parent
+        if not folder.resolve().is_dir():
+            raise InputError(f"{flag}: folder {folder} does not exist")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise InputError(f"{flag}: folder {folder} is not writable")
+        name = path.name.lower()
+        if kind == "image" and not name.endswith(IMAGE_SUFFIXES):
+            raise InputError(f"{flag} {path}: images are written as "
+                             f"{', '.join(IMAGE_SUFFIXES)}")
+        if kind == "field":
+            try:
+                check_field_path(path)
+            except RegpipeError as error:
+                raise InputError(f"{flag}: {error}") from None

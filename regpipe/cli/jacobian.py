@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from regpipe.cli._common import add_option, run_cli
+from regpipe.cli._common import add_option, check_outputs, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,12 +29,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from regpipe.imageio import Image, load_image, save_image
+    from regpipe.imageio import Image, check_same_grid, load_image, save_image
     from regpipe.metrics import folding_stats, jacobian_determinant
     from regpipe.transform_files import read_transform
     from regpipe.transforms import DisplacementField
 
-    geometry = load_image(args.fixed, "mask", "fixed image").geometry
+    check_outputs({"jacob": (args.jacob, "image"), "log_jacob": (args.log_jacob, "image")})
+    fixed = load_image(args.fixed, "mask", "fixed image")
+    geometry = fixed.geometry
+    mask = None
+    if args.mask:  # checked before anything is computed or written
+        mask_image = load_image(args.mask, "mask", "mask")
+        check_same_grid(fixed, mask_image, "--mask")
+        mask = mask_image.data
     field = DisplacementField.from_transform(read_transform(args.transform), geometry)
     jac = jacobian_determinant(field)
     save_image(Image(jac, geometry), args.jacob)
@@ -42,7 +49,6 @@ def _main(args: argparse.Namespace) -> int:
         with np.errstate(divide="ignore", invalid="ignore"):
             log_jac = np.where(jac > 0, np.log(np.maximum(jac, 1e-12)), np.nan).astype(np.float32)
         save_image(Image(log_jac, geometry), args.log_jacob)
-    mask = load_image(args.mask, "mask", "mask").data if args.mask else None
     print(json.dumps(folding_stats(jac, mask)))
     return 0
 

@@ -15,10 +15,10 @@ import logging
 import sys
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 
 from regpipe.cli._common import (
     add_option,
+    check_outputs,
     region_argument,
     run_cli,
     smoothness_argument,
@@ -118,11 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
-    for name in ("transform_out", "inverse_transform_out", "warped_moving_out", "jacobian_out",
-                 "metrics_out"):
-        value = getattr(args, name)
-        if value is not None and not Path(value).parent.resolve().is_dir():
-            raise InputError(f"--{name}: folder {Path(value).parent} does not exist")
+    """Every output path, before the registration: folder, writability, suffix."""
+    kinds = {"transform_out": "field", "inverse_transform_out": "field",
+             "warped_moving_out": "image", "jacobian_out": "image", "metrics_out": "file"}
+    check_outputs({name: (getattr(args, name), kind) for name, kind in kinds.items()})
 
 
 def _masks(args: argparse.Namespace) -> tuple[str | None, str | None]:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from regpipe.cli._common import add_option, run_cli
+from regpipe.cli._common import add_option, check_outputs, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +29,7 @@ def _main(args: argparse.Namespace) -> int:
     from regpipe.transforms import AffineTransform
     from regpipe.warp import apply_transform
 
+    check_outputs({"warped_moving_out": (args.warped_moving_out, "image")})
     transform = args.transform if args.transform else AffineTransform.identity()
     apply_transform(
         args.moving, transform, args.fixed,
