@@ -338,7 +338,8 @@ def _optimise_levels(
             optimiser.step()
             bar.update(1)
             if progress and iteration % 10 == 0:
-                bar.set_postfix(level=f"1/{scale:g}", lncc=f"{1.0 - float(similarity.detach()):.4f}")
+                lncc = 1.0 - float(similarity.detach())
+                bar.set_postfix(level=f"1/{scale:g}", lncc=f"{lncc:.4f}")
     bar.close()
     if param is None:  # pragma: no cover - settings guarantee at least one level
         raise InputError("no optimisation level configured")
