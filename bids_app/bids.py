@@ -214,11 +214,17 @@ def collect_images(layout, *, suffix: str, participant_label: Sequence[str] | No
             f"the filters ({'; '.join(used) or 'default query'}) selected none of the "
             f"{len(unfiltered)} {suffix} image(s) in {root}",
         )
+    if participant_label:
+        found = {i.subject for i in images}
+        without = [label for label in participant_label if label not in found]
+        if without:
+            LOGGER.warning("no %s image selected for participant(s) %s: nothing to do for them",
+                           suffix, ", ".join(without))
     if filters:
         ignored = sorted(set(filters) - {suffix.lower()})
         if ignored:
-            LOGGER.info("--bids-filter-file: ignoring keys %s (only %r applies to --suffix %s)",
-                        ", ".join(ignored), suffix.lower(), suffix)
+            LOGGER.warning("--bids-filter-file: ignoring keys %s (only %r applies to --suffix "
+                           "%s)", ", ".join(ignored), suffix.lower(), suffix)
     return sorted(images, key=lambda i: (natural_key(i.subject), natural_key(i.session),
                                          str(i.path)))
 

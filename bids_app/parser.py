@@ -191,13 +191,30 @@ def _filter_file(value: str) -> dict[str, dict[str, Any]]:
     if not path.is_file():
         raise argparse.ArgumentTypeError(f"--bids-filter-file {value} does not exist")
     data = _json_object(str(path), "--bids-filter-file")
+    filters: dict[str, dict[str, Any]] = {}
     for key, query in data.items():
         if not isinstance(query, dict):
             raise argparse.ArgumentTypeError(
                 f"--bids-filter-file: the value of {key!r} must be an object of BIDS entities, "
                 'e.g. {"t1w": {"datatype": "anat", "suffix": "T1w", "session": "1"}}'
             )
-    return data
+        if key.lower() in filters:  # keys name a suffix: "T1w" and "t1w" are the same
+            raise argparse.ArgumentTypeError(f"--bids-filter-file: {key!r} is given twice")
+        unknown = sorted(set(query) - _bids_entities())
+        if unknown:
+            raise argparse.ArgumentTypeError(
+                f"--bids-filter-file: {key!r} has unknown BIDS entities {', '.join(unknown)} "
+                f"(pybids names them in full: acquisition, reconstruction, session, run...)"
+            )
+        filters[key.lower()] = query
+    return filters
+
+
+def _bids_entities() -> set[str]:
+    """Entity names pybids queries accept (``acquisition``, not ``acq``)."""
+    from bids.layout.models import Config
+
+    return set(Config.load("bids").entities)
 
 
 def _region(value: str) -> str:

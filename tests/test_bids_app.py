@@ -428,6 +428,33 @@ def test_bids_filter_file_null_and_value(tmp_path, template_file, fake_wf):
         assert [Path(j["moving"]).name for j in fake_wf["kwargs"]["jobs"]] == [expected]
 
 
+def test_bids_filter_file_keys_ignore_case_and_entities_are_checked(tmp_path, template_file,
+                                                                    fake_wf, capsys):
+    bids_dir = make_bids(tmp_path / "bids", ["sub-01/anat/sub-01_run-1_T1w.nii.gz",
+                                             "sub-01/anat/sub-01_run-2_T1w.nii.gz"])
+    filters = tmp_path / "f.json"
+    filters.write_text(json.dumps({"T1w": {"run": 1}}))
+    assert participant(bids_dir, tmp_path, template_file, "--bids-filter-file", filters) == 0
+    assert [Path(j["moving"]).name for j in fake_wf["kwargs"]["jobs"]] == \
+        ["sub-01_run-1_T1w.nii.gz"]
+    for content, message in (({"t1w": {"acq": "mprage"}}, "unknown BIDS entities acq"),
+                             ({"t1w": {}, "T1w": {}}, "given twice")):
+        filters.write_text(json.dumps(content))
+        assert participant(bids_dir, tmp_path, template_file, "--bids-filter-file",
+                           filters) == 64
+        assert message in capsys.readouterr().err
+
+
+def test_participant_without_an_image_of_the_suffix_is_named(tmp_path, template_file, fake_wf,
+                                                             caplog):
+    bids_dir = make_bids(tmp_path / "bids", ["sub-01/anat/sub-01_T1w.nii.gz",
+                                             "sub-03/anat/sub-03_T2w.nii.gz"])
+    assert participant(bids_dir, tmp_path, template_file, "--participant-label", "01",
+                       "03") == 0
+    assert [j["subject"] for j in fake_wf["kwargs"]["jobs"]] == ["01"]
+    assert "no T1w image selected for participant(s) 03" in caplog.text
+
+
 def test_session_filter_keeps_images_without_sessions(tmp_path, template_file, fake_wf):
     bids_dir = make_bids(tmp_path / "bids", ["sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz",
                                              "sub-01/ses-2/anat/sub-01_ses-2_T1w.nii.gz",
