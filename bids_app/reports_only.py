@@ -17,7 +17,7 @@ from typing import Any
 
 from regpipe.bids_app.exit_codes import AppError, ExitCode
 
-__all__ = ["subject_sections", "write_reports"]
+__all__ = ["add_earlier_sections", "subject_sections", "write_reports"]
 
 LOGGER = logging.getLogger("regpipe.bids_app")
 _NEEDED = ("warped", "jacobian", "metrics_json", "preproc")
@@ -72,4 +72,50 @@ def write_reports(jobs: Sequence[Mapping[str, Any]], methods: Sequence[str],
     if without:
         raise AppError(ExitCode.FAILURE, f"no outputs to report for subject(s) "
                        f"{', '.join(without)} in {output_dir}; run without --reports-only first")
+    return written
+
+
+def _job_key(job: Mapping[str, Any]) -> tuple:
+    return (job["subject"], job.get("session"), str(job["moving"]), job.get("fixed_space"))
+
+
+def add_earlier_sections(jobs: Sequence[Mapping[str, Any]], methods: Sequence[str],
+                         output_dir: Path, records: Sequence[Mapping[str, Any]]) -> list[Path]:
+    """Rewrite the pages of this run's subjects that earlier runs also registered.
+
+    The participant workflow writes ``sub-<label>.html`` from the current run's jobs only, so a
+    run for another session or template would drop the sections of the earlier ones (their
+    outputs stay on disk). ``records`` are the earlier runs' records (oldest first, each with
+    ``jobs`` and ``methods``); every earlier job of a subject in ``jobs`` whose outputs still
+    exist gets its sections back, after the current ones. Returns the pages rewritten.
+    """
+    from regpipe.reports import write_subject_report
+
+    current = {_job_key(job) for job in jobs}
+    subjects = {job["subject"] for job in jobs}
+    earlier: dict[tuple, tuple[Mapping[str, Any], list[str]]] = {}
+    for record in records:
+        for job in record.get("jobs", []):
+            key = _job_key(job)
+            if job["subject"] in subjects and key not in current:
+                earlier[key] = (job, list(record.get("methods", methods)))  # the latest wins
+    written = []
+    for subject in sorted({key[0] for key in earlier}):
+        own = [job for job in jobs if job["subject"] == subject]
+        sections, _ = subject_sections(own, methods, output_dir)
+        added = 0
+        for key, (job, its_methods) in earlier.items():
+            if key[0] == subject:
+                found, _ = subject_sections([job], its_methods, output_dir)
+                sections += found
+                added += len(found)
+        if not added:
+            continue
+        sessions = {job.get("session") for job in own} | {
+            job.get("session") for key, (job, _) in earlier.items() if key[0] == subject}
+        written.append(write_subject_report(
+            subject=subject, session=sessions.pop() if len(sessions) == 1 else None,
+            output_dir=output_dir, sections=sections, out_html=output_dir / f"sub-{subject}.html",
+        ))
+        LOGGER.info("report %s: %d section(s) of earlier runs kept", written[-1], added)
     return written

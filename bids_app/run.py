@@ -327,9 +327,26 @@ def run_participant(args: argparse.Namespace, argv: Sequence[str] | None = None)
         mixed_precision=args.mixed_precision,
     )
     _run(workflow, args, plugin, log_dir)
+    _keep_earlier_report_sections(args, jobs, log_dir)
     LOGGER.info("finished %d job(s) x %d method(s); outputs in %s", len(jobs),
                 len(args.methods), args.output_dir)
     return ExitCode.SUCCESS
+
+
+def _keep_earlier_report_sections(args: argparse.Namespace, jobs: list[dict[str, Any]],
+                                  log_dir: Path) -> None:
+    """Give the subject pages back the sections of earlier runs (other sessions, templates)."""
+    from regpipe.bids_app.reports_only import add_earlier_sections
+
+    records = []
+    for path in sorted((args.output_dir / "logs").glob(f"*/{RUN_RECORD}")):
+        if path.parent == log_dir:
+            continue
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as error:
+            LOGGER.warning("cannot read %s: %s", path, error)
+    add_earlier_sections(jobs, args.methods, args.output_dir, records)
 
 
 def _absolute_paths(args: argparse.Namespace) -> None:

@@ -540,6 +540,33 @@ def test_corrupt_image_crashes_its_subject_in_the_real_workflow(tmp_path, capsys
     assert list((tmp_path / "out" / "sub-01" / "log").glob("*/crash-*.txt"))
 
 
+def test_subject_page_keeps_the_sections_of_earlier_sessions(tmp_path):
+    """A run for session 2 after one for session 1 rewrites sub-01.html with both."""
+    from scipy import ndimage
+
+    def textured(path: Path, seed: int) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = ndimage.gaussian_filter(np.random.default_rng(seed).random((16, 16, 16)), 1.5)
+        nib.save(nib.Nifti1Image(data.astype(np.float32), np.diag([2.0, 2.0, 2.0, 1.0])), path)
+        return path
+
+    bids_dir = make_bids(tmp_path / "bids", [])
+    for session in ("1", "2"):
+        textured(bids_dir / f"sub-01/ses-{session}/anat/sub-01_ses-{session}_T1w.nii.gz",
+                 int(session))
+    template = textured(tmp_path / "tpl-Test_res-01_T1w.nii.gz", 0)
+    options = ["--io-iterations", "0", "--affine-init", "none", "--plugin", "Linear"]
+    page = tmp_path / "out" / "sub-01.html"
+    assert participant(bids_dir, tmp_path, template, "--session-label", "1", *options) == 0
+    assert "T1w 1 -&gt; Test" in page.read_text() or "T1w 1 -> Test" in page.read_text()
+    assert participant(bids_dir, tmp_path, template, "--session-label", "2", *options) == 0
+    text = page.read_text()
+    for session in ("1", "2"):
+        assert f"T1w {session} -&gt; Test" in text or f"T1w {session} -> Test" in text, session
+    assert participant(bids_dir, tmp_path, template, "--session-label", "2", *options) == 0
+    assert page.read_text().count("T1w 1 -") == text.count("T1w 1 -")  # not added twice
+
+
 def test_slurm_plugin_runs_with_stand_in_sbatch(tmp_path, template_file, monkeypatch, capsys):
     """The SLURM path end to end: fake sbatch (runs the job script) and squeue on PATH."""
     bin_dir = tmp_path / "bin"
