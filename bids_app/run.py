@@ -197,6 +197,13 @@ def _write_run_record(log_dir: Path, args: argparse.Namespace, argv: Sequence[st
     return atomic_write_text(log_dir / RUN_RECORD, json.dumps(record, indent=2, default=str))
 
 
+def crashes_of_run(output_dir: Path, log_dir: Path, started: float) -> list[Path]:
+    """Crash files this run wrote: the subjects' ``log/<run id>/`` folders and ``log_dir``."""
+    found = sorted(output_dir.glob(f"sub-*/log/{log_dir.name}/crash-*"))
+    found += [p for p in sorted(log_dir.glob("crash-*")) if p.stat().st_mtime >= started - 1]
+    return found
+
+
 def crash_subjects(crash_files: Sequence[Path]) -> list[str]:
     """Subject labels in the crashed nodes' names (``Node: regpipe_wf.sub_01_wf...``)."""
     subjects = set()
@@ -241,17 +248,23 @@ def _run(workflow, args: argparse.Namespace, plugin: str, log_dir: Path) -> None
                                memory_gb=args.mem_gb, plugin_args=args.plugin_args,
                                stop_on_first_crash=args.stop_on_first_crash)
     except Exception as error:  # the plugin's own failures (no sbatch...), with the traceback
-        LOGGER.exception("the %s plugin failed", plugin)
-        detail = str(error).splitlines()[0] if str(error) else ""
-        raise AppError(ExitCode.FAILURE,
-                       f"the {plugin} plugin failed: {type(error).__name__}: {detail}") from None
-    crashes = list(dict.fromkeys([*summary.crash_files, *(
-        p for p in sorted(log_dir.glob("crash-*")) if p.stat().st_mtime >= started - 1)]))
-    if summary.succeeded and not crashes:
+        # the Linear plugin re-raises the first failed node's exception: name its subject
+        crashes = sorted(args.output_dir.glob(f"sub-*/log/{log_dir.name}/crash-*"))
+        if not crashes:
+            LOGGER.exception("the %s plugin failed", plugin)
+            detail = str(error).splitlines()[0] if str(error) else ""
+            raise AppError(ExitCode.FAILURE,
+                           f"the {plugin} plugin failed: {type(error).__name__}: {detail}"
+                           ) from None
+        summary = None
+    own = [] if summary is None else summary.crash_files
+    crashes = list(dict.fromkeys([*own, *crashes_of_run(args.output_dir, log_dir, started)]))
+    if summary is not None and summary.succeeded and not crashes:
         return
     folders = sorted({str(p.parent) for p in crashes})
-    subjects = sorted({*summary.failed_subjects, *crash_subjects(crashes)})
-    reason = (summary.error or "see the log").splitlines()[0]
+    failed = [] if summary is None else summary.failed_subjects
+    subjects = sorted({*failed, *crash_subjects(crashes)})
+    reason = ((summary.error if summary is not None else None) or "see the log").splitlines()[0]
     raise AppError(
         ExitCode.FAILURE,
         f"{len(crashes) or 'some'} node(s) failed"

@@ -529,6 +529,25 @@ def test_failed_node_exits_1_naming_the_subject(tmp_path, template_file, monkeyp
     assert (node_dir / "result_check.pklz").is_file()
 
 
+def test_node_exception_reraised_by_the_plugin_still_names_the_subject(
+        tmp_path, template_file, fake_wf, monkeypatch, capsys):
+    """Nipype's Linear plugin can re-raise the failed node's own exception."""
+    from regpipe.workflows import base as workflows_base
+
+    def failing_run(workflow, **kwargs):
+        log = Path(workflow.config["execution"]["crashdump_dir"])
+        crash = tmp_path / "out" / "sub-02" / "log" / log.name / "crash-1-root-check.txt"
+        crash.parent.mkdir(parents=True)
+        crash.write_text("Node: regpipe_wf.sub_02_wf.check\nValueError: corrupt\n")
+        raise ValueError("corrupt")
+
+    monkeypatch.setattr(workflows_base, "run_workflow", failing_run)
+    bids_dir = two_subjects(tmp_path / "bids")
+    assert participant(bids_dir, tmp_path, template_file, "--plugin", "Linear") == 1
+    err = capsys.readouterr().err
+    assert "node(s) failed (subject(s) 02)" in err and "plugin failed" not in err
+
+
 def test_corrupt_image_crashes_its_subject_in_the_real_workflow(tmp_path, capsys):
     bids_dir = make_bids(tmp_path / "bids", [])
     corrupt = bids_dir / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
