@@ -315,6 +315,13 @@ def run_group(args: argparse.Namespace) -> int:
     failures = find_failures(output_dir, rows, work_dir=args.work_dir,
                              participant_label=args.participant_label)
     if not rows and not failures:
+        if args.participant_label:
+            others = sorted({str(row["subject"]) for row in collect_rows(output_dir)})
+            if others:
+                raise AppError(
+                    ExitCode.FILTERS_EMPTY,
+                    f"no metrics for participant(s) {', '.join(args.participant_label)} in "
+                    f"{output_dir} (it has metrics for {', '.join(others)})")
         raise AppError(ExitCode.NO_INPUT, f"no *_metrics.json/.tsv files in {output_dir}")
     group_dir = output_dir / GROUP_DIR
     try:

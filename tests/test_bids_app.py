@@ -821,6 +821,16 @@ def test_group_rerun_does_not_count_its_own_table(tmp_path, monkeypatch):
     assert len((out / "group" / "group_metrics.tsv").read_text().splitlines()) == 2
 
 
+def test_group_for_a_participant_without_metrics_names_the_others(tmp_path, capsys):
+    bids_dir = two_subjects(tmp_path / "bids")
+    out = tmp_path / "out"
+    _dataset(out)
+    _metrics_tsv(out / "sub-01" / "anat" / f"sub-01_space-{TPL}_desc-T1w_metrics.tsv")
+    assert regpipe(bids_dir, out, "group", "--participant-label", "02",
+                   work=tmp_path / "work") == 18
+    assert "no metrics for participant(s) 02" in capsys.readouterr().err
+
+
 def test_crash_fixed_by_a_later_run_of_its_subject_is_not_a_failure(tmp_path):
     out = tmp_path / "out"
     _dataset(out)
