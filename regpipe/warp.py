@@ -6,6 +6,7 @@ works on arrays and geometries.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Literal
@@ -18,6 +19,8 @@ from numpy.typing import NDArray
 from regpipe.imageio import Image, ImageLike, load_image, save_image
 from regpipe.spaces import Geometry, index_to_sampling_matrix
 from regpipe.transforms import Transform, map_voxel_grid, map_voxel_slabs
+
+LOGGER = logging.getLogger("regpipe")
 
 Interpolation = Literal["linear", "nearest"]
 
@@ -118,9 +121,35 @@ def apply_transform(
         geometry = load_image(reference, "mask", "reference image").geometry
     if isinstance(transform, (str, os.PathLike)):
         transform = read_transform(Path(transform))
+    _warn_if_field_misses(transform, geometry)
     data = warp_array(moving_img.data, moving_img.geometry, transform, geometry,
                       interpolation=interpolation)
     image = Image(data, geometry)
     if output is not None:
         save_image(image, output)
     return image
+
+
+def _warn_if_field_misses(transform: Transform, geometry: Geometry) -> None:
+    """Warn when a displacement field covers less than half of the reference grid: outside
+    its grid it displaces nothing (ITK's convention), which usually means the transform was
+    made for another fixed image."""
+    from regpipe.transforms import DisplacementField, GridTransform
+
+    shape: tuple[int, ...]
+    if isinstance(transform, DisplacementField):
+        to_index, shape = np.linalg.inv(transform.geometry.affine), transform.geometry.shape
+    elif isinstance(transform, GridTransform) and transform.outside == "zeros":
+        to_index = np.linalg.inv(transform.grid_in)
+        shape = tuple(int(n) for n in transform.displacement.shape[1:])
+    else:
+        return
+    axes = [np.linspace(0, n - 1, 9) for n in geometry.shape]
+    ijk = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
+    points = (to_index @ geometry.affine @ np.c_[ijk, np.ones(len(ijk))].T)[:3].T
+    inside = np.all((points > -0.5) & (points < np.asarray(shape) - 0.5), axis=1)
+    if inside.mean() < 0.5:
+        LOGGER.warning(
+            "the transform's displacement field covers %.0f%% of the reference grid; outside "
+            "it nothing is displaced (ITK's convention): was it made for another fixed image?",
+            100 * inside.mean())

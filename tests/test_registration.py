@@ -128,6 +128,24 @@ def test_apply_transform_labels_keep_dtype(pair, small_network):
     assert set(np.unique(out.data)) <= set(np.unique(labels.data))
 
 
+def test_apply_transform_warns_when_the_field_misses_the_reference(pair, caplog, tmp_path):
+    from regpipe.transform_files import read_transform
+
+    fixed, moving, _ = pair
+    result = regpipe.register(fixed, moving, weights=None, affine="ours", io_iterations=2,
+                              progress=False, evaluate=False)
+    result.save(tmp_path / "fwd.nii.gz")
+    field = read_transform(tmp_path / "fwd.nii.gz")
+    with caplog.at_level("WARNING", logger="regpipe"):
+        regpipe.apply_transform(moving, field, fixed)
+    assert "covers" not in caplog.text
+    far = Geometry(fixed.geometry.shape, fixed.geometry.affine @ np.array(
+        [[1.0, 0, 0, 200], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]))
+    with caplog.at_level("WARNING", logger="regpipe"):
+        regpipe.apply_transform(moving, field, far)
+    assert "covers 0% of the reference grid" in caplog.text
+
+
 def test_weights_file_round_trip(pair, small_network, tmp_path):
     fixed, moving, _ = pair
     path = save_weights(small_network, tmp_path / "small.pt", {"grid_mode": "isotropic"})
