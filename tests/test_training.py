@@ -511,6 +511,28 @@ def test_parse_duration():
     assert parse_duration("45") == 45 and parse_duration("2h") == 7200
     with pytest.raises(Exception, match="duration"):
         parse_duration("soon")
+    assert parse_duration("2h30m") == 9000 and parse_duration("1m30s") == 90
+    with pytest.raises(Exception, match="ambiguous"):
+        parse_duration("2h30")
+
+
+def test_card_grid_mode_follows_the_sources_and_init():
+    from types import SimpleNamespace
+
+    from regpipe.cli.train import training_grid_mode
+
+    maps = {"sources": [{"type": "label-maps", "paths": ["x"]}]}
+    assert training_grid_mode(maps) == "squash-ras"
+    assert training_grid_mode({**maps, "grid_mode": "squash-ras"}) == "squash-ras"
+    with pytest.raises(InputError, match="RAS-reoriented"):
+        training_grid_mode({**maps, "grid_mode": "squash"})
+    with pytest.raises(InputError, match="grid_mode must be one of"):
+        training_grid_mode({"sources": [], "grid_mode": "isotropc"})
+    shapes = {"sources": [{"type": "random-shapes"}]}
+    assert training_grid_mode(shapes) == "squash"
+    init = SimpleNamespace(card={"grid_mode": "isotropic"})
+    assert training_grid_mode(shapes, init) == "isotropic"
+    assert training_grid_mode({**shapes, "grid_mode": "squash"}, init) == "squash"
 
 
 TINY_ARGS = ["--grid", "33", "--unets", "1", "--down-channels", "4,8,8", "--up-channels", "4,8,8",

@@ -23,7 +23,7 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,10 @@ def parse_duration(text: str | float) -> float:
     match = re.fullmatch(pattern, text)
     if not text.strip() or match is None or not any(match.groups()):
         raise argparse.ArgumentTypeError(f"cannot read the duration {text!r} (try 90m, 2h, 3600)")
+    if (match.group(1) or match.group(2)) and match.group(3) and not text.strip().endswith("s"):
+        # "2h30" reads as 2 h 30 s to the pattern but means 2 h 30 min to most people
+        raise argparse.ArgumentTypeError(f"the duration {text!r} is ambiguous: write its last "
+                                         f"number's unit (2h30m, 1m30s)")
     hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
     return hours * 3600 + minutes * 60 + seconds
 
@@ -364,16 +368,46 @@ def options_from(settings: dict[str, Any]):
     return TrainingOptions(**values)
 
 
+#: Sources whose images are placed on the grid RAS-reoriented (``squash-ras``).
+_RAS_SOURCES = ("label-maps", "images")
+
+
+def training_grid_mode(settings: Mapping[str, Any], checkpoint: Any = None) -> str:
+    """The grid placement the weights will be used with (written into their card).
+
+    Label-map and image sources place their data RAS-reoriented, so the weights are
+    ``squash-ras`` ones; otherwise the recipe's ``grid_mode``, else the ``--init`` card's, else
+    ``squash`` (uniGradICON's). A recipe ``grid_mode`` the sources contradict is refused.
+    """
+    from regpipe.spaces import GRID_MODES
+
+    asked = settings.get("grid_mode")
+    if asked is not None and asked not in GRID_MODES:
+        raise InputError(f"recipe grid_mode must be one of {', '.join(GRID_MODES)}, got "
+                         f"{asked!r}")
+    ras = [spec.get("type") for spec in settings.get("sources", [])
+           if spec.get("type") in _RAS_SOURCES and float(spec.get("weight", 1.0)) > 0]
+    if ras:
+        if asked not in (None, "squash-ras"):
+            raise InputError(f"grid_mode {asked!r} does not match the {ras[0]} source, whose "
+                             f"images are placed RAS-reoriented: use squash-ras")
+        return "squash-ras"
+    if asked is not None:
+        return str(asked)
+    card = getattr(checkpoint, "card", None) or {}
+    return str(card.get("grid_mode") or "squash")
+
+
 def run_training(settings: dict[str, Any], output: Path, card: dict[str, Any]) -> int:
     from regpipe.device import set_threads
     from regpipe.training import train
 
     if settings.get("threads"):
         set_threads(int(settings["threads"]))
-    network, _ = build_network_from(settings)
+    network, checkpoint = build_network_from(settings)
+    grid_mode = training_grid_mode(settings, checkpoint)
     root = Path(settings.get("data_root", ".")).expanduser()
-    source = build_source(settings["sources"], network.config.grid_shape, root,
-                          settings.get("grid_mode", "squash"))
+    source = build_source(settings["sources"], network.config.grid_shape, root, grid_mode)
     options = options_from(settings)
     card = {"name": settings.get("name") or output.name, **card}
     if settings.get("description"):
@@ -382,7 +416,7 @@ def run_training(settings: dict[str, Any], output: Path, card: dict[str, Any]) -
         k: v for k, v in settings.items()
         if k not in ("no_progress", "threads", "device", "workers")
     }
-    card["grid_mode"] = settings.get("grid_mode", "squash")
+    card["grid_mode"] = grid_mode
     conditioning = getattr(network, "conditioning", None)
     if conditioning is not None:
         card["conditioning"] = {
