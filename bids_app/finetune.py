@@ -401,6 +401,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RegpipeError as error:
         print(f"regpipe-finetune: error: {error}", file=sys.stderr)
         return int(ExitCode.FAILURE)
+    except OSError as error:  # an output folder that cannot be made, a full disk...
+        where = f" ({error.filename})" if error.filename else ""
+        print(f"regpipe-finetune: error: {error.strerror or error}{where}", file=sys.stderr)
+        return int(ExitCode.CANT_CREATE)
     except KeyboardInterrupt:
         print("regpipe-finetune: interrupted", file=sys.stderr)
         return 130

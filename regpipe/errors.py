@@ -29,3 +29,7 @@ class ResourceError(RegpipeError):
 
 class TransformFileError(RegpipeError):
     """A transform file cannot be read or written in the requested format."""
+
+
+class TrainingError(RegpipeError, FloatingPointError):
+    """Training cannot go on (the loss became NaN or infinite)."""

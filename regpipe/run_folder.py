@@ -113,10 +113,45 @@ def _atomic_save(payload: Any, path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
+#: Options a resumed run must keep: they define what is trained (the others, such as the
+#: number of steps, the budget, the device, the workers, weight averaging and the learning
+#: rate, may change).
+FIXED_OPTIONS = ("batch_size", "lam", "lam_range", "similarity", "lncc_sigma", "dice_weight",
+                 "dice_labels", "seed", "trainable")
+#: Recipe entries (in the card's ``training.recipe``) a resumed run must keep.
+FIXED_RECIPE = ("sources", "init", "conditional")
+
+
+def _changes(saved: Mapping[str, Any], options: Mapping[str, Any] | None,
+             card: Mapping[str, Any] | None) -> list[str]:
+    changes = []
+    before = saved.get("options") or {}
+    now = options or {}
+    for key in FIXED_OPTIONS:
+        if key in before and key in now and before[key] != now[key]:
+            changes.append(f"{key} {before[key]!r} -> {now[key]!r}")
+    old = ((saved.get("card") or {}).get("training") or {}).get("recipe") or {}
+    new = ((card or {}).get("training") or {}).get("recipe") or {}
+    for key in FIXED_RECIPE if new else ():
+        if key == "init" and new.get(key) is None:
+            continue  # resuming without --init: the checkpoint's weights are the start anyway
+        if old.get(key) != new.get(key):
+            changes.append(f"{key} {old.get(key)!r} -> {new.get(key)!r}"
+                           if key != "sources" else "the data sources")
+    return changes
+
+
 def resume_run(folder: Path, network: RegistrationNetwork, optimiser: torch.optim.Optimizer,
-               average: WeightAverage | None) -> tuple[int, float]:
+               average: WeightAverage | None, options: Mapping[str, Any] | None = None,
+               card: Mapping[str, Any] | None = None) -> tuple[int, float]:
     """Restore the run in ``folder`` into ``network``, ``optimiser``, ``average`` and torch's
-    random state; return its step and elapsed seconds (``0, 0.0`` for a new run)."""
+    random state; return its step and elapsed seconds (``0, 0.0`` for a new run).
+
+    With ``options`` (:meth:`TrainingOptions.to_dict`) and ``card`` (its ``training.recipe``),
+    a run whose :data:`FIXED_OPTIONS` or :data:`FIXED_RECIPE` differ is refused
+    (:class:`InputError` naming them); a different ``lr`` is applied to the restored
+    optimiser (the checkpoint's would otherwise win silently).
+    """
     path = folder / CHECKPOINT
     if not path.exists():
         return 0, 0.0
@@ -131,8 +166,25 @@ def resume_run(folder: Path, network: RegistrationNetwork, optimiser: torch.opti
             f"{expected}; use another output folder, or start from its "
             f"weights with --init {folder / WEIGHTS}"
         )
+    changes = _changes(saved, options, card)
+    if changes:
+        raise InputError(
+            f"{folder} holds a run with other settings ({'; '.join(changes)}); resume it with "
+            f"the same ones (--steps, --budget, --lr, --device, --workers may change) or use "
+            f"another output folder"
+        )
     restore_network_state(network, saved)
-    optimiser.load_state_dict(saved["optimizer"])
+    try:
+        optimiser.load_state_dict(saved["optimizer"])
+    except ValueError as error:  # other parameter groups: another --trainable
+        raise InputError(f"{path} was trained with other trainable parameters ({error})"
+                         ) from None
+    if options is not None and "lr" in options:
+        for group in optimiser.param_groups:
+            if group["lr"] != options["lr"]:
+                LOGGER.info("learning rate %g -> %g from this step on", group["lr"],
+                            options["lr"])
+                group["lr"] = options["lr"]
     if average is not None and saved.get("average"):
         average.load_state_dict(saved["average"])
     torch.set_rng_state(saved["torch_rng"])

@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from regpipe.errors import InputError
+from regpipe.errors import InputError, TrainingError
 from regpipe.losses import SIMILARITIES, gradicon_objective, shared_label_one_hot
 from regpipe.networks import (
     Condition,
@@ -63,6 +63,7 @@ from regpipe.networks import (
 )
 from regpipe.pair_stream import PairStream, default_workers, pair_generator
 from regpipe.run_folder import (
+    CHECKPOINT,
     LOG,
     LOG_FIELDS,
     ProgressLog,
@@ -315,13 +316,15 @@ def train(
     torch.manual_seed(options.seed)
     optimiser = torch.optim.Adam(_trainable_parameters(network, options.trainable), lr=options.lr)
     average = WeightAverage() if options.average_from is not None else None
-    step, elapsed_before = resume_run(folder, network, optimiser, average)
+    step, elapsed_before = resume_run(folder, network, optimiser, average,
+                                      options.to_dict(), card)
     shape = network.config.grid_shape
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16)
         if options.amp and device.type == "cuda" else contextlib.nullcontext()
     )
     log_path = folder / LOG
+    _cut_log(log_path, step)
     new_log = not log_path.exists()
     started = time.monotonic()
     stop = StopFlag()
@@ -378,10 +381,9 @@ def train(
                 terms, used_dice = _objective(network, batch, lam, options)
             loss = terms.all_loss
             if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"the loss became {loss.item()} at step {step + 1}; lower --lr or resume "
-                    f"from the last checkpoint in {folder}"
-                )
+                advice = (f"resume from the last checkpoint in {folder} with a lower --lr"
+                          if (folder / CHECKPOINT).exists() else "start again with a lower --lr")
+                raise TrainingError(f"the loss became {loss.item()} at step {step + 1}; {advice}")
             loss.backward()
             optimiser.step()
             step += 1
@@ -416,11 +418,29 @@ def train(
     LOGGER.info("waited %.0f s of %.0f s for training pairs%s", stream.waited, spent,
                 "; more workers would keep the device busier" if starved else "")
     elapsed = elapsed_before + spent
-    save_run(folder, network, optimiser, step=step, elapsed=elapsed, options=options.to_dict(),
-             card=current_card(), average=average)
+    with stop.installed():  # a second Ctrl-C must not cut the last checkpoint in half
+        save_run(folder, network, optimiser, step=step, elapsed=elapsed,
+                 options=options.to_dict(), card=current_card(), average=average)
     network.requires_grad_(True)
     network.eval()
     return TrainingState(step, elapsed, stopped_by, folder, last, stream.waited)
+
+
+def _cut_log(path: Path, step: int) -> None:
+    """Drop the rows of steps after ``step`` (the checkpoint a run resumes from): they were
+    logged after the last checkpoint of a run that then crashed or was killed, and are
+    trained again."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = lines[:1] + [line for line in lines[1:]
+                        if line.split(",", 1)[0].isdigit() and int(line.split(",", 1)[0]) <= step]
+    if len(kept) != len(lines):
+        from regpipe.atomic import atomic_write_text
+
+        LOGGER.info("%s: dropped %d row(s) logged after step %d, the checkpoint resumed from",
+                    path, len(lines) - len(kept), step)
+        atomic_write_text(path, "".join(kept))
 
 
 def _trainable_parameters(

@@ -331,6 +331,14 @@ def test_output_inside_the_dataset_is_64(data, capsys):
     assert "inside BIDS_DIR" in capsys.readouterr().err
 
 
+def test_output_that_cannot_be_created_is_one_line_and_73(data, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert _finetune(data, blocker / "run", *FAST) == 73
+    err = capsys.readouterr().err
+    assert err.startswith("regpipe-finetune: error:") and "Traceback" not in err
+
+
 def test_weights_are_required(data, tmp_path):
     assert finetune.main([str(data["bids"]), str(tmp_path / "run")]) == 64
 

@@ -563,6 +563,62 @@ def test_cli_trains_from_a_recipe_and_continues(tmp_path, capsys):
     assert len(maps) == 2
 
 
+def test_resume_refuses_other_settings_and_applies_a_new_lr(tmp_path, capsys):
+    from regpipe.cli.train import main
+
+    run = tmp_path / "run"
+    assert main([str(run), "--steps", "2", *TINY_ARGS]) == 0
+    assert main([str(run), "--steps", "3", "--seed", "7", *TINY_ARGS]) == 1
+    assert "seed 0 -> 7" in capsys.readouterr().err
+    assert main([str(run), "--steps", "3", "--trainable", "controller", *TINY_ARGS]) == 1
+    capsys.readouterr()
+    assert main([str(run), "--steps", "3", "--lr", "0.01", *TINY_ARGS]) == 0
+    saved = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert saved["step"] == 3
+    assert [g["lr"] for g in saved["optimizer"]["param_groups"]] == [0.01]
+
+
+def test_nan_loss_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
+    from regpipe import training
+    from regpipe.cli.train import main
+
+    original = training._objective
+
+    def nan_objective(*args, **kwargs):
+        terms, used = original(*args, **kwargs)
+        return terms._replace(all_loss=terms.all_loss * float("nan")), used
+
+    monkeypatch.setattr(training, "_objective", nan_objective)
+    assert main([str(tmp_path / "run"), "--steps", "2", *TINY_ARGS]) == 1
+    err = capsys.readouterr().err
+    assert "the loss became nan at step 1; start again with a lower --lr" in err
+    assert "Traceback" not in err
+
+
+def test_a_run_stopped_by_a_signal_exits_130(tmp_path, monkeypatch):
+    from regpipe import training
+    from regpipe.cli.train import main
+
+    def stopped(network, source, folder, options, card):
+        return training.TrainingState(1, 1.0, "signal", folder, {}, 0.0)
+
+    monkeypatch.setattr(training, "train", stopped)
+    assert main([str(tmp_path / "run"), "--steps", "2", *TINY_ARGS]) == 130
+
+
+def test_log_rows_after_the_resumed_checkpoint_are_dropped(tmp_path):
+    torch.manual_seed(0)
+    options = TrainingOptions(steps=2, checkpoint_every=2, progress=False)
+    train(build_network(TINY), RandomShapesSource(), tmp_path, options)
+    log = tmp_path / "log.csv"
+    rows = log.read_text().splitlines()
+    log.write_text("\n".join([*rows, "3,1,1,1,1,0,0.1,other,intra,1.5"]) + "\n")  # a lost step
+    train(build_network(TINY), RandomShapesSource(), tmp_path,
+          TrainingOptions(steps=3, checkpoint_every=2, progress=False))
+    steps = [r.split(",")[0] for r in log.read_text().splitlines()[1:]]
+    assert steps == ["1", "2", "3"]
+
+
 def test_cli_init_from_weights_at_another_grid(tmp_path, capsys):
     from regpipe.cli.train import main
 

@@ -39,7 +39,8 @@ def run_cli(main: Callable[[argparse.Namespace], int], parser: argparse.Argument
         print(f"{parser.prog}: error: {error.strerror or error}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted; no output was written", file=sys.stderr)
+        print(f"{parser.prog}: interrupted (outputs are written whole or not at all)",
+              file=sys.stderr)
         return 130
 
 

@@ -429,7 +429,7 @@ def run_training(settings: dict[str, Any], output: Path, card: dict[str, Any]) -
     LOGGER.info("stopped after step %d (%s), %.1f h in all; weights: %s", state.step,
                 state.stopped_by, state.elapsed_seconds / 3600, output / "weights.pt")
     print(json.dumps(state.summary()))
-    return 0
+    return 130 if state.stopped_by == "signal" else 0  # like regpipe-finetune: not "done"
 
 
 def _main(args: argparse.Namespace) -> int:
