@@ -120,6 +120,9 @@ FIXED_OPTIONS = ("batch_size", "lam", "lam_range", "similarity", "lncc_sigma", "
                  "dice_labels", "seed", "trainable")
 #: Recipe entries (in the card's ``training.recipe``) a resumed run must keep.
 FIXED_RECIPE = ("sources", "init", "conditional")
+#: Finetuning selections (the card's ``finetuning``) a resumed finetuning run must keep.
+FIXED_FINETUNING = ("dataset_path", "suffix", "pair_type", "participant_label",
+                    "session_label", "labels", "affine_init")
 
 
 def _changes(saved: Mapping[str, Any], options: Mapping[str, Any] | None,
@@ -138,6 +141,11 @@ def _changes(saved: Mapping[str, Any], options: Mapping[str, Any] | None,
         if old.get(key) != new.get(key):
             changes.append(f"{key} {old.get(key)!r} -> {new.get(key)!r}"
                            if key != "sources" else "the data sources")
+    old_ft = (saved.get("card") or {}).get("finetuning") or {}
+    new_ft = (card or {}).get("finetuning") or {}
+    for key in FIXED_FINETUNING if old_ft and new_ft else ():
+        if old_ft.get(key) != new_ft.get(key):
+            changes.append(f"{key} {old_ft.get(key)!r} -> {new_ft.get(key)!r}")
     return changes
 
 

@@ -300,6 +300,13 @@ def test_running_again_resumes(data, tmp_path):
     assert _card(out)["training"]["steps"] == 3
 
 
+def test_resuming_with_other_participants_is_refused(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _finetune(data, out, *FAST, "--steps", "1", "--pairs", "inter") == 0
+    assert _finetune(data, out, *FAST, "--steps", "2", "--pairs", "both") == 1
+    assert "pair_type 'inter' -> 'both'" in capsys.readouterr().err
+
+
 def test_output_with_another_configuration_explains(data, tmp_path, capsys):
     out = tmp_path / "run"
     assert _finetune(data, out, *FAST, "--steps", "1") == 0
