@@ -226,7 +226,9 @@ class LabelMapSource:
             zooms = zooms[ornt[:, 0].astype(int)]
             spacings.append(zooms[::-1])  # network order (S, A, R)
         # One contiguous label table shared by all maps, so ids agree between subjects.
-        original = np.unique(np.concatenate([np.unique(r) for r in raw]))
+        # 0 is background even in maps without any: the lowest label is a structure
+        original = np.unique(np.concatenate([np.zeros(1, np.int32),
+                                             *(np.unique(r) for r in raw)]))
         self.original_ids = original
         lookup = {int(v): i for i, v in enumerate(original)}
         self.maps = []
@@ -238,7 +240,12 @@ class LabelMapSource:
         self.background = [lookup[int(v)] for v in background_labels if int(v) in lookup]
         if align and len(self.maps) > 1:
             self.maps = _align_maps(self.maps, spacings, original, self.background)
-        self.boxes = [_foreground_box(m[0, 0].numpy()) for m in self.maps]
+        self.boxes = []
+        for path, labels in zip(paths, self.maps, strict=True):
+            try:
+                self.boxes.append(_foreground_box(labels[0, 0].numpy()))
+            except InputError as error:
+                raise InputError(f"label map {path}: {error}") from None
         self.paths = [Path(p) for p in paths]
 
     @property

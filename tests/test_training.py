@@ -131,6 +131,20 @@ def test_label_map_source_draws_pairs_with_shared_label_ids(tmp_path):
     assert set(pair.moving_labels.unique().tolist()) <= {0, 1, 2, 3, 4}
 
 
+def test_label_maps_without_background_keep_their_lowest_label(tmp_path):
+    data = np.full((20, 20, 20), 5, np.int16)
+    data[10:] = 6
+    path = tmp_path / "full.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    source = LabelMapSource([path], SHAPE)
+    assert source.original_ids.tolist() == [0, 5, 6]
+    pair = source.draw(SHAPE, _generator())
+    assert {1, 2} <= set(pair.moving_labels.unique().tolist())
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.int16), np.eye(4)), tmp_path / "empty.nii.gz")
+    with pytest.raises(InputError, match=r"empty\.nii\.gz: .*empty"):
+        LabelMapSource([tmp_path / "empty.nii.gz"], SHAPE)
+
+
 def test_label_map_source_intra_pairs_come_from_one_map(tmp_path):
     paths = [_label_map(tmp_path / f"s{i}.nii.gz", i) for i in range(2)]
     source = LabelMapSource(paths, SHAPE, inter_probability=0.0, deformation=STILL)
