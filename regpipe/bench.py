@@ -264,10 +264,7 @@ def run_benchmark(
     """
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    names = [p.name for p in pairs]
-    if len(set(names)) != len(names):
-        raise InputError("pair names must be unique: " + ", ".join(
-            sorted({n for n in names if names.count(n) > 1})))
+    check_pair_names(pairs)
     stored = {_row_key(r): r for r in (read_results(output) if resume else [])}
     rows: dict[tuple[str, str], dict[str, Any]] = dict(stored)
     total = len(pairs) * len(methods)
@@ -314,6 +311,14 @@ def run_benchmark(
     ordered = _ordered(rows, pairs, methods)
     write_results(ordered, output)
     return ordered
+
+
+def check_pair_names(pairs: Sequence[PairSpec]) -> None:
+    """Refuse pairs whose names repeat (results are keyed by pair name and method)."""
+    names = [p.name for p in pairs]
+    if len(set(names)) != len(names):
+        raise InputError("pair names must be unique: " + ", ".join(
+            sorted({n for n in names if names.count(n) > 1})))
 
 
 def _ordered(rows: dict[tuple[str, str], dict[str, Any]], pairs: Sequence[PairSpec],

@@ -275,6 +275,9 @@ def write_plots(rows: Sequence[Mapping[str, Any]], output: str | os.PathLike) ->
         written.append(RUNTIME_PLOT)
     if _boxplot(rows, "tre_mean_mm", "mean TRE per pair (mm)", output / TRE_PLOT):
         written.append(TRE_PLOT)
+    for name in (DICE_PLOT, RUNTIME_PLOT, TRE_PLOT):
+        if name not in written:  # an earlier run's figure would describe other results
+            (output / name).unlink(missing_ok=True)
     return written
 
 

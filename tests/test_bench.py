@@ -386,6 +386,20 @@ def test_resume_reruns_only_failures_and_changed_settings(pair_files, tmp_path, 
     assert rows["good", "affine"]["status"] == "ok" and len(rows) == 6
     assert _run(pair_files, output, "--resume", "--seed", "3", methods="affine") == 1
     assert calls[-1] == ("good", "affine")  # another seed is another result
+    # the report covers this run's pairs x methods only; the other rows stay in results.json
+    markdown = (output / "results.md").read_text()
+    assert "| affine | 1/2 |" in markdown and "identity" not in markdown
+    assert len(_rows(output)) == 6
+
+
+def test_overwrite_with_bad_pairs_keeps_the_previous_results(pair_files, tmp_path, capsys):
+    output = tmp_path / "out"
+    assert _run(pair_files, output, methods="identity") == 1
+    before = (output / bench.RESULTS_JSON).read_text()
+    code = main(["--pairs", str(tmp_path / "missing.json"), "--methods", "identity",
+                 "--weights", "none", "--output", str(output), "--overwrite", "--quiet"])
+    assert code == 1 and "missing.json" in capsys.readouterr().err
+    assert (output / bench.RESULTS_JSON).read_text() == before
 
 
 def test_run_benchmark_rejects_duplicate_pair_names(tmp_path):

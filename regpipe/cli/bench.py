@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _main(args: argparse.Namespace) -> int:
     from regpipe.bench import (
         RESULTS_JSON,
-            parse_methods,
+        check_pair_names,
+        parse_methods,
         read_pairs,
         resolve_method_weights,
         run_benchmark,
@@ -106,8 +107,6 @@ def _main(args: argparse.Namespace) -> int:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise InputError(f"cannot create {output}: {error}") from None
-    if args.overwrite:
-        (output / RESULTS_JSON).unlink(missing_ok=True)
     if args.pairs is not None:
         pairs = read_pairs(args.pairs)
     else:
@@ -116,14 +115,21 @@ def _main(args: argparse.Namespace) -> int:
         LOGGER.info("building the development set (%s) from %s", args.subset, args.dev_set)
         pairs = build_dev_set(args.dev_set, args.cache or output / "cache", args.subset,
                               args.n_pairs)
+    check_pair_names(pairs)
+    if args.overwrite:  # only now: a bad --pairs must not cost the previous results
+        (output / RESULTS_JSON).unlink(missing_ok=True)
     write_pairs(pairs, output / "pairs.json")
     LOGGER.info("%d pair(s) x %d method(s): %s", len(pairs), len(methods),
                 ", ".join(m.name for m in methods))
     rows = run_benchmark(pairs, methods, output, seed=args.seed, threads=args.threads,
                          ants_threads=args.ants_threads, device=args.device,
                          resume=args.resume)
-    report = write_report(rows, output)
     current = {(p.name, m.name) for p in pairs for m in methods}
+    others = [r for r in rows if (r["pair"], r["method"]) not in current]
+    if others:
+        LOGGER.warning("%d row(s) of other pairs or methods from earlier runs stay in %s but "
+                       "not in the report", len(others), output / RESULTS_JSON)
+    report = write_report([r for r in rows if (r["pair"], r["method"]) in current], output)
     failed = [r for r in rows if r.get("status") != "ok" and (r["pair"], r["method"]) in current]
     print(f"regpipe-bench: {len(current) - len(failed)} result(s), {len(failed)} failure(s); "
           f"report {report}", file=sys.stderr)
