@@ -633,6 +633,37 @@ def test_log_rows_after_the_resumed_checkpoint_are_dropped(tmp_path):
     assert steps == ["1", "2", "3"]
 
 
+@pytest.mark.parametrize(("recipe", "message"), [
+    ({"step": 2}, "unknown key(s) step"),
+    ({"steps": "2"}, "steps must be int"),
+    ({"lr": True}, "lr must be"),
+    ({"budget": "1 hour"}, "budget: cannot read the duration"),
+    ([1, 2], "a recipe is a JSON object"),
+    ({"sources": {"type": "random-shapes"}}, "sources must be list"),
+    ({"sources": [{"type": "random-shapes", "weigth": 2}]}, "unexpected keyword argument"),
+    ({"sources": [{"type": "label-maps"}]}, "needs 'paths'"),
+])
+def test_bad_recipes_are_one_line_errors(tmp_path, capsys, recipe, message):
+    from regpipe.cli.train import main
+
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(recipe))
+    assert main([str(tmp_path / "run"), "--recipe", str(path), *TINY_ARGS]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_recipe_grid_may_be_one_number(tmp_path, capsys):
+    from regpipe.cli.train import main
+
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps({"grid": 33, "steps": 1, "unets": 1, "down_channels": [4, 8, 8],
+                                "up_channels": [4, 8, 8]}))
+    assert main([str(tmp_path / "run"), "--recipe", str(path), "--no-progress"]) == 0
+    assert network_from_file(tmp_path / "run" / "weights.pt").config.grid_shape == (33, 33, 33)
+
+
 def test_cli_init_from_weights_at_another_grid(tmp_path, capsys):
     from regpipe.cli.train import main
 

@@ -179,9 +179,14 @@ def build_source(specs: list[dict[str, Any]], shape: Sequence[int], root: Path,
 
     ranges = {"deformation": DeformationRange, "placement": DeformationRange,
               "intensity": IntensityRange}
+    if not isinstance(specs, list) or not all(isinstance(spec, dict) for spec in specs):
+        raise InputError('recipe "sources" must be a list of objects, e.g. [{"type": '
+                         '"random-shapes", "weight": 1}]')
     sources, weights = [], []
     for spec in specs:
         spec = dict(spec)
+        if isinstance(spec.get("paths"), str):
+            spec["paths"] = [spec["paths"]]  # one pattern
         kind = spec.pop("type", None)
         weight = float(spec.pop("weight", 1.0))
         if weight <= 0:
@@ -198,30 +203,38 @@ def build_source(specs: list[dict[str, Any]], shape: Sequence[int], root: Path,
                     raise InputError(
                         f"recipe source {kind!r}: bad {key} {values}: {error}"
                     ) from error
-        source: td.PairSource
-        if kind == "random-shapes":
-            source = td.RandomShapesSource(region=region, **spec)
-        elif kind == "label-maps":
-            paths = expand_paths(spec.pop("paths"), root)
-            strip = spec.pop("strip_labels_from", None)
-            background = range(int(strip), 100000) if strip is not None else ()
-            source = td.LabelMapSource(paths, shape, region=region, background_labels=background,
-                                       **spec)
-        elif kind == "images":
-            paths = expand_paths(spec.pop("paths"), root)
-            source = td.ImageSource(paths, shape, region=region, **spec)
-        elif kind == "pairs":
-            spec.setdefault("grid_mode", grid_mode)
-            pair_paths = _read_pairs(Path(spec.pop("csv")), root)
-            source = td.ImagePairSource(pair_paths, shape, region=region, **spec)
-        else:
-            raise InputError(
-                f"unknown source type {kind!r} (label-maps, random-shapes, images, pairs)"
-            )
+        try:
+            source = _make_source(td, kind, spec, shape, root, grid_mode, region)
+        except TypeError as error:  # an unknown or misspelt key of the source
+            raise InputError(f"recipe source {kind!r}: {error}".replace(
+                "__init__() ", "")) from None
+        except KeyError as error:
+            raise InputError(f"recipe source {kind!r} needs {error}") from None
         LOGGER.info("data source %s (%s), weight %g", source.name, region, weight)
         sources.append(source)
         weights.append(weight)
     return td.MixedSource(sources, weights)
+
+
+def _make_source(td: Any, kind: Any, spec: dict[str, Any], shape: Sequence[int], root: Path,
+                 grid_mode: str, region: str) -> Any:
+    """One source of a recipe entry (``spec`` without its type, weight and region)."""
+    if kind == "random-shapes":
+        return td.RandomShapesSource(region=region, **spec)
+    if kind == "label-maps":
+        paths = expand_paths(spec.pop("paths"), root)
+        strip = spec.pop("strip_labels_from", None)
+        background = range(int(strip), 100000) if strip is not None else ()
+        return td.LabelMapSource(paths, shape, region=region, background_labels=background,
+                                 **spec)
+    if kind == "images":
+        return td.ImageSource(expand_paths(spec.pop("paths"), root), shape, region=region,
+                              **spec)
+    if kind == "pairs":
+        spec.setdefault("grid_mode", grid_mode)
+        pair_paths = _read_pairs(Path(spec.pop("csv")), root)
+        return td.ImagePairSource(pair_paths, shape, region=region, **spec)
+    raise InputError(f"unknown source type {kind!r} (label-maps, random-shapes, images, pairs)")
 
 
 def _read_pairs(path: Path, root: Path) -> list[tuple[Path, Path]]:
@@ -269,6 +282,7 @@ def merged_settings(args: argparse.Namespace) -> dict[str, Any]:
             settings = json.loads(Path(args.recipe).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as error:
             raise InputError(f"cannot read the recipe {args.recipe}: {error}") from error
+        check_recipe(settings, args.recipe)
     given = {k: v for k, v in vars(args).items()
              if v is not None and k not in ("recipe", "output")}
     for key in ("no_amp", "no_progress"):
@@ -288,6 +302,45 @@ def merged_settings(args: argparse.Namespace) -> dict[str, Any]:
     if not settings.get("sources"):
         settings["sources"] = [{"type": "random-shapes", "weight": 1.0}]
     return settings
+
+
+#: Recipe keys that are not command-line options.
+_RECIPE_ONLY = ("sources", "grid_mode", "held_out")
+#: Types of recipe values (a JSON integer also passes for a number).
+_RECIPE_TYPES: dict[str, tuple[type, ...]] = {
+    **dict.fromkeys(("steps", "batch_size", "seed", "checkpoint_every", "average_from",
+                     "average_every", "unets", "workers", "threads", "dice_labels"), (int,)),
+    **dict.fromkeys(("lr", "lam", "dice_weight", "lncc_sigma"), (int, float)),
+    **dict.fromkeys(("name", "description", "preset", "similarity", "init", "data_root",
+                     "device", "trainable", "conditional", "grid_mode"), (str,)),
+    **dict.fromkeys(("grid", "down_channels", "up_channels", "lam_range"), (list, int)),
+    "budget": (str, int, float),
+    "sources": (list,),
+}
+
+
+def check_recipe(recipe: Any, path: Any = "recipe") -> None:
+    """Refuse a recipe with unknown keys or values of the wrong type, naming them (a typo such
+    as ``"step"`` would otherwise be ignored and the default used)."""
+    if not isinstance(recipe, dict):
+        raise InputError(f"{path}: a recipe is a JSON object {{...}}, not {type(recipe).__name__}")
+    known = {a.dest for a in build_parser()._actions} | set(_RECIPE_ONLY)
+    unknown = sorted(set(recipe) - known - {"help", "output", "recipe"})
+    if unknown:
+        raise InputError(f"{path}: unknown key(s) {', '.join(unknown)} (known: "
+                         f"{', '.join(sorted(known - {'help', 'output', 'recipe'}))})")
+    for key, value in recipe.items():
+        types = _RECIPE_TYPES.get(key)
+        if value is None or types is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, types):
+            names = " or ".join(t.__name__ for t in types)
+            raise InputError(f"{path}: {key} must be {names}, not {value!r}")
+    if "budget" in recipe:
+        try:
+            parse_duration(recipe["budget"])
+        except argparse.ArgumentTypeError as error:
+            raise InputError(f"{path}: budget: {error}") from None
 
 
 #: lam range of a conditional run when none is given.
@@ -327,7 +380,7 @@ def build_network_from(settings: dict[str, Any]):
     for key in ("grid", "unets", "down_channels", "up_channels"):
         if settings.get(key) is not None:
             preset[key] = settings[key]
-    grid = list(preset["grid"])
+    grid = [preset["grid"]] if isinstance(preset["grid"], int) else list(preset["grid"])
     grid = grid * 3 if len(grid) == 1 else grid
     config = NetworkConfig(tuple(grid), int(preset["unets"]), tuple(preset["down_channels"]),
                            tuple(preset["up_channels"]))
