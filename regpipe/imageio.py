@@ -21,7 +21,7 @@ from regpipe.atomic import atomic_write
 from regpipe.errors import InputError
 from regpipe.spaces import Geometry
 
-ImageKind = Literal["image", "mask", "labels"]
+ImageKind = Literal["image", "mask", "labels", "any"]
 _ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
 
 
@@ -85,7 +85,8 @@ def load_image(source: ImageLike, kind: ImageKind = "image", what: str | None = 
         A path, a nibabel image or an :class:`Image`.
     kind
         ``"image"`` (float intensities; must be finite and non-constant), ``"mask"`` (any
-        values, non-zero = inside; must not be empty) or ``"labels"`` (integer labels).
+        values, non-zero = inside; must not be empty), ``"labels"`` (integer labels) or
+        ``"any"`` (any 3-D content: what resampling accepts).
     what
         Name used in error messages (``"fixed image"``, ``"moving mask"``...).
 
@@ -98,9 +99,19 @@ def load_image(source: ImageLike, kind: ImageKind = "image", what: str | None = 
     if isinstance(source, Image):
         image = source
     elif isinstance(source, nib.spatialimages.SpatialImage):
-        image = Image(np.asanyarray(source.dataobj), Geometry.from_image(source))
-    else:
+        try:
+            image = Image(np.asanyarray(source.dataobj), Geometry.from_image(source))
+        except ValueError as error:  # a 2-D image, no affine...
+            raise InputError(f"{what}: {error}") from None
+    elif isinstance(source, (str, os.PathLike)):
         image = _read_file(Path(source), what)
+    else:
+        raise InputError(
+            f"{what} must be a file path, a nibabel image or a regpipe Image, not "
+            f"{type(source).__name__}"
+            + (" (wrap an array with its grid: regpipe.imageio.Image(data, Geometry(shape, "
+               "affine)))" if isinstance(source, np.ndarray) else "")
+        )
     return _validate(image, kind, what)
 
 
@@ -119,7 +130,11 @@ def _read_file(path: Path, what: str) -> Image:
     except Exception as error:  # nibabel and zlib raise many unrelated types
         raise InputError(f"{what} {path} cannot be read as an image: {error}") from error
     header = loaded.header if isinstance(loaded, nib.Nifti1Image) else None
-    return Image(np.asarray(data), Geometry.from_image(loaded), path, header)
+    try:
+        geometry = Geometry.from_image(loaded)
+    except ValueError as error:  # a 2-D image
+        raise InputError(f"{what} {path}: {error}") from None
+    return Image(np.asarray(data), geometry, path, header)
 
 
 def _read_itk(path: Path) -> Image:
@@ -148,6 +163,9 @@ def _validate(image: Image, kind: ImageKind, what: str) -> Image:
             f"{what} {image.name} has shape {data.shape}: regpipe registers 3-D images; "
             "select one volume of a 4-D series first (e.g. `fslroi` or nibabel slicing)"
         )
+    if data.shape != tuple(image.geometry.shape):
+        raise InputError(f"{what} {image.name}: its data has shape {data.shape} but its grid "
+                         f"{tuple(image.geometry.shape)}")
     if min(data.shape) < 2:
         raise InputError(f"{what} {image.name} has a degenerate shape {data.shape}")
     if data.dtype.kind not in "biuf":
@@ -157,6 +175,8 @@ def _validate(image: Image, kind: ImageKind, what: str) -> Image:
             if not np.all(np.isfinite(data)) or np.any(data != np.round(data)):
                 raise InputError(f"{what} {image.name} holds non-integer values: not a label map")
             data = data.astype(np.int32)
+    elif kind == "any":
+        pass
     elif kind == "mask":
         if not np.any(data):
             raise InputError(f"{what} {image.name} is empty (no non-zero voxel)")
@@ -178,7 +198,18 @@ def check_same_grid(image: Image, mask: Image, what: str) -> None:
         )
 
 
+#: Suffixes images are written with (nibabel writes them; NIfTI is the native one).
+OUTPUT_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".mgh")
+
+
+def check_image_path(path: str | os.PathLike) -> None:
+    """Raise :class:`InputError` unless ``path`` ends with one of :data:`OUTPUT_IMAGE_SUFFIXES`."""
+    if not Path(path).name.lower().endswith(OUTPUT_IMAGE_SUFFIXES):
+        raise InputError(f"{path}: images are written as {', '.join(OUTPUT_IMAGE_SUFFIXES)}")
+
+
 def save_image(image: Image, path: str | os.PathLike, dtype: np.dtype | None = None) -> Path:
-    """Write ``image`` as NIfTI atomically."""
+    """Write ``image`` as NIfTI (or MGH, by the suffix) atomically."""
+    check_image_path(path)
     nifti = image.to_nifti(dtype)
     return atomic_write(path, lambda tmp: nib.save(nifti, str(tmp)))

@@ -8,6 +8,7 @@ warped image and metrics.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -102,8 +103,16 @@ class RegistrationResult:
         ``.hdf5`` for an ITK displacement-field transform, ``.nii.gz`` for an ITK/ANTs
         displacement-field image.
         """
-        from regpipe.transform_files import write_transform
+        from regpipe.imageio import check_image_path
+        from regpipe.transform_files import check_field_path, write_transform
 
+        # every name first: a bad last one must not leave the first files written
+        for path in (transform_out, inverse_out):
+            if path is not None:
+                check_field_path(path)
+        for path in (warped_out, jacobian_out):
+            if path is not None:
+                check_image_path(path)
         if transform_out is not None:
             write_transform(self.forward_field(), transform_out)
         if inverse_out is not None:
@@ -121,7 +130,14 @@ def _load_network(weights: Any, device: torch.device):
     if weights is None:
         return None, None
     if isinstance(weights, RegistrationNetwork):
-        return weights.to(device).eval(), None
+        dtypes = {p.dtype for p in weights.parameters()}
+        if dtypes - {torch.float32}:
+            raise InputError(f"the network's parameters are {', '.join(map(str, dtypes))}: "
+                             f"regpipe runs networks in float32 (call .float() on it)")
+        return weights.to(device).eval(), None  # restored by register() afterwards
+    if not isinstance(weights, (str, os.PathLike)):
+        raise InputError(f"weights must be 'default', a registry name, a file path, a "
+                         f"RegistrationNetwork or None, not {type(weights).__name__}")
     path = resolve_weights(weights)
     network = network_from_file(path)
     return network.to(device).eval(), path
@@ -143,6 +159,33 @@ def _grid_mode(network: Any, grid_mode: str) -> GridMode:
     return metadata.get("grid_mode", "squash")
 
 
+def _leaves_torch_state_alone(function):
+    """Run ``function`` with the caller's torch random state, thread count and (for a network
+    passed as ``weights``) its device and train/eval mode restored afterwards."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        threads = torch.get_num_threads()
+        network = kwargs.get("weights")
+        state = None
+        if isinstance(network, torch.nn.Module):
+            first = next(network.parameters(), None)
+            state = (network.training, None if first is None else first.device)
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                return function(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+            if state is not None:
+                network.train(state[0])
+                if state[1] is not None:
+                    network.to(state[1])
+
+    return wrapper
+
+
+@_leaves_torch_state_alone
 def register(
     fixed: ImageLike,
     moving: ImageLike,
@@ -192,8 +235,9 @@ def register(
         network (affine plus instance optimisation only).
     fixed_mask, moving_mask
         Regions of interest on each image's grid; used by the similarity of instance
-        optimisation when ``loss_masking`` is true (default), and to zero the network input
-        when ``input_masking`` is true.
+        optimisation when ``loss_masking`` is true (default; fast optimisation measures the
+        similarity on the fixed grid, so it uses ``fixed_mask`` only), and to zero the network
+        input when ``input_masking`` is true.
     fixed_segmentation, moving_segmentation
         Label maps; when both are given the result reports Dice per label.
     affine
@@ -208,6 +252,10 @@ def register(
     io_method
         ``"fast"`` (a displacement correction on top of the network, CPU friendly) or
         ``"network"`` (uniGradICON's optimisation of all network weights).
+    io_sim, io_lr
+        Similarity (``"lncc"``, ``"lncc2"``, ``"mind"``) and Adam learning rate (default
+        2e-5) of ``io_method="network"``; the fast method uses LNCC and its own step sizes,
+        and refuses other values.
     io_grid
         Largest size per axis of the grid fast instance optimisation works on (the fixed
         image's own grid, reduced; default 160). Smaller is faster and coarser.
@@ -215,7 +263,9 @@ def register(
         Fields of :class:`regpipe.fast_io.FastIOSettings` for fast instance optimisation (for
         example ``{"level_steps": (2.0, 0.5)}``).
     device, threads, seed
-        Compute device (``"auto"``, ``"cpu"``, ``"cuda"``), CPU threads, random seed.
+        Compute device (``"auto"``, ``"cpu"``, ``"cuda"``), CPU threads, random seed. The
+        caller's torch random state and thread count are restored when the call returns, as
+        are the device and train/eval mode of a network passed as ``weights``.
     mixed_precision
         Run the network's forward pass with bfloat16 autocast on a CUDA device
         (:func:`regpipe.device.autocast`; the displacement is returned as float32 and the
@@ -253,7 +303,7 @@ def register(
     from regpipe.device import autocast, select_device, set_threads
 
     started = time.perf_counter()
-    if threads:
+    if threads is not None:
         set_threads(threads)
     if seed is not None:
         torch.manual_seed(seed)
@@ -267,6 +317,11 @@ def register(
         raise InputError(f"io_grid must be at least 16 voxels, got {io_grid!r}")
     fixed_modality = check_modality(fixed_modality)
     moving_modality = check_modality(moving_modality)
+    if io_iterations and io_method == "fast" and (io_sim != "lncc" or io_lr is not None):
+        raise InputError(
+            "fast instance optimisation (io_method 'fast', the default) uses LNCC and its own "
+            "step sizes (io_options); io_sim and io_lr apply to io_method 'network' "
+            "(--io_method network)")
     dice_loss_weight = float(dice_loss_weight)
     _check_objective_options(
         intensity_conservation, dice_loss_weight, fixed_modality, moving_modality,
@@ -326,6 +381,10 @@ def register(
         device=torch_device,
     )
     LOGGER.info("network grid %s (%s mode), device %s", grid_shape, mode, torch_device)
+    if not bool(moving_t.abs().amax() > 0):
+        LOGGER.warning("the moving image does not overlap the fixed image's grid in world space "
+                       "(%s pre-alignment): the result will be meaningless; check the images' "
+                       "origins or use affine='ours'", affine)
 
     with _conditioned(network, condition):
         with autocast(torch_device, enabled=mixed_precision):

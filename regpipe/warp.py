@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
 
-from regpipe.imageio import Image, ImageLike, load_image, save_image
+from regpipe.errors import InputError
+from regpipe.imageio import Image, ImageLike, check_image_path, load_image, save_image
 from regpipe.spaces import Geometry, index_to_sampling_matrix
 from regpipe.transforms import Transform, map_voxel_grid, map_voxel_slabs
 
@@ -113,12 +114,16 @@ def apply_transform(
     """
     from regpipe.transform_files import read_transform
 
-    kind = "labels" if interpolation == "nearest" else "image"
-    moving_img = load_image(moving, "image" if kind == "image" else "mask", "moving image")
+    if interpolation not in ("linear", "nearest"):
+        raise InputError(f"interpolation must be 'linear' or 'nearest', got {interpolation!r}")
+    if output is not None:
+        check_image_path(output)
+    # resampling takes any content: empty label maps, constant images, an all-zero reference
+    moving_img = load_image(moving, "any", "moving image")
     if isinstance(reference, Geometry):
         geometry = reference
     else:
-        geometry = load_image(reference, "mask", "reference image").geometry
+        geometry = load_image(reference, "any", "reference image").geometry
     if isinstance(transform, (str, os.PathLike)):
         transform = read_transform(Path(transform))
     _warn_if_field_misses(transform, geometry)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -144,6 +145,82 @@ def test_apply_transform_warns_when_the_field_misses_the_reference(pair, caplog,
     with caplog.at_level("WARNING", logger="regpipe"):
         regpipe.apply_transform(moving, field, far)
     assert "covers 0% of the reference grid" in caplog.text
+
+
+def test_register_leaves_torch_state_and_the_callers_network_alone(pair, small_network):
+    fixed, moving, _ = pair
+    threads = torch.get_num_threads()
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    small_network.train()
+    regpipe.register(fixed, moving, weights=small_network, affine="none", io_iterations=2,
+                     threads=1, progress=False, evaluate=False)
+    assert torch.equal(torch.rand(3), expected)  # the caller's random stream goes on
+    assert torch.get_num_threads() == threads
+    assert small_network.training  # left as the caller had it
+    small_network.eval()
+    with pytest.raises(InputError, match="float32"):
+        regpipe.register(fixed, moving, weights=small_network.double(), io_iterations=0)
+    small_network.float()
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"io_sim": "mind"}, "io_sim and io_lr apply to io_method 'network'"),
+    ({"io_lr": 1.0}, "io_sim and io_lr apply to io_method 'network'"),
+    ({"weights": {"a": 1}}, "weights must be"),
+    ({"threads": 0}, "thread count"),
+])
+def test_options_that_would_be_ignored_are_refused(pair, options, message):
+    fixed, moving, _ = pair
+    with pytest.raises(InputError, match=message):
+        regpipe.register(fixed, moving, **{"weights": None, "io_iterations": 2, **options})
+
+
+def test_images_must_be_files_nibabel_or_regpipe_images_with_matching_grids(pair):
+    fixed, moving, _ = pair
+    with pytest.raises(InputError, match="wrap an array"):
+        regpipe.register(fixed, moving, weights=None, fixed_mask=fixed.data > 0.3)
+    wrong = Image(fixed.data, Geometry(fixed.data.shape[::-1], fixed.geometry.affine))
+    with pytest.raises(InputError, match="its data has shape"):
+        regpipe.register(wrong, moving, weights=None)
+    flat = nib.Nifti1Image(np.random.rand(8, 9).astype(np.float32), np.eye(4))
+    with pytest.raises(InputError, match="fixed image"):
+        regpipe.register(flat, moving, weights=None)
+
+
+def test_no_overlap_in_world_space_is_warned(pair, caplog):
+    fixed, moving, _ = pair
+    far = Image(moving.data, Geometry(moving.geometry.shape, moving.geometry.affine @ np.array(
+        [[1.0, 0, 0, 500], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])))
+    with caplog.at_level("WARNING", logger="regpipe"):
+        regpipe.register(fixed, far, weights=None, affine="none", io_iterations=0,
+                         evaluate=False)
+    assert "does not overlap" in caplog.text
+
+
+def test_save_checks_every_name_before_writing(pair, tmp_path):
+    from regpipe.errors import TransformFileError
+
+    fixed, moving, _ = pair
+    result = regpipe.register(fixed, moving, weights=None, io_iterations=0, evaluate=False)
+    with pytest.raises(TransformFileError, match="affine transforms only"):
+        result.save(tmp_path / "fwd.h5", inverse_out=tmp_path / "inv.txt")
+    with pytest.raises(InputError, match="images are written as"):
+        result.save(tmp_path / "fwd.h5", warped_out=tmp_path / "w.mha")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_apply_transform_resamples_any_content_and_checks_the_interpolation(pair):
+    fixed, moving, _ = pair
+    empty = Image(np.zeros(moving.geometry.shape, np.uint8), moving.geometry)
+    reference = Image(np.zeros(fixed.geometry.shape, np.float32), fixed.geometry)
+    out = regpipe.apply_transform(empty, AffineTransform.identity(), reference,
+                                  interpolation="nearest")
+    assert out.data.dtype == np.uint8 and not out.data.any()
+    with pytest.raises(InputError, match="'linear' or 'nearest'"):
+        regpipe.apply_transform(moving, AffineTransform.identity(), fixed,
+                                interpolation="cubic")  # type: ignore[arg-type]
 
 
 def test_weights_file_round_trip(pair, small_network, tmp_path):

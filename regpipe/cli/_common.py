@@ -65,14 +65,11 @@ def smoothness_argument(value: str) -> float:
     return number
 
 
-#: Suffixes the image outputs may have (nibabel writes them; NIfTI is the native one).
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".mgh")
-
-
 def check_outputs(outputs: Mapping[str, tuple[str | None, str]]) -> None:
     """Check output paths before any work: ``{option: (path or None, kind)}``, ``kind`` one of
-    ``"image"`` (a suffix of :data:`IMAGE_SUFFIXES`), ``"field"`` (a transform file that holds
-    a displacement field: ``.nii.gz``, ``.nii``, ``.h5``, ``.hdf5``) or ``"file"`` (anything).
+    ``"image"`` (a suffix of :data:`regpipe.imageio.OUTPUT_IMAGE_SUFFIXES`), ``"field"`` (a
+    transform file that holds a displacement field: ``.nii.gz``, ``.nii``, ``.h5``,
+    ``.hdf5``) or ``"file"`` (anything).
     The folder must exist and be writable, and the path must not be a folder.
 
     Raises
@@ -80,6 +77,7 @@ def check_outputs(outputs: Mapping[str, tuple[str | None, str]]) -> None:
     InputError
         Naming the option and what is wrong with its path.
     """
+    from regpipe.imageio import check_image_path
     from regpipe.transform_files import check_field_path
 
     for option, (value, kind) in outputs.items():
@@ -94,12 +92,10 @@ def check_outputs(outputs: Mapping[str, tuple[str | None, str]]) -> None:
             raise InputError(f"{flag}: folder {folder} does not exist")
         if not os.access(folder, os.W_OK | os.X_OK):
             raise InputError(f"{flag}: folder {folder} is not writable")
-        name = path.name.lower()
-        if kind == "image" and not name.endswith(IMAGE_SUFFIXES):
-            raise InputError(f"{flag} {path}: images are written as "
-                             f"{', '.join(IMAGE_SUFFIXES)}")
-        if kind == "field":
-            try:
+        try:
+            if kind == "image":
+                check_image_path(path)
+            elif kind == "field":
                 check_field_path(path)
-            except RegpipeError as error:
-                raise InputError(f"{flag}: {error}") from None
+        except RegpipeError as error:
+            raise InputError(f"{flag}: {error}") from None

@@ -68,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                "smaller is faster and coarser)")
     add_option(parser, "io_sim", default="lncc", choices=["lncc", "lncc2", "mind"],
                help="similarity for instance optimisation")
-    add_option(parser, "io_lr", type=float, default=2e-5,
-               help="learning rate of network instance optimisation (default 2e-5)")
+    add_option(parser, "io_lr", type=float,
+               help="learning rate of network instance optimisation (--io_method network; "
+               "default 2e-5)")
     add_option(parser, "model", default=None,
                help="weights by name: unigradicon, multigradicon or a regpipe model "
                "(default: regpipe's default weights)")
@@ -176,7 +177,7 @@ def _check_objective_options(args: argparse.Namespace) -> None:
 def _main(args: argparse.Namespace) -> int:
     from regpipe.registration import register
 
-    if args.io_lr <= 0:
+    if args.io_lr is not None and args.io_lr <= 0:
         raise InputError("--io_lr must be positive")
     _check_objective_options(args)
     _check_outputs(args)

@@ -382,8 +382,10 @@ def build_network_from(settings: dict[str, Any]):
             preset[key] = settings[key]
     grid = [preset["grid"]] if isinstance(preset["grid"], int) else list(preset["grid"])
     grid = grid * 3 if len(grid) == 1 else grid
-    config = NetworkConfig(tuple(grid), int(preset["unets"]), tuple(preset["down_channels"]),
-                           tuple(preset["up_channels"]))
+    if len(grid) != 3:
+        raise InputError(f"grid must be one size or three, got {preset['grid']!r}")
+    config = NetworkConfig((int(grid[0]), int(grid[1]), int(grid[2])), int(preset["unets"]),
+                           tuple(preset["down_channels"]), tuple(preset["up_channels"]))
     mode = settings.get("conditional")
     lam_range = settings.get("lam_range")
     if checkpoint is not None and checkpoint.conditioning is not None:
