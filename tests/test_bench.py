@@ -392,6 +392,23 @@ def test_resume_reruns_only_failures_and_changed_settings(pair_files, tmp_path, 
     assert len(_rows(output)) == 6
 
 
+def test_interrupted_run_leaves_a_partial_report(pair_files, tmp_path, monkeypatch, capsys):
+    output = tmp_path / "out"
+    original = bench.run_method
+    calls = []
+
+    def interrupted(method, pair, **kwargs):
+        calls.append(method.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(method, pair, **kwargs)
+
+    monkeypatch.setattr(bench, "run_method", interrupted)
+    assert _run(pair_files, output, methods="identity,affine") == 130
+    assert "interrupted after 1 of 4 result(s)" in capsys.readouterr().err
+    assert "| identity | 1/1 |" in (output / "results.md").read_text()
+
+
 def test_overwrite_with_bad_pairs_keeps_the_previous_results(pair_files, tmp_path, capsys):
     output = tmp_path / "out"
     assert _run(pair_files, output, methods="identity") == 1

@@ -88,6 +88,7 @@ def _main(args: argparse.Namespace) -> int:
         check_pair_names,
         parse_methods,
         read_pairs,
+        read_results,
         resolve_method_weights,
         run_benchmark,
         write_pairs,
@@ -121,10 +122,18 @@ def _main(args: argparse.Namespace) -> int:
     write_pairs(pairs, output / "pairs.json")
     LOGGER.info("%d pair(s) x %d method(s): %s", len(pairs), len(methods),
                 ", ".join(m.name for m in methods))
-    rows = run_benchmark(pairs, methods, output, seed=args.seed, threads=args.threads,
-                         ants_threads=args.ants_threads, device=args.device,
-                         resume=args.resume)
     current = {(p.name, m.name) for p in pairs for m in methods}
+    try:
+        rows = run_benchmark(pairs, methods, output, seed=args.seed, threads=args.threads,
+                             ants_threads=args.ants_threads, device=args.device,
+                             resume=args.resume)
+    except KeyboardInterrupt:  # report what is done; --resume continues from results.json
+        done = [r for r in read_results(output) if (r["pair"], r["method"]) in current]
+        if done:
+            report = write_report(done, output)
+            print(f"regpipe-bench: interrupted after {len(done)} of {len(current)} result(s); "
+                  f"partial report {report}; continue with --resume", file=sys.stderr)
+        raise
     others = [r for r in rows if (r["pair"], r["method"]) not in current]
     if others:
         LOGGER.warning("%d row(s) of other pairs or methods from earlier runs stay in %s but "
