@@ -26,7 +26,7 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=library + workflows + bids_app,
     package_dir={"regpipe": "regpipe", "regpipe.workflows": "workflows",
                  "regpipe.bids_app": "bids_app"},

@@ -414,6 +414,10 @@ def test_slurm_plugin_and_plugin_args(tmp_path, template_file, fake_wf):
                        "--plugin-args", '{"sbatch_args": "--time=1:00:00"}') == 0
     ((plugin, plugin_args),) = fake_wf["workflow"].runs
     assert plugin == "SLURM" and plugin_args["sbatch_args"] == "--time=1:00:00"
+    execution = fake_wf["workflow"].config["execution"]
+    # one squeue per job per poll: not every 0.5 s; slow shared file systems get 60 s
+    assert float(execution["poll_sleep_duration"]) >= 2
+    assert int(execution["job_finished_timeout"]) == 60
 
 
 def test_bids_filter_file_null_and_value(tmp_path, template_file, fake_wf):

@@ -114,7 +114,8 @@ def slurm_plugin_run(dataset) -> dict:
     env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", HOME=str(root / "home"),
                TEMPLATEFLOW_HOME=str(dataset["templateflow"]), REGPIPE_HOME=str(root / "regpipe"),
                REGPIPE_OFFLINE="1", NIPYPE_NO_ET="1", MPLCONFIGDIR=str(root / "mpl"))
-    plugin_args = {"sbatch_args": "--time=00:10:00 --mem=1G", "retry_timeout": 0.1}
+    plugin_args = {"sbatch_args": "--time=00:10:00 --mem=1G", "retry_timeout": 0.1,
+                   "poll_sleep_duration": 0.5}  # regpipe polls a scheduler every 2 s by default
     command = [sys.executable, "-m", "regpipe.bids_app.run", str(dataset["bids"]),
                str(root / "out"), "participant", "--participant-label", "01", *FAST,
                "--plugin", "SLURM", "--plugin-args", json.dumps(plugin_args),
@@ -306,9 +307,11 @@ def test_concurrent_bidsignore_merges_keep_every_line(tmp_path):
     assert sorted(merged) == sorted({*derivatives.BIDSIGNORE_LINES, *lines})
 
 
-def test_dataset_files_are_written_where_flock_is_unsupported(tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("code", [errno.ENOLCK, errno.ENOSYS])  # some NFS; Lustre noflock
+def test_dataset_files_are_written_where_flock_is_unsupported(tmp_path, monkeypatch, caplog,
+                                                              code):
     def no_locks(fd, operation):
-        raise OSError(errno.ENOLCK, "No locks available")  # as on some NFS mounts
+        raise OSError(code, "no locks")
 
     monkeypatch.setattr(fcntl, "flock", no_locks)
     with caplog.at_level(logging.WARNING, logger="nipype.workflow"):

@@ -449,9 +449,12 @@ def run_workflow(
     stop_on_first_crash
         Nipype's option; false: every node that can run, runs.
     poll_sleep_duration
-        Seconds between scheduler polls (Nipype's default is 2; every level of the graph
-        waits one poll, even when cached, so 0.5 makes a fully cached rerun about 4x faster);
-        ``None`` keeps the workflow's configuration.
+        Seconds between polls of MultiProc/Linear (Nipype's default is 2; every level of the
+        graph waits one poll, even when cached, so 0.5 makes a fully cached rerun about 4x
+        faster); ``None`` keeps the workflow's configuration. Batch plugins (SLURM, SGE...)
+        poll at least every 2 s (each poll runs one ``squeue``/``qstat`` per job) and wait
+        up to 60 s for a finished job's result file (``job_finished_timeout``). A
+        ``poll_sleep_duration`` entry of ``plugin_args`` overrides all of this.
     """
     args: dict[str, Any] = {}
     if plugin == "MultiProc":
@@ -463,8 +466,16 @@ def run_workflow(
         if memory_gb is not None:
             args["memory_gb"] = float(memory_gb)
     args.update(plugin_args or {})
+    asked_poll = args.pop("poll_sleep_duration", None)  # regpipe's, not the plugin's
     execution = workflow.config.setdefault("execution", {})
     execution["stop_on_first_crash"] = str(bool(stop_on_first_crash)).lower()
+    if plugin not in ("MultiProc", "Linear"):
+        # a batch plugin polls the scheduler once per running job per poll (squeue, qstat):
+        # keep Nipype's 2 s or more, and wait for result files on a slow shared file system
+        poll_sleep_duration = max(poll_sleep_duration or 2.0, 2.0)
+        execution.setdefault("job_finished_timeout", 60)
+    if asked_poll is not None:
+        poll_sleep_duration = float(asked_poll)
     if poll_sleep_duration is not None:
         execution["poll_sleep_duration"] = poll_sleep_duration
     crash_dirs = {

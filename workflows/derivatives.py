@@ -210,7 +210,8 @@ def bids_uri(path: str | os.PathLike[str], root: str | os.PathLike[str], dataset
 
 
 #: ``flock`` errors of file systems that do not support locks (some NFS and Lustre mounts).
-_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL)
+# ENOSYS: Lustre mounted with noflock
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS)
 
 
 @contextlib.contextmanager
