@@ -426,3 +426,26 @@ def test_subject_report_calls_the_reports_module(monkeypatch, tmp_path):
     assert steps.subject_report(inputs) == str(tmp_path / "sub-01.html")
     assert calls[0]["sections"] == [section, section]
     assert isinstance(calls[0]["output_dir"], Path)
+
+
+def test_single_cpu_nodes_run_torch_on_one_thread(tmp_path, monkeypatch):
+    """MultiProc runs up to n_procs one-CPU nodes side by side: each must use one thread."""
+    import nibabel as nib
+    import numpy as np
+    import torch
+    from regpipe.workflows import interfaces
+
+    path = tmp_path / "img.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((8, 8, 8), np.float32),
+                             np.eye(4)), path)
+    threads = torch.get_num_threads()
+    seen = []
+    monkeypatch.setattr(interfaces, "normalize_file",
+                        lambda *args: seen.append(torch.get_num_threads()) or str(path))
+    monkeypatch.chdir(tmp_path)
+    try:
+        torch.set_num_threads(2)
+        interfaces.NormalizeImage(in_file=str(path), modality="mri").run()
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [1]

@@ -73,6 +73,14 @@ def _opt(value: Any) -> Any:
 # --------------------------------------------------------------------------- preprocessing
 
 
+def _one_thread() -> None:
+    """Nodes that declare one CPU (``n_procs`` 1) use one: torch would otherwise take every
+    core of the machine in each of MultiProc's workers running such nodes side by side."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 class _ConformInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="image, mask or label map")
     kind = traits.Enum("image", "mask", "labels", usedefault=True, desc="what in_file holds")
@@ -89,6 +97,7 @@ class ConformImage(SimpleInterface):
     output_spec = _OutFileSpec
 
     def _run_interface(self, runtime):
+        _one_thread()
         out = _name(self.inputs.in_file, "ras", runtime.cwd)
         self._results["out_file"] = conform_file(self.inputs.in_file, self.inputs.kind, out)
         return runtime
@@ -127,6 +136,7 @@ class NormalizeImage(SimpleInterface):
     output_spec = _OutFileSpec
 
     def _run_interface(self, runtime):
+        _one_thread()
         out = _name(self.inputs.in_file, "norm", runtime.cwd)
         self._results["out_file"] = normalize_file(
             self.inputs.in_file, self.inputs.modality, out, _opt(self.inputs.mask)
@@ -240,6 +250,7 @@ class EvaluateRegistration(SimpleInterface):
     output_spec = _EvaluateOutputSpec
 
     def _run_interface(self, runtime):
+        _one_thread()
         i = self.inputs
         self._results.update(evaluate_registration(
             i.fixed, i.moving, i.forward_xfm, i.inverse_xfm, runtime.cwd,
