@@ -240,12 +240,18 @@ def _run(workflow, args: argparse.Namespace, plugin: str, log_dir: Path) -> None
         # nodes outside the per-subject workflows (dataset-level files) crash here
         {"crashdump_dir": str(log_dir), "crashfile_format": "txt"})
     _ensure_logname()
+    memory_gb = args.mem_gb
+    if memory_gb is None:
+        from regpipe.device import memory_limit_gb
+
+        limit = memory_limit_gb()  # a container or job limit MultiProc cannot see
+        memory_gb = None if limit is None else round(0.85 * limit, 1)
     LOGGER.info("running with the %s plugin (%d CPUs, %s GB, plugin args %s); work directory %s",
-                plugin, args.nprocs, args.mem_gb or "no", args.plugin_args or {}, args.work_dir)
+                plugin, args.nprocs, memory_gb or "no", args.plugin_args or {}, args.work_dir)
     started = time.time()
     try:
         summary = run_workflow(workflow, plugin=plugin, n_procs=args.nprocs,
-                               memory_gb=args.mem_gb, plugin_args=args.plugin_args,
+                               memory_gb=memory_gb, plugin_args=args.plugin_args,
                                stop_on_first_crash=args.stop_on_first_crash)
     except Exception as error:  # the plugin's own failures (no sbatch...), with the traceback
         # the Linear plugin re-raises the first failed node's exception: name its subject

@@ -10,6 +10,7 @@ Example
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import torch
 
 from regpipe.errors import InputError, ResourceError
 
-__all__ = ["autocast", "available_cpus", "select_device", "set_threads"]
+__all__ = ["autocast", "available_cpus", "memory_limit_gb", "select_device", "set_threads"]
 
 _CUDA_SPEC = re.compile(r"^cuda(?::(\d+))?$")
 
@@ -66,13 +67,46 @@ def select_device(spec: str | torch.device = "auto") -> torch.device:
     return torch.device("cuda")
 
 
-def available_cpus() -> int:
-    """CPUs this process may run on: its affinity mask where the system has one (a SLURM or
-    container CPU allocation), else all of the machine's."""
+#: cgroup v2 files of this process's CPU quota and memory limit (Docker --cpus / -m, SLURM).
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
+CGROUP_MEMORY_MAX = "/sys/fs/cgroup/memory.max"
+
+
+def _read_first_line(path: str) -> str | None:
     try:
-        return len(os.sched_getaffinity(0))
+        with open(path, encoding="ascii") as handle:
+            return handle.readline().strip()
+    except (OSError, ValueError):
+        return None
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask (a SLURM or container CPU set), capped by a
+    cgroup CPU quota (``docker run --cpus``, which the mask does not show) and by SGE's
+    ``NSLOTS``; all of the machine's CPUs where none of these exist."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    quota = (_read_first_line(CGROUP_CPU_MAX) or "max").split()
+    if len(quota) == 2 and quota[0] != "max":
+        try:
+            cpus = min(cpus, max(1, math.ceil(int(quota[0]) / int(quota[1]))))
+        except (ValueError, ZeroDivisionError):
+            pass
+    slots = os.environ.get("NSLOTS", "")
+    if slots.isdigit() and int(slots) > 0:
+        cpus = min(cpus, int(slots))
+    return cpus
+
+
+def memory_limit_gb() -> float | None:
+    """This process's cgroup memory limit in GB (``docker run -m``, a SLURM job), or ``None``
+    where there is none: MultiProc would otherwise plan with 90 % of the machine's RAM."""
+    text = _read_first_line(CGROUP_MEMORY_MAX)
+    if text is None or not text.isdigit():
+        return None
+    return int(text) / 1024**3
 
 
 def set_threads(n: int | None) -> int:

@@ -408,6 +408,19 @@ def test_template_jobs_contract_and_run_settings(tmp_path, template_file, fake_w
     assert os.environ["LOGNAME"]
 
 
+def test_memory_defaults_to_85_percent_of_a_container_limit(tmp_path, template_file, fake_wf,
+                                                           monkeypatch):
+    from regpipe import device
+
+    limit = tmp_path / "memory.max"
+    limit.write_text(f"{10 * 1024**3}\n")
+    monkeypatch.setattr(device, "CGROUP_MEMORY_MAX", str(limit))
+    bids_dir = two_subjects(tmp_path / "bids")
+    assert participant(bids_dir, tmp_path, template_file) == 0
+    ((_, plugin_args),) = fake_wf["workflow"].runs
+    assert plugin_args["memory_gb"] == 8.5
+
+
 def test_slurm_plugin_and_plugin_args(tmp_path, template_file, fake_wf):
     bids_dir = two_subjects(tmp_path / "bids")
     assert participant(bids_dir, tmp_path, template_file, "--plugin", "slurm",

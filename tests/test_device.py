@@ -77,3 +77,29 @@ def test_autocast_uses_bfloat16_on_gpu() -> None:
         assert (a @ a).dtype == torch.bfloat16
     with autocast("cuda", enabled=False):
         assert (a @ a).dtype == torch.float32
+
+
+def test_available_cpus_honour_a_cpu_quota_and_sge_slots(monkeypatch, tmp_path) -> None:
+    from regpipe import device
+
+    quota = tmp_path / "cpu.max"
+    quota.write_text("150000 100000\n")  # docker run --cpus 1.5
+    monkeypatch.setattr(device, "CGROUP_CPU_MAX", str(quota))
+    monkeypatch.setattr(device.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert available_cpus() == 2
+    quota.write_text("max 100000\n")
+    assert available_cpus() == 8
+    monkeypatch.setenv("NSLOTS", "3")
+    assert available_cpus() == 3
+
+
+def test_memory_limit_from_the_cgroup(monkeypatch, tmp_path) -> None:
+    from regpipe import device
+
+    limit = tmp_path / "memory.max"
+    monkeypatch.setattr(device, "CGROUP_MEMORY_MAX", str(limit))
+    assert device.memory_limit_gb() is None  # no file
+    limit.write_text("max\n")
+    assert device.memory_limit_gb() is None
+    limit.write_text(f"{8 * 1024**3}\n")
+    assert device.memory_limit_gb() == 8.0

@@ -158,6 +158,7 @@ def _array_env(dataset: dict[str, Path], root: Path, bin_dir: Path) -> dict[str,
         "BIDS_DIR": str(dataset["bids"]), "OUTPUT_DIR": str(root / "out"),
         "WORK_DIR": str(root / "work"), "REGPIPE_CMD": " ".join(launcher),
         "REGPIPE_ARGS": " ".join(FAST),
+        "SLURM_MEM_PER_CPU": "2000",  # a job asked for --mem-per-cpu: no SLURM_MEM_PER_NODE
     }
 
 
@@ -181,6 +182,9 @@ def test_array_job_runs_every_participant(array_run):
     assert _missing_outputs(array_run["out"], SUBJECTS) == []
     records = [json.loads(p.read_text()) for p in (array_run["out"] / "logs").glob("*/*.json")]
     assert sorted(r["options"]["participant_label"][0] for r in records) == list(SUBJECTS)
+    for record in records:  # 85 % of --mem-per-cpu x CPUs, in MB, for the workflow's nodes
+        expected_mb = 2000 * record["options"]["nprocs"] * 85 // 100
+        assert record["options"]["mem_gb"] == pytest.approx(expected_mb / 1024, abs=0.01)
     work = array_run["root"] / "work"
     assert sorted(p.name for p in work.iterdir()) == [f"sub-{s}" for s in SUBJECTS]
 
