@@ -322,3 +322,24 @@ def test_dataset_files_are_written_where_flock_is_unsupported(tmp_path, monkeypa
         written = derivatives.write_dataset_files(tmp_path, ["network", "ants-affine"])
     assert all(json.loads(Path(path).read_text())["BIDSVersion"] for path in written)
     assert "without a lock" in caplog.text
+
+
+def test_array_task_keeps_the_jobs_gpu_binding_in_the_container(tmp_path):
+    """--cleanenv would drop CUDA_VISIBLE_DEVICES, and --nv alone shows every GPU."""
+    (tmp_path / "bids" / "sub-07").mkdir(parents=True)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    apptainer = bin_dir / "apptainer"
+    apptainer.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$ARGS_FILE"\n')
+    apptainer.chmod(0o755)
+    env = {"PATH": f"{bin_dir}{os.pathsep}/usr/bin:/bin", "BIDS_DIR": str(tmp_path / "bids"),
+           "OUTPUT_DIR": str(tmp_path / "out"), "SLURM_ARRAY_TASK_ID": "1",
+           "REGPIPE_SIF": "regpipe.sif", "REGPIPE_GPU": "1", "CUDA_VISIBLE_DEVICES": "3",
+           "ARGS_FILE": str(tmp_path / "args")}
+    result = subprocess.run(["bash", str(ARRAY_SCRIPT)], env=env, capture_output=True,
+                            text=True, check=False, timeout=60)
+    assert result.returncode == 0, result.stderr
+    args = (tmp_path / "args").read_text().splitlines()
+    assert "--nv" in args and "CUDA_VISIBLE_DEVICES=3" in args
+    assert args[args.index("CUDA_VISIBLE_DEVICES=3") - 1] == "--env"
+    assert "--participant-label" in args and "07" in args
