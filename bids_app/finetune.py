@@ -402,8 +402,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"regpipe-finetune: error: {error}", file=sys.stderr)
         return int(ExitCode.FAILURE)
     except OSError as error:  # an output folder that cannot be made, a full disk...
-        where = f" ({error.filename})" if error.filename else ""
-        print(f"regpipe-finetune: error: {error.strerror or error}{where}", file=sys.stderr)
+        from regpipe.cli._common import os_error_message
+
+        print(f"regpipe-finetune: error: {os_error_message(error)}", file=sys.stderr)
         return int(ExitCode.CANT_CREATE)
     except KeyboardInterrupt:
         print("regpipe-finetune: interrupted", file=sys.stderr)

@@ -42,7 +42,7 @@ from typing import Any
 from regpipe.bids_app.bids import IDENTITY_ENTITIES, bids_layout, natural_key
 from regpipe.bids_app.exit_codes import AppError, ExitCode
 from regpipe.bids_app.parser import NETWORK_METHOD
-from regpipe.bids_app.run import RUN_RECORD
+from regpipe.bids_app.run import run_records
 
 from regpipe.atomic import atomic_write_text
 
@@ -168,16 +168,6 @@ def collect_rows(output_dir: Path, participant_label: Sequence[str] | None = Non
 # --------------------------------------------------------------------------- failures
 
 
-def _run_records(output_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
-    records = []
-    for path in sorted((output_dir / "logs").glob(f"*/{RUN_RECORD}")):
-        try:
-            records.append((path.parent, json.loads(path.read_text())))
-        except (OSError, ValueError) as error:
-            LOGGER.warning("cannot read %s: %s", path, error)
-    return records
-
-
 def _row_matches(row: Mapping[str, Any], job: Mapping[str, Any], method: str) -> bool:
     if row["method"] != method or row["subject"] != job["subject"]:
         return False
@@ -220,8 +210,8 @@ def _crash_files(output_dir: Path, records: Sequence[tuple[Path, Mapping[str, An
     if records:
         found += sorted(records[-1][0].glob("crash-*"))
     for crash in sorted(output_dir.glob("sub-*/log/**/crash-*")):
-        subject = crash.relative_to(output_dir).parts[0][len("sub-"):]
-        run = crash.relative_to(output_dir / f"sub-{subject}" / "log").parts[0]
+        folder, _, run = crash.relative_to(output_dir).parts[:3]  # sub-<label>/log/<run id>
+        subject = folder[len("sub-"):]
         if subject not in latest_run or latest_run[subject] == run:
             found.append(crash)
     if work_dir is not None and work_dir.is_dir():
@@ -235,7 +225,7 @@ def find_failures(output_dir: Path, rows: Sequence[Mapping[str, Any]], *,
     """Jobs without metrics and crash files (see the module docstring), one dict each:
     ``subject``, ``session``, ``method``, ``reason`` (and ``crash_file`` for crashes)."""
     keep = set(participant_label or [])
-    records = _run_records(output_dir)
+    records = run_records(output_dir)
     failures: list[dict[str, Any]] = []
     seen: set[tuple] = set()
     for _, record in records:

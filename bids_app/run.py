@@ -255,8 +255,7 @@ def _run(workflow, args: argparse.Namespace, plugin: str, log_dir: Path) -> None
                                stop_on_first_crash=args.stop_on_first_crash)
     except Exception as error:  # the plugin's own failures (no sbatch...), with the traceback
         # the Linear plugin re-raises the first failed node's exception: name its subject
-        crashes = sorted(args.output_dir.glob(f"sub-*/log/{log_dir.name}/crash-*"))
-        if not crashes:
+        if not crashes_of_run(args.output_dir, log_dir, started):
             LOGGER.exception("the %s plugin failed", plugin)
             detail = str(error).splitlines()[0] if str(error) else ""
             raise AppError(ExitCode.FAILURE,
@@ -357,15 +356,20 @@ def _keep_earlier_report_sections(args: argparse.Namespace, jobs: list[dict[str,
     """Give the subject pages back the sections of earlier runs (other sessions, templates)."""
     from regpipe.bids_app.reports_only import add_earlier_sections
 
+    earlier = [record for folder, record in run_records(args.output_dir) if folder != log_dir]
+    add_earlier_sections(jobs, args.methods, args.output_dir, earlier)
+
+
+def run_records(output_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """``(folder, record)`` of every participant run in ``output_dir/logs``, oldest first
+    (run ids start with the time); unreadable records are skipped with a warning."""
     records = []
-    for path in sorted((args.output_dir / "logs").glob(f"*/{RUN_RECORD}")):
-        if path.parent == log_dir:
-            continue
+    for path in sorted((output_dir / "logs").glob(f"*/{RUN_RECORD}")):
         try:
-            records.append(json.loads(path.read_text()))
+            records.append((path.parent, json.loads(path.read_text())))
         except (OSError, ValueError) as error:
             LOGGER.warning("cannot read %s: %s", path, error)
-    add_earlier_sections(jobs, args.methods, args.output_dir, records)
+    return records
 
 
 def _absolute_paths(args: argparse.Namespace) -> None:

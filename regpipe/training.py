@@ -433,8 +433,9 @@ def _cut_log(path: Path, step: int) -> None:
     if not path.is_file():
         return
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    kept = lines[:1] + [line for line in lines[1:]
-                        if line.split(",", 1)[0].isdigit() and int(line.split(",", 1)[0]) <= step]
+    steps = [line.split(",", 1)[0] for line in lines[1:]]
+    kept = lines[:1] + [line for line, first in zip(lines[1:], steps, strict=True)
+                        if first.isdigit() and int(first) <= step]
     if len(kept) != len(lines):
         from regpipe.atomic import atomic_write_text
 

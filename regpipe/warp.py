@@ -141,18 +141,17 @@ def _warn_if_field_misses(transform: Transform, geometry: Geometry) -> None:
     made for another fixed image."""
     from regpipe.transforms import DisplacementField, GridTransform
 
-    shape: tuple[int, ...]
     if isinstance(transform, DisplacementField):
-        to_index, shape = np.linalg.inv(transform.geometry.affine), transform.geometry.shape
+        field_grid = transform.geometry
     elif isinstance(transform, GridTransform) and transform.outside == "zeros":
-        to_index = np.linalg.inv(transform.grid_in)
-        shape = tuple(int(n) for n in transform.displacement.shape[1:])
+        shape = transform.displacement.shape[1:]
+        field_grid = Geometry((int(shape[0]), int(shape[1]), int(shape[2])), transform.grid_in)
     else:
         return
     axes = [np.linspace(0, n - 1, 9) for n in geometry.shape]
     ijk = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
-    points = (to_index @ geometry.affine @ np.c_[ijk, np.ones(len(ijk))].T)[:3].T
-    inside = np.all((points > -0.5) & (points < np.asarray(shape) - 0.5), axis=1)
+    points = field_grid.world_to_voxel(geometry.voxel_to_world(ijk))
+    inside = np.all((points > -0.5) & (points < np.asarray(field_grid.shape) - 0.5), axis=1)
     if inside.mean() < 0.5:
         LOGGER.warning(
             "the transform's displacement field covers %.0f%% of the reference grid; outside "

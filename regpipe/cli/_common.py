@@ -35,13 +35,18 @@ def run_cli(main: Callable[[argparse.Namespace], int], parser: argparse.Argument
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 1
     except OSError as error:  # a full disk, a folder made read-only meanwhile...
-        where = f" ({error.filename})" if error.filename else ""
-        print(f"{parser.prog}: error: {error.strerror or error}{where}", file=sys.stderr)
+        print(f"{parser.prog}: error: {os_error_message(error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted (outputs are written whole or not at all)",
               file=sys.stderr)
         return 130
+
+
+def os_error_message(error: OSError) -> str:
+    """One line for an ``OSError``: its reason and the file it concerns."""
+    where = f" ({error.filename})" if error.filename else ""
+    return f"{error.strerror or error}{where}"
 
 
 def region_argument(value: str) -> str:

@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 
 from regpipe import weights
+from regpipe.cli._common import os_error_message
 from regpipe.errors import RegpipeError
 
 PROG = "regpipe-weights"
@@ -152,8 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # e.g. `average` into a folder that does not exist
-        where = f" ({exc.filename})" if exc.filename else ""
-        print(f"{PROG}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        print(f"{PROG}: error: {os_error_message(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
