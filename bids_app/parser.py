@@ -183,7 +183,16 @@ def _json_object(value: str, what: str) -> dict[str, Any]:
 
 
 def _plugin_args(value: str) -> dict[str, Any]:
-    return _json_object(value, "--plugin-args")
+    args = _json_object(value, "--plugin-args")
+    # regpipe's own entries (workflows.base.run_workflow), checked here rather than mid-run
+    if "node_resources" in args and not isinstance(args["node_resources"], bool):
+        raise argparse.ArgumentTypeError("--plugin-args: node_resources must be true or false")
+    poll = args.get("poll_sleep_duration")
+    if poll is not None and (isinstance(poll, bool) or not isinstance(poll, (int, float))
+                             or poll < 0):
+        raise argparse.ArgumentTypeError(
+            "--plugin-args: poll_sleep_duration must be a number of seconds >= 0")
+    return args
 
 
 def _filter_file(value: str) -> dict[str, dict[str, Any]]:

@@ -158,6 +158,10 @@ def test_plugin_args_json_string_and_file(tmp_path):
                        str(path)]).plugin_args == {"max_jobs": 4}
     with pytest.raises(UsageError, match="plugin-args"):
         parse_args(["b", "o", "participant", "--plugin-args", "[1, 2]"])
+    for wrong in ('{"node_resources": "no"}', '{"poll_sleep_duration": "30s"}',
+                  '{"poll_sleep_duration": -1}'):
+        with pytest.raises(UsageError, match=r"node_resources|poll_sleep_duration"):
+            parse_args(["b", "o", "participant", "--plugin", "SLURM", "--plugin-args", wrong])
 
 
 def test_defaults_and_methods():

@@ -114,7 +114,7 @@ def slurm_plugin_run(dataset) -> dict:
     env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", HOME=str(root / "home"),
                TEMPLATEFLOW_HOME=str(dataset["templateflow"]), REGPIPE_HOME=str(root / "regpipe"),
                REGPIPE_OFFLINE="1", NIPYPE_NO_ET="1", MPLCONFIGDIR=str(root / "mpl"))
-    plugin_args = {"sbatch_args": "--time=00:10:00 --mem=1G", "retry_timeout": 0.1,
+    plugin_args = {"sbatch_args": "--time=00:10:00 --mem-per-cpu=3G", "retry_timeout": 0.1,
                    "poll_sleep_duration": 0.5}  # regpipe polls a scheduler every 2 s by default
     command = [sys.executable, "-m", "regpipe.bids_app.run", str(dataset["bids"]),
                str(root / "out"), "participant", "--participant-label", "01", *FAST,
@@ -136,10 +136,32 @@ def test_slurm_plugin_submits_each_node_with_the_plugin_args(slurm_plugin_run):
     calls = _sbatch_calls(slurm_plugin_run["bin"])
     assert len(calls) >= 5  # preprocessing, registration, evaluation, report...: one job each
     for call in calls:
-        assert call[:2] == ["--time=00:10:00", "--mem=1G"]
+        # the run's sbatch_args, then the node's own request: threads (--omp-nthreads 1), no
+        # --mem of regpipe's since the run's --mem-per-cpu covers memory
+        assert call[:3] == ["--time=00:10:00", "--mem-per-cpu=3G", "--cpus-per-task=1"]
+        assert not any(arg.startswith("--mem=") for arg in call)
         assert "-J" in call and call[-1].endswith(".sh")
     jobs = list((slurm_plugin_run["work"] / "regpipe_wf" / "batch").glob("slurm-*.out"))
     assert len(jobs) == len(calls)  # every job ran (and wrote its log) through the stand-in
+
+
+def test_slurm_jobs_ask_for_each_nodes_threads_memory_and_gpu():
+    from nipype.interfaces.utility import IdentityInterface
+    from nipype.pipeline import engine as pe
+    from regpipe.workflows.base import slurm_node_args
+    from regpipe.workflows.registration import init_network_reg_wf
+
+    workflow = init_network_reg_wf(weights=None, io_iterations=0, affine_init="ours",
+                                   device="cuda", omp_nthreads=4, seed=0)
+    network = next(node for node in workflow._get_all_nodes() if node.n_procs == 4)
+    assert slurm_node_args(network) == "--cpus-per-task=4 --mem=5120M --gpus=1"
+    # what the run's own sbatch_args set stays the user's
+    assert slurm_node_args(network, "--mem=16G --gres=gpu:a100:1") == "--cpus-per-task=4"
+    assert slurm_node_args(network, "-c4 --mem-per-cpu 2G -G 1") == ""
+    assert slurm_node_args(network, "--cpus-per-task 8 --time=1:00:00") == (
+        "--mem=5120M --gpus=1")
+    small = pe.Node(IdentityInterface(fields=["a"]), name="small", mem_gb=0.5)
+    assert slurm_node_args(small) == "--cpus-per-task=1 --mem=1536M"
 
 
 # --------------------------------------------------------------------------- the array job

@@ -15,8 +15,10 @@ Example
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import shlex
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -423,6 +425,55 @@ class RunSummary:
     error: str | None = None
 
 
+#: Nipype plugins whose jobs are submitted with ``sbatch`` (per-node requests below).
+SLURM_PLUGINS = ("SLURM", "SLURMGraph")
+#: Added to each node's memory estimate in its batch job's request: the job's Python with
+#: torch, Nipype and regpipe imported (355 MB measured) and room for reading its images.
+JOB_OVERHEAD_GB = 1.0
+
+
+def _sets_option(args: Sequence[str], *options: str) -> bool:
+    """Whether sbatch arguments set one of ``options`` (``--mem=4G``, ``-c 2``, ``-c2``...)."""
+    for token in args:
+        for option in options:
+            if token == option or (option.startswith("--") and token.startswith(option + "=")):
+                return True
+            if not option.startswith("--") and token.startswith(option) and token[2:].isdigit():
+                return True
+    return False
+
+
+def slurm_node_args(node: pe.Node, user_args: str = "") -> str:
+    """sbatch options sized to one node: ``--cpus-per-task`` (its ``n_procs``, the threads it
+    uses), ``--mem`` (its ``mem_gb`` + :data:`JOB_OVERHEAD_GB`) and, for a network node on
+    ``--device cuda``, ``--gpus=1``. An option the user's own ``sbatch_args`` already sets is
+    left to the user (Nipype appends node options after the run's, and sbatch keeps the last).
+    """
+    given = shlex.split(user_args)
+    out = []
+    if not _sets_option(given, "-c", "--cpus-per-task"):
+        out.append(f"--cpus-per-task={max(int(node.n_procs), 1)}")
+    if not _sets_option(given, "--mem", "--mem-per-cpu", "--mem-per-gpu"):
+        megabytes = math.ceil((float(node.mem_gb) + JOB_OVERHEAD_GB) * 1024)
+        out.append(f"--mem={megabytes}M")
+    inputs = node.interface.inputs
+    if (getattr(inputs, "device", None) == "cuda"
+            and not _sets_option(given, "-G", "--gpus", "--gres", "--gpus-per-task")):
+        out.append("--gpus=1")
+    return " ".join(out)
+
+
+def _request_node_resources(workflow: pe.Workflow, user_args: str) -> None:
+    """Give every node of ``workflow`` its own sbatch resource request (:func:`slurm_node_args`);
+    a node that already has ``sbatch_args`` keeps them."""
+    for node in workflow._get_all_nodes():
+        if "sbatch_args" in node.plugin_args:
+            continue
+        node_args = slurm_node_args(node, user_args)
+        if node_args:
+            node.plugin_args = {**node.plugin_args, "sbatch_args": node_args}
+
+
 def run_workflow(
     workflow: pe.Workflow,
     *,
@@ -455,6 +506,10 @@ def run_workflow(
         poll at least every 2 s (each poll runs one ``squeue``/``qstat`` per job) and wait
         up to 60 s for a finished job's result file (``job_finished_timeout``). A
         ``poll_sleep_duration`` entry of ``plugin_args`` overrides all of this.
+
+    With SLURM (``SLURM``, ``SLURMGraph``), each node's job asks for what that node needs
+    (:func:`slurm_node_args`: its threads, memory and, on CUDA, a GPU) on top of the run's
+    ``sbatch_args``; ``"node_resources": false`` in ``plugin_args`` turns that off.
     """
     args: dict[str, Any] = {}
     if plugin == "MultiProc":
@@ -467,6 +522,9 @@ def run_workflow(
             args["memory_gb"] = float(memory_gb)
     args.update(plugin_args or {})
     asked_poll = args.pop("poll_sleep_duration", None)  # regpipe's, not the plugin's
+    node_resources = args.pop("node_resources", True)  # regpipe's too
+    if plugin in SLURM_PLUGINS and node_resources:
+        _request_node_resources(workflow, str(args.get("sbatch_args", "")))
     execution = workflow.config.setdefault("execution", {})
     execution["stop_on_first_crash"] = str(bool(stop_on_first_crash)).lower()
     if plugin not in ("MultiProc", "Linear"):
