@@ -111,6 +111,31 @@ class Geometry:
         return self.affine @ REVERSE_AXES
 
 
+def orthogonal_cover(geometry: Geometry) -> Geometry:
+    """The smallest grid with orthogonal axes that holds every voxel centre of ``geometry``.
+
+    For sheared grids (a CT with gantry tilt, a sheared sform), which ITK images cannot
+    represent: same voxel sizes (the lengths of the sheared axes), axis directions the nearest
+    orthonormal ones (polar decomposition), and enough voxels on each axis to reach the
+    farthest corner of ``geometry``. An orthogonal grid comes back unchanged.
+    """
+    u, _, vt = np.linalg.svd(geometry.direction_ras)
+    linear = (u @ vt) * geometry.spacing
+    if np.allclose(linear, geometry.affine[:3, :3], atol=1e-9):
+        return geometry
+    corners = np.array(np.meshgrid(*[(0, n - 1) for n in geometry.shape], indexing="ij"))
+    world = geometry.voxel_to_world(corners.reshape(3, -1).T)
+    origin = geometry.affine[:3, 3]
+    index = np.linalg.solve(linear, (world - origin).T).T
+    low = np.floor(index.min(axis=0) + 1e-6)
+    high = np.ceil(index.max(axis=0) - 1e-6)
+    affine = np.eye(4)
+    affine[:3, :3] = linear
+    affine[:3, 3] = origin + linear @ low
+    size = (high - low + 1).astype(int)
+    return Geometry((int(size[0]), int(size[1]), int(size[2])), affine)
+
+
 #: Permutation matrix between network indices ``(d0, d1, d2)`` and voxel ``(i, j, k)``.
 REVERSE_AXES: NDArray[np.float64] = np.array(
     [[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64

@@ -24,12 +24,15 @@ Formats (see :func:`supported_formats`):
     ITK's MATLAB-v4 and text affine files, as ANTs' ``0GenericAffine.mat``. Written with centre
     ``0`` (translation = offset); read with any centre (ITK's ``FixedParameters``).
 
-Grids with sheared (non-orthogonal) voxel axes cannot be stored: ITK images have orthonormal
-direction cosines only, and ITK silently falls back to the NIfTI qform (a *different*,
-orthogonalised grid) when the sform is sheared. Writing such a field raises
-:class:`~regpipe.errors.TransformFileError`; densify the transform on an orthogonal grid instead
-(``reference=``). Axes orthogonal to 1e-4 (float32 rounding in real headers) are accepted and
-written orthonormalised, so every tool reads the same grid.
+Grids with sheared (non-orthogonal) voxel axes cannot be stored as they are: ITK images have
+orthonormal direction cosines only, and ITK silently falls back to the NIfTI qform (a
+*different*, orthogonalised grid) when the sform is sheared. A field on such a grid (a CT with
+gantry tilt) is written on the smallest orthogonal grid that covers it
+(:func:`~regpipe.spaces.orthogonal_cover`: same voxel sizes, the field trilinearly resampled,
+zero outside the original grid as ITK assumes there anyway), with a warning; pass an
+orthogonal ``reference=`` to choose the grid yourself. Axes orthogonal to 1e-4 (float32
+rounding in real headers) are accepted and written orthonormalised, so every tool reads the
+same grid.
 
 Example
 -------
@@ -40,6 +43,7 @@ Example
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,7 +56,7 @@ from numpy.typing import NDArray
 
 from regpipe.atomic import atomic_write
 from regpipe.errors import TransformFileError
-from regpipe.spaces import RAS_TO_LPS, Geometry, affine_ras_to_lps
+from regpipe.spaces import RAS_TO_LPS, Geometry, affine_ras_to_lps, orthogonal_cover
 from regpipe.transforms import (
     AffineTransform,
     ComposedTransform,
@@ -68,6 +72,7 @@ NIFTI_INTENT_VECTOR = 1007
 
 #: Largest ``|D^T D - I|`` entry for voxel axes to count as orthogonal (float32 headers).
 ORTHOGONALITY_TOLERANCE = 1e-4
+LOGGER = logging.getLogger("regpipe")
 
 #: Largest difference (mm, or matrix entry) tolerated between a NIfTI sform and its qform.
 _FORM_TOLERANCE = 1e-3
@@ -131,7 +136,7 @@ def write_transform(
     ------
     TransformFileError
         Unknown suffix, missing folder, a transform the format cannot hold, a missing
-        reference grid, a sheared grid, non-finite values, or an I/O failure.
+        reference grid, non-finite values, or an I/O failure.
     """
     path = Path(path)
     fmt = _format_for(path)
@@ -244,6 +249,13 @@ def _as_field(transform: Transform, reference: Geometry | None) -> DisplacementF
         )
     else:
         field = DisplacementField.from_transform(transform, reference)
+    if not _is_orthogonal(field.geometry.affine):
+        cover = orthogonal_cover(field.geometry)
+        LOGGER.warning(
+            "the displacement field's grid has sheared voxel axes, which ITK and ANTs cannot "
+            "store: writing it on an orthogonal grid of %s voxels that covers it (same voxel "
+            "sizes, resampled)", "x".join(str(n) for n in cover.shape))
+        field = DisplacementField.from_transform(field, cover)
     if not np.all(np.isfinite(field.field)):
         raise TransformFileError("the displacement field holds NaN or infinite values")
     return field

@@ -35,7 +35,14 @@ from scipy.spatial.transform import Rotation
 
 from regpipe import transform_files
 from regpipe.errors import TransformFileError
-from regpipe.spaces import Geometry, apply_affine, lps_to_ras, network_grid, ras_to_lps
+from regpipe.spaces import (
+    Geometry,
+    apply_affine,
+    lps_to_ras,
+    network_grid,
+    orthogonal_cover,
+    ras_to_lps,
+)
 from regpipe.transform_files import read_transform, supported_formats, write_transform
 from regpipe.transforms import (
     AffineTransform,
@@ -658,17 +665,50 @@ def test_non_finite_field_is_refused(tmp_path: Path) -> None:
         write_transform(DisplacementField(field.geometry, data), tmp_path / "xfm.h5")
 
 
-def test_sheared_grid_is_refused_and_a_reference_fixes_it(tmp_path: Path) -> None:
+def test_sheared_grid_is_written_on_an_orthogonal_grid_that_covers_it(tmp_path: Path,
+                                                                     caplog) -> None:
+    """ITK cannot store sheared axes (a CT with gantry tilt): the field goes on the smallest
+    orthogonal grid around it, with the same values wherever the sheared grid has voxels."""
     sheared_affine = GEOMETRIES["RAS"].affine.copy()
     sheared_affine[0, 1] = 0.3
     sheared = Geometry(SHAPE, sheared_affine)
     field = DisplacementField.from_transform(TRANSFORM, sheared)
+    inside = sheared.voxel_to_world(np.argwhere(np.ones(SHAPE, bool))[::7].astype(float))
+    # centres at least one voxel inside the sheared grid (trilinear fall-off at its border)
+    index = sheared.world_to_voxel(inside)
+    inside = inside[((index >= 1) & (index <= np.array(SHAPE) - 2)).all(axis=1)]
     for suffix in (".nii.gz", ".h5"):
-        with pytest.raises(TransformFileError, match="sheared"):
-            write_transform(field, tmp_path / f"xfm{suffix}")
-    assert os.listdir(tmp_path) == []
-    path = write_transform(TRANSFORM, tmp_path / "xfm.nii.gz", reference=GEOMETRIES["RAS"])
+        caplog.clear()
+        path = write_transform(field, tmp_path / f"xfm{suffix}")
+        assert "sheared" in caplog.text
+        read = read_transform(path)
+        assert read.geometry.same_as(orthogonal_cover(sheared), atol=1e-4)
+        axes = read.geometry.direction_ras
+        np.testing.assert_allclose(axes.T @ axes, np.eye(3), atol=1e-6)
+        np.testing.assert_allclose(read.map_points(inside), field.map_points(inside), atol=0.05)
+        # the same through ITK: SimpleITK reads the grid regpipe wrote
+        itk = sitk.ReadImage(str(path)) if suffix == ".nii.gz" else None
+        if itk is not None:
+            assert itk.GetSize() == read.geometry.shape
+    path = write_transform(TRANSFORM, tmp_path / "ref.nii.gz", reference=GEOMETRIES["RAS"])
     assert read_transform(path).geometry.same_as(GEOMETRIES["RAS"], atol=1e-4)
+
+
+def test_orthogonal_cover_holds_every_voxel_centre() -> None:
+    affine = np.array([[0.9, 0.0, 0.0, -40.0], [0.0, 1.0, 0.35, 10.0],
+                       [0.0, 0.0, 2.5, -60.0], [0, 0, 0, 1]])
+    sheared = Geometry((40, 50, 20), affine)
+    cover = orthogonal_cover(sheared)
+    np.testing.assert_allclose(cover.spacing, sheared.spacing)
+    np.testing.assert_allclose(cover.direction_ras.T @ cover.direction_ras, np.eye(3),
+                               atol=1e-12)
+    corners = np.array(np.meshgrid(*[(0, n - 1) for n in sheared.shape],
+                                   indexing="ij")).reshape(3, -1).T
+    index = cover.world_to_voxel(sheared.voxel_to_world(corners.astype(float)))
+    assert index.min() >= -1e-6 and (index <= np.array(cover.shape) - 1 + 1e-6).all()
+    # and is the smallest: one voxel less on any side would leave a corner out
+    assert (index.min(axis=0) < 1).all() and (index.max(axis=0) > np.array(cover.shape) - 2).all()
+    assert orthogonal_cover(cover) is cover
 
 
 def test_reader_refuses_a_sheared_sform(tmp_path: Path) -> None:
