@@ -53,6 +53,12 @@ Jobs
     source_uri       ``bids:raw:sub-01/anat/sub-01_T1w.nii.gz`` (needs ``DatasetLinks.raw``)
     weights_sha256   SHA-256 of the network weights file, or ``None`` without a network
     ===============  ==========================================================================
+
+Checked before any work (:func:`usable_jobs`)
+    Every file of every job is opened once for its header: a job whose image, reference,
+    mask or label map is missing, a dangling link (a DataLad file not fetched), a git-annex
+    placeholder, unreadable, 2-D or a 4-D series, or whose mask is not on its image's grid, is
+    left out with one error line naming the file; the others run.
 """
 
 from __future__ import annotations
@@ -74,6 +80,7 @@ __all__ = [
     "load_derivatives",
     "load_layout",
     "natural_key",
+    "usable_jobs",
 ]
 
 LOGGER = logging.getLogger("regpipe.bids_app")
@@ -422,6 +429,61 @@ def longitudinal_jobs(images: Sequence[Image], *, reference_session: str | None 
             labels_layout=labels_layout, weights_sha256=weights_sha256,
         ))
     return jobs
+
+
+#: Files of a job: key, the key of the image whose grid it must share, what it is.
+_JOB_FILES = (
+    ("moving", None, "image"),
+    ("fixed", None, "reference image"),
+    ("moving_mask", "moving", "brain mask"),
+    ("fixed_mask", "fixed", "reference brain mask"),
+    ("moving_labels", None, "label map"),
+    ("fixed_labels", None, "reference label map"),
+)
+
+
+def usable_jobs(jobs: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Split ``jobs`` into those whose input files can be used and a line per left-out job.
+
+    Headers only (:func:`regpipe.imageio.read_grid`), each file once, so that a dataset with
+    one unfetched or malformed file fails that job at selection, by the file's own name,
+    instead of the whole run at workflow construction or a subject mid-run.
+    """
+    from regpipe.errors import InputError
+    from regpipe.imageio import read_grid
+
+    grids: dict[str, Any] = {}
+
+    def grid(path: str, what: str):
+        if path not in grids:
+            try:
+                grids[path] = read_grid(path, what)
+            except InputError as error:
+                grids[path] = error
+        return grids[path]
+
+    usable, left_out = [], []
+    for job in jobs:
+        problems = []
+        for key, owner, what in _JOB_FILES:
+            if job.get(key) is None:
+                continue
+            found = grid(job[key], what)
+            if isinstance(found, InputError):
+                problems.append(str(found))
+                continue
+            own = None if owner is None else grid(job[owner], "")
+            if own is not None and not isinstance(own, InputError) \
+                    and not own.same_as(found, atol=1e-3):
+                problems.append(
+                    f"{what} {job[key]} ({'x'.join(map(str, found.shape))}) is not on the grid "
+                    f"of {Path(job[owner]).name} ({'x'.join(map(str, own.shape))}): resample "
+                    "it onto the image")
+        if problems:
+            left_out.append(f"{Path(job['moving']).name}: " + "; ".join(problems))
+        else:
+            usable.append(job)
+    return usable, left_out
 
 
 def build_jobs(images: Sequence[Image], *, mode: str, template=None,

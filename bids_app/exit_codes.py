@@ -9,8 +9,9 @@ code.
 code  name               when regpipe returns it
 ====  =================  ==================================================================
 0     SUCCESS            everything requested was done
-1     FAILURE            some subject or node failed (crash files name it), or an unexpected
-                         error (a missing compute device, ...)
+1     FAILURE            some subject or node failed (crash files name it), an image was
+                         left out for unusable input files (the others ran), or an
+                         unexpected error (a missing compute device, ...)
 16    VALIDATION         ``bids_dir`` is not a valid BIDS dataset (pybids validation; skip it
                          with ``--skip-bids-validation``)
 17    UNKNOWN_LEVEL      analysis level other than ``participant`` or ``group``
@@ -19,10 +20,11 @@ code  name               when regpipe returns it
                          that does not exist)
 64    USAGE              bad option or value; ``output_dir`` or ``--work-dir`` inside
                          ``bids_dir`` outside ``bids_dir/derivatives/``
-66    NO_INPUT           ``bids_dir`` missing, no image of ``--suffix`` in the dataset, no
-                         subject with two sessions in longitudinal mode, a template, weights
-                         file or ``--labels`` dataset that is not available (offline and not
-                         pre-fetched), no participant outputs for ``group``
+66    NO_INPUT           ``bids_dir`` missing, no image of ``--suffix`` in the dataset, none
+                         with usable input files, no subject with two sessions in
+                         longitudinal mode, a template, weights file or ``--labels`` dataset
+                         that is not available (offline and not pre-fetched), no participant
+                         outputs for ``group``
 73    CANT_CREATE        ``output_dir`` or ``--work-dir`` cannot be created or written
 ====  =================  ==================================================================
 

@@ -11,7 +11,9 @@ Order of work, so that every failure the App can foresee happens before any regi
 5. resolve the network weights and the template offline (66, naming the file and the pre-fetch
    command), the ``--labels`` dataset (66), the device; refuse ``--region``/``--smoothness``
    for unconditional weights (64); build the jobs (see
-   :mod:`regpipe.bids_app.bids`; 66 when longitudinal mode finds no pair), check them with
+   :mod:`regpipe.bids_app.bids`; 66 when longitudinal mode finds no pair), leave out the jobs
+   whose files cannot be used (:func:`~regpipe.bids_app.bids.usable_jobs`: header checks,
+   one error line each; 66 when none is left, 1 at the end otherwise), check the rest with
    :func:`regpipe.workflows.jobs.validate_jobs` and log them;
 6. create ``output_dir`` and the work directory and check they are writable (73); save the
    options and jobs in ``output_dir/logs/<run_id>/regpipe_run.json``;
@@ -307,6 +309,13 @@ def run_participant(args: argparse.Namespace, argv: Sequence[str] | None = None)
     jobs = bids.build_jobs(images, mode=args.mode, template=template,
                            reference_session=args.reference_session,
                            labels_layout=labels_layout, weights_sha256=weights_sha256)
+    jobs, left_out = bids.usable_jobs(jobs)
+    for line in left_out:
+        LOGGER.error("left out: %s", line)
+    if not jobs:
+        raise AppError(ExitCode.NO_INPUT, f"no usable input: {left_out[0]}"
+                       + (f" (and {len(left_out) - 1} more, see the log)"
+                          if len(left_out) > 1 else ""))
     from regpipe.workflows.jobs import validate_jobs
 
     validate_jobs(jobs)
@@ -344,10 +353,17 @@ def run_participant(args: argparse.Namespace, argv: Sequence[str] | None = None)
         smoothness=args.smoothness,
         mixed_precision=args.mixed_precision,
     )
-    _run(workflow, args, plugin, log_dir)
-    _keep_earlier_report_sections(args, jobs, log_dir)
+    try:
+        _run(workflow, args, plugin, log_dir)
+    finally:  # a failed subject must not cost the others their earlier sections
+        _keep_earlier_report_sections(args, jobs, log_dir)
     LOGGER.info("finished %d job(s) x %d method(s); outputs in %s", len(jobs),
                 len(args.methods), args.output_dir)
+    if left_out:
+        raise AppError(ExitCode.FAILURE,
+                       f"{len(left_out)} image(s) left out for unusable input files (the "
+                       f"others finished): {left_out[0]}"
+                       + (" (more in the log)" if len(left_out) > 1 else ""))
     return ExitCode.SUCCESS
 
 

@@ -144,12 +144,60 @@ def _read_itk(path: Path) -> Image:
     if itk_image.GetDimension() != 3 or itk_image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{path} is not a scalar 3-D image")
     data = sitk.GetArrayFromImage(itk_image).transpose(2, 1, 0)
+    return Image(np.ascontiguousarray(data), Geometry(data.shape, _ras_affine(itk_image)), path)
+
+
+def _ras_affine(itk_image) -> NDArray[np.float64]:
+    """Voxel -> RAS+ matrix of a SimpleITK image or image file reader (LPS direction)."""
     direction = np.asarray(itk_image.GetDirection()).reshape(3, 3)
     affine = np.eye(4)
     affine[:3, :3] = direction * np.asarray(itk_image.GetSpacing())
     affine[:3, 3] = itk_image.GetOrigin()
-    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # LPS -> RAS
-    return Image(np.ascontiguousarray(data), Geometry(data.shape, affine), path)
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # LPS -> RAS
+
+
+def read_grid(path: str | os.PathLike, what: str = "image") -> Geometry:
+    """The voxel grid of a 3-D image file, from its header alone (no voxel data is read).
+
+    For checking many inputs before any work (the BIDS App does, for every selected file):
+    raises :class:`InputError` for what :func:`load_image` would refuse without reading the
+    data: a missing, empty, dangling-link or git-annex placeholder file, an unreadable header,
+    a 2-D image or a 4-D series.
+    """
+    path = Path(path)
+    check_readable_file(path, what)
+    try:
+        if path.name.lower().endswith(_ITK_SUFFIXES):
+            import SimpleITK as sitk
+
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            if reader.GetNumberOfComponents() != 1:
+                raise InputError(f"{what} {path} is not a scalar image")
+            shape = tuple(int(n) for n in reader.GetSize())
+            affine = _ras_affine(reader) if len(shape) == 3 else np.eye(4)
+        else:
+            loaded = nib.load(str(path))
+            if not isinstance(loaded, nib.spatialimages.SpatialImage):
+                raise TypeError(f"{type(loaded).__name__} is not a spatial image")
+            shape = tuple(int(n) for n in loaded.shape)
+            affine = loaded.affine
+    except InputError:
+        raise
+    except Exception as error:  # nibabel, SimpleITK and zlib raise many unrelated types
+        raise InputError(f"{what} {path} cannot be read as an image: {error}") from error
+    if len(shape) < 3 or any(n != 1 for n in shape[3:]):
+        raise InputError(
+            f"{what} {path} has shape {shape}: regpipe registers 3-D images; select one "
+            "volume of a 4-D series first (e.g. `fslroi` or nibabel slicing)"
+        )
+    if min(shape[:3]) < 2:
+        raise InputError(f"{what} {path} has a degenerate shape {shape}")
+    try:
+        return Geometry((shape[0], shape[1], shape[2]), np.asarray(affine, dtype=np.float64))
+    except ValueError as error:
+        raise InputError(f"{what} {path}: {error}") from None
 
 
 def _validate(image: Image, kind: ImageKind, what: str) -> Image:

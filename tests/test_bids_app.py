@@ -569,15 +569,50 @@ def test_node_exception_reraised_by_the_plugin_still_names_the_subject(
     assert "node(s) failed (subject(s) 02)" in err and "plugin failed" not in err
 
 
-def test_corrupt_image_crashes_its_subject_in_the_real_workflow(tmp_path, capsys):
+def test_corrupt_image_data_crashes_its_subject_in_the_real_workflow(tmp_path, capsys):
+    """A file whose header reads but whose data does not fails in its own node."""
     bids_dir = make_bids(tmp_path / "bids", [])
-    corrupt = bids_dir / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
-    corrupt.parent.mkdir(parents=True)
-    corrupt.write_bytes(b"\x1f\x8b not a NIfTI file")
+    image = bids_dir / "sub-01" / "anat" / "sub-01_T1w.nii"
+    image.parent.mkdir(parents=True)
+    noise = np.random.default_rng(0).random((12, 12, 12), dtype=np.float32)
+    nib.save(nib.Nifti1Image(noise, np.eye(4)), image)
+    image.write_bytes(image.read_bytes()[:2000])  # the header, then a third of the voxels
     template = _nifti(tmp_path / "tpl.nii.gz", shape=(12, 12, 12))
     assert participant(bids_dir, tmp_path, template, "--plugin", "Linear") == 1
     assert "failed (subject(s) 01); crash files in" in capsys.readouterr().err
     assert list((tmp_path / "out" / "sub-01" / "log").glob("*/crash-*.txt"))
+
+
+def test_unusable_inputs_are_left_out_by_name_before_any_work(tmp_path, template_file, fake_wf,
+                                                              caplog, capsys):
+    bids_dir = make_bids(tmp_path / "bids", ["sub-03/anat/sub-03_T1w.nii.gz",
+                                             "sub-04/anat/sub-04_T1w.nii.gz"])
+    unfetched = bids_dir / "sub-01" / "anat" / "sub-01_T1w.nii.gz"  # a DataLad file not got
+    unfetched.parent.mkdir(parents=True)
+    unfetched.symlink_to("../../.git/annex/objects/Xy/SHA256E-s1--0.nii.gz/SHA256E-s1--0.nii.gz")
+    _nifti(bids_dir / "sub-02" / "anat" / "sub-02_T1w.nii.gz", shape=(4, 5, 6, 3))  # a series
+    labels = make_bids(tmp_path / "labels", [])
+    _nifti(labels / "sub-04" / "anat" / "sub-04_desc-brain_mask.nii.gz", shape=(3, 5, 6))
+    with caplog.at_level("ERROR", logger="regpipe.bids_app"):
+        code = participant(bids_dir, tmp_path, template_file, "--labels", labels)
+    assert code == 1  # the usable image ran; the run still says it is incomplete
+    assert [job["subject"] for job in fake_wf["kwargs"]["jobs"]] == ["03"]
+    left_out = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert len(left_out) == 3
+    assert "sub-01_T1w.nii.gz" in left_out[0] and "datalad get" in left_out[0]
+    assert "sub-02_T1w.nii.gz" in left_out[1] and "4-D" in left_out[1]
+    assert "sub-04_desc-brain_mask.nii.gz (3x5x6) is not on the grid" in left_out[2]
+    assert "3 image(s) left out for unusable input files" in capsys.readouterr().err
+
+
+def test_no_usable_input_at_all_is_66(tmp_path, template_file, fake_wf, capsys):
+    bids_dir = make_bids(tmp_path / "bids", [])
+    empty = bids_dir / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
+    empty.parent.mkdir(parents=True)
+    empty.write_bytes(b"")
+    assert participant(bids_dir, tmp_path, template_file) == 66
+    assert "no usable input: sub-01_T1w.nii.gz: image" in capsys.readouterr().err
+    assert "kwargs" not in fake_wf
 
 
 def test_subject_page_keeps_the_sections_of_earlier_sessions(tmp_path):

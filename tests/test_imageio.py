@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from regpipe.errors import InputError
-from regpipe.imageio import Image, load_image, save_image
+from regpipe.imageio import Image, load_image, read_grid, save_image
 from regpipe.spaces import Geometry
 from tests.conftest import make_affine
 
@@ -36,6 +36,28 @@ def test_itk_formats_convert_lps_to_ras(tmp_path):
     image = load_image(tmp_path / "a.mha")
     assert np.allclose(image.geometry.affine, affine, atol=1e-4)
     assert np.allclose(image.data, data)
+
+
+def test_read_grid_reads_headers_like_load_image(tmp_path):
+    affine = make_affine("oblique")
+    data = np.random.default_rng(0).random((24, 20, 16)).astype(np.float32)
+    path = write_nifti(tmp_path / "a.nii.gz", data, affine)
+    assert read_grid(path).same_as(load_image(path).geometry, atol=1e-6)
+    sitk.WriteImage(sitk.ReadImage(str(path)), str(tmp_path / "a.mha"))
+    assert read_grid(tmp_path / "a.mha").same_as(load_image(tmp_path / "a.mha").geometry,
+                                                 atol=1e-6)
+    one_volume = write_nifti(tmp_path / "b.nii.gz", data[..., None], affine)
+    assert read_grid(one_volume).shape == (24, 20, 16)
+    with pytest.raises(InputError, match="4-D series"):
+        read_grid(write_nifti(tmp_path / "c.nii.gz", np.stack([data, data], -1), affine))
+    with pytest.raises(InputError, match="shape"):
+        read_grid(write_nifti(tmp_path / "d.nii.gz", data[:, :, 0], affine))
+    (tmp_path / "e.nii.gz").symlink_to(".git/annex/objects/x/y.nii.gz")
+    with pytest.raises(InputError, match="datalad get"):
+        read_grid(tmp_path / "e.nii.gz", "moving image")
+    (tmp_path / "f.nii.gz").write_bytes(b"\x1f\x8b not an image at all")
+    with pytest.raises(InputError, match="cannot be read as an image"):
+        read_grid(tmp_path / "f.nii.gz")
 
 
 def test_missing_file(tmp_path):
