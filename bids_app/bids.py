@@ -11,10 +11,15 @@ Selection
     [".nii", ".nii.gz"]}``. ``--bids-filter-file`` follows fMRIPrep: a JSON object keyed by the
     lower-case suffix (``"t1w"``, ``"t2w"``, ``"flair"``, ``"ct"``) whose entities *replace*
     the default's, key by key (``null``: the entity must be absent, ``"*"``: any value; other
-    keys of the file are ignored). ``--participant-label`` keeps those subjects (a label not
-    in the dataset is an error); ``--session-label`` keeps those sessions, and, as the BIDS
-    Apps execution specification says, images without a session are not filtered out. No
-    image of the suffix at all is exit 66; images that the filters all remove is exit 18.
+    keys of the file are ignored; ``subject``/``session`` values may carry ``sub-``/``ses-``).
+    ``--participant-label`` keeps those subjects (a label not in the dataset is an error) and
+    replaces a filter's ``subject``; ``--session-label`` keeps those sessions (a label no
+    subject has is an error), and, as the BIDS Apps execution specification says, images
+    without a session are not filtered out. No image of the suffix at all is exit 66; images
+    that the filters all remove is exit 18. Files named like images of the suffix that pybids
+    did not index (invalid names) are listed in a warning; an image whose name gives another
+    subject/session than its folders is left out; of ``x.nii`` and ``x.nii.gz`` the latter is
+    used.
 
 Masks and labels (``--labels DERIV_DIR``, a derivative dataset)
     For each image, a label map ``sub-<s>[_ses-<t>][_<entities>][_desc-<d>]_dseg.nii[.gz]``
@@ -160,9 +165,17 @@ def image_query(suffix: str, filters: Mapping[str, Mapping[str, Any]] | None = N
             query[key] = Query.NONE
         elif value == "*":
             query[key] = Query.ANY
+        elif key in _PREFIXES:  # "sub-01" as the CLI takes it: pybids wants "01"
+            prefix = _PREFIXES[key]
+            query[key] = ([v.removeprefix(prefix) if isinstance(v, str) else v for v in value]
+                          if isinstance(value, list) else
+                          value.removeprefix(prefix) if isinstance(value, str) else value)
         else:
             query[key] = value
     return query
+
+
+_PREFIXES = {"subject": "sub-", "session": "ses-"}
 
 
 def _entities(bids_file) -> dict[str, str]:
@@ -186,6 +199,7 @@ def collect_images(layout, *, suffix: str, participant_label: Sequence[str] | No
     """
     root = Path(layout.root).absolute()
     unfiltered = layout.get(return_type="object", **image_query(suffix))
+    _warn_unindexed(root, suffix, unfiltered)
     if not unfiltered:
         raise AppError(
             ExitCode.NO_INPUT,
@@ -203,9 +217,22 @@ def collect_images(layout, *, suffix: str, participant_label: Sequence[str] | No
                 f"participant(s) {', '.join(missing)} not found in {root} (it has "
                 f"{_summarise(sorted(subjects, key=natural_key))})",
             )
+        if "subject" in query:
+            LOGGER.warning("--participant-label %s replaces the subject of --bids-filter-file "
+                           "(%s)", " ".join(participant_label), query["subject"])
         query["subject"] = list(participant_label)
+    if session_label:
+        sessions = set(layout.get_sessions())
+        missing = sorted(set(session_label) - sessions, key=natural_key)
+        if missing:
+            raise AppError(
+                ExitCode.FILTERS_EMPTY,
+                f"session(s) {', '.join(missing)} not found in {root} ("
+                + (f"it has {_summarise(sorted(sessions, key=natural_key))})" if sessions
+                   else "it has no sessions)"),
+            )
     selected = layout.get(return_type="object", **query)
-    images = [_to_image(f, root) for f in selected]
+    images = _bids_named(_to_image(f, root) for f in selected)
     if session_label:
         images = [i for i in images if i.session is None or i.session in set(session_label)]
     if not images:
@@ -234,6 +261,41 @@ def collect_images(layout, *, suffix: str, participant_label: Sequence[str] | No
                            "%s)", ", ".join(ignored), suffix.lower(), suffix)
     return sorted(images, key=lambda i: (natural_key(i.subject), natural_key(i.session),
                                          str(i.path)))
+
+
+def _bids_named(images: Iterable[Image]) -> list[Image]:
+    """``images`` whose subject and session match their folders (pybids reads ``sub-x-y`` as
+    subject ``x`` without validation), one per name (``.nii.gz`` over a ``.nii`` twin)."""
+    kept: dict[str, Image] = {}
+    for image in images:
+        folders = image.relpath.split("/")
+        expected = [f"sub-{image.subject}"] + ([f"ses-{image.session}"] if image.session else [])
+        if folders[: len(expected)] != expected:
+            LOGGER.warning("%s: its name does not give its folders' subject/session (labels "
+                           "are letters and digits only): left out", image.relpath)
+            continue
+        stem = image.relpath.removesuffix(".gz").removesuffix(".nii")
+        twin = kept.get(stem)
+        if twin is not None:
+            keep = image if image.relpath.endswith(".gz") else twin
+            LOGGER.warning("%s and %s are the same image name twice: using %s", twin.relpath,
+                           Path(image.relpath).name, Path(keep.relpath).name)
+            image = keep
+        kept[stem] = image
+    return list(kept.values())
+
+
+def _warn_unindexed(root: Path, suffix: str, indexed) -> None:
+    """Name the files that look like images of ``suffix`` but that pybids did not index
+    (invalid BIDS names, such as ``sub-AB_C``), instead of dropping them silently."""
+    known = {Path(f.path).absolute() for f in indexed}
+    on_disk = [p.absolute() for pattern in (f"sub-*/anat/*_{suffix}.nii*",
+                                            f"sub-*/ses-*/anat/*_{suffix}.nii*")
+               for p in root.glob(pattern) if p.name.endswith((".nii", ".nii.gz"))]
+    missed = sorted(p.relative_to(root).as_posix() for p in on_disk if p not in known)
+    if missed:
+        LOGGER.warning("%d file(s) named like %s images are not valid BIDS names and were not "
+                       "indexed: %s", len(missed), suffix, _summarise(missed, limit=5))
 
 
 def _summarise(labels: Sequence[str], limit: int = 10) -> str:

@@ -95,13 +95,25 @@ def normalize_label(value: str, prefix: str) -> str:
 
 
 def _labels_from(prefix: str):
-    """Type function: one label, or a text file holding labels separated by white space."""
+    """Type function: one label, or a file of labels: white-space separated, or a ``.tsv``
+    (such as ``participants.tsv``) whose first column holds them under a header."""
 
     def parse(value: str) -> list[str]:
-        path = Path(value)
-        if not _LABEL_RE.match(value.removeprefix(prefix)) and path.is_file():
-            return [normalize_label(word, prefix) for word in path.read_text().split()]
-        return [normalize_label(value, prefix)]
+        path = Path(value).expanduser()
+        if not path.is_file():
+            return [normalize_label(value, prefix)]
+        try:
+            lines = path.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise argparse.ArgumentTypeError(f"cannot read labels from {path}: {error}") from None
+        if path.suffix.lower() == ".tsv":  # participants.tsv: the first column, no header
+            words = [line.split("\t")[0].strip() for line in lines]
+            words = [w for w in words if w and w not in ("participant_id", "session_id")]
+        else:
+            words = " ".join(lines).split()
+        if not words:
+            raise argparse.ArgumentTypeError(f"{path} holds no labels")
+        return [normalize_label(word, prefix) for word in words]
 
     return parse
 
@@ -150,10 +162,16 @@ def _io_iterations(value: str) -> int | None:
     return number
 
 
+#: Anatomical suffixes in BIDS's own spelling, for ``--suffix t1w`` and the like.
+_KNOWN_SUFFIXES = ("T1w", "T2w", "PDw", "T2starw", "FLAIR", "inplaneT1", "inplaneT2", "PDT2",
+                   "angio", "T1map", "T2map", "UNIT1", "CT")
+
+
 def _suffix(value: str) -> str:
     if not _SUFFIX_RE.match(value):
         raise argparse.ArgumentTypeError(f"{value!r} is not a BIDS suffix (e.g. T1w, T2w, CT)")
-    return value
+    # suffixes are case-sensitive in BIDS: take the standard spelling of a known one
+    return next((known for known in _KNOWN_SUFFIXES if known.lower() == value.lower()), value)
 
 
 def _device(value: str) -> str:
@@ -210,6 +228,13 @@ def _filter_file(value: str) -> dict[str, dict[str, Any]]:
         if key.lower() in filters:  # keys name a suffix: "T1w" and "t1w" are the same
             raise argparse.ArgumentTypeError(f"--bids-filter-file: {key!r} is given twice")
         unknown = sorted(set(query) - _bids_entities())
+        derivative = [name for name in unknown if name in _bids_entities("derivatives")]
+        if derivative:
+            raise argparse.ArgumentTypeError(
+                f"--bids-filter-file: {key!r} filters on {', '.join(derivative)}, an entity of "
+                "derivative datasets: bids_dir must be a raw BIDS dataset (brain masks and "
+                "label maps of a derivative dataset come in through --labels)"
+            )
         if unknown:
             raise argparse.ArgumentTypeError(
                 f"--bids-filter-file: {key!r} has unknown BIDS entities {', '.join(unknown)} "
@@ -219,11 +244,11 @@ def _filter_file(value: str) -> dict[str, dict[str, Any]]:
     return filters
 
 
-def _bids_entities() -> set[str]:
-    """Entity names pybids queries accept (``acquisition``, not ``acq``)."""
+def _bids_entities(config: str = "bids") -> set[str]:
+    """Entity names pybids queries accept (``acquisition``, not ``acq``) with ``config``."""
     from bids.layout.models import Config
 
-    return set(Config.load("bids").entities)
+    return set(Config.load(config).entities)
 
 
 def _region(value: str) -> str:

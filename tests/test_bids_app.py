@@ -130,6 +130,23 @@ def test_participant_labels_from_file(tmp_path):
     labels.write_text("sub-01\n02\n")
     assert parse_args(["b", "o", "participant", "--participant-label",
                        str(labels)]).participant_label == ["01", "02"]
+    plain = tmp_path / "subjects"  # a file name that is also a valid label
+    plain.write_text("03 sub-04\n")
+    assert parse_args(["b", "o", "participant", "--participant-label",
+                       str(plain)]).participant_label == ["03", "04"]
+    table = tmp_path / "participants.tsv"  # BIDS's own list: header and extra columns
+    table.write_text("participant_id\tage\nsub-05\t30\nsub-06\t41\n")
+    assert parse_args(["b", "o", "participant", "--participant-label",
+                       str(table)]).participant_label == ["05", "06"]
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(UsageError, match="holds no labels"):
+        parse_args(["b", "o", "participant", "--participant-label", str(tmp_path / "empty.txt")])
+
+
+def test_suffix_takes_the_bids_spelling_of_a_known_suffix():
+    assert parse_args(["b", "o", "participant", "--suffix", "t1w"]).suffix == "T1w"
+    assert parse_args(["b", "o", "participant", "--suffix", "flair"]).suffix == "FLAIR"
+    assert parse_args(["b", "o", "participant", "--suffix", "MyScan"]).suffix == "MyScan"
 
 
 def test_session_label_strips_prefix():
@@ -459,6 +476,7 @@ def test_bids_filter_file_keys_ignore_case_and_entities_are_checked(tmp_path, te
     assert [Path(j["moving"]).name for j in fake_wf["kwargs"]["jobs"]] == \
         ["sub-01_run-1_T1w.nii.gz"]
     for content, message in (({"t1w": {"acq": "mprage"}}, "unknown BIDS entities acq"),
+                             ({"t1w": {"desc": "preproc"}}, "an entity of derivative datasets"),
                              ({"t1w": {}, "T1w": {}}, "given twice")):
         filters.write_text(json.dumps(content))
         assert participant(bids_dir, tmp_path, template_file, "--bids-filter-file",
@@ -483,6 +501,50 @@ def test_session_filter_keeps_images_without_sessions(tmp_path, template_file, f
     assert participant(bids_dir, tmp_path, template_file, "--session-label", "ses-2") == 0
     assert [(j["subject"], j["session"]) for j in fake_wf["kwargs"]["jobs"]] == \
         [("01", "2"), ("02", None)]
+
+
+def test_twin_nii_and_misnamed_files_are_named_not_fatal(tmp_path, template_file, fake_wf,
+                                                         caplog):
+    bids_dir = make_bids(tmp_path / "bids", ["sub-01/anat/sub-01_T1w.nii",
+                                             "sub-01/anat/sub-01_T1w.nii.gz",
+                                             "sub-02/anat/sub-02_T1w.nii.gz",
+                                             "sub-AB_C/anat/sub-AB_C_T1w.nii.gz"])
+    assert participant(bids_dir, tmp_path, template_file) == 0
+    assert [Path(j["moving"]).name for j in fake_wf["kwargs"]["jobs"]] == \
+        ["sub-01_T1w.nii.gz", "sub-02_T1w.nii.gz"]
+    assert "same image name twice: using sub-01_T1w.nii.gz" in caplog.text
+    assert "not valid BIDS names and were not indexed: sub-AB_C/anat/sub-AB_C_T1w" in caplog.text
+    # without validation pybids reads sub-x-y as subject x: left out, not written as sub-x
+    odd = make_bids(tmp_path / "odd", ["sub-x-y/anat/sub-x-y_T1w.nii.gz",
+                                       "sub-z/anat/sub-z_T1w.nii.gz"])
+    caplog.clear()
+    assert participant(odd, tmp_path, template_file, "--skip-bids-validation") == 0
+    assert [j["subject"] for j in fake_wf["kwargs"]["jobs"]] == ["z"]
+    assert "sub-x-y/anat/sub-x-y_T1w.nii.gz: its name does not give" in caplog.text
+
+
+def test_session_label_not_in_the_dataset_is_18(tmp_path, template_file, fake_wf, capsys):
+    bids_dir = make_bids(tmp_path / "bids", ["sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz",
+                                             "sub-02/anat/sub-02_T1w.nii.gz"])
+    assert participant(bids_dir, tmp_path, template_file, "--session-label", "5") == 18
+    assert "session(s) 5 not found" in capsys.readouterr().err and "kwargs" not in fake_wf
+    no_sessions = two_subjects(tmp_path / "plain")
+    assert participant(no_sessions, tmp_path, template_file, "--session-label", "1") == 18
+    assert "it has no sessions" in capsys.readouterr().err
+
+
+def test_filter_file_subject_and_session_take_prefixes_and_yield_to_the_options(
+        tmp_path, template_file, fake_wf, caplog):
+    bids_dir = make_bids(tmp_path / "bids", ["sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz",
+                                             "sub-02/ses-1/anat/sub-02_ses-1_T1w.nii.gz",
+                                             "sub-02/ses-2/anat/sub-02_ses-2_T1w.nii.gz"])
+    filters = tmp_path / "f.json"
+    filters.write_text(json.dumps({"t1w": {"subject": "sub-02", "session": ["ses-2"]}}))
+    assert participant(bids_dir, tmp_path, template_file, "--bids-filter-file", filters) == 0
+    assert [(j["subject"], j["session"]) for j in fake_wf["kwargs"]["jobs"]] == [("02", "2")]
+    assert participant(bids_dir, tmp_path, template_file, "--bids-filter-file", filters,
+                       "--participant-label", "01") == 18  # 01 has no session 2
+    assert "--participant-label 01 replaces the subject of --bids-filter-file" in caplog.text
 
 
 def test_suffix_selects_contrast_and_ct_modality(tmp_path, template_file, fake_wf):
