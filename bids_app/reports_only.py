@@ -26,7 +26,7 @@ _NEEDED = ("warped", "jacobian", "metrics_json", "preproc")
 def subject_sections(jobs: Sequence[Mapping[str, Any]], methods: Sequence[str],
                      output_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
     """Report sections of one subject's jobs, and the outputs found missing."""
-    from regpipe.workflows.derivatives import output_paths
+    from regpipe.workflows.derivatives import output_paths, section_label
     from regpipe.workflows.interfaces import report_section
 
     sections, missing = [], []
@@ -37,14 +37,11 @@ def subject_sections(jobs: Sequence[Mapping[str, Any]], methods: Sequence[str],
             if absent:
                 missing += absent
                 continue
-            label = " ".join(str(v) for k, v in job["entities"].items()
-                             if k in ("session", "acquisition", "run") and v not in (None, ""))
             sections.append(report_section(
                 method=method, fixed=str(job["fixed"]), warped=str(paths["warped"]),
                 moving_preproc=str(paths["preproc"]), jacobian=str(paths["jacobian"]),
                 metrics_json=str(paths["metrics_json"]), space=job["fixed_space"],
-                label=f"{job['suffix']} {label} -> {job['fixed_space']} ({method})"
-                .replace("  ", " "),
+                label=section_label(job, method),
             ))
     return sections, missing
 
@@ -86,33 +83,35 @@ def add_earlier_sections(jobs: Sequence[Mapping[str, Any]], methods: Sequence[st
     The participant workflow writes ``sub-<label>.html`` from the current run's jobs only, so a
     run for another session or template would drop the sections of the earlier ones (their
     outputs stay on disk). ``records`` are the earlier runs' records (oldest first, each with
-    ``jobs`` and ``methods``); every earlier job of a subject in ``jobs`` whose outputs still
-    exist gets its sections back, after the current ones. Returns the pages rewritten.
+    ``jobs`` and ``methods``); every earlier (job, method) of a subject in ``jobs`` whose
+    outputs still exist gets its section back, after the current ones (a rerun with fewer
+    ``--compare`` methods keeps the others' sections). Returns the pages rewritten.
     """
     from regpipe.reports import write_subject_report
 
-    current = {_job_key(job) for job in jobs}
+    current = {(_job_key(job), method) for job in jobs for method in methods}
     subjects = {job["subject"] for job in jobs}
-    earlier: dict[tuple, tuple[Mapping[str, Any], list[str]]] = {}
+    earlier: dict[tuple, Mapping[str, Any]] = {}  # (job key, method) -> job; the latest wins
     for record in records:
         for job in record.get("jobs", []):
-            key = _job_key(job)
-            if job["subject"] in subjects and key not in current:
-                earlier[key] = (job, list(record.get("methods", methods)))  # the latest wins
+            for method in record.get("methods", methods):
+                key = (_job_key(job), method)
+                if job["subject"] in subjects and key not in current:
+                    earlier[key] = job
     written = []
-    for subject in sorted({key[0] for key in earlier}):
+    for subject in sorted({key[0][0] for key in earlier}):
         own = [job for job in jobs if job["subject"] == subject]
         sections, _ = subject_sections(own, methods, output_dir)
         added = 0
-        for key, (job, its_methods) in earlier.items():
-            if key[0] == subject:
-                found, _ = subject_sections([job], its_methods, output_dir)
+        for (job_key, method), job in earlier.items():
+            if job_key[0] == subject:
+                found, _ = subject_sections([job], [method], output_dir)
                 sections += found
                 added += len(found)
         if not added:
             continue
         sessions = {job.get("session") for job in own} | {
-            job.get("session") for key, (job, _) in earlier.items() if key[0] == subject}
+            job.get("session") for (job_key, _), job in earlier.items() if job_key[0] == subject}
         written.append(write_subject_report(
             subject=subject, session=sessions.pop() if len(sessions) == 1 else None,
             output_dir=output_dir, sections=sections, out_html=output_dir / f"sub-{subject}.html",

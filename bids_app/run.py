@@ -325,9 +325,13 @@ def run_participant(args: argparse.Namespace, argv: Sequence[str] | None = None)
 
     make_writable_dir(args.output_dir, "output_dir")
     if args.reports_only:
-        from regpipe.bids_app.reports_only import write_reports
+        from regpipe.bids_app.reports_only import add_earlier_sections, write_reports
 
-        write_reports(jobs, args.methods, args.output_dir)
+        try:
+            write_reports(jobs, args.methods, args.output_dir)
+        finally:  # and the sections of every recorded run of these subjects, as a run does
+            add_earlier_sections(jobs, args.methods, args.output_dir,
+                                 [record for _, record in run_records(args.output_dir)])
         return ExitCode.SUCCESS
     make_writable_dir(args.work_dir, "--work-dir")
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}_{uuid.uuid4()}"

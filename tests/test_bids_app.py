@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -694,14 +695,32 @@ def test_subject_page_keeps_the_sections_of_earlier_sessions(tmp_path):
     template = textured(tmp_path / "tpl-Test_res-01_T1w.nii.gz", 0)
     options = ["--io-iterations", "0", "--affine-init", "none", "--plugin", "Linear"]
     page = tmp_path / "out" / "sub-01.html"
+
+    def sections() -> list[str]:
+        # each section's title, in page order (a title also appears in the methods table)
+        found = re.findall(r"T1w ses-\d -(?:&gt;|>) Test \([a-z-]+\)", page.read_text())
+        return list(dict.fromkeys(found))
+
+    assert participant(bids_dir, tmp_path, template, "--session-label", "1",
+                       "--compare", "ants-affine", *options) == 0
+    assert sections() == ["T1w ses-1 -&gt; Test (network)", "T1w ses-1 -&gt; Test (ants-affine)"]
+    # another session, without --compare: the page keeps session 1's two sections
+    assert participant(bids_dir, tmp_path, template, "--session-label", "2", *options) == 0
+    expected = ["T1w ses-2 -&gt; Test (network)", "T1w ses-1 -&gt; Test (network)",
+                "T1w ses-1 -&gt; Test (ants-affine)"]
+    assert sections() == expected
+    assert participant(bids_dir, tmp_path, template, "--session-label", "2", *options) == 0
+    assert sections() == expected  # not added twice
+    # session 1 again without --compare: its ants-affine section stays (outputs on disk)
     assert participant(bids_dir, tmp_path, template, "--session-label", "1", *options) == 0
-    assert "T1w 1 -&gt; Test" in page.read_text() or "T1w 1 -> Test" in page.read_text()
-    assert participant(bids_dir, tmp_path, template, "--session-label", "2", *options) == 0
-    text = page.read_text()
-    for session in ("1", "2"):
-        assert f"T1w {session} -&gt; Test" in text or f"T1w {session} -> Test" in text, session
-    assert participant(bids_dir, tmp_path, template, "--session-label", "2", *options) == 0
-    assert page.read_text().count("T1w 1 -") == text.count("T1w 1 -")  # not added twice
+    assert sections() == ["T1w ses-1 -&gt; Test (network)", "T1w ses-1 -&gt; Test (ants-affine)",
+                          "T1w ses-2 -&gt; Test (network)"]
+    expected = sections()
+    # --reports-only for session 2 alone redraws the page from every recorded run
+    assert participant(bids_dir, tmp_path, template, "--session-label", "2", "--reports-only",
+                       *options) == 0
+    assert sections()[0] == "T1w ses-2 -&gt; Test (network)"  # the selected job's first
+    assert sorted(sections()) == sorted(expected)
 
 
 def test_slurm_plugin_runs_with_stand_in_sbatch(tmp_path, template_file, monkeypatch, capsys):

@@ -29,7 +29,7 @@ from typing import Any
 
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
-from regpipe.workflows.derivatives import SOURCE_ENTITIES
+from regpipe.workflows.derivatives import SOURCE_ENTITIES, section_label
 from regpipe.workflows.evaluation import init_eval_wf
 from regpipe.workflows.interfaces import (
     CollectReportInputs,
@@ -368,15 +368,8 @@ def init_method_wf(
     )
     ds_registration_wf = init_ds_registration_wf(job=job, method=method, output_dir=output_dir)
     ds_metrics_wf = init_ds_metrics_wf(job=job, method=method, output_dir=output_dir)
-    label = " ".join(
-        str(v)
-        for k, v in job["entities"].items()
-        if k in ("session", "acquisition", "run") and v not in (None, "")
-    )
     report_section = pe.Node(
-        ReportSection(method=method, space=job["fixed_space"],
-                      label=(f"{job['suffix']} {label} -> {job['fixed_space']} "
-                             f"({method})").replace("  ", " ")),
+        ReportSection(method=method, space=job["fixed_space"], label=section_label(job, method)),
         name="report_section", run_without_submitting=True,
     )  # fmt: skip
     reg_fields = [

@@ -124,6 +124,14 @@ def method_root(output_dir: str | os.PathLike[str], method: str) -> Path:
     return root / "derivatives" / ANTS_DATASET.format(method=method[len("ants-") :])
 
 
+def section_label(job: Mapping[str, Any], method: str) -> str:
+    """Title of a job's QC report section: ``T1w ses-2 run-1 -> MNI152NLin2009cAsym (network)``
+    (the subject is the page's)."""
+    parts = [f"{key}-{job['entities'][name]}" for name, key in SOURCE_ENTITIES[1:]
+             if job["entities"].get(name) not in (None, "")]
+    return " ".join([job["suffix"], *parts, "->", job["fixed_space"], f"({method})"])
+
+
 def source_prefix(entities: Mapping[str, Any]) -> str:
     """``sub-01_ses-1_acq-mprage_run-1``: the source entities of an output name."""
     parts = []
