@@ -120,13 +120,21 @@ def make_writable_dir(path: Path, option: str) -> Path:
 
 
 def resolve_network_weights(value: str) -> tuple[str | None, str | None]:
-    """``--weights`` -> (checkpoint path, SHA-256), ``(None, None)`` for ``none``; no download."""
+    """``--weights`` -> (checkpoint path, SHA-256), ``(None, None)`` for ``none``; no download.
+
+    The file is loaded into its network here (a few seconds for the official weights), so an
+    unusable file fails before any work.
+    """
     if value == "none":
         return None, None
+    from regpipe.networks.checkpoint import network_from_file
     from regpipe.weights import default_weights_name, resolve_weights, sha256sum
 
     name = default_weights_name() if value == "default" else value
     path = resolve_weights(name)
+    # what every network node will do, once, before any work: a file that is a web page,
+    # truncated or of another architecture is a WeightsError (exit 66) naming it
+    network_from_file(path)
     return str(path), sha256sum(path)
 
 
@@ -165,10 +173,7 @@ def _check_condition_options(args: argparse.Namespace, weights: str | None) -> N
     """``--region``/``--smoothness`` need conditional weights (64 otherwise)."""
     from regpipe.networks.checkpoint import is_conditional_file
 
-    try:
-        conditional = weights is not None and is_conditional_file(weights)
-    except WeightsError:  # unreadable: the registration reports it when it loads the file
-        conditional = False
+    conditional = weights is not None and is_conditional_file(weights)  # loaded already
     if not conditional and (args.region != "auto" or args.smoothness is not None):
         raise UsageError(f"--region and --smoothness steer a conditional network; the weights "
                          f"{args.weights!r} are not conditional")

@@ -31,10 +31,12 @@ Example
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import re
 import sys
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -318,6 +320,9 @@ def resolve_template(spec: TemplateSpec | str, *, suffix: str = "T1w",
     image = found.get(resolution) or _folder(home, spec) / template_filename(
         str(spec.identifier), contrast, resolution=resolution, cohort=spec.cohort, desc=spec.desc)
     if not _usable(image):
+        problem = _catalogue_problem(spec, contrast)
+        if problem is not None:  # no download could help
+            raise TemplateError(problem)
         state = "a 0-byte placeholder" if image.is_file() else "missing"
         why = None
         if download is not False:
@@ -333,13 +338,81 @@ def resolve_template(spec: TemplateSpec | str, *, suffix: str = "T1w",
                 f"{_fetch_command(spec, resolution, contrast)}` (or pass --template a NIfTI file"
                 + (f"; available here: --template {' or '.join(local)}" if local else "") + ")"
             )
+    if spec.resolution is None and resolution != "1":
+        LOGGER.warning("template %s: using res-%s, the only resolution here (the default is "
+                       "res-1; give --template %s:res-N to choose)", spec.identifier, resolution,
+                       spec.identifier)
+    _check_template_image(image, "image")
     mask = _find_mask(home, spec, resolution, download)
+    if mask is not None:
+        try:
+            _check_template_image(mask, "mask")
+        except TemplateError as error:
+            LOGGER.warning("%s; continuing without the template's brain mask", error)
+            mask = None
     relative = image.relative_to(home).as_posix()
     return ResolvedTemplate(
         space=str(spec.identifier), image=image.absolute(), mask=mask, suffix=contrast,
         uri=f"{TEMPLATEFLOW_S3}/{relative}", identifier=spec.identifier, resolution=resolution,
         cohort=spec.cohort, desc=spec.desc,
     )
+
+
+def _check_template_image(path: Path, kind: str) -> None:
+    """Read the whole file once: a truncated or corrupt template would fail every subject."""
+    from regpipe.errors import InputError
+    from regpipe.imageio import load_image
+
+    try:
+        load_image(path, "mask" if kind == "mask" else "image", f"template {kind}")
+    except InputError as error:
+        raise TemplateError(f"{error} (a damaged download? delete it and fetch it again)"
+                            ) from None
+
+
+@functools.lru_cache(maxsize=1)
+def _catalogue() -> tuple[str, ...]:
+    """File paths of TemplateFlow's archive skeleton (shipped with the templateflow package,
+    read without network or writing), or none when it is not there."""
+    try:
+        import templateflow.conf as conf
+
+        with zipfile.ZipFile(Path(conf.__file__).parent / "templateflow-skel.zip") as archive:
+            return tuple(archive.namelist())
+    except (ImportError, OSError, zipfile.BadZipFile):
+        return ()
+
+
+def _catalogue_problem(spec: TemplateSpec, suffix: str) -> str | None:
+    """Why TemplateFlow cannot give ``spec``'s ``suffix`` image at all (an unknown name, a
+    missing cohort, no such contrast), from its skeleton; ``None`` when it can or we cannot
+    tell."""
+    names = _catalogue()
+    if not names:
+        return None
+    identifier = str(spec.identifier)
+    known = sorted({n.split("/")[0][len("tpl-"):] for n in names if n.startswith("tpl-")})
+    if identifier not in known:
+        return (f"{identifier} is not a TemplateFlow template (known: {', '.join(known)}); "
+                "or pass --template a NIfTI file")
+    own = [n for n in names if n.startswith(f"tpl-{identifier}/")]
+    cohorts = sorted({m.group(1) for n in own if (m := re.search(r"/cohort-([^/]+)/", n))},
+                     key=lambda c: (len(c), c))
+    if cohorts and spec.cohort is None:
+        return (f"{identifier} has one template per cohort: give one, e.g. --template "
+                f"{identifier}:cohort-{cohorts[0]} (cohorts: {', '.join(cohorts)})")
+    if spec.cohort is not None and spec.cohort not in cohorts:
+        return (f"{identifier} has no cohort {spec.cohort}"
+                + (f" (cohorts: {', '.join(cohorts)})" if cohorts else " (it has no cohorts)"))
+    contrasts = sorted({m.group(1) for n in own
+                        if (m := re.search(r"_([A-Za-z0-9]+)\.nii\.gz$", n.split("/")[-1]))
+                        and "_desc-" not in n.split("/")[-1]
+                        and m.group(1) not in ("mask", "dseg", "probseg")})
+    if suffix not in contrasts and "T1w" not in contrasts:
+        return (f"{identifier} has no {' or '.join(dict.fromkeys([suffix, 'T1w']))} image"
+                + (f" (it has {', '.join(contrasts)})" if contrasts else "")
+                + ": pass --template a NIfTI file")
+    return None
 
 
 def _local_alternatives(home: Path, spec: TemplateSpec, suffix: str) -> list[str]:

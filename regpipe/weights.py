@@ -26,15 +26,20 @@ Example
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import tempfile
+import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
 from regpipe.atomic import atomic_write_text
 from regpipe.download import as_url, stream_into
 from regpipe.errors import InputError, WeightsError
+
+LOGGER = logging.getLogger("regpipe")
 
 __all__ = [
     "ENV_HOME",
@@ -230,10 +235,10 @@ def default_weights_name() -> str:
 def cache_dir() -> Path:
     """Return the weights cache folder (not created); see the module docstring for the order."""
     home = os.environ.get(ENV_HOME)
-    if home:
-        return Path(home).expanduser() / "weights"
+    if home:  # absolute: the cache must not depend on the folder a command starts in
+        return Path(home).expanduser().absolute() / "weights"
     xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    base = Path(xdg).expanduser().absolute() if xdg else Path.home() / ".cache"
     return base / "regpipe" / "weights"
 
 
@@ -411,17 +416,26 @@ def fetch(name: str, force: bool = False, url: str | None = None, progress: bool
     """
     entry = get_entry(name)
     target = cached_path(name)
-    if not force and _is_usable(target):
-        return target
     source = url if url is not None else entry.url
     if source is None:
-        raise WeightsError(f"weights {name!r} have no download URL; give one with url=")
+        where = bundled_dir() / entry.filename
+        raise WeightsError(
+            f"weights {name!r} are bundled with regpipe ({where}): nothing to fetch"
+            if entry.bundled else f"weights {name!r} have no download URL; give one (--url)")
     source = as_url(source)
-    if is_offline():
+    if not force and _is_usable(target):
+        if url is not None:
+            LOGGER.warning("%s is already in the cache; --force downloads it again from %s",
+                           target, source)
+        return target
+    local = urllib.parse.urlsplit(source).scheme == "file"
+    if is_offline() and not local:  # a file:// copy (a USB stick, a shared folder) is no download
         raise WeightsError(
             f"{ENV_OFFLINE} is set, so {source} is not downloaded; put the file at {target} "
-            f"by hand or unset {ENV_OFFLINE}"
+            f"by hand, fetch it from a local copy (--url /path/to/{entry.filename}) or unset "
+            f"{ENV_OFFLINE}"
         )
+    _remove_stale_parts(target.parent, entry.filename)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(
@@ -440,6 +454,11 @@ def fetch(name: str, force: bool = False, url: str | None = None, progress: bool
             out.flush()
             os.fsync(out.fileno())
         _check_download(entry, source, written, digest)
+        try:  # what registration will do with it: build the network and load it strictly
+            _check_loads(tmp)
+        except WeightsError as exc:
+            raise WeightsError(f"{source} did not give usable weights ({exc}); nothing was "
+                               "saved") from None
         os.chmod(tmp, 0o644)
         sidecar = sidecar_path(target)
         sidecar.unlink(missing_ok=True)
@@ -449,6 +468,22 @@ def fetch(name: str, force: bool = False, url: str | None = None, progress: bool
         tmp.unlink(missing_ok=True)
         raise
     return target
+
+
+#: A partial download untouched for this long belongs to no running fetch (those write
+#: continuously): a killed one (SIGKILL, a node crash), removed by the next fetch.
+STALE_PART_SECONDS = 600
+
+
+def _remove_stale_parts(folder: Path, filename: str) -> None:
+    now = time.time()
+    for part in folder.glob(f".{filename}.*.part"):
+        try:
+            if now - part.stat().st_mtime > STALE_PART_SECONDS:
+                part.unlink()
+                LOGGER.info("removed %s, left by an interrupted download", part)
+        except OSError:  # another fetch removed it, or the folder is read-only
+            pass
 
 
 def _write_sidecar(sidecar: Path, digest: str, filename: str) -> None:
@@ -490,23 +525,28 @@ class VerifyResult:
 
     @property
     def ok(self) -> bool:
-        """``True`` when the file exists, matches what is expected and loads as a state dict."""
+        """``True`` when the file exists, matches what is expected and loads into the network
+        it describes."""
         return not self.problems
 
 
-def _count_tensors(path: Path) -> int:
-    """Load ``path`` as :mod:`regpipe.networks.checkpoint` does; return its number of tensors.
+def _check_loads(path: Path) -> int:
+    """Build the network ``path`` describes and load it strictly, as registration does;
+    return its number of tensors.
 
     Both layouts are accepted (a bare state dict, or regpipe's ``{"state_dict", "config",
-    "card"}``), always via ``torch.load(..., weights_only=True)``.
+    "card"}``), always via ``torch.load(..., weights_only=True)``; a file that loads but fits
+    no network raises :class:`~regpipe.errors.WeightsError` listing the missing and unexpected
+    keys.
     """
-    from regpipe.networks.checkpoint import read_checkpoint
+    from regpipe.networks.checkpoint import network_from_file
 
-    return len(read_checkpoint(path).state_dict)
+    network = network_from_file(path)
+    return len(network.state_dict())
 
 
 def verify(name_or_path: str | os.PathLike[str]) -> VerifyResult:
-    """Check a checkpoint: existence, size, SHA-256, and that it loads as a state dict.
+    """Check a checkpoint: existence, size, SHA-256, and that it loads into its network.
 
     Loading uses :func:`regpipe.networks.checkpoint.read_checkpoint` (``weights_only=True``),
     so both the official bare state dict and regpipe's own layout are accepted.
@@ -557,7 +597,7 @@ def verify(name_or_path: str | os.PathLike[str]) -> VerifyResult:
         )
     n_tensors = 0
     try:
-        n_tensors = _count_tensors(path)
+        n_tensors = _check_loads(path)
     except WeightsError as exc:
         problems.append(str(exc))
     return VerifyResult(

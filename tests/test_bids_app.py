@@ -366,14 +366,28 @@ def test_missing_weights_is_66_naming_fetch(tmp_path, template_file, capsys):
 def test_weights_file_is_hashed_into_the_jobs(tmp_path, template_file, fake_wf):
     import hashlib
 
+    from regpipe.networks import NetworkConfig, build_network, save_weights
+
     weights = tmp_path / "model.trch"
-    weights.write_bytes(b"stand-in checkpoint " * 100)
+    config = NetworkConfig(grid_shape=(17, 17, 17), n_steps=1, down_channels=(4, 8),
+                           up_channels=(4, 8))
+    save_weights(build_network(config), weights)
     bids_dir = two_subjects(tmp_path / "bids")
     assert regpipe(bids_dir, tmp_path / "out", "participant", "--template", template_file,
                    "--weights", weights, work=tmp_path / "work") == 0
     sha = hashlib.sha256(weights.read_bytes()).hexdigest()
     assert {j["weights_sha256"] for j in fake_wf["kwargs"]["jobs"]} == {sha}
     assert fake_wf["kwargs"]["weights"] == str(weights)
+
+
+def test_unusable_weights_file_is_66_before_any_work(tmp_path, template_file, fake_wf, capsys):
+    bids_dir = two_subjects(tmp_path / "bids")
+    page = tmp_path / "model.trch"
+    page.write_text("<html><body>Login required</body></html>")  # a saved error page
+    assert regpipe(bids_dir, tmp_path / "out", "participant", "--template", template_file,
+                   "--weights", page, work=tmp_path / "work") == 66
+    assert "model.trch is a web page or text" in capsys.readouterr().err
+    assert "kwargs" not in fake_wf and not (tmp_path / "out").exists()
 
 
 def test_missing_labels_dataset_is_66(tmp_path, template_file):
@@ -805,6 +819,35 @@ def test_missing_template_offline_names_file_and_fetch(tf_home, monkeypatch):
     assert f"tpl-{TPL}_res-01_T1w.nii.gz is missing" in message
     assert f"regpipe-templates fetch {TPL} --resolution 1" in message
     assert f"--template {TPL}:res-1:desc-brain" in message
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("NoSuchTpl", "NoSuchTpl is not a TemplateFlow template (known: "),
+    ("MNIInfant", "give one, e.g. --template MNIInfant:cohort-1"),
+    ("MNIInfant:cohort-99", "MNIInfant has no cohort 99"),
+    ("Fischer344", "Fischer344 has no T1w image (it has T2w)"),
+])
+def test_templates_no_download_can_give_are_named_as_such(tmp_path, monkeypatch, spec, message):
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", str(tmp_path / "tf"))
+    monkeypatch.setattr(templates, "_download", _no_download)
+    with pytest.raises(TemplateError, match=re.escape(message)) as error:
+        templates.resolve_template(spec)
+    assert "regpipe-templates fetch" not in str(error.value)  # a fetch cannot succeed
+
+
+def test_templateflow_template_is_read_whole_before_any_work(tmp_path, monkeypatch):
+    home = tmp_path / "tf"
+    folder = home / f"tpl-{TPL}"
+    image = _nifti(folder / f"tpl-{TPL}_res-02_T1w.nii.gz", shape=(12, 12, 12))
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", str(home))
+    monkeypatch.setattr(templates, "_download", _no_download)
+    resolved = templates.resolve_template(TPL)  # only res-02 here: used, with a warning
+    assert resolved.resolution == "2"
+    noise = np.random.default_rng(0).random((12, 12, 12), dtype=np.float32)
+    nib.save(nib.Nifti1Image(noise, np.eye(4)), image)
+    image.write_bytes(image.read_bytes()[: len(image.read_bytes()) // 2])  # truncated
+    with pytest.raises(TemplateError, match="a damaged download"):
+        templates.resolve_template(TPL)
 
 
 @pytest.mark.parametrize("content", [b"not an image", "4-D", "constant"])

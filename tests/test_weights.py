@@ -21,6 +21,11 @@ import torch
 from regpipe import weights
 from regpipe.cli.weights import main
 from regpipe.errors import InputError, WeightsError
+from regpipe.networks import NetworkConfig, build_network, save_weights
+
+#: A network small enough to save, fetch and load in milliseconds.
+TINY = NetworkConfig(grid_shape=(17, 17, 17), n_steps=1, down_channels=(4, 8), up_channels=(4, 8))
+N_TINY = len(build_network(TINY).state_dict())
 
 UNIGRADICON_URL = (
     "https://github.com/uncbiag/uniGradICON/releases/download/unigradicon_weights/"
@@ -52,10 +57,13 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture(scope="session")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder holding ``small.trch``, a two-tensor state dict saved with torch.save."""
+    """A folder holding ``small.trch``, a tiny network's weights file (what fetch accepts),
+    and ``two.trch``, a two-tensor state dict that fits no network."""
     folder = tmp_path_factory.mktemp("served")
+    save_weights(build_network(TINY), folder / "small.trch", {"name": "tiny"})
     state = {"conv.weight": torch.arange(24.0).reshape(2, 3, 4), "conv.bias": torch.zeros(2)}
-    torch.save(state, folder / "small.trch")
+    torch.save(state, folder / "two.trch")
+    (folder / "login.html").write_text("<!DOCTYPE html><html><body>Login required</body></html>")
     return folder
 
 
@@ -277,15 +285,83 @@ def test_unreachable_server_says_probably_offline(home: Path) -> None:
     assert _files_in(home / "weights/unigradicon") == []
 
 
-def test_offline_env_blocks_fetch(
-    test_entry: weights.WeightsEntry, home: Path, monkeypatch: pytest.MonkeyPatch
+def test_offline_env_blocks_downloads_but_not_local_copies(
+    server: str, test_entry: weights.WeightsEntry, home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("REGPIPE_OFFLINE", "1")
     with pytest.raises(WeightsError, match="REGPIPE_OFFLINE"):
-        weights.fetch("testmodel", progress=False)
+        weights.fetch("unigradicon", url=f"{server}/small.trch", progress=False)
     with pytest.raises(WeightsError, match="REGPIPE_OFFLINE"):
-        weights.resolve_weights("testmodel", download=True)
-    assert not (home / "weights/testmodel").exists()
+        weights.resolve_weights("unigradicon", download=True)
+    assert not (home / "weights/unigradicon").exists()
+    # a file:// source (a USB stick, a shared folder) is a copy, not a download
+    path = weights.fetch("testmodel", progress=False)
+    assert weights.verify("testmodel").ok and path.parent == home / "weights/testmodel"
+
+
+@pytest.mark.parametrize(("served_name", "problem"), [
+    ("login.html", "is a web page or text, not a weights file"),
+    ("two.trch", "do not fit the network"),
+])
+def test_fetch_refuses_what_is_not_usable_weights(server: str, home: Path, served_name: str,
+                                                 problem: str) -> None:
+    with pytest.raises(WeightsError, match=problem) as info:
+        weights.fetch("unigradicon", url=f"{server}/{served_name}", progress=False)
+    assert "nothing was saved" in str(info.value)
+    assert _files_in(home / "weights/unigradicon") == []
+
+
+def test_fetch_removes_partial_files_of_killed_downloads(server: str, home: Path) -> None:
+    folder = home / "weights/unigradicon"
+    folder.mkdir(parents=True)
+    old, fresh = folder / ".Step_2_final.trch.k1.part", folder / ".Step_2_final.trch.k2.part"
+    old.write_bytes(b"x" * 100)
+    fresh.write_bytes(b"x" * 100)  # maybe another fetch's, still running: kept
+    hour_ago = old.stat().st_mtime - 3600
+    os.utime(old, (hour_ago, hour_ago))
+    weights.fetch("unigradicon", url=f"{server}/small.trch", progress=False)
+    assert not old.exists() and fresh.exists()
+
+
+def test_fetch_with_url_of_a_cached_file_says_force_is_needed(
+        test_entry: weights.WeightsEntry, caplog: pytest.LogCaptureFixture) -> None:
+    path = weights.fetch("testmodel", progress=False)
+    with pytest.raises(WeightsError, match="not an http"):
+        weights.fetch("testmodel", url="ftp://x/y", progress=False)
+    assert weights.fetch("testmodel", url=path.as_uri(), progress=False) == path
+    assert "--force downloads it again" in caplog.text
+
+
+def test_bundled_weights_have_nothing_to_fetch() -> None:
+    with pytest.raises(WeightsError, match="bundled with regpipe"):
+        weights.fetch("regpipe-compact", progress=False)
+
+
+def test_relative_regpipe_home_is_made_absolute(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("REGPIPE_HOME", "relhome")
+    assert weights.cache_dir() == tmp_path / "relhome" / "weights"
+
+
+def test_cli_sigterm_during_fetch_exits_143(monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """SLURM's time limit sends SIGTERM: it must unwind (removing partial files), not kill."""
+    import signal
+
+    cleaned = []
+
+    def fetch(*args, **kwargs):  # type: ignore[no-untyped-def]
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        finally:
+            cleaned.append(True)
+
+    monkeypatch.setattr(weights, "fetch", fetch)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["fetch", "unigradicon", "--quiet"]) == 143
+    assert cleaned == [True] and "terminated" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 # --- resolve_weights -------------------------------------------------------------------------
@@ -358,7 +434,7 @@ def test_verify_fetched_file(test_entry: weights.WeightsEntry) -> None:
     weights.fetch("testmodel", progress=False)
     result = weights.verify("testmodel")
     assert result.ok, result.problems
-    assert result.loads and result.n_tensors == 2
+    assert result.loads and result.n_tensors == N_TINY
     assert result.sha256_matches is True and result.sha256_reference == "registry"
     assert result.size_matches is True
 
@@ -382,7 +458,7 @@ def test_verify_missing_file() -> None:
 
 def test_verify_path_without_reference_checksum(small_file: Path) -> None:
     result = weights.verify(small_file)
-    assert result.ok and result.sha256_matches is None and result.n_tensors == 2
+    assert result.ok and result.sha256_matches is None and result.n_tensors == N_TINY
 
 
 @pytest.mark.parametrize(
@@ -402,16 +478,25 @@ def test_verify_refuses_pickled_objects(tmp_path: Path) -> None:
     torch.save({"net": torch.nn.Linear(2, 2)}, path)
     result = weights.verify(path)
     assert not result.loads
-    assert "weights_only=True" in result.problems[0]
+    assert "holds Python objects besides tensors, which regpipe never loads" in result.problems[0]
+    assert "weights_only` set to `False`" not in result.problems[0]  # never torch's advice
 
 
-def test_verify_accepts_regpipe_layout(tmp_path: Path) -> None:
-    path = tmp_path / "ours.trch"
-    state = {"w": torch.zeros(3), "b": torch.ones(1)}
-    torch.save({"state_dict": state, "config": None, "card": {"name": "ours"}}, path)
-    result = weights.verify(path)
+def test_verify_loads_the_file_into_its_network(tmp_path: Path, served: Path) -> None:
+    result = weights.verify(served / "small.trch")
     assert result.ok, result.problems
-    assert result.n_tensors == 2
+    assert result.n_tensors == N_TINY
+    wrong = weights.verify(served / "two.trch")  # tensors, but of no network
+    assert not wrong.ok and not wrong.loads
+    assert "two.trch do not fit the network" in wrong.problems[0]
+    assert "unexpected keys (2): conv.weight, conv.bias" in wrong.problems[0]
+
+
+def test_verify_names_truncated_files(tmp_path: Path, served: Path) -> None:
+    truncated = tmp_path / "truncated.trch"
+    truncated.write_bytes((served / "small.trch").read_bytes()[:3000])
+    result = weights.verify(truncated)
+    assert "is a damaged or truncated weights file" in result.problems[0]
 
 
 # --- command line ----------------------------------------------------------------------------
@@ -448,7 +533,7 @@ def test_cli_fetch_and_verify(
     assert capsys.readouterr().out.strip() == str(home / "weights/testmodel/small.trch")
     assert main(["verify", "testmodel"]) == 0
     out = capsys.readouterr().out
-    assert "result:  OK" in out and "2 tensors" in out
+    assert "result:  OK" in out and f"{N_TINY} tensors, into the network" in out
 
 
 def test_cli_verify_missing_fails_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,6 +15,7 @@ Exit codes: 0 success, 1 a regpipe error (one line on stderr), 2 bad usage, 130 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -76,7 +77,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         print(f"sha256:  {result.sha256} ({note})")
     if result.exists:
         plural = "" if result.n_tensors == 1 else "s"
-        loads = f"yes, {result.n_tensors} tensor{plural}" if result.loads else "no"
+        loads = (f"yes, {result.n_tensors} tensor{plural}, into the network it describes"
+                 if result.loads else "no")
         print(f"loads:   {loads}")
     print(f"result:  {'OK' if result.ok else 'FAILED'}")
     if not result.ok:
@@ -147,8 +149,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits on --help (0) and bad usage (2)
         return exc.code if isinstance(exc.code, int) else 2
+    # SIGTERM (SLURM's time limit, scancel, timeout) unwinds like Ctrl-C, so that a download
+    # removes its partial file
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(args.func(args))
+    except _Terminated:
+        print(f"{PROG}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except RegpipeError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
@@ -158,6 +166,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process was (a KeyboardInterrupt, so cleanups run)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise _Terminated()
 
 
 if __name__ == "__main__":

@@ -80,6 +80,8 @@ class Checkpoint:
         The controller's configuration of a conditional network, else ``None``.
     controller
         The controller's tensors of a conditional network, else ``None``.
+    origin
+        Where it was read from (the file), for messages.
     """
 
     state_dict: dict[str, torch.Tensor]
@@ -87,6 +89,7 @@ class Checkpoint:
     card: dict[str, Any] = field(default_factory=dict)
     conditioning: ConditioningConfig | None = None
     controller: dict[str, torch.Tensor] | None = None
+    origin: str | None = None
 
 
 def _torch_load(path: Path) -> Any:
@@ -95,12 +98,29 @@ def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for bad files
-        text = str(exc).strip()
-        first_line = text.splitlines()[0] if text else ""
-        raise WeightsError(
-            f"{path} is not a loadable weights file (torch.load with weights_only=True failed: "
-            f"{type(exc).__name__}: {first_line})"
-        ) from None
+        raise WeightsError(f"{path} {_unloadable_reason(path, exc)}") from None
+
+
+def _unloadable_reason(path: Path, exc: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused ``path``, in words (never torch's advice
+    to retry with ``weights_only=False``, which would run the file's code)."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(512)
+    except OSError as error:
+        return f"cannot be read: {error}"
+    text = head.lstrip().lower()
+    if text.startswith((b"<!doctype", b"<html", b"<?xml", b"{", b"<")):
+        return ("is a web page or text, not a weights file (a download that received an error "
+                "or login page?): fetch it again, e.g. `regpipe-weights fetch NAME --force`")
+    if "Weights only load failed" in str(exc) or "Unsupported global" in str(exc):
+        return ("holds Python objects besides tensors, which regpipe never loads (they could "
+                "run code): save the state dict alone, torch.save(model.state_dict(), path)")
+    if head.startswith(b"PK\x03\x04"):
+        return ("is a damaged or truncated weights file (an interrupted download or copy?): "
+                "fetch or copy it again")
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"is not a PyTorch weights file ({type(exc).__name__}: {first})"
 
 
 def _as_checkpoint(obj: Any, origin: str) -> Checkpoint:
@@ -140,7 +160,7 @@ def _as_checkpoint(obj: Any, origin: str) -> Checkpoint:
     tensors = dict(state)
     if all(key.startswith("regis_net.") for key in tensors):  # a whole-model state dict
         tensors = {key[len("regis_net.") :]: value for key, value in tensors.items()}
-    return Checkpoint(tensors, config, card, conditioning, controller)
+    return Checkpoint(tensors, config, card, conditioning, controller, origin)
 
 
 def is_conditional_file(path: PathLike) -> bool:
@@ -240,7 +260,8 @@ def load_weights(
     expected = network.regis_net.state_dict()
     problem = _mismatch_report(expected, checkpoint.state_dict)
     if problem is not None:
-        where = source if isinstance(source, (str, os.PathLike)) else "the weights"
+        where = (source if isinstance(source, (str, os.PathLike)) else
+                 checkpoint.origin if checkpoint.origin else "the weights")
         raise WeightsError(f"{where} do not fit the network ({network.config}):\n  {problem}")
     if checkpoint.controller is not None:
         _check_controller(network, checkpoint)
