@@ -57,6 +57,9 @@ Jobs
     moving_labels    label map of the image from ``--labels``, or ``None`` } both; logged)
     source_uri       ``bids:raw:sub-01/anat/sub-01_T1w.nii.gz`` (needs ``DatasetLinks.raw``)
     weights_sha256   SHA-256 of the network weights file, or ``None`` without a network
+    fixed_entities   template mode: ``{"res": "2"}`` / ``{"cohort": "1"}`` for a TemplateFlow
+                     target at a resolution other than 1 or with a cohort (output names get
+                     ``space-<ID>[_cohort-<c>][_res-<r>]``); longitudinal: absent
     ===============  ==========================================================================
 
 Checked before any work (:func:`usable_jobs`)
@@ -433,12 +436,25 @@ def template_jobs(images: Sequence[Image], template, *, labels_layout=None,
         fixed_labels = find_template_labels(Path(labels_layout.root), template.identifier,
                                             template.resolution)
     return [
-        _job(image, fixed=template.image, fixed_space=template.space, fixed_uri=template.uri,
-             pair_type="inter", fixed_mask=template.mask,
-             fixed_labels=fixed_labels, labels_layout=labels_layout,
-             weights_sha256=weights_sha256)
+        {**_job(image, fixed=template.image, fixed_space=template.space,
+                fixed_uri=template.uri, pair_type="inter", fixed_mask=template.mask,
+                fixed_labels=fixed_labels, labels_layout=labels_layout,
+                weights_sha256=weights_sha256),
+         "fixed_entities": template_entities(template)}
         for image in images
     ]
+
+
+def template_entities(template) -> dict[str, str]:
+    """``cohort``/``res`` of a TemplateFlow target for output names: the cohort when there is
+    one, the resolution unless it is TemplateFlow's default 1 (``space-X_res-2``)."""
+    entities = {}
+    if getattr(template, "cohort", None):
+        entities["cohort"] = str(template.cohort)
+    resolution = getattr(template, "resolution", None)
+    if resolution not in (None, "1", "01"):
+        entities["res"] = str(int(resolution)) if str(resolution).isdigit() else str(resolution)
+    return entities
 
 
 def longitudinal_pairs(images: Sequence[Image], reference_session: str | None = None

@@ -338,6 +338,7 @@ def run_participant(args: argparse.Namespace, argv: Sequence[str] | None = None)
             add_earlier_sections(jobs, args.methods, args.output_dir,
                                  [record for _, record in run_records(args.output_dir)])
         return ExitCode.SUCCESS
+    _warn_replaced_transforms(args.output_dir, jobs)
     make_writable_dir(args.work_dir, "--work-dir")
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}_{uuid.uuid4()}"
     log_dir = make_writable_dir(args.output_dir / "logs" / run_id, "output_dir/logs")
@@ -383,6 +384,22 @@ def _keep_earlier_report_sections(args: argparse.Namespace, jobs: list[dict[str,
 
     earlier = [record for folder, record in run_records(args.output_dir) if folder != log_dir]
     add_earlier_sections(jobs, args.methods, args.output_dir, earlier)
+
+
+def _warn_replaced_transforms(output_dir: Path, jobs: list[dict[str, Any]]) -> None:
+    """Say when a job's transforms replace an earlier run's made against another target file
+    (another template resolution or file of the same space: the transform names have no
+    ``res-``, the images and metrics do)."""
+    earlier: dict[tuple[str, str], str] = {}
+    for _, record in run_records(output_dir):
+        for job in record.get("jobs", []):
+            earlier[(str(job.get("moving")), str(job.get("fixed_space")))] = str(job.get("fixed"))
+    for job in jobs:
+        before = earlier.get((str(job["moving"]), str(job["fixed_space"])))
+        if before is not None and before != str(job["fixed"]):
+            LOGGER.warning("%s: the transforms to %s of an earlier run (target %s) are replaced "
+                           "by this run's (target %s)", Path(job["moving"]).name,
+                           job["fixed_space"], Path(before).name, Path(job["fixed"]).name)
 
 
 def run_records(output_dir: Path) -> list[tuple[Path, dict[str, Any]]]:

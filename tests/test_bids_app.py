@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -378,6 +379,25 @@ def test_weights_file_is_hashed_into_the_jobs(tmp_path, template_file, fake_wf):
     sha = hashlib.sha256(weights.read_bytes()).hexdigest()
     assert {j["weights_sha256"] for j in fake_wf["kwargs"]["jobs"]} == {sha}
     assert fake_wf["kwargs"]["weights"] == str(weights)
+
+
+def test_template_resolution_keeps_outputs_apart_and_replaced_transforms_are_said(
+        tmp_path, fake_wf, caplog):
+    from regpipe.bids_app.bids import template_entities
+    from regpipe.bids_app.templates import ResolvedTemplate
+
+    tpl = ResolvedTemplate(space="T", image=Path("/t.nii.gz"), mask=None, suffix="T1w", uri="")
+    assert template_entities(tpl) == {}
+    assert template_entities(replace(tpl, resolution="1")) == {}
+    assert template_entities(replace(tpl, resolution="02", cohort="3")) == {"cohort": "3",
+                                                                           "res": "2"}
+    bids_dir = two_subjects(tmp_path / "bids")
+    one = _nifti(tmp_path / "a" / "tpl-Test_T1w.nii.gz", value=3.0)
+    two = _nifti(tmp_path / "b" / "tpl-Test_T1w.nii.gz", value=4.0)
+    assert participant(bids_dir, tmp_path, one, "--participant-label", "01") == 0
+    assert "are replaced" not in caplog.text
+    assert participant(bids_dir, tmp_path, two) == 0
+    assert caplog.text.count("are replaced by this run's") == 1  # sub-01 only
 
 
 def test_unusable_weights_file_is_66_before_any_work(tmp_path, template_file, fake_wf, capsys):

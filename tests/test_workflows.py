@@ -331,6 +331,16 @@ def test_output_paths_follow_the_scheme(skeleton, tmp_path):
     ants = derivatives.output_paths(out, job, "ants-syn")
     assert ants["warped"].is_relative_to(out / "derivatives" / "regpipe-ants-syn" / "sub-01")
     assert ants["preproc"] == derivatives.output_paths(out, job, "network")["preproc"]
+    # a template at another resolution or cohort: images and metrics apart, fMRIPrep-style
+    other = validate_job({**job, "fixed_entities": {"cohort": "1", "res": "2"}})
+    paths = derivatives.output_paths(out, other, "network")
+    assert paths["warped"].name == \
+        f"sub-01_ses-1_space-{SPACE}_cohort-1_res-2_desc-preproc_T1w.nii.gz"
+    assert paths["metrics_tsv"].name == \
+        f"sub-01_ses-1_space-{SPACE}_cohort-1_res-2_desc-T1w_metrics.tsv"
+    assert paths["forward_xfm"].name == names["forward_xfm"].split("/")[-1]
+    with pytest.raises(InputError, match="fixed_entities"):
+        validate_job({**job, "fixed_entities": {"den": "32k"}})
 
 
 def _write_dataset_files(args):

@@ -50,7 +50,8 @@ BIDS App adds ``logs/`` (run records).
 ``<space>`` is the job's ``fixed_space``: a TemplateFlow identifier (``MNI152NLin2009cAsym``)
 or, for longitudinal registration, the reference image's label
 (:func:`regpipe.workflows.jobs.reference_space_label`, e.g. ``sub01ses1``); sidecars carry
-``SpatialReference``.
+``SpatialReference``. A job's ``fixed_entities`` (``cohort``, ``res`` of a TemplateFlow target)
+follow ``space-`` in the images' and metrics' names.
 """
 
 from __future__ import annotations
@@ -161,11 +162,14 @@ def derivative_path(
         folder = folder / f"ses-{job['session']}"
     folder = folder / str(entities.get("datatype") or "anat")
     name = [source_prefix(entities)]
+    target = job.get("fixed_entities") or {}
     for key, value in (
         ("from", from_),
         ("to", to),
         ("mode", mode),
         ("space", space),
+        ("cohort", target.get("cohort") if space else None),
+        ("res", target.get("res") if space else None),
         ("desc", desc),
     ):
         if value:

@@ -37,6 +37,11 @@ key                 type                      meaning
 ``fixed_uri``       str or None (optional)    ``SpatialReference`` of the outputs; derived
                                               when absent: ``bids:raw:...`` when ``fixed`` is
                                               inside the raw dataset, else a ``file://`` URI
+``fixed_entities``  dict (optional)           ``cohort``/``res`` of a TemplateFlow target,
+                                              written after ``space-`` in the names of the
+                                              images and metrics (as fMRIPrep does), so
+                                              targets at other resolutions or cohorts never
+                                              share a file name; default ``{}``
 ==================  ========================  ================================================
 
 :func:`validate_job` checks a job and returns it normalised (paths as ``str``, optional keys
@@ -70,13 +75,13 @@ from regpipe.workflows.derivatives import output_paths
 
 from regpipe.errors import InputError
 
-#: Keys of a job (see the module docstring); ``fixed_uri`` is optional.
+#: Keys of a job (see the module docstring); ``fixed_uri`` and ``fixed_entities`` are optional.
 JOB_KEYS: tuple[str, ...] = (
     "subject", "session", "moving", "entities", "suffix", "modality", "fixed", "fixed_space",
     "pair_type", "fixed_mask", "moving_mask", "fixed_labels", "moving_labels", "source_uri",
     "weights_sha256",
 )  # fmt: skip
-OPTIONAL_JOB_KEYS: tuple[str, ...] = ("fixed_uri",)
+OPTIONAL_JOB_KEYS: tuple[str, ...] = ("fixed_uri", "fixed_entities")
 _NULLABLE = (
     "session",
     "fixed_mask",
@@ -230,6 +235,11 @@ def validate_job(job: Mapping[str, Any]) -> dict[str, Any]:
     sha = out["weights_sha256"]
     if sha is not None and not re.fullmatch(r"[0-9a-f]{64}", str(sha)):
         raise fail(f"weights_sha256 must be 64 lower-case hex digits, got {sha!r}")
+    fixed_entities = out["fixed_entities"] or {}
+    if not isinstance(fixed_entities, Mapping) or set(fixed_entities) - {"cohort", "res"} or \
+            not all(isinstance(v, str) and _LABEL.match(v) for v in fixed_entities.values()):
+        raise fail(f"fixed_entities must map 'cohort'/'res' to labels, got {fixed_entities!r}")
+    out["fixed_entities"] = dict(fixed_entities)
     if not out["fixed_uri"]:
         root = raw_root(out)
         fixed = Path(out["fixed"])
