@@ -12,7 +12,8 @@ Inputs (written by the participant level)
 
 Outputs
     ``output_dir/group/group_metrics.tsv``: one row per registration and method (``subject``,
-    ``session``, ``method``, ``fixed_space``, the image's entities, ``metrics_file``, then
+    ``session``, ``method``, ``fixed_space``, ``target`` (:func:`target_label`), the image's
+    entities, ``metrics_file``, then
     every scalar metric; nested values are flattened, ``dice: {"17": 0.8}`` -> ``dice_17``;
     missing values are ``n/a``), and ``output_dir/group/group_report.html`` from
     :func:`regpipe.reports.write_group_report` with distributions per method and the failures.
@@ -21,7 +22,9 @@ Failures
     A job of a recorded run without metrics for one of its methods ("no metrics"), and every
     crash file of the latest run (``output_dir/logs/<latest run_id>/crash-*``), of
     ``output_dir/sub-*/log/`` and of the top of ``--work-dir``, attributed to the subject named
-    in the crashed node's name (``sub_01``). The group level exits 0 when it wrote its outputs,
+    in the crashed node's name (``sub_01``); a missing-metrics entry of a subject (and session)
+    with a crash is left out, the crash explains it. The group level exits 0 when it wrote its
+    outputs,
     even when it lists failures (the participant level already exited 1 for them).
 """
 
@@ -52,7 +55,20 @@ LOGGER = logging.getLogger("regpipe.bids_app")
 GROUP_DIR = "group"
 TSV_NAME = "group_metrics.tsv"
 HTML_NAME = "group_report.html"
-ID_COLUMNS = ("subject", "session", "method", "fixed_space", *IDENTITY_ENTITIES)
+ID_COLUMNS = ("subject", "session", "method", "fixed_space", "target", *IDENTITY_ENTITIES)
+
+
+def target_label(fixed_space: str | None, subject: str, file_name: str) -> str:
+    """What a registration was made against, for grouping: the template space with the
+    ``cohort``/``res`` of its file name (``MNI152NLin2009cAsym res-2``), or ``own reference``
+    for longitudinal registrations (each subject has its own)."""
+    if fixed_space is None:
+        return "unknown"
+    if fixed_space.startswith(f"sub{subject}"):
+        return "own reference"
+    extra = [m.group(0)[1:] for key in ("cohort", "res")
+             if (m := re.search(rf"_{key}-[A-Za-z0-9]+", file_name))]
+    return " ".join([fixed_space, *extra])
 _MISSING = "n/a"
 
 
@@ -150,6 +166,7 @@ def collect_rows(output_dir: Path, participant_label: Sequence[str] | None = Non
                 "method": method,
                 "fixed_space": entities.get("space") or entities.get("to"),
             }
+            row["target"] = target_label(row["fixed_space"], subject, path.name)
             row.update({key: str(entities[key]) for key in IDENTITY_ENTITIES if key in entities})
             row["metrics_file"] = path.relative_to(output_dir).as_posix()
             try:
@@ -245,14 +262,20 @@ def find_failures(output_dir: Path, rows: Sequence[Mapping[str, Any]], *,
                         "reason": f"no metrics for {Path(job['moving']).name} to "
                                   f"{job.get('fixed_space')}",
                     })
+    crashes = []
     for crash in _crash_files(output_dir, records, work_dir):
         subject, session, where = _crash_summary(crash)
         if keep and subject not in keep:
             continue
-        failures.append({"subject": subject or "unknown", "session": session, "method": None,
-                         "reason": f"crash in {where}",
-                         "crash_file": os.path.relpath(crash, output_dir)})
-    return failures
+        crashes.append({"subject": subject or "unknown", "session": session, "method": None,
+                        "reason": f"crash in {where}",
+                        "crash_file": os.path.relpath(crash, output_dir)})
+
+    def explained(failure: Mapping[str, Any]) -> bool:  # its crash is listed: one failure
+        return any(c["subject"] == failure["subject"]
+                   and c["session"] in (None, failure["session"]) for c in crashes)
+
+    return [f for f in failures if not explained(f)] + crashes
 
 
 # --------------------------------------------------------------------------- writing

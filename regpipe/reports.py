@@ -425,8 +425,9 @@ def write_group_report(
     rows
         One dict per registration: ``subject``, ``session``, ``method``, ``runtime_s``,
         ``peak_memory_mb``, ``folding_percent``, ``sd_log_jacobian``, ``ncc_after`` and
-        optionally ``dice_mean``; ``None``, ``"n/a"`` and missing values are left out of the
-        statistics.
+        optionally ``dice_mean`` and ``target`` (what it was registered to: rows of several
+        targets are summarised per method and target, never pooled); ``None``, ``"n/a"`` and
+        missing values are left out of the statistics.
     failures
         One dict per failure: ``subject`` and ``reason`` (``session`` and ``method`` are shown
         when present).
@@ -439,6 +440,9 @@ def write_group_report(
     out_html = Path(out_html)
     figures_dir = Path(figures_dir) if figures_dir else out_html.parent / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
+    targets = {r.get("target") for r in rows if r.get("target")}
+    if len(targets) > 1:  # never pool registrations made against different targets
+        rows = [{**r, "method": f"{r.get('method')} / {r.get('target')}"} for r in rows]
     methods = methods_in_order(rows)
     subjects = {_text(r.get("subject")) for r in rows} | {
         _text(f.get("subject")) for f in failures
@@ -465,7 +469,7 @@ def write_group_report(
             caption = f"{title} per method; each point is one registration."
             body.append(_figure_html(plot, out_html, caption))
     body.append("</div></section>")
-    failure_columns = ("subject", "session", "method", "reason")
+    failure_columns = ("subject", "session", "method", "reason", "crash_file")
     failure_rows = [[_td(_text(f.get(c))) for c in failure_columns] for f in failures]
     body.append('<section id="failures"><h2>Failures</h2>')
     body.append(
@@ -474,10 +478,14 @@ def write_group_report(
         else "<p>None.</p>"
     )
     body.append("</section>")
-    columns = ["subject", "session", "method"] + [key for key, _ in GROUP_METRICS]
+    # which image and target each row is: the entities that tell a subject's rows apart
+    ids = ["subject", "session", "method"] + [
+        c for c in ("acquisition", "reconstruction", "run", "target")
+        if any(r.get(c) not in (None, "") for r in rows)]
+    columns = ids + [key for key, _ in GROUP_METRICS]
     all_rows = [
-        [_td(_text(r.get(c))) for c in columns[:3]]
-        + [_td(_format(r.get(c)), numeric=True) for c in columns[3:]]
+        [_td(_text(r.get(c))) for c in ids]
+        + [_td(_format(r.get(c)), numeric=True) for c in columns[len(ids):]]
         for r in rows
     ]
     body.append('<section id="registrations"><h2>All registrations</h2><details>')

@@ -970,6 +970,8 @@ def test_group_collects_metrics_and_failures(tmp_path, monkeypatch):
                  folding_percent="n/a")
     _metrics_tsv(out / "derivatives" / "regpipe-ants-syn" / "sub-01" / "anat" / stem,
                  runtime_s=40)
+    _metrics_tsv(out / "sub-01" / "anat" / f"sub-01_space-{TPL}_res-2_desc-T1w_metrics.tsv",
+                 runtime_s=7)  # the same image against the template at 2 mm
     jobs = [{"subject": s, "session": None,
              "moving": str(bids_dir / f"sub-{s}/anat/sub-{s}_T1w.nii.gz"),
              "entities": {"subject": s}, "fixed_space": TPL} for s in ("01", "02")]
@@ -991,18 +993,18 @@ def test_group_collects_metrics_and_failures(tmp_path, monkeypatch):
     monkeypatch.setattr(reports, "write_group_report", fake_report)
     assert regpipe(bids_dir, out, "group", work=tmp_path / "work") == 0
     rows = captured["rows"]
-    assert [(r["subject"], r["method"], r["runtime_s"]) for r in rows] == \
-        [("01", "ants-syn", 40), ("01", "network", 12.5)]
+    assert [(r["subject"], r["method"], r["runtime_s"], r["target"]) for r in rows] == \
+        [("01", "ants-syn", 40, TPL), ("01", "network", 12.5, TPL),
+         ("01", "network", 7, f"{TPL} res-2")]
     assert rows[1]["dice_17"] == 0.8 and rows[1]["folding_percent"] is None
     assert rows[1]["session"] is None and rows[1]["fixed_space"] == TPL
-    failures = captured["failures"]
-    assert sorted((f["subject"], f["method"]) for f in failures if f["method"]) == \
-        [("02", "ants-syn"), ("02", "network")]
-    (crash,) = [f for f in failures if f["method"] is None]
+    # sub-02's crash explains its missing metrics: one failure, not three
+    (crash,) = captured["failures"]
     assert crash["subject"] == "02" and "ValueError: corrupt image" in crash["reason"]
+    assert crash["crash_file"].endswith("crash-20260101-000001-root-check-1.txt")
     tsv = (out / "group" / "group_metrics.tsv").read_text().splitlines()
-    assert tsv[0].startswith("subject\tsession\tmethod\tfixed_space")
-    assert "n/a" in tsv[2] and len(tsv) == 3
+    assert tsv[0].startswith("subject\tsession\tmethod\tfixed_space\ttarget")
+    assert "n/a" in tsv[2] and len(tsv) == 4
     assert "group/" in (out / ".bidsignore").read_text()
 
 

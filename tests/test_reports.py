@@ -276,6 +276,16 @@ def test_group_failures_are_listed_escaped(group_report: Path) -> None:
     assert "<td>04</td>" in page
 
 
+def test_group_summary_never_pools_targets(tmp_path: Path) -> None:
+    rows = [{"subject": "01", "method": "network", "target": "MNI", "runtime_s": 10.0},
+            {"subject": "01", "method": "network", "target": "MNI res-2", "runtime_s": 2.0},
+            {"subject": "02", "method": "network", "target": "MNI", "runtime_s": 12.0}]
+    page = write_group_report(rows, [], tmp_path / "g.html").read_text()
+    assert re.search(r"<td>network / MNI</td><td class=\"num\">2</td>", page)
+    assert re.search(r"<td>network / MNI res-2</td><td class=\"num\">1</td>", page)
+    assert "<th>target</th>" in page  # and the table of all registrations names it
+
+
 def test_group_metric_without_values_draws_nothing(tmp_path: Path) -> None:
     rows = [{"method": "a", "dice_mean": "n/a"}, {"method": "b"}]
     assert plot_group_metric(rows, "dice_mean", tmp_path / "dice.svg") is None
