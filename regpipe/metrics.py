@@ -111,8 +111,9 @@ def registration_metrics(
     """The metrics of a registration result (``RegistrationResult.metrics``).
 
     Folding statistics inside the fixed region (``masks["fixed"]``, else the normalised fixed
-    image above 0.05), NCC of the normalised images before (affine pre-alignment only) and
-    after registration, and with ``segs["fixed"]`` and ``segs["moving"]`` Dice per label and
+    image above 0.05), NCC of the normalised images before any alignment (``ncc_before``),
+    after the affine pre-alignment when there is one (``ncc_affine``) and after registration
+    (``ncc_after``), and with ``segs["fixed"]`` and ``segs["moving"]`` Dice per label and
     its mean. ``norm`` holds the normalised ``"fixed"`` and ``"moving"`` arrays on their own
     grids; ``after``, when given, is the normalised moving image already warped by
     ``result.forward`` (saves one resampling).
@@ -124,11 +125,16 @@ def registration_metrics(
     region = masks["fixed"].data if "fixed" in masks else norm["fixed"] > 0.05
     jacobian = np.asarray(result.jacobian().data, dtype=np.float32)
     metrics: dict[str, Any] = dict(folding_stats(jacobian, region))
-    identity = AffineTransform.identity() if result.affine is None else result.affine
-    before = warp_array(norm["moving"], result.moving.geometry, identity, fixed.geometry)
+    def ncc_through(transform) -> float:
+        moved = warp_array(norm["moving"], result.moving.geometry, transform, fixed.geometry)
+        return ncc(moved, norm["fixed"], region)
+
+    # before any alignment, as every method's evaluation (and the App's tables) define it
+    metrics["ncc_before"] = ncc_through(AffineTransform.identity())
+    if result.affine is not None:
+        metrics["ncc_affine"] = ncc_through(result.affine)
     if after is None:
         after = warp_array(norm["moving"], result.moving.geometry, result.forward, fixed.geometry)
-    metrics["ncc_before"] = ncc(before, norm["fixed"], region)
     metrics["ncc_after"] = ncc(after, norm["fixed"], region)
     if "fixed" in segs and "moving" in segs:
         warped_seg = warp_array(

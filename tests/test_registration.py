@@ -50,6 +50,9 @@ def test_register_outputs_are_consistent(pair, small_network, tmp_path):
     assert result.settings["io_iterations"] == 50  # the command line's default, from Python too
     assert result.warped.data.shape == fixed.data.shape
     assert result.metrics["ncc_after"] > 0.9
+    # NCC unaligned < after the affine pre-alignment (the shift is affine) <= final
+    assert result.metrics["ncc_before"] < result.metrics["ncc_affine"] - 0.05
+    assert result.metrics["ncc_affine"] <= result.metrics["ncc_after"] + 0.01
     assert result.metrics["inverse_consistency_voxels"] < 0.5
     for key in ("folding_percent", "sd_log_jacobian", "runtime_s", "peak_memory_mb"):
         assert key in result.metrics

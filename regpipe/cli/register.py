@@ -229,7 +229,9 @@ def _main(args: argparse.Namespace) -> int:
         atomic_write(args.metrics_out, lambda tmp: tmp.write_text(text))
     m = result.metrics
     print(
-        f"done in {m['runtime_s']:.1f} s: NCC {m['ncc_before']:.3f} -> {m['ncc_after']:.3f}, "
+        f"done in {m['runtime_s']:.1f} s: NCC {m['ncc_before']:.3f}"
+        + (f" (affine {m['ncc_affine']:.3f})" if "ncc_affine" in m else "")
+        + f" -> {m['ncc_after']:.3f}, "
         f"folding {m['folding_percent']:.4f} %, SD log J {m['sd_log_jacobian']:.3f}"
         + (f", mean Dice {m['dice_mean']:.3f}" if "dice_mean" in m else ""),
         file=sys.stderr,
