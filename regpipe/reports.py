@@ -262,7 +262,30 @@ def _method_html(
     metric_rows = _metric_rows(dict(section.get("metrics") or {}))
     parts.append("<h3>Metrics</h3>")
     parts.append(_table(["Metric", "Value"], metric_rows) if metric_rows else "<p>No metrics.</p>")
+    settings = dict(section.get("settings") or {})
+    if settings:  # what made these results: a page must not be mistaken for another run's
+        parts.append("<h3>Settings</h3>")
+        parts.append(_table(["Setting", "Value"], _settings_rows(settings)))
     return parts
+
+
+def _settings_rows(settings: Mapping[str, Any]) -> list[list[str]]:
+    """The registration's settings as table rows (weights by file name, ``None`` as n/a)."""
+    rows = []
+    for key in sorted(settings):
+        value = settings[key]
+        if key == "weights":
+            text = Path(str(value)).name if value else "none (no network: optimisation only)"
+        elif isinstance(value, Mapping):
+            text = ", ".join(f"{k} {_format(v)}" for k, v in value.items()) or "n/a"
+        elif isinstance(value, list | tuple):
+            text = " x ".join(_format(v) for v in value)
+        elif value is None:
+            text = "n/a"
+        else:
+            text = _format(value) if isinstance(value, float) else str(value)
+        rows.append([_td(key), _td(text)])
+    return rows
 
 
 def _metric_rows(metrics: Mapping[str, Any]) -> list[list[str]]:
@@ -339,7 +362,8 @@ def write_subject_report(
         resampled onto the fixed grid), ``moving_preproc`` (the moving image before
         registration, or ``None``) and ``jacobian`` (Jacobian determinant map on the fixed grid,
         or ``None``), each a NIfTI path or an :class:`~regpipe.imageio.Image`; and ``metrics``
-        (a dict: missing keys show as ``n/a``; ``dice`` may be a ``{label: value}`` dict).
+        (a dict: missing keys show as ``n/a``; ``dice`` may be a ``{label: value}`` dict);
+        optionally ``settings`` (the registration's settings, shown in a table).
     out_html
         The page to write; its figure links are relative to its folder.
     cuts_per_view

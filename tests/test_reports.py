@@ -95,6 +95,8 @@ def subject_report(volumes: dict[str, Path], tmp_path_factory: pytest.TempPathFa
                 "sd_log_jacobian": 0.21,
                 "dice": {"17": 0.8, "53": 0.7},
             },
+            "settings": {"weights": "/models/Step_2_final.trch", "io_iterations": 50,
+                         "grid_shape": [175, 175, 175], "seed": None},
         },
         {
             "method": "ants-syn",
@@ -176,6 +178,13 @@ def test_subject_figures_are_named_by_subject_session_space_and_method(
         f"{stem}unigradiconFlicker_reg.svg",
         f"{stem}unigradiconJacobian_reg.svg",
     ]
+
+
+def test_subject_page_says_how_each_result_was_made(subject_report: Path) -> None:
+    page = subject_report.read_text()
+    assert "<h3>Settings</h3>" in page and "<td>Step_2_final.trch</td>" in page
+    assert "<td>175 x 175 x 175</td>" in page and "/models/" not in page
+    assert page.count("<h3>Settings</h3>") == 1  # the ANTs sections gave none
 
 
 def test_subject_page_inlines_no_image_data(subject_report: Path) -> None:

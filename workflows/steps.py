@@ -469,6 +469,7 @@ def report_section(
     return {
         "method": method, "fixed": fixed, "warped": warped, "moving_preproc": moving_preproc,
         "jacobian": jacobian, "metrics": metrics, "space": space, "label": label,
+        "settings": sidecar.get("Settings", {}),
     }  # fmt: skip
 
 
