@@ -348,7 +348,7 @@ def _write_dataset_files(args):
     return derivatives.write_dataset_files(output_dir, methods, "/data/bids")
 
 
-def test_dataset_files_are_safe_under_concurrent_runs(tmp_path, monkeypatch):
+def test_dataset_files_are_safe_under_concurrent_runs(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("REGPIPE_CONTAINER", "docker:regpipe/regpipe:0.1.0")
     methods = ["network", "ants-syn"]
     with multiprocessing.get_context("fork").Pool(3) as pool:  # no torch in the workers
@@ -369,6 +369,12 @@ def test_dataset_files_are_safe_under_concurrent_runs(tmp_path, monkeypatch):
     (tmp_path / "dataset_description.json").write_text('{"Name": "mine"}')
     described = tmp_path / "dataset_description.json"
     assert derivatives.write_json_once(described, top, tmp_path) == "kept"
+    # kept, but a run from another raw dataset is told where its bids:raw: URIs now point
+    described.write_text(json.dumps({**top, "DatasetLinks": {"raw": "file:///old/bids"}}))
+    with caplog.at_level("WARNING"):
+        assert derivatives.write_json_once(described, top, tmp_path) == "kept"
+    assert "links bids:raw: to file:///old/bids, not to this run's file:///data/bids" in \
+        caplog.text
 
 
 def test_pybids_queries_the_output_scheme(skeleton, tmp_path):

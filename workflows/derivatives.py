@@ -282,10 +282,27 @@ def write_json_once(
             except (OSError, ValueError):
                 same = False
             if not same:
-                LOGGER.warning("%s exists with other content: kept as it is", path)
+                LOGGER.warning("%s exists with other content: kept as it is%s", path,
+                               _links_changed(path, content))
             return "identical" if same else "kept"
         atomic_write_text(path, text, parents=True)
     return "written"
+
+
+def _links_changed(path: Path, content: Mapping[str, Any]) -> str:
+    """The consequence worth a user's attention when a kept ``dataset_description.json``
+    names another raw dataset than this run's (an output folder reused for another dataset,
+    or the same one mounted elsewhere): its ``bids:raw:`` URIs resolve against the old one."""
+    try:
+        kept = json.loads(path.read_text()).get("DatasetLinks", {}).get("raw")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    new = (content.get("DatasetLinks") or {}).get("raw")
+    if kept and new and kept != new:
+        return (f"; it links bids:raw: to {kept}, not to this run's {new}: if that is another "
+                "dataset, use another output folder (the URIs of this run's sidecars resolve "
+                "against the old one)")
+    return ""
 
 
 def merge_bidsignore(
