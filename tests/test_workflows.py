@@ -362,6 +362,7 @@ def test_dataset_files_are_safe_under_concurrent_runs(tmp_path, monkeypatch, cap
         (tmp_path / "derivatives/regpipe-ants-syn/dataset_description.json").read_text()
     )
     assert nested["GeneratedBy"][1]["Name"] == "ANTs"
+    assert nested["GeneratedBy"][1]["Version"].startswith("antspyx 0.")
     ignore = (tmp_path / ".bidsignore").read_text().splitlines()
     assert ignore.count("*_xfm.*") == 1
     assert not list(tmp_path.rglob(".*.tmp"))

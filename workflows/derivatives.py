@@ -340,6 +340,16 @@ def _container() -> dict[str, str] | None:
     return {"Type": "docker", "Tag": value}
 
 
+def _antspyx_version() -> str:
+    """antspyx's installed version, from its metadata (importing ants takes seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("antspyx")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def dataset_description(
     *, method: str, bids_dir: str | os.PathLike[str] | None, output_dir: str | os.PathLike[str]
 ) -> dict[str, Any]:
@@ -382,7 +392,8 @@ def dataset_description(
         generated["Description"] = (
             f"ANTs registration ({ANTS_METHODS[variant]}) on the same preprocessed images"
         )
-        entries = [generated, {"Name": "ANTs", "Description": "antsRegistration via antspyx"}]
+        entries = [generated, {"Name": "ANTs", "Version": f"antspyx {_antspyx_version()}",
+                               "Description": "antsRegistration via antspyx"}]
         links["regpipe"] = "../.."
         sources.append({"URL": "../.."})
     description: dict[str, Any] = {
