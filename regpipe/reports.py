@@ -205,9 +205,12 @@ def _label(value: str | None, prefix: str, what: str) -> str | None:
 
 
 def _method_html(
-    section: Mapping[str, Any], stem: str, figures: Path, page: Path, cuts_per_view: int
+    section: Mapping[str, Any], stem: str, figures: Path, page: Path, cuts_per_view: int,
+    drawn: dict[tuple[str, str], Path | str] | None = None,
 ) -> list[str]:
-    """Figures and metrics of one method (one entry of ``write_subject_report``'s sections)."""
+    """Figures and metrics of one method (one entry of ``write_subject_report``'s sections);
+    ``drawn`` keeps the "before" figures already drawn for a (moving, fixed) pair, which every
+    method of one image shares."""
     method = str(section.get("method"))
     label, space = str(section.get("label") or method), str(section.get("space"))
     fixed, warped = section.get("fixed"), section.get("warped")
@@ -243,7 +246,13 @@ def _method_html(
         _figure_html(contours, page, f"Image warped by {label}; contours of {space}: {_CONTOURS}"),
     ]
     if moving is not None:
-        before = figure("Before", plot_contours, moving, fixed, title="before registration")
+        key = (str(moving), str(fixed))
+        if drawn is not None and key in drawn:
+            before = drawn[key]
+        else:
+            before = figure("Before", plot_contours, moving, fixed, title="before registration")
+            if drawn is not None:
+                drawn[key] = before
         parts.append(
             _figure_html(
                 before,
@@ -387,6 +396,7 @@ def write_subject_report(
     title = entities.replace("_", " ")
 
     nav, parts, stems = [], [], set()
+    drawn: dict[tuple[str, str], Path | str] = {}
     for index, section in enumerate(sections):
         method = str(section.get("method"))
         label = str(section.get("label") or method)
@@ -401,7 +411,7 @@ def write_subject_report(
             f'<section id="{_e(anchor)}"><h2>{_e(label)} '
             f"<small>({_e(method)}, to {_e(section.get('space'))})</small></h2>"
         )
-        parts += _method_html(section, stem, figures, out_html, cuts_per_view)
+        parts += _method_html(section, stem, figures, out_html, cuts_per_view, drawn)
         parts.append("</section>")
     body = [
         f"<h1>regpipe registration report: {_e(title)}</h1>",

@@ -104,7 +104,7 @@ def subject_report(volumes: dict[str, Path], tmp_path_factory: pytest.TempPathFa
             "space": "MNI152NLin2009cAsym",
             "fixed": volumes["fixed"],
             "warped": volumes["warped"],
-            "moving_preproc": None,
+            "moving_preproc": volumes["moving"],  # the same image: its "before" figure is shared
             "jacobian": constant,
             "metrics": {"runtime_s": 12.5},
         },
@@ -177,7 +177,8 @@ def test_subject_figures_are_named_by_subject_session_space_and_method(
         f"{stem}unigradiconContours_reg.svg",
         f"{stem}unigradiconFlicker_reg.svg",
         f"{stem}unigradiconJacobian_reg.svg",
-    ]
+    ]  # one "before" figure for the two methods that registered the same moving image
+    assert subject_report.read_text().count(f"{stem}unigradiconBefore_reg.svg") == 2
 
 
 def test_subject_page_says_how_each_result_was_made(subject_report: Path) -> None:
