@@ -398,6 +398,7 @@ def ants_register(
                 fixed_img.geometry,
             ),
             fixed_img.geometry,
+            header=fixed_img.header,
         )
         out = RegistrationResult(forward, inverse, fixed_img, moving_img, warped, None)
         if evaluate:
@@ -514,4 +515,5 @@ def n4_bias_correct(
         corrected = ants.n4_bias_field_correction(
             to_ants_image(data, source.geometry), mask=ants_mask, shrink_factor=shrink
         )
-    return Image(np.asarray(corrected.numpy(), dtype=np.float32), source.geometry, source.path)
+    return Image(np.asarray(corrected.numpy(), dtype=np.float32), source.geometry, source.path,
+                 source.header)

@@ -38,12 +38,24 @@ class Image:
     def name(self) -> str:
         return str(self.path) if self.path else "<in-memory image>"
 
+    @property
+    def xform_code(self) -> int:
+        """NIfTI code of the space the grid is in: the source header's sform (else qform)
+        code, such as 4 (MNI) for a TemplateFlow template; 1 (scanner) without one."""
+        if self.header is not None:
+            for key in ("sform_code", "qform_code"):
+                code = int(self.header[key])
+                if code > 0:
+                    return code
+        return 1
+
     def to_nifti(self, dtype: np.dtype | None = None) -> nib.Nifti1Image:
-        """A NIfTI image with this data and geometry (sform and qform codes 1)."""
+        """A NIfTI image with this data and geometry (sform and qform codes
+        :attr:`xform_code`: outputs on a template's grid keep the template's space code)."""
         data = self.data if dtype is None else self.data.astype(dtype)
         image = nib.Nifti1Image(data, self.geometry.affine)
-        image.set_sform(self.geometry.affine, code=1)
-        image.set_qform(self.geometry.affine, code=1)
+        image.set_sform(self.geometry.affine, code=self.xform_code)
+        image.set_qform(self.geometry.affine, code=self.xform_code)
         image.header.set_xyzt_units("mm")
         return image
 

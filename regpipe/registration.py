@@ -85,7 +85,8 @@ class RegistrationResult:
         """Jacobian determinant of the forward transform on the fixed grid (computed once:
         the metrics and :meth:`save` share it)."""
         if self._jacobian is None or self._jacobian[0] is not self.forward:
-            map_ = Image(jacobian_determinant(self.forward_field()), self.fixed.geometry)
+            map_ = Image(jacobian_determinant(self.forward_field()), self.fixed.geometry,
+                         header=self.fixed.header)
             self._jacobian = (self.forward, map_)
         return self._jacobian[1]
 
@@ -416,7 +417,7 @@ def register(
     channels = [moving_img.data.astype(np.float32)] + ([norm["moving"]] if evaluate else [])
     warped_data = warp_array(np.stack(channels, axis=-1), moving_img.geometry, forward,
                              fixed_img.geometry)
-    warped = Image(warped_data[..., 0], fixed_img.geometry)
+    warped = Image(warped_data[..., 0], fixed_img.geometry, header=fixed_img.header)
     result = RegistrationResult(forward, inverse, fixed_img, moving_img, warped, affine_tx)
     optimised = bool(io_iterations)
     result.settings = {

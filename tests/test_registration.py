@@ -315,3 +315,25 @@ def test_jacobian_is_computed_once_per_forward_transform():
     assert result.jacobian() is first and np.allclose(first.data, 2.0)
     result.forward = AffineTransform(np.diag([1.0, 3.0, 1.0, 1.0]))
     assert np.allclose(result.jacobian().data, 3.0)
+
+
+def test_outputs_on_a_template_grid_keep_its_space_code(pair, tmp_path):
+    """An MNI template's sform code 4 stays on the warped image and Jacobian on its grid
+    (AFNI and FSL read code 1 as another, scanner, space)."""
+    from regpipe.workflows.steps import conform_file
+
+    fixed, moving, _ = pair
+    template = fixed.to_nifti(np.float32)
+    template.set_sform(template.affine, code=4)
+    template.set_qform(template.affine, code=4)
+    nib.save(template, tmp_path / "tpl.nii.gz")
+    result = regpipe.register(tmp_path / "tpl.nii.gz", moving, weights=None, io_iterations=2)
+    result.save(tmp_path / "fwd.h5", warped_out=tmp_path / "warped.nii.gz",
+                jacobian_out=tmp_path / "jac.nii.gz")
+    for name in ("warped.nii.gz", "jac.nii.gz"):
+        header = nib.load(tmp_path / name).header
+        assert (int(header["sform_code"]), int(header["qform_code"])) == (4, 4), name
+    conformed = conform_file(str(tmp_path / "tpl.nii.gz"), "image", str(tmp_path / "c.nii.gz"))
+    assert int(nib.load(conformed).header["sform_code"]) == 4
+    nib.save(moving.to_nifti(np.float32), tmp_path / "scanner.nii.gz")  # no template: code 1
+    assert int(nib.load(tmp_path / "scanner.nii.gz").header["sform_code"]) == 1

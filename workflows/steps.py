@@ -54,8 +54,8 @@ def conform_file(in_file: str, kind: str, out_file: str) -> str:
     else:
         data = np.asarray(image.data, dtype=np.float32)
     nifti = nib.Nifti1Image(data, image.geometry.affine)
-    nifti.set_sform(image.geometry.affine, code=1)
-    nifti.set_qform(image.geometry.affine, code=1)
+    nifti.set_sform(image.geometry.affine, code=image.xform_code)  # 4 for an MNI template...
+    nifti.set_qform(image.geometry.affine, code=image.xform_code)
     ras = nib.as_closest_canonical(nifti)
     atomic_write(out_file, lambda tmp: nib.save(ras, str(tmp)))
     return out_file
@@ -85,7 +85,7 @@ def normalize_file(in_file: str, modality: str, out_file: str, mask: str | None 
         check_same_grid(image, mask_image, "brain mask")
         region = mask_image.data
     data = normalize_intensity(image.data, modality, mask=region)
-    save_image(Image(data, image.geometry), out_file, np.float32)
+    save_image(Image(data, image.geometry, header=image.header), out_file, np.float32)
     return out_file
 
 
@@ -308,7 +308,8 @@ def evaluate_registration(
                 metrics[key] = registration["metrics"][key]
     out = Path(out_dir)
     jacobian_file = save_image(
-        Image(jacobian, fixed_img.geometry), out / "jacobian.nii.gz", np.float32
+        Image(jacobian, fixed_img.geometry, header=fixed_img.header), out / "jacobian.nii.gz",
+        np.float32
     )
     metrics_file = _write_json(
         out / "metrics.json",
