@@ -164,6 +164,10 @@ register_entry(
         name="regpipe-compact",
         url=None,
         filename="regpipe-compact.pt",
+        # recorded so that `regpipe-weights verify` detects a damaged installation; update
+        # both with the file (tests/test_weights.py checks them)
+        size=12858793,
+        sha256="124e31ec0ebfcb6f5347e12ccd66c7f5210ddc7bf03968ddec67159c0f219fb7",
         description="regpipe's compact GradICON model, bundled (see regpipe-compact.md)",
         licence="Apache-2.0 (trained by the regpipe authors)",
         bundled=True,
@@ -175,6 +179,8 @@ register_entry(
         name="regpipe-conditional",
         url=None,
         filename="regpipe-conditional.pt",
+        size=12893431,
+        sha256="be9bb89da45470d59c8a162257eab2d0172b0f9b6a55122941865350deddd201",
         description="conditional (region, pair type, smoothness) compact model, bundled",
         licence="Apache-2.0 (trained by the regpipe authors)",
         bundled=True,

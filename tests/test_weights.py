@@ -616,3 +616,12 @@ def test_average_weights_is_the_mean_of_the_files(tmp_path: Path, capsys) -> Non
                          tmp_path / "other.pt")
     assert main(["average", str(tmp_path / "bad.pt"), str(files[0]), str(other)]) == 1
     assert "different network configurations" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["regpipe-compact", "regpipe-conditional"])
+def test_bundled_files_match_their_registry_checksums(name: str) -> None:
+    """The registry records the bundled files' size and SHA-256 (so verify detects a damaged
+    installation): replacing a bundled file means updating them."""
+    result = weights.verify(name)
+    assert result.ok, result.problems
+    assert result.sha256_reference == "registry" and result.sha256_matches is True
