@@ -63,6 +63,17 @@ COMPARED_METRICS: tuple[tuple[str, str, str, str], ...] = (
     ("sd_log_jacobian", "SD log J", "{:.3f}", "min"),
     ("dice_mean", "Mean Dice", "{:.3f}", "max"),
 )
+#: Titles of the other metrics a method reports (the per-method table shows every metric).
+OTHER_METRIC_TITLES: dict[str, str] = {
+    "ncc_affine": "NCC after the affine",
+    "min_jacobian": "Smallest J",
+    "max_jacobian": "Largest J",
+    "inverse_consistency_voxels": "Inverse consistency (grid voxels, largest)",
+    "inverse_consistency_mm_mean": "Inverse consistency (mm, mean)",
+    "inverse_consistency_mm_p95": "Inverse consistency (mm, 95th percentile)",
+    "peak_memory_scope": "Memory measured over",
+    "peak_gpu_memory_mb": "Peak GPU memory (MB)",
+}
 GROUP_METRICS: tuple[tuple[str, str], ...] = (
     ("dice_mean", "Mean Dice"),
     ("folding_percent", "Folding (% of voxels with J ≤ 0)"),
@@ -314,7 +325,7 @@ def _metric_rows(metrics: Mapping[str, Any]) -> list[list[str]]:
     ordered += [key for key in flat if key not in known]
     rows = []
     for key in ordered:
-        title, template = known.get(key, (key, "{:.4g}"))
+        title, template = known.get(key, (OTHER_METRIC_TITLES.get(key, key), "{:.4g}"))
         rows.append([_td(title), _td(_format(flat[key], template), numeric=True)])
     return rows
 
