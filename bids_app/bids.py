@@ -492,13 +492,23 @@ def longitudinal_pairs(images: Sequence[Image], reference_session: str | None = 
 
 
 def longitudinal_jobs(images: Sequence[Image], *, reference_session: str | None = None,
-                      labels_layout=None, weights_sha256: str | None = None
-                      ) -> list[dict[str, Any]]:
-    """``"intra"`` jobs of :func:`longitudinal_pairs` (see the module docstring)."""
+                      labels_layout=None, weights_sha256: str | None = None,
+                      reference_pool: Sequence[Image] | None = None) -> list[dict[str, Any]]:
+    """``"intra"`` jobs of :func:`longitudinal_pairs` (see the module docstring).
+
+    ``reference_pool``: the images among which references are chosen, when ``images`` was
+    narrowed by ``--session-label`` (a new session registered to the subject's reference
+    session, which the label does not select); only ``images`` are registered.
+    """
     from regpipe.workflows.jobs import reference_space_label
 
+    selected = {image.path for image in images}
+    pool = list(reference_pool) if reference_pool is not None else list(images)
+    pool += [image for image in images if image.path not in {i.path for i in pool}]
     jobs = []
-    for moving, fixed in longitudinal_pairs(images, reference_session):
+    for moving, fixed in longitudinal_pairs(pool, reference_session):
+        if moving.path not in selected:
+            continue
         jobs.append(_job(
             moving, fixed=fixed.path, fixed_space=reference_space_label(fixed.entities),
             fixed_uri=fixed.source_uri, pair_type="intra",
@@ -566,8 +576,10 @@ def usable_jobs(jobs: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], l
 
 def build_jobs(images: Sequence[Image], *, mode: str, template=None,
                reference_session: str | None = None, labels_layout=None,
-               weights_sha256: str | None = None) -> list[dict[str, Any]]:
-    """The job list of ``mode`` (``"template"`` or ``"longitudinal"``); exit 66 when empty."""
+               weights_sha256: str | None = None,
+               reference_pool: Sequence[Image] | None = None) -> list[dict[str, Any]]:
+    """The job list of ``mode`` (``"template"`` or ``"longitudinal"``); exit 66 when empty.
+    ``reference_pool``: see :func:`longitudinal_jobs`."""
     if mode == "template":
         if template is None:
             raise ValueError("template mode needs a resolved template")
@@ -575,7 +587,8 @@ def build_jobs(images: Sequence[Image], *, mode: str, template=None,
                              weights_sha256=weights_sha256)
     elif mode == "longitudinal":
         jobs = longitudinal_jobs(images, reference_session=reference_session,
-                                 labels_layout=labels_layout, weights_sha256=weights_sha256)
+                                 labels_layout=labels_layout, weights_sha256=weights_sha256,
+                                 reference_pool=reference_pool)
     else:
         raise ValueError(f"unknown mode {mode!r}")
     if not jobs:

@@ -60,12 +60,13 @@ ID_COLUMNS = ("subject", "session", "method", "fixed_space", "target", *IDENTITY
 
 def target_label(fixed_space: str | None, subject: str, file_name: str) -> str:
     """What a registration was made against, for grouping: the template space with the
-    ``cohort``/``res`` of its file name (``MNI152NLin2009cAsym res-2``), or ``own reference``
-    for longitudinal registrations (each subject has its own)."""
+    ``cohort``/``res`` of its file name (``MNI152NLin2009cAsym res-2``), or, for longitudinal
+    registrations (each subject has its own reference), ``own reference`` and the reference's
+    session (``own reference ses1``: runs with another ``--reference-session`` stay apart)."""
     if fixed_space is None:
         return "unknown"
     if fixed_space.startswith(f"sub{subject}"):
-        return "own reference"
+        return " ".join(["own reference", fixed_space[len(f"sub{subject}"):]]).strip()
     extra = [m.group(0)[1:] for key in ("cohort", "res")
              if (m := re.search(rf"_{key}-[A-Za-z0-9]+", file_name))]
     return " ".join([fixed_space, *extra])

@@ -311,9 +311,16 @@ def run_participant(args: argparse.Namespace, argv: Sequence[str] | None = None)
         _check_device(args.device)
     if not args.reports_only:
         _check_condition_options(args, weights)
+    pool = None
+    if args.mode == "longitudinal" and args.session_label:
+        # --session-label picks the sessions to register, not where references may be
+        pool = bids.collect_images(layout, suffix=args.suffix,
+                                   participant_label=args.participant_label,
+                                   filters=args.bids_filters)
     jobs = bids.build_jobs(images, mode=args.mode, template=template,
                            reference_session=args.reference_session,
-                           labels_layout=labels_layout, weights_sha256=weights_sha256)
+                           labels_layout=labels_layout, weights_sha256=weights_sha256,
+                           reference_pool=pool)
     jobs, left_out = bids.usable_jobs(jobs)
     for line in left_out:
         LOGGER.error("left out: %s", line)

@@ -612,6 +612,14 @@ def test_longitudinal_jobs(tmp_path, template_file, fake_wf, caplog):
         [("1", "sub01ses10"), ("2", "sub01ses10")]
     assert participant(bids_dir, tmp_path, template_file, "--mode", "longitudinal",
                        "--participant-label", "02") == 66
+    # a new session alone: registered to the subject's reference, which it does not select
+    assert participant(bids_dir, tmp_path, template_file, "--mode", "longitudinal",
+                       "--session-label", "10") == 0
+    assert [(j["session"], j["fixed_space"]) for j in fake_wf["kwargs"]["jobs"]] == \
+        [("10", "sub01ses1")]
+    assert participant(bids_dir, tmp_path, template_file, "--mode", "longitudinal",
+                       "--session-label", "2", "10") == 0  # not silently to ses-2
+    assert {j["fixed_space"] for j in fake_wf["kwargs"]["jobs"]} == {"sub01ses1"}
 
 
 def test_labels_and_masks_from_derivatives(tmp_path, template_file, fake_wf):
@@ -1006,6 +1014,16 @@ def test_group_collects_metrics_and_failures(tmp_path, monkeypatch):
     assert tsv[0].startswith("subject\tsession\tmethod\tfixed_space\ttarget")
     assert "n/a" in tsv[2] and len(tsv) == 4
     assert "group/" in (out / ".bidsignore").read_text()
+
+
+def test_group_targets_tell_references_and_resolutions_apart():
+    from regpipe.bids_app.group import target_label
+
+    assert target_label(TPL, "01", f"sub-01_space-{TPL}_desc-T1w_metrics.tsv") == TPL
+    assert target_label(TPL, "01", f"sub-01_space-{TPL}_cohort-2_res-2_desc-T1w_metrics.tsv") \
+        == f"{TPL} cohort-2 res-2"
+    assert target_label("sub01ses1", "01", "x.tsv") == "own reference ses1"
+    assert target_label("sub01ses2run1", "01", "x.tsv") == "own reference ses2run1"
 
 
 def test_group_rerun_does_not_count_its_own_table(tmp_path, monkeypatch):
