@@ -466,3 +466,27 @@ def test_single_cpu_nodes_run_torch_on_one_thread(tmp_path, monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert seen == [1]
+
+
+def test_outputs_in_a_fixed_space_take_the_fixed_images_voxel_order(tmp_path, monkeypatch):
+    """Preprocessing registers on the RAS-reoriented fixed image; an output "in the space
+    of" an LPS reference is stored on that reference's own grid (voxels permuted, not
+    resampled), and anything else is left as it is."""
+    import nibabel as nib
+    import numpy as np
+    from regpipe.workflows.steps import in_voxel_order_of
+
+    monkeypatch.chdir(tmp_path)
+    data = np.random.default_rng(0).random((5, 6, 7)).astype(np.float32)
+    lps = np.diag([-2.0, -2.0, 3.0, 1.0])
+    lps[:3, 3] = [10.0, 12.0, -9.0]
+    nib.save(nib.Nifti1Image(data, lps), tmp_path / "reference.nii.gz")
+    ras = nib.as_closest_canonical(nib.load(tmp_path / "reference.nii.gz"))
+    nib.save(ras, tmp_path / "warped_ras.nii.gz")
+    out = nib.load(in_voxel_order_of(str(tmp_path / "warped_ras.nii.gz"),
+                                     str(tmp_path / "reference.nii.gz")))
+    np.testing.assert_allclose(out.affine, lps)
+    np.testing.assert_array_equal(np.asarray(out.dataobj), data)
+    other = tmp_path / "other.nii.gz"  # another grid: not a reorientation of the reference
+    nib.save(nib.Nifti1Image(data[:4], np.eye(4)), other)
+    assert in_voxel_order_of(str(other), str(tmp_path / "reference.nii.gz")) == str(other)

@@ -270,6 +270,8 @@ class _WriteDerivativeInputSpec(BaseInterfaceInputSpec):
     out_file = traits.Str(mandatory=True, hash_files=False, desc="absolute destination")
     meta_dict = traits.Dict(desc="sidecar fields")
     meta_json = File(exists=True, desc="JSON whose 'sidecar' entry is merged into the sidecar")
+    grid_of = traits.Str(desc="image whose voxel order the stored image takes (the fixed "
+                              "image as given, before reorientation to RAS)")
 
 
 class _WriteDerivativeOutputSpec(TraitedSpec):
@@ -289,7 +291,8 @@ class WriteDerivative(SimpleInterface):
     def _run_interface(self, runtime):
         i = self.inputs
         self._results["out_file"] = write_derivative(
-            i.in_file, i.out_file, i.meta_dict if isdefined(i.meta_dict) else {}, _opt(i.meta_json)
+            i.in_file, i.out_file, i.meta_dict if isdefined(i.meta_dict) else {},
+            _opt(i.meta_json), grid_of=_opt(i.grid_of),
         )
         return runtime
 

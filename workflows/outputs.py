@@ -54,7 +54,9 @@ def transform_metadata(
         ),
         "TransformType": "DisplacementField",
         "Format": "ITK HDF5 CompositeTransform holding one DisplacementFieldTransform (LPS mm)",
-        "Grid": f"the {grid} image's voxel grid",
+        # the field is sampled where preprocessing put the image: its grid reoriented to RAS
+        # (same voxel centres, axes permuted); a displacement field is valid on any grid
+        "Grid": f"the {grid} image's voxel grid, axes reoriented to RAS",
         "FixedImage": job["fixed_uri"],
         "MovingImage": job["source_uri"],
         "Method": method,
@@ -112,12 +114,16 @@ def jacobian_metadata(
 # --------------------------------------------------------------------------- sink workflows
 
 
-def _sink(name: str, out_file: Path, meta: Mapping[str, Any]) -> pe.Node:
-    return pe.Node(
+def _sink(name: str, out_file: Path, meta: Mapping[str, Any], grid_of: str | None = None
+          ) -> pe.Node:
+    sink = pe.Node(
         WriteDerivative(out_file=str(out_file), meta_dict=dict(meta)),
         name=name,
         run_without_submitting=True,
     )
+    if grid_of is not None:  # images "in the fixed space": on the fixed image's own grid
+        sink.inputs.grid_of = str(grid_of)
+    return sink
 
 
 def init_ds_preproc_wf(
@@ -174,7 +180,8 @@ def init_ds_registration_wf(
         paths["inverse_xfm"],
         transform_metadata(job, output_dir, method, forward=False),
     )
-    ds_warped = _sink("ds_warped", paths["warped"], warped_metadata(job, output_dir, method))
+    ds_warped = _sink("ds_warped", paths["warped"], warped_metadata(job, output_dir, method),
+                      grid_of=job["fixed"])
     workflow.connect([
         (inputnode, ds_forward_xfm, [("forward_xfm", "in_file"), ("reg_metrics", "meta_json")]),
         (inputnode, ds_inverse_xfm, [("inverse_xfm", "in_file"), ("reg_metrics", "meta_json")]),
@@ -206,7 +213,8 @@ def init_ds_metrics_wf(
     )
     paths = output_paths(output_dir, job, method)
     ds_jacobian = _sink(
-        "ds_jacobian", paths["jacobian"], jacobian_metadata(job, output_dir, method)
+        "ds_jacobian", paths["jacobian"], jacobian_metadata(job, output_dir, method),
+        grid_of=job["fixed"]
     )
     ds_metrics = pe.Node(
         WriteMetrics(

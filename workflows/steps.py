@@ -346,10 +346,13 @@ def _inverse_consistency(
 
 
 def write_derivative(
-    in_file: str, out_file: str, meta: Mapping[str, Any], meta_json: str | None = None
+    in_file: str, out_file: str, meta: Mapping[str, Any], meta_json: str | None = None,
+    grid_of: str | None = None,
 ) -> str:
     """Copy ``in_file`` to ``out_file`` atomically and write its JSON sidecar (``meta``, plus
-    the ``sidecar`` entry of ``meta_json`` when given)."""
+    the ``sidecar`` entry of ``meta_json`` when given). With ``grid_of``, an image on the
+    RAS-reoriented copy of that image's grid is stored in ``grid_of``'s own voxel order
+    (:func:`in_voxel_order_of`)."""
     from regpipe.workflows.derivatives import sidecar_of
 
     from regpipe.atomic import atomic_copy
@@ -357,10 +360,36 @@ def write_derivative(
     sidecar = dict(meta)
     if meta_json is not None:
         sidecar.update(json.loads(Path(meta_json).read_text()).get("sidecar", {}))
+    if grid_of is not None:
+        in_file = in_voxel_order_of(in_file, grid_of)
     atomic_copy(in_file, out_file, parents=True)
     if sidecar:
         _write_json(sidecar_of(out_file), sidecar)
     return out_file
+
+
+def in_voxel_order_of(in_file: str, reference: str) -> str:
+    """``in_file``, or a copy of it in the voxel order of ``reference`` when it lies on the
+    RAS-reoriented grid of ``reference`` (what preprocessing registers on): the same voxels,
+    axes permuted and flipped back without interpolation, so an output "in the space of" an
+    LPS reference image is on that image's own grid. Anything else is returned unchanged."""
+    import nibabel as nib
+    from nibabel.orientations import io_orientation, ornt_transform
+
+    image, target = nib.load(in_file), nib.load(reference)
+    if image.shape[:3] == target.shape[:3] and np.allclose(image.affine, target.affine,
+                                                           atol=1e-3):
+        return in_file
+    current, wanted = io_orientation(image.affine), io_orientation(target.affine)
+    if np.array_equal(current, wanted):
+        return in_file
+    moved = image.as_reoriented(ornt_transform(current, wanted))
+    if moved.shape[:3] != target.shape[:3] or not np.allclose(moved.affine, target.affine,
+                                                              atol=1e-3):
+        return in_file
+    out = Path.cwd() / f"voxel_order_{Path(in_file).name}"
+    nib.save(moved, str(out))
+    return str(out)
 
 
 #: Metrics table columns: name -> (units, description).
