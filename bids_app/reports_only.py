@@ -1,6 +1,8 @@
 """``--reports-only``: rewrite each subject's QC page from the outputs already on disk.
 
-No registration runs and no network is loaded: for every job and method the files named by
+No registration runs and no network or template is needed: the jobs and methods come from the
+run records (``output_dir/logs/*/regpipe_run.json``); for every job and method the files named
+by
 :func:`regpipe.workflows.derivatives.output_paths` are read back (warped image, Jacobian map,
 metrics and the stored preprocessed moving image) and handed to
 :func:`regpipe.reports.write_subject_report`, which writes ``output_dir/sub-<label>.html`` as
@@ -17,7 +19,7 @@ from typing import Any
 
 from regpipe.bids_app.exit_codes import AppError, ExitCode
 
-__all__ = ["add_earlier_sections", "subject_sections", "write_reports"]
+__all__ = ["add_earlier_sections", "redraw_reports", "subject_sections"]
 
 LOGGER = logging.getLogger("regpipe.bids_app")
 _NEEDED = ("warped", "jacobian", "metrics_json", "preproc")
@@ -46,29 +48,26 @@ def subject_sections(jobs: Sequence[Mapping[str, Any]], methods: Sequence[str],
     return sections, missing
 
 
-def write_reports(jobs: Sequence[Mapping[str, Any]], methods: Sequence[str],
-                  output_dir: Path) -> list[Path]:
-    """Write every subject's page; exit 1 (after the others) when a subject has no outputs."""
-    from regpipe.reports import write_subject_report
-
-    written, without = [], []
-    for subject in sorted({job["subject"] for job in jobs}):
-        own = [job for job in jobs if job["subject"] == subject]
-        sections, missing = subject_sections(own, methods, output_dir)
-        for path in missing:
-            LOGGER.warning("sub-%s: missing output %s", subject, path)
-        if not sections:
-            without.append(subject)
-            continue
-        sessions = {job["session"] for job in own}
-        written.append(write_subject_report(
-            subject=subject, session=sessions.pop() if len(sessions) == 1 else None,
-            output_dir=output_dir, sections=sections, out_html=output_dir / f"sub-{subject}.html",
-        ))
-        LOGGER.info("report: %s", written[-1])
+def redraw_reports(subjects: Sequence[str], output_dir: Path,
+                   records: Sequence[Mapping[str, Any]]) -> list[Path]:
+    """Rewrite the pages of ``subjects`` from every recorded run's outputs still on disk (the
+    runs' jobs and methods, whatever options this call was given: no template or network is
+    needed); exit 66 when no run recorded them, 1 (after the others) for a subject whose
+    outputs are all gone."""
+    jobs = [job for record in records for job in record.get("jobs", [])
+            if job.get("subject") in set(subjects)]
+    if not jobs:
+        raise AppError(ExitCode.NO_INPUT,
+                       f"no recorded participant run of subject(s) {', '.join(subjects)} in "
+                       f"{output_dir}/logs; run without --reports-only first")
+    written = add_earlier_sections(jobs, [], output_dir, records)
+    drawn = {path.name for path in written}
+    without = sorted({job["subject"] for job in jobs} - {
+        name[len("sub-"):-len(".html")] for name in drawn})
     if without:
         raise AppError(ExitCode.FAILURE, f"no outputs to report for subject(s) "
-                       f"{', '.join(without)} in {output_dir}; run without --reports-only first")
+                       f"{', '.join(without)} in {output_dir} (deleted?); run without "
+                       "--reports-only")
     return written
 
 

@@ -23,8 +23,8 @@ Order of work, so that every failure the App can foresee happens before any regi
    nodes); a failed node gives exit 1 and a line naming the subjects concerned, after the
    other subjects have finished (unless ``--stop-on-first-crash``).
 
-``--reports-only`` stops after step 6's ``output_dir`` check and rewrites the subjects' pages
-from the outputs on disk (:mod:`regpipe.bids_app.reports_only`).
+``--reports-only`` stops after step 4 and rewrites the selected subjects' pages from the
+outputs of every recorded run (:mod:`regpipe.bids_app.reports_only`: no network or template).
 
 The exit codes are listed in :mod:`regpipe.bids_app.exit_codes`.
 """
@@ -297,10 +297,16 @@ def run_participant(args: argparse.Namespace, argv: Sequence[str] | None = None)
     LOGGER.info("%d %s image(s) selected in %s", len(images), args.suffix, args.bids_dir)
     plugin = plugin_settings(args)
     _workflows()  # fails here, before any work, when the workflows are not installed
+    if args.reports_only:  # from the run records: no network, template or job building
+        from regpipe.bids_app.reports_only import redraw_reports
 
-    # --reports-only redraws reports from existing outputs: no network is loaded
-    weights, weights_sha256 = (None, None) if args.reports_only else \
-        resolve_network_weights(args.weights)
+        if args.output_dir.exists():  # (a missing one has no records: 66, nothing created)
+            make_writable_dir(args.output_dir, "output_dir")
+        redraw_reports(sorted({image.subject for image in images}, key=bids.natural_key),
+                       args.output_dir, [record for _, record in run_records(args.output_dir)])
+        return ExitCode.SUCCESS
+
+    weights, weights_sha256 = resolve_network_weights(args.weights)
     template = None
     if args.mode == "template":
         template = resolve_template(args.template, suffix=args.suffix)
@@ -309,8 +315,7 @@ def run_participant(args: argparse.Namespace, argv: Sequence[str] | None = None)
     labels_layout = bids.load_derivatives(args.labels) if args.labels else None
     if weights is not None:
         _check_device(args.device)
-    if not args.reports_only:
-        _check_condition_options(args, weights)
+    _check_condition_options(args, weights)
     pool = None
     if args.mode == "longitudinal" and args.session_label:
         # --session-label picks the sessions to register, not where references may be
@@ -336,15 +341,6 @@ def run_participant(args: argparse.Namespace, argv: Sequence[str] | None = None)
                     f" ses-{job['session']}" if job["session"] else "", _describe(job))
 
     make_writable_dir(args.output_dir, "output_dir")
-    if args.reports_only:
-        from regpipe.bids_app.reports_only import add_earlier_sections, write_reports
-
-        try:
-            write_reports(jobs, args.methods, args.output_dir)
-        finally:  # and the sections of every recorded run of these subjects, as a run does
-            add_earlier_sections(jobs, args.methods, args.output_dir,
-                                 [record for _, record in run_records(args.output_dir)])
-        return ExitCode.SUCCESS
     _warn_replaced_transforms(args.output_dir, jobs)
     make_writable_dir(args.work_dir, "--work-dir")
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}_{uuid.uuid4()}"

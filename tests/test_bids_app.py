@@ -759,10 +759,13 @@ def test_subject_page_keeps_the_sections_of_earlier_sessions(tmp_path):
                           "T1w ses-2 -&gt; Test (network)"]
     expected = sections()
     # --reports-only for session 2 alone redraws the page from every recorded run
-    assert participant(bids_dir, tmp_path, template, "--session-label", "2", "--reports-only",
-                       *options) == 0
-    assert sections()[0] == "T1w ses-2 -&gt; Test (network)"  # the selected job's first
+    # --reports-only redraws the page from every recorded run, without template or network
+    page.unlink()
+    assert regpipe(bids_dir, tmp_path / "out", "participant", "--reports-only",
+                   "--template", "NoSuchTemplate", "--weights", "unigradicon") == 0
     assert sorted(sections()) == sorted(expected)
+    assert regpipe(bids_dir, tmp_path / "elsewhere", "participant", "--reports-only") == 66
+    assert not (tmp_path / "elsewhere").exists()
 
 
 def test_slurm_plugin_runs_with_stand_in_sbatch(tmp_path, template_file, monkeypatch, capsys):
