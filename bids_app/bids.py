@@ -457,15 +457,17 @@ def template_entities(template) -> dict[str, str]:
     return entities
 
 
-def longitudinal_pairs(images: Sequence[Image], reference_session: str | None = None
+def longitudinal_pairs(images: Sequence[Image], reference_session: str | None = None,
+                       skipped: list[dict[str, Any]] | None = None
                        ) -> list[tuple[Image, Image]]:
     """(moving, reference) pairs: every image of a subject to its reference-session image.
 
     The reference session is ``reference_session`` or the subject's first session in natural
     order; its first image (by name) is the reference and is not registered. Subjects with
     fewer than two sessions, or without the requested reference session, are skipped with a
-    log line.
+    log line (and an entry in ``skipped``: ``subject``, ``reason``).
     """
+    skipped = [] if skipped is None else skipped
     by_subject: dict[str, list[Image]] = {}
     for image in images:
         by_subject.setdefault(image.subject, []).append(image)
@@ -473,13 +475,15 @@ def longitudinal_pairs(images: Sequence[Image], reference_session: str | None = 
     for subject, own in by_subject.items():
         sessions = sorted({i.session for i in own if i.session is not None}, key=natural_key)
         if len(sessions) < 2:
-            LOGGER.warning("sub-%s has %d session(s) selected; longitudinal mode needs two: "
-                           "skipped", subject, len(sessions))
+            reason = f"{len(sessions)} session(s); longitudinal mode needs two"
+            LOGGER.warning("sub-%s has %s: skipped", subject, reason)
+            skipped.append({"subject": subject, "reason": reason})
             continue
         reference = reference_session or sessions[0]
         if reference not in sessions:
-            LOGGER.warning("sub-%s has no session %s (sessions: %s): skipped", subject,
-                           reference, ", ".join(sessions))
+            reason = f"no reference session {reference} (sessions: {', '.join(sessions)})"
+            LOGGER.warning("sub-%s has %s: skipped", subject, reason)
+            skipped.append({"subject": subject, "reason": reason})
             continue
         candidates = sorted((i for i in own if i.session == reference), key=lambda i: str(i.path))
         fixed = candidates[0]
@@ -493,12 +497,14 @@ def longitudinal_pairs(images: Sequence[Image], reference_session: str | None = 
 
 def longitudinal_jobs(images: Sequence[Image], *, reference_session: str | None = None,
                       labels_layout=None, weights_sha256: str | None = None,
-                      reference_pool: Sequence[Image] | None = None) -> list[dict[str, Any]]:
+                      reference_pool: Sequence[Image] | None = None,
+                      skipped: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """``"intra"`` jobs of :func:`longitudinal_pairs` (see the module docstring).
 
     ``reference_pool``: the images among which references are chosen, when ``images`` was
     narrowed by ``--session-label`` (a new session registered to the subject's reference
-    session, which the label does not select); only ``images`` are registered.
+    session, which the label does not select); only ``images`` are registered. ``skipped``
+    gets an entry per selected subject without a pair (see :func:`longitudinal_pairs`).
     """
     from regpipe.workflows.jobs import reference_space_label
 
@@ -506,7 +512,12 @@ def longitudinal_jobs(images: Sequence[Image], *, reference_session: str | None 
     pool = list(reference_pool) if reference_pool is not None else list(images)
     pool += [image for image in images if image.path not in {i.path for i in pool}]
     jobs = []
-    for moving, fixed in longitudinal_pairs(pool, reference_session):
+    selected_subjects = {image.subject for image in images}
+    subjects_skipped: list[dict[str, Any]] = []
+    pairs = longitudinal_pairs(pool, reference_session, subjects_skipped)
+    if skipped is not None:
+        skipped += [s for s in subjects_skipped if s["subject"] in selected_subjects]
+    for moving, fixed in pairs:
         if moving.path not in selected:
             continue
         jobs.append(_job(
@@ -577,9 +588,10 @@ def usable_jobs(jobs: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], l
 def build_jobs(images: Sequence[Image], *, mode: str, template=None,
                reference_session: str | None = None, labels_layout=None,
                weights_sha256: str | None = None,
-               reference_pool: Sequence[Image] | None = None) -> list[dict[str, Any]]:
+               reference_pool: Sequence[Image] | None = None,
+               skipped: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """The job list of ``mode`` (``"template"`` or ``"longitudinal"``); exit 66 when empty.
-    ``reference_pool``: see :func:`longitudinal_jobs`."""
+    ``reference_pool``, ``skipped``: see :func:`longitudinal_jobs`."""
     if mode == "template":
         if template is None:
             raise ValueError("template mode needs a resolved template")
@@ -588,7 +600,7 @@ def build_jobs(images: Sequence[Image], *, mode: str, template=None,
     elif mode == "longitudinal":
         jobs = longitudinal_jobs(images, reference_session=reference_session,
                                  labels_layout=labels_layout, weights_sha256=weights_sha256,
-                                 reference_pool=reference_pool)
+                                 reference_pool=reference_pool, skipped=skipped)
     else:
         raise ValueError(f"unknown mode {mode!r}")
     if not jobs:

@@ -23,7 +23,9 @@ Failures
     crash file of the latest run (``output_dir/logs/<latest run_id>/crash-*``), of
     ``output_dir/sub-*/log/`` and of the top of ``--work-dir``, attributed to the subject named
     in the crashed node's name (``sub_01``); a missing-metrics entry of a subject (and session)
-    with a crash is left out, the crash explains it. The group level exits 0 when it wrote its
+    with a crash is left out, the crash explains it. Subjects or images a run selected but gave
+    no job (one session in longitudinal mode, unusable input files) are listed too, unless a
+    later run of the subject registered it. The group level exits 0 when it wrote its
     outputs,
     even when it lists failures (the participant level already exited 1 for them).
 """
@@ -276,7 +278,25 @@ def find_failures(output_dir: Path, rows: Sequence[Mapping[str, Any]], *,
         return any(c["subject"] == failure["subject"]
                    and c["session"] in (None, failure["session"]) for c in crashes)
 
-    return [f for f in failures if not explained(f)] + crashes
+    return [f for f in failures if not explained(f)] + crashes + _skipped(records, keep)
+
+
+def _skipped(records: Sequence[tuple[Path, Mapping[str, Any]]], keep: set[str]
+             ) -> list[dict[str, Any]]:
+    """Selected subjects or images that their latest run gave no job (one session in
+    longitudinal mode, unusable input files): failures too, or they would vanish from the
+    group page. A later run of the subject that did register it supersedes the entry."""
+    latest: dict[str, list[dict[str, Any]]] = {}
+    for _, record in records:  # oldest first
+        in_run = {str(job["subject"]) for job in record.get("jobs", [])}
+        entries = [entry for entry in record.get("skipped", []) if isinstance(entry, Mapping)]
+        for subject in in_run | {str(e.get("subject")) for e in entries}:
+            latest[subject] = [
+                {"subject": subject, "session": e.get("session"), "method": None,
+                 "reason": f"skipped: {e.get('reason')}"}
+                for e in entries if str(e.get("subject")) == subject]
+    return [entry for subject, found in latest.items() if not keep or subject in keep
+            for entry in found]
 
 
 # --------------------------------------------------------------------------- writing

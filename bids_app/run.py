@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -188,7 +188,8 @@ def _describe(job: dict[str, Any]) -> str:
 
 
 def _write_run_record(log_dir: Path, args: argparse.Namespace, argv: Sequence[str] | None,
-                      jobs: list[dict[str, Any]], weights: str | None) -> Path:
+                      jobs: list[dict[str, Any]], weights: str | None,
+                      skipped: Sequence[Mapping[str, Any]] = ()) -> Path:
     options = {key: (str(value) if isinstance(value, Path) else value)
                for key, value in vars(args).items()}
     options["template"] = str(args.template)
@@ -200,6 +201,7 @@ def _write_run_record(log_dir: Path, args: argparse.Namespace, argv: Sequence[st
         "weights": weights,
         "methods": list(args.methods),
         "jobs": jobs,
+        "skipped": list(skipped),  # selected subjects/images that got no job, and why
     }
     return atomic_write_text(log_dir / RUN_RECORD, json.dumps(record, indent=2, default=str))
 
@@ -322,11 +324,17 @@ def run_participant(args: argparse.Namespace, argv: Sequence[str] | None = None)
         pool = bids.collect_images(layout, suffix=args.suffix,
                                    participant_label=args.participant_label,
                                    filters=args.bids_filters)
+    skipped: list[dict[str, Any]] = []  # recorded: the group level lists them
     jobs = bids.build_jobs(images, mode=args.mode, template=template,
                            reference_session=args.reference_session,
                            labels_layout=labels_layout, weights_sha256=weights_sha256,
-                           reference_pool=pool)
+                           reference_pool=pool, skipped=skipped)
+    all_jobs = jobs
     jobs, left_out = bids.usable_jobs(jobs)
+    skipped += [{"subject": job["subject"], "session": job["session"],
+                 "reason": f"unusable input ({line})"}
+                for job, line in zip([j for j in all_jobs if not any(j is u for u in jobs)],
+                                     left_out, strict=True)]
     for line in left_out:
         LOGGER.error("left out: %s", line)
     if not jobs:
@@ -345,7 +353,7 @@ def run_participant(args: argparse.Namespace, argv: Sequence[str] | None = None)
     make_writable_dir(args.work_dir, "--work-dir")
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}_{uuid.uuid4()}"
     log_dir = make_writable_dir(args.output_dir / "logs" / run_id, "output_dir/logs")
-    _write_run_record(log_dir, args, argv, jobs, weights)
+    _write_run_record(log_dir, args, argv, jobs, weights, skipped)
 
     workflow = _workflow_factory()(
         jobs=jobs,

@@ -606,6 +606,9 @@ def test_longitudinal_jobs(tmp_path, template_file, fake_wf, caplog):
     assert {j["fixed"] for j in jobs} == {str(reference)}
     assert {(j["fixed_space"], j["pair_type"]) for j in jobs} == {("sub01ses1", "intra")}
     assert "sub-02 has 1 session(s)" in caplog.text
+    (record,) = (tmp_path / "out" / "logs").glob("*/regpipe_run.json")
+    assert json.loads(record.read_text())["skipped"] == [
+        {"subject": "02", "reason": "1 session(s); longitudinal mode needs two"}]
     assert participant(bids_dir, tmp_path, template_file, "--mode", "longitudinal",
                        "--reference-session", "ses-10") == 0
     assert [(j["session"], j["fixed_space"]) for j in fake_wf["kwargs"]["jobs"]] == \
@@ -989,7 +992,8 @@ def test_group_collects_metrics_and_failures(tmp_path, monkeypatch):
     log_dir = out / "logs" / "20260101-000000_x"
     log_dir.mkdir(parents=True)
     (log_dir / "regpipe_run.json").write_text(json.dumps(
-        {"jobs": jobs, "methods": ["network", "ants-syn"]}))
+        {"jobs": jobs, "methods": ["network", "ants-syn"],
+         "skipped": [{"subject": "03", "reason": "1 session(s); longitudinal mode needs two"}]}))
     (log_dir / "crash-20260101-000001-root-check-1.txt").write_text(
         "Node: regpipe_wf.sub_02_wf.check\nTraceback (most recent call last):\n"
         "ValueError: corrupt image\n")
@@ -1009,8 +1013,10 @@ def test_group_collects_metrics_and_failures(tmp_path, monkeypatch):
          ("01", "network", 7, f"{TPL} res-2")]
     assert rows[1]["dice_17"] == 0.8 and rows[1]["folding_percent"] is None
     assert rows[1]["session"] is None and rows[1]["fixed_space"] == TPL
-    # sub-02's crash explains its missing metrics: one failure, not three
-    (crash,) = captured["failures"]
+    # sub-02's crash explains its missing metrics: one failure, not three; sub-03 got no job
+    crash, skipped = captured["failures"]
+    assert skipped == {"subject": "03", "session": None, "method": None,
+                       "reason": "skipped: 1 session(s); longitudinal mode needs two"}
     assert crash["subject"] == "02" and "ValueError: corrupt image" in crash["reason"]
     assert crash["crash_file"].endswith("crash-20260101-000001-root-check-1.txt")
     tsv = (out / "group" / "group_metrics.tsv").read_text().splitlines()
