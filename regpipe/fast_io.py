@@ -316,7 +316,7 @@ def _optimise_levels(
         optimiser = torch.optim.Adam([param], lr=settings.lr_mm, eps=settings.adam_eps)
         # Adam ignores the loss scale except through eps: scaling by the number of control
         # points gives eps the same meaning at every level and grid size.
-        scale = float(param[0, 0].numel())
+        loss_scale = float(param[0, 0].numel())
         for iteration in range(n_iter):
             fraction = iteration / max(n_iter - 1, 1)
             for group in optimiser.param_groups:
@@ -334,7 +334,7 @@ def _optimise_levels(
                 if math.isfinite(settings.jacobian_ceiling):
                     penalty = penalty + F.relu(jac - settings.jacobian_ceiling).pow(2)
                 loss = loss + settings.folding * penalty.mean()
-            (loss * scale).backward()
+            (loss * loss_scale).backward()
             optimiser.step()
             bar.update(1)
             if progress and iteration % 10 == 0:

@@ -32,8 +32,10 @@ import re
 import tempfile
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from regpipe.atomic import atomic_write_text
 from regpipe.download import as_url, stream_into
@@ -461,7 +463,7 @@ def fetch(name: str, force: bool = False, url: str | None = None, progress: bool
             os.fsync(out.fileno())
         _check_download(entry, source, written, digest)
         try:  # what registration will do with it: build the network and load it strictly
-            _check_loads(tmp)
+            _check_loads(tmp, entry)
         except WeightsError as exc:
             raise WeightsError(f"{source} did not give usable weights ({exc}); nothing was "
                                "saved") from None
@@ -536,9 +538,21 @@ class VerifyResult:
         return not self.problems
 
 
-def _check_loads(path: Path) -> int:
+def _official_architecture() -> Any:  # a NetworkConfig (networks is imported lazily)
+    from regpipe.networks import NetworkConfig
+
+    return NetworkConfig.unigradicon()
+
+
+#: The architecture a registry ``config`` name stands for where it is fixed (the official
+#: models): a file fetched or verified under such an entry must hold it.
+ARCHITECTURES: dict[str, Callable[[], Any]] = {"unigradicon": _official_architecture}
+
+
+def _check_loads(path: Path, entry: WeightsEntry | None = None) -> int:
     """Build the network ``path`` describes and load it strictly, as registration does;
-    return its number of tensors.
+    return its number of tensors. For a registry ``entry`` of an official model, the file
+    must hold that architecture (another model saved under its name is refused).
 
     Both layouts are accepted (a bare state dict, or regpipe's ``{"state_dict", "config",
     "card"}``), always via ``torch.load(..., weights_only=True)``; a file that loads but fits
@@ -546,8 +560,16 @@ def _check_loads(path: Path) -> int:
     keys.
     """
     from regpipe.networks.checkpoint import network_from_file
+    from regpipe.networks.conditional import is_conditional
 
     network = network_from_file(path)
+    expected = ARCHITECTURES.get(entry.config) if entry is not None else None
+    if entry is not None and expected is not None and (
+            is_conditional(network) or network.config != expected()):
+        raise WeightsError(
+            f"{path} holds a {network.config.grid_shape[0]}^3 network with "
+            f"{sum(p.numel() for p in network.parameters()):,} parameters, not the "
+            f"uniGradICON architecture of {entry.name!r}: another model's weights?")
     return len(network.state_dict())
 
 
@@ -603,7 +625,7 @@ def verify(name_or_path: str | os.PathLike[str]) -> VerifyResult:
         )
     n_tensors = 0
     try:
-        n_tensors = _check_loads(path)
+        n_tensors = _check_loads(path, entry)
     except WeightsError as exc:
         problems.append(str(exc))
     return VerifyResult(

@@ -248,6 +248,16 @@ def test_ct_pair_with_both_reference_losses_runs(files, tmp_path):
     assert (tmp_path / "fwd.h5").stat().st_size > 0
 
 
+def test_unigradicon_io_options_with_fast_io_run_with_a_warning(files, tmp_path, caplog):
+    """A unigradicon-register script passing its own --io_lr/--io_sim keeps working."""
+    args = [*base_args(files, tmp_path), "--io_iterations", "2", "--io_lr", "0.00002",
+            "--io_sim", "lncc2", "--metrics_out", str(tmp_path / "m.json"), "--quiet"]
+    assert register_cli.main(args) == 0
+    assert "--io_sim and --io_lr set uniGradICON's network instance optimisation" in caplog.text
+    settings = json.loads((tmp_path / "m.json").read_text())["settings"]
+    assert settings["io_method"] == "fast" and settings["io_sim"] == "lncc"
+
+
 def test_io_grid_caps_the_optimisation_grid(files, tmp_path):
     args = [
         *base_args(files, tmp_path),

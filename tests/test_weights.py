@@ -47,6 +47,13 @@ def no_internet(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(autouse=True)
+def tiny_stands_for_the_official_architecture(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files fetched or verified as ``unigradicon`` must hold its architecture; the tests
+    serve a tiny network (the real one is 283 MB), so it stands in for it here."""
+    monkeypatch.setitem(weights.ARCHITECTURES, "unigradicon", lambda: TINY)
+
+
+@pytest.fixture(autouse=True)
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh, empty REGPIPE_HOME; downloads allowed."""
     path = tmp_path / "regpipe_home"
@@ -309,6 +316,18 @@ def test_fetch_refuses_what_is_not_usable_weights(server: str, home: Path, serve
         weights.fetch("unigradicon", url=f"{server}/{served_name}", progress=False)
     assert "nothing was saved" in str(info.value)
     assert _files_in(home / "weights/unigradicon") == []
+
+
+def test_fetch_refuses_another_models_weights_under_an_official_name(
+        served: Path, home: Path) -> None:
+    compact = weights.weights_path("regpipe-compact")  # loads fine, but is not unigradicon
+    with pytest.raises(WeightsError, match="not the uniGradICON architecture of 'unigradicon'"):
+        weights.fetch("unigradicon", url=str(compact), progress=False)
+    assert _files_in(home / "weights/unigradicon") == []
+    target = weights.cached_path("unigradicon")  # copied there by hand: verify says so
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(compact.read_bytes())
+    assert "another model's weights" in weights.verify("unigradicon").problems[0]
 
 
 def test_fetch_removes_partial_files_of_killed_downloads(server: str, home: Path) -> None:

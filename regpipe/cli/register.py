@@ -179,6 +179,12 @@ def _main(args: argparse.Namespace) -> int:
 
     if args.io_lr is not None and args.io_lr <= 0:
         raise InputError("--io_lr must be positive")
+    if args.io_method == "fast" and (args.io_sim != "lncc" or args.io_lr is not None):
+        # unigradicon-register scripts pass them (its own --io_lr default, say): run, saying so
+        LOGGER.warning("--io_sim and --io_lr set uniGradICON's network instance optimisation "
+                       "(--io_method network); the default fast optimisation uses LNCC and its "
+                       "own step sizes, so they are ignored")
+        args.io_sim, args.io_lr = "lncc", None
     _check_objective_options(args)
     _check_outputs(args)
     weights = args.network_weights or args.model or "default"
