@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The project's two entry points on a fresh machine (Debian, Python >= 3.10, no GPU):
+# The project's two entry points on a fresh machine (Debian, Python >= 3.11, no GPU):
 #   bash run.sh demo   create/reuse .venv, install regpipe, build the demo BIDS dataset in
 #                      ./demo and run the BIDS App on it (participant + group), offline, CPU
 #   bash run.sh test   create/reuse .venv, install regpipe + test tools, run the test suite

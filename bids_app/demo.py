@@ -18,7 +18,7 @@
     TemplateFlow name ``tpl-MNI152NLin2009cAsym_res-01_desc-brain_T1w.nii.gz`` (same template
     and grid as TemplateFlow's file, distributed by another package).
 
-``OUT_DIR/template-2mm/tpl-MNI152NLin2009cAsym_desc-brain_T1w.nii.gz``
+``OUT_DIR/template-2mm/tpl-MNI152NLin2009cAsym_res-02_desc-brain_T1w.nii.gz``
     the same brain block-averaged to 2 mm (not TemplateFlow's own ``res-02`` file), a faster
     target for ``--template PATH`` (``demo_commands(..., fast=True)``); its space is still
     ``MNI152NLin2009cAsym``.
@@ -210,7 +210,8 @@ def build_demo(out_dir: Path, *, resolution: int = 2) -> DemoDataset:
     folder = tf_home / f"tpl-{TEMPLATE_ID}"
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(template_source, folder / TEMPLATE_FILE)
-    fast_template = root / "template-2mm" / f"tpl-{TEMPLATE_ID}_desc-brain_T1w.nii.gz"
+    # res-02 in the name: the outputs say "_res-2" (bids_app.templates reads it from the name)
+    fast_template = root / "template-2mm" / f"tpl-{TEMPLATE_ID}_res-02_desc-brain_T1w.nii.gz"
     fast_template.parent.mkdir(parents=True, exist_ok=True)
     nib.save(downsample(cast(nib.Nifti1Image, nib.load(template_source)), 2), fast_template)
     (fast_template.parent / "SOURCE.txt").write_text(

@@ -24,7 +24,7 @@ code  name               when regpipe returns it
                          with usable input files, no subject with two sessions in
                          longitudinal mode, a template, weights file or ``--labels`` dataset
                          that is not available (offline and not pre-fetched), no participant
-                         outputs for ``group``
+                         outputs for ``group`` or for ``--reports-only``
 73    CANT_CREATE        ``output_dir`` or ``--work-dir`` cannot be created or written
 ====  =================  ==================================================================
 

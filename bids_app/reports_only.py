@@ -52,7 +52,7 @@ def redraw_reports(subjects: Sequence[str], output_dir: Path,
                    records: Sequence[Mapping[str, Any]]) -> list[Path]:
     """Rewrite the pages of ``subjects`` from every recorded run's outputs still on disk (the
     runs' jobs and methods, whatever options this call was given: no template or network is
-    needed); exit 66 when no run recorded them, 1 (after the others) for a subject whose
+    needed); exit 66 when no run recorded them, or (after the others) for a subject whose
     outputs are all gone."""
     jobs = [job for record in records for job in record.get("jobs", [])
             if job.get("subject") in set(subjects)]
@@ -65,7 +65,7 @@ def redraw_reports(subjects: Sequence[str], output_dir: Path,
     without = sorted({job["subject"] for job in jobs} - {
         name[len("sub-"):-len(".html")] for name in drawn})
     if without:
-        raise AppError(ExitCode.FAILURE, f"no outputs to report for subject(s) "
+        raise AppError(ExitCode.NO_INPUT, f"no outputs to report for subject(s) "
                        f"{', '.join(without)} in {output_dir} (deleted?); run without "
                        "--reports-only")
     return written

@@ -281,8 +281,12 @@ def _resolve_file(spec: TemplateSpec, suffix: str) -> ResolvedTemplate:
     match = re.match(r"^tpl-([A-Za-z0-9]+)", path.name)
     stem = re.sub(r"\.nii(\.gz)?$", "", path.name)
     space = match.group(1) if match else (re.sub(r"[^A-Za-z0-9]", "", stem) or "custom")
+    # a file named the TemplateFlow way says its cohort and resolution (output names use them)
+    found = {key: m.group(1) for key in ("cohort", "res")
+             if match and (m := re.search(rf"_{key}-([A-Za-z0-9]+)", path.name))}
     return ResolvedTemplate(space=space, image=path, mask=None, suffix=suffix,
-                            uri=path.as_uri())
+                            uri=path.as_uri(), cohort=found.get("cohort"),
+                            resolution=found.get("res"))
 
 
 def resolve_template(spec: TemplateSpec | str, *, suffix: str = "T1w",

@@ -173,6 +173,15 @@ def load_pair(spec: PairSpec) -> LoadedPair:
         pair.landmarks = (points_f, points_m)
     if (pair.fixed_labels is None) != (pair.moving_labels is None):
         pair.notes.append("Dice and HD95 need both label maps; only one was given")
+    elif spec.labels is not None and pair.fixed_labels is not None \
+            and pair.moving_labels is not None:
+        present = set(np.unique(pair.fixed_labels.data)) & set(np.unique(pair.moving_labels.data))
+        absent = [label for label in spec.labels if label not in present]
+        if absent:
+            pair.notes.append(
+                f"{len(absent)} of the {len(spec.labels)} labels asked for are not in both label "
+                f"maps ({', '.join(map(str, absent[:12]))}{' ...' if len(absent) > 12 else ''})"
+                ": they are not scored (Dice and HD95 average the others)")
     return pair
 
 

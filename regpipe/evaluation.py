@@ -331,7 +331,8 @@ def evaluate_transform(
         Fixed label map (on ``geometry``) and the moving one with its own geometry; with both,
         Dice and HD95 per label and their means.
     labels
-        Labels to score (default: the non-zero labels present in both maps).
+        Labels to score (default: the non-zero labels present in both maps); those absent
+        from either map are left out (``n_labels`` counts the ones scored).
     fixed_points, moving_points
         Corresponding landmarks ``[n, 3]`` (RAS+ mm); with both, TRE statistics.
     fixed_image, warped_image
@@ -353,11 +354,11 @@ def evaluate_transform(
     )
     if fixed_labels is not None and moving_labels is not None:
         moving_data, moving_geometry = moving_labels
-        if labels is None:
-            labels = sorted(
-                int(v) for v in np.intersect1d(np.unique(fixed_labels), np.unique(moving_data))
-                if v != 0
-            )
+        in_both = {int(v) for v in np.intersect1d(np.unique(fixed_labels),
+                                                  np.unique(moving_data)) if v != 0}
+        # labels asked for but missing from a map are not scored (a 0 would be no error of
+        # the registration's); regpipe-bench names them
+        labels = sorted(in_both) if labels is None else [v for v in labels if int(v) in in_both]
         warped = warp_array(np.asarray(moving_data), moving_geometry, transform, geometry,
                             interpolation="nearest")
         dice, distance = overlap_per_label(fixed_labels, warped, labels, geometry.spacing)

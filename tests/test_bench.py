@@ -419,6 +419,24 @@ def test_overwrite_with_bad_pairs_keeps_the_previous_results(pair_files, tmp_pat
     assert (output / bench.RESULTS_JSON).read_text() == before
 
 
+def test_labels_asked_for_but_absent_are_named_and_not_scored(pair_files):
+    from regpipe.bench_pairs import load_pair
+
+    present = sorted(int(v) for v in np.unique(nib.load(pair_files / "fixed_labels.nii.gz")
+                                               .get_fdata()) if v)
+    spec = PairSpec("p", pair_files / "fixed.nii.gz", pair_files / "moving.nii.gz",
+                    fixed_labels=pair_files / "fixed_labels.nii.gz",
+                    moving_labels=pair_files / "moving_labels.nii.gz",
+                    labels=(*present, 90, 91))
+    pair = load_pair(spec)
+    assert any("2 of the" in note and "(90, 91)" in note for note in pair.notes), pair.notes
+    metrics = evaluate_transform(
+        AffineTransform.identity(), pair.fixed.geometry,
+        fixed_labels=pair.fixed_labels.data,
+        moving_labels=(pair.moving_labels.data, pair.moving_labels.geometry), labels=spec.labels)
+    assert metrics["n_labels"] == len(present) and set(metrics["dice"]) == set(map(str, present))
+
+
 def test_run_benchmark_rejects_duplicate_pair_names(tmp_path):
     pair = PairSpec("same", tmp_path / "f.nii.gz", tmp_path / "m.nii.gz")
     with pytest.raises(InputError, match="unique"):

@@ -391,6 +391,8 @@ def test_template_resolution_keeps_outputs_apart_and_replaced_transforms_are_sai
     assert template_entities(replace(tpl, resolution="1")) == {}
     assert template_entities(replace(tpl, resolution="02", cohort="3")) == {"cohort": "3",
                                                                            "res": "2"}
+    named = _nifti(tmp_path / "t" / "tpl-Test_res-02_desc-brain_T1w.nii.gz", value=3.0)
+    assert template_entities(templates.resolve_template(str(named))) == {"res": "2"}
     bids_dir = two_subjects(tmp_path / "bids")
     one = _nifti(tmp_path / "a" / "tpl-Test_T1w.nii.gz", value=3.0)
     two = _nifti(tmp_path / "b" / "tpl-Test_T1w.nii.gz", value=4.0)
