@@ -33,11 +33,12 @@ SPACE = "MNI152NLin2009cAsym"
 
 @pytest.fixture
 def skeleton(tmp_path: Path) -> dict[str, Path]:
-    """An empty-file BIDS dataset: sub-01 (two sessions), sub-02 (run-1), a template."""
+    """An empty-file BIDS dataset: sub-01 (three sessions), sub-02 (run-1), a template."""
     bids = tmp_path / "bids"
     files = {
         "01_1": bids / "sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz",
         "01_2": bids / "sub-01/ses-2/anat/sub-01_ses-2_T1w.nii.gz",
+        "01_3": bids / "sub-01/ses-3/anat/sub-01_ses-3_T1w.nii.gz",
         "02": bids / "sub-02/anat/sub-02_run-1_T1w.nii.gz",
         "template": tmp_path / "tpl" / f"tpl-{SPACE}_res-01_T1w.nii.gz",
         "mask": tmp_path / "derivatives/masks/sub-02/anat/sub-02_run-1_desc-brain_mask.nii.gz",
@@ -216,7 +217,7 @@ def test_every_method_gets_the_same_preprocessed_images(skeleton, tmp_path):
     (feeds,) = sources
     assert {src.rsplit(".", 2)[-2] for src, _ in feeds} == {
         "moving_preproc_wf",
-        "fixed_preproc_wf",
+        "fixed_preproc_1_wf",  # the subject's one preprocessing of this fixed image
     }
 
 
@@ -239,6 +240,20 @@ def test_template_is_not_bias_corrected_but_reference_images_are(skeleton, tmp_p
         )
     )
     assert len(nodes_named(intra, "n4")) == 2
+
+
+def test_a_reference_is_preprocessed_once_for_all_its_sessions(skeleton, tmp_path):
+    """Longitudinal: the reference's N4 runs once, not once per registered session."""
+    jobs = [make_job(skeleton, key, fixed=str(skeleton["01_1"]), fixed_space="sub01ses1",
+                     pair_type="intra") for key in ("01_2", "01_3")]
+    graph = expanded(build(skeleton, jobs, tmp_path))
+    fixed_n4 = [n for n in nodes_named(graph, "n4") if "fixed_preproc" in n.fullname]
+    assert len(fixed_n4) == 1 and len(nodes_named(graph, "n4")) == 3
+    registrations = nodes_named(graph, "network_reg")
+    assert len(registrations) == 2
+    for node in registrations:  # both registrations read that one preprocessed reference
+        sources = {src.fullname for src, _ in graph.in_edges(node)}
+        assert any("fixed_preproc_1_wf" in name for name in sources), sources
 
 
 def test_ct_is_never_bias_corrected(skeleton, tmp_path):

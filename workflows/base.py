@@ -204,6 +204,9 @@ def init_single_subject_wf(
         raise InputError(f"init_single_subject_wf(subject={subject!r}) got another subject's job")
     workflow = pe.Workflow(name=name)
     image_wfs = []
+    # one preprocessing per fixed image (a longitudinal reference serves every later session;
+    # its N4 would otherwise run once per session), shared by the jobs that use it
+    fixed_wfs: dict[tuple, pe.Workflow] = {}
     for job in jobs:
         parts = [
             f"{short}_{job['entities'][k]}"
@@ -211,11 +214,21 @@ def init_single_subject_wf(
             if k != "subject" and job["entities"].get(k) not in (None, "")
         ]
         label = "_".join([*parts, job["suffix"], "to", job["fixed_space"]])
-        image_wfs.append(init_image_wf(
+        image_wf = init_image_wf(
             job=job, output_dir=output_dir, methods=methods, options=options,
-            name=_node_name(f"{label}_wf"),
-        ))  # fmt: skip
-    workflow.add_nodes(image_wfs)
+            name=_node_name(f"{label}_wf"), fixed_preprocessed=True,
+        )  # fmt: skip
+        key = (job["fixed"], job["fixed_mask"], job["fixed_labels"], job["modality"],
+               job["pair_type"])
+        if key not in fixed_wfs:
+            fixed_wfs[key] = init_fixed_preproc_wf(
+                job=job, options=options, name=f"fixed_preproc_{len(fixed_wfs) + 1}_wf")
+        workflow.connect([(fixed_wfs[key], image_wf, [
+            ("outputnode.out_file", "fixed_inputnode.out_file"),
+            ("outputnode.mask", "fixed_inputnode.mask"),
+            ("outputnode.labels", "fixed_inputnode.labels"),
+        ])])  # fmt: skip
+        image_wfs.append(image_wf)
     if not reports:
         return workflow
 
@@ -241,6 +254,26 @@ def init_single_subject_wf(
     return workflow
 
 
+def init_fixed_preproc_wf(
+    *, job: Mapping[str, Any], options: RegistrationOptions, name: str = "fixed_preproc_wf"
+) -> pe.Workflow:
+    """Preprocessing of a job's fixed image (with its mask and labels, filled from the job):
+    bias-corrected for ``intra`` jobs (a subject's own image), not for templates. Outputs
+    (``outputnode``): ``out_file``, ``mask``, ``labels``."""
+    preproc_wf = init_preproc_wf(
+        modality=job["modality"], bias_correct=job["pair_type"] == "intra",
+        has_mask=job["fixed_mask"] is not None, has_labels=job["fixed_labels"] is not None,
+        omp_nthreads=options.omp_nthreads, name=name,
+    )  # fmt: skip
+    inputnode = preproc_wf.get_node("inputnode")
+    inputnode.inputs.in_file = job["fixed"]
+    if job["fixed_mask"] is not None:
+        inputnode.inputs.mask = job["fixed_mask"]
+    if job["fixed_labels"] is not None:
+        inputnode.inputs.labels = job["fixed_labels"]
+    return preproc_wf
+
+
 def init_image_wf(
     *,
     job: Mapping[str, Any],
@@ -248,11 +281,15 @@ def init_image_wf(
     methods: Sequence[str],
     options: RegistrationOptions,
     name: str = "image_wf",
+    fixed_preprocessed: bool = False,
 ) -> pe.Workflow:
     """One job: preprocess both images once, then every method on the same inputs.
 
     Inputs (``inputnode``, filled from the job): ``moving``, ``fixed``, ``moving_mask``,
-    ``fixed_mask``, ``moving_labels``, ``fixed_labels``.
+    ``fixed_mask``, ``moving_labels``, ``fixed_labels``. With ``fixed_preprocessed`` the
+    fixed image comes preprocessed instead (:func:`init_fixed_preproc_wf`, shared by the
+    jobs with the same fixed image) into ``fixed_inputnode``: ``out_file``, ``mask``,
+    ``labels``.
 
     Outputs
     -------
@@ -274,11 +311,22 @@ def init_image_wf(
         has_labels=has["moving_labels"], omp_nthreads=options.omp_nthreads,
         name="moving_preproc_wf",
     )  # fmt: skip
-    fixed_preproc_wf = init_preproc_wf(
-        modality=modality, bias_correct=job["pair_type"] == "intra", has_mask=has["fixed_mask"],
-        has_labels=has["fixed_labels"], omp_nthreads=options.omp_nthreads,
-        name="fixed_preproc_wf",
-    )  # fmt: skip
+    if fixed_preprocessed:
+        fixed_source = pe.Node(niu.IdentityInterface(fields=["out_file", "mask", "labels"]),
+                               name="fixed_inputnode")
+        fixed_prefix = ""
+    else:
+        fixed_source = init_preproc_wf(
+            modality=modality, bias_correct=job["pair_type"] == "intra",
+            has_mask=has["fixed_mask"], has_labels=has["fixed_labels"],
+            omp_nthreads=options.omp_nthreads, name="fixed_preproc_wf",
+        )  # fmt: skip
+        fixed_prefix = "outputnode."
+        workflow.connect([
+            (inputnode, fixed_source, [("fixed", "inputnode.in_file"),
+                                       ("fixed_mask", "inputnode.mask"),
+                                       ("fixed_labels", "inputnode.labels")]),
+        ])  # fmt: skip
     ds_preproc_wf = init_ds_preproc_wf(job=job, output_dir=output_dir)
     merge_sections = pe.Node(
         niu.Merge(len(methods)), name="merge_sections", run_without_submitting=True
@@ -287,9 +335,6 @@ def init_image_wf(
         (inputnode, moving_preproc_wf, [("moving", "inputnode.in_file"),
                                         ("moving_mask", "inputnode.mask"),
                                         ("moving_labels", "inputnode.labels")]),
-        (inputnode, fixed_preproc_wf, [("fixed", "inputnode.in_file"),
-                                       ("fixed_mask", "inputnode.mask"),
-                                       ("fixed_labels", "inputnode.labels")]),
         (moving_preproc_wf, ds_preproc_wf, [("outputnode.out_file", "inputnode.preproc")]),
         (merge_sections, outputnode, [("out", "sections")]),
     ])  # fmt: skip
@@ -302,9 +347,9 @@ def init_image_wf(
             name=_node_name(f"{method}_wf"),
         )
         workflow.connect([
-            (fixed_preproc_wf, method_wf, [("outputnode.out_file", "inputnode.fixed"),
-                                           ("outputnode.mask", "inputnode.fixed_mask"),
-                                           ("outputnode.labels", "inputnode.fixed_labels")]),
+            (fixed_source, method_wf, [(f"{fixed_prefix}out_file", "inputnode.fixed"),
+                                       (f"{fixed_prefix}mask", "inputnode.fixed_mask"),
+                                       (f"{fixed_prefix}labels", "inputnode.fixed_labels")]),
             (moving_preproc_wf, method_wf, [("outputnode.out_file", "inputnode.moving"),
                                             ("outputnode.mask", "inputnode.moving_mask"),
                                             ("outputnode.labels", "inputnode.moving_labels")]),
