@@ -517,6 +517,11 @@ def longitudinal_jobs(images: Sequence[Image], *, reference_session: str | None 
     pairs = longitudinal_pairs(pool, reference_session, subjects_skipped)
     if skipped is not None:
         skipped += [s for s in subjects_skipped if s["subject"] in selected_subjects]
+    references = {fixed.path for _, fixed in pairs}
+    for image in images:  # a selected session that is its subject's reference: nothing to do
+        if image.path in references and reference_pool is not None:
+            LOGGER.warning("%s is sub-%s's reference image: nothing to register it to",
+                           image.relpath, image.subject)
     for moving, fixed in pairs:
         if moving.path not in selected:
             continue
@@ -528,6 +533,20 @@ def longitudinal_jobs(images: Sequence[Image], *, reference_session: str | None 
             labels_layout=labels_layout, weights_sha256=weights_sha256,
         ))
     return jobs
+
+
+def _ras_grid(geometry):
+    """The grid reoriented to RAS as preprocessing does (``nibabel.as_closest_canonical``):
+    a mask stored in another voxel order than its image is still on its grid."""
+    from nibabel.orientations import inv_ornt_aff, io_orientation
+
+    from regpipe.spaces import Geometry
+
+    ornt = io_orientation(geometry.affine)
+    shape = [0, 0, 0]
+    for axis, (new_axis, _) in enumerate(ornt):
+        shape[int(new_axis)] = int(geometry.shape[axis])
+    return Geometry(tuple(shape), geometry.affine @ inv_ornt_aff(ornt, geometry.shape))
 
 
 #: Files of a job: key, the key of the image whose grid it must share, what it is.
@@ -573,7 +592,7 @@ def usable_jobs(jobs: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], l
                 continue
             own = None if owner is None else grid(job[owner], "")
             if own is not None and not isinstance(own, InputError) \
-                    and not own.same_as(found, atol=1e-3):
+                    and not _ras_grid(own).same_as(_ras_grid(found), atol=1e-3):
                 problems.append(
                     f"{what} {job[key]} ({'x'.join(map(str, found.shape))}) is not on the grid "
                     f"of {Path(job[owner]).name} ({'x'.join(map(str, own.shape))}): resample "

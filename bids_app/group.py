@@ -196,7 +196,17 @@ def _row_matches(row: Mapping[str, Any], job: Mapping[str, Any], method: str) ->
     entities = job.get("entities") or {}
     if any(key in row and row[key] != entities.get(key) for key in IDENTITY_ENTITIES):
         return False
+    if "target" in row and row["target"] != job_target(job):  # res-1 metrics are not res-2's
+        return False
     return row.get("fixed_space") in (None, job.get("fixed_space"))
+
+
+def job_target(job: Mapping[str, Any]) -> str:
+    """:func:`target_label` of a recorded job (its file names are not needed)."""
+    fixed_entities = job.get("fixed_entities") or {}
+    name = "".join(f"_{key}-{fixed_entities[key]}" for key in ("cohort", "res")
+                   if key in fixed_entities)
+    return target_label(job.get("fixed_space"), str(job["subject"]), name)
 
 
 def _crash_summary(crash: Path) -> tuple[str | None, str | None, str]:
@@ -253,7 +263,7 @@ def find_failures(output_dir: Path, rows: Sequence[Mapping[str, Any]], *,
             if keep and job["subject"] not in keep:
                 continue
             for method in record.get("methods", [NETWORK_METHOD]):
-                key = (job["subject"], job.get("session"), job["moving"], job.get("fixed_space"),
+                key = (job["subject"], job.get("session"), job["moving"], job_target(job),
                        method)
                 if key in seen:
                     continue
@@ -263,7 +273,7 @@ def find_failures(output_dir: Path, rows: Sequence[Mapping[str, Any]], *,
                         "subject": job["subject"], "session": job.get("session"),
                         "method": method,
                         "reason": f"no metrics for {Path(job['moving']).name} to "
-                                  f"{job.get('fixed_space')}",
+                                  f"{job_target(job)}",
                     })
     crashes = []
     for crash in _crash_files(output_dir, records, work_dir):
@@ -285,18 +295,21 @@ def _skipped(records: Sequence[tuple[Path, Mapping[str, Any]]], keep: set[str]
              ) -> list[dict[str, Any]]:
     """Selected subjects or images that their latest run gave no job (one session in
     longitudinal mode, unusable input files): failures too, or they would vanish from the
-    group page. A later run of the subject that did register it supersedes the entry."""
-    latest: dict[str, list[dict[str, Any]]] = {}
+    group page. A later run that registered that subject's session (any session, for a
+    subject-level entry) supersedes the entry; a later entry replaces it."""
+    latest: dict[tuple[str, str | None], dict[str, Any] | None] = {}
     for _, record in records:  # oldest first
-        in_run = {str(job["subject"]) for job in record.get("jobs", [])}
-        entries = [entry for entry in record.get("skipped", []) if isinstance(entry, Mapping)]
-        for subject in in_run | {str(e.get("subject")) for e in entries}:
-            latest[subject] = [
-                {"subject": subject, "session": e.get("session"), "method": None,
-                 "reason": f"skipped: {e.get('reason')}"}
-                for e in entries if str(e.get("subject")) == subject]
-    return [entry for subject, found in latest.items() if not keep or subject in keep
-            for entry in found]
+        for job in record.get("jobs", []):
+            subject = str(job["subject"])
+            latest[(subject, job.get("session"))] = None
+            latest[(subject, None)] = None  # the subject has sessions to register now
+        for entry in record.get("skipped", []):
+            if isinstance(entry, Mapping):
+                key = (str(entry.get("subject")), entry.get("session"))
+                latest[key] = {"subject": key[0], "session": key[1], "method": None,
+                               "reason": f"skipped: {entry.get('reason')}"}
+    return [entry for (subject, _), entry in latest.items()
+            if entry is not None and (not keep or subject in keep)]
 
 
 # --------------------------------------------------------------------------- writing

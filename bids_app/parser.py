@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -100,7 +101,11 @@ def _labels_from(prefix: str):
 
     def parse(value: str) -> list[str]:
         path = Path(value).expanduser()
-        if not path.is_file():
+        # a valid label is a label (a file "01" in the current folder does not change that);
+        # a file is named with a folder or an extension: ./subjects, participants.tsv
+        looks_like_file = os.sep in value or "/" in value or "." in value
+        if not path.is_file() or (_LABEL_RE.match(value.removeprefix(prefix))
+                                  and not looks_like_file):
             return [normalize_label(value, prefix)]
         try:
             lines = path.read_text().splitlines()

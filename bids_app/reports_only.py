@@ -72,7 +72,10 @@ def redraw_reports(subjects: Sequence[str], output_dir: Path,
 
 
 def _job_key(job: Mapping[str, Any]) -> tuple:
-    return (job["subject"], job.get("session"), str(job["moving"]), job.get("fixed_space"))
+    """One registration's identity: image and target (space with its res/cohort)."""
+    target = tuple(sorted((job.get("fixed_entities") or {}).items()))
+    return (job["subject"], job.get("session"), str(job["moving"]), job.get("fixed_space"),
+            target)
 
 
 def add_earlier_sections(jobs: Sequence[Mapping[str, Any]], methods: Sequence[str],

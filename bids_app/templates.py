@@ -410,7 +410,6 @@ def _catalogue_problem(spec: TemplateSpec, suffix: str) -> str | None:
                 + (f" (cohorts: {', '.join(cohorts)})" if cohorts else " (it has no cohorts)"))
     contrasts = sorted({m.group(1) for n in own
                         if (m := re.search(r"_([A-Za-z0-9]+)\.nii\.gz$", n.split("/")[-1]))
-                        and "_desc-" not in n.split("/")[-1]
                         and m.group(1) not in ("mask", "dseg", "probseg")})
     if suffix not in contrasts and "T1w" not in contrasts:
         return (f"{identifier} has no {' or '.join(dict.fromkeys([suffix, 'T1w']))} image"

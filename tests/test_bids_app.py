@@ -127,15 +127,21 @@ def test_participant_label_with_and_without_prefix():
     assert args.participant_label == ["03"]
 
 
-def test_participant_labels_from_file(tmp_path):
+def test_participant_labels_from_file(tmp_path, monkeypatch):
     labels = tmp_path / "subjects.txt"
     labels.write_text("sub-01\n02\n")
     assert parse_args(["b", "o", "participant", "--participant-label",
                        str(labels)]).participant_label == ["01", "02"]
-    plain = tmp_path / "subjects"  # a file name that is also a valid label
+    plain = tmp_path / "subjects"  # no extension: named with its folder, it is a file
     plain.write_text("03 sub-04\n")
     assert parse_args(["b", "o", "participant", "--participant-label",
                        str(plain)]).participant_label == ["03", "04"]
+    (tmp_path / "07").write_text("08\n")  # a valid label stays a label, file or not
+    monkeypatch.chdir(tmp_path)
+    assert parse_args(["b", "o", "participant", "--participant-label",
+                       "07"]).participant_label == ["07"]
+    assert parse_args(["b", "o", "participant", "--participant-label",
+                       "./07"]).participant_label == ["08"]
     table = tmp_path / "participants.tsv"  # BIDS's own list: header and extra columns
     table.write_text("participant_id\tage\nsub-05\t30\nsub-06\t41\n")
     assert parse_args(["b", "o", "participant", "--participant-label",
@@ -715,6 +721,22 @@ def test_unusable_inputs_are_left_out_by_name_before_any_work(tmp_path, template
     assert "3 image(s) left out for unusable input files" in capsys.readouterr().err
 
 
+def test_a_mask_in_another_voxel_order_of_the_same_grid_is_usable(tmp_path, template_file,
+                                                                  fake_wf):
+    bids_dir = make_bids(tmp_path / "bids", [])
+    lps = np.diag([-2.0, -2.0, 2.0, 1.0])
+    image = nib.Nifti1Image(np.random.default_rng(0).random((4, 5, 6), dtype=np.float32), lps)
+    (bids_dir / "sub-01" / "anat").mkdir(parents=True)
+    nib.save(image, bids_dir / "sub-01" / "anat" / "sub-01_T1w.nii.gz")
+    mask = nib.as_closest_canonical(nib.Nifti1Image(np.ones((4, 5, 6), np.uint8), lps))
+    labels = make_bids(tmp_path / "labels", [])
+    (labels / "sub-01" / "anat").mkdir(parents=True)
+    nib.save(mask, labels / "sub-01" / "anat" / "sub-01_desc-brain_mask.nii.gz")  # RAS order
+    assert participant(bids_dir, tmp_path, template_file, "--labels", labels) == 0
+    (job,) = fake_wf["kwargs"]["jobs"]
+    assert job["moving_mask"].endswith("sub-01_desc-brain_mask.nii.gz")
+
+
 def test_no_usable_input_at_all_is_66(tmp_path, template_file, fake_wf, capsys):
     bids_dir = make_bids(tmp_path / "bids", [])
     empty = bids_dir / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
@@ -1035,6 +1057,20 @@ def test_group_targets_tell_references_and_resolutions_apart():
         == f"{TPL} cohort-2 res-2"
     assert target_label("sub01ses1", "01", "x.tsv") == "own reference ses1"
     assert target_label("sub01ses2run1", "01", "x.tsv") == "own reference ses2run1"
+
+
+def test_group_tells_a_missing_res1_result_from_a_present_res2_one():
+    from regpipe.bids_app.group import _row_matches, job_target
+    from regpipe.bids_app.reports_only import _job_key
+
+    job = {"subject": "01", "session": None, "moving": "/b/sub-01_T1w.nii.gz",
+           "entities": {"subject": "01"}, "fixed_space": TPL}
+    at_2mm = {**job, "fixed_entities": {"res": "2"}}
+    assert job_target(job) == TPL and job_target(at_2mm) == f"{TPL} res-2"
+    row = {"subject": "01", "session": None, "method": "network", "fixed_space": TPL,
+           "target": f"{TPL} res-2"}
+    assert _row_matches(row, at_2mm, "network") and not _row_matches(row, job, "network")
+    assert _job_key(job) != _job_key(at_2mm)  # both sections stay on the subject's page
 
 
 def test_group_rerun_does_not_count_its_own_table(tmp_path, monkeypatch):

@@ -154,14 +154,19 @@ def test_slurm_jobs_ask_for_each_nodes_threads_memory_and_gpu():
     workflow = init_network_reg_wf(weights=None, io_iterations=0, affine_init="ours",
                                    device="cuda", omp_nthreads=4, seed=0)
     network = next(node for node in workflow._get_all_nodes() if node.n_procs == 4)
-    assert slurm_node_args(network) == "--cpus-per-task=4 --mem=5120M --gpus=1"
+    # a leading space: SLURMGraph joins them to the run's sbatch_args without one
+    assert slurm_node_args(network) == " --cpus-per-task=4 --mem=5120M --gpus=1"
     # what the run's own sbatch_args set stays the user's
-    assert slurm_node_args(network, "--mem=16G --gres=gpu:a100:1") == "--cpus-per-task=4"
+    assert slurm_node_args(network, "--mem=16G --gres=gpu:a100:1") == " --cpus-per-task=4"
     assert slurm_node_args(network, "-c4 --mem-per-cpu 2G -G 1") == ""
     assert slurm_node_args(network, "--cpus-per-task 8 --time=1:00:00") == (
-        "--mem=5120M --gpus=1")
+        " --mem=5120M --gpus=1")
     small = pe.Node(IdentityInterface(fields=["a"]), name="small", mem_gb=0.5)
-    assert slurm_node_args(small) == "--cpus-per-task=1 --mem=1536M"
+    assert slurm_node_args(small) == " --cpus-per-task=1 --mem=1536M"
+    workflow = init_network_reg_wf(weights=None, io_iterations=0, affine_init="ours",
+                                   device="cuda:1", omp_nthreads=4, seed=0)
+    network = next(node for node in workflow._get_all_nodes() if node.n_procs == 4)
+    assert slurm_node_args(network).endswith("--gpus=1")  # cuda:N too
 
 
 # --------------------------------------------------------------------------- the array job

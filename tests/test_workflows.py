@@ -356,6 +356,8 @@ def test_output_paths_follow_the_scheme(skeleton, tmp_path):
     assert paths["forward_xfm"].name == names["forward_xfm"].split("/")[-1]
     with pytest.raises(InputError, match="fixed_entities"):
         validate_job({**job, "fixed_entities": {"den": "32k"}})
+    assert derivatives.section_label(other, "network") == \
+        f"T1w ses-1 -> {SPACE} cohort-1 res-2 (network)"
 
 
 def _write_dataset_files(args):
@@ -502,6 +504,13 @@ def test_outputs_in_a_fixed_space_take_the_fixed_images_voxel_order(tmp_path, mo
                                      str(tmp_path / "reference.nii.gz")))
     np.testing.assert_allclose(out.affine, lps)
     np.testing.assert_array_equal(np.asarray(out.dataobj), data)
+    import SimpleITK as sitk  # a reference in another format (a .mha template, say)
+
+    sitk.WriteImage(sitk.ReadImage(str(tmp_path / "reference.nii.gz")),
+                    str(tmp_path / "reference.mha"))
+    out = nib.load(in_voxel_order_of(str(tmp_path / "warped_ras.nii.gz"),
+                                     str(tmp_path / "reference.mha")))
+    np.testing.assert_allclose(out.affine, lps, atol=1e-4)
     other = tmp_path / "other.nii.gz"  # another grid: not a reorientation of the reference
     nib.save(nib.Nifti1Image(data[:4], np.eye(4)), other)
     assert in_voxel_order_of(str(other), str(tmp_path / "reference.nii.gz")) == str(other)

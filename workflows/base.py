@@ -495,10 +495,11 @@ def slurm_node_args(node: pe.Node, user_args: str = "") -> str:
         megabytes = math.ceil((float(node.mem_gb) + JOB_OVERHEAD_GB) * 1024)
         out.append(f"--mem={megabytes}M")
     inputs = node.interface.inputs
-    if (getattr(inputs, "device", None) == "cuda"
+    if (str(getattr(inputs, "device", "")).startswith("cuda")
             and not _sets_option(given, "-G", "--gpus", "--gres", "--gpus-per-task")):
         out.append("--gpus=1")
-    return " ".join(out)
+    # a leading space: SLURMGraph appends node arguments to the run's without one
+    return (" " + " ".join(out)) if out else ""
 
 
 def _request_node_resources(workflow: pe.Workflow, user_args: str) -> None:

@@ -126,11 +126,13 @@ def method_root(output_dir: str | os.PathLike[str], method: str) -> Path:
 
 
 def section_label(job: Mapping[str, Any], method: str) -> str:
-    """Title of a job's QC report section: ``T1w ses-2 run-1 -> MNI152NLin2009cAsym (network)``
-    (the subject is the page's)."""
+    """Title of a job's QC report section: ``T1w ses-2 run-1 -> MNI152NLin2009cAsym (network)``,
+    ``... -> MNI152NLin2009cAsym res-2 (network)`` for another resolution (the subject is the
+    page's)."""
     parts = [f"{key}-{job['entities'][name]}" for name, key in SOURCE_ENTITIES[1:]
              if job["entities"].get(name) not in (None, "")]
-    return " ".join([job["suffix"], *parts, "->", job["fixed_space"], f"({method})"])
+    target = [f"{key}-{value}" for key, value in (job.get("fixed_entities") or {}).items()]
+    return " ".join([job["suffix"], *parts, "->", job["fixed_space"], *target, f"({method})"])
 
 
 def source_prefix(entities: Mapping[str, Any]) -> str:

@@ -376,16 +376,17 @@ def in_voxel_order_of(in_file: str, reference: str) -> str:
     import nibabel as nib
     from nibabel.orientations import io_orientation, ornt_transform
 
-    image, target = nib.load(in_file), nib.load(reference)
-    if image.shape[:3] == target.shape[:3] and np.allclose(image.affine, target.affine,
-                                                           atol=1e-3):
+    from regpipe.imageio import read_grid
+
+    image, target = nib.load(in_file), read_grid(reference)  # any format regpipe reads
+    if image.shape[:3] == target.shape and np.allclose(image.affine, target.affine, atol=1e-3):
         return in_file
     current, wanted = io_orientation(image.affine), io_orientation(target.affine)
     if np.array_equal(current, wanted):
         return in_file
     moved = image.as_reoriented(ornt_transform(current, wanted))
-    if moved.shape[:3] != target.shape[:3] or not np.allclose(moved.affine, target.affine,
-                                                              atol=1e-3):
+    if moved.shape[:3] != target.shape or not np.allclose(moved.affine, target.affine,
+                                                          atol=1e-3):
         return in_file
     out = Path.cwd() / f"voxel_order_{Path(in_file).name}"
     nib.save(moved, str(out))
