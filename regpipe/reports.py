@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -433,7 +434,24 @@ def write_subject_report(
         *parts,
     ]
     page = _page(f"regpipe: {title}", body)
-    return atomic_write(out_html, lambda tmp: tmp.write_text(page, encoding="utf-8"))
+    written = atomic_write(out_html, lambda tmp: tmp.write_text(page, encoding="utf-8"))
+    _remove_stale_figures(figures, page)
+    return written
+
+
+#: Figures of a subject that no page links and that are older than this are left over from
+#: sections that are gone; younger ones may belong to a concurrent run's page being drawn.
+STALE_FIGURE_SECONDS = 3600
+
+
+def _remove_stale_figures(figures: Path, page: str) -> None:
+    now = time.time()
+    for figure in figures.glob("*_reg.svg"):
+        try:
+            if figure.name not in page and now - figure.stat().st_mtime > STALE_FIGURE_SECONDS:
+                figure.unlink()
+        except OSError:  # removed by another run, or a read-only folder: harmless
+            pass
 
 
 # ------------------------------------------------------------------------------ group report

@@ -181,6 +181,26 @@ def test_subject_figures_are_named_by_subject_session_space_and_method(
     assert subject_report.read_text().count(f"{stem}unigradiconBefore_reg.svg") == 2
 
 
+def test_figures_no_page_links_any_more_are_removed_when_old(volumes, tmp_path) -> None:
+    import os
+    import time
+
+    figures = tmp_path / "sub-01" / "figures"
+    figures.mkdir(parents=True)
+    old, fresh = figures / "gone_old_reg.svg", figures / "concurrent_reg.svg"
+    old.write_text("<svg/>")
+    fresh.write_text("<svg/>")  # maybe a concurrent run's, about to be linked: kept
+    hours_ago = time.time() - 2 * 3600
+    os.utime(old, (hours_ago, hours_ago))
+    section = {"method": "network", "label": "T1w -> X (network)", "space": "X",
+               "fixed": volumes["fixed"], "warped": volumes["warped"],
+               "moving_preproc": None, "jacobian": None, "metrics": {}}
+    write_subject_report(subject="01", session=None, output_dir=tmp_path, sections=[section],
+                         out_html=tmp_path / "sub-01.html")
+    assert not old.exists() and fresh.exists()
+    assert any(figures.glob("*Flicker_reg.svg"))  # the page's own figures stay
+
+
 def test_subject_page_says_how_each_result_was_made(subject_report: Path) -> None:
     page = subject_report.read_text()
     assert "<h3>Settings</h3>" in page and "<td>Step_2_final.trch</td>" in page
