@@ -27,10 +27,12 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.11",
-    packages=library + workflows + bids_app,
+    # regpipe.data.weights holds no Python: listed as a (data) package so that setuptools keeps
+    # shipping the bundled weights (it warns that data outside packages will be dropped)
+    packages=library + workflows + bids_app + ["regpipe.data", "regpipe.data.weights"],
     package_dir={"regpipe": "regpipe", "regpipe.workflows": "workflows",
                  "regpipe.bids_app": "bids_app"},
-    package_data={"regpipe": ["py.typed", "data/weights/*.pt", "data/weights/*.md"]},
+    package_data={"regpipe": ["py.typed"], "regpipe.data.weights": ["*.pt", "*.md"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.1,<3",
