@@ -214,7 +214,13 @@ def check_resumable(folder: Path, network, sha256: str) -> bool:
     except Exception as error:  # any unreadable file gets the same advice
         raise UsageError(f"{path} cannot be read ({type(error).__name__}); remove it to start "
                          "again or use another OUTPUT_DIR") from None
-    config = network.config.to_dict()
+    from regpipe.networks.checkpoint import saved_config
+
+    card = saved.get("card") or {}
+    if "finetuning" not in card:  # a regpipe-train run folder, say: never taken over
+        raise UsageError(f"{folder} holds a run that is not a finetuning run; use another "
+                         "OUTPUT_DIR")
+    config = saved_config(network)  # with the controller's, for a conditional network
     if saved.get("config") != config:
         raise UsageError(
             f"{folder} holds a finetuning run of another network configuration "
@@ -268,11 +274,17 @@ def model_card(args: argparse.Namespace, *, start: dict[str, Any], dataset: str,
     subjects = {i.subject for kind in pairs.values() for pair in kind for i in pair}
     slug = "".join(c if c.isalnum() else "-" for c in dataset).strip("-").lower() or "bids"
     weights = Path(args.output_dir) / "weights.pt"
-    base = {k: v for k, v in start["card"].items()
-            if k not in ("name", "description", "training", "finetuning", "usage")}
+    # what stays true of the finetuned weights (architecture, placement, licence...); the
+    # starting file's own history (training, averaging, its card file) is kept under
+    # finetuning.starting_card, not presented as this file's
+    history = ("name", "description", "training", "finetuning", "usage", "averaged_from",
+               "model_card")
+    base = {k: v for k, v in start["card"].items() if k not in history}
+    suffix = f"-finetuned-{slug}"
+    name = start["name"] if str(start["name"]).endswith(suffix) else f"{start['name']}{suffix}"
     return {
         **base,
-        "name": args.name or f"{start['name']}-finetuned-{slug}",
+        "name": args.name or name,
         "description": args.description or (
             f"{start['name']} finetuned on {dataset} ({args.suffix}, {args.pairs} pairs)"),
         "grid_mode": grid_mode,
@@ -295,12 +307,19 @@ def model_card(args: argparse.Namespace, *, start: dict[str, Any], dataset: str,
             "affine_init": args.affine_init,
             "participant_label": args.participant_label,
             "session_label": args.session_label,
+            "bids_filters": args.bids_filters,
+            "region": args.region,
+            "starting_card": {k: v for k, v in start["card"].items() if k != "usage"},
         },
     }
 
 
 def _check_output(args: argparse.Namespace) -> None:
     bids_dir, output = args.bids_dir.resolve(), args.output_dir.resolve()
+    weights = Path(str(args.weights)).expanduser()
+    if weights.exists() and output in weights.resolve().parents:
+        raise UsageError(f"--weights {args.weights} is inside OUTPUT_DIR {args.output_dir}, "
+                         "where this run writes weights.pt: copy it elsewhere first")
     derivatives = bids_dir / "derivatives"
     if (output == bids_dir or bids_dir in output.parents) and derivatives not in output.parents:
         raise UsageError(f"OUTPUT_DIR {args.output_dir} is inside BIDS_DIR {args.bids_dir}, "

@@ -17,7 +17,9 @@ The pairs need no state here: each is seeded by its step (:mod:`regpipe.pair_str
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import shutil
 import signal
 import threading
 import time
@@ -110,7 +112,15 @@ class ProgressLog:
 
 
 def _atomic_save(payload: Any, path: Path) -> None:
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    try:
+        atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    except RuntimeError as error:  # torch's writer reports a full disk as a RuntimeError
+        free = shutil.disk_usage(path.parent).free
+        if free < (64 << 20):
+            raise OSError(errno.ENOSPC, f"no space left on the device of {path.parent} "
+                          f"({free >> 20} MB free)", str(path)) from None
+        raise OSError(errno.EIO, f"cannot write {path}: {str(error).splitlines()[0]}",
+                      str(path)) from None
 
 
 #: Options a resumed run must keep: they define what is trained (the others, such as the
@@ -122,7 +132,7 @@ FIXED_OPTIONS = ("batch_size", "lam", "lam_range", "similarity", "lncc_sigma", "
 FIXED_RECIPE = ("sources", "init", "conditional")
 #: Finetuning selections (the card's ``finetuning``) a resumed finetuning run must keep.
 FIXED_FINETUNING = ("dataset_path", "suffix", "pair_type", "participant_label",
-                    "session_label", "labels", "affine_init")
+                    "session_label", "bids_filters", "labels", "affine_init", "region")
 
 
 def _changes(saved: Mapping[str, Any], options: Mapping[str, Any] | None,

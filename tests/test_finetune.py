@@ -300,6 +300,75 @@ def test_running_again_resumes(data, tmp_path):
     assert _card(out)["training"]["steps"] == 3
 
 
+def test_a_conditional_finetune_resumes(data, tmp_path):
+    from regpipe.networks.conditional import ConditionalRegistrationNetwork, ConditioningConfig
+
+    start = save_weights(ConditionalRegistrationNetwork(TINY, ConditioningConfig("film")),
+                         tmp_path / "cond.pt", {"name": "cond", "grid_mode": "isotropic"})
+    out = tmp_path / "run"
+    argv = [str(data["bids"]), str(out), "--weights", str(start), *FAST]
+    assert finetune.main([*argv, "--steps", "1"]) == 0
+    assert finetune.main([*argv, "--steps", "2"]) == 0
+    assert [int(r["step"]) for r in _log(out)] == [1, 2]
+
+
+def test_card_keeps_the_starting_files_history_apart(data, tmp_path):
+    network = network_from_file(data["start"])
+    start = save_weights(network, tmp_path / "avg.pt", {
+        "name": "tiny-start", "grid_mode": "isotropic", "model_card": "tiny-start.md",
+        "averaged_from": ["step00700.pt", "step00750.pt"], "training": {"steps": 5000}})
+    out = tmp_path / "run"
+    assert finetune.main([str(data["bids"]), str(out), "--weights", str(start), *FAST]) == 0
+    card = _card(out)
+    assert "averaged_from" not in card and "model_card" not in card
+    starting = card["finetuning"]["starting_card"]
+    assert starting["averaged_from"] == ["step00700.pt", "step00750.pt"]
+    assert starting["training"] == {"steps": 5000}
+    again = tmp_path / "again"  # finetuning the finetuned file on the same data
+    assert finetune.main([str(data["bids"]), str(again), "--weights", str(out / "weights.pt"),
+                          *FAST]) == 0
+    assert _card(again)["name"] == "tiny-start-finetuned-tiny-study"
+
+
+def test_resuming_with_another_filter_file_is_refused(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _finetune(data, out, *FAST, "--steps", "1") == 0
+    filters = tmp_path / "f.json"
+    filters.write_text(json.dumps({"t1w": {"session": "1"}}))
+    assert _finetune(data, out, *FAST, "--steps", "2", "--bids-filter-file", filters) == 1
+    assert "bids_filters None -> " in capsys.readouterr().err
+
+
+def test_weights_inside_the_output_and_training_runs_are_not_taken_over(data, tmp_path,
+                                                                         capsys):
+    out = tmp_path / "run"
+    assert _finetune(data, out, *FAST, "--steps", "1") == 0
+    argv = [str(data["bids"]), str(out), "--weights", str(out / "weights.pt"), *FAST]
+    assert finetune.main(argv) == 64 and "inside OUTPUT_DIR" in capsys.readouterr().err
+    card = torch.load(out / "checkpoint.pt", weights_only=True)  # a regpipe-train run folder
+    card["card"].pop("finetuning")
+    torch.save(card, out / "checkpoint.pt")
+    assert _finetune(data, out, *FAST, "--steps", "2") == 64
+    assert "not a finetuning run" in capsys.readouterr().err
+
+
+def test_a_full_disk_is_one_line_and_73(data, tmp_path, monkeypatch, capsys):
+    import shutil
+    from collections import namedtuple
+
+    from regpipe import run_folder
+
+    def full(payload, path):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(run_folder.torch, "save", full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 << 30, 10 << 30, 1 << 20))
+    assert _finetune(data, tmp_path / "run", *FAST) == 73
+    err = capsys.readouterr().err
+    assert "no space left on the device" in err and "Traceback" not in err
+
+
 def test_resuming_with_other_participants_is_refused(data, tmp_path, capsys):
     out = tmp_path / "run"
     assert _finetune(data, out, *FAST, "--steps", "1", "--pairs", "inter") == 0
