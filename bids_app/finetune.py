@@ -98,8 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--affine-init", choices=["ours", "none"], default="ours",
                         help="affine pre-alignment of each pair, as in registration "
                         "(default ours)")
-    parser.add_argument("--region", choices=REGIONS, default="other",
-                        help="body region recorded with the pairs (default other)")
+    parser.add_argument("--region", choices=[*REGIONS, "auto"], default="auto",
+                        help="body region of the pairs (a conditional network's condition): "
+                        "auto (default) is what the BIDS App uses, brain for MRI, head_neck "
+                        "for CT")
     add_training_options(parser)
     return parser
 
@@ -343,6 +345,24 @@ def _normalise_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+#: Loss settings a finetune takes from the starting weights' own training when not given: the
+#: objective the network was trained with (the bundled model's LNCC window is 2 grid voxels,
+#: not uniGradICON's 5; a conditional network's lam range).
+INHERITED_OPTIONS = ("similarity", "lncc_sigma", "lam", "lam_range")
+
+
+def _inherit_loss_settings(args: argparse.Namespace, card: dict[str, Any]) -> None:
+    trained = ((card.get("training") or {}).get("options") or {})
+    taken = {}
+    for key in INHERITED_OPTIONS:
+        if getattr(args, key, None) is None and trained.get(key) is not None:
+            setattr(args, key, trained[key])
+            taken[key] = trained[key]
+    if taken:
+        LOGGER.info("loss settings of the starting weights' training: %s",
+                    ", ".join(f"{k} {v}" for k, v in taken.items()))
+
+
 def run_finetune(args: argparse.Namespace) -> int:
     """Steps 1-6 of the module docstring; returns the exit code."""
     from regpipe.bids_app import bids
@@ -369,6 +389,11 @@ def run_finetune(args: argparse.Namespace) -> int:
             bids.load_derivatives(args.labels)  # 66 when missing
             LOGGER.info("--labels given but --dice-weight is 0: label maps are not used")
     network, path, sha256, name = load_starting_network(args.weights)
+    _inherit_loss_settings(args, network.metadata)
+    if args.region == "auto":  # the condition the BIDS App will register with
+        from regpipe.workflows.jobs import AUTO_REGIONS
+
+        args.region = AUTO_REGIONS["ct" if args.suffix == "CT" else "mri"]
     grid_mode = str(network.metadata.get("grid_mode", "squash"))
     resuming = check_resumable(args.output_dir, network, sha256)
     source = build_source(pairs, network.config.grid_shape, labels=labels,

@@ -330,6 +330,24 @@ def test_card_keeps_the_starting_files_history_apart(data, tmp_path):
     assert _card(again)["name"] == "tiny-start-finetuned-tiny-study"
 
 
+def test_loss_settings_and_region_default_to_what_the_weights_and_the_app_use(data, tmp_path):
+    network = network_from_file(data["start"])
+    start = save_weights(network, tmp_path / "s.pt", {
+        "name": "s", "grid_mode": "isotropic",
+        "training": {"options": {"lncc_sigma": 2.0, "similarity": "lncc2"}}})
+    out = tmp_path / "run"
+    assert finetune.main([str(data["bids"]), str(out), "--weights", str(start), *FAST]) == 0
+    card = _card(out)
+    assert card["training"]["options"]["lncc_sigma"] == 2.0
+    assert card["training"]["options"]["similarity"] == "lncc2"
+    assert card["finetuning"]["region"] == "brain"  # the App's condition for MRI
+    given = tmp_path / "given"
+    assert finetune.main([str(data["bids"]), str(given), "--weights", str(start), *FAST,
+                          "--lncc-sigma", "4", "--region", "other"]) == 0
+    assert _card(given)["training"]["options"]["lncc_sigma"] == 4.0
+    assert _card(given)["finetuning"]["region"] == "other"
+
+
 def test_resuming_with_another_filter_file_is_refused(data, tmp_path, capsys):
     out = tmp_path / "run"
     assert _finetune(data, out, *FAST, "--steps", "1") == 0
