@@ -342,6 +342,18 @@ def _normalise_args(args: argparse.Namespace) -> argparse.Namespace:
         args.weights = "default"
     if args.dice_weight and args.labels is None:
         raise UsageError("--dice-weight needs label maps: give --labels DERIV_DIR")
+    # training settings and the device are checked before the dataset is indexed or any
+    # folder is made
+    from regpipe.cli.train import options_from
+    from regpipe.device import select_device
+    from regpipe.errors import InputError, ResourceError
+
+    try:
+        options_from(vars(args))
+        if (args.device or "auto") != "auto":
+            select_device(args.device)
+    except (InputError, ResourceError) as error:
+        raise UsageError(str(error)) from None
     return args
 
 

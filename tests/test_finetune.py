@@ -348,6 +348,16 @@ def test_loss_settings_and_region_default_to_what_the_weights_and_the_app_use(da
     assert _card(given)["finetuning"]["region"] == "other"
 
 
+@pytest.mark.parametrize(("option", "message"), [
+    (["--device", "gpu"], "unknown device 'gpu'"),
+    (["--lr", "0"], "lr must be > 0"),
+])
+def test_bad_settings_are_64_before_any_work(data, tmp_path, capsys, option, message):
+    assert _finetune(data, tmp_path / "run", *FAST, *option) == 64
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_resuming_with_another_filter_file_is_refused(data, tmp_path, capsys):
     out = tmp_path / "run"
     assert _finetune(data, out, *FAST, "--steps", "1") == 0
