@@ -535,20 +535,6 @@ def longitudinal_jobs(images: Sequence[Image], *, reference_session: str | None 
     return jobs
 
 
-def _ras_grid(geometry):
-    """The grid reoriented to RAS as preprocessing does (``nibabel.as_closest_canonical``):
-    a mask stored in another voxel order than its image is still on its grid."""
-    from nibabel.orientations import inv_ornt_aff, io_orientation
-
-    from regpipe.spaces import Geometry
-
-    ornt = io_orientation(geometry.affine)
-    shape = [0, 0, 0]
-    for axis, (new_axis, _) in enumerate(ornt):
-        shape[int(new_axis)] = int(geometry.shape[axis])
-    return Geometry(tuple(shape), geometry.affine @ inv_ornt_aff(ornt, geometry.shape))
-
-
 #: Files of a job: key, the key of the image whose grid it must share, what it is.
 _JOB_FILES = (
     ("moving", None, "image"),
@@ -569,6 +555,7 @@ def usable_jobs(jobs: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], l
     """
     from regpipe.errors import InputError
     from regpipe.imageio import read_grid
+    from regpipe.spaces import ras_reoriented
 
     grids: dict[str, Any] = {}
 
@@ -592,7 +579,7 @@ def usable_jobs(jobs: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], l
                 continue
             own = None if owner is None else grid(job[owner], "")
             if own is not None and not isinstance(own, InputError) \
-                    and not _ras_grid(own).same_as(_ras_grid(found), atol=1e-3):
+                    and not ras_reoriented(own).same_as(ras_reoriented(found), atol=1e-3):
                 problems.append(
                     f"{what} {job[key]} ({'x'.join(map(str, found.shape))}) is not on the grid "
                     f"of {Path(job[owner]).name} ({'x'.join(map(str, own.shape))}): resample "

@@ -33,7 +33,7 @@ from regpipe.imageio import (
 from regpipe.metrics import jacobian_determinant, registration_metrics
 from regpipe.preprocess import check_modality, network_input, normalize_intensity
 from regpipe.resources import peak_memory_mb
-from regpipe.spaces import GRID_MODES, GridMode, network_grid
+from regpipe.spaces import GRID_MODES, Geometry, GridMode, network_grid, ras_reoriented
 from regpipe.transforms import (
     AffineTransform,
     DisplacementField,
@@ -147,6 +147,16 @@ def _load_network(weights: Any, device: torch.device):
 def _capped(shape: tuple[int, int, int], most: int) -> tuple[int, int, int]:
     """``shape`` with every axis limited to ``most`` voxels."""
     return (min(shape[0], most), min(shape[1], most), min(shape[2], most))
+
+
+def _own_grid_shape(geometry: Geometry, mode: str, most: int) -> tuple[int, int, int]:
+    """Network-index shape of a grid of the fixed image's own resolution (at most ``most``
+    per axis) in ``mode``'s axis order: ``isotropic`` and ``squash-ras`` place the image
+    RAS-reoriented, so a coronal or sagittal file's few thick slices must stay on the axis
+    they lie along (not on the file's third axis)."""
+    if mode not in ("isotropic", "squash-ras"):
+        return _capped(geometry.network_shape(), most)
+    return _capped(ras_reoriented(geometry).network_shape(), most)
 
 
 def _grid_mode(network: Any, grid_mode: str) -> GridMode:
@@ -348,8 +358,8 @@ def register(
         grid_shape = tuple(network.config.grid_shape)
         mode = _grid_mode(network, grid_mode)
     else:  # no network: optimise on the fixed image's own voxel grid (at most io_grid per axis)
-        grid_shape = _capped(fixed_img.geometry.network_shape(), io_grid)
         mode = "squash" if grid_mode == "auto" else _grid_mode(None, grid_mode)
+        grid_shape = _own_grid_shape(fixed_img.geometry, mode, io_grid)
 
     norm = {
         "fixed": normalize_intensity(
@@ -392,7 +402,7 @@ def register(
             displacement = _network_displacement(network, moving_t, fixed_t).float()
         if io_iterations and io_method == "fast" and network is not None and not squash_moving:
             # Refine on the fixed image's own (finer) grid, not on the coarser network grid.
-            io_shape = _capped(fixed_img.geometry.network_shape(), io_grid)
+            io_shape = _own_grid_shape(fixed_img.geometry, mode, io_grid)
             if io_shape != grid_shape:
                 grid_io = network_grid(fixed_img.geometry, io_shape, mode)
                 displacement = _displacement_on_grid(displacement, grid_in, grid_io, io_shape)

@@ -111,6 +111,18 @@ class Geometry:
         return self.affine @ REVERSE_AXES
 
 
+def ras_reoriented(geometry: Geometry) -> Geometry:
+    """The same voxels with their axes permuted and flipped to the closest RAS orientation
+    (``nibabel.as_closest_canonical``'s grid): how preprocessing and the ``isotropic`` and
+    ``squash-ras`` network placements see an image, whatever its file's voxel order."""
+    ornt = nib.orientations.io_orientation(geometry.affine)
+    shape = [0, 0, 0]
+    for axis, (new_axis, _) in enumerate(ornt):
+        shape[int(new_axis)] = int(geometry.shape[axis])
+    affine = geometry.affine @ nib.orientations.inv_ornt_aff(ornt, geometry.shape)
+    return Geometry((shape[0], shape[1], shape[2]), affine)
+
+
 def orthogonal_cover(geometry: Geometry) -> Geometry:
     """The smallest grid with orthogonal axes that holds every voxel centre of ``geometry``.
 
@@ -188,11 +200,8 @@ def network_grid(
         shape = np.asarray(geometry.shape, dtype=np.float64)
         affine = geometry.affine
     elif mode in ("isotropic", "squash-ras"):
-        ornt = nib.orientations.io_orientation(geometry.affine)
-        to_original = nib.orientations.inv_ornt_aff(ornt, geometry.shape)
-        affine = geometry.affine @ to_original
-        shape = np.empty(3)
-        shape[ornt[:, 0].astype(int)] = geometry.shape
+        ras = ras_reoriented(geometry)
+        shape, affine = np.asarray(ras.shape, dtype=np.float64), ras.affine
     else:
         raise ValueError(f"grid mode must be one of {', '.join(GRID_MODES)}, got {mode!r}")
     n_vox = n_net[::-1]  # network sizes along (i, j, k)

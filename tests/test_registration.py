@@ -337,3 +337,19 @@ def test_outputs_on_a_template_grid_keep_its_space_code(pair, tmp_path):
     assert int(nib.load(conformed).header["sform_code"]) == 4
     nib.save(moving.to_nifti(np.float32), tmp_path / "scanner.nii.gz")  # no template: code 1
     assert int(nib.load(tmp_path / "scanner.nii.gz").header["sform_code"]) == 1
+
+
+def test_own_resolution_grid_follows_the_placements_axis_order():
+    """A coronal slab stored LIP (8 thick slices along A) gets the same optimisation grid as
+    the same voxels stored RAS in the RAS placements; squash keeps the file's order."""
+    from regpipe.registration import _own_grid_shape
+    from regpipe.spaces import ras_reoriented
+
+    lip = np.array([[-1.0, 0, 0, 0], [0, 0, -5.0, 0], [0, -1.0, 0, 0], [0, 0, 0, 1]])
+    stored = Geometry((128, 128, 8), lip)  # i: L, j: I, k: P (thick)
+    ras = ras_reoriented(stored)
+    assert ras.shape == (128, 8, 128)
+    for mode in ("squash-ras", "isotropic"):
+        assert _own_grid_shape(stored, mode, 160) == _own_grid_shape(ras, mode, 160) == \
+            (128, 8, 128)
+    assert _own_grid_shape(stored, "squash", 100) == (8, 100, 100)
