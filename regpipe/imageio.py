@@ -8,6 +8,7 @@ converting ITK's LPS geometry to RAS.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from regpipe.atomic import atomic_write
 from regpipe.errors import InputError
 from regpipe.spaces import Geometry
 
+LOGGER = logging.getLogger("regpipe")
 ImageKind = Literal["image", "mask", "labels", "any"]
 _ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
 
@@ -53,11 +55,27 @@ class Image:
         """A NIfTI image with this data and geometry (sform and qform codes
         :attr:`xform_code`: outputs on a template's grid keep the template's space code)."""
         data = self.data if dtype is None else self.data.astype(dtype)
+        data = _nifti_storable(np.asarray(data))
         image = nib.Nifti1Image(data, self.geometry.affine)
         image.set_sform(self.geometry.affine, code=self.xform_code)
         image.set_qform(self.geometry.affine, code=self.xform_code)
         image.header.set_xyzt_units("mm")
         return image
+
+
+def _nifti_storable(data: NDArray[np.generic]) -> NDArray[np.generic]:
+    """``data`` in a type NIfTI files hold: booleans as uint8, 64-bit integers (numpy's default
+    for label maps) as int32 or uint32 when the values fit, else float64."""
+    if data.dtype == np.bool_:
+        return data.astype(np.uint8)
+    if data.dtype.kind in "iu" and data.dtype.itemsize == 8:
+        low, high = (int(data.min()), int(data.max())) if data.size else (0, 0)
+        for kind in (np.int32, np.uint32):
+            info = np.iinfo(kind)
+            if info.min <= low and high <= info.max:
+                return data.astype(kind)
+        return data.astype(np.float64)
+    return data
 
 
 ImageLike = str | os.PathLike | nib.spatialimages.SpatialImage | Image
@@ -142,6 +160,8 @@ def _read_file(path: Path, what: str) -> Image:
     except Exception as error:  # nibabel and zlib raise many unrelated types
         raise InputError(f"{what} {path} cannot be read as an image: {error}") from error
     header = loaded.header if isinstance(loaded, nib.Nifti1Image) else None
+    if header is not None:
+        _warn_forms_differ(header, path)
     try:
         geometry = Geometry.from_image(loaded)
     except ValueError as error:  # a 2-D image
@@ -149,10 +169,29 @@ def _read_file(path: Path, what: str) -> Image:
     return Image(np.asarray(data), geometry, path, header)
 
 
+def _warn_forms_differ(header: nib.Nifti1Header, path: Path) -> None:
+    """A NIfTI whose sform and qform place the image differently: regpipe (like nibabel) uses
+    the sform, ITK-based tools may use the qform, so they would disagree about this image."""
+    sform, scode = header.get_sform(coded=True)
+    qform, qcode = header.get_qform(coded=True)
+    if scode and qcode and sform is not None and qform is not None:
+        corners = np.array([[i, j, k, 1.0] for i in (0, 1) for j in (0, 1) for k in (0, 1)])
+        corners[:, :3] *= np.asarray(header.get_data_shape()[:3], dtype=np.float64) - 1
+        gap = float(np.abs((sform - qform) @ corners.T).max())
+        if gap > 0.01:
+            LOGGER.warning(
+                "%s: its sform and qform place the image up to %.3g mm apart; regpipe uses the "
+                "sform (as nibabel does), ITK and ANTs may use the qform, so transforms "
+                "applied to it by those tools would not match: set both to the same matrix",
+                path, gap)
+
+
 def _read_itk(path: Path) -> Image:
     import SimpleITK as sitk
 
     itk_image = sitk.ReadImage(str(path))
+    if itk_image.GetDimension() == 4 and itk_image.GetSize()[3] == 1:  # one volume, as NIfTI
+        itk_image = sitk.Extract(itk_image, [*itk_image.GetSize()[:3], 0], [0, 0, 0, 0])
     if itk_image.GetDimension() != 3 or itk_image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{path} is not a scalar 3-D image")
     data = sitk.GetArrayFromImage(itk_image).transpose(2, 1, 0)
@@ -161,10 +200,11 @@ def _read_itk(path: Path) -> Image:
 
 def _ras_affine(itk_image) -> NDArray[np.float64]:
     """Voxel -> RAS+ matrix of a SimpleITK image or image file reader (LPS direction)."""
-    direction = np.asarray(itk_image.GetDirection()).reshape(3, 3)
+    n = itk_image.GetDimension()  # the first three axes of a 4-D (one-volume) image too
+    direction = np.asarray(itk_image.GetDirection()).reshape(n, n)[:3, :3]
     affine = np.eye(4)
-    affine[:3, :3] = direction * np.asarray(itk_image.GetSpacing())
-    affine[:3, 3] = itk_image.GetOrigin()
+    affine[:3, :3] = direction * np.asarray(itk_image.GetSpacing()[:3])
+    affine[:3, 3] = itk_image.GetOrigin()[:3]
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # LPS -> RAS
 
 
@@ -188,7 +228,7 @@ def read_grid(path: str | os.PathLike, what: str = "image") -> Geometry:
             if reader.GetNumberOfComponents() != 1:
                 raise InputError(f"{what} {path} is not a scalar image")
             shape = tuple(int(n) for n in reader.GetSize())
-            affine = _ras_affine(reader) if len(shape) == 3 else np.eye(4)
+            affine = _ras_affine(reader) if len(shape) >= 3 else np.eye(4)
         else:
             loaded = nib.load(str(path))
             if not isinstance(loaded, nib.spatialimages.SpatialImage):

@@ -135,3 +135,44 @@ def test_save_image_round_trip(tmp_path):
     back = load_image(tmp_path / "x.nii.gz", "labels")
     assert back.data.dtype == np.int16 and np.array_equal(back.data, data)
     assert back.geometry.same_as(geometry)
+
+
+@pytest.mark.parametrize(("data", "stored"), [
+    (np.arange(24, dtype=np.int64).reshape(2, 3, 4) * 1000, np.int32),
+    (np.ones((2, 3, 4), dtype=bool), np.uint8),
+    (np.full((2, 3, 4), 2**40, dtype=np.int64), np.float64),
+])
+def test_label_maps_of_any_integer_type_are_saved(tmp_path, data, stored):
+    """numpy's int64 (and bool masks) are not NIfTI types: stored losslessly in one that is."""
+    geometry = Geometry((2, 3, 4), np.eye(4))
+    path = save_image(Image(data, geometry), tmp_path / "labels.nii.gz")
+    back = nib.load(path)
+    assert back.get_data_dtype() == stored
+    assert np.array_equal(np.asarray(back.dataobj), data.astype(stored))
+
+
+def test_sform_and_qform_that_disagree_are_warned_about(tmp_path, caplog):
+    data = np.random.default_rng(0).random((6, 6, 6)).astype(np.float32)
+    image = nib.Nifti1Image(data, np.eye(4))
+    shifted = np.eye(4)
+    shifted[0, 3] = 10.0
+    image.set_sform(np.eye(4), code=2)
+    image.set_qform(shifted, code=1)
+    nib.save(image, tmp_path / "two_forms.nii.gz")
+    load_image(tmp_path / "two_forms.nii.gz")
+    assert "sform and qform place the image up to 10 mm apart" in caplog.text
+    caplog.clear()
+    load_image(write_nifti(tmp_path / "one.nii.gz", data))
+    assert "sform and qform" not in caplog.text
+
+
+def test_single_volume_4d_itk_image_reads_like_the_nifti_one(tmp_path):
+    volume = np.random.default_rng(0).random((1, 5, 6, 7)).astype(np.float32)
+    image = sitk.GetImageFromArray(volume, isVector=False)
+    image.SetSpacing((2.0, 3.0, 4.0, 1.0))
+    image.SetOrigin((10.0, 20.0, 30.0, 0.0))
+    sitk.WriteImage(image, str(tmp_path / "one_volume.mha"))
+    loaded = load_image(tmp_path / "one_volume.mha")
+    assert loaded.data.shape == (7, 6, 5)
+    assert read_grid(tmp_path / "one_volume.mha").same_as(loaded.geometry, atol=1e-9)
+    np.testing.assert_allclose(loaded.geometry.spacing, [2.0, 3.0, 4.0])

@@ -142,6 +142,10 @@ def _masks(args: argparse.Namespace) -> tuple[str | None, str | None]:
             DeprecationWarning,
             stacklevel=2,
         )
+        # Python hides DeprecationWarnings by default; this changes the result, so say it
+        LOGGER.warning("the segmentations are also used as masks (input masking), as "
+                       "unigradicon-register 1.0.6 does without --fixed_mask/--moving_mask; "
+                       "this changes the registration: pass the masks explicitly to choose")
         if not args.loss_function_masking:
             args.input_masking = True
         fixed, moving = args.fixed_segmentation, args.moving_segmentation
