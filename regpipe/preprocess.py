@@ -80,8 +80,13 @@ def normalize_intensity(
         hi = _kth_smallest(image, q_hi)
         image = np.clip(image, lo, hi)
     if hi <= lo:
-        raise InputError("image has no intensity range left after clamping "
-                         "(constant inside window)")
+        if modality == "ct":
+            raise InputError(f"the image is constant inside the CT window {ct_window[0]:g}.."
+                             f"{ct_window[1]:g} HU: give another ct_window (--ct_window MIN MAX)")
+        raise InputError("the image has no intensity range between its quantiles "
+                         f"{quantile_range[0]:g} and {quantile_range[1]:g} (over "
+                         f"{100 * quantile_range[1]:g} % of its voxels share one value): give a "
+                         "higher upper quantile (--quantile_range 0 0.999) or check the image")
     out = ((image - np.float32(lo)) * np.float32(1.0 / (hi - lo))).astype(np.float32)
     if mask is not None:
         out = out * (np.asarray(mask) != 0)

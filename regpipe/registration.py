@@ -361,16 +361,16 @@ def register(
         mode = "squash" if grid_mode == "auto" else _grid_mode(None, grid_mode)
         grid_shape = _own_grid_shape(fixed_img.geometry, mode, io_grid)
 
-    norm = {
-        "fixed": normalize_intensity(
-            fixed_img.data, fixed_modality, ct_window=ct_window, quantile_range=quantile_range,
-            mask=masks["fixed"].data if input_masking and "fixed" in masks else None,
-        ),
-        "moving": normalize_intensity(
-            moving_img.data, moving_modality, ct_window=ct_window, quantile_range=quantile_range,
-            mask=masks["moving"].data if input_masking and "moving" in masks else None,
-        ),
-    }
+    norm = {}
+    for name, image, modality in (("fixed", fixed_img, fixed_modality),
+                                  ("moving", moving_img, moving_modality)):
+        try:
+            norm[name] = normalize_intensity(
+                image.data, modality, ct_window=ct_window, quantile_range=quantile_range,
+                mask=masks[name].data if input_masking and name in masks else None,
+            )
+        except InputError as error:  # which image: the message is about its intensities
+            raise InputError(f"{name} image {image.name}: {error}") from None
 
     affine_tx = _prealign(affine, norm, fixed_img, moving_img, masks, progress)
     grid_in = network_grid(fixed_img.geometry, grid_shape, mode)

@@ -353,3 +353,12 @@ def test_own_resolution_grid_follows_the_placements_axis_order():
         assert _own_grid_shape(stored, mode, 160) == _own_grid_shape(ras, mode, 160) == \
             (128, 8, 128)
     assert _own_grid_shape(stored, "squash", 100) == (8, 100, 100)
+
+
+def test_an_image_with_no_intensity_range_is_named_with_a_hint(pair):
+    fixed, moving, _ = pair
+    sparse = moving.data.copy()
+    sparse[:] = 0.0
+    sparse[:2, :2, :2] = 1.0  # under 1 % of the voxels differ from the background
+    with pytest.raises(InputError, match=r"moving image .*between its quantiles.*--quantile_range"):
+        regpipe.register(fixed, Image(sparse, moving.geometry), weights=None, io_iterations=0)
