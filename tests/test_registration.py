@@ -360,5 +360,6 @@ def test_an_image_with_no_intensity_range_is_named_with_a_hint(pair):
     sparse = moving.data.copy()
     sparse[:] = 0.0
     sparse[:2, :2, :2] = 1.0  # under 1 % of the voxels differ from the background
-    with pytest.raises(InputError, match=r"moving image .*between its quantiles.*--quantile_range"):
+    with pytest.raises(InputError,
+                       match=r"moving image .*between its quantiles.*--quantile_range"):
         regpipe.register(fixed, Image(sparse, moving.geometry), weights=None, io_iterations=0)
