@@ -392,6 +392,12 @@ def register(
         device=torch_device,
     )
     LOGGER.info("network grid %s (%s mode), device %s", grid_shape, mode, torch_device)
+    if network is not None:  # a slab or small field of view: the network sees the overlap
+        view = _moving_view(moving_img, grid_out, grid_shape, squash_moving, torch_device)
+        foreground = (fixed_t > 0.02).float()
+        covered = float((foreground * view).sum())
+        if 0 < covered < 0.99 * float(foreground.sum()):
+            fixed_t = fixed_t * view
     if not bool(moving_t.abs().amax() > 0):
         LOGGER.warning("the moving image does not overlap the fixed image's grid in world space "
                        "(%s pre-alignment): the result will be meaningless; check the images' "
@@ -599,6 +605,30 @@ def _network_displacement(
     return normalised * scale.view(1, 3, 1, 1, 1)
 
 
+def _moving_view(moving_img, grid_out, grid_shape, squash_moving, device) -> torch.Tensor:
+    """1 where the affinely placed moving image has data on the grid, 0 outside its view."""
+    view = network_input(np.ones(moving_img.geometry.shape, np.float32), moving_img.geometry,
+                         grid_out, grid_shape, squash=squash_moving, nearest=True, device=device)
+    return (view > 0.5).float()
+
+
+def _within_moving_view(fixed_mask, fixed_t, moving_img, grid_out, grid_shape, squash_moving,
+                        foreground: float):
+    """The fixed region the optimisation compares, cut to where the (affinely placed) moving
+    image has data: a slab or a small field of view inside a large fixed image would
+    otherwise be pulled towards the zeros outside it. ``fixed_mask`` unchanged (``None``
+    included) when the moving image covers the whole region."""
+    view = _moving_view(moving_img, grid_out, grid_shape, squash_moving, fixed_t.device)
+    region = (fixed_mask != 0).float() if fixed_mask is not None else \
+        (fixed_t > foreground).float()
+    inside = float((region * view).sum())
+    if inside >= 0.99 * float(region.sum()) or inside == 0:
+        return fixed_mask
+    LOGGER.info("the moving image covers %.0f %% of the fixed region: instance optimisation "
+                "compares them there only", 100 * inside / max(float(region.sum()), 1.0))
+    return region * view
+
+
 def _instance_optimise(
     method, network, moving_t, fixed_t, displacement, masks, fixed_img, moving_img,
     grid_in, grid_out, grid_shape, squash_moving, mode, steps, sim, lr, progress,
@@ -642,8 +672,11 @@ def _instance_optimise(
             raise InputError("the intensity conservation and Dice losses need io_method "
                              "'network'")
         spacing = [float(np.linalg.norm(grid_in[:3, axis])) for axis in range(3)]
+        fixed_mask = _within_moving_view(
+            mask_t.get("fixed"), fixed_t, moving_img, grid_out, grid_shape, squash_moving,
+            fast_io.FastIOSettings(**dict(io_options or {})).foreground)
         return fast_io.optimise_displacement(
-            moving_t, fixed_t, displacement, steps=steps, fixed_mask=mask_t.get("fixed"),
+            moving_t, fixed_t, displacement, steps=steps, fixed_mask=fixed_mask,
             grid_spacing_mm=spacing, progress=progress, **dict(io_options or {}),
         )
     raise InputError(f"io method must be fast or network, got {method!r}")

@@ -363,3 +363,25 @@ def test_an_image_with_no_intensity_range_is_named_with_a_hint(pair):
     with pytest.raises(InputError,
                        match=r"moving image .*between its quantiles.*--quantile_range"):
         regpipe.register(fixed, Image(sparse, moving.geometry), weights=None, io_iterations=0)
+
+
+def test_a_small_view_is_compared_only_where_it_has_data():
+    """A slab inside a large fixed image: the optimisation's region is cut to the slab's
+    view (it was pulled towards the zeros outside it); a moving image that covers the fixed
+    one leaves the region alone."""
+    import torch
+
+    from regpipe.registration import _within_moving_view
+    from regpipe.spaces import network_grid
+
+    geometry = Geometry((20, 20, 20), np.eye(4))
+    grid = network_grid(geometry, (20, 20, 20), "squash")
+    fixed_t = torch.ones(1, 1, 20, 20, 20)
+    whole = Image(np.ones((20, 20, 20), np.float32), geometry)
+    assert _within_moving_view(None, fixed_t, whole, grid, (20, 20, 20), False, 0.02) is None
+    slab_affine = np.eye(4)
+    slab_affine[2, 3] = 8.0  # voxels k = 8..11 of the fixed grid
+    slab = Image(np.ones((20, 20, 4), np.float32), Geometry((20, 20, 4), slab_affine))
+    region = _within_moving_view(None, fixed_t, slab, grid, (20, 20, 20), False, 0.02)
+    assert 0.15 < float(region.mean()) < 0.25  # 4 (+/- a border voxel) of 20 slices
+    assert float(region[0, 0, 9, 10, 10]) == 1.0 and float(region[0, 0, 2, 10, 10]) == 0.0
