@@ -674,7 +674,7 @@ def _instance_optimise(
         spacing = [float(np.linalg.norm(grid_in[:3, axis])) for axis in range(3)]
         fixed_mask = _within_moving_view(
             mask_t.get("fixed"), fixed_t, moving_img, grid_out, grid_shape, squash_moving,
-            fast_io.FastIOSettings(**dict(io_options or {})).foreground)
+            float(dict(io_options or {}).get("foreground", fast_io.FastIOSettings().foreground)))
         return fast_io.optimise_displacement(
             moving_t, fixed_t, displacement, steps=steps, fixed_mask=fixed_mask,
             grid_spacing_mm=spacing, progress=progress, **dict(io_options or {}),
