@@ -394,7 +394,9 @@ def register(
     LOGGER.info("network grid %s (%s mode), device %s", grid_shape, mode, torch_device)
     if network is not None:  # a slab or small field of view: the network sees the overlap
         view = _moving_view(moving_img, grid_out, grid_shape, squash_moving, torch_device)
-        foreground = (fixed_t > 0.02).float()
+        from regpipe.fast_io import FastIOSettings
+
+        foreground = (fixed_t > FastIOSettings().foreground).float()  # as fast IO counts it
         covered = float((foreground * view).sum())
         if 0 < covered < 0.99 * float(foreground.sum()):
             fixed_t = fixed_t * view
@@ -606,10 +608,20 @@ def _network_displacement(
 
 
 def _moving_view(moving_img, grid_out, grid_shape, squash_moving, device) -> torch.Tensor:
-    """1 where the affinely placed moving image has data on the grid, 0 outside its view."""
-    view = network_input(np.ones(moving_img.geometry.shape, np.float32), moving_img.geometry,
-                         grid_out, grid_shape, squash=squash_moving, nearest=True, device=device)
-    return (view > 0.5).float()
+    """1 where the affinely placed moving image has data on the grid, 0 outside its view:
+    the grid points whose moving voxel index lies within the image (computed from the
+    matrices, axis by axis; resampling a volume of ones cost 0.3-0.5 s per registration)."""
+    if squash_moving:  # the grid is the moving image's own
+        return torch.ones((1, 1, *grid_shape), device=device)
+    to_voxel = np.linalg.inv(moving_img.geometry.affine) @ grid_out
+    axes = [torch.arange(n, dtype=torch.float32, device=device) for n in grid_shape]
+    view = torch.ones(tuple(grid_shape), dtype=torch.bool, device=device)
+    for row, size in enumerate(moving_img.geometry.shape):
+        index = float(to_voxel[row, 3]) + sum(
+            float(to_voxel[row, c]) * axes[c].view([-1 if a == c else 1 for a in range(3)])
+            for c in range(3))
+        view &= (index >= -0.5) & (index <= size - 0.5)
+    return view.float()[None, None]
 
 
 def _within_moving_view(fixed_mask, fixed_t, moving_img, grid_out, grid_shape, squash_moving,
