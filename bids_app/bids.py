@@ -169,16 +169,20 @@ def image_query(suffix: str, filters: Mapping[str, Mapping[str, Any]] | None = N
         elif value == "*":
             query[key] = Query.ANY
         elif key in _PREFIXES:  # "sub-01" as the CLI takes it: pybids wants "01"
-            prefix = _PREFIXES[key]
-            query[key] = ([v.removeprefix(prefix) if isinstance(v, str) else v for v in value]
-                          if isinstance(value, list) else
-                          value.removeprefix(prefix) if isinstance(value, str) else value)
+            query[key] = _unprefixed(value, _PREFIXES[key])
         else:
             query[key] = value
     return query
 
 
 _PREFIXES = {"subject": "sub-", "session": "ses-"}
+
+
+def _unprefixed(value: Any, prefix: str) -> Any:
+    """A filter value (or list of them) without ``prefix``; non-strings unchanged."""
+    if isinstance(value, list):
+        return [_unprefixed(v, prefix) for v in value]
+    return value.removeprefix(prefix) if isinstance(value, str) else value
 
 
 def _entities(bids_file) -> dict[str, str]:
@@ -510,7 +514,8 @@ def longitudinal_jobs(images: Sequence[Image], *, reference_session: str | None 
 
     selected = {image.path for image in images}
     pool = list(reference_pool) if reference_pool is not None else list(images)
-    pool += [image for image in images if image.path not in {i.path for i in pool}]
+    in_pool = {image.path for image in pool}
+    pool += [image for image in images if image.path not in in_pool]
     jobs = []
     selected_subjects = {image.subject for image in images}
     subjects_skipped: list[dict[str, Any]] = []
