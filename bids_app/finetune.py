@@ -16,8 +16,9 @@ Order of work, so that foreseeable failures come before any training:
    images of two different subjects, ``intra`` every ordered pair of images of one subject in
    two different sessions, ``both`` the two kinds drawn 50/50 (only the available kind when one
    has no pair);
-4. with ``--labels DERIV_DIR`` and ``--dice-weight > 0``, find each image's label map
-   (``*_dseg``, the BIDS App's rules) for a soft-Dice term (64 / 66 when none can be used);
+4. with ``--labels DERIV_DIR``, find each image's brain mask (``*_desc-brain_mask``) and,
+   with ``--dice-weight > 0``, its label map (``*_dseg``) for a soft-Dice term (the BIDS
+   App's rules; 64 / 66 when no label map can be used);
 5. load the starting network offline (66 when its file is missing): ``default``, a registry
    name or a file; the finetuned network keeps its configuration and the ``grid_mode`` of its
    model card; a checkpoint already in ``OUTPUT_DIR`` must come from the same network and
@@ -25,7 +26,10 @@ Order of work, so that foreseeable failures come before any training:
 6. train with :func:`regpipe.training.train` (GradICON objective, pairs placed on the grid the
    way registration places them, affinely pre-aligned unless ``--affine-init none``) and
    write ``OUTPUT_DIR/weights.pt``, ``weights.md`` (model card), ``checkpoint.pt`` and
-   ``log.csv``; print how to use the weights with the BIDS App.
+   ``log.csv``; print how to use the weights with the BIDS App. Images are prepared as the App
+   prepares them: N4 bias correction of MRI (inside the brain mask; ``--no-n4`` skips it,
+   the results are kept in ``OUTPUT_DIR/preprocessed/`` for the next run), zero outside the
+   brain mask, the App's intensity normalisation.
 
 Running the same command again continues the run (up to ``--steps`` in all); ``--budget``
 stops cleanly (exit 0) and a signal stops after the current step (exit 130), both with a
@@ -90,7 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
                         nargs="+", type=_labels_from("ses-"), metavar="LABEL")
     parser.add_argument("--suffix", type=_suffix, default="T1w", help="default T1w")
     parser.add_argument("--labels", type=Path, metavar="DERIV_DIR",
-                        help="derivative dataset with label maps (*_dseg) for --dice-weight")
+                        help="derivative dataset with label maps (*_dseg, for --dice-weight) "
+                        "and brain masks (*_desc-brain_mask), as for the BIDS App")
+    parser.add_argument("--no-n4", dest="bias_correct", action="store_false",
+                        help="skip the N4 bias correction of MRI images that the BIDS App "
+                        "applies before registration (for images already bias-corrected)")
     parser.add_argument("--bids-filter-file", dest="bids_filters", type=_filter_file,
                         metavar="FILE")
     parser.add_argument("--skip-bids-validation", "--skip_bids_validation",
@@ -177,17 +185,21 @@ def form_pairs(images: Sequence[Any], kind: str) -> dict[str, list[Pair]]:
 # --------------------------------------------------------------------------- labels, network
 
 
-def find_label_maps(labels_dir: Path, images: Sequence[Any]) -> dict[Path, Path]:
-    """``{image path: label map}`` for the images with a ``*_dseg`` file in ``labels_dir``."""
+def find_label_maps(labels_dir: Path, images: Sequence[Any], kind: str = "dseg"
+                    ) -> dict[Path, Path]:
+    """``{image path: file}`` for the images with a label map (``kind="dseg"``) or a brain
+    mask (``kind="mask"``) in ``labels_dir``, found by the BIDS App's rules."""
     from regpipe.bids_app import bids
 
     layout = bids.load_derivatives(labels_dir)
+    finder = bids.find_labels if kind == "dseg" else bids.find_mask
     found = {}
     for image in images:
-        path = bids.find_labels(layout, image)
+        path = finder(layout, image)
         if path is not None:
             found[image.path] = path
-    LOGGER.info("label maps: %d of %d image(s) in %s", len(found), len(images), labels_dir)
+    LOGGER.info("%s: %d of %d image(s) in %s", "label maps" if kind == "dseg" else "brain masks",
+                len(found), len(images), labels_dir)
     return found
 
 
@@ -256,8 +268,10 @@ def _dataset_name(bids_dir: Path) -> str:
 
 
 def build_source(pairs: dict[str, list[Pair]], shape: Sequence[int], *, labels: dict[Path, Path],
-                 modality: str, region: str, grid_mode: str, affine: str):
-    """One :class:`~regpipe.training_data.ImagePairSource` per pair kind, mixed 50/50."""
+                 modality: str, region: str, grid_mode: str, affine: str,
+                 preparation: Any = None):
+    """One :class:`~regpipe.training_data.ImagePairSource` per pair kind, mixed 50/50
+    (``preparation``: :class:`regpipe.image_pairs.Preparation`, shared)."""
     from regpipe.training_data import ImagePairSource, MixedSource
 
     sources = []
@@ -265,12 +279,14 @@ def build_source(pairs: dict[str, list[Pair]], shape: Sequence[int], *, labels: 
         paths = [(m.path, f.path) for m, f in kind_pairs]
         sources.append(ImagePairSource(paths, shape, region=region, modality=modality,
                                        labels=labels, pair_type=kind, grid_mode=grid_mode,
-                                       affine=affine, name=f"bids-{kind}"))
+                                       affine=affine, name=f"bids-{kind}",
+                                       preparation=preparation))
     return sources[0] if len(sources) == 1 else MixedSource(sources, [1.0] * len(sources))
 
 
 def model_card(args: argparse.Namespace, *, start: dict[str, Any], dataset: str,
-               pairs: dict[str, list[Pair]], labelled: int, grid_mode: str) -> dict[str, Any]:
+               pairs: dict[str, list[Pair]], labelled: int, grid_mode: str,
+               masked: int = 0) -> dict[str, Any]:
     """The card saved with the weights (the training record is added by ``train``)."""
     images = {i.path for kind in pairs.values() for pair in kind for i in pair}
     subjects = {i.subject for kind in pairs.values() for pair in kind for i in pair}
@@ -306,6 +322,10 @@ def model_card(args: argparse.Namespace, *, start: dict[str, Any], dataset: str,
             "pairs_intra": len(pairs.get("intra", [])),
             "labelled_pairs": labelled,
             "labels": str(args.labels) if args.labels else None,
+            "preprocessing": {
+                "bias_correct": bool(args.bias_correct and args.suffix != "CT"),
+                "masked_images": masked,
+            },
             "affine_init": args.affine_init,
             "participant_label": args.participant_label,
             "session_label": args.session_label,
@@ -394,12 +414,13 @@ def run_finetune(args: argparse.Namespace) -> int:
     LOGGER.info("%d %s image(s); pairs: %s", len(images), args.suffix,
                 ", ".join(f"{len(v)} {k}" for k, v in pairs.items()))
     labels: dict[Path, Path] = {}
+    masks: dict[Path, Path] = {}
     if args.labels is not None:
+        masks = find_label_maps(args.labels, images, kind="mask")  # 66 when missing
         if args.dice_weight:
             labels = find_label_maps(args.labels, images)
         else:
-            bids.load_derivatives(args.labels)  # 66 when missing
-            LOGGER.info("--labels given but --dice-weight is 0: label maps are not used")
+            LOGGER.info("--dice-weight is 0: label maps are not used")
     network, path, sha256, name = load_starting_network(args.weights)
     _inherit_loss_settings(args, network.metadata)
     if args.region == "auto":  # the condition the BIDS App will register with
@@ -408,9 +429,13 @@ def run_finetune(args: argparse.Namespace) -> int:
         args.region = AUTO_REGIONS["ct" if args.suffix == "CT" else "mri"]
     grid_mode = str(network.metadata.get("grid_mode", "squash"))
     resuming = check_resumable(args.output_dir, network, sha256)
+    from regpipe.image_pairs import Preparation
+
+    preparation = Preparation(bias_correct=args.bias_correct, masks=masks,
+                              cache_dir=args.output_dir / "preprocessed", threads=args.threads)
     source = build_source(pairs, network.config.grid_shape, labels=labels,
                           modality="ct" if args.suffix == "CT" else "mri", region=args.region,
-                          grid_mode=grid_mode, affine=args.affine_init)
+                          grid_mode=grid_mode, affine=args.affine_init, preparation=preparation)
     kinds = getattr(source, "sources", [source])
     labelled = sum(s.n_labelled_pairs for s in kinds)
     if args.dice_weight and not labelled:
@@ -419,7 +444,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     label = network.metadata.get("name") or (Path(name).stem if Path(name).suffix else name)
     start = {"name": label, "file": path, "sha256": sha256, "card": dict(network.metadata)}
     card = model_card(args, start=start, dataset=_dataset_name(args.bids_dir), pairs=pairs,
-                      labelled=labelled, grid_mode=grid_mode)
+                      labelled=labelled, grid_mode=grid_mode,
+                      masked=sum(image.path in masks for image in images))
     options = options_from(vars(args))
     LOGGER.info("%s %s from %s (%s grid %s) in %s", "resuming" if resuming else "finetuning",
                 card["name"], name, grid_mode, network.config.grid_shape, args.output_dir)

@@ -3,14 +3,18 @@
 :class:`ImagePairSource` draws inter- (or intra-) subject pairs of real images, each placed on
 the network grid exactly as :func:`regpipe.register` places them (grid mode, network axis
 order, optional affine pre-alignment), with optional label maps for the Dice term. It is
-re-exported by :mod:`regpipe.training_data` with the other sources.
+re-exported by :mod:`regpipe.training_data` with the other sources. Images can be prepared the
+way the BIDS App prepares them before registration (:class:`Preparation`: N4 bias correction
+of MRI, brain mask), so that a finetuned network sees what it will register.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +33,39 @@ from regpipe.synth import (
 )
 from regpipe.training_data import Shape, TrainingPair, _choice
 
-__all__ = ["ImagePairSource"]
+__all__ = ["ImagePairSource", "Preparation"]
+
+LOGGER = logging.getLogger("regpipe.image_pairs")
+
+
+@dataclass(frozen=True)
+class Preparation:
+    """How each image is prepared before it is placed on the grid (the BIDS App's steps).
+
+    Attributes
+    ----------
+    bias_correct
+        N4 bias-field correction of MRI images (:func:`regpipe.ants_methods.n4_bias_correct`,
+        estimated inside the brain mask when there is one); CT is never bias-corrected.
+    masks
+        ``{image path: brain mask}``; voxels outside the mask become 0 after intensity
+        normalisation (the App's ``--labels`` masks). A mask must share its image's grid, up to
+        the order and direction of the voxel axes.
+    cache_dir
+        Folder for bias-corrected images, reused by later runs (keyed by the image's and the
+        mask's path, size and modification time); ``None`` keeps nothing.
+    threads
+        ITK threads of N4.
+    """
+
+    bias_correct: bool = False
+    masks: Mapping[Path, Path] = field(default_factory=dict)
+    cache_dir: Path | None = None
+    threads: int | None = None
+
+    def mask_of(self, path: Path) -> Path | None:
+        found = self.masks.get(Path(path))
+        return None if found is None else Path(found)
 
 
 @dataclass(frozen=True)
@@ -104,6 +140,9 @@ class ImagePairSource:
     affine
         ``"none"`` (each image on its own placement, uniGradICON's training setting) or
         ``"ours"`` (moving image affinely aligned to the fixed image's placement).
+    preparation
+        Bias correction and brain masks applied to each image before intensity normalisation
+        (default: none; ``regpipe-finetune`` prepares images as the BIDS App does).
 
     Example
     -------
@@ -127,6 +166,7 @@ class ImagePairSource:
         deformation: DeformationRange | None = None,
         intensity: IntensityRange | None = None,
         name: str = "image-pairs",
+        preparation: Preparation | None = None,
     ) -> None:
         if not pairs:
             raise InputError("ImagePairSource needs at least one pair")
@@ -143,7 +183,12 @@ class ImagePairSource:
         most = 2 * max(int(n) for n in shape)
         paths = list(dict.fromkeys(Path(p) for pair in pairs for p in pair))
         index = {path: i for i, path in enumerate(paths)}
-        self.images = [_load_placed_image(path, modality, most) for path in paths]
+        preparation = preparation or Preparation()
+        self.images = []
+        for number, path in enumerate(paths, 1):
+            if preparation.bias_correct and modality == "mri":
+                LOGGER.info("preparing image %d of %d: %s", number, len(paths), path.name)
+            self.images.append(_load_placed_image(path, modality, most, preparation))
         self.pairs = [(index[Path(m)], index[Path(f)]) for m, f in pairs]
         label_files = {Path(k): Path(v) for k, v in (labels or {}).items()}
         self.label_maps, self.original_ids = _load_label_maps(
@@ -210,13 +255,81 @@ class ImagePairSource:
         return TrainingPair(images[0], images[1], self.pair_type, self.region, maps[0], maps[1])
 
 
-def _load_placed_image(path: Path, modality: str, most: int) -> _Volume:
+def _load_placed_image(path: Path, modality: str, most: int,
+                       preparation: Preparation | None = None) -> _Volume:
     from regpipe.imageio import load_image
     from regpipe.preprocess import normalize_intensity
 
+    preparation = preparation or Preparation()
     image = load_image(path)
-    data = normalize_intensity(np.asarray(image.data, dtype=np.float32), modality)
+    mask_path = preparation.mask_of(path)
+    mask = None if mask_path is None else mask_on_grid(mask_path, image)
+    if preparation.bias_correct and modality == "mri":
+        image = _bias_corrected(image, mask, mask_path, preparation)
+    data = normalize_intensity(np.asarray(image.data, dtype=np.float32), modality, mask=mask)
     return _reduce(data, image.geometry, most, nearest=False)
+
+
+def mask_on_grid(mask_path: Path, image) -> np.ndarray:
+    """``mask_path``'s mask (bool) on ``image``'s voxel grid.
+
+    A mask whose voxel axes are ordered or directed differently (one saved in RAS order for an
+    image stored LIP, say) is reoriented; any other grid is refused, as the BIDS App refuses it.
+    """
+    from nibabel import orientations
+
+    from regpipe.imageio import load_image
+
+    mask = load_image(mask_path, "mask", "brain mask")
+    data = np.asarray(mask.data) != 0
+    if mask.geometry.same_as(image.geometry, atol=1e-3):
+        return data
+    change = orientations.ornt_transform(orientations.io_orientation(mask.geometry.affine),
+                                         orientations.io_orientation(image.geometry.affine))
+    moved = orientations.apply_orientation(data, change)
+    affine = mask.geometry.affine @ orientations.inv_ornt_aff(change, mask.geometry.shape)
+    if Geometry(moved.shape, affine).same_as(image.geometry, atol=1e-3):
+        return np.asarray(moved)
+    raise InputError(f"brain mask {mask_path} is on another voxel grid (shape "
+                     f"{mask.geometry.shape}) than its image {image.name} (shape "
+                     f"{image.geometry.shape}); resample it onto the image first")
+
+
+def _cache_key(*paths: Path | None) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        if path is None:
+            digest.update(b"-")
+            continue
+        stat = Path(path).stat()
+        digest.update(f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns};".encode())
+    return digest.hexdigest()[:16]
+
+
+def _bias_corrected(image, mask: np.ndarray | None, mask_path: Path | None,
+                    preparation: Preparation):
+    """N4 of ``image`` (inside ``mask``), read from / written to the preparation's cache."""
+    from regpipe.ants_methods import n4_bias_correct
+    from regpipe.imageio import Image, load_image, save_image
+
+    assert image.path is not None
+    cached = None
+    if preparation.cache_dir is not None:
+        stem = image.path.name.split(".")[0]
+        key = _cache_key(image.path, mask_path)
+        cached = Path(preparation.cache_dir) / f"{stem}_{key}_n4.nii.gz"
+        if cached.is_file():
+            try:
+                return Image(load_image(cached).data, image.geometry, image.path, image.header)
+            except Exception:  # a damaged cache file is computed again
+                LOGGER.warning("cached N4 image %s cannot be read: computing it again", cached)
+    region = None if mask is None else Image(mask.astype(np.uint8), image.geometry)
+    corrected = n4_bias_correct(image, mask=region, threads=preparation.threads)
+    corrected = Image(corrected.data, image.geometry, image.path, image.header)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        save_image(corrected, cached, np.dtype(np.float32))
+    return corrected
 
 
 def _load_label_maps(files: Sequence[Path | None], images: Sequence[_Volume], most: int

@@ -23,6 +23,7 @@ from regpipe.bids_app.bids import Image
 from regpipe.bids_app.exit_codes import AppError
 
 from regpipe.errors import InputError
+from regpipe.image_pairs import Preparation
 from regpipe.networks import (
     NetworkConfig,
     build_network,
@@ -84,6 +85,8 @@ def data(tmp_path_factory) -> dict:
         _save(image, bids_dir / f"{stem}_T1w.nii.gz")
         if i < 3:
             _save(labels, labels_dir / f"{stem}_desc-aseg_dseg.nii.gz")
+        if i == 0:
+            _save((labels > 0).astype(np.uint8), labels_dir / f"{stem}_desc-brain_mask.nii.gz")
     torch.manual_seed(0)
     start = save_weights(build_network(TINY), root / "start.pt",
                          {"name": "tiny-start", "grid_mode": "isotropic"})
@@ -208,6 +211,84 @@ def test_label_map_on_another_grid_is_refused(tmp_path):
     wrong = _save(labels[:, :, :-2], tmp_path / "a_dseg.nii.gz")
     with pytest.raises(InputError, match="not on its image's voxel grid"):
         ImagePairSource([(path, path)], (16, 16, 16), labels={path: wrong})
+
+
+# --------------------------------------------------------------------------- preparation
+
+
+def _biased_ball(tmp_path: Path) -> tuple[Path, np.ndarray]:
+    """A 32^3 ball of one intensity under a strong left-right bias field, and its mask."""
+    shape = (32, 32, 32)
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    radius = np.linalg.norm((index - 15.5) / 12, axis=-1)
+    bias = np.exp(0.8 * (index[..., 0] - 15.5) / 16)
+    image = ((radius < 1) * 100 + (radius < 0.4) * 60 + 5) * bias
+    path = tmp_path / "biased.nii.gz"
+    nib.save(nib.Nifti1Image(image.astype(np.float32), AFFINE), path)
+    return path, (radius < 1) & (radius > 0.5)
+
+
+def _fixed_volume(source: ImagePairSource) -> np.ndarray:
+    return source.images[0].tensor[0, 0].numpy().T
+
+
+def test_bias_correction_flattens_a_biased_image_and_is_cached(tmp_path, monkeypatch):
+    path, shell = _biased_ball(tmp_path)
+    cache = tmp_path / "cache"
+
+    def spread(preparation: Preparation | None) -> float:
+        source = ImagePairSource([(path, path)], (16, 16, 16), preparation=preparation)
+        values = _fixed_volume(source)[shell]
+        return float(values.std() / values.mean())
+
+    raw = spread(None)
+    corrected = spread(Preparation(bias_correct=True, cache_dir=cache, threads=1))
+    assert corrected < 0.8 * raw  # measured 0.19 vs 0.28
+    assert len(list(cache.glob("biased_*_n4.nii.gz"))) == 1
+    # a second run reads the cache instead of running N4 again
+    import regpipe.ants_methods
+
+    monkeypatch.setattr(regpipe.ants_methods, "n4_bias_correct", None)
+    assert spread(Preparation(bias_correct=True, cache_dir=cache)) == pytest.approx(corrected)
+    # CT is never bias-corrected: without a cache this would call the missing N4
+    ImagePairSource([(path, path)], (16, 16, 16), modality="ct",
+                    preparation=Preparation(bias_correct=True))
+
+
+def test_masks_zero_the_outside_even_in_another_voxel_order(tmp_path):
+    image, labels = _phantom(np.zeros(3))
+    path = _save(image, tmp_path / "a.nii.gz")
+    mask = (labels > 0).astype(np.uint8)
+    plain = _fixed_volume(ImagePairSource([(path, path)], (16, 16, 16)))
+    same = _save(mask, tmp_path / "a_mask.nii.gz")
+    masked = _fixed_volume(ImagePairSource([(path, path)], (16, 16, 16),
+                                           preparation=Preparation(masks={path: same})))
+    assert np.all(masked[mask == 0] == 0) and np.allclose(masked[mask > 0], plain[mask > 0])
+    # the same mask stored with its first axis flipped (another voxel order, same voxels)
+    flipped_affine = AFFINE @ np.array([[-1, 0, 0, SHAPE[0] - 1], [0, 1, 0, 0], [0, 0, 1, 0],
+                                        [0, 0, 0, 1]])
+    flipped = tmp_path / "a_flipped_mask.nii.gz"
+    nib.save(nib.Nifti1Image(mask[::-1].copy(), flipped_affine), flipped)
+    again = _fixed_volume(ImagePairSource([(path, path)], (16, 16, 16),
+                                          preparation=Preparation(masks={path: flipped})))
+    assert np.array_equal(again, masked)
+    wrong = _save(mask[:, :, :-2], tmp_path / "a_short_mask.nii.gz")
+    with pytest.raises(InputError, match=r"a_short_mask\.nii\.gz is on another voxel grid"):
+        ImagePairSource([(path, path)], (16, 16, 16), preparation=Preparation(masks={path: wrong}))
+
+
+def test_finetuning_prepares_images_like_the_app(data, tmp_path):
+    out = tmp_path / "run"
+    assert _finetune(data, out, *FAST, "--participant-label", "01", "02",
+                     "--labels", data["labels"]) == 0
+    record = _card(out)["finetuning"]["preprocessing"]
+    assert record == {"bias_correct": True, "masked_images": 1}
+    assert len(list((out / "preprocessed").glob("*_n4.nii.gz"))) == 4  # 4 images of 01 and 02
+    skipped = tmp_path / "no-n4"
+    assert _finetune(data, skipped, *FAST, "--participant-label", "01", "02", "--no-n4") == 0
+    assert _card(skipped)["finetuning"]["preprocessing"] == {"bias_correct": False,
+                                                             "masked_images": 0}
+    assert not (skipped / "preprocessed").exists()
 
 
 # --------------------------------------------------------------------------- placement
