@@ -67,7 +67,7 @@ Pair = tuple[Any, Any]  # (moving, fixed) :class:`regpipe.bids_app.bids.Image`
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line (usage errors raise :class:`UsageError`, exit 64)."""
-    from regpipe.bids_app.parser import _filter_file, _labels_from, _Parser, _suffix
+    from regpipe.bids_app.parser import _filter_file, _labels_from, _Parser, _region, _suffix
 
     from regpipe.cli.train import add_training_options
     from regpipe.training_data import REGIONS
@@ -106,10 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--affine-init", choices=["ours", "none"], default="ours",
                         help="affine pre-alignment of each pair, as in registration "
                         "(default ours)")
-    parser.add_argument("--region", choices=[*REGIONS, "auto"], default="auto",
-                        help="body region of the pairs (a conditional network's condition): "
-                        "auto (default) is what the BIDS App uses, brain for MRI, head_neck "
-                        "for CT")
+    parser.add_argument("--region", type=_region, default="auto",
+                        help="body region of the pairs (a conditional network's condition: "
+                        f"{', '.join(REGIONS)} or an alias such as lung); auto (default) is "
+                        "what the BIDS App uses, brain for MRI, head_neck for CT")
     add_training_options(parser)
     return parser
 

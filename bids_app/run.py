@@ -178,9 +178,22 @@ def _check_condition_options(args: argparse.Namespace, weights: str | None) -> N
         raise UsageError(f"--region and --smoothness steer a conditional network; the weights "
                          f"{args.weights!r} are not conditional")
     if conditional:
-        LOGGER.info("conditional weights: region %s, pair type %s, smoothness %s",
-                    args.region, "inter" if args.mode == "template" else "intra",
+        from regpipe.workflows.jobs import AUTO_REGIONS
+
+        from regpipe.networks.checkpoint import read_checkpoint
+
+        region = args.region
+        if region == "auto":
+            region = f"auto: {AUTO_REGIONS['ct' if args.suffix == 'CT' else 'mri']}"
+        LOGGER.info("conditional weights: region %s, pair type %s, smoothness %s", region,
+                    "inter" if args.mode == "template" else "intra",
                     args.smoothness if args.smoothness is not None else "default (1.5)")
+        trained = read_checkpoint(weights).conditioning.lam_range  # type: ignore[arg-type]
+        if (args.smoothness is not None and trained is not None
+                and not trained[0] <= args.smoothness <= trained[1]):
+            LOGGER.warning("--smoothness %g is outside the range the weights were trained on "
+                           "(%g to %g): every registration will use %g", args.smoothness,
+                           *trained, min(max(args.smoothness, trained[0]), trained[1]))
 
 
 def _describe(job: dict[str, Any]) -> str:

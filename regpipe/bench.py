@@ -25,7 +25,7 @@ import json
 import logging
 import os
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -64,19 +64,36 @@ class MethodSpec:
     weights: str | None = None
     io_iterations: int = 0
     ants_method: str | None = None
+    #: the condition of conditional weights (``None``: registration's default)
+    region: str | None = None
+    pair_type: str | None = None
+    smoothness: float | None = None
 
     def config(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k != "name"}
+        return {k: v for k, v in asdict(self).items()
+                if k != "name" and not (k in _CONDITION_KEYS and v is None)}
+
+    def condition(self) -> dict[str, Any]:
+        """The condition options given (keyword arguments of :func:`regpipe.register`)."""
+        return {k: getattr(self, k) for k in _CONDITION_KEYS if getattr(self, k) is not None}
+
+
+_CONDITION_KEYS = ("region", "pair_type", "smoothness")
 
 
 def parse_methods(text: str | Sequence[str], *, weights: str | None = "default",
-                  io_iterations: int = 50) -> list[MethodSpec]:
+                  io_iterations: int = 50,
+                  condition: Mapping[str, Any] | None = None) -> list[MethodSpec]:
     """Method specs from names (a comma list or a sequence; see :data:`METHOD_NAMES`).
 
-    ``weights`` (a registry name, a file, ``"default"`` or ``None``/``"none"`` for no network)
-    and ``io_iterations`` (fast instance optimisation steps of ``ours+io``) apply to ``ours``
-    and ``ours+io``.
+    ``weights`` (a registry name, a file, ``"default"`` or ``None``/``"none"`` for no network),
+    ``io_iterations`` (fast instance optimisation steps of ``ours+io``) and ``condition``
+    (``region``, ``pair_type``, ``smoothness`` of conditional weights) apply to ``ours`` and
+    ``ours+io``.
     """
+    condition = {k: v for k, v in (condition or {}).items() if v is not None}
+    if set(condition) - set(_CONDITION_KEYS):
+        raise InputError(f"unknown condition keys {sorted(set(condition) - set(_CONDITION_KEYS))}")
     names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text)]
     names = [n for n in names if n]
     if not names:
@@ -93,7 +110,7 @@ def parse_methods(text: str | Sequence[str], *, weights: str | None = "default",
             methods.append(MethodSpec(name, "ours"))
         elif name in ("ours", "ours+io"):
             steps = io_iterations if name == "ours+io" else 0
-            methods.append(MethodSpec(name, "ours", weights, steps))
+            methods.append(MethodSpec(name, "ours", weights, steps, **condition))
         elif name.startswith("ants-") and name[5:] in ("affine", "syn", "synquick"):
             methods.append(MethodSpec(name, "ants", ants_method=name[5:]))
         else:
@@ -148,9 +165,11 @@ def run_method(method: MethodSpec, pair: LoadedPair, *, seed: int | None = 0,
                 moving_modality=spec.moving_modality, weights=method.weights, affine="ours",
                 io_iterations=method.io_iterations, io_method="fast", device=device,
                 threads=threads, seed=seed, progress=False, evaluate=False,
+                **method.condition(),
             )
             forward, warped, extra = result.forward, result.warped.data, result.metrics
             settings.update(weights_file=result.settings.get("weights"),
+                            condition=result.settings.get("condition"),
                             grid_shape=result.settings.get("grid_shape"),
                             grid_mode=result.settings.get("grid_mode"),
                             device=result.settings.get("device"))

@@ -295,9 +295,12 @@ def register(
         region (``brain``, ``head_neck``, ``thorax``, ``abdomen``, ``pelvis``, ``knee``,
         ``other``; default ``other``, since a pair of images says nothing about the anatomy),
         ``"inter"`` or ``"intra"`` (default ``inter``) and the regularisation weight lam
-        (> 0, default 1.5; larger is smoother). Recorded in ``result.settings["condition"]``
-        (``None`` without a conditional network). Giving any of them with an unconditional
-        network (or none) is an error: they would have no effect.
+        (> 0, default 1.5; larger is smoother; a value outside the range the network was
+        trained on is clamped to it, with a warning, and network instance optimisation uses
+        it as its GradICON weight). Recorded in ``result.settings["condition"]`` (with
+        ``lam_requested`` when clamped; ``None`` without a conditional network). Giving any
+        of them with an unconditional network (or none) is an error: they would have no
+        effect.
     evaluate
         Compute the metrics (default). ``False`` leaves only ``runtime_s`` and
         ``peak_memory_mb`` in ``result.metrics``, so a benchmark that evaluates every method
@@ -427,6 +430,7 @@ def register(
                 io_sim, io_lr, progress, intensity_conservation=intensity_conservation,
                 dice_segmentations=segs if dice_loss_weight > 0 else {},
                 dice_loss_weight=dice_loss_weight, io_options=io_options,
+                lam=DEFAULT_SMOOTHNESS if condition is None else condition.lam,
             )
     forward = GridTransform(grid_in, displacement.detach().to("cpu", torch.float32)[0], grid_out)
     inverse = forward.inverse()
@@ -453,7 +457,7 @@ def register(
         "mixed_precision": mixed_precision,
         "fixed_modality": fixed_modality,
         "moving_modality": moving_modality,
-        "condition": condition.to_dict() if condition is not None else None,
+        "condition": _condition_record(condition, smoothness),
     }
     if evaluate:
         result.metrics = registration_metrics(result, norm, masks, segs,
@@ -516,15 +520,30 @@ def _condition(
                 "choose conditional weights or leave them out"
             )
         return None
-    condition = Condition(region or "other", pair_type or "inter",
+    condition = Condition("other" if region is None else region,
+                          "inter" if pair_type is None else pair_type,
                           DEFAULT_SMOOTHNESS if smoothness is None else smoothness)
     trained = network.conditioning.lam_range
     if trained is not None and not trained[0] <= condition.lam <= trained[1]:
+        # beyond its training range the controller's output is not reliably smoother (or
+        # rougher) and far beyond it folds: use the nearest trained value
+        clamped = min(max(condition.lam, trained[0]), trained[1])
         LOGGER.warning("smoothness %g is outside the range the network was trained on "
-                       "(%g to %g): the result is an extrapolation", condition.lam, *trained)
+                       "(%g to %g): using %g", condition.lam, *trained, clamped)
+        condition = Condition(condition.region, condition.pair_type, clamped)
     LOGGER.info("condition: region %s, %s-subject, smoothness (lam) %g", condition.region,
                 condition.pair_type, condition.lam)
     return condition
+
+
+def _condition_record(condition: Any, smoothness: float | None) -> dict[str, Any] | None:
+    """The condition used, plus the smoothness asked for when it was clamped."""
+    if condition is None:
+        return None
+    record = condition.to_dict()
+    if smoothness is not None and float(smoothness) != condition.lam:
+        record["lam_requested"] = float(smoothness)
+    return record
 
 
 def _conditioned(network: Any, condition: Any) -> Any:
@@ -645,6 +664,7 @@ def _instance_optimise(
     method, network, moving_t, fixed_t, displacement, masks, fixed_img, moving_img,
     grid_in, grid_out, grid_shape, squash_moving, mode, steps, sim, lr, progress,
     intensity_conservation=False, dice_segmentations=None, dice_loss_weight=0.0, io_options=None,
+    lam=DEFAULT_SMOOTHNESS,
 ) -> torch.Tensor:
     from regpipe import fast_io, instance_opt
 
@@ -673,7 +693,7 @@ def _instance_optimise(
             masks=(mask_t.get("moving"), mask_t.get("fixed")) if mask_t else None,
             progress=progress, intensity_conservation=intensity_conservation,
             segmentations=(seg_t["moving"], seg_t["fixed"]) if len(seg_t) == 2 else None,
-            dice_loss_weight=dice_loss_weight if len(seg_t) == 2 else 0.0, **kwargs,
+            dice_loss_weight=dice_loss_weight if len(seg_t) == 2 else 0.0, lam=lam, **kwargs,
         )
         normalised = optimised.displacement
         scale = torch.tensor([n - 1 for n in grid_shape], dtype=normalised.dtype,

@@ -180,8 +180,9 @@ class TrainingOptions:
             raise InputError(f"similarity must be 'lncc' or 'lncc2', got {self.similarity!r}")
         if self.lam_range is not None:
             low, high = self.lam_range
-            if not 0 < low <= high:
-                raise InputError(f"lam_range must satisfy 0 < low <= high, got {self.lam_range}")
+            if not 0 < low <= high < math.inf:
+                raise InputError("lam_range must satisfy 0 < low <= high (finite), "
+                                 f"got {self.lam_range}")
             self.lam_range = (float(low), float(high))
 
     def to_dict(self) -> dict[str, Any]:

@@ -237,6 +237,27 @@ def test_parse_methods_builds_specs():
         parse_methods("ants-elastix")
 
 
+def test_parse_methods_gives_the_condition_to_the_network_methods_only():
+    methods = parse_methods("affine,ours,ours+io,ants-syn", weights="w.pt",
+                            condition={"region": "brain", "pair_type": None, "smoothness": 3.0})
+    assert [m.condition() for m in methods] == [
+        {}, {"region": "brain", "smoothness": 3.0}, {"region": "brain", "smoothness": 3.0}, {}]
+    assert "region" not in methods[0].config() and methods[1].config()["smoothness"] == 3.0
+    assert methods[0].config() == MethodSpec("affine", "ours").config()  # earlier results match
+
+
+def test_cli_refuses_a_condition_for_unconditional_weights(pair_files, tmp_path, capsys):
+    from regpipe.networks import NetworkConfig, build_network, save_weights
+
+    weights = save_weights(build_network(NetworkConfig((17, 17, 17), 1, (4, 8), (4, 8))),
+                           tmp_path / "plain.pt")
+    code = main(["--pairs", str(pair_files / "pairs.json"), "--methods", "affine,ours",
+                 "--weights", str(weights), "--smoothness", "3", "--output",
+                 str(tmp_path / "o")])
+    assert code == 1 and "ours has" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def _write_pairs(tmp_path: Path, fmt: str) -> Path:
     if fmt == "json":
         path = tmp_path / "pairs.json"
@@ -570,6 +591,15 @@ def test_summary_table_takes_rows_without_status():
     assert table[3] == "| ants-syn | 1/1 | 0.750 | - |"
 
 
+def _good_pair_file(pair_files: Path, tmp_path: Path) -> Path:
+    """A pairs file holding only the fixture's readable pair, with absolute paths."""
+    good = json.loads((pair_files / "pairs.json").read_text())["pairs"][0]
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text(json.dumps([{k: (v if k == "name" else str(pair_files / v))
+                                  for k, v in good.items()}]))
+    return pairs
+
+
 def test_cli_runs_a_network_from_a_weights_file(pair_files, tmp_path):
     import torch
 
@@ -580,10 +610,7 @@ def test_cli_runs_a_network_from_a_weights_file(pair_files, tmp_path):
                                           down_channels=(4, 8, 8, 8, 8),
                                           up_channels=(4, 8, 8, 8, 8)))
     weights = save_weights(network, tmp_path / "tiny.pt", {"grid_mode": "isotropic"})
-    good = json.loads((pair_files / "pairs.json").read_text())["pairs"][0]
-    pairs = tmp_path / "pairs.json"
-    pairs.write_text(json.dumps([{k: (v if k == "name" else str(pair_files / v))
-                                  for k, v in good.items()}]))
+    pairs = _good_pair_file(pair_files, tmp_path)
     code = main(["--pairs", str(pairs), "--methods", "ours,ours+io", "--weights", str(weights),
                  "--io-iterations", "3", "--threads", "1", "--output", str(tmp_path / "out"),
                  "--quiet"])
@@ -594,3 +621,24 @@ def test_cli_runs_a_network_from_a_weights_file(pair_files, tmp_path):
         assert settings["weights"] == str(weights) and settings["io_iterations"] == steps
         assert settings["grid_mode"] == "isotropic"
         assert np.isfinite(rows["good", method]["dice_mean"])
+
+
+def test_cli_passes_the_condition_to_a_conditional_network(pair_files, tmp_path):
+    from regpipe.networks import (
+        ConditionalRegistrationNetwork,
+        ConditioningConfig,
+        NetworkConfig,
+        build_network,
+        save_weights,
+    )
+
+    base = build_network(NetworkConfig((24, 24, 24), 1, (4, 8, 8, 8, 8), (4, 8, 8, 8, 8)))
+    network = ConditionalRegistrationNetwork.from_base(base, ConditioningConfig("film"))
+    weights = save_weights(network, tmp_path / "cond.pt", {"grid_mode": "isotropic"})
+    pairs = _good_pair_file(pair_files, tmp_path)
+    code = main(["--pairs", str(pairs), "--methods", "ours", "--weights", str(weights),
+                 "--region", "knee", "--pair-type", "Intra", "--smoothness", "3",
+                 "--threads", "1", "--output", str(tmp_path / "out"), "--quiet"])
+    assert code == 0
+    settings = _rows(tmp_path / "out")["good", "ours"]["settings"]
+    assert settings["condition"] == {"region": "knee", "pair_type": "intra", "lam": 3.0}

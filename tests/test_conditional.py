@@ -318,6 +318,37 @@ def test_cli_refuses_a_mode_change_of_conditional_init(tmp_path, capsys):
     assert code == 1 and "film conditional network, not dynamic" in capsys.readouterr().err
 
 
+def test_cli_continues_a_conditional_file_with_its_range_and_controller(tmp_path):
+    from regpipe.cli.train import main
+
+    network = ConditionalRegistrationNetwork.from_base(
+        build_network(NetworkConfig((33, 33, 33), 1, (4, 8, 8), (4, 8, 8))),
+        ConditioningConfig("film", hidden=16, lam_range=(0.1, 20.0)))
+    start = save_weights(network, tmp_path / "start.pt", {"name": "start"})
+    assert main([str(tmp_path / "run"), "--init", str(start), "--steps", "1",
+                 "--no-progress"]) == 0
+    continued = network_from_file(tmp_path / "run" / "weights.pt")
+    assert continued.conditioning.hidden == 16
+    assert continued.conditioning.lam_range == (0.1, 20.0)
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--conditional", "film", "--lam", "4"], "draws it from --lam-range"),
+    (["--lam-range", "0.3", "6"], "--lam-range draws lam for a conditional network"),
+    (["--trainable", "controller"], "needs a conditional network"),
+    (["--conditional", "film", "--lam-range", "0.3", "inf"], "finite"),
+    (["--region", "liver"], "unknown region"),
+])
+def test_cli_refuses_conflicting_condition_options_before_training(tmp_path, capsys, options,
+                                                                   message):
+    from regpipe.cli.train import main
+
+    assert main([str(tmp_path / "run"), "--steps", "1", "--no-progress", *TINY_ARGS,
+                 "--label-maps", str(tmp_path), *options]) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run" / "log.csv").exists()
+
+
 def test_conditional_recipe_is_valid_json_with_a_warm_start():
     from pathlib import Path
 
@@ -357,6 +388,47 @@ def test_register_records_the_condition(images, conditional_file):
     assert not np.allclose(field, default.forward_field().field)
 
 
+def test_smoothness_outside_the_trained_range_is_clamped_and_recorded(images, conditional_file,
+                                                                     caplog):
+    fixed, moving = images
+    edge = regpipe.register(fixed, moving, weights=str(conditional_file), affine="none",
+                            smoothness=6.0, evaluate=False)
+    with caplog.at_level("WARNING", logger="regpipe"):
+        beyond = regpipe.register(fixed, moving, weights=str(conditional_file), affine="none",
+                                  smoothness=1e6, evaluate=False)
+    assert "outside the range the network was trained on (0.3 to 6): using 6" in caplog.text
+    assert beyond.settings["condition"] == {"region": "other", "pair_type": "inter",
+                                            "lam": 6.0, "lam_requested": 1e6}
+    assert np.array_equal(beyond.forward_field().field, edge.forward_field().field)
+    low = regpipe.register(fixed, moving, weights=str(conditional_file), affine="none",
+                           smoothness=0.01, evaluate=False)
+    assert low.settings["condition"]["lam"] == 0.3
+    with pytest.raises(InputError, match="unknown region"):
+        regpipe.register(fixed, moving, weights=str(conditional_file), affine="none", region="")
+
+
+def test_network_instance_optimisation_uses_the_conditions_lam(images, conditional_file,
+                                                              monkeypatch):
+    from regpipe import instance_opt
+
+    seen = []
+    original = instance_opt.optimise_network_weights
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["lam"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(instance_opt, "optimise_network_weights", spy)
+    fixed, moving = images
+    for smoothness in (0.5, 4.0):
+        regpipe.register(fixed, moving, weights=str(conditional_file), affine="none",
+                         smoothness=smoothness, io_method="network", io_iterations=1,
+                         evaluate=False, progress=False)
+    regpipe.register(fixed, moving, weights=_base(), affine="none", io_method="network",
+                     io_iterations=1, evaluate=False, progress=False)
+    assert seen == [0.5, 4.0, 1.5]
+
+
 def test_register_refuses_a_condition_for_an_unconditional_network(images):
     fixed, moving = images
     with pytest.raises(InputError, match="these options steer a conditional network"):
@@ -380,6 +452,15 @@ def test_register_cli_passes_the_condition(images, conditional_file, tmp_path, c
     assert code == 0, capsys.readouterr().err
     settings = json.loads((tmp_path / "m.json").read_text())["settings"]
     assert settings["condition"] == {"region": "brain", "pair_type": "intra", "lam": 0.5}
+
+
+def test_register_cli_pair_type_ignores_case():
+    from regpipe.cli.register import build_parser
+
+    args = build_parser().parse_args(["--fixed", "f", "--moving", "m", "--fixed_modality",
+                                      "mri", "--moving_modality", "mri", "--transform_out",
+                                      "t.h5", "--pair-type", "Intra"])
+    assert args.pair_type == "intra"
 
 
 @pytest.mark.parametrize("option", [["--region", "liver"], ["--smoothness", "-1"],
@@ -451,20 +532,29 @@ def test_bids_app_parses_region_and_smoothness():
         parse_args(["/d", "/o", "participant", "--region", "liver"])
 
 
-def test_bids_app_refuses_a_condition_for_unconditional_weights(conditional_file, tmp_path):
+def test_bids_app_refuses_a_condition_for_unconditional_weights(conditional_file, tmp_path,
+                                                               caplog):
     from regpipe.bids_app.exit_codes import UsageError
     from regpipe.bids_app.run import _check_condition_options
 
     plain = save_weights(_base(), tmp_path / "plain.pt")
     args = argparse.Namespace(region="auto", smoothness=2.0, weights="plain.pt",
-                              mode="template")
+                              mode="template", suffix="T1w")
     with pytest.raises(UsageError, match="not conditional"):
         _check_condition_options(args, str(plain))
     with pytest.raises(UsageError):
         _check_condition_options(args, None)
-    _check_condition_options(args, str(conditional_file))  # accepted
+    with caplog.at_level("INFO", logger="regpipe"):
+        _check_condition_options(args, str(conditional_file))  # accepted
+    assert "region auto: brain, pair type inter" in caplog.text
+    assert "outside the range" not in caplog.text
+    args.smoothness = 50.0
+    with caplog.at_level("WARNING", logger="regpipe"):
+        _check_condition_options(args, str(conditional_file))
+    assert "(0.3 to 6): every registration will use 6" in caplog.text
     _check_condition_options(argparse.Namespace(region="auto", smoothness=None,
-                                                weights="plain.pt", mode="template"), str(plain))
+                                                weights="plain.pt", mode="template",
+                                                suffix="T1w"), str(plain))
 
 
 def _job(tmp_path, pair_type: str, modality: str = "mri") -> dict:

@@ -568,3 +568,9 @@ def test_finetuned_weights_work_in_the_bids_app_and_the_api(data, tmp_path, monk
     assert result.settings["grid_mode"] == "isotropic"
     assert result.settings["grid_shape"] == [17, 17, 17]
     assert result.warped.data.shape == SHAPE
+
+
+def test_region_takes_the_aliases_the_other_tools_take():
+    args = finetune.build_parser().parse_args(["b", "o", "--weights", "w.pt", "--region", "lung"])
+    assert args.region == "thorax"
+    assert finetune.build_parser().parse_args(["b", "o", "--weights", "w"]).region == "auto"

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from regpipe.cli._common import run_cli
+from regpipe.cli._common import region_argument, run_cli, smoothness_argument
 from regpipe.errors import InputError
 
 LOGGER = logging.getLogger("regpipe.bench")
@@ -58,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", default="default",
                         help="network weights of ours/ours+io: default, a registry name, a "
                         "checkpoint file, or none (affine + fast instance optimisation)")
+    parser.add_argument("--region", type=region_argument,
+                        help="conditional weights: body region of the condition (default "
+                        "other, as for regpipe-register)")
+    parser.add_argument("--pair-type", type=str.lower, choices=["inter", "intra"],
+                        help="conditional weights: inter (default) or intra")
+    parser.add_argument("--smoothness", type=smoothness_argument, metavar="LAM",
+                        help="conditional weights: regularisation weight lam (default 1.5)")
     parser.add_argument("--io-iterations", type=_positive, default=50, metavar="N",
                         help="fast instance-optimisation steps of ours+io (default 50)")
     parser.add_argument("--threads", type=_positive, metavar="N",
@@ -82,6 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_conditional(methods) -> None:
+    """--region/--pair-type/--smoothness need conditional weights (before any work)."""
+    from regpipe.networks.checkpoint import is_conditional_file
+
+    for method in methods:
+        if not method.condition():
+            continue
+        if method.weights is None or not is_conditional_file(method.weights):
+            raise InputError(f"--region, --pair-type and --smoothness steer a conditional "
+                             f"network; {method.name} has {method.weights or 'no network'}, "
+                             "which is not conditional")
+
+
 def _main(args: argparse.Namespace) -> int:
     from regpipe.bench import (
         RESULTS_JSON,
@@ -101,9 +121,13 @@ def _main(args: argparse.Namespace) -> int:
                          "or --overwrite to start again")
     if args.pairs is not None and (args.n_pairs is not None or args.subset != "all"):
         raise InputError("--subset and --n-pairs apply to --dev-set only")
+    condition = {"region": args.region, "pair_type": args.pair_type,
+                 "smoothness": args.smoothness}
     methods = parse_methods(args.methods, weights=args.weights,
-                            io_iterations=args.io_iterations)
+                            io_iterations=args.io_iterations, condition=condition)
     methods = resolve_method_weights(methods)
+    if any(value is not None for value in condition.values()):
+        _check_conditional(methods)
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as error:

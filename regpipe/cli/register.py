@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(parser, "region", type=region_argument,
                help="conditional networks: body region brain, head_neck, thorax, abdomen, "
                "pelvis, knee or other (aliases: lung, chest, prostate...; default other)")
-    add_option(parser, "pair_type", choices=["inter", "intra"],
+    add_option(parser, "pair_type", type=str.lower, choices=["inter", "intra"],
                help="conditional networks: inter (two subjects, or a template; default) or "
                "intra (one subject)")
     add_option(parser, "smoothness", type=smoothness_argument, metavar="LAM",

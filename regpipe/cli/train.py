@@ -175,6 +175,7 @@ def build_source(specs: list[dict[str, Any]], shape: Sequence[int], root: Path,
                  grid_mode: str = "squash"):
     """A :class:`~regpipe.training_data.MixedSource` from recipe source entries."""
     from regpipe import training_data as td
+    from regpipe.networks.condition import canonical_region
     from regpipe.synth import DeformationRange, IntensityRange
 
     ranges = {"deformation": DeformationRange, "placement": DeformationRange,
@@ -191,7 +192,8 @@ def build_source(specs: list[dict[str, Any]], shape: Sequence[int], root: Path,
         weight = float(spec.pop("weight", 1.0))
         if weight <= 0:
             continue
-        region = spec.pop("region", "other" if kind == "random-shapes" else "brain")
+        region = canonical_region(spec.pop("region", "other" if kind == "random-shapes"
+                                           else "brain"))  # an unknown one: InputError now
         for key, kind_of_range in ranges.items():
             if isinstance(spec.get(key), dict):
                 values = dict(spec[key])
@@ -388,23 +390,45 @@ def build_network_from(settings: dict[str, Any]):
                            tuple(preset["down_channels"]), tuple(preset["up_channels"]))
     mode = settings.get("conditional")
     lam_range = settings.get("lam_range")
+    hidden = ConditioningConfig().hidden
     if checkpoint is not None and checkpoint.conditioning is not None:
         if mode and mode != checkpoint.conditioning.mode:
             raise InputError(f"--init {init} is a {checkpoint.conditioning.mode} conditional "
                              f"network, not {mode}")
-        mode = checkpoint.conditioning.mode
+        mode, hidden = checkpoint.conditioning.mode, checkpoint.conditioning.hidden
+        if lam_range is None and checkpoint.conditioning.lam_range is not None:
+            # continue on the range the file was trained on unless --lam-range says otherwise
+            lam_range = settings["lam_range"] = list(checkpoint.conditioning.lam_range)
+            LOGGER.info("conditional network: lam drawn in %s, as --init was trained",
+                        tuple(lam_range))
     if mode and lam_range is None:
         lam_range = settings["lam_range"] = list(DEFAULT_CONDITIONAL_LAM_RANGE)
         LOGGER.info("conditional network: lam drawn in %s", DEFAULT_CONDITIONAL_LAM_RANGE)
+    if not mode:
+        _check_unconditional(settings)
+    elif settings.get("lam") is not None:
+        raise InputError("--lam sets the GradICON weight of an unconditional network; a "
+                         "conditional network draws it from --lam-range at every step")
     network: RegistrationNetwork
     if mode:
-        conditioning = ConditioningConfig(mode, lam_range=tuple(lam_range) if lam_range else None)
+        conditioning = ConditioningConfig(mode, hidden=hidden,
+                                          lam_range=tuple(lam_range) if lam_range else None)
         network = ConditionalRegistrationNetwork(config, conditioning)
     else:
         network = build_network(config)
     if checkpoint is not None:
         load_weights(network, checkpoint)
     return network, checkpoint
+
+
+def _check_unconditional(settings: dict[str, Any]) -> None:
+    """Options that only mean something for a conditional network are refused without one."""
+    if settings.get("lam_range") is not None:
+        raise InputError("--lam-range draws lam for a conditional network; add --conditional "
+                         "film (or --init a conditional file), or give one --lam")
+    if settings.get("trainable") == "controller":
+        raise InputError("--trainable controller needs a conditional network (--conditional "
+                         "film, or --init a conditional file)")
 
 
 def options_from(settings: dict[str, Any]):

@@ -171,8 +171,9 @@ class ConditioningConfig:
         object.__setattr__(self, "hidden", int(self.hidden))
         if self.lam_range is not None:
             low, high = (float(v) for v in self.lam_range)
-            if not 0 < low <= high:
-                raise InputError(f"lam_range must satisfy 0 < low <= high, got {self.lam_range}")
+            if not 0 < low <= high < math.inf:
+                raise InputError("lam_range must satisfy 0 < low <= high (finite), "
+                                 f"got {self.lam_range}")
             object.__setattr__(self, "lam_range", (low, high))
 
     def to_dict(self) -> dict[str, Any]:
