@@ -298,8 +298,11 @@ def check_same_grid(image: Image, mask: Image, what: str) -> None:
         )
 
 
-#: Suffixes images are written with (nibabel writes them; NIfTI is the native one).
-OUTPUT_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".mgh")
+#: Suffixes images are written with: NIfTI (the native one) and MGH through nibabel, and the
+#: single-file ITK formats MetaImage and NRRD through SimpleITK, as ``unigradicon-register``
+#: writes them (``.mhd``/``.nhdr`` keep their voxels in a second file and are not written).
+OUTPUT_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".mgh", ".mha", ".nrrd")
+_ITK_OUTPUT_SUFFIXES = (".mha", ".nrrd")
 
 
 def check_image_path(path: str | os.PathLike) -> None:
@@ -309,7 +312,32 @@ def check_image_path(path: str | os.PathLike) -> None:
 
 
 def save_image(image: Image, path: str | os.PathLike, dtype: np.dtype | None = None) -> Path:
-    """Write ``image`` as NIfTI (or MGH, by the suffix) atomically."""
+    """Write ``image`` atomically as NIfTI, MGH, MetaImage (``.mha``) or NRRD, by the suffix."""
     check_image_path(path)
+    if Path(path).name.lower().endswith(_ITK_OUTPUT_SUFFIXES):
+        itk_image = _itk_image(image, dtype)
+        import SimpleITK as sitk
+
+        return atomic_write(path, lambda tmp: sitk.WriteImage(itk_image, str(tmp), True))
     nifti = image.to_nifti(dtype)
     return atomic_write(path, lambda tmp: nib.save(nifti, str(tmp)))
+
+
+def _itk_image(image: Image, dtype: np.dtype | None = None):
+    """A SimpleITK image (LPS geometry) of ``image``; sheared grids, which ITK images cannot
+    hold, are refused."""
+    import SimpleITK as sitk
+
+    data = np.asarray(image.data if dtype is None else image.data.astype(dtype))
+    data = _nifti_storable(data)  # no int64 or bool voxels, as in NIfTI
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ image.geometry.affine  # RAS -> LPS
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    direction = affine[:3, :3] / spacing
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-6):
+        raise InputError(f"{image.name}: its voxel axes are sheared, which ITK images (.mha, "
+                         ".nrrd) cannot hold; write it as .nii.gz")
+    itk_image = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))
+    itk_image.SetSpacing(spacing.tolist())
+    itk_image.SetDirection(direction.ravel().tolist())
+    itk_image.SetOrigin(affine[:3, 3].tolist())
+    return itk_image

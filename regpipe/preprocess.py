@@ -69,8 +69,10 @@ def normalize_intensity(
         lo, hi = ct_window
         if not lo < hi:
             raise InputError(f"CT window must be increasing, got {ct_window}")
-        image = np.clip(image, lo, hi)
-        lo, hi = float(image.min()), float(image.max())
+        image = np.clip(image, lo, hi)  # scaled by the window itself, as uniGradICON does
+        if float(image.min()) == float(image.max()):
+            raise InputError(f"the image is constant inside the CT window {lo:g}..{hi:g} HU: "
+                             "give another ct_window (--ct_window MIN MAX)")
     else:
         q_lo, q_hi = quantile_range
         if not 0.0 <= q_lo < q_hi <= 1.0:
@@ -80,9 +82,6 @@ def normalize_intensity(
         hi = _kth_smallest(image, q_hi)
         image = np.clip(image, lo, hi)
     if hi <= lo:
-        if modality == "ct":
-            raise InputError(f"the image is constant inside the CT window {ct_window[0]:g}.."
-                             f"{ct_window[1]:g} HU: give another ct_window (--ct_window MIN MAX)")
         raise InputError("the image has no intensity range between its quantiles "
                          f"{quantile_range[0]:g} and {quantile_range[1]:g} (over "
                          f"{100 * quantile_range[1]:g} % of its voxels share one value): give a "

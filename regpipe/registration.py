@@ -340,6 +340,7 @@ def register(
     _check_objective_options(
         intensity_conservation, dice_loss_weight, fixed_modality, moving_modality,
         fixed_segmentation is not None and moving_segmentation is not None, io_method,
+        bool(io_iterations),
     )
 
     fixed_img = load_image(fixed, "image", "fixed image")
@@ -573,9 +574,10 @@ def _displacement_on_grid(
 
 def _check_objective_options(
     intensity_conservation: bool, dice_loss_weight: float, fixed_modality: str,
-    moving_modality: str, both_segmentations: bool, io_method: str,
+    moving_modality: str, both_segmentations: bool, io_method: str, optimising: bool = True,
 ) -> None:
-    """uniGradICON's checks of ``--intensity_conservation_loss`` and ``--dice_loss_weight``."""
+    """uniGradICON's checks of ``--intensity_conservation_loss`` and ``--dice_loss_weight``
+    (without instance optimisation they act on nothing, so the method is not checked)."""
     if not dice_loss_weight >= 0:  # also NaN
         raise InputError(f"the Dice loss weight must be >= 0, got {dice_loss_weight!r}")
     if intensity_conservation and (fixed_modality != "ct" or moving_modality != "ct"):
@@ -584,7 +586,7 @@ def _check_objective_options(
     if dice_loss_weight > 0 and not both_segmentations:
         raise InputError("a Dice loss weight > 0 needs both the fixed and the moving "
                          "segmentation")
-    if (intensity_conservation or dice_loss_weight > 0) and io_method != "network":
+    if (intensity_conservation or dice_loss_weight > 0) and io_method != "network" and optimising:
         raise InputError("the intensity conservation loss and the Dice loss apply to network "
                          "instance optimisation only: use io_method 'network' "
                          "(--io_method network)")

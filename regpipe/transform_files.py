@@ -19,7 +19,9 @@ Formats (see :func:`supported_formats`):
     affine given without a reference grid): the composite wrapper is what ANTs writes and what
     nitransforms (``nt.manip.load(..., fmt="h5")``, as fMRIPrep calls it) expects. Read: any
     composite of linear transforms and displacement fields that SimpleITK reads (ANTs'
-    ``Composite.h5``, uniGradICON's Versor + field + Versor ``.hdf5``).
+    ``Composite.h5``; uniGradICON's ``CenteredAffineTransform`` + field +
+    ``CenteredAffineTransform`` ``.hdf5``, whose linear parts SimpleITK has no class for and
+    which are read by their point mapping).
 ``itk-affine`` (``.mat``, ``.txt``, ``.tfm``)
     ITK's MATLAB-v4 and text affine files, as ANTs' ``0GenericAffine.mat``. Written with centre
     ``0`` (translation = offset); read with any centre (ITK's ``FixedParameters``).
@@ -179,6 +181,9 @@ def read_transform(path: PathLike, *, allow_nonstandard: bool = False) -> Transf
     fmt = _format_for(path)
     if not path.is_file():
         raise TransformFileError(f"transform file {path} does not exist")
+    if path.stat().st_size == 0:
+        raise TransformFileError(f"transform file {path} is empty (0 bytes): a placeholder, "
+                                 "or a run that did not finish writing it")
     return fmt.read(path, allow_nonstandard)
 
 
@@ -318,13 +323,34 @@ def _sitk_affine(affine: AffineTransform) -> sitk.Transform:
     )
 
 
-def _from_sitk(transform: sitk.Transform) -> list[Transform]:
+def _specific(transform: sitk.Transform) -> sitk.Transform:
+    """The SimpleITK class of ``transform``, or the transform as it is when SimpleITK has no
+    class for its ITK type (``CenteredAffineTransform``, which uniGradICON writes; a
+    ``MatrixOffsetTransformBase``): its point mapping is all a linear part needs."""
+    try:
+        return transform.Downcast()
+    except (TypeError, RuntimeError):
+        return transform
+
+
+def _composite_parts(composite: sitk.CompositeTransform) -> list[sitk.Transform]:
+    """The parts of an ITK composite, without converting them (see :func:`_specific`)."""
+    nth = getattr(getattr(sitk, "_SimpleITK", None), "CompositeTransform_GetNthTransform", None)
+    count = composite.GetNumberOfTransforms()
+    if nth is None:  # another SimpleITK: its public getter converts each part
+        return [composite.GetNthTransform(i) for i in range(count)]
+    return [nth(composite, i) for i in range(count)]
+
+
+def _from_sitk(transform: sitk.Transform, depth: int = 0) -> list[Transform]:
     """regpipe transforms (RAS+, application order) of an ITK transform (LPS+)."""
-    transform = transform.Downcast()
+    transform = _specific(transform)
     if isinstance(transform, sitk.CompositeTransform):
-        parts = [transform.GetNthTransform(i) for i in range(transform.GetNumberOfTransforms())]
+        if depth > 8:
+            raise TransformFileError("the ITK composite transform nests more than 8 levels")
         # ITK applies the last element of a composite's queue first.
-        return [leaf for part in reversed(parts) for leaf in _from_sitk(part)]
+        parts = _composite_parts(transform)
+        return [leaf for part in reversed(parts) for leaf in _from_sitk(part, depth + 1)]
     if transform.IsLinear():
         origin = np.asarray(transform.TransformPoint((0.0, 0.0, 0.0)))
         matrix = np.eye(4)
@@ -529,7 +555,10 @@ def _read_itk(path: Path, allow_nonstandard: bool) -> Transform:
         transform = sitk.ReadTransform(str(path))
     except RuntimeError as exc:
         raise TransformFileError(f"cannot read {path}: {_short_message(exc)}") from exc
-    parts = _merge_linear(_from_sitk(transform))
+    try:
+        parts = _merge_linear(_from_sitk(transform))
+    except RuntimeError as exc:  # an ITK type SimpleITK cannot map points with
+        raise TransformFileError(f"cannot read {path}: {_short_message(exc)}") from exc
     if not parts:
         return AffineTransform.identity()
     return parts[0] if len(parts) == 1 else compose(*parts)

@@ -130,7 +130,7 @@ def test_missing_output_folder(files, tmp_path, capsys):
     ("--transform_out", "fwd.mat", "affine transforms only"),
     ("--transform_out", "fwd.xyz", "unknown transform file type"),
     ("--inverse_transform_out", "inv.txt", "affine transforms only"),
-    ("--warped_moving_out", "warped.mha", "images are written as"),
+    ("--warped_moving_out", "warped.mhd", "images are written as"),
     ("--jacobian_out", "jac", "images are written as"),
     ("--warped_moving_out", ".", "is a folder"),
 ])
@@ -189,6 +189,15 @@ def test_warp_and_jacobian_tools(files, tmp_path, capsys):
     warped = nib.load(str(out))
     assert warped.get_data_dtype() == np.int16
     assert set(np.unique(np.asanyarray(warped.dataobj))) <= {0, 7}
+    nrrd = tmp_path / "seg_in_fixed.nrrd"  # what unigradicon-warp can write, we can
+    assert warp_cli.main(["--fixed", str(files["fixed"]), "--moving", str(files["moving_seg"]),
+                          "--transform", str(tmp_path / "fwd.h5"), "--warped_moving_out",
+                          str(nrrd), "--nearest_neighbor"]) == 0
+    from regpipe.imageio import load_image
+
+    same = load_image(nrrd)
+    assert same.data.dtype == np.int16 and np.array_equal(same.data, np.asanyarray(warped.dataobj))
+    assert np.allclose(same.geometry.affine, warped.affine, atol=1e-5)
     capsys.readouterr()
     assert jacobian_cli.main(["--transform", str(tmp_path / "fwd.h5"),
                               "--fixed", str(files["fixed"]),
@@ -197,6 +206,13 @@ def test_warp_and_jacobian_tools(files, tmp_path, capsys):
     stats = json.loads(capsys.readouterr().out)
     assert stats["min_jacobian"] > 0
     assert (tmp_path / "lj.nii.gz").exists()
+    # --fixed gives only the grid: an all-zero image on it does as well as the image
+    blank = tmp_path / "blank.nii.gz"
+    fixed = nib.load(str(files["fixed"]))
+    nib.save(nib.Nifti1Image(np.zeros(fixed.shape, np.float32), fixed.affine), str(blank))
+    assert jacobian_cli.main(["--transform", str(tmp_path / "fwd.h5"), "--fixed", str(blank),
+                              "--jacob", str(tmp_path / "j2.nii.gz")]) == 0
+    assert json.loads(capsys.readouterr().out) == stats
 
 
 def test_warp_needs_an_interpolator(files, tmp_path):
@@ -233,6 +249,16 @@ def test_reference_losses_with_fast_method_are_refused(files, tmp_path, capsys, 
     assert register_cli.main(ct_args_with_segmentations(files, tmp_path) + option) == 1
     assert "use --io_method network" in capsys.readouterr().err
     assert not (tmp_path / "fwd.h5").exists()
+
+
+def test_reference_io_options_without_io_are_accepted_silently(files, tmp_path, caplog):
+    """unigradicon-register runs them with --io_iterations None (they only act in IO)."""
+    args = [*ct_args_with_segmentations(files, tmp_path), "--dice_loss_weight", "1",
+            "--intensity_conservation_loss", "--io_sim", "lncc2", "--io_iterations", "None",
+            "--quiet"]
+    assert register_cli.main(args) == 0
+    assert "--io_sim and --io_lr" not in caplog.text
+    assert (tmp_path / "fwd.h5").stat().st_size > 0
 
 
 def test_ct_pair_with_both_reference_losses_runs(files, tmp_path):

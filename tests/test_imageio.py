@@ -38,6 +38,27 @@ def test_itk_formats_convert_lps_to_ras(tmp_path):
     assert np.allclose(image.data, data)
 
 
+@pytest.mark.parametrize("suffix", [".mha", ".nrrd"])
+def test_itk_formats_are_written_with_their_lps_geometry(tmp_path, suffix):
+    affine = make_affine("oblique") @ np.diag([1.0, 1.5, 2.5, 1.0])
+    data = np.random.default_rng(0).integers(-500, 500, (24, 20, 16)).astype(np.int16)
+    path = save_image(Image(data, Geometry(data.shape, affine)), tmp_path / f"a{suffix}")
+    back = load_image(path)
+    assert np.allclose(back.geometry.affine, affine, atol=1e-5)
+    assert np.array_equal(back.data, data) and back.data.dtype == np.int16
+    # what ITK itself reads from it equals what it reads from the same image as NIfTI
+    write_nifti(tmp_path / "a.nii.gz", data, affine)
+    ours, nifti = sitk.ReadImage(str(path)), sitk.ReadImage(str(tmp_path / "a.nii.gz"))
+    assert np.allclose(ours.GetOrigin(), nifti.GetOrigin(), atol=1e-4)
+    assert np.allclose(ours.GetDirection(), nifti.GetDirection(), atol=1e-5)
+    assert np.allclose(ours.GetSpacing(), nifti.GetSpacing(), atol=1e-5)
+    sheared = affine.copy()
+    sheared[0, 1] += 0.4
+    with pytest.raises(InputError, match="sheared"):
+        save_image(Image(data, Geometry(data.shape, sheared)), tmp_path / f"b{suffix}")
+    assert not (tmp_path / f"b{suffix}").exists()
+
+
 def test_read_grid_reads_headers_like_load_image(tmp_path):
     affine = make_affine("oblique")
     data = np.random.default_rng(0).random((24, 20, 16)).astype(np.float32)

@@ -11,10 +11,17 @@ from regpipe.preprocess import check_modality, network_input, normalize_intensit
 from regpipe.spaces import Geometry, network_grid
 
 
-def test_ct_window_then_min_max():
+def test_ct_is_clipped_and_scaled_by_the_window():
     data = np.array([-3000, -1000, 0, 500, 1000, 4000], np.float32).reshape(1, 2, 3)
     out = normalize_intensity(data, "ct")
     assert np.allclose(out.ravel(), [0, 0, 0.5, 0.75, 1, 1])
+    # by the window, not by the clipped image's own range (uniGradICON 1.0.6's preprocess)
+    soft_tissue = np.array([-200, 0, 400], np.float32).reshape(1, 1, 3)
+    assert np.allclose(normalize_intensity(soft_tissue, "ct").ravel(), [0.4, 0.5, 0.7])
+    assert np.allclose(normalize_intensity(soft_tissue, "ct", ct_window=(-400, 600)).ravel(),
+                       [0.2, 0.4, 0.8])
+    with pytest.raises(InputError, match="constant inside the CT window"):
+        normalize_intensity(np.full((2, 2, 2), -1500, np.float32), "ct")
 
 
 def test_mri_uses_kth_smallest_as_upper_bound():

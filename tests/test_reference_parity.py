@@ -340,3 +340,25 @@ def test_instance_optimisation_step_with_both_losses_matches(narrow, narrow_segm
 def test_official_instance_optimisation_step_matches(official) -> None:
     reference, ours, moving, fixed = official
     assert compare_instance_optimisation(ours, reference, moving, fixed, steps=1) < 2e-6
+
+
+@pytest.mark.parametrize("modality, options", [
+    ("ct", {}), ("ct", {"ct_window": (-400.0, 600.0)}),
+    ("mri", {}), ("mri", {"quantile_range": (0.01, 0.95)}),
+])
+def test_intensity_normalisation_matches(modality, options) -> None:
+    """uniGradICON 1.0.6's ``preprocess`` against ours, on an image that reaches neither end
+    of the CT window (a soft-tissue crop: scaled by the window, not by its own range)."""
+    import itk
+    import numpy as np
+
+    from regpipe.preprocess import normalize_intensity
+
+    rng = np.random.default_rng(0)
+    data = rng.uniform(-200.0, 400.0, size=(12, 11, 10)).astype(np.float32)
+    if modality == "mri":
+        data = data + 300.0
+    reference = np.asarray(unigradicon.preprocess(itk.image_from_array(data), modality,
+                                                  **options))
+    ours = normalize_intensity(data, modality, **options)
+    assert np.abs(reference - ours).max() < 1e-6

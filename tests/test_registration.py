@@ -210,7 +210,7 @@ def test_save_checks_every_name_before_writing(pair, tmp_path):
     with pytest.raises(TransformFileError, match="affine transforms only"):
         result.save(tmp_path / "fwd.h5", inverse_out=tmp_path / "inv.txt")
     with pytest.raises(InputError, match="images are written as"):
-        result.save(tmp_path / "fwd.h5", warped_out=tmp_path / "w.mha")
+        result.save(tmp_path / "fwd.h5", warped_out=tmp_path / "w.mhd")
     assert list(tmp_path.iterdir()) == []
 
 

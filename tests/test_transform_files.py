@@ -623,6 +623,54 @@ def test_unigradicon_like_hdf5_composite_is_read(tmp_path: Path) -> None:
     assert _max(ours.map_points(points) - _sitk_map(composite, points)) < POINT_TOL
 
 
+def test_centered_affine_composite_as_unigradicon_writes_it_is_read(tmp_path: Path) -> None:
+    """uniGradICON 1.0.6 writes CenteredAffineTransform + field + CenteredAffineTransform,
+    a linear type SimpleITK has no class for: it is read by its point mapping."""
+    itk = pytest.importorskip("itk")
+    n = (10, 9, 8)
+    rng = np.random.default_rng(3)
+    net = gaussian_filter(rng.standard_normal((*n, 3)), sigma=(2, 2, 2, 0))
+    net_field = DisplacementField(Geometry(n, np.diag([-1.0, -1.0, 1.0, 1.0])),
+                                  (net * 1.2 / np.abs(net).max()).astype(np.float32))
+    field_file = tmp_path / "field.h5"
+    sitk.WriteTransform(_sitk_field_transform(net_field), str(field_file))
+    (field,) = itk.transformread(str(field_file))
+
+    def centered(matrix: np.ndarray, center, translation):
+        transform = itk.CenteredAffineTransform[itk.D, 3].New()
+        transform.SetMatrix(itk.matrix_from_array(np.ascontiguousarray(matrix, np.float64)))
+        transform.SetCenter(center)
+        transform.SetTranslation(translation)
+        return transform
+
+    composite = itk.CompositeTransform[itk.D, 3].New()
+    composite.AddTransform(centered(_rotation(0, 10, 0) @ np.diag([2.2, 2.0, 2.4]),
+                                    (4.5, 4.0, 3.5), (-3.0, 1.0, 2.0)))
+    composite.AddTransform(field)
+    composite.AddTransform(centered(_rotation(5, 0, 8) * 0.45, (1.0, 2.0, 0.5),
+                                    (4.0, 3.0, 3.0)))
+    path = tmp_path / "unigradicon.hdf5"
+    itk.transformwrite([composite], str(path))
+    assert b"CenteredAffineTransform_double_3_3" in path.read_bytes()
+    ours = read_transform(path)
+    assert [type(t) for t in ours.transforms] == [AffineTransform, DisplacementField,
+                                                  AffineTransform]
+    fixed = GEOMETRIES["oblique"]
+    points = _interior_points(fixed, n=1000)
+    network = net_field.geometry.world_to_voxel(ours.transforms[0].map_points(points))
+    points = points[np.all((network >= 1) & (network <= np.asarray(n) - 2), axis=-1)]
+    assert len(points) > 50
+    lps = points * [-1, -1, 1]
+    expected = np.array([composite.TransformPoint(p.tolist()) for p in lps]) * [-1, -1, 1]
+    assert _max(ours.map_points(points) - expected) < POINT_TOL
+
+
+def test_empty_transform_file_is_named(tmp_path: Path) -> None:
+    (tmp_path / "empty.h5").touch()
+    with pytest.raises(TransformFileError, match=r"empty\.h5 is empty \(0 bytes\)"):
+        read_transform(tmp_path / "empty.h5")
+
+
 def test_unsupported_itk_transform_is_refused(tmp_path: Path) -> None:
     reference = sitk.Image([8, 8, 8], sitk.sitkFloat32)
     bspline = sitk.BSplineTransformInitializer(reference, [3, 3, 3])

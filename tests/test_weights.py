@@ -543,6 +543,8 @@ def test_cli_path(capsys: pytest.CaptureFixture[str], home: Path) -> None:
     captured = capsys.readouterr()
     assert captured.out.strip() == str(home / "weights/unigradicon/Step_2_final.trch")
     assert "regpipe-weights fetch unigradicon" in captured.err
+    assert main(["path", "default"]) == 0  # the bundled default, as --weights default means
+    assert capsys.readouterr().out.strip().endswith("regpipe-compact.pt")
 
 
 def test_cli_fetch_and_verify(

@@ -35,7 +35,7 @@ def _main(args: argparse.Namespace) -> int:
     from regpipe.transforms import DisplacementField
 
     check_outputs({"jacob": (args.jacob, "image"), "log_jacob": (args.log_jacob, "image")})
-    fixed = load_image(args.fixed, "mask", "fixed image")
+    fixed = load_image(args.fixed, "any", "fixed image")  # only its grid is used
     geometry = fixed.geometry
     mask = None
     if args.mask:  # checked before anything is computed or written

@@ -173,7 +173,7 @@ def _check_objective_options(args: argparse.Namespace) -> None:
                          "--moving_segmentation")
     for name, used in (("--intensity_conservation_loss", args.intensity_conservation_loss),
                        ("--dice_loss_weight", args.dice_loss_weight > 0)):
-        if used and args.io_method != "network":
+        if used and args.io_method != "network" and args.io_iterations:  # no IO: no effect
             raise InputError(f"{name} applies to uniGradICON's network instance optimisation: "
                              "use --io_method network")
 
@@ -183,7 +183,8 @@ def _main(args: argparse.Namespace) -> int:
 
     if args.io_lr is not None and args.io_lr <= 0:
         raise InputError("--io_lr must be positive")
-    if args.io_method == "fast" and (args.io_sim != "lncc" or args.io_lr is not None):
+    if (args.io_method == "fast" and args.io_iterations
+            and (args.io_sim != "lncc" or args.io_lr is not None)):
         # unigradicon-register scripts pass them (its own --io_lr default, say): run, saying so
         LOGGER.warning("--io_sim and --io_lr set uniGradICON's network instance optimisation "
                        "(--io_method network); the default fast optimisation uses LNCC and its "

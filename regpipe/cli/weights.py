@@ -88,6 +88,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_path(args: argparse.Namespace) -> int:
+    if args.name.lower() == "default":  # what --weights default means everywhere else
+        args.name = weights.default_weights_name()
     path = weights.weights_path(args.name)
     print(path)
     if not (path.is_file() and path.stat().st_size > 0):
