@@ -39,9 +39,11 @@ checkpoint.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -214,8 +216,11 @@ def load_starting_network(weights: str):
     return network, Path(path).absolute(), sha256sum(path), name
 
 
-def check_resumable(folder: Path, network, sha256: str) -> bool:
-    """``True`` when ``folder`` holds a checkpoint to resume; 64 when it is another run's."""
+def check_resumable(folder: Path, network, sha256: str,
+                    selection: dict[str, Any] | None = None) -> bool:
+    """``True`` when ``folder`` holds a checkpoint to resume; 64 when it is another run's
+    (another network, other starting weights, or another ``selection``: the card's
+    ``finetuning`` entries a resumed run must keep), before any image is prepared."""
     import torch
 
     from regpipe.run_folder import CHECKPOINT
@@ -246,6 +251,13 @@ def check_resumable(folder: Path, network, sha256: str) -> bool:
             f"{folder} holds a finetuning run started from other weights (sha256 "
             f"{started[:12]}..., --weights has {sha256[:12]}...); use another OUTPUT_DIR, "
             "or the same --weights to continue that run")
+    from regpipe.run_folder import finetuning_changes
+
+    changes = finetuning_changes(card.get("finetuning") or {}, selection or {})
+    if changes:
+        raise UsageError(f"{folder} holds a finetuning run with other settings "
+                         f"({'; '.join(changes)}); continue it with the same ones or use "
+                         "another OUTPUT_DIR")
     return True
 
 
@@ -275,13 +287,32 @@ def build_source(pairs: dict[str, list[Pair]], shape: Sequence[int], *, labels: 
     from regpipe.training_data import ImagePairSource, MixedSource
 
     sources = []
+    prepared: dict[Path, Any] = {}  # each image is read and prepared once for both kinds
     for kind, kind_pairs in pairs.items():
         paths = [(m.path, f.path) for m, f in kind_pairs]
         sources.append(ImagePairSource(paths, shape, region=region, modality=modality,
                                        labels=labels, pair_type=kind, grid_mode=grid_mode,
                                        affine=affine, name=f"bids-{kind}",
-                                       preparation=preparation))
+                                       preparation=preparation, image_cache=prepared))
     return sources[0] if len(sources) == 1 else MixedSource(sources, [1.0] * len(sources))
+
+
+def selection_record(args: argparse.Namespace, masked: int) -> dict[str, Any]:
+    """The card's ``finetuning`` entries that fix what a run trains on
+    (:data:`regpipe.run_folder.FIXED_FINETUNING`)."""
+    return {
+        "dataset_path": str(args.bids_dir),
+        "suffix": args.suffix,
+        "pair_type": args.pairs,
+        "participant_label": args.participant_label,
+        "session_label": args.session_label,
+        "bids_filters": args.bids_filters,
+        "labels": str(args.labels) if args.labels else None,
+        "affine_init": args.affine_init,
+        "region": args.region,
+        "preprocessing": {"bias_correct": bool(args.bias_correct and args.suffix != "CT"),
+                          "masked_images": masked},
+    }
 
 
 def model_card(args: argparse.Namespace, *, start: dict[str, Any], dataset: str,
@@ -313,24 +344,12 @@ def model_card(args: argparse.Namespace, *, start: dict[str, Any], dataset: str,
             "starting_weights_file": str(start["file"]),
             "starting_weights_sha256": start["sha256"],
             "dataset": dataset,
-            "dataset_path": str(args.bids_dir),
-            "suffix": args.suffix,
-            "pair_type": args.pairs,
             "subjects": len(subjects),
             "images": len(images),
             "pairs_inter": len(pairs.get("inter", [])),
             "pairs_intra": len(pairs.get("intra", [])),
             "labelled_pairs": labelled,
-            "labels": str(args.labels) if args.labels else None,
-            "preprocessing": {
-                "bias_correct": bool(args.bias_correct and args.suffix != "CT"),
-                "masked_images": masked,
-            },
-            "affine_init": args.affine_init,
-            "participant_label": args.participant_label,
-            "session_label": args.session_label,
-            "bids_filters": args.bids_filters,
-            "region": args.region,
+            **selection_record(args, masked),
             "starting_card": {k: v for k, v in start["card"].items() if k != "usage"},
         },
     }
@@ -403,6 +422,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     from regpipe.device import set_threads
     from regpipe.training import train
 
+    started = time.monotonic()  # --budget counts image preparation too
     _check_output(args)
     if args.threads:
         set_threads(args.threads)
@@ -415,8 +435,10 @@ def run_finetune(args: argparse.Namespace) -> int:
                 ", ".join(f"{len(v)} {k}" for k, v in pairs.items()))
     labels: dict[Path, Path] = {}
     masks: dict[Path, Path] = {}
+    paired = {image.path for kind in pairs.values() for pair in kind for image in pair}
     if args.labels is not None:
         masks = find_label_maps(args.labels, images, kind="mask")  # 66 when missing
+        masks = {path: mask for path, mask in masks.items() if path in paired}
         if args.dice_weight:
             labels = find_label_maps(args.labels, images)
         else:
@@ -428,7 +450,8 @@ def run_finetune(args: argparse.Namespace) -> int:
 
         args.region = AUTO_REGIONS["ct" if args.suffix == "CT" else "mri"]
     grid_mode = str(network.metadata.get("grid_mode", "squash"))
-    resuming = check_resumable(args.output_dir, network, sha256)
+    resuming = check_resumable(args.output_dir, network, sha256,
+                               selection_record(args, len(masks)))
     from regpipe.image_pairs import Preparation
 
     preparation = Preparation(bias_correct=args.bias_correct, masks=masks,
@@ -444,9 +467,13 @@ def run_finetune(args: argparse.Namespace) -> int:
     label = network.metadata.get("name") or (Path(name).stem if Path(name).suffix else name)
     start = {"name": label, "file": path, "sha256": sha256, "card": dict(network.metadata)}
     card = model_card(args, start=start, dataset=_dataset_name(args.bids_dir), pairs=pairs,
-                      labelled=labelled, grid_mode=grid_mode,
-                      masked=sum(image.path in masks for image in images))
+                      labelled=labelled, grid_mode=grid_mode, masked=len(masks))
     options = options_from(vars(args))
+    if options.budget_seconds is not None:
+        spent = time.monotonic() - started
+        LOGGER.info("%.0f s of --budget spent on reading and preparing the images", spent)
+        options = dataclasses.replace(options, budget_seconds=max(options.budget_seconds - spent,
+                                                                  0.0))
     LOGGER.info("%s %s from %s (%s grid %s) in %s", "resuming" if resuming else "finetuning",
                 card["name"], name, grid_mode, network.config.grid_shape, args.output_dir)
     state = train(network, source, args.output_dir, options, card)

@@ -143,6 +143,9 @@ class ImagePairSource:
     preparation
         Bias correction and brain masks applied to each image before intensity normalisation
         (default: none; ``regpipe-finetune`` prepares images as the BIDS App does).
+    image_cache
+        A dict shared by sources of the same images with the same ``shape``, ``modality`` and
+        ``preparation``: each image is read and prepared once and held in memory once.
 
     Example
     -------
@@ -167,6 +170,7 @@ class ImagePairSource:
         intensity: IntensityRange | None = None,
         name: str = "image-pairs",
         preparation: Preparation | None = None,
+        image_cache: dict[Path, _Volume] | None = None,
     ) -> None:
         if not pairs:
             raise InputError("ImagePairSource needs at least one pair")
@@ -184,11 +188,14 @@ class ImagePairSource:
         paths = list(dict.fromkeys(Path(p) for pair in pairs for p in pair))
         index = {path: i for i, path in enumerate(paths)}
         preparation = preparation or Preparation()
+        cache = {} if image_cache is None else image_cache
         self.images = []
         for number, path in enumerate(paths, 1):
-            if preparation.bias_correct and modality == "mri":
-                LOGGER.info("preparing image %d of %d: %s", number, len(paths), path.name)
-            self.images.append(_load_placed_image(path, modality, most, preparation))
+            if path not in cache:
+                if preparation.bias_correct and modality == "mri":
+                    LOGGER.info("preparing image %d of %d: %s", number, len(paths), path.name)
+                cache[path] = _load_placed_image(path, modality, most, preparation)
+            self.images.append(cache[path])
         self.pairs = [(index[Path(m)], index[Path(f)]) for m, f in pairs]
         label_files = {Path(k): Path(v) for k, v in (labels or {}).items()}
         self.label_maps, self.original_ids = _load_label_maps(

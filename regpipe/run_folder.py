@@ -132,7 +132,20 @@ FIXED_OPTIONS = ("batch_size", "lam", "lam_range", "similarity", "lncc_sigma", "
 FIXED_RECIPE = ("sources", "init", "conditional")
 #: Finetuning selections (the card's ``finetuning``) a resumed finetuning run must keep.
 FIXED_FINETUNING = ("dataset_path", "suffix", "pair_type", "participant_label",
-                    "session_label", "bids_filters", "labels", "affine_init", "region")
+                    "session_label", "bids_filters", "labels", "affine_init", "region",
+                    "preprocessing")
+#: What a finetuning record without an entry had (runs from before the entry existed).
+_FINETUNING_BEFORE = {"preprocessing": {"bias_correct": False, "masked_images": 0}}
+
+
+def finetuning_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """The :data:`FIXED_FINETUNING` entries that differ between two finetuning records."""
+    changes = []
+    for key in FIXED_FINETUNING if old and new else ():
+        before = old.get(key, _FINETUNING_BEFORE.get(key))
+        if before != new.get(key):
+            changes.append(f"{key} {before!r} -> {new.get(key)!r}")
+    return changes
 
 
 def _changes(saved: Mapping[str, Any], options: Mapping[str, Any] | None,
@@ -151,11 +164,8 @@ def _changes(saved: Mapping[str, Any], options: Mapping[str, Any] | None,
         if old.get(key) != new.get(key):
             changes.append(f"{key} {old.get(key)!r} -> {new.get(key)!r}"
                            if key != "sources" else "the data sources")
-    old_ft = (saved.get("card") or {}).get("finetuning") or {}
-    new_ft = (card or {}).get("finetuning") or {}
-    for key in FIXED_FINETUNING if old_ft and new_ft else ():
-        if old_ft.get(key) != new_ft.get(key):
-            changes.append(f"{key} {old_ft.get(key)!r} -> {new_ft.get(key)!r}")
+    changes += finetuning_changes((saved.get("card") or {}).get("finetuning") or {},
+                                  (card or {}).get("finetuning") or {})
     return changes
 
 

@@ -305,20 +305,56 @@ def train(
     -------
     :class:`TrainingState`.
     """
-    from tqdm.auto import tqdm
-
     from regpipe.device import select_device
 
     options = options or TrainingOptions()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    device = select_device(options.device)
+    with _folder_lock(folder):
+        return _train(network, source, folder, options, card, select_device(options.device))
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    """Hold ``folder/.lock`` (``fcntl.flock``) for the run: a second run in the same folder
+    would interleave its log rows and checkpoints with this one's."""
+    import fcntl
+
+    handle = open(folder / ".lock", "a+", encoding="utf-8")  # held until the run ends
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise InputError(f"another run (process {holder}) is training in {folder}; wait "
+                             "for it or use another folder") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+def _train(network: RegistrationNetwork, source: PairSource, folder: Path,
+           options: TrainingOptions, card: Mapping[str, Any] | None,
+           device: torch.device) -> TrainingState:
+    """:func:`train` with the folder made and locked."""
+    from tqdm.auto import tqdm
+
     network.to(device).train()
     torch.manual_seed(options.seed)
     optimiser = torch.optim.Adam(_trainable_parameters(network, options.trainable), lr=options.lr)
-    average = WeightAverage() if options.average_from is not None else None
+    # always restored: a resumed run without averaging keeps (does not extend) the average an
+    # earlier part of the run built
+    average = WeightAverage()
     step, elapsed_before = resume_run(folder, network, optimiser, average,
                                       options.to_dict(), card)
+    if options.average_from is None and average.count:
+        LOGGER.warning("the run's weight average (%d snapshots) is kept but not extended: give "
+                       "--average-from to extend it", average.count)
     shape = network.config.grid_shape
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16)
@@ -341,7 +377,8 @@ def train(
             "wall_time_hours": round((elapsed_before + time.monotonic() - started) / 3600, 3),
             "hardware": _hardware(device),
             "source": getattr(source, "name", type(source).__name__),
-            "options": {k: v for k, v in options.to_dict().items() if k not in ("progress",)},
+            "options": {**{k: v for k, v in options.to_dict().items() if k != "progress"},
+                        "amp": options.amp and device.type == "cuda"},  # what ran
         }
         return record
 
@@ -434,9 +471,16 @@ def _cut_log(path: Path, step: int) -> None:
     if not path.is_file():
         return
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    steps = [line.split(",", 1)[0] for line in lines[1:]]
-    kept = lines[:1] + [line for line, first in zip(lines[1:], steps, strict=True)
-                        if first.isdigit() and int(first) <= step]
+    if not lines:
+        return
+    fields = lines[0].count(",")
+
+    def complete_and_before(line: str) -> bool:  # a row cut off by a kill is not complete
+        first = line.split(",", 1)[0]
+        return (line.endswith("\n") and line.count(",") == fields and first.isdigit()
+                and int(first) <= step)
+
+    kept = lines[:1] + [line for line in lines[1:] if complete_and_before(line)]
     if len(kept) != len(lines):
         from regpipe.atomic import atomic_write_text
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -444,7 +445,7 @@ def test_resuming_with_another_filter_file_is_refused(data, tmp_path, capsys):
     assert _finetune(data, out, *FAST, "--steps", "1") == 0
     filters = tmp_path / "f.json"
     filters.write_text(json.dumps({"t1w": {"session": "1"}}))
-    assert _finetune(data, out, *FAST, "--steps", "2", "--bids-filter-file", filters) == 1
+    assert _finetune(data, out, *FAST, "--steps", "2", "--bids-filter-file", filters) == 64
     assert "bids_filters None -> " in capsys.readouterr().err
 
 
@@ -481,7 +482,7 @@ def test_a_full_disk_is_one_line_and_73(data, tmp_path, monkeypatch, capsys):
 def test_resuming_with_other_participants_is_refused(data, tmp_path, capsys):
     out = tmp_path / "run"
     assert _finetune(data, out, *FAST, "--steps", "1", "--pairs", "inter") == 0
-    assert _finetune(data, out, *FAST, "--steps", "2", "--pairs", "both") == 1
+    assert _finetune(data, out, *FAST, "--steps", "2", "--pairs", "both") == 64
     assert "pair_type 'inter' -> 'both'" in capsys.readouterr().err
 
 
@@ -574,3 +575,49 @@ def test_region_takes_the_aliases_the_other_tools_take():
     args = finetune.build_parser().parse_args(["b", "o", "--weights", "w.pt", "--region", "lung"])
     assert args.region == "thorax"
     assert finetune.build_parser().parse_args(["b", "o", "--weights", "w"]).region == "auto"
+
+
+def test_resuming_with_other_preparation_is_refused_before_preparing(data, tmp_path, capsys,
+                                                                       monkeypatch):
+    out = tmp_path / "run"
+    assert _finetune(data, out, *FAST, "--participant-label", "01", "02", "--no-n4") == 0
+    import regpipe.image_pairs
+
+    def no_preparing(*args, **kwargs):
+        raise AssertionError("an image was prepared")
+
+    monkeypatch.setattr(regpipe.image_pairs, "_load_placed_image", no_preparing)
+    assert _finetune(data, out, *FAST, "--participant-label", "01", "02") == 64
+    assert "bias_correct': False" in capsys.readouterr().err
+    assert _finetune(data, out, *FAST, "--participant-label", "01", "02", "--no-n4",
+                     "--labels", data["labels"]) == 64  # now with sub-01's mask
+    assert "masked_images': 0" in capsys.readouterr().err
+
+
+def test_both_kinds_prepare_each_image_once_and_count_paired_masks(data, tmp_path, caplog):
+    out = tmp_path / "run"
+    with caplog.at_level("INFO", logger="regpipe"):
+        assert _finetune(data, out, *FAST, "--pairs", "both", "--participant-label", "01", "02",
+                         "--labels", data["labels"]) == 0
+    preparing = [r for r in caplog.messages if r.startswith("preparing image")]
+    assert len(preparing) == 4  # four images, not once per pair kind
+    assert _card(out)["finetuning"]["preprocessing"]["masked_images"] == 1
+    intra = tmp_path / "intra"  # sub-01 ses-1 (masked) is in no pair of sub-02 alone
+    assert _finetune(data, intra, *FAST, "--pairs", "intra", "--participant-label", "02",
+                     "--labels", data["labels"]) == 0
+    assert _card(intra)["finetuning"]["preprocessing"]["masked_images"] == 0
+
+
+def test_budget_counts_image_preparation(data, tmp_path, monkeypatch):
+    import regpipe.image_pairs
+
+    original = regpipe.image_pairs._load_placed_image
+
+    def slow(*args, **kwargs):
+        time.sleep(0.5)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(regpipe.image_pairs, "_load_placed_image", slow)
+    out = tmp_path / "run"
+    assert _finetune(data, out, *FAST, "--steps", "50", "--budget", "1s", "--no-n4") == 0
+    assert _card(out)["training"]["steps"] == 0  # 5 images x 0.5 s used the whole budget

@@ -620,6 +620,52 @@ def test_a_run_stopped_by_a_signal_exits_130(tmp_path, monkeypatch):
     assert main([str(tmp_path / "run"), "--steps", "2", *TINY_ARGS]) == 130
 
 
+def test_a_row_cut_off_by_a_kill_is_dropped_not_glued_to_the_next(tmp_path):
+    torch.manual_seed(0)
+    options = TrainingOptions(steps=2, checkpoint_every=2, progress=False)
+    train(build_network(TINY), RandomShapesSource(), tmp_path, options)
+    log = tmp_path / "log.csv"
+    log.write_text(log.read_text() + "2,1,1,1,1,0,0.1,other,intra,1.5\n10")  # cut mid-row
+    train(build_network(TINY), RandomShapesSource(), tmp_path,
+          TrainingOptions(steps=3, checkpoint_every=2, progress=False))
+    rows = log.read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "2", "3"]
+    assert all(r.count(",") == rows[0].count(",") for r in rows)
+
+
+def test_a_second_run_in_the_same_folder_is_refused(tmp_path):
+    from regpipe.training import _folder_lock
+
+    with _folder_lock(tmp_path):
+        with pytest.raises(InputError, match=r"another run \(process \d+\) is training"):
+            _train(tmp_path, 1)
+    _train(tmp_path, 1)  # free again once the first run is over
+
+
+def test_seed_sets_the_initial_weights_of_a_new_network(tmp_path):
+    from regpipe.cli.train import main
+
+    for name in ("a", "b"):
+        torch.manual_seed(123 if name == "a" else 456)  # whatever ran before
+        assert main([str(tmp_path / name), "--steps", "1", "--seed", "5", "--no-progress",
+                     *TINY_ARGS]) == 0
+    first, second = (network_from_file(tmp_path / n / "weights.pt").state_dict()
+                     for n in ("a", "b"))
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_resuming_without_averaging_keeps_the_average(tmp_path, caplog):
+    _train(tmp_path, 4, average_from=2, average_every=2)
+    before = network_from_file(tmp_path / "weights-avg.pt").metadata["weight_average"]
+    with caplog.at_level("WARNING", logger="regpipe.training"):
+        _train(tmp_path, 6)
+    assert "kept but not extended" in caplog.text
+    _train(tmp_path, 8, average_from=2, average_every=2)
+    after = network_from_file(tmp_path / "weights-avg.pt").metadata["weight_average"]
+    assert before == {"snapshots": 2, "first_step": 2, "last_step": 4}
+    assert after == {"snapshots": 3, "first_step": 2, "last_step": 8}
+
+
 def test_log_rows_after_the_resumed_checkpoint_are_dropped(tmp_path):
     torch.manual_seed(0)
     options = TrainingOptions(steps=2, checkpoint_every=2, progress=False)
@@ -642,6 +688,12 @@ def test_log_rows_after_the_resumed_checkpoint_are_dropped(tmp_path):
     ({"sources": {"type": "random-shapes"}}, "sources must be list"),
     ({"sources": [{"type": "random-shapes", "weigth": 2}]}, "unexpected keyword argument"),
     ({"sources": [{"type": "label-maps"}]}, "needs 'paths'"),
+    ({"down_channels": 4}, "down_channels must be list"),
+    ({"lam_range": 2}, "lam_range must be list"),
+    ({"lam_range": [1, 2, 3]}, "lam_range must be [low, high]"),
+    ({"grid": [17, "a", 17]}, "grid must be a list of integers"),
+    ({"sources": [{"type": "random-shapes", "weight": "abc"}]}, "weight must be a number"),
+    ({"no_amp": "no"}, "no_amp must be bool"),
 ])
 def test_bad_recipes_are_one_line_errors(tmp_path, capsys, recipe, message):
     from regpipe.cli.train import main

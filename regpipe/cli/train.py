@@ -315,10 +315,30 @@ _RECIPE_TYPES: dict[str, tuple[type, ...]] = {
     **dict.fromkeys(("lr", "lam", "dice_weight", "lncc_sigma"), (int, float)),
     **dict.fromkeys(("name", "description", "preset", "similarity", "init", "data_root",
                      "device", "trainable", "conditional", "grid_mode"), (str,)),
-    **dict.fromkeys(("grid", "down_channels", "up_channels", "lam_range"), (list, int)),
+    "grid": (list, int),
+    **dict.fromkeys(("down_channels", "up_channels", "lam_range"), (list,)),
+    **dict.fromkeys(("no_amp", "no_progress"), (bool,)),
     "budget": (str, int, float),
     "sources": (list,),
 }
+
+
+def _check_recipe_items(recipe: dict[str, Any], path: Any) -> None:
+    """Element types of list values and source weights (one line each, not a traceback)."""
+    for key in ("grid", "down_channels", "up_channels"):
+        value = recipe.get(key)
+        if isinstance(value, list) and not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise InputError(f"{path}: {key} must be a list of integers, not {value!r}")
+    lam_range = recipe.get("lam_range")
+    if lam_range is not None and not (
+            len(lam_range) == 2
+            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in lam_range)):
+        raise InputError(f"{path}: lam_range must be [low, high], not {lam_range!r}")
+    for number, source in enumerate(recipe.get("sources") or [], 1):
+        weight = source.get("weight", 1.0) if isinstance(source, dict) else 1.0
+        if isinstance(weight, bool) or not isinstance(weight, int | float):
+            raise InputError(f"{path}: source {number}: weight must be a number, not {weight!r}")
 
 
 def check_recipe(recipe: Any, path: Any = "recipe") -> None:
@@ -335,9 +355,10 @@ def check_recipe(recipe: Any, path: Any = "recipe") -> None:
         types = _RECIPE_TYPES.get(key)
         if value is None or types is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, types):
+        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
             names = " or ".join(t.__name__ for t in types)
             raise InputError(f"{path}: {key} must be {names}, not {value!r}")
+    _check_recipe_items(recipe, path)
     if "budget" in recipe:
         try:
             parse_duration(recipe["budget"])
@@ -483,6 +504,12 @@ def run_training(settings: dict[str, Any], output: Path, card: dict[str, Any]) -
 
     if settings.get("threads"):
         set_threads(int(settings["threads"]))
+    import torch
+
+    from regpipe.device import select_device
+
+    select_device(settings.get("device") or "auto")  # no CUDA: fail before any work
+    torch.manual_seed(int(settings.get("seed") or 0))  # --seed also sets the initial weights
     network, checkpoint = build_network_from(settings)
     grid_mode = training_grid_mode(settings, checkpoint)
     root = Path(settings.get("data_root", ".")).expanduser()
