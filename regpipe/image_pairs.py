@@ -278,28 +278,35 @@ def _load_placed_image(path: Path, modality: str, most: int,
 
 
 def mask_on_grid(mask_path: Path, image) -> np.ndarray:
-    """``mask_path``'s mask (bool) on ``image``'s voxel grid.
-
-    A mask whose voxel axes are ordered or directed differently (one saved in RAS order for an
-    image stored LIP, say) is reoriented; any other grid is refused, as the BIDS App refuses it.
-    """
-    from nibabel import orientations
-
+    """``mask_path``'s mask (bool) on ``image``'s voxel grid (see :func:`_onto_grid`)."""
     from regpipe.imageio import load_image
 
     mask = load_image(mask_path, "mask", "brain mask")
-    data = np.asarray(mask.data) != 0
-    if mask.geometry.same_as(image.geometry, atol=1e-3):
+    return _onto_grid(np.asarray(mask.data) != 0, mask.geometry, image.geometry,
+                      f"brain mask {mask_path}", image.name)
+
+
+def _onto_grid(data: np.ndarray, geometry: Geometry, target: Geometry, what: str,
+               owner: str) -> np.ndarray:
+    """``data`` (on ``geometry``) on the voxel grid ``target`` of its image.
+
+    Data whose voxel axes are ordered or directed differently (a mask or label map saved in
+    RAS order for an image stored LIP, say) are reoriented; any other grid is refused, as the
+    BIDS App refuses it.
+    """
+    from nibabel import orientations
+
+    if geometry.same_as(target, atol=1e-3):
         return data
-    change = orientations.ornt_transform(orientations.io_orientation(mask.geometry.affine),
-                                         orientations.io_orientation(image.geometry.affine))
+    change = orientations.ornt_transform(orientations.io_orientation(geometry.affine),
+                                         orientations.io_orientation(target.affine))
     moved = orientations.apply_orientation(data, change)
-    affine = mask.geometry.affine @ orientations.inv_ornt_aff(change, mask.geometry.shape)
-    if Geometry(moved.shape, affine).same_as(image.geometry, atol=1e-3):
-        return np.asarray(moved)
-    raise InputError(f"brain mask {mask_path} is on another voxel grid (shape "
-                     f"{mask.geometry.shape}) than its image {image.name} (shape "
-                     f"{image.geometry.shape}); resample it onto the image first")
+    affine = geometry.affine @ orientations.inv_ornt_aff(change, geometry.shape)
+    if Geometry(moved.shape, affine).same_as(target, atol=1e-3):
+        return np.ascontiguousarray(moved)
+    named = f" {owner}" if owner else ""
+    raise InputError(f"{what} is on another voxel grid (shape {geometry.shape}) than its image"
+                     f"{named} (shape {target.shape}); resample it onto the image first")
 
 
 def _cache_key(*paths: Path | None) -> str:
@@ -361,10 +368,7 @@ def _load_label_maps(files: Sequence[Path | None], images: Sequence[_Volume], mo
             maps.append(None)
             continue
         data, geometry = entry
-        if not geometry.same_as(image.source, atol=1e-3):
-            raise InputError(
-                f"label map {path} is not on its image's voxel grid (shape {geometry.shape} vs "
-                f"{image.source.shape}, or another affine): resample it onto the image first")
+        data = _onto_grid(data, geometry, image.source, f"label map {path}", "")
         contiguous = np.searchsorted(original, data).astype(np.int16)
-        maps.append(_reduce(contiguous, geometry, most, nearest=True).tensor.to(torch.int16))
+        maps.append(_reduce(contiguous, image.source, most, nearest=True).tensor.to(torch.int16))
     return maps, original

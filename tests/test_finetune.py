@@ -210,8 +210,21 @@ def test_label_map_on_another_grid_is_refused(tmp_path):
     image, labels = _phantom(np.zeros(3))
     path = _save(image, tmp_path / "a.nii.gz")
     wrong = _save(labels[:, :, :-2], tmp_path / "a_dseg.nii.gz")
-    with pytest.raises(InputError, match="not on its image's voxel grid"):
+    with pytest.raises(InputError, match=r"a_dseg\.nii\.gz is on another voxel grid"):
         ImagePairSource([(path, path)], (16, 16, 16), labels={path: wrong})
+
+
+def test_label_map_in_another_voxel_order_is_reoriented(tmp_path):
+    image, labels = _phantom(np.zeros(3))
+    path = _save(image, tmp_path / "a.nii.gz")
+    plain = ImagePairSource([(path, path)], SHAPE[::-1], deformation=STILL,
+                            labels={path: _save(labels, tmp_path / "a_dseg.nii.gz")})
+    flip = np.array([[1, 0, 0, 0], [0, -1, 0, SHAPE[1] - 1], [0, 0, 1, 0], [0, 0, 0, 1]])
+    flipped = tmp_path / "a_flipped_dseg.nii.gz"
+    nib.save(nib.Nifti1Image(labels[:, ::-1].copy(), AFFINE @ flip), flipped)
+    again = ImagePairSource([(path, path)], SHAPE[::-1], deformation=STILL,
+                            labels={path: flipped})
+    assert torch.equal(again.label_maps[0], plain.label_maps[0])
 
 
 # --------------------------------------------------------------------------- preparation
