@@ -210,6 +210,12 @@ def _plugin_args(value: str) -> dict[str, Any]:
     # regpipe's own entries (workflows.base.run_workflow), checked here rather than mid-run
     if "node_resources" in args and not isinstance(args["node_resources"], bool):
         raise argparse.ArgumentTypeError("--plugin-args: node_resources must be true or false")
+    for key, example in (("parallel_environment", "smp"), ("memory_resource", "h_vmem")):
+        value = args.get(key)  # Grid Engine's names, see the README
+        if value is not None and not (isinstance(value, str)
+                                      and re.fullmatch(r"[\w.-]+", value)):
+            raise argparse.ArgumentTypeError(
+                f"--plugin-args: {key} must be a name such as {example}")
     poll = args.get("poll_sleep_duration")
     if poll is not None and (isinstance(poll, bool) or not isinstance(poll, (int, float))
                              or poll < 0):

@@ -370,3 +370,47 @@ def test_array_task_keeps_the_jobs_gpu_binding_in_the_container(tmp_path):
     assert "--nv" in args and "CUDA_VISIBLE_DEVICES=3" in args
     assert args[args.index("CUDA_VISIBLE_DEVICES=3") - 1] == "--env"
     assert "--participant-label" in args and "07" in args
+
+
+def test_sge_pbs_and_lsf_jobs_ask_for_each_nodes_resources(tmp_path):
+    from nipype.interfaces.utility import IdentityInterface
+    from nipype.pipeline import engine as pe
+    from regpipe.workflows.base import (
+        _request_node_resources,
+        lsf_node_args,
+        pbs_node_args,
+        sge_node_args,
+    )
+
+    big = pe.Node(IdentityInterface(fields=["a"]), name="big", mem_gb=4.0, n_procs=4)
+    small = pe.Node(IdentityInterface(fields=["a"]), name="small", mem_gb=0.5)
+    # Grid Engine: nothing without the site's names; h_vmem counts per slot
+    assert sge_node_args(big) == ""
+    assert sge_node_args(big, "", "smp", "h_vmem") == " -pe smp 4 -l h_vmem=1280M"
+    assert sge_node_args(big, "", None, "h_vmem") == " -l h_vmem=5120M"
+    assert sge_node_args(big, "-pe mpi 8 -l h_vmem=2G,h_rt=1:00:00", "smp", "h_vmem") == ""
+    # PBS: threads and memory unless the run's qsub_args ask for them
+    assert pbs_node_args(big) == " -l nodes=1:ppn=4 -l mem=5120mb"
+    assert pbs_node_args(small) == " -l nodes=1:ppn=1 -l mem=1536mb"
+    assert pbs_node_args(big, "-l select=1:ncpus=8:mem=16gb -l walltime=1:00:00") == ""
+    assert pbs_node_args(big, "-l walltime=1:00:00,mem=8gb") == " -l nodes=1:ppn=4"
+    # LSF: threads on one host; memory units are a site setting
+    assert lsf_node_args(big) == ' -n 4 -R "span[hosts=1]"'
+    assert lsf_node_args(small) == "" and lsf_node_args(big, "-n 2") == ""
+    workflow = pe.Workflow(name="wf", base_dir=str(tmp_path))
+    workflow.add_nodes([big, small])
+    _request_node_resources(workflow, "PBSGraph", {"qsub_args": "-q short"})
+    assert big.plugin_args == {"qsub_args": " -l nodes=1:ppn=4 -l mem=5120mb"}
+    small.plugin_args = {"qsub_args": "-l mem=1gb"}  # a node's own request stays
+    _request_node_resources(workflow, "PBS", {})
+    assert small.plugin_args == {"qsub_args": "-l mem=1gb"}
+
+
+@pytest.mark.parametrize("value", ['{"parallel_environment": 4}',
+                                   '{"memory_resource": "h_vmem=4G"}'])
+def test_grid_engine_names_in_plugin_args_are_checked(value):
+    from regpipe.bids_app.exit_codes import UsageError
+    from regpipe.bids_app.parser import parse_args
+
+    with pytest.raises(UsageError, match="must be a name such as"):
+        parse_args(["/d", "/o", "participant", "--plugin", "SGE", "--plugin-args", value])

@@ -15,6 +15,7 @@ Example
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -463,8 +464,7 @@ class RunSummary:
     error: str | None = None
 
 
-#: Nipype plugins whose jobs are submitted with ``sbatch`` (per-node requests below).
-SLURM_PLUGINS = ("SLURM", "SLURMGraph")
+LOGGER = logging.getLogger("regpipe.workflows")
 #: Added to each node's memory estimate in its batch job's request: the job's Python with
 #: torch, Nipype and regpipe imported (355 MB measured) and room for reading its images.
 JOB_OVERHEAD_GB = 1.0
@@ -488,11 +488,11 @@ def slurm_node_args(node: pe.Node, user_args: str = "") -> str:
     left to the user (Nipype appends node options after the run's, and sbatch keeps the last).
     """
     given = shlex.split(user_args)
+    threads, megabytes = _threads_and_megabytes(node)
     out = []
     if not _sets_option(given, "-c", "--cpus-per-task"):
-        out.append(f"--cpus-per-task={max(int(node.n_procs), 1)}")
+        out.append(f"--cpus-per-task={threads}")
     if not _sets_option(given, "--mem", "--mem-per-cpu", "--mem-per-gpu"):
-        megabytes = math.ceil((float(node.mem_gb) + JOB_OVERHEAD_GB) * 1024)
         out.append(f"--mem={megabytes}M")
     inputs = node.interface.inputs
     if (str(getattr(inputs, "device", "")).startswith("cuda")
@@ -502,15 +502,102 @@ def slurm_node_args(node: pe.Node, user_args: str = "") -> str:
     return (" " + " ".join(out)) if out else ""
 
 
-def _request_node_resources(workflow: pe.Workflow, user_args: str) -> None:
-    """Give every node of ``workflow`` its own sbatch resource request (:func:`slurm_node_args`);
-    a node that already has ``sbatch_args`` keeps them."""
+def _threads_and_megabytes(node: pe.Node) -> tuple[int, int]:
+    """A node's threads and its memory request in MB (estimate + :data:`JOB_OVERHEAD_GB`)."""
+    return (max(int(node.n_procs), 1),
+            math.ceil((float(node.mem_gb) + JOB_OVERHEAD_GB) * 1024))
+
+
+def _sets_resource(args: Sequence[str], flag: str, *names: str) -> bool:
+    """Whether ``flag`` (``-l`` of qsub) is given a resource among ``names`` (``h_vmem=4G``,
+    ``nodes=1:ppn=2,mem=4gb``...)."""
+    for token, value in zip(args, [*args[1:], ""], strict=False):
+        if token == flag:
+            given = {item.split("=", 1)[0].split(":", 1)[0]
+                     for part in value.split(",") for item in part.split(":")}
+            if given & set(names):
+                return True
+    return False
+
+
+def sge_node_args(node: pe.Node, user_args: str = "", parallel_environment: str | None = None,
+                  memory_resource: str | None = None) -> str:
+    """qsub options (Sun/Son of/Univa Grid Engine) sized to one node.
+
+    Grid Engine has no standard names for these: slots come from a parallel environment
+    (``-pe <name> <threads>``, only when ``parallel_environment`` names the site's, e.g.
+    ``smp``), memory from a site's resource (``-l <memory_resource>=<MB per slot>M``, only when
+    ``memory_resource`` names it, e.g. ``h_vmem``, which Grid Engine counts per slot). What the
+    run's ``qsub_args`` already set is left to the user.
+    """
+    given = shlex.split(user_args)
+    threads, megabytes = _threads_and_megabytes(node)
+    out = []
+    slots = 1
+    if parallel_environment and "-pe" not in given:
+        out.append(f"-pe {parallel_environment} {threads}")
+        slots = threads
+    if memory_resource and not _sets_resource(given, "-l", memory_resource):
+        out.append(f"-l {memory_resource}={math.ceil(megabytes / slots)}M")
+    return (" " + " ".join(out)) if out else ""
+
+
+def pbs_node_args(node: pe.Node, user_args: str = "") -> str:
+    """qsub options (PBS Pro, Torque/OpenPBS) sized to one node: ``-l nodes=1:ppn=<threads>``
+    and ``-l mem=<MB>mb`` (PBS Pro reads the first as ``select=1:ncpus=<threads>``), unless the
+    run's ``qsub_args`` already ask for them."""
+    given = shlex.split(user_args)
+    threads, megabytes = _threads_and_megabytes(node)
+    out = []
+    if not _sets_resource(given, "-l", "nodes", "select", "ncpus", "ppn"):
+        out.append(f"-l nodes=1:ppn={threads}")
+    if not _sets_resource(given, "-l", "mem", "pmem", "vmem", "pvmem"):
+        out.append(f"-l mem={megabytes}mb")
+    return (" " + " ".join(out)) if out else ""
+
+
+def lsf_node_args(node: pe.Node, user_args: str = "") -> str:
+    """bsub options (IBM Spectrum LSF) sized to one node: ``-n <threads>`` on one host. Memory
+    is not requested: LSF's memory unit is a site setting (``LSF_UNIT_FOR_LIMITS``), so give
+    ``-M``/``-R rusage[mem=...]`` in the run's ``bsub_args``."""
+    given = shlex.split(user_args)
+    threads, _ = _threads_and_megabytes(node)
+    if "-n" in given or threads == 1:
+        return ""
+    return f' -n {threads} -R "span[hosts=1]"'
+
+
+#: Batch plugins with per-node resource requests: the ``plugin_args`` key of their submission
+#: arguments (run-wide and per node).
+BATCH_ARGS = {"SLURM": "sbatch_args", "SLURMGraph": "sbatch_args", "SGE": "qsub_args",
+              "SGEGraph": "qsub_args", "PBS": "qsub_args", "PBSGraph": "qsub_args",
+              "LSF": "bsub_args"}
+
+
+def node_resource_args(plugin: str, node: pe.Node, plugin_args: Mapping[str, Any]) -> str:
+    """The per-node submission options of ``node`` for ``plugin`` (see :data:`BATCH_ARGS`)."""
+    user_args = str(plugin_args.get(BATCH_ARGS[plugin], ""))
+    if plugin.startswith("SLURM"):
+        return slurm_node_args(node, user_args)
+    if plugin.startswith("SGE"):
+        return sge_node_args(node, user_args, plugin_args.get("parallel_environment"),
+                             plugin_args.get("memory_resource"))
+    if plugin.startswith("PBS"):
+        return pbs_node_args(node, user_args)
+    return lsf_node_args(node, user_args)
+
+
+def _request_node_resources(workflow: pe.Workflow, plugin: str,
+                            plugin_args: Mapping[str, Any]) -> None:
+    """Give every node of ``workflow`` its own resource request (:func:`node_resource_args`);
+    a node that already has its own submission arguments keeps them."""
+    key = BATCH_ARGS[plugin]
     for node in workflow._get_all_nodes():
-        if "sbatch_args" in node.plugin_args:
+        if key in node.plugin_args:
             continue
-        node_args = slurm_node_args(node, user_args)
+        node_args = node_resource_args(plugin, node, plugin_args)
         if node_args:
-            node.plugin_args = {**node.plugin_args, "sbatch_args": node_args}
+            node.plugin_args = {**node.plugin_args, key: node_args}
 
 
 def run_workflow(
@@ -546,9 +633,12 @@ def run_workflow(
         up to 60 s for a finished job's result file (``job_finished_timeout``). A
         ``poll_sleep_duration`` entry of ``plugin_args`` overrides all of this.
 
-    With SLURM (``SLURM``, ``SLURMGraph``), each node's job asks for what that node needs
-    (:func:`slurm_node_args`: its threads, memory and, on CUDA, a GPU) on top of the run's
-    ``sbatch_args``; ``"node_resources": false`` in ``plugin_args`` turns that off.
+    With a batch plugin (:data:`BATCH_ARGS`), each node's job asks for what that node needs
+    on top of the run's submission arguments: SLURM its threads, memory and, on CUDA, a GPU
+    (:func:`slurm_node_args`); PBS its threads and memory (:func:`pbs_node_args`); LSF its
+    threads (:func:`lsf_node_args`); Grid Engine slots and memory when ``plugin_args`` name the
+    site's ``parallel_environment`` and ``memory_resource`` (:func:`sge_node_args`).
+    ``"node_resources": false`` in ``plugin_args`` turns that off.
     """
     args: dict[str, Any] = {}
     if plugin == "MultiProc":
@@ -561,9 +651,15 @@ def run_workflow(
             args["memory_gb"] = float(memory_gb)
     args.update(plugin_args or {})
     asked_poll = args.pop("poll_sleep_duration", None)  # regpipe's, not the plugin's
-    node_resources = args.pop("node_resources", True)  # regpipe's too
-    if plugin in SLURM_PLUGINS and node_resources:
-        _request_node_resources(workflow, str(args.get("sbatch_args", "")))
+    node_resources = args.pop("node_resources", True)  # regpipe's too, and the Grid Engine
+    sge = {key: args.pop(key) for key in ("parallel_environment", "memory_resource")
+           if key in args}
+    if plugin in BATCH_ARGS and node_resources:
+        _request_node_resources(workflow, plugin, {**args, **sge})
+        if plugin.startswith("SGE") and not sge:
+            LOGGER.info("SGE: every job asks for the run's qsub_args only; give "
+                        "\"parallel_environment\" (your site's, e.g. smp) and "
+                        "\"memory_resource\" (e.g. h_vmem) in --plugin-args to size each job")
     execution = workflow.config.setdefault("execution", {})
     execution["stop_on_first_crash"] = str(bool(stop_on_first_crash)).lower()
     if plugin not in ("MultiProc", "Linear"):
