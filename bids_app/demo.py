@@ -124,8 +124,9 @@ def downsample(image: nib.Nifti1Image, factor: int = 2) -> nib.Nifti1Image:
     affine[:3, :3] = image.affine[:3, :3] * factor
     out = nib.Nifti1Image(np.rint(small).astype(np.int16), affine)
     out.header.set_xyzt_units("mm", "sec")
-    out.set_qform(affine, code=1)
-    out.set_sform(affine, code=1)
+    # the source's space codes: 4 (MNI) for the template, so its outputs keep saying MNI
+    out.set_qform(affine, code=int(image.header["qform_code"]) or 1)
+    out.set_sform(affine, code=int(image.header["sform_code"]) or 1)
     return out
 
 

@@ -15,7 +15,8 @@ Outputs
     ``session``, ``method``, ``fixed_space``, ``target`` (:func:`target_label`), the image's
     entities, ``metrics_file``, then
     every scalar metric; nested values are flattened, ``dice: {"17": 0.8}`` -> ``dice_17``;
-    missing values are ``n/a``), and ``output_dir/group/group_report.html`` from
+    missing values are ``n/a``) with its JSON sidecar describing every column, and
+    ``output_dir/group/group_report.html`` from
     :func:`regpipe.reports.write_group_report` with distributions per method and the failures.
 
 Failures
@@ -177,6 +178,8 @@ def collect_rows(output_dir: Path, participant_label: Sequence[str] | None = Non
             except (OSError, ValueError) as error:
                 LOGGER.warning("cannot read %s: %s", path, error)
                 metrics = {}
+            for key in _PER_IMAGE_IDS:  # the row's subject, session, fixed_space, target
+                metrics.pop(key, None)
             for key, value in metrics.items():
                 if key != "space":  # the TSV's copy of fixed_space
                     row.setdefault(key, value)
@@ -332,6 +335,41 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+#: Identity columns of a per-image metrics TSV that the group table has under its own names.
+_PER_IMAGE_IDS = ("participant_id", "session_id", "target_space", "target_cohort", "target_res")
+#: The group table's own columns (its JSON sidecar; metric columns are described as in the
+#: per-image metrics sidecars).
+GROUP_COLUMNS = {
+    "subject": "Subject label (sub-<label> without the prefix)",
+    "session": "Session label (n/a without sessions)",
+    "method": "Registration method (network, ants-syn, ants-synquick, ants-affine)",
+    "fixed_space": "Space of the fixed image (a template, or sub<label><session> for a "
+                   "subject's own reference in longitudinal mode)",
+    "target": "What the image was registered to: the template with its cohort and resolution "
+              "(MNI152NLin2009cAsym res-2), or 'own reference' and the reference session",
+    "metrics_file": "The per-image metrics file of the row, relative to the output folder",
+    **{key: f"BIDS entity {key} of the moving image" for key in IDENTITY_ENTITIES},
+}
+
+
+def write_sidecar(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    """The TSV's JSON sidecar: a description (and units) per column."""
+    from regpipe.workflows.steps import METRIC_COLUMNS
+
+    described: dict[str, Any] = {}
+    for column in _columns(rows):
+        if column in GROUP_COLUMNS:
+            described[column] = {"Description": GROUP_COLUMNS[column]}
+        elif column in METRIC_COLUMNS:
+            units, text = METRIC_COLUMNS[column]
+            described[column] = {"Description": text, **({"Units": units} if units else {})}
+        elif column.startswith("dice_"):
+            described[column] = {"Description": f"Dice overlap of label {column[5:]}"}
+        else:
+            described[column] = {"Description": f"{column} from the per-image metrics file"}
+    return atomic_write_text(path, json.dumps(described, indent=2) + "\n", parents=True)
+
+
 def write_tsv(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
     """Write ``rows`` as a BIDS-style TSV (``n/a`` for missing values), atomically."""
     columns = _columns(rows) or list(ID_COLUMNS[:3])
@@ -374,6 +412,7 @@ def run_group(args: argparse.Namespace) -> int:
     try:
         group_dir.mkdir(parents=True, exist_ok=True)
         tsv = write_tsv(rows, group_dir / TSV_NAME)
+        write_sidecar(rows, tsv.with_suffix(".json"))
         _ignore_group_folder(output_dir)
     except OSError as error:
         raise AppError(ExitCode.CANT_CREATE, f"cannot write {group_dir}: {error}") from None

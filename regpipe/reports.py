@@ -523,8 +523,13 @@ def write_group_report(
         "</section>",
         '<section id="distributions"><h2>Distributions</h2><div class="plots">',
     ]
+    for old in figures_dir.glob("group_*.svg"):  # names before 2026-11-22 ("..._jacobian")
+        if not old.name.endswith("_plot.svg"):
+            old.unlink()
     for key, title in GROUP_METRICS:
-        out = figures_dir / f"group_{key}.svg"
+        # one word, then "_plot": pybids reads the last part of a name as its suffix, and
+        # "group_sd_log_jacobian.svg" turned up among the Jacobian maps
+        out = figures_dir / f"group_{key.replace('_', '')}_plot.svg"
         plot = _attempt(f"{key} plot", plot_group_metric, rows, key, out, title=title)
         if plot is None:
             body.append(f"<p>{_e(title)}: no values.</p>")

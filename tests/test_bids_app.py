@@ -1005,7 +1005,7 @@ def test_group_collects_metrics_and_failures(tmp_path, monkeypatch):
     _dataset(out / "derivatives" / "regpipe-ants-syn")
     stem = f"sub-01_space-{TPL}_desc-T1w_metrics.tsv"
     _metrics_tsv(out / "sub-01" / "anat" / stem, runtime_s=12.5, dice_17="0.8",
-                 folding_percent="n/a")
+                 folding_percent="n/a", participant_id="sub-01", target_space=TPL)
     _metrics_tsv(out / "derivatives" / "regpipe-ants-syn" / "sub-01" / "anat" / stem,
                  runtime_s=40)
     _metrics_tsv(out / "sub-01" / "anat" / f"sub-01_space-{TPL}_res-2_desc-T1w_metrics.tsv",
@@ -1046,6 +1046,11 @@ def test_group_collects_metrics_and_failures(tmp_path, monkeypatch):
     tsv = (out / "group" / "group_metrics.tsv").read_text().splitlines()
     assert tsv[0].startswith("subject\tsession\tmethod\tfixed_space\ttarget")
     assert "n/a" in tsv[2] and len(tsv) == 4
+    # the per-image identity columns are the row's own: not repeated under their names
+    assert "participant_id" not in tsv[0] and "target_space" not in tsv[0]
+    sidecar = json.loads((out / "group" / "group_metrics.json").read_text())
+    assert set(sidecar) == set(tsv[0].split("\t"))
+    assert sidecar["runtime_s"]["Units"] == "s" and "Dice" in sidecar["dice_17"]["Description"]
     assert "group/" in (out / ".bidsignore").read_text()
 
 
@@ -1169,3 +1174,8 @@ def test_demo_dataset_is_valid_bids_with_offline_template(tmp_path, monkeypatch,
     assert run_module.main(fast_cmd[1:]) == 0
     (job, _) = fake_wf["kwargs"]["jobs"]
     assert job["fixed_space"] == TPL and nib.load(job["fixed"]).shape == (96, 114, 96)
+    # the 2 mm template stays in MNI space (NIfTI code 4), as TemplateFlow's file is
+    original = nib.load(jobs[0]["fixed"]).header
+    small = nib.load(job["fixed"]).header
+    assert int(small["sform_code"]) == int(original["sform_code"]) == 4
+    assert int(small["qform_code"]) == int(original["qform_code"])

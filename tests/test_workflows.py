@@ -443,6 +443,13 @@ def test_write_metrics_table(tmp_path, skeleton):
     assert header.split("\t")[-2:] == ["dice_2", "dice_10"]
     described = json.loads(Path(sidecar).read_text())
     assert described["runtime_s"]["Units"] == "s" and described["Dice"] == {"2": 0.5, "10": 0.7}
+    assert (values["target_cohort"], values["target_res"]) == ("n/a", "n/a")
+    job["fixed_entities"] = {"cohort": "1", "res": "2"}  # a res-2 run's rows say so
+    header, row = Path(steps.write_metrics(str(evaluation), str(tmp_path / "r.tsv"), job,
+                                           "network")[0]).read_text().splitlines()
+    values = dict(zip(header.split("\t"), row.split("\t"), strict=True))
+    assert (values["target_cohort"], values["target_res"]) == ("1", "2")
+    assert "target_res" in json.loads(Path(tmp_path / "r.json").read_text())
 
 
 def test_subject_report_calls_the_reports_module(monkeypatch, tmp_path):

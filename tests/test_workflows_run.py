@@ -269,6 +269,10 @@ def test_pybids_reads_every_method(runs):
         False,
     }
     assert len(layout.get(suffix="metrics", extension=".tsv")) == 4
+    # one method by its sidecars' Method (docs/outputs.md)
+    network = layout.get(suffix="xfm", extension=".h5", to=SPACE, Method="network")
+    assert len(network) == 2 and not any(
+        Path(f.path).is_relative_to(runs["out"] / "derivatives") for f in network)
 
 
 def test_second_run_recomputes_nothing(runs):

@@ -428,6 +428,9 @@ def write_metrics(
         "source_uri": job["source_uri"],
         "source_suffix": job["suffix"],
         "target_space": job["fixed_space"],
+        # a res-1 and a res-2 run share target_space: the file name's entities, in the row too
+        "target_cohort": (job.get("fixed_entities") or {}).get("cohort"),
+        "target_res": (job.get("fixed_entities") or {}).get("res"),
         "method": method,
     }
     row.update({key: metrics.get(key) for key in METRIC_COLUMNS})
@@ -448,6 +451,9 @@ def write_metrics(
         "source_uri": {"Description": "BIDS URI of the moving image"},
         "source_suffix": {"Description": "Suffix (contrast) of the moving image"},
         "target_space": {"Description": "Target space (fixed image) label"},
+        "target_cohort": {"Description": "Cohort of the target template (n/a: none)"},
+        "target_res": {"Description": "Resolution label of the target template (res-<label> "
+                                      "in the file names; n/a: none)"},
         "method": {
             "Description": "Registration method (network, ants-syn, ants-synquick, ants-affine)"
         },
