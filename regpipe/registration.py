@@ -648,18 +648,18 @@ def _moving_view(moving_img, grid_out, grid_shape, squash_moving, device) -> tor
 def _within_moving_view(fixed_mask, fixed_t, moving_img, grid_out, grid_shape, squash_moving,
                         foreground: float):
     """The fixed region the optimisation compares, cut to where the (affinely placed) moving
-    image has data: a slab or a small field of view inside a large fixed image would
-    otherwise be pulled towards the zeros outside it. ``fixed_mask`` unchanged (``None``
-    included) when the moving image covers the whole region."""
+    image has data, and that view: a slab or a small field of view inside a large fixed image
+    would otherwise be pulled towards the zeros outside it. ``(fixed_mask, None)`` (``None``
+    mask included) when the moving image covers the whole region."""
     view = _moving_view(moving_img, grid_out, grid_shape, squash_moving, fixed_t.device)
     region = (fixed_mask != 0).float() if fixed_mask is not None else \
         (fixed_t > foreground).float()
     inside = float((region * view).sum())
     if inside >= 0.99 * float(region.sum()) or inside == 0:
-        return fixed_mask
+        return fixed_mask, None
     LOGGER.info("the moving image covers %.0f %% of the fixed region: instance optimisation "
                 "compares them there only", 100 * inside / max(float(region.sum()), 1.0))
-    return region * view
+    return region * view, view
 
 
 def _instance_optimise(
@@ -706,9 +706,13 @@ def _instance_optimise(
             raise InputError("the intensity conservation and Dice losses need io_method "
                              "'network'")
         spacing = [float(np.linalg.norm(grid_in[:3, axis])) for axis in range(3)]
-        fixed_mask = _within_moving_view(
+        fixed_mask, view = _within_moving_view(
             mask_t.get("fixed"), fixed_t, moving_img, grid_out, grid_shape, squash_moving,
             float(dict(io_options or {}).get("foreground", fast_io.FastIOSettings().foreground)))
+        if view is not None:
+            # the similarity's windows at the view's edge must not see fixed-image data the
+            # moving image has no counterpart for (they stretched an aligned slab by ~20 %)
+            fixed_t = fixed_t * view
         return fast_io.optimise_displacement(
             moving_t, fixed_t, displacement, steps=steps, fixed_mask=fixed_mask,
             grid_spacing_mm=spacing, progress=progress, **dict(io_options or {}),
