@@ -184,6 +184,16 @@ def _warn_forms_differ(header: nib.Nifti1Header, path: Path) -> None:
                 "sform (as nibabel does), ITK and ANTs may use the qform, so transforms "
                 "applied to it by those tools would not match: set both to the same matrix",
                 path, gap)
+    if scode and sform is not None:
+        # ITK takes the voxel sizes from pixdim and only the directions from the sform
+        columns = np.linalg.norm(sform[:3, :3], axis=0)
+        zooms = np.asarray(header.get_zooms()[:3], dtype=np.float64)
+        if np.any(np.abs(columns - zooms) > 0.01 * np.maximum(zooms, 1e-6)):
+            LOGGER.warning(
+                "%s: its sform has voxel sizes %s but its header (pixdim) says %s; regpipe uses "
+                "the sform (as nibabel does), ITK and ANTs use pixdim, so they would place the "
+                "image differently: fix the header", path,
+                np.round(columns, 4).tolist(), np.round(zooms, 4).tolist())
 
 
 def _read_itk(path: Path) -> Image:
@@ -245,7 +255,8 @@ def read_grid(path: str | os.PathLike, what: str = "image") -> Geometry:
             "volume of a 4-D series first (e.g. `fslroi` or nibabel slicing)"
         )
     if min(shape[:3]) < 2:
-        raise InputError(f"{what} {path} has a degenerate shape {shape}")
+        raise InputError(f"{what} {path} has shape {shape}: regpipe registers 3-D volumes "
+                         "with at least 2 voxels along each axis (not single slices)")
     try:
         return Geometry((shape[0], shape[1], shape[2]), np.asarray(affine, dtype=np.float64))
     except ValueError as error:
@@ -267,7 +278,8 @@ def _validate(image: Image, kind: ImageKind, what: str) -> Image:
         raise InputError(f"{what} {image.name}: its data has shape {data.shape} but its grid "
                          f"{tuple(image.geometry.shape)}")
     if min(data.shape) < 2:
-        raise InputError(f"{what} {image.name} has a degenerate shape {data.shape}")
+        raise InputError(f"{what} {image.name} has shape {data.shape}: regpipe registers 3-D "
+                         "volumes with at least 2 voxels along each axis (not single slices)")
     if data.dtype.kind not in "biuf":
         raise InputError(f"{what} {image.name} has unsupported voxel type {data.dtype}")
     if kind == "labels":

@@ -405,9 +405,9 @@ def register(
         if 0 < covered < 0.99 * float(foreground.sum()):
             fixed_t = fixed_t * view
     if not bool(moving_t.abs().amax() > 0):
-        LOGGER.warning("the moving image does not overlap the fixed image's grid in world space "
-                       "(%s pre-alignment): the result will be meaningless; check the images' "
-                       "origins or use affine='ours'", affine)
+        raise InputError(f"the moving image does not overlap the fixed image in world space "
+                         f"({affine} pre-alignment), so there is nothing to register: check the "
+                         "images' origins, or pre-align them (affine='ours', --affine ours)")
 
     with _conditioned(network, condition):
         with autocast(torch_device, enabled=mixed_precision):
@@ -599,6 +599,13 @@ def _prealign(
         return None
     from regpipe.affine import affine_register
     from regpipe.ants_affine import ants_affine_register
+
+    for image, name in ((moving, "moving"), (fixed, "fixed")):
+        if min(image.geometry.shape) < 4:  # measured: a 2-slice slab squashed 5x, 3 slices 8 %
+            LOGGER.warning("the %s image has only %d voxels along one axis: a 12-parameter "
+                           "affine cannot tell scaling along it from misalignment; if the "
+                           "images are already aligned use affine='none' (--affine none)",
+                           name, min(image.geometry.shape))
 
     fixed_mask = masks["fixed"].data if "fixed" in masks else None
     moving_mask = masks["moving"].data if "moving" in masks else None

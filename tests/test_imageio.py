@@ -197,3 +197,21 @@ def test_single_volume_4d_itk_image_reads_like_the_nifti_one(tmp_path):
     assert loaded.data.shape == (7, 6, 5)
     assert read_grid(tmp_path / "one_volume.mha").same_as(loaded.geometry, atol=1e-9)
     np.testing.assert_allclose(loaded.geometry.spacing, [2.0, 3.0, 4.0])
+
+
+def test_sform_voxel_sizes_that_pixdim_contradicts_are_warned(tmp_path, caplog):
+    data = np.random.default_rng(0).random((8, 8, 8)).astype(np.float32)
+    image = nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0]))
+    image.set_qform(None, code=0)
+    image.header.set_zooms((1.0, 1.0, 1.0))  # what ITK reads
+    nib.save(image, str(tmp_path / "a.nii.gz"))
+    with caplog.at_level("WARNING", logger="regpipe"):
+        loaded = load_image(tmp_path / "a.nii.gz")
+    assert np.allclose(loaded.geometry.spacing, 2.0)
+    assert "sizes [2.0, 2.0, 2.0] but its header (pixdim) says [1.0, 1.0, 1.0]" in caplog.text
+
+
+def test_a_single_slice_is_refused_saying_what_is_needed(tmp_path):
+    write_nifti(tmp_path / "s.nii.gz", np.ones((20, 20, 1), np.float32))
+    with pytest.raises(InputError, match="3-D volumes with at least 2 voxels along each axis"):
+        load_image(tmp_path / "s.nii.gz")

@@ -192,16 +192,6 @@ def test_images_must_be_files_nibabel_or_regpipe_images_with_matching_grids(pair
         regpipe.register(flat, moving, weights=None)
 
 
-def test_no_overlap_in_world_space_is_warned(pair, caplog):
-    fixed, moving, _ = pair
-    far = Image(moving.data, Geometry(moving.geometry.shape, moving.geometry.affine @ np.array(
-        [[1.0, 0, 0, 500], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])))
-    with caplog.at_level("WARNING", logger="regpipe"):
-        regpipe.register(fixed, far, weights=None, affine="none", io_iterations=0,
-                         evaluate=False)
-    assert "does not overlap" in caplog.text
-
-
 def test_save_checks_every_name_before_writing(pair, tmp_path):
     from regpipe.errors import TransformFileError
 
@@ -414,3 +404,21 @@ def test_an_aligned_slab_is_not_stretched():
     within[:, :, 21:27] = inside[:, :, 21:27]
     moved = np.linalg.norm(field[within], axis=-1)
     assert moved.mean() < 0.3 and moved.max() < 1.0
+
+
+def test_images_that_do_not_overlap_are_refused_not_registered(pair):
+    fixed, moving, _ = pair
+    far = moving.geometry.affine.copy()
+    far[:3, 3] += 300.0
+    with pytest.raises(InputError, match=r"does not overlap.*--affine ours"):
+        regpipe.register(fixed, Image(moving.data, Geometry(moving.geometry.shape, far)),
+                         weights=None, affine="none", io_iterations=0)
+
+
+def test_a_slab_of_two_slices_warns_about_the_affine(pair, caplog):
+    fixed, moving, _ = pair
+    thin = Image(np.ascontiguousarray(moving.data[:, :, 10:12]),
+                 Geometry((*moving.geometry.shape[:2], 2), moving.geometry.affine))
+    with caplog.at_level("WARNING", logger="regpipe"):
+        regpipe.register(fixed, thin, weights=None, io_iterations=0, evaluate=False)
+    assert "only 2 voxels along one axis" in caplog.text
