@@ -88,8 +88,8 @@ def main() -> int:
     ours_cmd = [str(bindir / "regpipe-register"), *common,
                 "--transform_out", str(work / "ours_xfm.h5"),
                 "--warped_moving_out", str(work / "ours_warped.nii.gz"),
-                "--affine", "none", "--grid_mode", "squash", "--threads", str(args.threads),
-                "--quiet"]
+                "--affine", "none", "--grid_mode", "squash", "--no_symmetric",
+                "--threads", str(args.threads), "--quiet"]
     if shutil.which(ref_cmd[0]) is None:
         raise SystemExit("unigradicon-register is not installed "
                          "(pip install --no-deps unigradicon==1.0.6)")

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from regpipe.errors import InputError
 from regpipe.imageio import (
@@ -224,6 +225,7 @@ def register(
     threads: int | None = None,
     seed: int | None = 0,
     mixed_precision: bool = False,
+    symmetric: bool = True,
     progress: bool = True,
     intensity_conservation: bool = False,
     dice_loss_weight: float = 0.0,
@@ -283,6 +285,14 @@ def register(
         affine, the fast instance optimisation and the resampling stay float32). Ignored,
         with a log message, on the CPU. Recorded in ``result.settings["mixed_precision"]``
         (whether it was in effect). ``benchmarks/mixed_precision.py`` measures its effect.
+    symmetric
+        Use the mean of the network's moving -> fixed map and the inverse of its
+        fixed -> moving map (two forward passes, the second with the images swapped): it
+        cancels what the network does to any pair regardless of its images (a drift on
+        identical images) and its direction bias. Measured on the development brain pairs
+        with the bundled model alone: Dice 0.610 -> 0.627 at SD log J 0.164 -> 0.105.
+        ``False``: one pass, as uniGradICON predicts. It does not apply to
+        ``io_method="network"``, which returns the optimised network's one-pass prediction.
     intensity_conservation
         uniGradICON's ``--intensity_conservation_loss``: Jacobian-weighted similarity in
         network instance optimisation (``io_method="network"``); both modalities must be CT.
@@ -411,7 +421,8 @@ def register(
 
     with _conditioned(network, condition):
         with autocast(torch_device, enabled=mixed_precision):
-            displacement = _network_displacement(network, moving_t, fixed_t).float()
+            displacement = _network_displacement(network, moving_t, fixed_t,
+                                                 symmetric=symmetric).float()
         if io_iterations and io_method == "fast" and network is not None and not squash_moving:
             # Refine on the fixed image's own (finer) grid, not on the coarser network grid.
             io_shape = _own_grid_shape(fixed_img.geometry, mode, io_grid)
@@ -456,6 +467,7 @@ def register(
         "seed": seed,
         "device": str(torch_device),
         "mixed_precision": mixed_precision,
+        "symmetric": bool(symmetric and network is not None),
         "fixed_modality": fixed_modality,
         "moving_modality": moving_modality,
         "condition": _condition_record(condition, smoothness),
@@ -624,15 +636,45 @@ def _prealign(
 
 @torch.no_grad()
 def _network_displacement(
-    network: Any, moving_t: torch.Tensor, fixed_t: torch.Tensor
+    network: Any, moving_t: torch.Tensor, fixed_t: torch.Tensor, symmetric: bool = False
 ) -> torch.Tensor:
-    """Network displacement ``[1, 3, n0, n1, n2]`` in grid-index units (zeros without network)."""
+    """Network displacement ``[1, 3, n0, n1, n2]`` in grid-index units (zeros without network);
+    ``symmetric``: the mean of the moving -> fixed displacement and the inverse of the
+    fixed -> moving one (see :func:`register`)."""
     shape = moving_t.shape[2:]
     if network is None:
         return torch.zeros((1, 3, *shape), device=moving_t.device)
-    normalised = network.displacement(moving_t, fixed_t)
-    scale = torch.tensor([n - 1 for n in shape], dtype=normalised.dtype, device=normalised.device)
-    return normalised * scale.view(1, 3, 1, 1, 1)
+    scale = torch.tensor([n - 1 for n in shape], device=moving_t.device).view(1, 3, 1, 1, 1)
+    forward = network.displacement(moving_t, fixed_t) * scale.to(moving_t.dtype)
+    if not symmetric:
+        return forward
+    backward = network.displacement(fixed_t, moving_t) * scale.to(moving_t.dtype)
+    return (forward + inverse_displacement(backward.float()).to(forward.dtype)) / 2
+
+
+def inverse_displacement(displacement: torch.Tensor, iterations: int = 20) -> torch.Tensor:
+    """The inverse of the map ``g -> g + v(g)`` on the same index grid, as a displacement
+    ``w`` with ``g + w(g)`` its inverse: fixed-point iterations ``w = -v(g + w)`` (``v``
+    sampled trilinearly, edge values beyond the grid), which converge for the smooth,
+    invertible maps networks predict.
+
+    ``displacement``: ``[B, 3, n0, n1, n2]`` in grid-index units, channel ``c`` along tensor
+    axis ``c + 2``.
+    """
+    shape = displacement.shape[2:]
+    axes = torch.meshgrid(*[torch.arange(n, dtype=displacement.dtype,
+                                         device=displacement.device) for n in shape],
+                          indexing="ij")
+    identity = torch.stack(axes)[None]
+    scale = torch.tensor([2.0 / max(n - 1, 1) for n in shape], dtype=displacement.dtype,
+                         device=displacement.device).view(1, 3, 1, 1, 1)
+    inverse = -displacement
+    for _ in range(iterations):
+        where = (identity + inverse) * scale - 1.0  # align_corners=True coordinates
+        grid = where.permute(0, 2, 3, 4, 1).flip(-1)  # grid_sample wants (x, y, z) = axes 4, 3, 2
+        inverse = -F.grid_sample(displacement, grid, mode="bilinear", padding_mode="border",
+                                 align_corners=True)
+    return inverse
 
 
 def _moving_view(moving_img, grid_out, grid_shape, squash_moving, device) -> torch.Tensor:

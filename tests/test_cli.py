@@ -305,3 +305,12 @@ def test_mixed_precision_option_reaches_the_registration(files, tmp_path, caplog
     assert "mixed precision applies on CUDA only" in caplog.text
     settings = json.loads((tmp_path / "m.json").read_text())["settings"]
     assert settings["mixed_precision"] is False  # asked for, but on the CPU: float32
+
+
+def test_no_symmetric_gives_the_single_pass_of_unigradicon(files, tmp_path):
+    for option, expected in (([], True), (["--no-symmetric"], False)):
+        args = [*base_args(files, tmp_path), "--io_iterations", "None", "--metrics_out",
+                str(tmp_path / "m.json"), "--quiet", *option]
+        assert register_cli.main(args) == 0
+        settings = json.loads((tmp_path / "m.json").read_text())["settings"]
+        assert settings["symmetric"] is expected

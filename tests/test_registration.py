@@ -422,3 +422,37 @@ def test_a_slab_of_two_slices_warns_about_the_affine(pair, caplog):
     with caplog.at_level("WARNING", logger="regpipe"):
         regpipe.register(fixed, thin, weights=None, io_iterations=0, evaluate=False)
     assert "only 2 voxels along one axis" in caplog.text
+
+
+def test_inverse_displacement_composes_to_the_identity():
+    from regpipe.registration import inverse_displacement
+
+    shape = (20, 18, 16)
+    axes = torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in shape], indexing="ij")
+    smooth = torch.stack([torch.sin(axes[1] / 5.0), 0.8 * torch.cos(axes[2] / 4.0),
+                          0.6 * torch.sin(axes[0] / 6.0)])[None] * 1.5
+    inverse = inverse_displacement(smooth)
+    # g + w(g) + v(g + w(g)) == g away from the edges, where the map leaves the grid
+    where = torch.stack(axes)[None] + inverse
+    scale = torch.tensor([2.0 / (n - 1) for n in shape]).view(1, 3, 1, 1, 1)
+    grid = (where * scale - 1).permute(0, 2, 3, 4, 1).flip(-1)
+    back = torch.nn.functional.grid_sample(smooth, grid, align_corners=True,
+                                           padding_mode="border")
+    residual = (inverse + back)[:, :, 3:-3, 3:-3, 3:-3].abs().max()
+    assert residual < 1e-3 and float(smooth.abs().max()) > 1.0
+
+
+def test_symmetric_estimate_cancels_what_the_network_does_to_any_pair(small_network):
+    """Registering an image to itself: one pass keeps the (random) network's own drift; the
+    mean with the inverse of the swapped pass cancels it."""
+    geometry = Geometry((36, 32, 28), make_affine("RAS", (36, 32, 28)))
+    image = Image(blob_image(geometry), geometry)
+    drift = {}
+    for symmetric in (False, True):
+        result = regpipe.register(image, image, weights=small_network, affine="none",
+                                  io_iterations=0, evaluate=False, symmetric=symmetric)
+        assert result.settings["symmetric"] is symmetric
+        drift[symmetric] = float(np.abs(result.forward_field().field).mean())
+    assert drift[False] > 0.05 and drift[True] < 0.1 * drift[False]
+    plain = regpipe.register(image, image, weights=None, io_iterations=0, evaluate=False)
+    assert plain.settings["symmetric"] is False  # no network, nothing to symmetrise

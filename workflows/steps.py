@@ -156,6 +156,7 @@ def network_registration(
         "Seed": seed,
         "Device": settings.get("device"),
         "MixedPrecision": settings.get("mixed_precision", False),
+        "Symmetric": settings.get("symmetric", False),  # two network passes, see register()
         "Threads": threads,
     }
     if settings.get("condition") is not None:  # a conditional network: what it was asked

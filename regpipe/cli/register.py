@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(parser, "threads", type=int, help="CPU threads for PyTorch")
     add_option(parser, "mixed_precision", action="store_true",
                help="run the network in bfloat16 autocast on a CUDA device (ignored on the CPU)")
+    add_option(parser, "no_symmetric", action="store_true",
+               help="one network pass, as uniGradICON (default: the mean of the moving->fixed "
+               "map and the inverse of the fixed->moving one)")
     add_option(parser, "seed", type=int, default=0, help="random seed (default 0)")
     # the condition of a conditional network (an error with other weights)
     add_option(parser, "region", type=region_argument,
@@ -219,6 +222,7 @@ def _main(args: argparse.Namespace) -> int:
         threads=args.threads,
         seed=args.seed,
         mixed_precision=args.mixed_precision,
+        symmetric=not args.no_symmetric,
         progress=not args.quiet,
         intensity_conservation=args.intensity_conservation_loss,
         dice_loss_weight=args.dice_loss_weight,
