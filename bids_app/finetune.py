@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--labels", type=Path, metavar="DERIV_DIR",
                         help="derivative dataset with label maps (*_dseg, for --dice-weight) "
                         "and brain masks (*_desc-brain_mask), as for the BIDS App")
+    parser.add_argument("--no-masks", dest="use_masks", action="store_false",
+                        help="do not zero the images outside the brain masks of --labels")
     parser.add_argument("--no-n4", dest="bias_correct", action="store_false",
                         help="skip the N4 bias correction of MRI images that the BIDS App "
                         "applies before registration (for images already bias-corrected)")
@@ -418,9 +420,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     """Steps 1-6 of the module docstring; returns the exit code."""
     from regpipe.bids_app import bids
 
-    from regpipe.cli.train import options_from
     from regpipe.device import set_threads
-    from regpipe.training import train
 
     started = time.monotonic()  # --budget counts image preparation too
     _check_output(args)
@@ -438,7 +438,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     paired = {image.path for kind in pairs.values() for pair in kind for image in pair}
     if args.labels is not None:
         masks = find_label_maps(args.labels, images, kind="mask")  # 66 when missing
-        masks = {path: mask for path, mask in masks.items() if path in paired}
+        masks = {path: mask for path, mask in masks.items()
+                 if path in paired and args.use_masks}
         if args.dice_weight:
             labels = find_label_maps(args.labels, images)
         else:
@@ -452,7 +453,20 @@ def run_finetune(args: argparse.Namespace) -> int:
     grid_mode = str(network.metadata.get("grid_mode", "squash"))
     resuming = check_resumable(args.output_dir, network, sha256,
                                selection_record(args, len(masks)))
+    from regpipe.training import folder_lock
+
+    with folder_lock(args.output_dir):  # before preparing: a second run stops at once
+        return _prepare_and_train(args, started, pairs, labels, masks, network, path, sha256,
+                                  name, grid_mode, resuming)
+
+
+def _prepare_and_train(args: argparse.Namespace, started: float, pairs: dict[str, list[Pair]],
+                       labels: dict[Path, Path], masks: dict[Path, Path], network: Any,
+                       path: Path, sha256: str, name: str, grid_mode: str,
+                       resuming: bool) -> int:
+    from regpipe.cli.train import options_from
     from regpipe.image_pairs import Preparation
+    from regpipe.training import train
 
     preparation = Preparation(bias_correct=args.bias_correct, masks=masks,
                               cache_dir=args.output_dir / "preprocessed", threads=args.threads)

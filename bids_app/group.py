@@ -357,7 +357,7 @@ def write_sidecar(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
     from regpipe.workflows.steps import METRIC_COLUMNS
 
     described: dict[str, Any] = {}
-    for column in _columns(rows):
+    for column in _columns(rows) or list(ID_COLUMNS[:3]):  # the columns write_tsv writes
         if column in GROUP_COLUMNS:
             described[column] = {"Description": GROUP_COLUMNS[column]}
         elif column in METRIC_COLUMNS:

@@ -68,10 +68,15 @@ class MethodSpec:
     region: str | None = None
     pair_type: str | None = None
     smoothness: float | None = None
+    #: the network's two-pass symmetric estimate (``regpipe.register(symmetric=...)``)
+    symmetric: bool = True
 
     def config(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items()
-                if k != "name" and not (k in _CONDITION_KEYS and v is None)}
+        config = {k: v for k, v in asdict(self).items()
+                  if k != "name" and not (k in _CONDITION_KEYS and v is None)}
+        if self.kind != "ours" or self.weights is None:
+            config.pop("symmetric")  # nothing to symmetrise
+        return config
 
     def condition(self) -> dict[str, Any]:
         """The condition options given (keyword arguments of :func:`regpipe.register`)."""
@@ -82,8 +87,8 @@ _CONDITION_KEYS = ("region", "pair_type", "smoothness")
 
 
 def parse_methods(text: str | Sequence[str], *, weights: str | None = "default",
-                  io_iterations: int = 50,
-                  condition: Mapping[str, Any] | None = None) -> list[MethodSpec]:
+                  io_iterations: int = 50, condition: Mapping[str, Any] | None = None,
+                  symmetric: bool = True) -> list[MethodSpec]:
     """Method specs from names (a comma list or a sequence; see :data:`METHOD_NAMES`).
 
     ``weights`` (a registry name, a file, ``"default"`` or ``None``/``"none"`` for no network),
@@ -110,7 +115,8 @@ def parse_methods(text: str | Sequence[str], *, weights: str | None = "default",
             methods.append(MethodSpec(name, "ours"))
         elif name in ("ours", "ours+io"):
             steps = io_iterations if name == "ours+io" else 0
-            methods.append(MethodSpec(name, "ours", weights, steps, **condition))
+            methods.append(MethodSpec(name, "ours", weights, steps, **condition,
+                                      symmetric=symmetric))
         elif name.startswith("ants-") and name[5:] in ("affine", "syn", "synquick"):
             methods.append(MethodSpec(name, "ants", ants_method=name[5:]))
         else:
@@ -165,11 +171,12 @@ def run_method(method: MethodSpec, pair: LoadedPair, *, seed: int | None = 0,
                 moving_modality=spec.moving_modality, weights=method.weights, affine="ours",
                 io_iterations=method.io_iterations, io_method="fast", device=device,
                 threads=threads, seed=seed, progress=False, evaluate=False,
-                **method.condition(),
+                symmetric=method.symmetric, **method.condition(),
             )
             forward, warped, extra = result.forward, result.warped.data, result.metrics
             settings.update(weights_file=result.settings.get("weights"),
                             condition=result.settings.get("condition"),
+                            symmetric=result.settings.get("symmetric"),
                             grid_shape=result.settings.get("grid_shape"),
                             grid_mode=result.settings.get("grid_mode"),
                             device=result.settings.get("device"))

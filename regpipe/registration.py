@@ -406,6 +406,7 @@ def register(
         device=torch_device,
     )
     LOGGER.info("network grid %s (%s mode), device %s", grid_shape, mode, torch_device)
+    view_region = fixed_t  # the fixed image before a partial view masks it (fast IO's region)
     if network is not None:  # a slab or small field of view: the network sees the overlap
         view = _moving_view(moving_img, grid_out, grid_shape, squash_moving, torch_device)
         from regpipe.fast_io import FastIOSettings
@@ -419,10 +420,13 @@ def register(
                          f"({affine} pre-alignment), so there is nothing to register: check the "
                          "images' origins, or pre-align them (affine='ours', --affine ours)")
 
+    # network instance optimisation returns its own (single-pass) prediction
+    two_passes = bool(symmetric and network is not None
+                      and not (io_iterations and io_method == "network"))
     with _conditioned(network, condition):
         with autocast(torch_device, enabled=mixed_precision):
             displacement = _network_displacement(network, moving_t, fixed_t,
-                                                 symmetric=symmetric).float()
+                                                 symmetric=two_passes).float()
         if io_iterations and io_method == "fast" and network is not None and not squash_moving:
             # Refine on the fixed image's own (finer) grid, not on the coarser network grid.
             io_shape = _own_grid_shape(fixed_img.geometry, mode, io_grid)
@@ -434,6 +438,7 @@ def register(
                                         squash=mode == "squash", device=torch_device)
                 moving_t = network_input(norm["moving"], moving_img.geometry, grid_out, grid_shape,
                                          device=torch_device)
+                view_region = fixed_t
         if io_iterations:
             loss_masks = masks if loss_masking else {}
             displacement = _instance_optimise(
@@ -443,6 +448,7 @@ def register(
                 dice_segmentations=segs if dice_loss_weight > 0 else {},
                 dice_loss_weight=dice_loss_weight, io_options=io_options,
                 lam=DEFAULT_SMOOTHNESS if condition is None else condition.lam,
+                view_region=view_region,
             )
     forward = GridTransform(grid_in, displacement.detach().to("cpu", torch.float32)[0], grid_out)
     inverse = forward.inverse()
@@ -467,7 +473,7 @@ def register(
         "seed": seed,
         "device": str(torch_device),
         "mixed_precision": mixed_precision,
-        "symmetric": bool(symmetric and network is not None),
+        "symmetric": two_passes,
         "fixed_modality": fixed_modality,
         "moving_modality": moving_modality,
         "condition": _condition_record(condition, smoothness),
@@ -715,7 +721,7 @@ def _instance_optimise(
     method, network, moving_t, fixed_t, displacement, masks, fixed_img, moving_img,
     grid_in, grid_out, grid_shape, squash_moving, mode, steps, sim, lr, progress,
     intensity_conservation=False, dice_segmentations=None, dice_loss_weight=0.0, io_options=None,
-    lam=DEFAULT_SMOOTHNESS,
+    lam=DEFAULT_SMOOTHNESS, view_region=None,
 ) -> torch.Tensor:
     from regpipe import fast_io, instance_opt
 
@@ -756,7 +762,8 @@ def _instance_optimise(
                              "'network'")
         spacing = [float(np.linalg.norm(grid_in[:3, axis])) for axis in range(3)]
         fixed_mask, view = _within_moving_view(
-            mask_t.get("fixed"), fixed_t, moving_img, grid_out, grid_shape, squash_moving,
+            mask_t.get("fixed"), fixed_t if view_region is None else view_region, moving_img,
+            grid_out, grid_shape, squash_moving,
             float(dict(io_options or {}).get("foreground", fast_io.FastIOSettings().foreground)))
         if view is not None:
             # the similarity's windows at the view's edge must not see fixed-image data the

@@ -310,30 +310,55 @@ def train(
     options = options or TrainingOptions()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    with _folder_lock(folder):
+    with folder_lock(folder):
         return _train(network, source, folder, options, card, select_device(options.device))
 
 
+#: Run folders this process holds the lock of (``regpipe-finetune`` takes it before it
+#: prepares images, then :func:`train` runs inside it).
+_HELD: set[Path] = set()
+
+
 @contextlib.contextmanager
-def _folder_lock(folder: Path):
+def folder_lock(folder: Path):
     """Hold ``folder/.lock`` (``fcntl.flock``) for the run: a second run in the same folder
-    would interleave its log rows and checkpoints with this one's."""
+    would interleave its log rows and checkpoints with this one's (:class:`InputError` naming
+    the holder's process). Re-entrant within a process; on a file system without ``flock``
+    (Lustre without the flock mount option, NFS with ``nolock``) the run goes on unlocked,
+    with a warning."""
+    import errno
     import fcntl
 
+    folder = Path(folder).absolute()
+    if folder in _HELD:
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
     handle = open(folder / ".lock", "a+", encoding="utf-8")  # held until the run ends
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+            locked = True
+        except OSError as error:
+            if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                LOGGER.warning("cannot lock %s (%s): make sure no other run uses this folder",
+                               folder, error.strerror)
+                locked = False
+            else:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                raise InputError(f"another run (process {holder}) is training in {folder}; "
+                                 "wait for it or use another folder") from None
+        if locked:
             handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            raise InputError(f"another run (process {holder}) is training in {folder}; wait "
-                             "for it or use another folder") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        yield
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+        _HELD.add(folder)
+        try:
+            yield
+        finally:
+            _HELD.discard(folder)
     finally:
         handle.close()
 

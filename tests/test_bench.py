@@ -244,6 +244,9 @@ def test_parse_methods_gives_the_condition_to_the_network_methods_only():
         {}, {"region": "brain", "smoothness": 3.0}, {"region": "brain", "smoothness": 3.0}, {}]
     assert "region" not in methods[0].config() and methods[1].config()["smoothness"] == 3.0
     assert methods[0].config() == MethodSpec("affine", "ours").config()  # earlier results match
+    assert "symmetric" not in methods[0].config() and methods[1].config()["symmetric"] is True
+    single = parse_methods("ours", weights="w.pt", symmetric=False)[0]
+    assert single.config()["symmetric"] is False  # a resumed run does not mix the two
 
 
 def test_cli_refuses_a_condition_for_unconditional_weights(pair_files, tmp_path, capsys):
@@ -619,7 +622,7 @@ def test_cli_runs_a_network_from_a_weights_file(pair_files, tmp_path):
     for method, steps in (("ours", 0), ("ours+io", 3)):
         settings = rows["good", method]["settings"]
         assert settings["weights"] == str(weights) and settings["io_iterations"] == steps
-        assert settings["grid_mode"] == "isotropic"
+        assert settings["grid_mode"] == "isotropic" and settings["symmetric"] is True
         assert np.isfinite(rows["good", method]["dice_mean"])
 
 
@@ -638,7 +641,9 @@ def test_cli_passes_the_condition_to_a_conditional_network(pair_files, tmp_path)
     pairs = _good_pair_file(pair_files, tmp_path)
     code = main(["--pairs", str(pairs), "--methods", "ours", "--weights", str(weights),
                  "--region", "knee", "--pair-type", "Intra", "--smoothness", "3",
-                 "--threads", "1", "--output", str(tmp_path / "out"), "--quiet"])
+                 "--no-symmetric", "--threads", "1", "--output", str(tmp_path / "out"),
+                 "--quiet"])
     assert code == 0
     settings = _rows(tmp_path / "out")["good", "ours"]["settings"]
     assert settings["condition"] == {"region": "knee", "pair_type": "intra", "lam": 3.0}
+    assert settings["symmetric"] is False

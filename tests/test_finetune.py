@@ -607,6 +607,31 @@ def test_resuming_with_other_preparation_is_refused_before_preparing(data, tmp_p
     assert "masked_images': 0" in capsys.readouterr().err
 
 
+
+def test_no_masks_continues_a_run_trained_without_them(data, tmp_path, capsys):
+    """A run that used --labels for Dice only (as every run did before masks were used)."""
+    out = tmp_path / "run"
+    common = [*FAST, "--participant-label", "01", "02", "--no-n4", "--labels", data["labels"]]
+    assert _finetune(data, out, *common, "--no-masks") == 0
+    assert _finetune(data, out, *common, "--steps", "3") == 64
+    assert "masked_images': 0} -> " in capsys.readouterr().err
+    assert _finetune(data, out, *common, "--steps", "3", "--no-masks") == 0
+
+
+def test_a_second_finetune_in_the_folder_stops_before_preparing(data, tmp_path, capsys):
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "w") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        other.write("4242\n")
+        other.flush()
+        assert _finetune(data, out, *FAST) != 0
+    assert "another run (process 4242)" in capsys.readouterr().err
+    assert not (out / "preprocessed").exists()
+
+
 def test_both_kinds_prepare_each_image_once_and_count_paired_masks(data, tmp_path, caplog):
     out = tmp_path / "run"
     with caplog.at_level("INFO", logger="regpipe"):

@@ -389,6 +389,8 @@ def test_sge_pbs_and_lsf_jobs_ask_for_each_nodes_resources(tmp_path):
     assert sge_node_args(big, "", "smp", "h_vmem") == " -pe smp 4 -l h_vmem=1280M"
     assert sge_node_args(big, "", None, "h_vmem") == " -l h_vmem=5120M"
     assert sge_node_args(big, "-pe mpi 8 -l h_vmem=2G,h_rt=1:00:00", "smp", "h_vmem") == ""
+    # the run's own 8 slots: h_vmem, counted per slot, is the job's memory over 8
+    assert sge_node_args(big, "-pe smp 8", "smp", "h_vmem") == " -l h_vmem=640M"
     # PBS: threads and memory unless the run's qsub_args ask for them
     assert pbs_node_args(big) == " -l nodes=1:ppn=4 -l mem=5120mb"
     assert pbs_node_args(small) == " -l nodes=1:ppn=1 -l mem=1536mb"

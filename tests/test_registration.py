@@ -456,3 +456,26 @@ def test_symmetric_estimate_cancels_what_the_network_does_to_any_pair(small_netw
     assert drift[False] > 0.05 and drift[True] < 0.1 * drift[False]
     plain = regpipe.register(image, image, weights=None, io_iterations=0, evaluate=False)
     assert plain.settings["symmetric"] is False  # no network, nothing to symmetrise
+
+
+def test_a_slab_limits_fast_io_also_on_the_network_grid(small_network, caplog):
+    """With the optimisation on the network's own grid (no regridding), the region is still
+    cut to the slab's view: it is computed from the fixed image before the view masked it."""
+    shape = (40, 40, 40)
+    geometry = Geometry(shape, np.diag([2.0, 2.0, 2.0, 1.0]))
+    data = blob_image(geometry)
+    slab_affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    slab_affine[2, 3] = 30.0
+    moving = Image(np.ascontiguousarray(data[:, :, 15:23]), Geometry((40, 40, 8), slab_affine))
+    with caplog.at_level("INFO", logger="regpipe"):
+        regpipe.register(Image(data, geometry), moving, weights=small_network, affine="none",
+                         grid_mode="isotropic", io_iterations=2, io_grid=40, evaluate=False,
+                         progress=False)
+    assert "instance optimisation compares them there only" in caplog.text
+
+
+def test_network_instance_optimisation_is_not_recorded_as_symmetric(pair, small_network):
+    fixed, moving, _ = pair
+    result = regpipe.register(fixed, moving, weights=small_network, io_method="network",
+                              io_iterations=1, evaluate=False, progress=False)
+    assert result.settings["symmetric"] is False

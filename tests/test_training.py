@@ -634,12 +634,29 @@ def test_a_row_cut_off_by_a_kill_is_dropped_not_glued_to_the_next(tmp_path):
 
 
 def test_a_second_run_in_the_same_folder_is_refused(tmp_path):
-    from regpipe.training import _folder_lock
+    import fcntl
 
-    with _folder_lock(tmp_path):
-        with pytest.raises(InputError, match=r"another run \(process \d+\) is training"):
+    with open(tmp_path / ".lock", "w") as other:  # another process's lock
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        other.write("12345\n")
+        other.flush()
+        with pytest.raises(InputError, match=r"another run \(process 12345\) is training"):
             _train(tmp_path, 1)
     _train(tmp_path, 1)  # free again once the first run is over
+
+
+def test_a_file_system_without_locks_trains_unlocked_with_a_warning(tmp_path, monkeypatch,
+                                                                   caplog):
+    import errno
+    import fcntl
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level("WARNING", logger="regpipe.training"):
+        _, state = _train(tmp_path, 1)
+    assert state.step == 1 and "cannot lock" in caplog.text
 
 
 def test_seed_sets_the_initial_weights_of_a_new_network(tmp_path):

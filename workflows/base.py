@@ -534,7 +534,11 @@ def sge_node_args(node: pe.Node, user_args: str = "", parallel_environment: str 
     threads, megabytes = _threads_and_megabytes(node)
     out = []
     slots = 1
-    if parallel_environment and "-pe" not in given:
+    if "-pe" in given:  # the run's own slots (-pe NAME N or N-M): memory is per slot
+        counts = given[given.index("-pe") + 2:][:1]
+        match = re.match(r"\d+", counts[0]) if counts else None
+        slots = max(int(match.group()), 1) if match else 1
+    elif parallel_environment:
         out.append(f"-pe {parallel_environment} {threads}")
         slots = threads
     if memory_resource and not _sets_resource(given, "-l", memory_resource):

@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="conditional weights: inter (default) or intra")
     parser.add_argument("--smoothness", type=smoothness_argument, metavar="LAM",
                         help="conditional weights: regularisation weight lam (default 1.5)")
+    parser.add_argument("--no-symmetric", dest="symmetric", action="store_false",
+                        help="one network pass for ours/ours+io (default: the two-pass "
+                        "symmetric estimate, as regpipe-register)")
     parser.add_argument("--io-iterations", type=_positive, default=50, metavar="N",
                         help="fast instance-optimisation steps of ours+io (default 50)")
     parser.add_argument("--threads", type=_positive, metavar="N",
@@ -124,7 +127,8 @@ def _main(args: argparse.Namespace) -> int:
     condition = {"region": args.region, "pair_type": args.pair_type,
                  "smoothness": args.smoothness}
     methods = parse_methods(args.methods, weights=args.weights,
-                            io_iterations=args.io_iterations, condition=condition)
+                            io_iterations=args.io_iterations, condition=condition,
+                            symmetric=args.symmetric)
     methods = resolve_method_weights(methods)
     if any(value is not None for value in condition.values()):
         _check_conditional(methods)
