@@ -59,6 +59,9 @@ def main() -> None:
     parser.add_argument("--region", default=None, help="body region for a conditional model")
     parser.add_argument("--pair-type", default=None,
                         help="inter or intra, for a conditional model")
+    parser.add_argument("--no-symmetric", dest="symmetric", action="store_false",
+                        help="the network's single pass (how the tables before 2026-11-22 "
+                        "were measured)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", type=Path, default=Path("runs/io_budget.json"))
     args = parser.parse_args()
@@ -81,6 +84,7 @@ def main() -> None:
                         pair.fixed, pair.moving, weights=weights, affine="ours",
                         io_iterations=config["steps"], io_method="fast", io_grid=config["io_grid"],
                         io_options=config["io_options"], threads=args.threads, seed=0,
+                        symmetric=args.symmetric,
                         progress=False, evaluate=False, **(condition if weights else {}),
                     )
                 metrics = evaluate_transform(

@@ -115,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{', '.join(REGIONS)} or an alias such as lung); auto (default) is "
                         "what the BIDS App uses, brain for MRI, head_neck for CT")
     add_training_options(parser)
+    what = {"lam": "GradICON weight", "lam_range": "per-step lam range of a conditional network",
+            "similarity": "similarity (lncc or lncc2)", "lncc_sigma": "LNCC window in grid voxels"}
+    for action in parser._actions:  # INHERITED_OPTIONS: not regpipe-train's fixed defaults
+        if action.dest in what:
+            action.help = (f"{what[action.dest]} (default: what the starting weights were "
+                           "trained with, from their model card, else regpipe-train's)")
     return parser
 
 
