@@ -41,8 +41,10 @@ __all__ = ["atomic_copy", "atomic_write", "atomic_write_text"]
 
 
 def _suffix(path: Path) -> str:
-    """The suffix writers read the format from: ``.nii.gz`` for gzipped files, else the last."""
-    return "".join(path.suffixes[-2:]) if path.name.endswith(".gz") else path.suffix
+    """The suffix writers read the format from, lower-cased (nibabel and ITK choose the format
+    by a case-sensitive suffix): ``.nii.gz`` for gzipped files, else the last."""
+    gzipped = path.name.lower().endswith(".gz")
+    return ("".join(path.suffixes[-2:]) if gzipped else path.suffix).lower()
 
 
 def _umask() -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -31,10 +31,10 @@ _ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
 class Image:
     """A 3-D image: ``data[i, j, k]`` on ``geometry``; ``path`` when it came from a file."""
 
-    data: NDArray[np.generic]
+    data: NDArray[np.generic] = field(repr=False)  # a notebook's repr: no array dump
     geometry: Geometry
     path: Path | None = None
-    header: nib.Nifti1Header | None = None
+    header: nib.Nifti1Header | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
@@ -319,8 +319,12 @@ _ITK_OUTPUT_SUFFIXES = (".mha", ".nrrd")
 
 def check_image_path(path: str | os.PathLike) -> None:
     """Raise :class:`InputError` unless ``path`` ends with one of :data:`OUTPUT_IMAGE_SUFFIXES`."""
-    if not Path(path).name.lower().endswith(OUTPUT_IMAGE_SUFFIXES):
+    name = Path(path).name
+    if not name.lower().endswith(OUTPUT_IMAGE_SUFFIXES):
         raise InputError(f"{path}: images are written as {', '.join(OUTPUT_IMAGE_SUFFIXES)}")
+    if not name.endswith(OUTPUT_IMAGE_SUFFIXES):
+        raise InputError(f"{path}: write the suffix in lower case (nibabel and ITK choose the "
+                         "format by it, case-sensitively, and could not read the file back)")
 
 
 def save_image(image: Image, path: str | os.PathLike, dtype: np.dtype | None = None) -> Path:

@@ -115,6 +115,12 @@ class RegistrationResult:
         for path in (warped_out, jacobian_out):
             if path is not None:
                 check_image_path(path)
+        for path in (transform_out, inverse_out, warped_out, jacobian_out):
+            folder = Path(path).parent if path is not None else None
+            if folder is not None and not folder.is_dir():
+                raise InputError(f"cannot write {path}: folder {folder} does not exist")
+            if folder is not None and not os.access(folder, os.W_OK | os.X_OK):
+                raise InputError(f"cannot write {path}: folder {folder} is not writable")
         if transform_out is not None:
             write_transform(self.forward_field(), transform_out)
         if inverse_out is not None:
@@ -185,7 +191,10 @@ def _leaves_torch_state_alone(function):
             state = (network.training, None if first is None else first.device)
         devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
         try:
-            with torch.random.fork_rng(devices=devices):
+            # a notebook's `with torch.no_grad()` / `torch.inference_mode()` must not reach the
+            # instance optimisation, which needs gradients (the network pass has its own no_grad)
+            with torch.random.fork_rng(devices=devices), torch.inference_mode(False), \
+                    torch.enable_grad():
                 return function(*args, **kwargs)
         finally:
             torch.set_num_threads(threads)

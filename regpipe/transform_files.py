@@ -141,7 +141,7 @@ def write_transform(
         reference grid, non-finite values, or an I/O failure.
     """
     path = Path(path)
-    fmt = _format_for(path)
+    fmt = _writable_format(path)
     parent = path.parent
     if not parent.is_dir():
         raise TransformFileError(f"cannot write {path}: folder {parent} does not exist")
@@ -207,12 +207,23 @@ def check_field_path(path: str | os.PathLike[str]) -> None:
     """Raise :class:`TransformFileError` unless ``path``'s suffix selects a format that holds
     a displacement field (NIfTI field or ITK HDF5; the ``.mat``/``.txt``/``.tfm`` ones hold
     affine transforms only)."""
-    fmt = _format_for(Path(path))
+    fmt = _writable_format(Path(path))
     if fmt.name == "itk-affine":
         raise TransformFileError(
             f"{Path(path).name}: {fmt.suffixes} files hold affine transforms only; a "
             f"registration's transform needs .nii.gz, .nii, .h5 or .hdf5"
         )
+
+
+def _writable_format(path: Path) -> _Format:
+    """The format a new file at ``path`` is written in; its suffix must be lower case, as ITK
+    and nibabel read it back (``x.MAT`` would be written and then not read)."""
+    fmt = _format_for(path)
+    suffix = _matching_suffix(path, fmt)
+    if not path.name.endswith(suffix):
+        raise TransformFileError(f"{path.name}: write the suffix in lower case ({suffix}): "
+                                 "ITK and nibabel choose the format by it, case-sensitively")
+    return fmt
 
 
 def _matching_suffix(path: Path, fmt: _Format) -> str:

@@ -109,27 +109,42 @@ def apply_transform(
 ) -> Image:
     """Resample ``moving`` onto ``reference``'s grid through ``transform`` (fixed -> moving).
 
-    ``transform`` may be a transform object or a file (see :mod:`regpipe.transform_files`).
-    Use ``interpolation="nearest"`` for label maps: their integer type and values are kept.
+    ``transform`` may be a transform object, a file (see :mod:`regpipe.transform_files`) or
+    a list of them, applied as :func:`regpipe.transforms.compose` applies its arguments. Use
+    ``interpolation="nearest"`` for label maps: their integer type and values are kept. The
+    result keeps the reference image's NIfTI space code (an MNI template's 4).
     """
     from regpipe.transform_files import read_transform
+    from regpipe.transforms import compose
 
     if interpolation not in ("linear", "nearest"):
         raise InputError(f"interpolation must be 'linear' or 'nearest', got {interpolation!r}")
     if output is not None:
         check_image_path(output)
+        folder = Path(output).parent
+        if not folder.is_dir():  # before the resampling, not after it
+            raise InputError(f"cannot write {output}: folder {folder} does not exist")
+    parts = list(transform) if isinstance(transform, (list, tuple)) else [transform]
+    for part in parts:
+        if not (isinstance(part, (str, os.PathLike)) or hasattr(part, "map_points")):
+            raise InputError(f"transform must be a regpipe transform, a transform file or a "
+                             f"list of them, not {type(part).__name__}")
+    if not parts:
+        raise InputError("an empty list of transforms")
     # resampling takes any content: empty label maps, constant images, an all-zero reference
     moving_img = load_image(moving, "any", "moving image")
+    header = None
     if isinstance(reference, Geometry):
         geometry = reference
     else:
-        geometry = load_image(reference, "any", "reference image").geometry
-    if isinstance(transform, (str, os.PathLike)):
-        transform = read_transform(Path(transform))
-    _warn_if_field_misses(transform, geometry)
-    data = warp_array(moving_img.data, moving_img.geometry, transform, geometry,
+        reference_img = load_image(reference, "any", "reference image")
+        geometry, header = reference_img.geometry, reference_img.header
+    loaded = [read_transform(Path(p)) if isinstance(p, (str, os.PathLike)) else p for p in parts]
+    chain = loaded[0] if len(loaded) == 1 else compose(*loaded)
+    _warn_if_field_misses(chain, geometry)
+    data = warp_array(moving_img.data, moving_img.geometry, chain, geometry,
                       interpolation=interpolation)
-    image = Image(data, geometry)
+    image = Image(data, geometry, header=header)
     if output is not None:
         save_image(image, output)
     return image

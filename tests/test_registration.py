@@ -479,3 +479,46 @@ def test_network_instance_optimisation_is_not_recorded_as_symmetric(pair, small_
     result = regpipe.register(fixed, moving, weights=small_network, io_method="network",
                               io_iterations=1, evaluate=False, progress=False)
     assert result.settings["symmetric"] is False
+
+
+def test_register_works_inside_no_grad_and_inference_mode(pair, small_network):
+    """Notebooks wrap inference in them; the instance optimisation needs gradients."""
+    fixed, moving, _ = pair
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            regpipe.register(fixed, moving, weights=small_network, io_iterations=2,
+                             evaluate=False, progress=False)
+            regpipe.register(fixed, moving, weights=small_network, io_method="network",
+                             io_iterations=1, evaluate=False, progress=False)
+        assert torch.is_grad_enabled()
+
+
+def test_save_checks_folders_and_suffix_case_before_writing_anything(pair, tmp_path):
+    fixed, moving, _ = pair
+    result = regpipe.register(fixed, moving, weights=None, io_iterations=0, evaluate=False)
+    with pytest.raises(InputError, match=r"folder .*missing does not exist"):
+        result.save(tmp_path / "fwd.h5", warped_out=tmp_path / "missing" / "w.nii.gz")
+    with pytest.raises(InputError, match="lower case"):
+        result.save(tmp_path / "fwd.h5", warped_out=tmp_path / "w.MHA")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_apply_transform_takes_a_chain_keeps_the_space_code_and_refuses_other_types(
+        pair, tmp_path):
+    fixed, moving, _ = pair
+    reference = nib.Nifti1Image(fixed.data, fixed.geometry.affine)
+    reference.set_sform(fixed.geometry.affine, code=4)
+    nib.save(reference, str(tmp_path / "ref.nii.gz"))
+    shift = np.eye(4)
+    shift[0, 3] = 2.0
+    back = np.eye(4)
+    back[0, 3] = -2.0
+    out = regpipe.apply_transform(moving, [AffineTransform(shift), AffineTransform(back)],
+                                  tmp_path / "ref.nii.gz", output=tmp_path / "w.nii.gz")
+    plain = regpipe.apply_transform(moving, AffineTransform.identity(), tmp_path / "ref.nii.gz")
+    assert np.allclose(out.data, plain.data, atol=1e-4)  # the chain cancels out
+    assert int(nib.load(str(tmp_path / "w.nii.gz")).header["sform_code"]) == 4
+    for wrong in (None, 3, []):
+        with pytest.raises(InputError, match="transform"):
+            regpipe.apply_transform(moving, wrong, tmp_path / "ref.nii.gz")
+    assert "data=" not in repr(out)  # no array dump in a notebook

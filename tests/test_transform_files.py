@@ -835,3 +835,9 @@ def test_successful_write_replaces_the_file_and_leaves_no_temporary(tmp_path: Pa
     write_transform(_field("LIA"), target)
     assert os.listdir(tmp_path) == [target.name]
     assert isinstance(read_transform(target), DisplacementField)
+
+
+def test_upper_case_suffixes_are_refused_for_writing(tmp_path: Path) -> None:
+    with pytest.raises(TransformFileError, match="lower case"):
+        write_transform(AffineTransform(np.eye(4)), tmp_path / "x.MAT")
+    assert list(tmp_path.iterdir()) == []
