@@ -179,6 +179,23 @@ def test_unreadable_file_raises_weights_error(tmp_path, content) -> None:
         network_from_file(path)
 
 
+def test_a_file_that_is_no_checkpoint_says_so(tmp_path) -> None:
+    import gzip
+
+    path = tmp_path / "fixed.nii.gz"  # an image given as weights by mistake
+    path.write_bytes(gzip.compress(b"\x5c\x01" + bytes(400)))
+    with pytest.raises(WeightsError, match="is not a PyTorch weights file"):
+        network_from_file(path)
+
+
+def test_a_bare_state_dict_that_is_not_unigradicons_is_warned_about(tmp_path, caplog) -> None:
+    config = tiny(n_steps=1)
+    torch.save(build_network(config).regis_net.state_dict(), tmp_path / "sd.pt")
+    with caplog.at_level("WARNING", logger="regpipe"):
+        network_from_file(tmp_path / "sd.pt")
+    assert "bare state dict" in caplog.text and "save_weights" in caplog.text
+
+
 @pytest.mark.parametrize("n_steps", [1, 2, 3, 4])
 def test_small_configs_build_and_run(n_steps: int) -> None:
     config = NetworkConfig((20, 24, 28), n_steps, (4, 8, 8), (4, 8, 8), input_channels=2)

@@ -28,6 +28,7 @@ True
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -42,6 +43,8 @@ from regpipe.errors import InputError, WeightsError
 from regpipe.networks.condition import ConditioningConfig
 from regpipe.networks.conditional import ConditionalRegistrationNetwork
 from regpipe.networks.gradicon import NetworkConfig, RegistrationNetwork, build_network
+
+LOGGER = logging.getLogger("regpipe")
 
 __all__ = [
     "Checkpoint",
@@ -113,9 +116,14 @@ def _unloadable_reason(path: Path, exc: Exception) -> str:
     if text.startswith((b"<!doctype", b"<html", b"<?xml", b"{", b"<")):
         return ("is a web page or text, not a weights file (a download that received an error "
                 "or login page?): fetch it again, e.g. `regpipe-weights fetch NAME --force`")
+    if not head.startswith(b"PK\x03\x04") and not head.startswith(b"\x80"):
+        # neither torch's zip format nor a legacy pickle: a NIfTI, a transform, a text file...
+        return "is not a PyTorch weights file (a .pt/.pth/.trch checkpoint is expected)"
     if "Weights only load failed" in str(exc) or "Unsupported global" in str(exc):
         return ("holds Python objects besides tensors, which regpipe never loads (they could "
-                "run code): save the state dict alone, torch.save(model.state_dict(), path)")
+                "run code): save it with regpipe.networks.save_weights(network, path), which "
+                "keeps the configuration and model card, or as a bare state dict, "
+                "torch.save(network.state_dict(), path)")
     if head.startswith(b"PK\x03\x04"):
         return ("is a damaged or truncated weights file (an interrupted download or copy?): "
                 "fetch or copy it again")
@@ -425,6 +433,12 @@ def network_from_file(path: PathLike, device: torch.device | str = "cpu") -> Reg
     if config is None:
         try:
             config = infer_config(checkpoint.state_dict)
+            if config != NetworkConfig.unigradicon():
+                LOGGER.warning(
+                    "%s is a bare state dict: its network is assumed at uniGradICON's 175^3 "
+                    "grid with squash placement, which may not be what it was trained for; "
+                    "save weights with regpipe.networks.save_weights to keep the grid and "
+                    "placement", path)
         except WeightsError:
             # Fits nothing exactly: compare with the closest layout so the error lists the
             # missing and unexpected keys and the shape mismatches.
