@@ -38,4 +38,19 @@ def __getattr__(name: str) -> Any:
         from regpipe.warp import apply_transform
 
         return apply_transform
+    if name in _SUBMODULES:  # regpipe.errors.InputError without importing regpipe.errors first
+        import importlib
+
+        return importlib.import_module(f"regpipe.{name}")
     raise AttributeError(f"module 'regpipe' has no attribute {name!r}")
+
+
+#: Submodules a notebook may reach as attributes (``regpipe.errors``, ``regpipe.imageio``...).
+_SUBMODULES = ("affine", "errors", "imageio", "metrics", "networks", "preprocess", "spaces",
+               "transform_files", "transforms", "warp", "weights")
+
+
+def __dir__() -> list[str]:
+    """Tab completion shows the API (``register``, ``apply_transform``...), not the
+    module's own imports."""
+    return sorted({*__all__, *_SUBMODULES})

@@ -522,3 +522,14 @@ def test_apply_transform_takes_a_chain_keeps_the_space_code_and_refuses_other_ty
         with pytest.raises(InputError, match="transform"):
             regpipe.apply_transform(moving, wrong, tmp_path / "ref.nii.gz")
     assert "data=" not in repr(out)  # no array dump in a notebook
+
+
+def test_the_package_lists_its_api_and_reaches_submodules_lazily():
+    import subprocess
+    import sys
+
+    assert {"register", "apply_transform", "errors"} <= set(dir(regpipe))
+    assert "os" not in dir(regpipe)
+    code = "import regpipe, sys; print(regpipe.errors.InputError.__name__, 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["InputError", "False"]  # still no torch import
