@@ -452,6 +452,16 @@ def _exit_code(error: RegpipeError) -> ExitCode:
     return ExitCode.FAILURE
 
 
+def _nipype_logs_once() -> None:
+    """Nipype's logger has its own stdout handler; passing its records on to the root handler
+    as well printed every Nipype line twice."""
+    import nipype  # noqa: F401 (sets up the "nipype" logger and its handler)
+
+    nipype_logger = logging.getLogger("nipype")
+    if nipype_logger.handlers:
+        nipype_logger.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the App; returns the exit code (see :mod:`regpipe.bids_app.exit_codes`)."""
     from regpipe.bids_app.parser import ANALYSIS_LEVELS, parse_args
@@ -466,6 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: "
                         "%(message)s", datefmt="%y%m%d-%H:%M:%S")
     logging.getLogger("bidsschematools").setLevel(logging.WARNING)
+    _nipype_logs_once()
     try:
         if args.analysis_level not in ANALYSIS_LEVELS:
             raise AppError(ExitCode.UNKNOWN_LEVEL,

@@ -275,9 +275,14 @@ def _resolve_file(spec: TemplateSpec, suffix: str) -> ResolvedTemplate:
     from regpipe.imageio import load_image
 
     try:  # before any subject is processed: a bad target would fail every one of them
-        load_image(path, "image", f"--template {path}")
+        image = load_image(path, "image", f"--template {path}")
     except InputError as error:
         raise TemplateError(str(error)) from None
+    if suffix == "CT" and float(image.data.min()) > -500:
+        # both images are normalised with the CT window: an MRI template would be flattened
+        LOGGER.warning("--template %s has no values below -500 HU (CT air is -1000): it does "
+                       "not look like a CT, and regpipe normalises it as one (the HU window), "
+                       "like the CT images registered to it; give a CT template", path)
     match = re.match(r"^tpl-([A-Za-z0-9]+)", path.name)
     stem = re.sub(r"\.nii(\.gz)?$", "", path.name)
     space = match.group(1) if match else (re.sub(r"[^A-Za-z0-9]", "", stem) or "custom")
@@ -317,6 +322,11 @@ def resolve_template(spec: TemplateSpec | str, *, suffix: str = "T1w",
     home = templateflow_home()
     contrast = suffix
     found = _candidates(home, spec, contrast, spec.desc)
+    if not found and suffix == "CT":
+        raise TemplateError(
+            f"template {spec.identifier} has no CT image: regpipe normalises the template like "
+            "the images registered to it, and an MRI template through the CT window (-1000 to "
+            "1000 HU) keeps almost no contrast; give a CT template as a file (--template FILE)")
     if not found and suffix != "T1w":
         contrast, found = "T1w", _candidates(home, spec, "T1w", spec.desc)
         LOGGER.info("template %s has no %s image; using its T1w", spec.identifier, suffix)

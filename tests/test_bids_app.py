@@ -600,6 +600,28 @@ def test_suffix_selects_contrast_and_ct_modality(tmp_path, template_file, fake_w
     assert (job["suffix"], job["modality"]) == ("CT", "ct")
 
 
+def test_ct_against_an_mri_template_is_refused_or_warned(tmp_path, template_file, fake_wf,
+                                                         caplog, monkeypatch):
+    from regpipe.bids_app.templates import TemplateError, parse_template_spec, resolve_template
+
+    # the TemplateFlow template has no CT image: no silent fallback to its T1w
+    home = tmp_path / "tf"
+    folder = home / "tpl-MNI152NLin2009cAsym"
+    folder.mkdir(parents=True)
+    _nifti(folder / "tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz", value=3.0)
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", str(home))
+    with pytest.raises(TemplateError, match="has no CT image"):
+        resolve_template(parse_template_spec("MNI152NLin2009cAsym"), suffix="CT",
+                         download=False)
+    monkeypatch.delenv("TEMPLATEFLOW_HOME")
+    # a template file whose intensities have no air: warned about, before any work
+    bids_dir = make_bids(tmp_path / "bids", ["sub-01/anat/sub-01_CT.nii.gz"])
+    with caplog.at_level("WARNING", logger="regpipe"):
+        assert participant(bids_dir, tmp_path, template_file, "--suffix", "CT",
+                           "--skip-bids-validation") == 0
+    assert "does not look like a CT" in caplog.text
+
+
 def test_longitudinal_jobs(tmp_path, template_file, fake_wf, caplog):
     bids_dir = make_bids(tmp_path / "bids", [
         "sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz",
@@ -1126,10 +1148,16 @@ def test_crash_fixed_by_a_later_run_of_its_subject_is_not_a_failure(tmp_path):
     assert failure["crash_file"] == os.path.relpath(new_crash, out)
 
 
-def test_group_without_participant_outputs_is_66(tmp_path, capsys):
+def test_group_without_participant_outputs_is_66(tmp_path, capsys, monkeypatch):
+    import logging
+
+    nipype_logger = logging.getLogger("nipype")
+    monkeypatch.setattr(nipype_logger, "propagate", True)  # restored after the test
     bids_dir = two_subjects(tmp_path / "bids")
     assert regpipe(bids_dir, tmp_path / "empty", "group") == 66
     assert "run the participant level first" in capsys.readouterr().err
+    # Nipype prints through its own handler; passing lines to the root one doubled them
+    assert nipype_logger.propagate is False
 
 
 def test_group_reads_json_metrics_when_no_tsv(tmp_path):
