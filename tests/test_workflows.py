@@ -215,10 +215,12 @@ def test_every_method_gets_the_same_preprocessed_images(skeleton, tmp_path):
         sources.add(frozenset(feeds))
     assert len(sources) == 1  # the very same nodes and fields feed every method
     (feeds,) = sources
-    assert {src.rsplit(".", 2)[-2] for src, _ in feeds} == {
-        "moving_preproc_wf",
-        "fixed_preproc_1_wf",  # the subject's one preprocessing of this fixed image
-    }
+    names = {src.rsplit(".", 2)[-2] for src, _ in feeds}
+    assert len(names) == 2 and "moving_preproc_wf" in names
+    # the subject's one preprocessing of this fixed image, named after it (cached per image)
+    (fixed,) = names - {"moving_preproc_wf"}
+    stem = Path(make_job(skeleton, "02")["fixed"]).name.split(".")[0].replace("-", "_")
+    assert fixed.startswith(f"fixed_preproc_{stem}_")
 
 
 def test_template_is_not_bias_corrected_but_reference_images_are(skeleton, tmp_path):
@@ -253,7 +255,18 @@ def test_a_reference_is_preprocessed_once_for_all_its_sessions(skeleton, tmp_pat
     assert len(registrations) == 2
     for node in registrations:  # both registrations read that one preprocessed reference
         sources = {src.fullname for src, _ in graph.in_edges(node)}
-        assert any("fixed_preproc_1_wf" in name for name in sources), sources
+        assert any("fixed_preproc_" in name for name in sources), sources
+
+
+def test_fixed_preprocessing_is_named_after_its_image():
+    """Cache folders follow the fixed image, not its position among a run's references."""
+    from regpipe.workflows.base import fixed_preproc_name
+
+    one = ("/d/sub-01_ses-1_T1w.nii.gz", None, None, "mri", "intra")
+    two = ("/d/sub-01_ses-2_T1w.nii.gz", None, None, "mri", "intra")
+    assert fixed_preproc_name(one) == fixed_preproc_name(tuple(one))
+    assert fixed_preproc_name(one) != fixed_preproc_name(two)
+    assert fixed_preproc_name(one).startswith("fixed_preproc_sub_01_ses_1_T1w_")
 
 
 def test_ct_is_never_bias_corrected(skeleton, tmp_path):

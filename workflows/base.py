@@ -223,7 +223,7 @@ def init_single_subject_wf(
                job["pair_type"])
         if key not in fixed_wfs:
             fixed_wfs[key] = init_fixed_preproc_wf(
-                job=job, options=options, name=f"fixed_preproc_{len(fixed_wfs) + 1}_wf")
+                job=job, options=options, name=fixed_preproc_name(key))
         workflow.connect([(fixed_wfs[key], image_wf, [
             ("outputnode.out_file", "fixed_inputnode.out_file"),
             ("outputnode.mask", "fixed_inputnode.mask"),
@@ -253,6 +253,17 @@ def init_single_subject_wf(
         (report_inputs, subject_report, [("report_inputs", "report_inputs")]),
     ])  # fmt: skip
     return workflow
+
+
+def fixed_preproc_name(key: tuple) -> str:
+    """The node name of a fixed image's preprocessing: from the image's file name and a hash
+    of what it is preprocessed with, so that its cached results stay its own from run to run
+    (named by position, a run with another reference reused, and redid, a folder)."""
+    import hashlib
+
+    stem = Path(str(key[0])).name.split(".")[0]
+    digest = hashlib.sha1(repr(key).encode()).hexdigest()[:8]
+    return _node_name(f"fixed_preproc_{stem}_{digest}_wf")
 
 
 def init_fixed_preproc_wf(
