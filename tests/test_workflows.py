@@ -534,3 +534,25 @@ def test_outputs_in_a_fixed_space_take_the_fixed_images_voxel_order(tmp_path, mo
     other = tmp_path / "other.nii.gz"  # another grid: not a reorientation of the reference
     nib.save(nib.Nifti1Image(data[:4], np.eye(4)), other)
     assert in_voxel_order_of(str(other), str(tmp_path / "reference.nii.gz")) == str(other)
+
+
+def test_inverse_consistency_is_measured_where_the_inverse_is_defined():
+    """Points whose forward image leaves the inverse field's grid are not counted: beyond it
+    a field displaces nothing, which measured the field of view (1,000 mm in a CT review)."""
+    import numpy as np
+
+    from regpipe.imageio import Image
+    from regpipe.spaces import Geometry
+    from regpipe.transforms import AffineTransform, DisplacementField
+
+    fixed = Image(np.ones((20, 20, 20), np.float32), Geometry((20, 20, 20), np.eye(4)))
+    shift = np.eye(4)
+    shift[0, 3] = 5.0
+    forward = AffineTransform(shift)  # fixed x -> moving x + 5
+    half = Geometry((12, 20, 20), np.eye(4))  # the inverse is defined on x in 0..11 only
+    field = np.zeros((12, 20, 20, 3), np.float32)
+    field[..., 0] = -5.0
+    inverse = DisplacementField(half, field)
+    result = steps._inverse_consistency(forward, inverse, fixed, np.ones((20, 20, 20), bool))
+    assert result["inverse_consistency_mm_mean"] < 1e-6
+    assert 0.3 < result["inverse_consistency_coverage"] < 0.45  # x + 5 <= 11.5: 7 of 20

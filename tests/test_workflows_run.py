@@ -243,6 +243,7 @@ def test_metrics_tables_and_sidecars(runs):
                 "folding_percent",
                 "sd_log_jacobian",
                 "inverse_consistency_mm_mean",
+                "inverse_consistency_coverage",
             ):
                 assert values[key] != "n/a", key
             assert float(values["ncc_after"]) > float(values["ncc_before"])

@@ -327,20 +327,41 @@ def evaluate_registration(
 def _inverse_consistency(
     forward: Any, inverse: Any, fixed: Any, region: np.ndarray
 ) -> dict[str, float]:
-    """``|inverse(forward(x)) - x|`` (mm) over a regular subsample of the region's voxels."""
+    """``|inverse(forward(x)) - x|`` (mm) over a regular subsample of the region's voxels
+    whose forward image lies where the inverse is defined (on its displacement field's grid:
+    beyond it a field displaces nothing, and the error would measure the field of view, not
+    the transforms), and the share of points that do."""
+    nothing = {"inverse_consistency_mm_mean": float("nan"),
+               "inverse_consistency_mm_p95": float("nan"),
+               "inverse_consistency_coverage": float("nan")}
     index = np.argwhere(region)
     if index.size == 0:
-        return {
-            "inverse_consistency_mm_mean": float("nan"),
-            "inverse_consistency_mm_p95": float("nan"),
-        }
+        return nothing
     index = index[:: max(1, len(index) // _CONSISTENCY_POINTS)]
     points = fixed.geometry.voxel_to_world(index.astype(np.float64))
-    error = np.linalg.norm(inverse.map_points(forward.map_points(points)) - points, axis=-1)
+    mapped = forward.map_points(points)
+    inside = _on_field_grid(inverse, mapped)
+    if not inside.any():
+        return {**nothing, "inverse_consistency_coverage": 0.0}
+    error = np.linalg.norm(inverse.map_points(mapped[inside]) - points[inside], axis=-1)
     return {
         "inverse_consistency_mm_mean": float(error.mean()),
         "inverse_consistency_mm_p95": float(np.percentile(error, 95)),
+        "inverse_consistency_coverage": float(inside.mean()),
     }
+
+
+def _on_field_grid(transform: Any, points: np.ndarray) -> np.ndarray:
+    """Which ``points`` lie on the grid of the displacement field ``transform`` starts with
+    (all of them for an affine)."""
+    first = transform
+    while hasattr(first, "transforms") and first.transforms:
+        first = first.transforms[0]
+    geometry = getattr(first, "geometry", None)
+    if geometry is None:
+        return np.ones(len(points), dtype=bool)
+    voxels = geometry.world_to_voxel(points)
+    return np.all((voxels >= -0.5) & (voxels <= np.asarray(geometry.shape) - 0.5), axis=-1)
 
 
 # --------------------------------------------------------------------------- derivatives
@@ -407,6 +428,9 @@ METRIC_COLUMNS: dict[str, tuple[str | None, str]] = {
     "max_jacobian": (None, "Largest Jacobian determinant in the region"),
     "inverse_consistency_mm_mean": ("mm", "Mean |inverse(forward(x)) - x| over the region"),
     "inverse_consistency_mm_p95": ("mm", "95th percentile of |inverse(forward(x)) - x|"),
+    "inverse_consistency_coverage": (None, (
+        "Share of the sampled points whose forward image lies on the inverse field's grid; "
+        "the two consistency columns are measured on those")),
     "dice_mean": (None, "Mean Dice over labels (fixed labels vs warped moving labels)"),
 }
 
