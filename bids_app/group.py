@@ -389,6 +389,22 @@ def _ignore_group_folder(output_dir: Path) -> None:
     merge_bidsignore(output_dir, [f"{GROUP_DIR}/"])
 
 
+def _warn_mixed_weights(rows: Sequence[Mapping[str, Any]]) -> None:
+    """The summary pools a method's rows per target: say so when different weights made them
+    (subjects run again with other --weights, others not)."""
+    made_with: dict[tuple[str, str], set[str]] = {}
+    for row in rows:
+        if row.get("weights_sha256"):
+            made_with.setdefault((str(row["method"]), str(row.get("target"))), set()).add(
+                str(row["weights_sha256"]))
+    for (method, target), shas in sorted(made_with.items()):
+        if len(shas) > 1:
+            LOGGER.warning(
+                "%s results for %s were made with %d different weights (sha256 %s): the group "
+                "summary pools them; the weights_sha256 column of %s tells them apart", method,
+                target, len(shas), ", ".join(sorted(sha[:12] for sha in shas)), TSV_NAME)
+
+
 def run_group(args: argparse.Namespace) -> int:
     """The group level; returns the exit code (66 without participant outputs)."""
     output_dir: Path = args.output_dir
@@ -418,6 +434,7 @@ def run_group(args: argparse.Namespace) -> int:
         raise AppError(ExitCode.CANT_CREATE, f"cannot write {group_dir}: {error}") from None
     LOGGER.info("%d registration(s), %d failure(s); metrics in %s", len(rows), len(failures),
                 tsv)
+    _warn_mixed_weights(rows)
     for failure in failures:
         LOGGER.warning("failure: sub-%s%s%s: %s", failure["subject"],
                        f" ses-{failure['session']}" if failure.get("session") else "",

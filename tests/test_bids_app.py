@@ -1207,3 +1207,20 @@ def test_demo_dataset_is_valid_bids_with_offline_template(tmp_path, monkeypatch,
     small = nib.load(job["fixed"]).header
     assert int(small["sform_code"]) == int(original["sform_code"]) == 4
     assert int(small["qform_code"]) == int(original["qform_code"])
+
+
+def test_group_warns_when_one_table_mixes_weights(tmp_path, monkeypatch, caplog):
+    bids_dir = two_subjects(tmp_path / "bids")
+    out = tmp_path / "out"
+    _dataset(out)
+    for subject, sha in (("01", "a" * 64), ("02", "b" * 64)):  # sub-02 rerun with new weights
+        _metrics_tsv(out / f"sub-{subject}" / "anat" /
+                     f"sub-{subject}_space-{TPL}_desc-T1w_metrics.tsv",
+                     subject=subject, method="network", weights_sha256=sha)
+    from regpipe import reports
+
+    monkeypatch.setattr(reports, "write_group_report", lambda rows, failures, out_html: out_html)
+    with caplog.at_level("WARNING", logger="regpipe"):
+        assert regpipe(bids_dir, out, "group", work=tmp_path / "work") == 0
+    assert "were made with 2 different weights (sha256 aaaaaaaaaaaa, bbbbbbbbbbbb)" in caplog.text
+    assert "weights_sha256" in (out / "group" / "group_metrics.tsv").read_text().splitlines()[0]
