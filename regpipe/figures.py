@@ -125,8 +125,10 @@ def plot_contours(
     *,
     cuts: Cuts | None = None,
     title: str | None = None,
+    draw_contours: bool = True,
 ) -> Path:
-    """Write an SVG of ``image`` (grey) with two iso-intensity contours of ``contours_of``.
+    """Write an SVG of ``image`` (grey) with two iso-intensity contours of ``contours_of``
+    (``draw_contours=False``: the image alone, for cuts that miss ``contours_of``).
 
     With the warped image as ``image`` and the fixed (template) image as ``contours_of``: after
     a good registration the template's contours follow the warped image's boundaries. Red is
@@ -157,7 +159,8 @@ def plot_contours(
             interpolation=_INTERPOLATION,
             title=_literal(title) if first and title else None,
         )
-        display.add_contours(contours_nii, levels=levels, colors=colors, linewidths=0.6)
+        if draw_contours:
+            display.add_contours(contours_nii, levels=levels, colors=colors, linewidths=0.6)
         return display
 
     return _write_stacked(panel, out_file)

@@ -263,6 +263,16 @@ def _method_html(
             before = drawn[key]
         else:
             before = figure("Before", plot_contours, moving, fixed, title="before registration")
+            if isinstance(before, str) and failed is None:
+                # the images do not overlap in world space (a CT in scanner coordinates and an
+                # MNI template): cut through the moving image itself instead
+                own = _attempt(f"{label}: slice positions", cut_coordinates, moving,
+                               cuts_per_view)
+                if not isinstance(own, str):
+                    before = _attempt(f"{label}: Before figure", plot_contours, moving, fixed,
+                                      figures / f"{stem}Before_reg.svg", cuts=own,
+                                      title=f"before registration: no overlap with {space}",
+                                      draw_contours=False)
             if drawn is not None:
                 drawn[key] = before
         parts.append(
@@ -270,7 +280,7 @@ def _method_html(
                 before,
                 page,
                 f"Before registration: the preprocessed moving image in its own world "
-                f"coordinates; contours of {space}: {_CONTOURS}",
+                f"coordinates; contours of {space} where it overlaps them: {_CONTOURS}",
             )
         )
     parts.append("<h3>Jacobian determinant</h3>")

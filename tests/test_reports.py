@@ -181,6 +181,24 @@ def test_subject_figures_are_named_by_subject_session_space_and_method(
     assert subject_report.read_text().count(f"{stem}unigradiconBefore_reg.svg") == 2
 
 
+def test_before_figure_of_images_that_do_not_overlap_cuts_through_the_moving_one(
+        volumes, tmp_path) -> None:
+    """A CT in scanner coordinates and an MNI template: the template's slice positions miss
+    the moving image, so its own are used (the figure was "not available")."""
+    moving = nib.load(volumes["moving"])
+    far = moving.affine.copy()
+    far[:3, 3] += 1000.0
+    nib.save(nib.Nifti1Image(np.asarray(moving.dataobj), far), tmp_path / "far.nii.gz")
+    section = {"method": "network", "label": "CT -> X (network)", "space": "X",
+               "fixed": volumes["fixed"], "warped": volumes["warped"],
+               "moving_preproc": tmp_path / "far.nii.gz", "jacobian": None, "metrics": {}}
+    page = write_subject_report(subject="01", session=None, output_dir=tmp_path,
+                                sections=[section], out_html=tmp_path / "sub-01.html")
+    text = Path(page).read_text()
+    assert "Figure not available" not in text
+    assert any((tmp_path / "sub-01" / "figures").glob("*Before_reg.svg"))
+
+
 def test_figures_no_page_links_any_more_are_removed_when_old(volumes, tmp_path) -> None:
     import os
     import time
