@@ -2,7 +2,7 @@
 
 Times, on random inputs at the network's grid, the single forward pass
 (``network.displacement``), the second pass with the images swapped, and
-:func:`regpipe.registration.inverse_displacement` of its output; median of ``--repeats`` runs
+its inversion (:meth:`regpipe.transforms.GridTransform.inverse`); median of ``--repeats`` runs
 after one warm-up. The whole registration adds exactly the second pass and the inversion.
 
 Example
@@ -17,12 +17,15 @@ import argparse
 import statistics
 import time
 
+import numpy as np
+
 
 def main() -> None:
     import torch
 
     from regpipe.networks import network_from_file
-    from regpipe.registration import _network_displacement, inverse_displacement
+    from regpipe.registration import _network_displacement
+    from regpipe.transforms import GridTransform
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", required=True)
@@ -48,7 +51,8 @@ def main() -> None:
         backward = _network_displacement(network, fixed, moving)
         single = timed(lambda: _network_displacement(network, moving, fixed))
         both = timed(lambda: _network_displacement(network, moving, fixed, symmetric=True))
-        inversion = timed(lambda: inverse_displacement(backward))
+        identity = np.eye(4)
+        inversion = timed(lambda: GridTransform(identity, backward[0], identity).inverse())
     print(f"grid {shape}, {args.threads} thread(s), median of {args.repeats}:")
     print(f"  single pass {single:.2f} s, symmetric (two passes + inversion) {both:.2f} s, "
           f"of which the inversion {inversion:.2f} s")

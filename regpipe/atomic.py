@@ -37,7 +37,21 @@ from typing import Any
 
 from regpipe.errors import InputError
 
-__all__ = ["atomic_copy", "atomic_write", "atomic_write_text"]
+__all__ = ["atomic_copy", "atomic_write", "atomic_write_text", "check_output_folder"]
+
+
+def check_output_folder(path: str | os.PathLike[str], what: str | None = None) -> None:
+    """Refuse an output ``path`` whose folder is missing or not writable, or that is a folder,
+    before any work (``what`` names it in the message, e.g. ``--warped_moving_out``)."""
+    path = Path(path)
+    name = f"{what} {path}" if what else f"cannot write {path}"
+    if path.is_dir():
+        raise InputError(f"{name} is a folder; give a file name")
+    folder = path.parent
+    if not folder.resolve().is_dir():
+        raise InputError(f"{name}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"{name}: folder {folder} is not writable")
 
 
 def _suffix(path: Path) -> str:

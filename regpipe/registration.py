@@ -20,7 +20,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from regpipe.errors import InputError
 from regpipe.imageio import (
@@ -105,6 +104,7 @@ class RegistrationResult:
         ``.hdf5`` for an ITK displacement-field transform, ``.nii.gz`` for an ITK/ANTs
         displacement-field image.
         """
+        from regpipe.atomic import check_output_folder
         from regpipe.imageio import check_image_path
         from regpipe.transform_files import check_field_path, write_transform
 
@@ -116,11 +116,8 @@ class RegistrationResult:
             if path is not None:
                 check_image_path(path)
         for path in (transform_out, inverse_out, warped_out, jacobian_out):
-            folder = Path(path).parent if path is not None else None
-            if folder is not None and not folder.is_dir():
-                raise InputError(f"cannot write {path}: folder {folder} does not exist")
-            if folder is not None and not os.access(folder, os.W_OK | os.X_OK):
-                raise InputError(f"cannot write {path}: folder {folder} is not writable")
+            if path is not None:
+                check_output_folder(path)
         if transform_out is not None:
             write_transform(self.forward_field(), transform_out)
         if inverse_out is not None:
@@ -664,32 +661,9 @@ def _network_displacement(
     if not symmetric:
         return forward
     backward = network.displacement(fixed_t, moving_t) * scale.to(moving_t.dtype)
-    return (forward + inverse_displacement(backward.float()).to(forward.dtype)) / 2
-
-
-def inverse_displacement(displacement: torch.Tensor, iterations: int = 20) -> torch.Tensor:
-    """The inverse of the map ``g -> g + v(g)`` on the same index grid, as a displacement
-    ``w`` with ``g + w(g)`` its inverse: fixed-point iterations ``w = -v(g + w)`` (``v``
-    sampled trilinearly, edge values beyond the grid), which converge for the smooth,
-    invertible maps networks predict.
-
-    ``displacement``: ``[B, 3, n0, n1, n2]`` in grid-index units, channel ``c`` along tensor
-    axis ``c + 2``.
-    """
-    shape = displacement.shape[2:]
-    axes = torch.meshgrid(*[torch.arange(n, dtype=displacement.dtype,
-                                         device=displacement.device) for n in shape],
-                          indexing="ij")
-    identity = torch.stack(axes)[None]
-    scale = torch.tensor([2.0 / max(n - 1, 1) for n in shape], dtype=displacement.dtype,
-                         device=displacement.device).view(1, 3, 1, 1, 1)
-    inverse = -displacement
-    for _ in range(iterations):
-        where = (identity + inverse) * scale - 1.0  # align_corners=True coordinates
-        grid = where.permute(0, 2, 3, 4, 1).flip(-1)  # grid_sample wants (x, y, z) = axes 4, 3, 2
-        inverse = -F.grid_sample(displacement, grid, mode="bilinear", padding_mode="border",
-                                 align_corners=True)
-    return inverse
+    identity = np.eye(4)  # index space: the inversion needs no world coordinates
+    inverse = GridTransform(identity, backward[0].float(), identity).inverse().displacement
+    return (forward + inverse[None].to(forward.dtype)) / 2
 
 
 def _moving_view(moving_img, grid_out, grid_shape, squash_moving, device) -> torch.Tensor:

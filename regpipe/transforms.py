@@ -110,11 +110,11 @@ class GridTransform:
         """
         disp = self.displacement.float()
         shape = self.grid_shape
-        axes = [torch.arange(n, dtype=torch.float32) for n in shape]
+        axes = [torch.arange(n, dtype=torch.float32, device=disp.device) for n in shape]
         nodes = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
         field = disp[None]
         inv = -disp.permute(1, 2, 3, 0).reshape(-1, 3).clone()
-        active = torch.arange(nodes.shape[0])
+        active = torch.arange(nodes.shape[0], device=disp.device)
         for iteration in range(iterations):
             current = inv[active]
             new = -sample_network(field, nodes[active] + current, padding="border")

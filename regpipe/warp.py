@@ -114,6 +114,7 @@ def apply_transform(
     ``interpolation="nearest"`` for label maps: their integer type and values are kept. The
     result keeps the reference image's NIfTI space code (an MNI template's 4).
     """
+    from regpipe.atomic import check_output_folder
     from regpipe.transform_files import read_transform
     from regpipe.transforms import compose
 
@@ -121,9 +122,7 @@ def apply_transform(
         raise InputError(f"interpolation must be 'linear' or 'nearest', got {interpolation!r}")
     if output is not None:
         check_image_path(output)
-        folder = Path(output).parent
-        if not folder.is_dir():  # before the resampling, not after it
-            raise InputError(f"cannot write {output}: folder {folder} does not exist")
+        check_output_folder(output)  # before the resampling, not after it
     parts = list(transform) if isinstance(transform, (list, tuple)) else [transform]
     for part in parts:
         if not (isinstance(part, (str, os.PathLike)) or hasattr(part, "map_points")):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -82,6 +81,7 @@ def check_outputs(outputs: Mapping[str, tuple[str | None, str]]) -> None:
     InputError
         Naming the option and what is wrong with its path.
     """
+    from regpipe.atomic import check_output_folder
     from regpipe.imageio import check_image_path
     from regpipe.transform_files import check_field_path
 
@@ -90,13 +90,7 @@ def check_outputs(outputs: Mapping[str, tuple[str | None, str]]) -> None:
             continue
         path = Path(value)
         flag = f"--{option}"
-        if path.is_dir():
-            raise InputError(f"{flag} {path} is a folder; give a file name")
-        folder = path.parent
-        if not folder.resolve().is_dir():
-            raise InputError(f"{flag}: folder {folder} does not exist")
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise InputError(f"{flag}: folder {folder} is not writable")
+        check_output_folder(path, flag)
         try:
             if kind == "image":
                 check_image_path(path)
