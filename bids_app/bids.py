@@ -476,17 +476,18 @@ def longitudinal_pairs(images: Sequence[Image], reference_session: str | None = 
     for image in images:
         by_subject.setdefault(image.subject, []).append(image)
     pairs = []
+    skipped_here: dict[str, list[str]] = {}  # one log line per reason, not one per subject
     for subject, own in by_subject.items():
         sessions = sorted({i.session for i in own if i.session is not None}, key=natural_key)
         if len(sessions) < 2:
             reason = f"{len(sessions)} session(s); longitudinal mode needs two"
-            LOGGER.warning("sub-%s has %s: skipped", subject, reason)
+            skipped_here.setdefault(reason, []).append(subject)
             skipped.append({"subject": subject, "reason": reason})
             continue
         reference = reference_session or sessions[0]
         if reference not in sessions:
             reason = f"no reference session {reference} (sessions: {', '.join(sessions)})"
-            LOGGER.warning("sub-%s has %s: skipped", subject, reason)
+            skipped_here.setdefault(reason, []).append(subject)
             skipped.append({"subject": subject, "reason": reason})
             continue
         candidates = sorted((i for i in own if i.session == reference), key=lambda i: str(i.path))
@@ -496,6 +497,9 @@ def longitudinal_pairs(images: Sequence[Image], reference_session: str | None = 
                         reference, len(candidates), fixed.entities.get("suffix"),
                         fixed.path.name)
         pairs += [(image, fixed) for image in own if image is not fixed]
+    for reason, subjects in skipped_here.items():
+        LOGGER.warning("%d subject(s) skipped, %s: %s", len(subjects), reason,
+                       _summarise([f"sub-{label}" for label in subjects]))
     return pairs
 
 

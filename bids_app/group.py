@@ -390,8 +390,8 @@ def _ignore_group_folder(output_dir: Path) -> None:
 
 
 def _warn_mixed_weights(rows: Sequence[Mapping[str, Any]]) -> None:
-    """The summary pools a method's rows per target: say so when different weights made them
-    (subjects run again with other --weights, others not)."""
+    """Say so when different weights made one method's rows for a target (subjects run again
+    with other --weights, others not): the report splits them, the TSV keeps one method."""
     made_with: dict[tuple[str, str], set[str]] = {}
     for row in rows:
         if row.get("weights_sha256"):
@@ -401,7 +401,9 @@ def _warn_mixed_weights(rows: Sequence[Mapping[str, Any]]) -> None:
         if len(shas) > 1:
             LOGGER.warning(
                 "%s results for %s were made with %d different weights (sha256 %s): the group "
-                "summary pools them; the weights_sha256 column of %s tells them apart", method,
+                "report summarises each separately, and the weights_sha256 column of %s tells "
+                "them apart; run the participant level again with one --weights to compare "
+                "the subjects on one model", method,
                 target, len(shas), ", ".join(sorted(sha[:12] for sha in shas)), TSV_NAME)
 
 

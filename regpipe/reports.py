@@ -484,6 +484,22 @@ def _summary_table(rows: Sequence[Mapping[str, Any]], methods: list[str]) -> str
     return _table(["Method", "Registrations"] + [t for _, t in GROUP_METRICS], table_rows)
 
 
+def _split_by_weights(rows: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """Rows whose method was run with different network weights (``weights_sha256``) get the
+    weights in their method label, so the summary and plots never pool two models."""
+    made_with: dict[str, set[str]] = {}
+    for row in rows:
+        if row.get("weights_sha256") not in (None, "", "n/a"):
+            made_with.setdefault(str(row.get("method")), set()).add(str(row["weights_sha256"]))
+    mixed = {method for method, shas in made_with.items() if len(shas) > 1}
+    return [
+        {**row, "method": f"{row.get('method')} [weights {str(row.get('weights_sha256'))[:12]}]"}
+        if str(row.get("method")) in mixed and row.get("weights_sha256") not in (None, "", "n/a")
+        else dict(row)
+        for row in rows
+    ]
+
+
 def write_group_report(
     rows: list[dict],
     failures: list[dict],
@@ -498,9 +514,10 @@ def write_group_report(
     rows
         One dict per registration: ``subject``, ``session``, ``method``, ``runtime_s``,
         ``peak_memory_mb``, ``folding_percent``, ``sd_log_jacobian``, ``ncc_after`` and
-        optionally ``dice_mean`` and ``target`` (what it was registered to: rows of several
-        targets are summarised per method and target, never pooled); ``None``, ``"n/a"`` and
-        missing values are left out of the statistics.
+        optionally ``dice_mean``, ``target`` (what it was registered to: rows of several
+        targets are summarised per method and target, never pooled) and ``weights_sha256``
+        (rows of one method made with different weights are summarised per weights file);
+        ``None``, ``"n/a"`` and missing values are left out of the statistics.
     failures
         One dict per failure: ``subject`` and ``reason`` (``session`` and ``method`` are shown
         when present).
@@ -516,6 +533,7 @@ def write_group_report(
     targets = {r.get("target") for r in rows if r.get("target")}
     if len(targets) > 1:  # never pool registrations made against different targets
         rows = [{**r, "method": f"{r.get('method')} / {r.get('target')}"} for r in rows]
+    rows = _split_by_weights(rows)
     methods = methods_in_order(rows)
     subjects = {_text(r.get("subject")) for r in rows} | {
         _text(f.get("subject")) for f in failures

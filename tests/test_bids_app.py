@@ -635,7 +635,7 @@ def test_longitudinal_jobs(tmp_path, template_file, fake_wf, caplog):
     reference = bids_dir / "sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz"
     assert {j["fixed"] for j in jobs} == {str(reference)}
     assert {(j["fixed_space"], j["pair_type"]) for j in jobs} == {("sub01ses1", "intra")}
-    assert "sub-02 has 1 session(s)" in caplog.text
+    assert "1 subject(s) skipped, 1 session(s); longitudinal mode needs two: sub-02" in caplog.text
     (record,) = (tmp_path / "out" / "logs").glob("*/regpipe_run.json")
     assert json.loads(record.read_text())["skipped"] == [
         {"subject": "02", "reason": "1 session(s); longitudinal mode needs two"}]
@@ -1224,3 +1224,20 @@ def test_group_warns_when_one_table_mixes_weights(tmp_path, monkeypatch, caplog)
         assert regpipe(bids_dir, out, "group", work=tmp_path / "work") == 0
     assert "were made with 2 different weights (sha256 aaaaaaaaaaaa, bbbbbbbbbbbb)" in caplog.text
     assert "weights_sha256" in (out / "group" / "group_metrics.tsv").read_text().splitlines()[0]
+
+
+def test_longitudinal_skips_are_one_line_per_reason(caplog):
+    from regpipe.bids_app.bids import Image, longitudinal_pairs
+
+    images = [Image(f"{n:02d}", "1", Path(f"/d/sub-{n:02d}_ses-1_T1w.nii.gz"), {})
+              for n in range(1, 31)]
+    images += [Image("31", s, Path(f"/d/sub-31_ses-{s}_T1w.nii.gz"), {}) for s in ("1", "2")]
+    skipped: list = []
+    with caplog.at_level("WARNING", logger="regpipe"):
+        pairs = longitudinal_pairs(images, skipped=skipped)
+    assert [(m.subject, m.session, f.session) for m, f in pairs] == [("31", "2", "1")]
+    assert len(skipped) == 30  # each subject still recorded in the run record
+    (line,) = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert line.startswith("30 subject(s) skipped, 1 session(s); longitudinal mode needs two: "
+                           "sub-01, sub-02")
+    assert line.endswith("and 20 more")

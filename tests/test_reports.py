@@ -336,6 +336,22 @@ def test_group_summary_never_pools_targets(tmp_path: Path) -> None:
     assert "<th>target</th>" in page  # and the table of all registrations names it
 
 
+def test_group_summary_never_pools_weights(tmp_path: Path) -> None:
+    # sub-02 run again with new weights: two models, two summary rows; ANTs has no weights
+    rows = [{"subject": "01", "method": "network", "weights_sha256": "a" * 64, "runtime_s": 10.0},
+            {"subject": "02", "method": "network", "weights_sha256": "b" * 64, "runtime_s": 2.0},
+            {"subject": "03", "method": "network", "weights_sha256": "a" * 64, "runtime_s": 12.0},
+            {"subject": "01", "method": "ants-syn", "weights_sha256": None, "runtime_s": 40.0}]
+    page = write_group_report(rows, [], tmp_path / "group.html").read_text()
+    summary = page.split('id="summary"')[1].split("</section>")[0]
+    assert "network [weights aaaaaaaaaaaa]</td><td class=\"num\">2<" in summary
+    assert "network [weights bbbbbbbbbbbb]</td><td class=\"num\">1<" in summary
+    assert "ants-syn</td>" in summary and "ants-syn [weights" not in summary
+    one_model = [dict(row, weights_sha256="a" * 64) for row in rows[:3]]
+    page = write_group_report(one_model, [], tmp_path / "one.html").read_text()
+    assert "[weights" not in page
+
+
 def test_group_metric_without_values_draws_nothing(tmp_path: Path) -> None:
     rows = [{"method": "a", "dice_mean": "n/a"}, {"method": "b"}]
     assert plot_group_metric(rows, "dice_mean", tmp_path / "dice.svg") is None
