@@ -370,6 +370,20 @@ def _comparison_table(sections: Sequence[Mapping[str, Any]]) -> str:
     return _table(header, rows)
 
 
+#: BIDS entities that tell one subject's images apart, in BIDS order
+_IMAGE_ENTITIES = ("ses", "task", "acq", "ce", "rec", "run", "echo", "part")
+
+
+def _image_entities(image: Any, page_entities: str) -> str:
+    """``_ses-2_run-1``: the entities of ``image``'s file name (a path; nothing for an image
+    in memory) among :data:`_IMAGE_ENTITIES` that ``page_entities`` does not already hold."""
+    if not isinstance(image, (str, Path)):
+        return ""
+    pairs = dict(re.findall(r"(?:^|_)([a-z]+)-([A-Za-z0-9]+)(?=_)", Path(image).name))
+    return "".join(f"_{key}-{pairs[key]}" for key in _IMAGE_ENTITIES
+                   if key in pairs and f"{key}-{pairs[key]}" not in page_entities.split("_"))
+
+
 def write_subject_report(
     *,
     subject: str,
@@ -424,8 +438,11 @@ def write_subject_report(
         label = str(section.get("label") or method)
         method_id = re.sub(r"[^A-Za-z0-9]", "", method) or f"method{index}"
         space_id = re.sub(r"[^A-Za-z0-9]", "", str(section.get("space"))) or "fixed"
-        stem = f"{entities}_space-{space_id}_desc-{method_id}"
-        stem = f"{stem}{index}" if stem in stems else stem  # same method and space twice
+        # the image's own entities (session, acquisition, run...) from its file name, so that
+        # figures of one subject's several images keep their names whatever the order
+        own = _image_entities(section.get("warped"), entities)
+        stem = f"{entities}{own}_space-{space_id}_desc-{method_id}"
+        stem = f"{stem}{index}" if stem in stems else stem  # same method, image and space
         stems.add(stem)
         anchor = f"method-{index}-{method_id}"
         nav.append(f'<a href="#{_e(anchor)}">{_e(label)}</a>')

@@ -432,3 +432,28 @@ def test_browser_check_detects_a_missing_figure(subject_report: Path, tmp_path: 
     dom, _ = _render(broken, tmp_path)
     assert dom.body.get("data-figures-broken") == "1"
     assert [f.get("data-loaded") for f in dom.figures].count("0") == 1
+
+
+def test_figures_of_several_images_are_named_by_their_entities(volumes, tmp_path) -> None:
+    """Two sessions on one page: each image's figures are named after its session, whatever
+    the order of the sections (an index would rename them when a session is added)."""
+    import shutil
+
+    sections = []
+    for session in ("2", "1"):
+        warped = tmp_path / f"sub-01_ses-{session}_run-1_space-X_desc-network_T1w.nii.gz"
+        shutil.copy(volumes["warped"], warped)
+        sections.append({"method": "network", "space": "X", "fixed": volumes["fixed"],
+                         "warped": warped, "moving_preproc": None, "jacobian": None,
+                         "metrics": {}})
+    for order in (sections, sections[::-1]):
+        write_subject_report(subject="01", session=None, output_dir=tmp_path,
+                             sections=order, out_html=tmp_path / "sub-01.html")
+    names = sorted(p.name for p in (tmp_path / "sub-01" / "figures").glob("*Flicker_reg.svg"))
+    assert names == ["sub-01_ses-1_run-1_space-X_desc-networkFlicker_reg.svg",
+                     "sub-01_ses-2_run-1_space-X_desc-networkFlicker_reg.svg"]
+    # a page of one session already names it: not repeated
+    write_subject_report(subject="01", session="1", output_dir=tmp_path,
+                         sections=sections[1:], out_html=tmp_path / "one.html")
+    assert "sub-01_ses-1_run-1_space-X_desc-networkFlicker_reg.svg" in (
+        tmp_path / "one.html").read_text()
