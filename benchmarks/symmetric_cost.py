@@ -4,6 +4,7 @@ Times, on random inputs at the network's grid, the single forward pass
 (``network.displacement``), the second pass with the images swapped, and
 its inversion (:meth:`regpipe.transforms.GridTransform.inverse`); median of ``--repeats`` runs
 after one warm-up. The whole registration adds exactly the second pass and the inversion.
+``--passes N`` also times ``N`` symmetric network passes (``register(network_passes=N)``).
 
 Example
 -------
@@ -31,6 +32,7 @@ def main() -> None:
     parser.add_argument("--weights", required=True)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--passes", type=int, default=1, help="also time N symmetric passes")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     network = network_from_file(args.weights).eval()
@@ -53,10 +55,15 @@ def main() -> None:
         both = timed(lambda: _network_displacement(network, moving, fixed, symmetric=True))
         identity = np.eye(4)
         inversion = timed(lambda: GridTransform(identity, backward[0], identity).inverse())
+        repeated = timed(lambda: _network_displacement(network, moving, fixed, symmetric=True,
+                                                       passes=args.passes))
     print(f"grid {shape}, {args.threads} thread(s), median of {args.repeats}:")
     print(f"  single pass {single:.2f} s, symmetric (two passes + inversion) {both:.2f} s, "
           f"of which the inversion {inversion:.2f} s")
     print(f"  extra per registration {both - single:.2f} s")
+    if args.passes > 1:
+        print(f"  {args.passes} symmetric passes {repeated:.2f} s "
+              f"(+{repeated - both:.2f} s over one)")
 
 
 if __name__ == "__main__":

@@ -386,6 +386,7 @@ def run_participant(args: argparse.Namespace, argv: Sequence[str] | None = None)
         region=args.region,
         smoothness=args.smoothness,
         mixed_precision=args.mixed_precision,
+        network_passes=args.network_passes,
     )
     try:
         _run(workflow, args, plugin, log_dir)

@@ -70,12 +70,16 @@ class MethodSpec:
     smoothness: float | None = None
     #: the network's two-pass symmetric estimate (``regpipe.register(symmetric=...)``)
     symmetric: bool = True
+    #: network passes (``regpipe.register(network_passes=...)``)
+    network_passes: int = 1
 
     def config(self) -> dict[str, Any]:
         config = {k: v for k, v in asdict(self).items()
                   if k != "name" and not (k in _CONDITION_KEYS and v is None)}
         if self.kind != "ours" or self.weights is None:
             config.pop("symmetric")  # nothing to symmetrise
+        if self.kind != "ours" or self.weights is None or self.network_passes == 1:
+            config.pop("network_passes")  # rows of earlier runs (one pass) stay resumable
         return config
 
     def condition(self) -> dict[str, Any]:
@@ -88,7 +92,7 @@ _CONDITION_KEYS = ("region", "pair_type", "smoothness")
 
 def parse_methods(text: str | Sequence[str], *, weights: str | None = "default",
                   io_iterations: int = 50, condition: Mapping[str, Any] | None = None,
-                  symmetric: bool = True) -> list[MethodSpec]:
+                  symmetric: bool = True, network_passes: int = 1) -> list[MethodSpec]:
     """Method specs from names (a comma list or a sequence; see :data:`METHOD_NAMES`).
 
     ``weights`` (a registry name, a file, ``"default"`` or ``None``/``"none"`` for no network),
@@ -116,7 +120,7 @@ def parse_methods(text: str | Sequence[str], *, weights: str | None = "default",
         elif name in ("ours", "ours+io"):
             steps = io_iterations if name == "ours+io" else 0
             methods.append(MethodSpec(name, "ours", weights, steps, **condition,
-                                      symmetric=symmetric))
+                                      symmetric=symmetric, network_passes=network_passes))
         elif name.startswith("ants-") and name[5:] in ("affine", "syn", "synquick"):
             methods.append(MethodSpec(name, "ants", ants_method=name[5:]))
         else:
@@ -171,12 +175,14 @@ def run_method(method: MethodSpec, pair: LoadedPair, *, seed: int | None = 0,
                 moving_modality=spec.moving_modality, weights=method.weights, affine="ours",
                 io_iterations=method.io_iterations, io_method="fast", device=device,
                 threads=threads, seed=seed, progress=False, evaluate=False,
-                symmetric=method.symmetric, **method.condition(),
+                symmetric=method.symmetric, network_passes=method.network_passes,
+                **method.condition(),
             )
             forward, warped, extra = result.forward, result.warped.data, result.metrics
             settings.update(weights_file=result.settings.get("weights"),
                             condition=result.settings.get("condition"),
                             symmetric=result.settings.get("symmetric"),
+                            network_passes=result.settings.get("network_passes"),
                             grid_shape=result.settings.get("grid_shape"),
                             grid_mode=result.settings.get("grid_mode"),
                             device=result.settings.get("device"))

@@ -247,6 +247,9 @@ def test_parse_methods_gives_the_condition_to_the_network_methods_only():
     assert "symmetric" not in methods[0].config() and methods[1].config()["symmetric"] is True
     single = parse_methods("ours", weights="w.pt", symmetric=False)[0]
     assert single.config()["symmetric"] is False  # a resumed run does not mix the two
+    assert "network_passes" not in single.config()  # one pass: rows of earlier runs match
+    twice = parse_methods("ours,affine", weights="w.pt", network_passes=2)
+    assert twice[0].config()["network_passes"] == 2 and "network_passes" not in twice[1].config()
 
 
 def test_cli_refuses_a_condition_for_unconditional_weights(pair_files, tmp_path, capsys):
@@ -641,9 +644,9 @@ def test_cli_passes_the_condition_to_a_conditional_network(pair_files, tmp_path)
     pairs = _good_pair_file(pair_files, tmp_path)
     code = main(["--pairs", str(pairs), "--methods", "ours", "--weights", str(weights),
                  "--region", "knee", "--pair-type", "Intra", "--smoothness", "3",
-                 "--no-symmetric", "--threads", "1", "--output", str(tmp_path / "out"),
-                 "--quiet"])
+                 "--no-symmetric", "--network-passes", "2", "--threads", "1",
+                 "--output", str(tmp_path / "out"), "--quiet"])
     assert code == 0
     settings = _rows(tmp_path / "out")["good", "ours"]["settings"]
     assert settings["condition"] == {"region": "knee", "pair_type": "intra", "lam": 3.0}
-    assert settings["symmetric"] is False
+    assert settings["symmetric"] is False and settings["network_passes"] == 2

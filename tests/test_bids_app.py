@@ -423,6 +423,12 @@ def test_missing_labels_dataset_is_66(tmp_path, template_file):
     assert participant(bids_dir, tmp_path, template_file, "--labels", tmp_path / "none") == 66
 
 
+def test_network_passes_out_of_range_is_64(tmp_path, template_file, capsys):
+    bids_dir = two_subjects(tmp_path / "bids")
+    assert participant(bids_dir, tmp_path, template_file, "--network-passes", "0") == 64
+    assert "must be from 1 to 10, got 0" in capsys.readouterr().err
+
+
 def test_unknown_plugin_is_64(tmp_path, template_file, capsys):
     bids_dir = two_subjects(tmp_path / "bids")
     assert participant(bids_dir, tmp_path, template_file, "--plugin", "Nope") == 64
@@ -439,7 +445,7 @@ def test_template_jobs_contract_and_run_settings(tmp_path, template_file, fake_w
     assert participant(bids_dir, tmp_path, template_file, "--compare", "ants-syn",
                        "--nprocs", "2", "--omp-nthreads", "1", "--mem", "3G",
                        "--random-seed", "7", "--io-iterations", "None", "--mixed-precision",
-                       "--stop-on-first-crash") == 0
+                       "--network-passes", "2", "--stop-on-first-crash") == 0
     kwargs = fake_wf["kwargs"]
     jobs = kwargs["jobs"]
     assert [j["subject"] for j in jobs] == ["01", "02"]
@@ -457,7 +463,7 @@ def test_template_jobs_contract_and_run_settings(tmp_path, template_file, fake_w
     json.dumps(jobs)  # plain data
     assert kwargs["methods"] == ["network", "ants-syn"] and kwargs["weights"] is None
     assert (kwargs["omp_nthreads"], kwargs["seed"], kwargs["io_iterations"]) == (1, 7, None)
-    assert kwargs["mixed_precision"] is True
+    assert kwargs["mixed_precision"] is True and kwargs["network_passes"] == 2
     assert kwargs["bids_dir"] == bids_dir and kwargs["reports"] is True
     workflow = fake_wf["workflow"]
     ((plugin, plugin_args),) = workflow.runs

@@ -314,3 +314,15 @@ def test_no_symmetric_gives_the_single_pass_of_unigradicon(files, tmp_path):
         assert register_cli.main(args) == 0
         settings = json.loads((tmp_path / "m.json").read_text())["settings"]
         assert settings["symmetric"] is expected
+
+
+def test_network_passes_option(files, tmp_path):
+    for option, expected in (([], 1), (["--network_passes", "2"], 2),
+                             (["--network-passes", "3"], 3)):
+        args = [*base_args(files, tmp_path), "--io_iterations", "None", "--metrics_out",
+                str(tmp_path / "m.json"), "--quiet", *option]
+        assert register_cli.main(args) == 0
+        settings = json.loads((tmp_path / "m.json").read_text())["settings"]
+        assert settings["network_passes"] == expected
+    args = [*base_args(files, tmp_path), "--network_passes", "0", "--quiet"]
+    assert register_cli.main(args) != 0

@@ -488,12 +488,13 @@ def test_sidecars_record_the_condition(images, conditional_file, tmp_path):
     paths = network_registration(
         str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), str(out),
         weights=str(conditional_file), affine_init="none", region="brain", pair_type="intra",
-        smoothness=2.0)
+        smoothness=2.0, network_passes=2)
     written = write_derivative(paths["forward_xfm"], str(tmp_path / "sub-01_xfm.h5"), {},
                                paths["reg_metrics"])
     sidecar = json.loads((tmp_path / "sub-01_xfm.json").read_text())
     assert sidecar["GeneratedBy"][0]["Condition"] == {
         "region": "brain", "pair_type": "intra", "lam": 2.0}
+    assert sidecar["GeneratedBy"][0]["NetworkPasses"] == 2
     assert written
 
 
@@ -597,7 +598,11 @@ def test_participant_workflow_gives_the_network_each_jobs_condition(tmp_path, co
     workflow = init_regpipe_wf(jobs=[_job(tmp_path, "inter")], weights=str(plain),
                                mixed_precision=True, **common)
     (node,) = _network_nodes(workflow)
-    assert node.inputs.mixed_precision is True
+    assert node.inputs.mixed_precision is True and node.inputs.network_passes == 1
+    workflow = init_regpipe_wf(jobs=[_job(tmp_path, "inter")], weights=str(plain),
+                               network_passes=2, **common)
+    (node,) = _network_nodes(workflow)
+    assert node.inputs.network_passes == 2
     with pytest.raises(InputError, match="not conditional"):
         init_regpipe_wf(jobs=[_job(tmp_path, "inter")], weights=str(plain), region="knee",
                         **common)

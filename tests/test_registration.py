@@ -459,6 +459,64 @@ def test_symmetric_estimate_cancels_what_the_network_does_to_any_pair(small_netw
     assert plain.settings["symmetric"] is False  # no network, nothing to symmetrise
 
 
+def test_further_network_passes_compose_with_the_maps_before():
+    """A network that always moves by the same shift: two passes move by twice it, and the
+    second pass sees the moving image already shifted (warped by the first map)."""
+    from regpipe.registration import _network_displacement
+
+    shape = (16, 14, 12)
+    seen = []
+
+    class Shift(torch.nn.Module):
+        def displacement(self, moving, fixed):
+            seen.append(moving.clone())
+            step = torch.tensor([1.5, -1.0, 0.5]) / torch.tensor([n - 1.0 for n in shape])
+            return step.view(1, 3, 1, 1, 1).expand(1, 3, *shape).clone()
+
+    moving = torch.rand((1, 1, *shape))
+    one = _network_displacement(Shift(), moving, moving, passes=1)
+    two = _network_displacement(Shift(), moving, moving, passes=2)
+    assert torch.allclose(two[..., 4:-4, 4:-4, 4:-4], 2 * one[..., 4:-4, 4:-4, 4:-4], atol=1e-5)
+    assert torch.allclose(one[0, :, 5, 5, 5], torch.tensor([1.5, -1.0, 0.5]), atol=1e-5)
+    # the second pass registered the moving image resampled at x + (1.5, -1, 0.5)
+    expected = torch.nn.functional.grid_sample(
+        moving, (((torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32)
+                                                 for n in shape], indexing="ij"))[None]
+                   + one) / torch.tensor([n - 1.0 for n in shape]).view(1, 3, 1, 1, 1) * 2 - 1)
+                 .permute(0, 2, 3, 4, 1).flip(-1)), align_corners=True)
+    assert torch.allclose(seen[-1], expected, atol=1e-5)
+
+    # a field that varies: the new map first, then the one before at the moved point
+    axes = torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in shape], indexing="ij")
+    field = torch.stack([torch.sin(axes[1] / 3), torch.cos(axes[2] / 4), axes[0] / 15])[None]
+    scale = torch.tensor([n - 1.0 for n in shape]).view(1, 3, 1, 1, 1)
+
+    class Field(torch.nn.Module):
+        def displacement(self, moving, fixed):
+            return field / scale
+
+    from regpipe.spaces import index_grid, sample_at_indices
+
+    two = _network_displacement(Field(), moving, moving, passes=2)
+    manual = field + sample_at_indices(field, index_grid(shape) + field, padding="border")
+    assert torch.allclose(two, manual, atol=1e-5)
+    assert not torch.allclose(two, 2 * field, atol=1e-2)
+
+
+def test_network_passes_are_recorded_and_checked(small_network):
+    geometry = Geometry((36, 32, 28), make_affine("RAS", (36, 32, 28)))
+    image = Image(blob_image(geometry), geometry)
+    result = regpipe.register(image, image, weights=small_network, affine="none",
+                              io_iterations=0, evaluate=False, network_passes=3)
+    assert result.settings["network_passes"] == 3
+    plain = regpipe.register(image, image, weights=None, io_iterations=0, evaluate=False,
+                             network_passes=3)
+    assert plain.settings["network_passes"] == 1  # no network: nothing to repeat
+    for bad in (0, 11, 1.5, True, "2"):
+        with pytest.raises(InputError, match="network_passes must be an integer"):
+            regpipe.register(image, image, weights=None, io_iterations=0, network_passes=bad)
+
+
 def test_a_slab_limits_fast_io_also_on_the_network_grid(small_network, caplog):
     """With the optimisation on the network's own grid (no regridding), the region is still
     cut to the slab's view: it is computed from the fixed image before the view masked it."""

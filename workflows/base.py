@@ -82,6 +82,7 @@ def init_regpipe_wf(
     region: str = "auto",
     smoothness: float | None = None,
     mixed_precision: bool = False,
+    network_passes: int = 1,
     name: str = "regpipe_wf",
 ) -> pe.Workflow:
     """The whole participant-level run: one :func:`init_single_subject_wf` per subject.
@@ -116,6 +117,8 @@ def init_regpipe_wf(
     mixed_precision
         Run the network in bfloat16 autocast on CUDA (:func:`regpipe.register`; float32 on
         the CPU).
+    network_passes
+        Apply the network this many times (:func:`regpipe.register`'s ``network_passes``).
 
     Outputs: none (everything is written to ``output_dir``).
     """
@@ -145,7 +148,7 @@ def init_regpipe_wf(
         weights=weights_path, weights_name=weights_name, io_iterations=int(io_iterations or 0),
         affine_init=affine_init, device=device, omp_nthreads=int(omp_nthreads), seed=seed,
         conditional=conditional, region=region, smoothness=smoothness,
-        mixed_precision=bool(mixed_precision),
+        mixed_precision=bool(mixed_precision), network_passes=int(network_passes),
     )
     output_dir = Path(output_dir).absolute()
     run_uuid = run_uuid or f"{time.strftime('%Y%m%d-%H%M%S')}_{uuid.uuid4()}"
@@ -409,7 +412,7 @@ def init_method_wf(
             weights_sha256=job["weights_sha256"], modality=job["modality"],
             affine_init=options.affine_init, io_iterations=options.io_iterations,
             device=options.device, omp_nthreads=options.omp_nthreads, seed=options.seed,
-            mixed_precision=options.mixed_precision,
+            mixed_precision=options.mixed_precision, network_passes=options.network_passes,
             condition=job_condition(job, options) if options.conditional else None, **masks,
         )  # fmt: skip
     else:

@@ -165,6 +165,7 @@ class _NetworkInputSpec(_RegistrationInputSpec):
     io_iterations = traits.Int(0, usedefault=True, desc="instance-optimisation steps")
     device = traits.Str("auto", usedefault=True, desc="auto, cpu, cuda or cuda:N")
     mixed_precision = traits.Bool(False, usedefault=True, desc="bfloat16 autocast on CUDA")
+    network_passes = traits.Int(1, usedefault=True, desc="times the network is applied")
     region = traits.Str(desc="conditional networks: body region")
     pair_type = traits.Enum("inter", "intra", desc="conditional networks: registration type")
     smoothness = traits.Float(desc="conditional networks: regularisation weight lam")
@@ -203,8 +204,8 @@ class NetworkRegistration(SimpleInterface):
             i.fixed, i.moving, runtime.cwd, weights=_opt(i.weights),
             weights_name=_opt(i.weights_name), weights_sha256=_opt(i.weights_sha256),
             affine_init=i.affine_init, io_iterations=i.io_iterations, device=i.device,
-            mixed_precision=i.mixed_precision, region=_opt(i.region), pair_type=_opt(i.pair_type),
-            smoothness=_opt(i.smoothness),
+            mixed_precision=i.mixed_precision, network_passes=i.network_passes,
+            region=_opt(i.region), pair_type=_opt(i.pair_type), smoothness=_opt(i.smoothness),
             **_common(i),
         ))  # fmt: skip
         return runtime

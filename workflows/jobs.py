@@ -114,6 +114,7 @@ class RegistrationOptions:
     region: str = "auto"
     smoothness: float | None = None
     mixed_precision: bool = False
+    network_passes: int = 1
 
 
 #: Region of a conditional network for ``region="auto"``, by modality: the App registers

@@ -67,6 +67,7 @@ def init_network_reg_wf(
     omp_nthreads: int = 1,
     seed: int | None = None,
     mixed_precision: bool = False,
+    network_passes: int = 1,
     has_fixed_mask: bool = False,
     has_moving_mask: bool = False,
     condition: Mapping[str, Any] | None = None,
@@ -95,6 +96,8 @@ def init_network_reg_wf(
         Random seed (``None``: not seeded).
     mixed_precision
         bfloat16 autocast of the network on CUDA (float32 on the CPU).
+    network_passes
+        Times the network is applied (:func:`regpipe.register`).
     has_fixed_mask, has_moving_mask
         Whether the mask inputs will be connected.
     condition
@@ -108,6 +111,7 @@ def init_network_reg_wf(
         NetworkRegistration(
             modality=modality, affine_init=affine_init, io_iterations=int(io_iterations or 0),
             device=device, threads=omp_nthreads, mixed_precision=bool(mixed_precision),
+            network_passes=int(network_passes),
         ),
         name="network_reg",
         n_procs=omp_nthreads,

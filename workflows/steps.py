@@ -109,6 +109,7 @@ def network_registration(
     threads: int | None = None,
     seed: int | None = None,
     mixed_precision: bool = False,
+    network_passes: int = 1,
     region: str | None = None,
     pair_type: str | None = None,
     smoothness: float | None = None,
@@ -130,7 +131,8 @@ def network_registration(
             weights=weights, fixed_mask=fixed_mask, moving_mask=moving_mask,
             affine=affine_init, io_iterations=io_iterations or None, device=device,
             threads=threads, seed=seed, mixed_precision=mixed_precision, progress=False,
-            region=region, pair_type=pair_type, smoothness=smoothness,
+            network_passes=network_passes, region=region, pair_type=pair_type,
+            smoothness=smoothness,
         )  # fmt: skip
     metrics = {**result.metrics, **usage.as_metrics()}
     settings = result.settings
@@ -157,6 +159,7 @@ def network_registration(
         "Device": settings.get("device"),
         "MixedPrecision": settings.get("mixed_precision", False),
         "Symmetric": settings.get("symmetric", False),  # two network passes, see register()
+        "NetworkPasses": settings.get("network_passes", 1),
         "Threads": threads,
     }
     if settings.get("condition") is not None:  # a conditional network: what it was asked

@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-symmetric", dest="symmetric", action="store_false",
                         help="one network pass for ours/ours+io (default: the two-pass "
                         "symmetric estimate, as regpipe-register)")
+    parser.add_argument("--network-passes", type=_positive, default=1, metavar="N",
+                        help="apply the network N times for ours/ours+io (default 1, as "
+                        "regpipe-register)")
     parser.add_argument("--io-iterations", type=_positive, default=50, metavar="N",
                         help="fast instance-optimisation steps of ours+io (default 50)")
     parser.add_argument("--threads", type=_positive, metavar="N",
@@ -128,7 +131,7 @@ def _main(args: argparse.Namespace) -> int:
                  "smoothness": args.smoothness}
     methods = parse_methods(args.methods, weights=args.weights,
                             io_iterations=args.io_iterations, condition=condition,
-                            symmetric=args.symmetric)
+                            symmetric=args.symmetric, network_passes=args.network_passes)
     methods = resolve_method_weights(methods)
     if any(value is not None for value in condition.values()):
         _check_conditional(methods)

@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(parser, "no_symmetric", action="store_true",
                help="one network pass, as uniGradICON (default: the mean of the moving->fixed "
                "map and the inverse of the fixed->moving one)")
+    add_option(parser, "network_passes", type=int, default=1, metavar="N",
+               help="apply the network N times, each pass to the moving image warped by the "
+               "ones before (default 1)")
     add_option(parser, "seed", type=int, default=0, help="random seed (default 0)")
     # the condition of a conditional network (an error with other weights)
     add_option(parser, "region", type=region_argument,
@@ -223,6 +226,7 @@ def _main(args: argparse.Namespace) -> int:
         seed=args.seed,
         mixed_precision=args.mixed_precision,
         symmetric=not args.no_symmetric,
+        network_passes=args.network_passes,
         progress=not args.quiet,
         intensity_conservation=args.intensity_conservation_loss,
         dice_loss_weight=args.dice_loss_weight,
