@@ -229,9 +229,9 @@ def main(argv=None) -> int:
         copies = [(_deformed_copy(subject, 100 + k, args.copy_amplitude),
                    _deformation(subject, 100 + k, args.copy_amplitude))
                   for k in range(args.copies)]
-        inside = subject.labels > 0
-        before = np.mean([_endpoint_error(np.zeros((*inside.shape, 3)), truth, subject, inside)
-                          for copy, truth in copies])
+        # the identity's error, over the same region as the registrations' (each copy's label)
+        before = np.mean([_endpoint_error(np.zeros((*truth.shape[1:], 3)), truth, subject,
+                                          copy.labels > 0) for copy, truth in copies])
         print(f"{label} ({region}): true displacement {before:.3f} mm (mean in the label)")
         for name, weights, condition in (
             ("unconditional", args.unconditional, {}),

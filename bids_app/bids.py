@@ -487,7 +487,7 @@ def longitudinal_pairs(images: Sequence[Image], reference_session: str | None = 
         reference = reference_session or sessions[0]
         if reference not in sessions:
             reason = f"no reference session {reference} (sessions: {', '.join(sessions)})"
-            skipped_here.setdefault(reason, []).append(subject)
+            skipped_here.setdefault(f"no reference session {reference}", []).append(subject)
             skipped.append({"subject": subject, "reason": reason})
             continue
         candidates = sorted((i for i in own if i.session == reference), key=lambda i: str(i.path))

@@ -30,7 +30,7 @@ from regpipe.bids_app.exit_codes import UsageError
 from regpipe.bids_app.templates import parse_template_spec
 
 from regpipe import __version__
-from regpipe.cli._common import region_argument, smoothness_argument
+from regpipe.cli._common import network_passes_argument, region_argument, smoothness_argument
 
 __all__ = [
     "ANALYSIS_LEVELS",
@@ -157,16 +157,6 @@ def _seed(value: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer seed, got {value!r}") from None
     if not 0 <= number < 2**32:
         raise argparse.ArgumentTypeError("the seed must be in [0, 2**32)")
-    return number
-
-
-def _network_passes(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
-    if not 1 <= number <= 10:
-        raise argparse.ArgumentTypeError(f"must be from 1 to 10, got {number}")
     return number
 
 
@@ -361,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
                      action="store_true",
                      help="run the network in bfloat16 autocast on a GPU (ignored on the CPU)")
     reg.add_argument("--network-passes", "--network_passes", dest="network_passes",
-                     type=_network_passes, default=1, metavar="N",
+                     type=network_passes_argument, default=1, metavar="N",
                      help="apply the network N times, each pass to the moving image warped by "
                      "the ones before (default 1; see the README for what 2 measured)")
     reg.add_argument("--random-seed", type=_seed, default=0, metavar="SEED",

@@ -170,10 +170,13 @@ def _check_device(device: str) -> None:
 
 
 def _check_condition_options(args: argparse.Namespace, weights: str | None) -> None:
-    """``--region``/``--smoothness`` need conditional weights (64 otherwise)."""
+    """``--region``/``--smoothness`` need conditional weights, ``--network-passes`` above 1 a
+    network (64 otherwise)."""
     from regpipe.networks.checkpoint import is_conditional_file
 
     conditional = weights is not None and is_conditional_file(weights)  # loaded already
+    if weights is None and args.network_passes > 1:
+        raise UsageError("--network-passes repeats the network, but --weights none runs none")
     if not conditional and (args.region != "auto" or args.smoothness is not None):
         raise UsageError(f"--region and --smoothness steer a conditional network; the weights "
                          f"{args.weights!r} are not conditional")

@@ -111,6 +111,8 @@ def parse_methods(text: str | Sequence[str], *, weights: str | None = "default",
         weights = None
     if io_iterations < 1 and "ours+io" in names:
         raise InputError("ours+io needs io iterations >= 1")
+    if network_passes > 1 and weights is None and {"ours", "ours+io"} & set(names):
+        raise InputError("network passes > 1 need a network: --weights none has none")
     methods = []
     for name in dict.fromkeys(names):
         if name == "identity":

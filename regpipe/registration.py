@@ -312,8 +312,9 @@ def register(
         Apply the network this many times (default 1): each further pass registers the
         moving image warped by the map so far (on the network grid) to the fixed image, and
         its map is composed with it; each pass is symmetric when ``symmetric`` is. Recorded in
-        ``result.settings["network_passes"]`` (1 where it does not apply: no network, or
-        ``io_method="network"``). ``regpipe-bench --network-passes N`` measures it.
+        ``result.settings["network_passes"]``. More than 1 without a network or with
+        ``io_method="network"`` (which returns the optimised network's single pass) is an
+        error. ``regpipe-bench --network-passes N`` measures it.
     intensity_conservation
         uniGradICON's ``--intensity_conservation_loss``: Jacobian-weighted similarity in
         network instance optimisation (``io_method="network"``); both modalities must be CT.
@@ -343,7 +344,8 @@ def register(
         Besides unusable inputs: ``intensity_conservation`` without two CT images, a
         negative ``dice_loss_weight`` or a positive one without both segmentations, and
         either option with ``io_method="fast"``; a condition (``region``, ``pair_type``,
-        ``smoothness``) that is invalid or given for an unconditional network.
+        ``smoothness``) that is invalid or given for an unconditional network;
+        ``network_passes`` outside 1-10, or above 1 without a network's own estimate.
     """
     from regpipe.device import autocast, select_device, set_threads
 
@@ -391,6 +393,12 @@ def register(
         weights = default_weights_name()
     network, weights_path = _load_network(weights, torch_device)
     condition = _condition(network, weights_path, region, pair_type, smoothness)
+    if network_passes > 1 and (network is None or (io_iterations and io_method == "network")):
+        raise InputError(
+            f"network_passes={network_passes} repeats the network's own estimate, but "
+            + ("there is no network" if network is None else
+               "network instance optimisation returns the optimised network's single pass")
+            + "; leave it at 1")
     grid_shape: tuple[int, int, int]
     if network is not None:
         grid_shape = tuple(network.config.grid_shape)
@@ -447,7 +455,7 @@ def register(
     # network instance optimisation returns its own (single-pass) prediction
     own_estimate = network is not None and not (io_iterations and io_method == "network")
     two_passes = bool(symmetric and own_estimate)
-    passes = int(network_passes) if own_estimate else 1
+    passes = int(network_passes)
     with _conditioned(network, condition):
         with autocast(torch_device, enabled=mixed_precision):
             displacement = _network_displacement(network, moving_t, fixed_t,

@@ -371,7 +371,8 @@ def _comparison_table(sections: Sequence[Mapping[str, Any]]) -> str:
 
 
 #: BIDS entities that tell one subject's images apart, in BIDS order
-_IMAGE_ENTITIES = ("ses", "task", "acq", "ce", "rec", "run", "echo", "part")
+_IMAGE_ENTITIES = ("ses", "task", "acq", "ce", "rec", "dir", "run", "echo", "flip", "inv", "mt",
+                   "part", "chunk")
 
 
 def _image_entities(image: Any, page_entities: str) -> str:
@@ -501,20 +502,31 @@ def _summary_table(rows: Sequence[Mapping[str, Any]], methods: list[str]) -> str
     return _table(["Method", "Registrations"] + [t for _, t in GROUP_METRICS], table_rows)
 
 
-def _split_by_weights(rows: Sequence[Mapping[str, Any]]) -> list[dict]:
-    """Rows whose method was run with different network weights (``weights_sha256``) get the
-    weights in their method label, so the summary and plots never pool two models."""
-    made_with: dict[str, set[str]] = {}
+#: Row columns that tell two models apart, and how a method label shows them
+_MODEL_COLUMNS = (("weights_sha256", lambda v: f"weights {str(v)[:12]}"),
+                  ("network_passes", lambda v: f"{_format(v)} pass(es)"))
+
+
+def _split_by_model(rows: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """Rows of one method made with different network weights (``weights_sha256``) or number
+    of network passes (``network_passes``) get them in their method label, so the summary
+    and plots never pool two models."""
+    def given(value: Any) -> bool:
+        return value not in (None, "", "n/a")
+
+    seen: dict[tuple[str, str], set[str]] = {}
     for row in rows:
-        if row.get("weights_sha256") not in (None, "", "n/a"):
-            made_with.setdefault(str(row.get("method")), set()).add(str(row["weights_sha256"]))
-    mixed = {method for method, shas in made_with.items() if len(shas) > 1}
-    return [
-        {**row, "method": f"{row.get('method')} [weights {str(row.get('weights_sha256'))[:12]}]"}
-        if str(row.get("method")) in mixed and row.get("weights_sha256") not in (None, "", "n/a")
-        else dict(row)
-        for row in rows
-    ]
+        for column, _ in _MODEL_COLUMNS:
+            if given(row.get(column)):
+                seen.setdefault((str(row.get("method")), column), set()).add(
+                    _format(row[column]))
+    out = []
+    for row in rows:
+        method = str(row.get("method"))
+        parts = [show(row[column]) for column, show in _MODEL_COLUMNS
+                 if given(row.get(column)) and len(seen.get((method, column), ())) > 1]
+        out.append({**row, "method": f"{method} [{', '.join(parts)}]"} if parts else dict(row))
+    return out
 
 
 def write_group_report(
@@ -532,9 +544,10 @@ def write_group_report(
         One dict per registration: ``subject``, ``session``, ``method``, ``runtime_s``,
         ``peak_memory_mb``, ``folding_percent``, ``sd_log_jacobian``, ``ncc_after`` and
         optionally ``dice_mean``, ``target`` (what it was registered to: rows of several
-        targets are summarised per method and target, never pooled) and ``weights_sha256``
-        (rows of one method made with different weights are summarised per weights file);
-        ``None``, ``"n/a"`` and missing values are left out of the statistics.
+        targets are summarised per method and target, never pooled), ``weights_sha256`` and
+        ``network_passes`` (rows of one method made with different weights or passes are
+        summarised separately); ``None``, ``"n/a"`` and missing values are left out of the
+        statistics.
     failures
         One dict per failure: ``subject`` and ``reason`` (``session`` and ``method`` are shown
         when present).
@@ -550,7 +563,7 @@ def write_group_report(
     targets = {r.get("target") for r in rows if r.get("target")}
     if len(targets) > 1:  # never pool registrations made against different targets
         rows = [{**r, "method": f"{r.get('method')} / {r.get('target')}"} for r in rows]
-    rows = _split_by_weights(rows)
+    rows = _split_by_model(rows)
     methods = methods_in_order(rows)
     subjects = {_text(r.get("subject")) for r in rows} | {
         _text(f.get("subject")) for f in failures

@@ -249,6 +249,8 @@ def test_parse_methods_gives_the_condition_to_the_network_methods_only():
     assert single.config()["symmetric"] is False  # a resumed run does not mix the two
     assert "network_passes" not in single.config()  # one pass: rows of earlier runs match
     twice = parse_methods("ours,affine", weights="w.pt", network_passes=2)
+    with pytest.raises(InputError, match="need a network"):
+        parse_methods("ours", weights="none", network_passes=2)
     assert twice[0].config()["network_passes"] == 2 and "network_passes" not in twice[1].config()
 
 

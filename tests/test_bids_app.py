@@ -381,10 +381,11 @@ def test_weights_file_is_hashed_into_the_jobs(tmp_path, template_file, fake_wf):
     save_weights(build_network(config), weights)
     bids_dir = two_subjects(tmp_path / "bids")
     assert regpipe(bids_dir, tmp_path / "out", "participant", "--template", template_file,
-                   "--weights", weights, work=tmp_path / "work") == 0
+                   "--weights", weights, "--network-passes", "2", work=tmp_path / "work") == 0
     sha = hashlib.sha256(weights.read_bytes()).hexdigest()
     assert {j["weights_sha256"] for j in fake_wf["kwargs"]["jobs"]} == {sha}
     assert fake_wf["kwargs"]["weights"] == str(weights)
+    assert fake_wf["kwargs"]["network_passes"] == 2
 
 
 def test_template_resolution_keeps_outputs_apart_and_replaced_transforms_are_said(
@@ -427,6 +428,9 @@ def test_network_passes_out_of_range_is_64(tmp_path, template_file, capsys):
     bids_dir = two_subjects(tmp_path / "bids")
     assert participant(bids_dir, tmp_path, template_file, "--network-passes", "0") == 64
     assert "must be from 1 to 10, got 0" in capsys.readouterr().err
+    assert participant(bids_dir, tmp_path, template_file, "--network-passes", "2",
+                       "--weights", "none") == 64
+    assert "--weights none runs none" in capsys.readouterr().err
 
 
 def test_unknown_plugin_is_64(tmp_path, template_file, capsys):
@@ -445,7 +449,7 @@ def test_template_jobs_contract_and_run_settings(tmp_path, template_file, fake_w
     assert participant(bids_dir, tmp_path, template_file, "--compare", "ants-syn",
                        "--nprocs", "2", "--omp-nthreads", "1", "--mem", "3G",
                        "--random-seed", "7", "--io-iterations", "None", "--mixed-precision",
-                       "--network-passes", "2", "--stop-on-first-crash") == 0
+                       "--stop-on-first-crash") == 0
     kwargs = fake_wf["kwargs"]
     jobs = kwargs["jobs"]
     assert [j["subject"] for j in jobs] == ["01", "02"]
@@ -463,7 +467,7 @@ def test_template_jobs_contract_and_run_settings(tmp_path, template_file, fake_w
     json.dumps(jobs)  # plain data
     assert kwargs["methods"] == ["network", "ants-syn"] and kwargs["weights"] is None
     assert (kwargs["omp_nthreads"], kwargs["seed"], kwargs["io_iterations"]) == (1, 7, None)
-    assert kwargs["mixed_precision"] is True and kwargs["network_passes"] == 2
+    assert kwargs["mixed_precision"] is True and kwargs["network_passes"] == 1
     assert kwargs["bids_dir"] == bids_dir and kwargs["reports"] is True
     workflow = fake_wf["workflow"]
     ((plugin, plugin_args),) = workflow.runs

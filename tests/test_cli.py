@@ -325,4 +325,6 @@ def test_network_passes_option(files, tmp_path):
         settings = json.loads((tmp_path / "m.json").read_text())["settings"]
         assert settings["network_passes"] == expected
     args = [*base_args(files, tmp_path), "--network_passes", "0", "--quiet"]
-    assert register_cli.main(args) != 0
+    with pytest.raises(SystemExit) as exit_info:
+        register_cli.main(args)
+    assert exit_info.value.code == 2

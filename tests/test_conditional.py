@@ -540,7 +540,7 @@ def test_bids_app_refuses_a_condition_for_unconditional_weights(conditional_file
 
     plain = save_weights(_base(), tmp_path / "plain.pt")
     args = argparse.Namespace(region="auto", smoothness=2.0, weights="plain.pt",
-                              mode="template", suffix="T1w")
+                              mode="template", suffix="T1w", network_passes=1)
     with pytest.raises(UsageError, match="not conditional"):
         _check_condition_options(args, str(plain))
     with pytest.raises(UsageError):
@@ -555,7 +555,7 @@ def test_bids_app_refuses_a_condition_for_unconditional_weights(conditional_file
     assert "(0.3 to 6): every registration will use 6" in caplog.text
     _check_condition_options(argparse.Namespace(region="auto", smoothness=None,
                                                 weights="plain.pt", mode="template",
-                                                suffix="T1w"), str(plain))
+                                                suffix="T1w", network_passes=2), str(plain))
 
 
 def _job(tmp_path, pair_type: str, modality: str = "mri") -> dict:

@@ -486,21 +486,27 @@ def test_further_network_passes_compose_with_the_maps_before():
                  .permute(0, 2, 3, 4, 1).flip(-1)), align_corners=True)
     assert torch.allclose(seen[-1], expected, atol=1e-5)
 
-    # a field that varies: the new map first, then the one before at the moved point
+    # fields that vary, another per pass: the new map first, then the one before at the
+    # point it moved to
     axes = torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in shape], indexing="ij")
-    field = torch.stack([torch.sin(axes[1] / 3), torch.cos(axes[2] / 4), axes[0] / 15])[None]
+    first = torch.stack([torch.sin(axes[1] / 3), torch.cos(axes[2] / 4), axes[0] / 15])[None]
+    second = torch.stack([axes[2] / 10, torch.sin(axes[0] / 2), torch.cos(axes[1] / 3)])[None]
     scale = torch.tensor([n - 1.0 for n in shape]).view(1, 3, 1, 1, 1)
 
-    class Field(torch.nn.Module):
+    class Fields(torch.nn.Module):
+        calls = 0
+
         def displacement(self, moving, fixed):
-            return field / scale
+            self.calls += 1
+            return (first if self.calls == 1 else second) / scale
 
     from regpipe.spaces import index_grid, sample_at_indices
 
-    two = _network_displacement(Field(), moving, moving, passes=2)
-    manual = field + sample_at_indices(field, index_grid(shape) + field, padding="border")
+    two = _network_displacement(Fields(), moving, moving, passes=2)
+    manual = second + sample_at_indices(first, index_grid(shape) + second, padding="border")
+    other_order = first + sample_at_indices(second, index_grid(shape) + first, padding="border")
     assert torch.allclose(two, manual, atol=1e-5)
-    assert not torch.allclose(two, 2 * field, atol=1e-2)
+    assert not torch.allclose(two, other_order, atol=1e-2)
 
 
 def test_network_passes_are_recorded_and_checked(small_network):
@@ -509,9 +515,13 @@ def test_network_passes_are_recorded_and_checked(small_network):
     result = regpipe.register(image, image, weights=small_network, affine="none",
                               io_iterations=0, evaluate=False, network_passes=3)
     assert result.settings["network_passes"] == 3
-    plain = regpipe.register(image, image, weights=None, io_iterations=0, evaluate=False,
-                             network_passes=3)
-    assert plain.settings["network_passes"] == 1  # no network: nothing to repeat
+    with pytest.raises(InputError, match="there is no network"):
+        regpipe.register(image, image, weights=None, io_iterations=0, network_passes=3)
+    with pytest.raises(InputError, match="single pass"):
+        regpipe.register(image, image, weights=small_network, io_method="network",
+                         io_iterations=1, network_passes=2)
+    plain = regpipe.register(image, image, weights=None, io_iterations=0, evaluate=False)
+    assert plain.settings["network_passes"] == 1
     for bad in (0, 11, 1.5, True, "2"):
         with pytest.raises(InputError, match="network_passes must be an integer"):
             regpipe.register(image, image, weights=None, io_iterations=0, network_passes=bad)

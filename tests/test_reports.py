@@ -350,6 +350,13 @@ def test_group_summary_never_pools_weights(tmp_path: Path) -> None:
     one_model = [dict(row, weights_sha256="a" * 64) for row in rows[:3]]
     page = write_group_report(one_model, [], tmp_path / "one.html").read_text()
     assert "[weights" not in page
+    # the same weights applied once and twice (read back from a TSV: strings) are two models
+    passes = [dict(row, network_passes=n)
+              for row, n in zip(one_model, ("1", "2", "1"), strict=True)]
+    summary = write_group_report(passes, [], tmp_path / "passes.html").read_text().split(
+        'id="summary"')[1].split("</section>")[0]
+    assert "network [1 pass(es)]</td><td class=\"num\">2<" in summary
+    assert "network [2 pass(es)]</td><td class=\"num\">1<" in summary
 
 
 def test_group_metric_without_values_draws_nothing(tmp_path: Path) -> None:

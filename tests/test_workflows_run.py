@@ -257,6 +257,7 @@ def test_metrics_tables_and_sidecars(runs):
                 assert tools["regpipe"]["Weights"]["SHA256"] == sha
                 assert tools["regpipe"]["Seed"] == 0
                 assert tools["regpipe"]["MixedPrecision"] is False  # float32 on the CPU
+                assert tools["regpipe"]["NetworkPasses"] == 1 == int(values["network_passes"])
             else:
                 assert tools["ANTs"]["TypeOfTransform"] == "Affine"
 

@@ -462,6 +462,8 @@ def write_metrics(
         "method": method,
         # which weights made a network row: the group level warns when one table mixes them
         "weights_sha256": job.get("weights_sha256") if method == "network" else None,
+        "network_passes": (data.get("settings") or {}).get("network_passes")
+        if method == "network" else None,
     }
     row.update({key: metrics.get(key) for key in METRIC_COLUMNS})
     row.update({f"dice_{label}": value for label, value in sorted(dice.items(), key=_label_order)})
@@ -488,6 +490,7 @@ def write_metrics(
             "Description": "Registration method (network, ants-syn, ants-synquick, ants-affine)"
         },
         "weights_sha256": {"Description": "SHA-256 of the network weights (network rows)"},
+        "network_passes": {"Description": "Times the network was applied (network rows)"},
     }
     for key, (units, description) in METRIC_COLUMNS.items():
         columns[key] = {"Description": description, **({"Units": units} if units else {})}

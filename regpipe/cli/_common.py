@@ -69,6 +69,17 @@ def smoothness_argument(value: str) -> float:
     return number
 
 
+def network_passes_argument(value: str) -> int:
+    """argparse type of ``--network-passes``: an integer from 1 to 10 (as ``register`` takes)."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+    if not 1 <= number <= 10:
+        raise argparse.ArgumentTypeError(f"must be from 1 to 10, got {number}")
+    return number
+
+
 def check_outputs(outputs: Mapping[str, tuple[str | None, str]]) -> None:
     """Check output paths before any work: ``{option: (path or None, kind)}``, ``kind`` one of
     ``"image"`` (a suffix of :data:`regpipe.imageio.OUTPUT_IMAGE_SUFFIXES`), ``"field"`` (a

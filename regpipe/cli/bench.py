@@ -18,7 +18,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from regpipe.cli._common import region_argument, run_cli, smoothness_argument
+from regpipe.cli._common import (
+    network_passes_argument,
+    region_argument,
+    run_cli,
+    smoothness_argument,
+)
 from regpipe.errors import InputError
 
 LOGGER = logging.getLogger("regpipe.bench")
@@ -68,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-symmetric", dest="symmetric", action="store_false",
                         help="one network pass for ours/ours+io (default: the two-pass "
                         "symmetric estimate, as regpipe-register)")
-    parser.add_argument("--network-passes", type=_positive, default=1, metavar="N",
+    parser.add_argument("--network-passes", type=network_passes_argument, default=1, metavar="N",
                         help="apply the network N times for ours/ours+io (default 1, as "
                         "regpipe-register)")
     parser.add_argument("--io-iterations", type=_positive, default=50, metavar="N",

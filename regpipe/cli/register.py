@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from regpipe.cli._common import (
     add_option,
     check_outputs,
+    network_passes_argument,
     region_argument,
     run_cli,
     smoothness_argument,
@@ -106,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(parser, "no_symmetric", action="store_true",
                help="one network pass, as uniGradICON (default: the mean of the moving->fixed "
                "map and the inverse of the fixed->moving one)")
-    add_option(parser, "network_passes", type=int, default=1, metavar="N",
+    add_option(parser, "network_passes", type=network_passes_argument, default=1, metavar="N",
                help="apply the network N times, each pass to the moving image warped by the "
                "ones before (default 1)")
     add_option(parser, "seed", type=int, default=0, help="random seed (default 0)")
