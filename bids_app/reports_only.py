@@ -19,7 +19,7 @@ from typing import Any
 
 from regpipe.bids_app.exit_codes import AppError, ExitCode
 
-__all__ = ["add_earlier_sections", "redraw_reports", "subject_sections"]
+__all__ = ["add_earlier_sections", "earlier_subjects", "redraw_reports", "subject_sections"]
 
 LOGGER = logging.getLogger("regpipe.bids_app")
 _NEEDED = ("warped", "jacobian", "metrics_json", "preproc")
@@ -78,19 +78,10 @@ def _job_key(job: Mapping[str, Any]) -> tuple:
             target)
 
 
-def add_earlier_sections(jobs: Sequence[Mapping[str, Any]], methods: Sequence[str],
-                         output_dir: Path, records: Sequence[Mapping[str, Any]]) -> list[Path]:
-    """Rewrite the pages of this run's subjects that earlier runs also registered.
-
-    The participant workflow writes ``sub-<label>.html`` from the current run's jobs only, so a
-    run for another session or template would drop the sections of the earlier ones (their
-    outputs stay on disk). ``records`` are the earlier runs' records (oldest first, each with
-    ``jobs`` and ``methods``); every earlier (job, method) of a subject in ``jobs`` whose
-    outputs still exist gets its section back, after the current ones (a rerun with fewer
-    ``--compare`` methods keeps the others' sections). Returns the pages rewritten.
-    """
-    from regpipe.reports import write_subject_report
-
+def _earlier(jobs: Sequence[Mapping[str, Any]], methods: Sequence[str],
+             records: Sequence[Mapping[str, Any]]) -> dict[tuple, Mapping[str, Any]]:
+    """``{(job key, method): job}`` of the earlier runs' registrations of the subjects in
+    ``jobs`` that this run does not redo (the latest run wins)."""
     current = {(_job_key(job), method) for job in jobs for method in methods}
     subjects = {job["subject"] for job in jobs}
     earlier: dict[tuple, Mapping[str, Any]] = {}  # (job key, method) -> job; the latest wins
@@ -100,8 +91,37 @@ def add_earlier_sections(jobs: Sequence[Mapping[str, Any]], methods: Sequence[st
                 key = (_job_key(job), method)
                 if job["subject"] in subjects and key not in current:
                     earlier[key] = job
+    return earlier
+
+
+def earlier_subjects(jobs: Sequence[Mapping[str, Any]], methods: Sequence[str],
+                     output_dir: Path, records: Sequence[Mapping[str, Any]]) -> set[str]:
+    """The subjects of ``jobs`` whose page :func:`add_earlier_sections` will rewrite (an
+    earlier run's outputs of another registration are on disk): the participant workflow
+    need not draw theirs first."""
+    return {job_key[0] for (job_key, method), job in _earlier(jobs, methods, records).items()
+            if subject_sections([job], [method], output_dir)[0]}
+
+
+def add_earlier_sections(jobs: Sequence[Mapping[str, Any]], methods: Sequence[str],
+                         output_dir: Path, records: Sequence[Mapping[str, Any]],
+                         always: Sequence[str] | set[str] = ()) -> list[Path]:
+    """Rewrite the pages of this run's subjects that earlier runs also registered.
+
+    The participant workflow writes ``sub-<label>.html`` from the current run's jobs only, so a
+    run for another session or template would drop the sections of the earlier ones (their
+    outputs stay on disk). ``records`` are the earlier runs' records (oldest first, each with
+    ``jobs`` and ``methods``); every earlier (job, method) of a subject in ``jobs`` whose
+    outputs still exist gets its section back, after the current ones (a rerun with fewer
+    ``--compare`` methods keeps the others' sections). The pages of the subjects in
+    ``always`` (whose page the workflow left to this function) are written even without
+    earlier sections. Returns the pages rewritten.
+    """
+    from regpipe.reports import write_subject_report
+
+    earlier = _earlier(jobs, methods, records)
     written = []
-    for subject in sorted({key[0][0] for key in earlier}):
+    for subject in sorted({key[0][0] for key in earlier} | set(always)):
         own = [job for job in jobs if job["subject"] == subject]
         sections, _ = subject_sections(own, methods, output_dir)
         added = 0
@@ -110,7 +130,7 @@ def add_earlier_sections(jobs: Sequence[Mapping[str, Any]], methods: Sequence[st
                 found, _ = subject_sections([job], [method], output_dir)
                 sections += found
                 added += len(found)
-        if not added:
+        if not sections or not (added or subject in always):
             continue
         sessions = {job.get("session") for job in own} | {
             job.get("session") for (job_key, _), job in earlier.items() if job_key[0] == subject}

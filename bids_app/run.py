@@ -371,6 +371,8 @@ def run_participant(args: argparse.Namespace, argv: Sequence[str] | None = None)
     log_dir = make_writable_dir(args.output_dir / "logs" / run_id, "output_dir/logs")
     _write_run_record(log_dir, args, argv, jobs, weights, skipped)
 
+    # pages that get earlier runs' sections back are drawn once, after the run, not twice
+    later = _earlier_report_subjects(args, jobs, log_dir)
     workflow = _workflow_factory()(
         jobs=jobs,
         output_dir=args.output_dir,
@@ -390,11 +392,12 @@ def run_participant(args: argparse.Namespace, argv: Sequence[str] | None = None)
         smoothness=args.smoothness,
         mixed_precision=args.mixed_precision,
         network_passes=args.network_passes,
+        report_skip=later,
     )
     try:
         _run(workflow, args, plugin, log_dir)
     finally:  # a failed subject must not cost the others their earlier sections
-        _keep_earlier_report_sections(args, jobs, log_dir)
+        _keep_earlier_report_sections(args, jobs, log_dir, later)
     LOGGER.info("finished %d job(s) x %d method(s); outputs in %s", len(jobs),
                 len(args.methods), args.output_dir)
     if left_out:
@@ -405,13 +408,23 @@ def run_participant(args: argparse.Namespace, argv: Sequence[str] | None = None)
     return ExitCode.SUCCESS
 
 
+def _earlier_report_subjects(args: argparse.Namespace, jobs: list[dict[str, Any]],
+                            log_dir: Path) -> set[str]:
+    """The subjects whose pages get sections of earlier runs back after this run."""
+    from regpipe.bids_app.reports_only import earlier_subjects
+
+    earlier = [record for folder, record in run_records(args.output_dir) if folder != log_dir]
+    return earlier_subjects(jobs, args.methods, args.output_dir, earlier)
+
+
 def _keep_earlier_report_sections(args: argparse.Namespace, jobs: list[dict[str, Any]],
-                                  log_dir: Path) -> None:
-    """Give the subject pages back the sections of earlier runs (other sessions, templates)."""
+                                  log_dir: Path, subjects: set[str]) -> None:
+    """Give the subject pages back the sections of earlier runs (other sessions, templates);
+    the pages of ``subjects`` (not drawn by the workflow) are written in any case."""
     from regpipe.bids_app.reports_only import add_earlier_sections
 
     earlier = [record for folder, record in run_records(args.output_dir) if folder != log_dir]
-    add_earlier_sections(jobs, args.methods, args.output_dir, earlier)
+    add_earlier_sections(jobs, args.methods, args.output_dir, earlier, always=subjects)
 
 
 def _warn_replaced_transforms(output_dir: Path, jobs: list[dict[str, Any]]) -> None:

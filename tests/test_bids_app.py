@@ -779,9 +779,20 @@ def test_no_usable_input_at_all_is_66(tmp_path, template_file, fake_wf, capsys):
     assert "kwargs" not in fake_wf
 
 
-def test_subject_page_keeps_the_sections_of_earlier_sessions(tmp_path):
+def test_subject_page_keeps_the_sections_of_earlier_sessions(tmp_path, monkeypatch):
     """A run for session 2 after one for session 1 rewrites sub-01.html with both."""
     from scipy import ndimage
+
+    from regpipe import reports
+
+    drawn: list[str] = []
+    original = reports.write_subject_report
+
+    def counted(**kwargs):
+        drawn.append(kwargs["subject"])
+        return original(**kwargs)
+
+    monkeypatch.setattr(reports, "write_subject_report", counted)
 
     def textured(path: Path, seed: int) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -806,10 +817,12 @@ def test_subject_page_keeps_the_sections_of_earlier_sessions(tmp_path):
                        "--compare", "ants-affine", *options) == 0
     assert sections() == ["T1w ses-1 -&gt; Test (network)", "T1w ses-1 -&gt; Test (ants-affine)"]
     # another session, without --compare: the page keeps session 1's two sections
+    drawn.clear()
     assert participant(bids_dir, tmp_path, template, "--session-label", "2", *options) == 0
     expected = ["T1w ses-2 -&gt; Test (network)", "T1w ses-1 -&gt; Test (network)",
                 "T1w ses-1 -&gt; Test (ants-affine)"]
     assert sections() == expected
+    assert drawn == ["01"]  # once, with every section: not by the workflow and again after it
     assert participant(bids_dir, tmp_path, template, "--session-label", "2", *options) == 0
     assert sections() == expected  # not added twice
     # session 1 again without --compare: its ants-affine section stays (outputs on disk)

@@ -22,7 +22,7 @@ import re
 import shlex
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +83,7 @@ def init_regpipe_wf(
     smoothness: float | None = None,
     mixed_precision: bool = False,
     network_passes: int = 1,
+    report_skip: Collection[str] = (),
     name: str = "regpipe_wf",
 ) -> pe.Workflow:
     """The whole participant-level run: one :func:`init_single_subject_wf` per subject.
@@ -119,6 +120,9 @@ def init_regpipe_wf(
         the CPU).
     network_passes
         Apply the network this many times (:func:`regpipe.register`'s ``network_passes``).
+    report_skip
+        Subjects whose page the caller writes itself after the run (the App, when earlier
+        runs' sections are added back): no report node for them, so no page is drawn twice.
 
     Outputs: none (everything is written to ``output_dir``).
     """
@@ -167,8 +171,8 @@ def init_regpipe_wf(
     for subject in sorted({job["subject"] for job in checked}):
         single_subject_wf = init_single_subject_wf(
             subject=subject, jobs=[j for j in checked if j["subject"] == subject],
-            output_dir=output_dir, methods=methods, options=options, reports=reports,
-            name=f"sub_{subject}_wf",
+            output_dir=output_dir, methods=methods, options=options,
+            reports=reports and subject not in set(report_skip), name=f"sub_{subject}_wf",
         )  # fmt: skip
         log_dir = output_dir / f"sub-{subject}" / "log" / run_uuid
         single_subject_wf.config["execution"].update(
