@@ -397,6 +397,16 @@ def _warn_mixed_weights(rows: Sequence[Mapping[str, Any]]) -> None:
         if row.get("weights_sha256"):
             made_with.setdefault((str(row["method"]), str(row.get("target"))), set()).add(
                 str(row["weights_sha256"]))
+    passes: dict[tuple[str, str], set[str]] = {}
+    for row in rows:
+        if row.get("network_passes") not in (None, "", "n/a"):
+            passes.setdefault((str(row["method"]), str(row.get("target"))), set()).add(
+                str(row["network_passes"]))
+    for (method, target), counts in sorted(passes.items()):
+        if len(counts) > 1:
+            LOGGER.warning("%s results for %s were made with different --network-passes (%s): "
+                           "the group report summarises each separately", method, target,
+                           ", ".join(sorted(counts)))
     for (method, target), shas in sorted(made_with.items()):
         if len(shas) > 1:
             LOGGER.warning(

@@ -1236,16 +1236,18 @@ def test_group_warns_when_one_table_mixes_weights(tmp_path, monkeypatch, caplog)
     bids_dir = two_subjects(tmp_path / "bids")
     out = tmp_path / "out"
     _dataset(out)
-    for subject, sha in (("01", "a" * 64), ("02", "b" * 64)):  # sub-02 rerun with new weights
+    for subject, sha, passes in (("01", "a" * 64, 1), ("02", "b" * 64, 2)):  # sub-02 rerun
         _metrics_tsv(out / f"sub-{subject}" / "anat" /
                      f"sub-{subject}_space-{TPL}_desc-T1w_metrics.tsv",
-                     subject=subject, method="network", weights_sha256=sha)
+                     subject=subject, method="network", weights_sha256=sha,
+                     network_passes=passes)
     from regpipe import reports
 
     monkeypatch.setattr(reports, "write_group_report", lambda rows, failures, out_html: out_html)
     with caplog.at_level("WARNING", logger="regpipe"):
         assert regpipe(bids_dir, out, "group", work=tmp_path / "work") == 0
     assert "were made with 2 different weights (sha256 aaaaaaaaaaaa, bbbbbbbbbbbb)" in caplog.text
+    assert "were made with different --network-passes (1, 2)" in caplog.text
     assert "weights_sha256" in (out / "group" / "group_metrics.tsv").read_text().splitlines()[0]
 
 
