@@ -488,12 +488,12 @@ def test_sidecars_record_the_condition(images, conditional_file, tmp_path):
     paths = network_registration(
         str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), str(out),
         weights=str(conditional_file), affine_init="none", region="brain", pair_type="intra",
-        smoothness=2.0, network_passes=2)
+        smoothness=6.0, smoothness_requested=50.0, network_passes=2)
     written = write_derivative(paths["forward_xfm"], str(tmp_path / "sub-01_xfm.h5"), {},
                                paths["reg_metrics"])
     sidecar = json.loads((tmp_path / "sub-01_xfm.json").read_text())
     assert sidecar["GeneratedBy"][0]["Condition"] == {
-        "region": "brain", "pair_type": "intra", "lam": 2.0}
+        "region": "brain", "pair_type": "intra", "lam": 6.0, "lam_requested": 50.0}
     assert sidecar["GeneratedBy"][0]["NetworkPasses"] == 2
     assert written
 
@@ -590,6 +590,12 @@ def test_participant_workflow_gives_the_network_each_jobs_condition(tmp_path, co
     (node,) = _network_nodes(workflow)
     assert (node.inputs.region, node.inputs.pair_type, node.inputs.smoothness) == (
         "head_neck", "intra", 2.5)
+    assert not isdefined(node.inputs.smoothness_requested)
+    # outside the trained range (0.3 to 6): clamped once, here, not warned about per job
+    workflow = init_regpipe_wf(jobs=[_job(tmp_path, "intra", "ct")],
+                               weights=str(conditional_file), smoothness=50.0, **common)
+    (node,) = _network_nodes(workflow)
+    assert (node.inputs.smoothness, node.inputs.smoothness_requested) == (6.0, 50.0)
     plain = save_weights(_base(), tmp_path / "plain.pt")
     workflow = init_regpipe_wf(jobs=[_job(tmp_path, "inter")], weights=str(plain), **common)
     (node,) = _network_nodes(workflow)

@@ -148,10 +148,22 @@ def init_regpipe_wf(
     if not conditional and (region != "auto" or smoothness is not None):
         raise InputError("a region or smoothness steers a conditional network; the weights "
                          f"{weights_name or 'none'} are not conditional")
+    requested = None
+    if conditional and smoothness is not None:
+        # clamp once here (as register() would, with a warning per registration)
+        from regpipe.networks.checkpoint import read_checkpoint
+
+        trained = read_checkpoint(weights_path).conditioning.lam_range  # type: ignore[arg-type]
+        if trained is not None and not trained[0] <= smoothness <= trained[1]:
+            requested, smoothness = smoothness, min(max(smoothness, trained[0]), trained[1])
+            LOGGER.info("smoothness %g is outside the range the weights were trained on "
+                        "(%g to %g): every registration uses %g", requested, *trained,
+                        smoothness)
     options = RegistrationOptions(
         weights=weights_path, weights_name=weights_name, io_iterations=int(io_iterations or 0),
         affine_init=affine_init, device=device, omp_nthreads=int(omp_nthreads), seed=seed,
         conditional=conditional, region=region, smoothness=smoothness,
+        smoothness_requested=requested,
         mixed_precision=bool(mixed_precision), network_passes=int(network_passes),
     )
     output_dir = Path(output_dir).absolute()

@@ -169,6 +169,7 @@ class _NetworkInputSpec(_RegistrationInputSpec):
     region = traits.Str(desc="conditional networks: body region")
     pair_type = traits.Enum("inter", "intra", desc="conditional networks: registration type")
     smoothness = traits.Float(desc="conditional networks: regularisation weight lam")
+    smoothness_requested = traits.Float(desc="the lam asked for, when smoothness was clamped")
 
 
 class _AntsInputSpec(_RegistrationInputSpec):
@@ -206,6 +207,7 @@ class NetworkRegistration(SimpleInterface):
             affine_init=i.affine_init, io_iterations=i.io_iterations, device=i.device,
             mixed_precision=i.mixed_precision, network_passes=i.network_passes,
             region=_opt(i.region), pair_type=_opt(i.pair_type), smoothness=_opt(i.smoothness),
+            smoothness_requested=_opt(i.smoothness_requested),
             **_common(i),
         ))  # fmt: skip
         return runtime

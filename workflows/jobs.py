@@ -113,6 +113,8 @@ class RegistrationOptions:
     conditional: bool = False
     region: str = "auto"
     smoothness: float | None = None
+    #: the smoothness asked for, when ``smoothness`` is that value clamped to the trained range
+    smoothness_requested: float | None = None
     mixed_precision: bool = False
     network_passes: int = 1
 
@@ -130,7 +132,10 @@ def job_condition(job: Mapping[str, Any], options: RegistrationOptions) -> dict[
     region = options.region
     if region == "auto":
         region = AUTO_REGIONS.get(job["modality"], "other")
-    return {"region": region, "pair_type": job["pair_type"], "smoothness": options.smoothness}
+    condition = {"region": region, "pair_type": job["pair_type"], "smoothness": options.smoothness}
+    if options.smoothness_requested is not None:  # clamped by init_regpipe_wf: recorded
+        condition["smoothness_requested"] = options.smoothness_requested
+    return condition
 
 
 def reference_space_label(entities: Mapping[str, Any]) -> str:

@@ -113,13 +113,16 @@ def network_registration(
     region: str | None = None,
     pair_type: str | None = None,
     smoothness: float | None = None,
+    smoothness_requested: float | None = None,
 ) -> dict[str, str]:
     """Network registration (:func:`regpipe.register`) of two files; writes the forward and
     inverse transforms (``.h5``), the warped image and ``reg_metrics.json`` in ``out_dir``.
 
     ``region``, ``pair_type`` and ``smoothness`` are the condition of a conditional network;
     the condition used is recorded as ``GeneratedBy[0]["Condition"]`` (absent for an
-    unconditional one) in the transform sidecars."""
+    unconditional one) in the transform sidecars; ``smoothness_requested``: what the user
+    asked for when the workflow clamped ``smoothness`` to the weights' trained range (recorded
+    as ``lam_requested``, as :func:`regpipe.register` records its own clamping)."""
     import regpipe
     from regpipe.registration import register
     from regpipe.resources import measure_resources
@@ -136,6 +139,9 @@ def network_registration(
         )  # fmt: skip
     metrics = {**result.metrics, **usage.as_metrics()}
     settings = result.settings
+    condition = settings.get("condition")
+    if condition is not None and smoothness_requested not in (None, condition["lam"]):
+        condition["lam_requested"] = float(smoothness_requested)  # type: ignore[arg-type]
     if weights and not weights_sha256:
         weights_sha256 = sha256sum(weights)
     generated_by = {
