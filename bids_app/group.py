@@ -183,6 +183,9 @@ def collect_rows(output_dir: Path, participant_label: Sequence[str] | None = Non
             for key, value in metrics.items():
                 if key != "space":  # the TSV's copy of fixed_space
                     row.setdefault(key, value)
+            if (row.get("weights_sha256") not in (None, "", "n/a")
+                    and row.get("network_passes") in (None, "", "n/a")):
+                row["network_passes"] = 1  # written before --network-passes existed: one
             rows.append(row)
     return sorted(rows, key=lambda r: (natural_key(r["subject"]), natural_key(r["session"]),
                                        r["method"], r["metrics_file"]))

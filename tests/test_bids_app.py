@@ -1236,11 +1236,12 @@ def test_group_warns_when_one_table_mixes_weights(tmp_path, monkeypatch, caplog)
     bids_dir = two_subjects(tmp_path / "bids")
     out = tmp_path / "out"
     _dataset(out)
-    for subject, sha, passes in (("01", "a" * 64, 1), ("02", "b" * 64, 2)):  # sub-02 rerun
-        _metrics_tsv(out / f"sub-{subject}" / "anat" /
-                     f"sub-{subject}_space-{TPL}_desc-T1w_metrics.tsv",
-                     subject=subject, method="network", weights_sha256=sha,
-                     network_passes=passes)
+    # sub-02 rerun with new weights and two passes; sub-01's table is older than the
+    # network_passes column (one pass then)
+    _metrics_tsv(out / "sub-01" / "anat" / f"sub-01_space-{TPL}_desc-T1w_metrics.tsv",
+                 subject="01", method="network", weights_sha256="a" * 64)
+    _metrics_tsv(out / "sub-02" / "anat" / f"sub-02_space-{TPL}_desc-T1w_metrics.tsv",
+                 subject="02", method="network", weights_sha256="b" * 64, network_passes=2)
     from regpipe import reports
 
     monkeypatch.setattr(reports, "write_group_report", lambda rows, failures, out_html: out_html)
