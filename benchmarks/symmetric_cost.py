@@ -58,7 +58,7 @@ def main() -> None:
         repeated = timed(lambda: _network_displacement(network, moving, fixed, symmetric=True,
                                                        passes=args.passes))
     print(f"grid {shape}, {args.threads} thread(s), median of {args.repeats}:")
-    print(f"  single pass {single:.2f} s, symmetric (two passes + inversion) {both:.2f} s, "
+    print(f"  one direction {single:.2f} s, symmetric (both directions + inversion) {both:.2f} s, "
           f"of which the inversion {inversion:.2f} s")
     print(f"  extra per registration {both - single:.2f} s")
     if args.passes > 1:
