@@ -99,8 +99,14 @@ def earlier_subjects(jobs: Sequence[Mapping[str, Any]], methods: Sequence[str],
     """The subjects of ``jobs`` whose page :func:`add_earlier_sections` will rewrite (an
     earlier run's outputs of another registration are on disk): the participant workflow
     need not draw theirs first."""
+    from regpipe.workflows.derivatives import output_paths
+
+    def on_disk(job: Mapping[str, Any], method: str) -> bool:  # read later, not now
+        paths = output_paths(output_dir, job, method)
+        return all(paths[key].is_file() for key in _NEEDED)
+
     return {job_key[0] for (job_key, method), job in _earlier(jobs, methods, records).items()
-            if subject_sections([job], [method], output_dir)[0]}
+            if on_disk(job, method)}
 
 
 def add_earlier_sections(jobs: Sequence[Mapping[str, Any]], methods: Sequence[str],
@@ -127,7 +133,12 @@ def add_earlier_sections(jobs: Sequence[Mapping[str, Any]], methods: Sequence[st
         added = 0
         for (job_key, method), job in earlier.items():
             if job_key[0] == subject:
-                found, _ = subject_sections([job], [method], output_dir)
+                try:
+                    found, _ = subject_sections([job], [method], output_dir)
+                except (OSError, ValueError, KeyError) as error:  # a damaged earlier output
+                    LOGGER.warning("sub-%s: %s section of %s left out of the page: %s",
+                                   subject, method, Path(str(job["moving"])).name, error)
+                    continue
                 sections += found
                 added += len(found)
         if not sections or not (added or subject in always):

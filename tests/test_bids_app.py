@@ -1267,3 +1267,33 @@ def test_longitudinal_skips_are_one_line_per_reason(caplog):
     assert line.startswith("30 subject(s) skipped, 1 session(s); longitudinal mode needs two: "
                            "sub-01, sub-02")
     assert line.endswith("and 20 more")
+
+
+def test_a_damaged_earlier_output_costs_its_section_only(tmp_path, caplog):
+    """Earlier runs' outputs are only looked up before a run (a damaged one must not stop
+    it) and a damaged one is left out of the page with a warning."""
+    from regpipe.bids_app.reports_only import add_earlier_sections, earlier_subjects
+    from regpipe.workflows.derivatives import output_paths
+
+    def job(session: str) -> dict:
+        moving = tmp_path / "bids" / f"sub-01_ses-{session}_T1w.nii.gz"
+        return {"subject": "01", "session": session, "moving": str(moving),
+                "entities": {"subject": "01", "session": session, "suffix": "T1w",
+                             "datatype": "anat", "extension": ".nii.gz"},
+                "suffix": "T1w", "modality": "mri", "fixed": str(tmp_path / "tpl.nii.gz"),
+                "fixed_space": TPL, "pair_type": "inter", "fixed_mask": None,
+                "moving_mask": None, "fixed_labels": None, "moving_labels": None,
+                "source_uri": f"bids:raw:sub-01_ses-{session}_T1w.nii.gz",
+                "weights_sha256": None}
+
+    out = tmp_path / "out"
+    earlier, current = job("1"), job("2")
+    for path in output_paths(out, earlier, "network").values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+    output_paths(out, earlier, "network")["metrics_json"].write_text('{"truncated": ')
+    records = [{"jobs": [earlier], "methods": ["network"]}]
+    assert earlier_subjects([current], ["network"], out, records) == {"01"}
+    with caplog.at_level("WARNING", logger="regpipe"):
+        assert add_earlier_sections([current], ["network"], out, records, always={"01"}) == []
+    assert "network section of sub-01_ses-1_T1w.nii.gz left out of the page" in caplog.text

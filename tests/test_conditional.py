@@ -596,6 +596,10 @@ def test_participant_workflow_gives_the_network_each_jobs_condition(tmp_path, co
                                weights=str(conditional_file), smoothness=50.0, **common)
     (node,) = _network_nodes(workflow)
     assert (node.inputs.smoothness, node.inputs.smoothness_requested) == (6.0, 50.0)
+    for bad in (0.0, -1.0, float("inf"), float("nan")):  # refused, not clamped
+        with pytest.raises(InputError, match="positive and finite"):
+            init_regpipe_wf(jobs=[_job(tmp_path, "intra")], weights=str(conditional_file),
+                            smoothness=bad, **common)
     plain = save_weights(_base(), tmp_path / "plain.pt")
     workflow = init_regpipe_wf(jobs=[_job(tmp_path, "inter")], weights=str(plain), **common)
     (node,) = _network_nodes(workflow)

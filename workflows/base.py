@@ -148,6 +148,8 @@ def init_regpipe_wf(
     if not conditional and (region != "auto" or smoothness is not None):
         raise InputError("a region or smoothness steers a conditional network; the weights "
                          f"{weights_name or 'none'} are not conditional")
+    if smoothness is not None and not 0 < smoothness < float("inf"):
+        raise InputError(f"smoothness must be positive and finite, got {smoothness!r}")
     requested = None
     if conditional and smoothness is not None:
         # clamp once here (as register() would, with a warning per registration)
