@@ -392,32 +392,30 @@ def _ignore_group_folder(output_dir: Path) -> None:
     merge_bidsignore(output_dir, [f"{GROUP_DIR}/"])
 
 
-def _warn_mixed_weights(rows: Sequence[Mapping[str, Any]]) -> None:
-    """Say so when different weights made one method's rows for a target (subjects run again
-    with other --weights, others not): the report splits them, the TSV keeps one method."""
-    made_with: dict[tuple[str, str], set[str]] = {}
+def _warn_mixed_models(rows: Sequence[Mapping[str, Any]]) -> None:
+    """Say so when different weights or ``--network-passes`` made one method's rows for a
+    target (subjects run again with other options, others not): the report splits them, the
+    TSV keeps one method."""
+    values: dict[tuple[str, str, str], set[str]] = {}
     for row in rows:
-        if row.get("weights_sha256"):
-            made_with.setdefault((str(row["method"]), str(row.get("target"))), set()).add(
-                str(row["weights_sha256"]))
-    passes: dict[tuple[str, str], set[str]] = {}
-    for row in rows:
-        if row.get("network_passes") not in (None, "", "n/a"):
-            passes.setdefault((str(row["method"]), str(row.get("target"))), set()).add(
-                str(row["network_passes"]))
-    for (method, target), counts in sorted(passes.items()):
-        if len(counts) > 1:
+        for column in ("weights_sha256", "network_passes"):
+            if row.get(column) not in (None, "", "n/a"):
+                values.setdefault((column, str(row["method"]), str(row.get("target"))),
+                                  set()).add(str(row[column]))
+    for (column, method, target), found in sorted(values.items()):
+        if len(found) < 2:
+            continue
+        if column == "network_passes":
             LOGGER.warning("%s results for %s were made with different --network-passes (%s): "
                            "the group report summarises each separately", method, target,
-                           ", ".join(sorted(counts)))
-    for (method, target), shas in sorted(made_with.items()):
-        if len(shas) > 1:
+                           ", ".join(sorted(found)))
+        else:
             LOGGER.warning(
                 "%s results for %s were made with %d different weights (sha256 %s): the group "
                 "report summarises each separately, and the weights_sha256 column of %s tells "
                 "them apart; run the participant level again with one --weights to compare "
-                "the subjects on one model", method,
-                target, len(shas), ", ".join(sorted(sha[:12] for sha in shas)), TSV_NAME)
+                "the subjects on one model", method, target, len(found),
+                ", ".join(sorted(sha[:12] for sha in found)), TSV_NAME)
 
 
 def run_group(args: argparse.Namespace) -> int:
@@ -449,7 +447,7 @@ def run_group(args: argparse.Namespace) -> int:
         raise AppError(ExitCode.CANT_CREATE, f"cannot write {group_dir}: {error}") from None
     LOGGER.info("%d registration(s), %d failure(s); metrics in %s", len(rows), len(failures),
                 tsv)
-    _warn_mixed_weights(rows)
+    _warn_mixed_models(rows)
     for failure in failures:
         LOGGER.warning("failure: sub-%s%s%s: %s", failure["subject"],
                        f" ses-{failure['session']}" if failure.get("session") else "",

@@ -191,12 +191,13 @@ def _check_condition_options(args: argparse.Namespace, weights: str | None) -> N
         LOGGER.info("conditional weights: region %s, pair type %s, smoothness %s", region,
                     "inter" if args.mode == "template" else "intra",
                     args.smoothness if args.smoothness is not None else "default (1.5)")
-        trained = read_checkpoint(weights).conditioning.lam_range  # type: ignore[arg-type]
-        if (args.smoothness is not None and trained is not None
-                and not trained[0] <= args.smoothness <= trained[1]):
-            LOGGER.warning("--smoothness %g is outside the range the weights were trained on "
-                           "(%g to %g): every registration will use %g", args.smoothness,
-                           *trained, min(max(args.smoothness, trained[0]), trained[1]))
+        conditioning = read_checkpoint(weights).conditioning  # type: ignore[arg-type]
+        if args.smoothness is not None:
+            clamped = conditioning.clamp_lam(args.smoothness)
+            if clamped != args.smoothness:
+                LOGGER.warning("--smoothness %g is outside the range the weights were trained "
+                               "on (%g to %g): every registration will use %g",
+                               args.smoothness, *conditioning.lam_range, clamped)
 
 
 def _describe(job: dict[str, Any]) -> str:

@@ -52,6 +52,9 @@ from regpipe.warp import warp_array
 
 LOGGER = logging.getLogger("regpipe")
 
+#: The most network passes ``register(network_passes=...)`` and the CLIs accept
+MAX_NETWORK_PASSES = 10
+
 AffineMethod = Literal["ours", "ants", "none"]
 #: Regularisation weight asked of a conditional network when none is given.
 DEFAULT_SMOOTHNESS = 1.5
@@ -362,9 +365,10 @@ def register(
         mixed_precision = False
     if not int(io_grid) >= 16:
         raise InputError(f"io_grid must be at least 16 voxels, got {io_grid!r}")
-    if isinstance(network_passes, bool) or not (
-            isinstance(network_passes, (int, np.integer)) and 1 <= network_passes <= 10):
-        raise InputError(f"network_passes must be an integer from 1 to 10, got {network_passes!r}")
+    if isinstance(network_passes, bool) or not (isinstance(network_passes, (int, np.integer))
+                                                 and 1 <= network_passes <= MAX_NETWORK_PASSES):
+        raise InputError(f"network_passes must be an integer from 1 to {MAX_NETWORK_PASSES}, "
+                         f"got {network_passes!r}")
     fixed_modality = check_modality(fixed_modality)
     moving_modality = check_modality(moving_modality)
     if io_iterations and io_method == "fast" and (io_sim != "lncc" or io_lr is not None):
@@ -455,7 +459,7 @@ def register(
     # network instance optimisation returns its own (single-pass) prediction
     own_estimate = network is not None and not (io_iterations and io_method == "network")
     two_passes = bool(symmetric and own_estimate)
-    passes = int(network_passes)
+    passes = int(network_passes)  # 1 without an own estimate (refused above otherwise)
     with _conditioned(network, condition):
         with autocast(torch_device, enabled=mixed_precision):
             displacement = _network_displacement(network, moving_t, fixed_t,
@@ -576,13 +580,11 @@ def _condition(
     condition = Condition("other" if region is None else region,
                           "inter" if pair_type is None else pair_type,
                           DEFAULT_SMOOTHNESS if smoothness is None else smoothness)
-    trained = network.conditioning.lam_range
-    if trained is not None and not trained[0] <= condition.lam <= trained[1]:
-        # beyond its training range the controller's output is not reliably smoother (or
-        # rougher) and far beyond it folds: use the nearest trained value
-        clamped = min(max(condition.lam, trained[0]), trained[1])
+    clamped = network.conditioning.clamp_lam(condition.lam)
+    if clamped != condition.lam:
         LOGGER.warning("smoothness %g is outside the range the network was trained on "
-                       "(%g to %g): using %g", condition.lam, *trained, clamped)
+                       "(%g to %g): using %g", condition.lam, *network.conditioning.lam_range,
+                       clamped)
         condition = Condition(condition.region, condition.pair_type, clamped)
     LOGGER.info("condition: region %s, %s-subject, smoothness (lam) %g", condition.region,
                 condition.pair_type, condition.lam)
@@ -684,11 +686,10 @@ def _network_displacement(
     fixed -> moving one; ``passes``: the network applied again to the moving image warped by
     the map so far, and the maps composed (see :func:`register`)."""
     total = _one_pass(network, moving_t, fixed_t, symmetric)
-    if network is None:
+    if network is None or passes == 1:
         return total
-    if passes > 1:
-        total = total.float()
-        identity = index_grid(tuple(total.shape[2:]), total.device)
+    total = total.float()
+    identity = index_grid(tuple(total.shape[2:]), total.device)
     for _ in range(passes - 1):
         warped = sample_at_indices(moving_t.float(), identity + total, padding="zeros")
         step = _one_pass(network, warped.to(moving_t.dtype), fixed_t, symmetric).float()

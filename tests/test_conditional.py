@@ -616,3 +616,15 @@ def test_participant_workflow_gives_the_network_each_jobs_condition(tmp_path, co
     with pytest.raises(InputError, match="not conditional"):
         init_regpipe_wf(jobs=[_job(tmp_path, "inter")], weights=str(plain), region="knee",
                         **common)
+
+
+def test_clamp_lam_is_the_one_rule_for_the_trained_range():
+    """register(), the App's up-front warning and the workflows all clamp with it."""
+    from regpipe.networks.condition import ConditioningConfig
+
+    trained = ConditioningConfig("film", lam_range=(0.3, 6.0))
+    assert [trained.clamp_lam(v) for v in (0.1, 2.0, 50.0)] == [0.3, 2.0, 6.0]
+    assert ConditioningConfig("film").clamp_lam(50.0) == 50.0  # range unknown: as given
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(InputError, match="positive and finite"):
+            trained.clamp_lam(bad)

@@ -148,19 +148,18 @@ def init_regpipe_wf(
     if not conditional and (region != "auto" or smoothness is not None):
         raise InputError("a region or smoothness steers a conditional network; the weights "
                          f"{weights_name or 'none'} are not conditional")
-    if smoothness is not None and not 0 < smoothness < float("inf"):
-        raise InputError(f"smoothness must be positive and finite, got {smoothness!r}")
     requested = None
     if conditional and smoothness is not None:
         # clamp once here (as register() would, with a warning per registration)
         from regpipe.networks.checkpoint import read_checkpoint
 
-        trained = read_checkpoint(weights_path).conditioning.lam_range  # type: ignore[arg-type]
-        if trained is not None and not trained[0] <= smoothness <= trained[1]:
-            requested, smoothness = smoothness, min(max(smoothness, trained[0]), trained[1])
+        conditioning = read_checkpoint(weights_path).conditioning  # type: ignore[arg-type]
+        clamped = conditioning.clamp_lam(smoothness)  # InputError unless positive and finite
+        if clamped != smoothness:
+            requested, smoothness = smoothness, clamped
             LOGGER.info("smoothness %g is outside the range the weights were trained on "
-                        "(%g to %g): every registration uses %g", requested, *trained,
-                        smoothness)
+                        "(%g to %g): every registration uses %g", requested,
+                        *conditioning.lam_range, smoothness)
     options = RegistrationOptions(
         weights=weights_path, weights_name=weights_name, io_iterations=int(io_iterations or 0),
         affine_init=affine_init, device=device, omp_nthreads=int(omp_nthreads), seed=seed,
@@ -182,11 +181,12 @@ def init_regpipe_wf(
     if bids_dir is not None:
         ds_dataset_files.inputs.bids_dir = str(Path(bids_dir).absolute())
     workflow.add_nodes([ds_dataset_files])
+    skip = set(report_skip)
     for subject in sorted({job["subject"] for job in checked}):
         single_subject_wf = init_single_subject_wf(
             subject=subject, jobs=[j for j in checked if j["subject"] == subject],
             output_dir=output_dir, methods=methods, options=options,
-            reports=reports and subject not in set(report_skip), name=f"sub_{subject}_wf",
+            reports=reports and subject not in skip, name=f"sub_{subject}_wf",
         )  # fmt: skip
         log_dir = output_dir / f"sub-{subject}" / "log" / run_uuid
         single_subject_wf.config["execution"].update(

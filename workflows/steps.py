@@ -164,7 +164,7 @@ def network_registration(
         "Seed": seed,
         "Device": settings.get("device"),
         "MixedPrecision": settings.get("mixed_precision", False),
-        "Symmetric": settings.get("symmetric", False),  # two network passes, see register()
+        "Symmetric": settings.get("symmetric", False),  # both directions, see register()
         "NetworkPasses": settings.get("network_passes", 1),
         "Threads": threads,
     }

@@ -70,13 +70,16 @@ def smoothness_argument(value: str) -> float:
 
 
 def network_passes_argument(value: str) -> int:
-    """argparse type of ``--network-passes``: an integer from 1 to 10 (as ``register`` takes)."""
+    """argparse type of ``--network-passes``: an integer from 1 to
+    :data:`regpipe.registration.MAX_NETWORK_PASSES`, as ``register`` takes."""
+    from regpipe.registration import MAX_NETWORK_PASSES
+
     try:
         number = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
-    if not 1 <= number <= 10:
-        raise argparse.ArgumentTypeError(f"must be from 1 to 10, got {number}")
+    if not 1 <= number <= MAX_NETWORK_PASSES:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_NETWORK_PASSES}, got {number}")
     return number
 
 

@@ -176,6 +176,15 @@ class ConditioningConfig:
                                  f"got {self.lam_range}")
             object.__setattr__(self, "lam_range", (low, high))
 
+    def clamp_lam(self, lam: float) -> float:
+        """``lam`` clamped to :attr:`lam_range` (unchanged when the range is unknown): beyond
+        it the controller's output is not reliably smoother (or rougher), and far beyond it
+        folds. A ``lam`` that is not positive and finite raises :class:`InputError`."""
+        lam = Condition(lam=lam).lam
+        if self.lam_range is None:
+            return lam
+        return min(max(lam, self.lam_range[0]), self.lam_range[1])
+
     def to_dict(self) -> dict[str, Any]:
         """Plain values (loadable with ``weights_only=True``)."""
         return {
