@@ -69,7 +69,9 @@ def optimise_network_weights(
 
     Each step: zero the gradients, evaluate :func:`~regpipe.losses.gradicon_objective`
     (both directions, GradICON term drawing ``torch.randn`` on the CPU default generator, so
-    ``torch.manual_seed`` makes a run reproducible), back-propagate ``all_loss``, one Adam
+    ``torch.manual_seed`` makes a run reproducible on the CPU; on CUDA the backward passes of
+    3-D ``grid_sample`` and of cuDNN convolutions are not deterministic, so repeated GPU runs
+    differ at round-off level), back-propagate ``all_loss``, one Adam
     step (betas 0.9/0.999, no weight decay). The network stays in ``eval()`` mode
     (batch-norm running statistics are frozen). Afterwards both maps are predicted without
     gradients, and the original weights, ``requires_grad`` flags and train/eval mode are

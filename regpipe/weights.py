@@ -25,6 +25,7 @@ Example
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -257,12 +258,15 @@ def cached_path(name: str) -> Path:
 
 
 def weights_path(name: str) -> Path:
-    """Return where registry ``name`` lives: its bundled file if present, else the cache path."""
+    """Return where registry ``name`` lives: its bundled file if present, else the cache path
+    (for a bundled entry whose packaged file is missing, a copy fetched with ``url``)."""
     entry = get_entry(name)
     if entry.bundled:
         bundled = bundled_dir() / entry.filename
-        if _is_usable(bundled) or entry.url is None:
+        if _is_usable(bundled):
             return bundled
+        if entry.url is None and not _is_usable(cached_path(name)):
+            return bundled  # missing: the error names the file the package should have
     return cached_path(name)
 
 
@@ -404,12 +408,17 @@ def fetch(name: str, force: bool = False, url: str | None = None, progress: bool
     never leaves a file under the final name. The SHA-256 computed during download is written
     to the sidecar ``<filename>.sha256`` for later :func:`verify` runs.
 
+    A cached file is kept when it is complete: of the registry's size and SHA-256 when known,
+    else matching its sidecar; one that is not (a copy interrupted by hand) is downloaded again.
+    Processes fetching the same name into one cache (array jobs) take turns on a lock file
+    next to it, so the file is downloaded once and the others find it cached.
+
     Parameters
     ----------
     name:
         Registry name (see :func:`list_entries`).
     force:
-        Download even when a non-empty cached file exists (it is replaced only on success).
+        Download even when a complete cached file exists (it is replaced only on success).
     url:
         Download from this ``http(s)://`` or ``file://`` URL (or local file path) instead of
         the registry URL, e.g. a mirror; the entry's size and checksum still apply.
@@ -431,51 +440,128 @@ def fetch(name: str, force: bool = False, url: str | None = None, progress: bool
             f"weights {name!r} are bundled with regpipe ({where}): nothing to fetch"
             if entry.bundled else f"weights {name!r} have no download URL; give one (--url)")
     source = as_url(source)
-    if not force and _is_usable(target):
+    local = urllib.parse.urlsplit(source).scheme == "file"
+    _remove_stale_parts(target.parent, entry.filename)
+    if not force and _is_cached(target, entry):
         if url is not None:
             LOGGER.warning("%s is already in the cache; --force downloads it again from %s",
                            target, source)
         return target
-    local = urllib.parse.urlsplit(source).scheme == "file"
     if is_offline() and not local:  # a file:// copy (a USB stick, a shared folder) is no download
         raise WeightsError(
             f"{ENV_OFFLINE} is set, so {source} is not downloaded; put the file at {target} "
             f"by hand, fetch it from a local copy (--url /path/to/{entry.filename}) or unset "
             f"{ENV_OFFLINE}"
         )
-    _remove_stale_parts(target.parent, entry.filename)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _unwritable(target.parent, exc) from None
+    with _fetch_lock(target):
+        # another process may have fetched the file while this one waited for the lock
+        if not force and _is_cached(target, entry):
+            return target
+        if force and _is_usable(target):
+            LOGGER.info("--force: downloading %s again", target)
+        return _download(entry, source, target, progress)
+
+
+def _download(entry: WeightsEntry, source: str, target: Path, progress: bool) -> Path:
+    """Stream ``source`` into a temporary file next to ``target``, check it, rename it."""
+    try:
         fd, tmp_name = tempfile.mkstemp(
             prefix=f".{entry.filename}.", suffix=".part", dir=target.parent
         )
     except OSError as exc:
-        raise WeightsError(
-            f"cannot write to the weights cache {target.parent}: {exc}; set {ENV_HOME} to a "
-            "writable folder"
-        ) from None
+        raise _unwritable(target.parent, exc) from None
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out:
             written, digest = stream_into(source, out, target=target, label=f"fetch {entry.name}",
                                           approx_size=entry.approx_size, progress=progress)
-            out.flush()
-            os.fsync(out.fileno())
+            try:  # a full disk or a quota often shows only here (NFS, Lustre)
+                out.flush()
+                os.fsync(out.fileno())
+            except OSError as exc:
+                raise _unwritable(target.parent, exc) from None
         _check_download(entry, source, written, digest)
         try:  # what registration will do with it: build the network and load it strictly
             _check_loads(tmp, entry)
         except WeightsError as exc:
             raise WeightsError(f"{source} did not give usable weights ({exc}); nothing was "
                                "saved") from None
-        os.chmod(tmp, 0o644)
-        sidecar = sidecar_path(target)
-        sidecar.unlink(missing_ok=True)
-        os.replace(tmp, target)
-        _write_sidecar(sidecar, digest, entry.filename)
+        try:
+            os.chmod(tmp, 0o644)
+            sidecar = sidecar_path(target)
+            sidecar.unlink(missing_ok=True)
+            os.replace(tmp, target)
+            _write_sidecar(sidecar, digest, entry.filename)
+        except OSError as exc:
+            raise _unwritable(target.parent, exc) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return target
+
+
+def _unwritable(folder: Path, exc: OSError) -> WeightsError:
+    return WeightsError(
+        f"cannot write to the weights cache {folder}: {exc.strerror or exc}; free some space "
+        f"or set {ENV_HOME} to a writable folder with room for the file"
+    )
+
+
+def _is_cached(target: Path, entry: WeightsEntry) -> bool:
+    """Whether ``target`` holds a complete copy of ``entry``: non-empty, of the registry's size
+    when known, and matching the registry's SHA-256 or, failing that, its sidecar's. A file
+    that fails (a copy interrupted by hand, a damaged disk) is logged and downloaded again."""
+    if not _is_usable(target):
+        return False
+    size = target.stat().st_size
+    if entry.size is not None and size != entry.size:
+        problem = f"{size} bytes instead of {entry.size}"
+    else:
+        try:
+            expected = entry.sha256 or _read_sidecar(sidecar_path(target))
+        except WeightsError:
+            expected = None  # a malformed sidecar is replaced by the next download
+        if expected is None or sha256sum(target) == expected:
+            return True
+        recorded = f"the one recorded in {sidecar_path(target).name}"
+        problem = "its SHA-256 does not match " + (
+            "the registry's" if entry.sha256 else recorded)
+    LOGGER.warning("the cached %s is damaged (%s): downloading it again", target, problem)
+    return False
+
+
+@contextlib.contextmanager
+def _fetch_lock(target: Path):
+    """Hold ``<cache>/.<name>.lock`` (``fcntl.flock``, outside the model's folder) while
+    downloading ``target`` (``<cache>/<name>/<filename>``), so that
+    array jobs fetching the same weights into a shared cache download it once: the others wait
+    and then find it cached. Where the file system has no ``flock`` (Lustre without the flock
+    mount option, NFS with ``nolock``) each downloads on its own (still atomic). Partial
+    files are only removed once stale even so: a lock local to one node (NFS ``local_lock``)
+    does not keep out another node's fetch."""
+    import errno
+    import fcntl
+
+    try:
+        handle = open(target.parent.with_name(f".{target.parent.name}.lock"), "a+b")
+    except OSError as exc:
+        raise _unwritable(target.parent, exc) from None
+    with handle:
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise
+                LOGGER.warning("another process is fetching %s; waiting for it", target)
+                fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as exc:
+            LOGGER.debug("cannot lock %s (%s); downloading without a lock", target, exc)
+        yield
 
 
 #: A partial download untouched for this long belongs to no running fetch (those write

@@ -342,6 +342,89 @@ def test_fetch_removes_partial_files_of_killed_downloads(server: str, home: Path
     assert not old.exists() and fresh.exists()
 
 
+def test_fetch_removes_stale_parts_even_when_the_file_is_cached(
+        test_entry: weights.WeightsEntry) -> None:
+    path = weights.fetch("testmodel", progress=False)
+    part = path.with_name(".small.trch.k1.part")  # a killed fetch's, an hour old
+    part.write_bytes(b"x" * 100)
+    hour_ago = part.stat().st_mtime - 3600
+    os.utime(part, (hour_ago, hour_ago))
+    assert weights.fetch("testmodel", progress=False) == path
+    assert not part.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_fetch_downloads_a_damaged_cached_file_again(
+        server: str, small_file: Path, damage: str, caplog: pytest.LogCaptureFixture) -> None:
+    # unigradicon's registry entry has no size or checksum: the sidecar is the reference
+    path = weights.fetch("unigradicon", url=f"{server}/small.trch", progress=False)
+    data = path.read_bytes()
+    broken = data[: len(data) // 2] if damage == "truncate" else bytes([data[0] ^ 1]) + data[1:]
+    path.write_bytes(broken)  # a copy by hand interrupted, a bit flipped on disk
+    assert weights.fetch("unigradicon", url=f"{server}/small.trch", progress=False) == path
+    assert path.read_bytes() == small_file.read_bytes()
+    assert "is damaged" in caplog.text and "downloading it again" in caplog.text
+
+
+def test_fetch_keeps_a_cached_file_it_cannot_check(server: str, small_file: Path) -> None:
+    path = weights.cached_path("unigradicon")  # put there by hand: no size, sha or sidecar
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"placed by hand")
+    assert weights.fetch("unigradicon", url=f"{server}/small.trch", progress=False) == path
+    assert path.read_bytes() == b"placed by hand"
+
+
+def test_concurrent_fetches_download_once(test_entry: weights.WeightsEntry,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    real, calls = weights._download, []
+    started = threading.Event()
+
+    def slow(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(threading.get_ident())
+        started.set()
+        threading.Event().wait(0.5)  # long enough for the other thread to reach the lock
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(weights, "_download", slow)
+    results: list[Path] = []
+    first = threading.Thread(target=lambda: results.append(weights.fetch("testmodel",
+                                                                         progress=False)))
+    first.start()
+    assert started.wait(10)
+    results.append(weights.fetch("testmodel", progress=False))  # waits, then finds it cached
+    first.join()
+    assert len(calls) == 1
+    assert results[0] == results[1] == weights.cached_path("testmodel")
+
+
+def test_full_disk_at_flush_is_a_weights_error_and_leaves_no_part(
+        test_entry: weights.WeightsEntry, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_space(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(weights.os, "fsync", no_space)
+    with pytest.raises(WeightsError, match=r"No space left on device.*free some space"):
+        weights.fetch("testmodel", progress=False)
+    assert _files_in(weights.cached_path("testmodel").parent) == []
+
+
+def test_bundled_entry_fetched_from_a_url_is_used_when_the_packaged_file_is_missing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_file: Path) -> None:
+    monkeypatch.setattr(weights, "bundled_dir", lambda: tmp_path / "package")  # file missing
+    weights.register_entry(
+        weights.WeightsEntry(name="ours", url=None, filename="ours.trch", bundled=True)
+    )
+    try:
+        assert weights.weights_path("ours") == tmp_path / "package/ours.trch"
+        with pytest.raises(WeightsError, match="bundled"):
+            weights.resolve_weights("ours")
+        path = weights.fetch("ours", url=small_file.as_uri(), progress=False)
+        assert weights.weights_path("ours") == path == weights.cached_path("ours")
+        assert weights.resolve_weights("ours") == path
+    finally:
+        weights.unregister_entry("ours")
+
+
 def test_fetch_with_url_of_a_cached_file_says_force_is_needed(
         test_entry: weights.WeightsEntry, caplog: pytest.LogCaptureFixture) -> None:
     path = weights.fetch("testmodel", progress=False)
