@@ -28,16 +28,18 @@ Example
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from regpipe.errors import InputError
 
-__all__ = ["atomic_copy", "atomic_write", "atomic_write_text", "check_output_folder"]
+__all__ = ["atomic_copy", "atomic_write", "atomic_write_text", "check_distinct_paths",
+           "check_output_folder", "json_ready"]
 
 
 def check_output_folder(path: str | os.PathLike[str], what: str | None = None) -> None:
@@ -52,6 +54,65 @@ def check_output_folder(path: str | os.PathLike[str], what: str | None = None) -
         raise InputError(f"{name}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise InputError(f"{name}: folder {folder} is not writable")
+
+
+def json_ready(value: Any) -> Any:
+    """``value`` with NaN and infinities as ``None`` and paths as strings, recursively: JSON
+    that strict readers (jq, JavaScript, most non-Python parsers) accept, where Python would
+    write the non-standard ``NaN``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one file: the same path once links and ``..`` are resolved,
+    or (both existing) the same inode, as hard links or a bind mount give."""
+    if os.path.normcase(os.path.realpath(a)) == os.path.normcase(os.path.realpath(b)):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
+def check_distinct_paths(
+    outputs: Mapping[str, str | os.PathLike[str] | None],
+    inputs: Mapping[str, str | os.PathLike[str] | None] | None = None,
+) -> None:
+    """Refuse, before any work, an output path that is one of the ``inputs`` (writing it would
+    destroy that input) or another output (one would silently replace the other).
+
+    Both mappings go from a name used in the message (``--warped_moving_out``, ``moving``) to
+    a path or ``None`` (absent).
+
+    Raises
+    ------
+    InputError
+        Naming both and the file.
+    """
+    given_inputs = [(name, Path(path)) for name, path in (inputs or {}).items()
+                    if isinstance(path, (str, os.PathLike))]
+    seen: list[tuple[str, Path]] = []
+    for name, value in outputs.items():
+        if value is None:
+            continue
+        path = Path(value)
+        for other, input_path in given_inputs:
+            if _same_file(path, input_path):
+                raise InputError(f"{name} {path} is the {other} input: writing it would destroy "
+                                 "that input; choose another output name")
+        for other, earlier in seen:
+            if _same_file(path, earlier):
+                raise InputError(f"{other} and {name} are the same file {path}: one would "
+                                 "replace the other; give them different names")
+        seen.append((name, path))
 
 
 def _suffix(path: Path) -> str:

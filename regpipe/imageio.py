@@ -159,13 +159,13 @@ def _read_file(path: Path, what: str) -> Image:
         raise
     except Exception as error:  # nibabel and zlib raise many unrelated types
         raise InputError(f"{what} {path} cannot be read as an image: {error}") from error
-    header = loaded.header if isinstance(loaded, nib.Nifti1Image) else None
-    if header is not None:
-        _warn_forms_differ(header, path)
     try:
         geometry = Geometry.from_image(loaded)
     except ValueError as error:  # a 2-D image
         raise InputError(f"{what} {path}: {error}") from None
+    header = loaded.header if isinstance(loaded, nib.Nifti1Image) else None
+    if header is not None:  # a 3-D grid, checked just above
+        _warn_forms_differ(header, path)
     return Image(np.asarray(data), geometry, path, header)
 
 
@@ -317,14 +317,25 @@ OUTPUT_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".mgh", ".mha", ".nrrd")
 _ITK_OUTPUT_SUFFIXES = (".mha", ".nrrd")
 
 
-def check_image_path(path: str | os.PathLike) -> None:
-    """Raise :class:`InputError` unless ``path`` ends with one of :data:`OUTPUT_IMAGE_SUFFIXES`."""
+def check_image_path(path: str | os.PathLike, geometry: Geometry | None = None) -> None:
+    """Raise :class:`InputError` unless ``path`` ends with one of :data:`OUTPUT_IMAGE_SUFFIXES`
+    and, given the ``geometry`` the image will have, that format can hold it (ITK's ``.mha``
+    and ``.nrrd`` cannot hold a sheared grid)."""
     name = Path(path).name
     if not name.lower().endswith(OUTPUT_IMAGE_SUFFIXES):
         raise InputError(f"{path}: images are written as {', '.join(OUTPUT_IMAGE_SUFFIXES)}")
     if not name.endswith(OUTPUT_IMAGE_SUFFIXES):
         raise InputError(f"{path}: write the suffix in lower case (nibabel and ITK choose the "
                          "format by it, case-sensitively, and could not read the file back)")
+    if geometry is not None and name.endswith(_ITK_OUTPUT_SUFFIXES) and _sheared(geometry):
+        raise InputError(f"{path}: the image's grid has sheared voxel axes, which ITK images "
+                         "(.mha, .nrrd) cannot hold; write it as .nii.gz")
+
+
+def _sheared(geometry: Geometry) -> bool:
+    linear = np.asarray(geometry.affine, dtype=np.float64)[:3, :3]
+    direction = linear / np.linalg.norm(linear, axis=0)
+    return not np.allclose(direction.T @ direction, np.eye(3), atol=1e-6)
 
 
 def save_image(image: Image, path: str | os.PathLike, dtype: np.dtype | None = None) -> Path:
@@ -349,7 +360,7 @@ def _itk_image(image: Image, dtype: np.dtype | None = None):
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ image.geometry.affine  # RAS -> LPS
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     direction = affine[:3, :3] / spacing
-    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-6):
+    if _sheared(image.geometry):
         raise InputError(f"{image.name}: its voxel axes are sheared, which ITK images (.mha, "
                          ".nrrd) cannot hold; write it as .nii.gz")
     itk_image = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))

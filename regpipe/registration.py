@@ -31,7 +31,7 @@ from regpipe.imageio import (
     save_image,
 )
 from regpipe.metrics import jacobian_determinant, registration_metrics
-from regpipe.preprocess import check_modality, network_input, normalize_intensity
+from regpipe.preprocess import check_modality, network_input, normalize_intensity, outlying_minimum
 from regpipe.resources import peak_memory_mb
 from regpipe.spaces import (
     GRID_MODES,
@@ -115,7 +115,7 @@ class RegistrationResult:
         ``.hdf5`` for an ITK displacement-field transform, ``.nii.gz`` for an ITK/ANTs
         displacement-field image.
         """
-        from regpipe.atomic import check_output_folder
+        from regpipe.atomic import check_distinct_paths, check_output_folder
         from regpipe.imageio import check_image_path
         from regpipe.transform_files import check_field_path, write_transform
 
@@ -125,10 +125,14 @@ class RegistrationResult:
                 check_field_path(path)
         for path in (warped_out, jacobian_out):
             if path is not None:
-                check_image_path(path)
+                check_image_path(path, self.fixed.geometry)
         for path in (transform_out, inverse_out, warped_out, jacobian_out):
             if path is not None:
                 check_output_folder(path)
+        check_distinct_paths(
+            {"transform_out": transform_out, "inverse_out": inverse_out,
+             "warped_out": warped_out, "jacobian_out": jacobian_out},
+            {"fixed": self.fixed.path, "moving": self.moving.path})
         if transform_out is not None:
             write_transform(self.forward_field(), transform_out)
         if inverse_out is not None:
@@ -421,6 +425,16 @@ def register(
             )
         except InputError as error:  # which image: the message is about its intensities
             raise InputError(f"{name} image {image.name}: {error}") from None
+        outlier = (outlying_minimum(image.data)
+                   if modality == "mri" and quantile_range[0] == 0 else None)
+        if outlier is not None:
+            LOGGER.warning(
+                "%s image %s: its minimum (%g) lies far below almost all its voxels (0.1st "
+                "percentile %g); MRI intensities are scaled from the minimum, as in "
+                "uniGradICON, so this one value (a padding value?) squeezes the image's "
+                "contrast and the registration suffers: clip or mask it, or scale from a "
+                "quantile (quantile_range=(0.001, 0.99), --quantile_range 0.001 0.99)",
+                name, image.name, *outlier)
 
     affine_tx = _prealign(affine, norm, fixed_img, moving_img, masks, progress)
     grid_in = network_grid(fixed_img.geometry, grid_shape, mode)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -63,7 +63,9 @@ def warp_array(
 
 
 def _nearest(data: NDArray[np.generic], vox: NDArray[np.float64], fill: float) -> NDArray:
-    idx = np.rint(vox).astype(np.int64)
+    # half-way points go up, as in ITK and ANTs (not to the even neighbour, as np.rint does,
+    # which on a grid of half the spacing would give every other label twice its share)
+    idx = np.floor(vox + 0.5).astype(np.int64)
     inside = np.all((idx >= 0) & (idx < np.asarray(data.shape[:3])), axis=-1)
     result = np.full((vox.shape[0], data.shape[-1]), fill, dtype=data.dtype)
     i, j, k = idx[inside].T
@@ -114,16 +116,21 @@ def apply_transform(
     ``interpolation="nearest"`` for label maps: their integer type and values are kept. The
     result keeps the reference image's NIfTI space code (an MNI template's 4).
     """
-    from regpipe.atomic import check_output_folder
+    from regpipe.atomic import check_distinct_paths, check_output_folder
     from regpipe.transform_files import read_transform
     from regpipe.transforms import compose
 
     if interpolation not in ("linear", "nearest"):
         raise InputError(f"interpolation must be 'linear' or 'nearest', got {interpolation!r}")
+    parts = list(transform) if isinstance(transform, (list, tuple)) else [transform]
     if output is not None:
         check_image_path(output)
         check_output_folder(output)  # before the resampling, not after it
-    parts = list(transform) if isinstance(transform, (list, tuple)) else [transform]
+        inputs: dict[str, Any] = {"moving": moving, "reference": reference}
+        inputs.update({f"transform {n + 1}": part for n, part in enumerate(parts)})
+        check_distinct_paths({"output": output}, {  # paths, or images read from one
+            name: value if isinstance(value, (str, os.PathLike)) else getattr(value, "path", None)
+            for name, value in inputs.items()})
     for part in parts:
         if not (isinstance(part, (str, os.PathLike)) or hasattr(part, "map_points")):
             raise InputError(f"transform must be a regpipe transform, a transform file or a "
@@ -138,6 +145,8 @@ def apply_transform(
     else:
         reference_img = load_image(reference, "any", "reference image")
         geometry, header = reference_img.geometry, reference_img.header
+    if output is not None:
+        check_image_path(output, geometry)  # a format that holds this grid
     loaded = [read_transform(Path(p)) if isinstance(p, (str, os.PathLike)) else p for p in parts]
     chain = loaded[0] if len(loaded) == 1 else compose(*loaded)
     _warn_if_field_misses(chain, geometry)

@@ -4,7 +4,13 @@ import os
 
 import pytest
 
-from regpipe.atomic import atomic_copy, atomic_write, atomic_write_text
+from regpipe.atomic import (
+    atomic_copy,
+    atomic_write,
+    atomic_write_text,
+    check_distinct_paths,
+    json_ready,
+)
 from regpipe.errors import InputError
 
 
@@ -66,3 +72,23 @@ def test_text_already_in_place_is_left_alone(tmp_path):
     assert target.stat().st_mtime == 1
     atomic_write_text(target, "{ }\n")
     assert target.read_text() == "{ }\n" and target.stat().st_mtime > 1
+
+
+def test_distinct_paths_see_through_links_and_other_spellings(tmp_path):
+    source = tmp_path / "in.nii.gz"
+    source.write_bytes(b"data")
+    os.link(source, tmp_path / "hard.nii.gz")
+    os.symlink(source, tmp_path / "soft.nii.gz")
+    for spelling in ("hard.nii.gz", "soft.nii.gz", "./in.nii.gz", "sub/../in.nii.gz"):
+        (tmp_path / "sub").mkdir(exist_ok=True)
+        with pytest.raises(InputError, match=r"out .* is the image input"):
+            check_distinct_paths({"out": tmp_path / spelling}, {"image": source})
+    with pytest.raises(InputError, match="a and b are the same file"):
+        check_distinct_paths({"a": tmp_path / "new.h5", "b": tmp_path / "sub/../new.h5"})
+    check_distinct_paths({"a": tmp_path / "x.h5", "b": tmp_path / "y.h5", "c": None},
+                         {"image": source, "mask": None})
+
+
+def test_json_ready_replaces_what_strict_json_lacks(tmp_path):
+    value = {"a": float("nan"), "b": [1.0, float("inf"), -float("inf")], 3: (tmp_path, "x")}
+    assert json_ready(value) == {"a": None, "b": [1.0, None, None], "3": [str(tmp_path), "x"]}

@@ -63,6 +63,24 @@ def test_register_writes_every_output(files, tmp_path, capsys):
     assert "done in" in capsys.readouterr().err
 
 
+def test_metrics_file_is_strict_json_when_a_metric_is_undefined(files, tmp_path):
+    args = [*base_args(files, tmp_path), "--io_iterations", "None", "--metrics_out",
+            str(tmp_path / "m.json"), "--fixed_mask", str(files["fixed_seg"]),
+            "--moving_mask", str(files["moving_seg"])]
+    for side in ("fixed", "moving"):  # no labels on either side: Dice is undefined
+        image = nib.load(str(files[f"{side}_seg"]))
+        empty = tmp_path / f"{side}_empty.nii.gz"
+        nib.save(nib.Nifti1Image(np.zeros(image.shape, np.int16), image.affine), str(empty))
+        args += [f"--{side}_segmentation", str(empty)]
+    assert register_cli.main(args) == 0
+
+    def refuse(constant):
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    metrics = json.loads((tmp_path / "m.json").read_text(), parse_constant=refuse)["metrics"]
+    assert "dice_mean" in metrics and metrics["dice_mean"] is None
+
+
 @pytest.mark.parametrize("problem", ["missing", "empty", "4d", "nan", "constant"])
 def test_bad_moving_image_fails_without_output(files, tmp_path, capsys, problem):
     bad = tmp_path / "bad.nii.gz"
@@ -151,6 +169,88 @@ def test_bad_output_names_are_refused_before_registering(files, tmp_path, capsys
     assert register_cli.main(args) == 1
     assert message in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("option", "clash", "message"), [
+    ("--warped_moving_out", "moving", "is the --moving input"),
+    ("--transform_out", "fixed", "is the --fixed input"),
+    ("--metrics_out", "fixed", "is the --fixed input"),
+    ("--jacobian_out", "fixed_seg", "is the --fixed_segmentation input"),
+    ("--inverse_transform_out", "fwd.h5",
+     "--transform_out and --inverse_transform_out are the same"),
+])
+def test_outputs_that_are_inputs_or_each_other_are_refused(files, tmp_path, capsys, option,
+                                                            clash, message, monkeypatch):
+    import shutil
+
+    import regpipe.registration
+
+    monkeypatch.setattr(regpipe.registration, "register", lambda *a, **k: pytest.fail("ran"))
+    inputs = {}
+    for name in ("fixed", "moving", "fixed_seg"):  # copies: the test may not harm the fixture
+        inputs[name] = tmp_path / files[name].name
+        shutil.copy(files[name], inputs[name])
+    before = {name: path.read_bytes() for name, path in inputs.items()}
+    args = ["--fixed", str(inputs["fixed"]), "--moving", str(inputs["moving"]),
+            "--fixed_modality", "mri", "--moving_modality", "mri",
+            "--network_weights", str(files["weights"]),
+            "--transform_out", str(tmp_path / "fwd.h5"),
+            "--fixed_segmentation", str(inputs["fixed_seg"])]
+    # the same file under another spelling: a detour through a folder and back
+    target = tmp_path / "sub" / ".." / (inputs[clash].name if clash in inputs else clash)
+    (tmp_path / "sub").mkdir()
+    if option in args:
+        args[args.index(option) + 1] = str(target)
+    else:
+        args += [option, str(target)]
+    assert register_cli.main(args) == 1
+    assert message in capsys.readouterr().err
+    assert {name: path.read_bytes() for name, path in inputs.items()} == before
+
+
+def test_itk_output_of_a_sheared_fixed_grid_is_refused_before_any_work(files, tmp_path, capsys,
+                                                                       monkeypatch):
+    import regpipe.registration
+
+    monkeypatch.setattr(regpipe.registration, "register", lambda *a, **k: pytest.fail("ran"))
+    image = nib.load(str(files["fixed"]))
+    affine = image.affine.copy()
+    affine[0, 1] += 0.4  # a gantry tilt
+    sheared = tmp_path / "sheared.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj), affine), str(sheared))
+    args = [*base_args(files, tmp_path), "--warped_moving_out", str(tmp_path / "w.mha")]
+    args[args.index("--fixed") + 1] = str(sheared)
+    assert register_cli.main(args) == 1
+    assert "--warped_moving_out" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sheared.nii.gz"]
+
+
+def test_two_dimensional_file_is_one_clear_line(files, tmp_path, capsys):
+    flat = nib.Nifti1Image(np.ones((20, 20), np.float32), np.eye(4))
+    flat.set_qform(np.eye(4), code=1)  # both forms coded: checked for agreement after the shape
+    flat.set_sform(np.eye(4), code=1)
+    nib.save(flat, str(tmp_path / "flat.nii.gz"))
+    args = base_args(files, tmp_path)
+    args[args.index("--fixed") + 1] = str(tmp_path / "flat.nii.gz")
+    assert register_cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert "flat.nii.gz" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_warp_and_jacobian_refuse_to_overwrite_their_inputs(files, tmp_path, capsys):
+    import shutil
+
+    moving = shutil.copy(files["moving"], tmp_path / "m.nii.gz")
+    link = tmp_path / "link.nii.gz"
+    os.symlink(moving, link)
+    before = (tmp_path / "m.nii.gz").read_bytes()
+    assert warp_cli.main(["--fixed", str(files["fixed"]), "--moving", str(moving),
+                          "--warped_moving_out", str(link), "--linear"]) == 1
+    assert "is the --moving input" in capsys.readouterr().err
+    assert jacobian_cli.main(["--fixed", str(moving), "--transform", str(files["fixed"]),
+                              "--jacob", str(moving)]) == 1
+    assert "is the --fixed input" in capsys.readouterr().err
+    assert (tmp_path / "m.nii.gz").read_bytes() == before
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")

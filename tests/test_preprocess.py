@@ -60,3 +60,34 @@ def test_squash_input_is_exactly_interpolate():
         mode="trilinear", align_corners=False,
     )
     assert torch.equal(ours, ref)
+
+
+def test_an_outlying_minimum_is_found_and_warned_about(caplog):
+    import logging
+
+    import regpipe
+    from regpipe.imageio import Image
+    from regpipe.preprocess import outlying_minimum
+
+    rng = np.random.default_rng(0)
+    head = np.zeros((30, 30, 30), np.float32)
+    head[5:25, 5:25, 5:25] = rng.uniform(200, 1000, (20, 20, 20))
+    head += rng.normal(0, 5, head.shape).astype(np.float32)  # background noise below 0
+    assert outlying_minimum(head) is None
+    padded = head.copy()
+    padded[0, 0, 0] = -32768.0  # a scanner's padding value
+    minimum, low = outlying_minimum(padded)
+    assert minimum == -32768.0 and -50 < low < 0
+
+    geometry = Geometry(head.shape, np.eye(4))
+    with caplog.at_level(logging.WARNING, logger="regpipe"):
+        regpipe.register(Image(head, geometry), Image(padded, geometry), weights=None,
+                         io_iterations=0, affine="none", evaluate=False, progress=False)
+    assert "moving image <in-memory image>: its minimum (-32768)" in caplog.text
+    assert "fixed image" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="regpipe"):  # scaled from a quantile: no issue
+        regpipe.register(Image(head, geometry), Image(padded, geometry), weights=None,
+                         io_iterations=0, affine="none", evaluate=False, progress=False,
+                         quantile_range=(0.001, 0.99))
+    assert "its minimum" not in caplog.text

@@ -9,7 +9,7 @@ import torch
 
 import regpipe
 from regpipe.errors import InputError, WeightsError
-from regpipe.imageio import Image
+from regpipe.imageio import Image, load_image, save_image
 from regpipe.networks import NetworkConfig, build_network, save_weights
 from regpipe.spaces import Geometry
 from regpipe.transform_files import read_transform
@@ -201,6 +201,40 @@ def test_save_checks_every_name_before_writing(pair, tmp_path):
         result.save(tmp_path / "fwd.h5", inverse_out=tmp_path / "inv.txt")
     with pytest.raises(InputError, match="images are written as"):
         result.save(tmp_path / "fwd.h5", warped_out=tmp_path / "w.mhd")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_outputs_never_overwrite_inputs_or_each_other(pair, tmp_path):
+    fixed, moving, _ = pair
+    moving_path = save_image(moving, tmp_path / "moving.nii.gz")
+    fixed_path = save_image(fixed, tmp_path / "fixed.nii.gz")
+    before = moving_path.read_bytes()
+    result = regpipe.register(fixed_path, moving_path, weights=None, io_iterations=0,
+                              evaluate=False)
+    with pytest.raises(InputError, match="is the moving input"):
+        result.save(tmp_path / "fwd.h5", warped_out=moving_path)
+    with pytest.raises(InputError, match="transform_out and inverse_out are the same file"):
+        result.save(tmp_path / "t.nii.gz", inverse_out=tmp_path / "t.nii.gz")
+    with pytest.raises(InputError, match="is the moving input"):
+        regpipe.apply_transform(moving_path, result.forward, fixed, output=moving_path)
+    with pytest.raises(InputError, match="is the reference input"):
+        regpipe.apply_transform(moving, result.forward, fixed_path, output=fixed_path)
+    with pytest.raises(InputError, match="is the moving input"):  # an image read from the file
+        regpipe.apply_transform(load_image(moving_path), result.forward, fixed, output=moving_path)
+    assert moving_path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fixed.nii.gz", "moving.nii.gz"]
+
+
+def test_save_refuses_an_itk_image_of_a_sheared_grid_before_writing(pair, tmp_path):
+    fixed, moving, _ = pair
+    affine = fixed.geometry.affine.copy()
+    affine[:3, 1] += 0.3 * affine[:3, 0]  # sheared voxel axes
+    sheared = Image(fixed.data, Geometry(fixed.geometry.shape, affine))
+    result = regpipe.register(sheared, moving, weights=None, io_iterations=0, evaluate=False)
+    with pytest.raises(InputError, match="sheared"):
+        result.save(tmp_path / "fwd.h5", warped_out=tmp_path / "w.nrrd")
+    with pytest.raises(InputError, match="sheared"):
+        regpipe.apply_transform(moving, result.forward, sheared, output=tmp_path / "w.mha")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -97,6 +97,31 @@ def test_nearest_warp_keeps_integer_dtype_and_values(geometry):
     assert set(np.unique(out)) <= set(np.unique(labels))
 
 
+def test_nearest_warp_rounds_half_way_points_up_as_itk_does():
+    import SimpleITK as sitk
+
+    labels = np.zeros((12, 3, 3), np.int16)
+    labels[:] = np.arange(12, dtype=np.int16)[:, None, None]
+    source = Geometry(labels.shape, np.eye(4))  # 1 mm, RAS
+    for offset in (-0.25, 0.5):  # half the spacing; half a voxel shifted: ties everywhere
+        affine = np.diag([0.5, 1.0, 1.0, 1.0])
+        affine[0, 3] = offset
+        reference = Geometry((22, 3, 3), affine)
+        ours = warp_array(labels, source, AffineTransform.identity(), reference,
+                          interpolation="nearest")[:, 1, 1]
+        # ITK's answer (LPS: RAS x and y negated, same voxel order)
+        image = sitk.GetImageFromArray(np.ascontiguousarray(labels.transpose(2, 1, 0)))
+        image.SetDirection((-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0))
+        grid = sitk.Image(*reference.shape, sitk.sitkInt16)
+        grid.SetSpacing((0.5, 1.0, 1.0))
+        grid.SetDirection((-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0))
+        grid.SetOrigin((-offset, 0.0, 0.0))
+        itk = sitk.GetArrayFromImage(sitk.Resample(image, grid, sitk.Transform(),
+                                                   sitk.sitkNearestNeighbor, 0))[1, 1, :]
+        assert ours.tolist() == itk.tolist()
+    assert np.bincount(ours)[1:].tolist() == [2] * 11  # two samples per label, not 3-1-3-1
+
+
 def test_compose_applies_first_transform_first():
     a = np.eye(4)
     a[:3, :3] *= 2.0

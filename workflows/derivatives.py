@@ -61,13 +61,12 @@ import errno
 import fcntl
 import json
 import logging
-import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from regpipe.atomic import atomic_write_text
+from regpipe.atomic import atomic_write_text, json_ready
 
 LOGGER = logging.getLogger("nipype.workflow")
 
@@ -256,19 +255,7 @@ def dataset_lock(output_dir: str | os.PathLike[str]) -> Iterator[None]:
 
 def to_json(data: Any) -> str:
     """Deterministic JSON text (sorted keys, NaN written as ``null``)."""
-    return json.dumps(_finite(data), indent=2, sort_keys=True) + "\n"
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
+    return json.dumps(json_ready(data), indent=2, sort_keys=True) + "\n"
 
 
 def write_json_once(

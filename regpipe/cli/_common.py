@@ -83,19 +83,21 @@ def network_passes_argument(value: str) -> int:
     return number
 
 
-def check_outputs(outputs: Mapping[str, tuple[str | None, str]]) -> None:
+def check_outputs(outputs: Mapping[str, tuple[str | None, str]],
+                  inputs: Mapping[str, str | None] | None = None) -> None:
     """Check output paths before any work: ``{option: (path or None, kind)}``, ``kind`` one of
     ``"image"`` (a suffix of :data:`regpipe.imageio.OUTPUT_IMAGE_SUFFIXES`), ``"field"`` (a
     transform file that holds a displacement field: ``.nii.gz``, ``.nii``, ``.h5``,
     ``.hdf5``) or ``"file"`` (anything).
-    The folder must exist and be writable, and the path must not be a folder.
+    The folder must exist and be writable, and the path must not be a folder, one of the
+    ``inputs`` (``{option: path or None}``) or another output.
 
     Raises
     ------
     InputError
         Naming the option and what is wrong with its path.
     """
-    from regpipe.atomic import check_output_folder
+    from regpipe.atomic import check_distinct_paths, check_output_folder
     from regpipe.imageio import check_image_path
     from regpipe.transform_files import check_field_path
 
@@ -112,3 +114,5 @@ def check_outputs(outputs: Mapping[str, tuple[str | None, str]]) -> None:
                 check_field_path(path)
         except RegpipeError as error:
             raise InputError(f"{flag}: {error}") from None
+    check_distinct_paths({f"--{option}": value for option, (value, _) in outputs.items()},
+                         {f"--{option}": value for option, value in (inputs or {}).items()})

@@ -34,7 +34,8 @@ def _main(args: argparse.Namespace) -> int:
     from regpipe.transform_files import read_transform
     from regpipe.transforms import DisplacementField
 
-    check_outputs({"jacob": (args.jacob, "image"), "log_jacob": (args.log_jacob, "image")})
+    check_outputs({"jacob": (args.jacob, "image"), "log_jacob": (args.log_jacob, "image")},
+                  {"fixed": args.fixed, "transform": args.transform, "mask": args.mask})
     fixed = load_image(args.fixed, "any", "fixed image")  # only its grid is used
     geometry = fixed.geometry
     mask = None

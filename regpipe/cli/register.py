@@ -126,10 +126,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
-    """Every output path, before the registration: folder, writability, suffix."""
+    """Every output path, before the registration: folder, writability, suffix, and none of
+    them an input or another output."""
     kinds = {"transform_out": "field", "inverse_transform_out": "field",
              "warped_moving_out": "image", "jacobian_out": "image", "metrics_out": "file"}
-    check_outputs({name: (getattr(args, name), kind) for name, kind in kinds.items()})
+    inputs = ("fixed", "moving", "fixed_mask", "moving_mask", "fixed_segmentation",
+              "moving_segmentation", "network_weights")
+    check_outputs({name: (getattr(args, name), kind) for name, kind in kinds.items()},
+                  {name: getattr(args, name) for name in inputs})
+    on_fixed_grid = {name: getattr(args, name) for name in ("warped_moving_out", "jacobian_out")}
+    if any(path and path.endswith((".mha", ".nrrd")) for path in on_fixed_grid.values()):
+        from regpipe.imageio import check_image_path, read_grid
+
+        grid = read_grid(args.fixed, "fixed image")  # a sheared grid fits no ITK image
+        for name, path in on_fixed_grid.items():
+            if path:
+                try:
+                    check_image_path(path, grid)
+                except InputError as error:
+                    raise InputError(f"--{name}: {error}") from None
 
 
 def _masks(args: argparse.Namespace) -> tuple[str | None, str | None]:
@@ -243,9 +258,9 @@ def _main(args: argparse.Namespace) -> int:
     )
     summary = {"metrics": result.metrics, "settings": result.settings}
     if args.metrics_out:
-        from regpipe.atomic import atomic_write
+        from regpipe.atomic import atomic_write, json_ready
 
-        text = json.dumps(summary, indent=2, default=str)
+        text = json.dumps(json_ready(summary), indent=2, default=str)  # NaN Dice: null
         atomic_write(args.metrics_out, lambda tmp: tmp.write_text(text))
     m = result.metrics
     print(

@@ -29,7 +29,8 @@ def _main(args: argparse.Namespace) -> int:
     from regpipe.transforms import AffineTransform
     from regpipe.warp import apply_transform
 
-    check_outputs({"warped_moving_out": (args.warped_moving_out, "image")})
+    check_outputs({"warped_moving_out": (args.warped_moving_out, "image")},
+                  {"fixed": args.fixed, "moving": args.moving, "transform": args.transform})
     transform = args.transform if args.transform else AffineTransform.identity()
     apply_transform(
         args.moving, transform, args.fixed,
