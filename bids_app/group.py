@@ -26,9 +26,12 @@ Failures
     in the crashed node's name (``sub_01``); a missing-metrics entry of a subject (and session)
     with a crash is left out, the crash explains it. Subjects or images a run selected but gave
     no job (one session in longitudinal mode, unusable input files) are listed too, unless a
-    later run of the subject registered it. The group level exits 0 when it wrote its
-    outputs,
-    even when it lists failures (the participant level already exited 1 for them).
+    later run of the subject registered it; so are network metrics made with other weights
+    than the latest run of that job asked for ("stale outputs": a rerun stopped before it
+    replaced them all), and subjects of ``bids_dir`` with an image of the runs' suffix that no
+    run record mentions ("not processed": a job that never started). The group level exits 0
+    when it wrote its outputs, even when it lists failures (the participant level already
+    exited 1 for them).
 """
 
 from __future__ import annotations
@@ -257,30 +260,40 @@ def _crash_files(output_dir: Path, records: Sequence[tuple[Path, Mapping[str, An
 
 def find_failures(output_dir: Path, rows: Sequence[Mapping[str, Any]], *,
                   work_dir: Path | None = None,
-                  participant_label: Sequence[str] | None = None) -> list[dict[str, Any]]:
+                  participant_label: Sequence[str] | None = None,
+                  bids_dir: Path | None = None) -> list[dict[str, Any]]:
     """Jobs without metrics and crash files (see the module docstring), one dict each:
-    ``subject``, ``session``, ``method``, ``reason`` (and ``crash_file`` for crashes)."""
+    ``subject``, ``session``, ``method``, ``reason`` (and ``crash_file`` for crashes); with
+    ``bids_dir``, also its subjects that no participant-level run covered."""
     keep = set(participant_label or [])
     records = run_records(output_dir)
     failures: list[dict[str, Any]] = []
-    seen: set[tuple] = set()
-    for _, record in records:
+    latest: dict[tuple, tuple[Mapping[str, Any], str]] = {}
+    for _, record in records:  # oldest first: a later run's job replaces an earlier one's
         for job in record.get("jobs", []):
             if keep and job["subject"] not in keep:
                 continue
             for method in record.get("methods", [NETWORK_METHOD]):
                 key = (job["subject"], job.get("session"), job["moving"], job_target(job),
                        method)
-                if key in seen:
-                    continue
-                seen.add(key)
-                if not any(_row_matches(row, job, method) for row in rows):
-                    failures.append({
-                        "subject": job["subject"], "session": job.get("session"),
-                        "method": method,
-                        "reason": f"no metrics for {Path(job['moving']).name} to "
-                                  f"{job_target(job)}",
-                    })
+                latest.pop(key, None)
+                latest[key] = (job, method)
+    for job, method in latest.values():
+        matches = [row for row in rows if _row_matches(row, job, method)]
+        where = f"{Path(job['moving']).name} to {job_target(job)}"
+        if not matches:
+            failures.append({"subject": job["subject"], "session": job.get("session"),
+                             "method": method, "reason": f"no metrics for {where}"})
+            continue
+        wanted = job.get("weights_sha256")
+        made = {str(row.get("weights_sha256")) for row in matches}
+        if method == NETWORK_METHOD and wanted and made - {str(wanted)}:
+            failures.append({  # a rerun with other weights stopped before this one's end
+                "subject": job["subject"], "session": job.get("session"), "method": method,
+                "reason": f"stale outputs for {where}: its metrics come from weights "
+                          f"{', '.join(sorted(sha[:12] for sha in made))}, but the latest "
+                          f"run asked for {str(wanted)[:12]} and did not finish it (some "
+                          "files may be from either run); rerun that participant"})
     crashes = []
     for crash in _crash_files(output_dir, records, work_dir):
         subject, session, where = _crash_summary(crash)
@@ -294,7 +307,35 @@ def find_failures(output_dir: Path, rows: Sequence[Mapping[str, Any]], *,
         return any(c["subject"] == failure["subject"]
                    and c["session"] in (None, failure["session"]) for c in crashes)
 
-    return [f for f in failures if not explained(f)] + crashes + _skipped(records, keep)
+    with_metrics = {str(row.get("subject")) for row in rows}
+    missing = (_not_processed(bids_dir, records, keep, with_metrics)
+               if bids_dir is not None else [])
+    return [f for f in failures if not explained(f)] + crashes + _skipped(records, keep) + missing
+
+
+def _not_processed(bids_dir: Path, records: Sequence[tuple[Path, Mapping[str, Any]]],
+                   keep: set[str], with_metrics: set[str]) -> list[dict[str, Any]]:
+    """Subjects of ``bids_dir`` with an image of a suffix the runs registered (``T1w``...) that
+    no run record mentions, neither as a job nor as skipped: an array task that never started,
+    or died before writing its record (a time limit in the queue, a node failure). Without
+    this, they would be missing from the group page without a word."""
+    suffixes = {str((record.get("options") or {}).get("suffix") or "T1w")
+                for _, record in records} or {"T1w"}
+    covered = {str(job["subject"]) for _, record in records for job in record.get("jobs", [])}
+    covered |= {str(entry.get("subject")) for _, record in records
+                for entry in record.get("skipped", []) if isinstance(entry, Mapping)}
+    covered |= with_metrics  # outputs of a run without a record (an older regpipe)
+    missing = []
+    for folder in sorted(Path(bids_dir).glob("sub-*")):
+        label = folder.name[len("sub-"):]
+        if not folder.is_dir() or label in covered or (keep and label not in keep):
+            continue
+        if any(next(folder.rglob(f"*_{suffix}.nii*"), None) for suffix in suffixes):
+            missing.append({"subject": label, "session": None, "method": None,
+                            "reason": "not processed: no participant-level run in this output "
+                                      "folder covered it (a job that never started, or died "
+                                      "before writing its run record?)"})
+    return missing
 
 
 def _skipped(records: Sequence[tuple[Path, Mapping[str, Any]]], keep: set[str]
@@ -427,8 +468,10 @@ def run_group(args: argparse.Namespace) -> int:
                        "run the participant level first")
     rows = collect_rows(output_dir, args.participant_label)
     failures = find_failures(output_dir, rows, work_dir=args.work_dir,
-                             participant_label=args.participant_label)
-    if not rows and not failures:
+                             participant_label=args.participant_label,
+                             bids_dir=getattr(args, "bids_dir", None))
+    unprocessed_only = all(f["reason"].startswith("not processed") for f in failures)
+    if not rows and unprocessed_only:
         if args.participant_label:
             others = sorted({str(row["subject"]) for row in collect_rows(output_dir)})
             if others:

@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -431,17 +432,29 @@ def _keep_earlier_report_sections(args: argparse.Namespace, jobs: list[dict[str,
 def _warn_replaced_transforms(output_dir: Path, jobs: list[dict[str, Any]]) -> None:
     """Say when a job's transforms replace an earlier run's made against another target file
     (another template resolution or file of the same space: the transform names have no
-    ``res-``, the images and metrics do)."""
-    earlier: dict[tuple[str, str], str] = {}
+    ``res-``, the images and metrics do), and, in one line per pair of weights, when its
+    outputs replace ones made with other network weights."""
+    earlier: dict[tuple[str, str], dict[str, Any]] = {}
     for _, record in run_records(output_dir):
         for job in record.get("jobs", []):
-            earlier[(str(job.get("moving")), str(job.get("fixed_space")))] = str(job.get("fixed"))
+            earlier[(str(job.get("moving")), str(job.get("fixed_space")))] = job
+    other_weights: dict[tuple[str, str], int] = {}
     for job in jobs:
         before = earlier.get((str(job["moving"]), str(job["fixed_space"])))
-        if before is not None and before != str(job["fixed"]):
+        if before is None:
+            continue
+        if str(before.get("fixed")) != str(job["fixed"]):
             LOGGER.warning("%s: the transforms to %s of an earlier run (target %s) are replaced "
                            "by this run's (target %s)", Path(job["moving"]).name,
-                           job["fixed_space"], Path(before).name, Path(job["fixed"]).name)
+                           job["fixed_space"], Path(str(before.get("fixed"))).name,
+                           Path(job["fixed"]).name)
+        old, new = before.get("weights_sha256"), job.get("weights_sha256")
+        if old and new and old != new:
+            other_weights[(str(old), str(new))] = other_weights.get((str(old), str(new)), 0) + 1
+    for (old, new), count in other_weights.items():
+        LOGGER.warning("%d registration(s) of an earlier run made with weights %s are replaced "
+                       "by this run's, with weights %s (same file names); use another output "
+                       "folder to keep both", count, old[:12], new[:12])
 
 
 def run_records(output_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
@@ -495,6 +508,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "%(message)s", datefmt="%y%m%d-%H:%M:%S")
     logging.getLogger("bidsschematools").setLevel(logging.WARNING)
     _nipype_logs_once()
+    previous = _stop_on_sigterm()
     try:
         if args.analysis_level not in ANALYSIS_LEVELS:
             raise AppError(ExitCode.UNKNOWN_LEVEL,
@@ -514,13 +528,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"regpipe: error: {error}", file=sys.stderr)
         return int(_exit_code(error))
     except KeyboardInterrupt:
-        print("regpipe: interrupted", file=sys.stderr)
+        print("regpipe: interrupted; rerun the same command (same --work-dir) to resume",
+              file=sys.stderr)
         return 130
+    except Terminated:
+        print("regpipe: terminated (SIGTERM, e.g. a scheduler's time limit); rerun the same "
+              "command (same --work-dir) to resume", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except Exception as error:  # a bug or an unforeseen failure: traceback, then one line
         LOGGER.exception("unexpected error")
         print(f"regpipe: error: {type(error).__name__}: {error}".splitlines()[0],
               file=sys.stderr)
         return int(ExitCode.FAILURE)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (a scheduler's time limit, ``kill``): raised in the main thread so the
+    run unwinds as for Ctrl-C (workers stopped, report sections restored), exit 143."""
+
+
+def _stop_on_sigterm() -> Any:
+    """Turn SIGTERM into :class:`Terminated` (main thread only); returns the old handler to
+    put back, or ``None`` when none was installed."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":

@@ -79,6 +79,8 @@ class FakeWorkflow:
         self.runs: list = []
 
     def run(self, plugin=None, plugin_args=None):
+        if not isinstance(plugin, str):  # a plugin object (MultiProc: regpipe's guarded one)
+            plugin, plugin_args = type(plugin).__name__, plugin.plugin_args
         self.runs.append((plugin, plugin_args))
 
     def _get_all_nodes(self):
@@ -388,6 +390,27 @@ def test_weights_file_is_hashed_into_the_jobs(tmp_path, template_file, fake_wf):
     assert fake_wf["kwargs"]["network_passes"] == 2
 
 
+def test_a_rerun_with_other_weights_says_what_it_replaces(tmp_path, template_file, fake_wf,
+                                                         caplog):
+    import torch
+
+    from regpipe.networks import NetworkConfig, build_network, save_weights
+
+    config = NetworkConfig(grid_shape=(17, 17, 17), n_steps=1, down_channels=(4, 8),
+                           up_channels=(4, 8))
+    files = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        files.append(save_weights(build_network(config), tmp_path / f"model{seed}.trch"))
+    bids_dir = two_subjects(tmp_path / "bids")
+    for weights in (files[0], files[0], files[1]):
+        caplog.clear()
+        assert regpipe(bids_dir, tmp_path / "out", "participant", "--template", template_file,
+                       "--weights", weights, work=tmp_path / "work") == 0
+    assert caplog.text.count("made with weights") == 1  # one line for both subjects
+    assert "2 registration(s) of an earlier run made with weights" in caplog.text
+
+
 def test_template_resolution_keeps_outputs_apart_and_replaced_transforms_are_said(
         tmp_path, fake_wf, caplog):
     from regpipe.bids_app.bids import template_entities
@@ -471,7 +494,7 @@ def test_template_jobs_contract_and_run_settings(tmp_path, template_file, fake_w
     assert kwargs["bids_dir"] == bids_dir and kwargs["reports"] is True
     workflow = fake_wf["workflow"]
     ((plugin, plugin_args),) = workflow.runs
-    assert plugin == "MultiProc"
+    assert plugin == "GuardedMultiProcPlugin"  # Nipype's MultiProc, safe from killed workers
     assert plugin_args.items() >= {"n_procs": 2, "memory_gb": 3.0}.items()
     assert workflow.base_dir == str(tmp_path / "work")
     assert workflow.config["execution"]["stop_on_first_crash"] == "true"
@@ -715,6 +738,27 @@ def test_node_exception_reraised_by_the_plugin_still_names_the_subject(
     assert participant(bids_dir, tmp_path, template_file, "--plugin", "Linear") == 1
     err = capsys.readouterr().err
     assert "node(s) failed (subject(s) 02)" in err and "plugin failed" not in err
+
+
+def test_sigterm_ends_the_run_with_143_and_says_how_to_resume(
+        tmp_path, template_file, fake_wf, monkeypatch, capsys):
+    import os
+    import signal
+    import time
+
+    from regpipe.workflows import base as workflows_base
+
+    def terminated_run(workflow, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's time limit, mid-run
+        time.sleep(10)
+        raise AssertionError("SIGTERM did not stop the run")
+
+    monkeypatch.setattr(workflows_base, "run_workflow", terminated_run)
+    before = signal.getsignal(signal.SIGTERM)
+    bids_dir = two_subjects(tmp_path / "bids")
+    assert participant(bids_dir, tmp_path, template_file) == 143
+    assert "terminated (SIGTERM" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back
 
 
 def test_corrupt_image_data_crashes_its_subject_in_the_real_workflow(tmp_path, capsys):
@@ -1169,6 +1213,47 @@ def test_crash_fixed_by_a_later_run_of_its_subject_is_not_a_failure(tmp_path):
     new_crash.write_text("Node: regpipe_wf.sub_01_wf.report\nValueError: boom\n")
     (failure,) = group_module.find_failures(out, rows)
     assert failure["crash_file"] == os.path.relpath(new_crash, out)
+
+
+def test_group_lists_subjects_no_participant_run_covered(tmp_path):
+    bids_dir = two_subjects(tmp_path / "bids")  # sub-01 and sub-02, each with a T1w
+    out = tmp_path / "out"
+    _dataset(out)
+    _metrics_tsv(out / "sub-01" / "anat" / f"sub-01_space-{TPL}_desc-T1w_metrics.tsv",
+                 method="network")
+    job = {"subject": "01", "session": None, "moving": "sub-01_T1w.nii.gz",
+           "entities": {"subject": "01"}, "fixed_space": TPL}
+    (out / "logs" / "run_a").mkdir(parents=True)
+    (out / "logs" / "run_a" / "regpipe_run.json").write_text(json.dumps(
+        {"jobs": [job], "methods": ["network"], "options": {"suffix": "T1w"}}))
+    rows = group_module.collect_rows(out)
+    assert group_module.find_failures(out, rows) == []  # without the dataset: not seen
+    (failure,) = group_module.find_failures(out, rows, bids_dir=bids_dir)
+    assert failure["subject"] == "02" and failure["reason"].startswith("not processed")
+    assert group_module.find_failures(out, rows, bids_dir=bids_dir,
+                                      participant_label=["01"]) == []
+    (out / "logs" / "run_a" / "regpipe_run.json").write_text(json.dumps(  # another suffix
+        {"jobs": [job], "methods": ["network"], "options": {"suffix": "T2w"}}))
+    assert group_module.find_failures(out, rows, bids_dir=bids_dir) == []
+
+
+def test_group_flags_network_outputs_of_other_weights_than_the_latest_run(tmp_path):
+    out = tmp_path / "out"
+    _dataset(out)
+    metrics = out / "sub-01" / "anat" / f"sub-01_space-{TPL}_desc-T1w_metrics.tsv"
+    made = "a" * 64
+    _metrics_tsv(metrics, method="network", weights_sha256=made)
+    rows = group_module.collect_rows(out)
+    job = {"subject": "01", "session": None, "moving": "sub-01_T1w.nii.gz",
+           "entities": {"subject": "01"}, "fixed_space": TPL, "weights_sha256": made}
+    for run, sha in (("20260101-000000_a", made), ("20260102-000000_b", "f" * 64)):
+        (out / "logs" / run).mkdir(parents=True)
+        (out / "logs" / run / "regpipe_run.json").write_text(
+            json.dumps({"jobs": [{**job, "weights_sha256": sha}], "methods": ["network"]}))
+        if run.endswith("a"):
+            assert group_module.find_failures(out, rows) == []  # the run that made them
+    (failure,) = group_module.find_failures(out, rows)  # a rerun with other weights stopped
+    assert failure["reason"].startswith("stale outputs") and "ffffffffffff" in failure["reason"]
 
 
 def test_group_without_participant_outputs_is_66(tmp_path, capsys, monkeypatch):

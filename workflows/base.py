@@ -46,6 +46,7 @@ from regpipe.workflows.jobs import (
     validate_job,
     validate_jobs,
 )
+from regpipe.workflows.multiproc import GuardedMultiProcPlugin
 from regpipe.workflows.outputs import (
     init_ds_metrics_wf,
     init_ds_preproc_wf,
@@ -657,6 +658,9 @@ def run_workflow(
         and ``mem_gb``); ``raise_insufficient`` defaults to false (oversized nodes are
         clipped to the limits rather than failing the run) and ``mp_context`` to
         ``"forkserver"`` (a worker forked from a process that already ran torch can hang).
+        MultiProc runs as :class:`~regpipe.workflows.multiproc.GuardedMultiProcPlugin`: a
+        worker killed by the system fails its node (the run goes on and ends failed) instead
+        of hanging the run, and an interrupted run stops its workers.
     plugin_args
         Passed to the plugin (overrides the above).
     stop_on_first_crash
@@ -714,10 +718,19 @@ def run_workflow(
     }
     started = time.time()
     error = None
+    # MultiProc that fails a node whose worker was killed (out of memory) rather than hanging
+    runner = GuardedMultiProcPlugin(plugin_args=args) if plugin == "MultiProc" else None
     try:
-        workflow.run(plugin=plugin, plugin_args=args)
+        if runner is not None:
+            workflow.run(plugin=runner)
+        else:
+            workflow.run(plugin=plugin, plugin_args=args)
     except RuntimeError as exc:
         error = str(exc)
+    except BaseException:  # Ctrl-C, SIGTERM: no worker left running as an orphan
+        if runner is not None:
+            runner.terminate()
+        raise
     crash_files = sorted(
         path
         for folder in crash_dirs
