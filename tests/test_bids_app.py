@@ -1192,17 +1192,25 @@ def test_group_for_a_participant_without_metrics_names_the_others(tmp_path, caps
     assert "no metrics for participant(s) 02" in capsys.readouterr().err
 
 
+#: A recorded job of sub-01 to the test template (what a run record's "jobs" hold).
+JOB_01 = {"subject": "01", "session": None, "moving": "sub-01_T1w.nii.gz",
+          "entities": {"subject": "01"}, "fixed_space": TPL}
+
+
+def _record(out: Path, run: str, jobs: list, **extra) -> None:
+    """A participant run's record ``out/logs/<run>/regpipe_run.json`` (network method)."""
+    (out / "logs" / run).mkdir(parents=True, exist_ok=True)
+    (out / "logs" / run / "regpipe_run.json").write_text(
+        json.dumps({"jobs": jobs, "methods": ["network"], **extra}))
+
+
 def test_crash_fixed_by_a_later_run_of_its_subject_is_not_a_failure(tmp_path):
     out = tmp_path / "out"
     _dataset(out)
     _metrics_tsv(out / "sub-01" / "anat" / f"sub-01_space-{TPL}_desc-T1w_metrics.tsv",
                  method="network")
-    job = {"subject": "01", "session": None, "moving": "sub-01_T1w.nii.gz",
-           "entities": {"subject": "01"}, "fixed_space": TPL}
     for run in ("20260101-000000_a", "20260102-000000_b"):
-        (out / "logs" / run).mkdir(parents=True)
-        (out / "logs" / run / "regpipe_run.json").write_text(
-            json.dumps({"jobs": [job], "methods": ["network"]}))
+        _record(out, run, [JOB_01])
     old_crash = out / "sub-01" / "log" / "20260101-000000_a" / "crash-1-report.txt"
     old_crash.parent.mkdir(parents=True)
     old_crash.write_text("Node: regpipe_wf.sub_01_wf.report\nValueError: boom\n")
@@ -1221,19 +1229,14 @@ def test_group_lists_subjects_no_participant_run_covered(tmp_path):
     _dataset(out)
     _metrics_tsv(out / "sub-01" / "anat" / f"sub-01_space-{TPL}_desc-T1w_metrics.tsv",
                  method="network")
-    job = {"subject": "01", "session": None, "moving": "sub-01_T1w.nii.gz",
-           "entities": {"subject": "01"}, "fixed_space": TPL}
-    (out / "logs" / "run_a").mkdir(parents=True)
-    (out / "logs" / "run_a" / "regpipe_run.json").write_text(json.dumps(
-        {"jobs": [job], "methods": ["network"], "options": {"suffix": "T1w"}}))
+    _record(out, "run_a", [JOB_01], options={"suffix": "T1w"})
     rows = group_module.collect_rows(out)
     assert group_module.find_failures(out, rows) == []  # without the dataset: not seen
     (failure,) = group_module.find_failures(out, rows, bids_dir=bids_dir)
     assert failure["subject"] == "02" and failure["reason"].startswith("not processed")
     assert group_module.find_failures(out, rows, bids_dir=bids_dir,
                                       participant_label=["01"]) == []
-    (out / "logs" / "run_a" / "regpipe_run.json").write_text(json.dumps(  # another suffix
-        {"jobs": [job], "methods": ["network"], "options": {"suffix": "T2w"}}))
+    _record(out, "run_a", [JOB_01], options={"suffix": "T2w"})  # another suffix
     assert group_module.find_failures(out, rows, bids_dir=bids_dir) == []
 
 
@@ -1244,12 +1247,8 @@ def test_group_flags_network_outputs_of_other_weights_than_the_latest_run(tmp_pa
     made = "a" * 64
     _metrics_tsv(metrics, method="network", weights_sha256=made)
     rows = group_module.collect_rows(out)
-    job = {"subject": "01", "session": None, "moving": "sub-01_T1w.nii.gz",
-           "entities": {"subject": "01"}, "fixed_space": TPL, "weights_sha256": made}
     for run, sha in (("20260101-000000_a", made), ("20260102-000000_b", "f" * 64)):
-        (out / "logs" / run).mkdir(parents=True)
-        (out / "logs" / run / "regpipe_run.json").write_text(
-            json.dumps({"jobs": [{**job, "weights_sha256": sha}], "methods": ["network"]}))
+        _record(out, run, [{**JOB_01, "weights_sha256": sha}])
         if run.endswith("a"):
             assert group_module.find_failures(out, rows) == []  # the run that made them
     (failure,) = group_module.find_failures(out, rows)  # a rerun with other weights stopped
