@@ -448,6 +448,10 @@ def run_finetune(args: argparse.Namespace) -> int:
                  if path in paired and args.use_masks}
         if args.dice_weight:
             labels = find_label_maps(args.labels, images)
+            if not any(all(image.path in labels for image in pair)
+                       for kind in pairs.values() for pair in kind):
+                raise AppError(ExitCode.NO_INPUT, f"--dice-weight: no pair has label maps for "
+                               f"both images in {args.labels}")  # before any preparation
         else:
             LOGGER.info("--dice-weight is 0: label maps are not used")
     network, path, sha256, name = load_starting_network(args.weights)

@@ -224,16 +224,20 @@ class ImagePairSource:
         if self.affine == "none":
             return np.eye(4)
         if (moving, fixed) not in self._alignments:
-            if (fixed, moving) in self._alignments:
-                matrix = np.linalg.inv(self._alignments[(fixed, moving)])
-            else:
+            # one registration per unordered pair, always in the same direction (the lower
+            # index moving): the matrix must not depend on which direction was drawn first,
+            # or a resumed run (empty cache) would not repeat an uninterrupted one
+            low, high = sorted((moving, fixed))
+            if (low, high) not in self._alignments:
                 from regpipe.affine import affine_register
                 from regpipe.spaces import from_network_tensor
 
-                a, b = self.images[fixed], self.images[moving]
-                matrix = affine_register(from_network_tensor(a.tensor), a.geometry,
-                                         from_network_tensor(b.tensor), b.geometry).matrix
-            self._alignments[(moving, fixed)] = matrix
+                a, b = self.images[high], self.images[low]
+                self._alignments[(low, high)] = affine_register(
+                    from_network_tensor(a.tensor), a.geometry,
+                    from_network_tensor(b.tensor), b.geometry).matrix
+            if (moving, fixed) != (low, high):
+                self._alignments[(moving, fixed)] = np.linalg.inv(self._alignments[(low, high)])
         return self._alignments[(moving, fixed)]
 
     def draw(self, shape: Shape, generator: torch.Generator) -> TrainingPair:

@@ -129,11 +129,13 @@ def _atomic_save(payload: Any, path: Path) -> None:
 FIXED_OPTIONS = ("batch_size", "lam", "lam_range", "similarity", "lncc_sigma", "dice_weight",
                  "dice_labels", "seed", "trainable")
 #: Recipe entries (in the card's ``training.recipe``) a resumed run must keep.
-FIXED_RECIPE = ("sources", "init", "conditional")
+FIXED_RECIPE = ("sources", "init", "conditional", "data_root")
 #: Finetuning selections (the card's ``finetuning``) a resumed finetuning run must keep.
 FIXED_FINETUNING = ("dataset_path", "suffix", "pair_type", "participant_label",
                     "session_label", "bids_filters", "labels", "affine_init", "region",
-                    "preprocessing")
+                    "preprocessing", "images", "pairs_inter", "pairs_intra")
+#: The dataset's counts among them: known only once the images are read.
+_COUNTS = ("images", "pairs_inter", "pairs_intra")
 #: What a finetuning record without an entry had (runs from before the entry existed).
 _FINETUNING_BEFORE = {"preprocessing": {"bias_correct": False, "masked_images": 0}}
 
@@ -142,9 +144,14 @@ def finetuning_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[s
     """The :data:`FIXED_FINETUNING` entries that differ between two finetuning records."""
     changes = []
     for key in FIXED_FINETUNING if old and new else ():
+        if key in _COUNTS and key not in new:
+            continue  # the early check, before the images are read: no counts yet
         before = old.get(key, _FINETUNING_BEFORE.get(key))
         if before != new.get(key):
-            changes.append(f"{key} {before!r} -> {new.get(key)!r}")
+            changes.append(f"{key} {before!r} -> {new.get(key)!r}"
+                           + (" (the dataset changed: its pairs would not be the ones drawn "
+                              "so far)" if key in ("images", "pairs_inter", "pairs_intra")
+                              else ""))
     return changes
 
 
@@ -161,6 +168,12 @@ def _changes(saved: Mapping[str, Any], options: Mapping[str, Any] | None,
     for key in FIXED_RECIPE if new else ():
         if key == "init" and new.get(key) is None:
             continue  # resuming without --init: the checkpoint's weights are the start anyway
+        if key == "init" and old.get("init_sha256") and new.get("init_sha256"):
+            if old["init_sha256"] != new["init_sha256"]:  # the same file may be named otherwise
+                changes.append(f"init {old.get(key)!r} -> {new.get(key)!r} (another file)")
+            continue
+        if key == "data_root" and not Path(str(old.get(key, ""))).is_absolute():
+            continue  # recorded before data roots were made absolute: nothing to compare
         if old.get(key) != new.get(key):
             changes.append(f"{key} {old.get(key)!r} -> {new.get(key)!r}"
                            if key != "sources" else "the data sources")

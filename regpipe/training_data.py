@@ -216,14 +216,10 @@ class LabelMapSource:
         self.align, self.placement = align, placement
         raw, spacings = [], []
         for path in paths:
-            nii = nib.load(os.fspath(path))
-            if not isinstance(nii, nib.spatialimages.SpatialImage):
-                raise InputError(f"label map {path} is not a spatial image")
-            data = np.rint(np.asanyarray(nii.dataobj)).astype(np.int32)
-            raw.append(network_order_ras(data, nii.affine))
-            ornt = nib.orientations.io_orientation(nii.affine)
-            zooms = np.asarray(nii.header.get_zooms()[:3], dtype=np.float64)
-            zooms = zooms[ornt[:, 0].astype(int)]
+            data, affine = _read_label_map(Path(path))
+            raw.append(network_order_ras(data, affine))
+            ornt = nib.orientations.io_orientation(affine)
+            zooms = np.linalg.norm(affine[:3, :3], axis=0)[ornt[:, 0].astype(int)]
             spacings.append(zooms[::-1])  # network order (S, A, R)
         # One contiguous label table shared by all maps, so ids agree between subjects.
         # 0 is background even in maps without any: the lowest label is a structure
@@ -346,6 +342,30 @@ def network_order_ras(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
     ornt = nib.orientations.io_orientation(affine)
     canonical = nib.orientations.apply_orientation(data, ornt)
     return np.ascontiguousarray(canonical.transpose(2, 1, 0))
+
+
+#: More distinct values than any anatomical label map has (FreeSurfer's aparc+aseg: ~110).
+_MANY_LABELS = 1000
+
+
+def _read_label_map(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(int32 labels, voxel-to-RAS affine)`` of a label-map file; what is no label map (an
+    unreadable or 4-D file, an intensity image) is one clear :class:`InputError`."""
+    from regpipe.imageio import load_image
+
+    image = load_image(path, "any", "label map")  # NIfTI, MGH, .mha, .nrrd; 3-D checked
+    data = np.asarray(image.data)
+    rounded = np.rint(data) if data.dtype.kind == "f" else data
+    if data.dtype.kind == "f" and (not np.all(np.isfinite(data))
+                                   or float(np.abs(data - rounded).max()) > 0.01):
+        raise InputError(f"label map {path} holds non-integer values: an intensity image, not "
+                         "a label map?")
+    labels = rounded.astype(np.int32)
+    distinct = np.unique(labels.ravel()[::7]).size  # a sample is enough to tell
+    if distinct > _MANY_LABELS:
+        raise InputError(f"label map {path} holds over {_MANY_LABELS} distinct values: an "
+                         "intensity image, not a label map?")
+    return labels, image.geometry.affine
 
 
 def _load_normalised(path: Path, shape: Shape, modality: str) -> torch.Tensor:

@@ -183,10 +183,16 @@ def test_dice_weight_without_labels_is_a_usage_error(data, tmp_path, capsys):
     assert "--labels" in capsys.readouterr().err
 
 
-def test_labels_for_no_pair_is_66(data, tmp_path, capsys):
+def test_labels_for_no_pair_is_66_before_any_image_is_prepared(data, tmp_path, capsys,
+                                                               monkeypatch):
+    from regpipe import image_pairs
+
+    monkeypatch.setattr(image_pairs.Preparation, "__init__",
+                        lambda *a, **k: pytest.fail("prepared images first"))
     code = _finetune(data, tmp_path / "run", *FAST, "--participant-label", "02", "03",
                      "--labels", data["labels"], "--dice-weight", "1")
     assert code == 66 and "no pair has label maps" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_pair_source_re_indexes_labels_shared_across_images(tmp_path):
@@ -363,6 +369,11 @@ def test_affine_init_aligns_the_moving_image_to_the_fixed_one(tmp_path):
     assert error(aligned) < 0.1 * error(plain)
     assert np.allclose(aligned.alignment(0, 1)[:3, 3], [4.0, 0, 0], atol=0.3)  # 2 voxels of 2 mm
     assert np.allclose(aligned.alignment(1, 0), np.linalg.inv(aligned.alignment(0, 1)))
+    # the matrix does not depend on which direction was asked first (a resumed run, whose
+    # cache is empty, must draw what an uninterrupted one draws)
+    other = ImagePairSource([(moving, fixed)], (16, 16, 16), affine="ours", **kwargs)
+    assert np.array_equal(other.alignment(1, 0), aligned.alignment(1, 0))
+    assert np.array_equal(other.alignment(0, 1), aligned.alignment(0, 1))
 
 
 # -------------------------------------------------------------------------- output, resume, errors
@@ -497,6 +508,26 @@ def test_resuming_with_other_participants_is_refused(data, tmp_path, capsys):
     assert _finetune(data, out, *FAST, "--steps", "1", "--pairs", "inter") == 0
     assert _finetune(data, out, *FAST, "--steps", "2", "--pairs", "both") == 64
     assert "pair_type 'inter' -> 'both'" in capsys.readouterr().err
+
+
+def test_resuming_on_a_dataset_that_gained_a_subject_is_refused(data, tmp_path, capsys):
+    import shutil
+
+    grown = {**data, "bids": tmp_path / "bids"}
+    shutil.copytree(data["bids"], grown["bids"])
+    out = tmp_path / "run"
+    assert _finetune(grown, out, *FAST, "--steps", "1", "--pairs", "inter") == 0
+    first = sorted((grown["bids"]).glob("sub-*"))[0]
+    label = first.name[len("sub-"):]
+    for path in sorted(first.rglob("*")):  # a new subject: a copy of the first, renamed
+        target = grown["bids"] / str(path.relative_to(grown["bids"])).replace(label, "99")
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            shutil.copy(path, target)
+    assert _finetune(grown, out, *FAST, "--steps", "2", "--pairs", "inter") == 1
+    assert "the dataset changed" in capsys.readouterr().err
+    assert [int(r["step"]) for r in _log(out)] == [1]  # nothing trained on the new pairs
 
 
 def test_output_with_another_configuration_explains(data, tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from regpipe.errors import InputError
-from regpipe.networks import NetworkConfig, build_network, network_from_file
+from regpipe.networks import NetworkConfig, build_network, network_from_file, save_weights
 from regpipe.synth import (
     DeformationRange,
     IntensityRange,
@@ -143,6 +144,33 @@ def test_label_maps_without_background_keep_their_lowest_label(tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.int16), np.eye(4)), tmp_path / "empty.nii.gz")
     with pytest.raises(InputError, match=r"empty\.nii\.gz: .*empty"):
         LabelMapSource([tmp_path / "empty.nii.gz"], SHAPE)
+
+
+@pytest.mark.parametrize("problem", ["4d", "not-an-image", "intensities", "many-values"])
+def test_what_is_no_label_map_is_one_clear_error(tmp_path, problem):
+    path = tmp_path / "bad.nii.gz"
+    rng = np.random.default_rng(0)
+    if problem == "not-an-image":
+        path.write_bytes(b"not a gzip file")
+    else:
+        data = {"4d": np.ones((8, 8, 8, 3), np.int16),
+                "intensities": rng.uniform(0, 300, (8, 8, 8)).astype(np.float32),
+                "many-values": rng.integers(0, 30000, (20, 20, 20)).astype(np.int16)}[problem]
+        nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
+    with pytest.raises(InputError, match=r"bad\.nii\.gz"):
+        LabelMapSource([path], SHAPE)
+
+
+def test_label_maps_in_itk_formats_are_read(tmp_path):
+    import SimpleITK as sitk
+
+    labels = np.zeros((20, 22, 18), np.int16)
+    labels[4:16, 5:17, 4:14] = 3
+    labels[8:12, 8:14, 6:12] = 7
+    image = sitk.GetImageFromArray(labels.transpose(2, 1, 0).copy())
+    sitk.WriteImage(image, str(tmp_path / "map.mha"))
+    source = LabelMapSource([tmp_path / "map.mha"], SHAPE)
+    assert source.original_ids.tolist() == [0, 3, 7]
 
 
 def test_label_map_source_intra_pairs_come_from_one_map(tmp_path):
@@ -592,6 +620,37 @@ def test_resume_refuses_other_settings_and_applies_a_new_lr(tmp_path, capsys):
     assert [g["lr"] for g in saved["optimizer"]["param_groups"]] == [0.01]
 
 
+def test_resume_keeps_the_init_and_its_placement_and_checks_the_data_root(
+        tmp_path, capsys, monkeypatch):
+    from regpipe.cli.train import main
+    from regpipe.weights import sha256sum
+
+    start = save_weights(build_network(TINY), tmp_path / "start.pt",
+                         {"grid_mode": "squash-ras"})
+    (tmp_path / "a").mkdir()
+    maps = [Path(_label_map(tmp_path / "a" / f"s{i}.nii.gz", i)) for i in range(2)]
+    source = ["--label-maps", "s*.nii.gz"]
+    run = tmp_path / "run"
+    assert main([str(run), "--steps", "1", "--init", str(start), "--data-root",
+                 str(tmp_path / "a"), *source, "--no-progress"]) == 0
+    monkeypatch.chdir(tmp_path)  # the same file under another name: still the same start
+    assert main([str(run), "--steps", "2", "--init", "./start.pt", "--data-root", "a", *source,
+                 "--no-progress"]) == 0
+    sha = sha256sum(start)
+    start.rename(tmp_path / "moved.pt")  # resumed without --init: the run's own record holds
+    assert main([str(run), "--steps", "3", "--data-root", "a", *source, "--no-progress"]) == 0
+    card = network_from_file(run / "weights.pt").metadata
+    assert card["grid_mode"] == "squash-ras" and card["training"]["steps"] == 3
+    assert card["training"]["recipe"]["init"] == "./start.pt"  # as the last resume named it
+    assert card["training"]["recipe"]["init_sha256"] == sha
+    (tmp_path / "b").mkdir()  # another data set with the same file names: refused
+    for path in maps:
+        path.rename(tmp_path / "b" / path.name)
+    capsys.readouterr()
+    assert main([str(run), "--steps", "4", "--data-root", "b", *source, "--no-progress"]) == 1
+    assert "data_root" in capsys.readouterr().err
+
+
 def test_nan_loss_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
     from regpipe import training
     from regpipe.cli.train import main
@@ -711,6 +770,14 @@ def test_log_rows_after_the_resumed_checkpoint_are_dropped(tmp_path):
     ({"grid": [17, "a", 17]}, "grid must be a list of integers"),
     ({"sources": [{"type": "random-shapes", "weight": "abc"}]}, "weight must be a number"),
     ({"no_amp": "no"}, "no_amp must be bool"),
+    ({"sources": []}, "sources is empty"),
+    ({"sources": [{"type": "label-maps", "paths": ["*.nii.gz"], "align": "false"}]},
+     "align must be true or false"),
+    ({"sources": [{"type": "label-maps", "paths": ["*.nii.gz"], "strip_labels_from": "abc"}]},
+     "strip_labels_from must be an integer"),
+    ({"sources": [{"type": "random-shapes", "labels_range": 5}]}, "labels_range must be"),
+    ({"sources": [{"type": "label-maps", "paths": ["*.nii.gz"], "inter_probability": 2}]},
+     "inter_probability must be a number from 0 to 1"),
 ])
 def test_bad_recipes_are_one_line_errors(tmp_path, capsys, recipe, message):
     from regpipe.cli.train import main

@@ -335,10 +335,43 @@ def _check_recipe_items(recipe: dict[str, Any], path: Any) -> None:
             len(lam_range) == 2
             and all(isinstance(v, int | float) and not isinstance(v, bool) for v in lam_range)):
         raise InputError(f"{path}: lam_range must be [low, high], not {lam_range!r}")
+    if recipe.get("sources") == []:
+        raise InputError(f"{path}: sources is empty; name at least one data source (or leave "
+                         "the key out for random shapes only)")
     for number, source in enumerate(recipe.get("sources") or [], 1):
         weight = source.get("weight", 1.0) if isinstance(source, dict) else 1.0
         if isinstance(weight, bool) or not isinstance(weight, int | float):
             raise InputError(f"{path}: source {number}: weight must be a number, not {weight!r}")
+        if isinstance(source, dict):
+            problem = _source_value_problem(source)
+            if problem:
+                raise InputError(f"{path}: source {number}: {problem}")
+
+
+#: Scalar options of recipe sources and what they must be.
+_SOURCE_FLAGS = ("align",)
+_SOURCE_PROBABILITIES = ("inter_probability", "same_contrast_probability", "strip_probability")
+
+
+def _source_value_problem(source: dict[str, Any]) -> str | None:
+    """What is wrong with a source's scalar options (``"align": "false"`` would be true)."""
+    def number(value: Any) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+
+    for key in _SOURCE_FLAGS:
+        if key in source and not isinstance(source[key], bool):
+            return f"{key} must be true or false, not {source[key]!r}"
+    for key in _SOURCE_PROBABILITIES:
+        if key in source and not (number(source[key]) and 0 <= source[key] <= 1):
+            return f"{key} must be a number from 0 to 1, not {source[key]!r}"
+    value = source.get("strip_labels_from")
+    if value is not None and not (isinstance(value, int) and not isinstance(value, bool)):
+        return f"strip_labels_from must be an integer label, not {value!r}"
+    value = source.get("labels_range")
+    if value is not None and not (isinstance(value, list) and len(value) == 2
+                                  and all(number(v) for v in value)):
+        return f"labels_range must be [low, high], not {value!r}"
+    return None
 
 
 def check_recipe(recipe: Any, path: Any = "recipe") -> None:
@@ -498,6 +531,31 @@ def training_grid_mode(settings: Mapping[str, Any], checkpoint: Any = None) -> s
     return str(card.get("grid_mode") or "squash")
 
 
+def _resumed_start(settings: dict[str, Any], output: Path) -> dict[str, Any]:
+    """The settings to build the network from. ``--init`` is recorded with its SHA-256 (so a
+    resumed run may name the same file another way). A run resumed without ``--init`` keeps
+    the one it started with: its record is copied into ``settings``, and the network is built
+    from the run's own ``weights.pt`` (same architecture and grid placement; the checkpoint's
+    weights replace it anyway), so the file need not still be where it was."""
+    from regpipe.networks.checkpoint import read_checkpoint
+    from regpipe.weights import resolve_weights, sha256sum
+
+    if settings.get("init"):
+        settings["init_sha256"] = sha256sum(resolve_weights(settings["init"]))
+        return settings
+    weights = output / "weights.pt"
+    if not ((output / "checkpoint.pt").is_file() and weights.is_file()):
+        return settings
+    recipe = ((read_checkpoint(weights).card or {}).get("training") or {}).get("recipe") or {}
+    if not recipe.get("init"):
+        return settings
+    for key in ("init", "init_sha256"):
+        if recipe.get(key):
+            settings[key] = recipe[key]
+    LOGGER.info("resuming the run started from --init %s", recipe["init"])
+    return {**settings, "init": str(weights)}
+
+
 def run_training(settings: dict[str, Any], output: Path, card: dict[str, Any]) -> int:
     from regpipe.device import set_threads
     from regpipe.training import train
@@ -510,9 +568,10 @@ def run_training(settings: dict[str, Any], output: Path, card: dict[str, Any]) -
 
     select_device(settings.get("device") or "auto")  # no CUDA: fail before any work
     torch.manual_seed(int(settings.get("seed") or 0))  # --seed also sets the initial weights
-    network, checkpoint = build_network_from(settings)
+    root = Path(settings.get("data_root", ".")).expanduser().resolve()
+    settings["data_root"] = str(root)  # a resumed run from another folder finds the same data
+    network, checkpoint = build_network_from(_resumed_start(settings, output))
     grid_mode = training_grid_mode(settings, checkpoint)
-    root = Path(settings.get("data_root", ".")).expanduser()
     source = build_source(settings["sources"], network.config.grid_shape, root, grid_mode)
     options = options_from(settings)
     card = {"name": settings.get("name") or output.name, **card}
