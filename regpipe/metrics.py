@@ -74,7 +74,9 @@ def folding_stats(jacobian: NDArray[np.floating], mask: NDArray | None = None) -
 
 
 def ncc(a: NDArray[np.generic], b: NDArray[np.generic], mask: NDArray | None = None) -> float:
-    """Global normalised cross-correlation of two numeric arrays (inside ``mask``), in [-1, 1]."""
+    """Global normalised cross-correlation of two numeric arrays (inside ``mask``), in [-1, 1];
+    NaN where it is undefined (an array constant there, such as a binary fixed image inside
+    its own foreground): 0 would read as "no similarity"."""
     x = np.asarray(a, dtype=np.float64)
     y = np.asarray(b, dtype=np.float64)
     if mask is not None:
@@ -83,7 +85,7 @@ def ncc(a: NDArray[np.generic], b: NDArray[np.generic], mask: NDArray | None = N
     x = x - x.mean()
     y = y - y.mean()
     denom = np.sqrt((x * x).sum() * (y * y).sum())
-    return float((x * y).sum() / denom) if denom > 0 else 0.0
+    return float((x * y).sum() / denom) if denom > 0 else float("nan")
 
 
 def dice_per_label(

@@ -62,6 +62,8 @@ def test_ncc_bounds():
     a = np.random.default_rng(0).random((5, 5, 5))
     assert ncc(a, 2 * a + 1) == pytest.approx(1.0)
     assert ncc(a, -a) == pytest.approx(-1.0)
+    inside = a > 0.5  # a binary image is constant inside its own foreground: undefined there
+    assert np.isnan(ncc(inside.astype(float), a, inside))
 
 
 def test_dice_per_label():
