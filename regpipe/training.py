@@ -380,6 +380,9 @@ def _train(network: RegistrationNetwork, source: PairSource, folder: Path,
     if options.average_from is None and average.count:
         LOGGER.warning("the run's weight average (%d snapshots) is kept but not extended: give "
                        "--average-from to extend it", average.count)
+    if step and step >= options.steps:
+        LOGGER.warning("the run in %s is already at step %d of --steps %d: nothing to train "
+                       "(give a larger --steps to continue it)", folder, step, options.steps)
     shape = network.config.grid_shape
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16)

@@ -651,6 +651,30 @@ def test_resume_keeps_the_init_and_its_placement_and_checks_the_data_root(
     assert "data_root" in capsys.readouterr().err
 
 
+def test_budget_counts_reading_the_data_and_a_finished_run_says_so(tmp_path, capsys,
+                                                                   monkeypatch, caplog):
+    import time
+
+    from regpipe.cli import train as train_cli
+
+    real = train_cli.build_source
+
+    def slow(*args, **kwargs):  # reading large label maps takes a while
+        time.sleep(1.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_cli, "build_source", slow)
+    caplog.set_level("INFO", logger="regpipe")
+    run = tmp_path / "run"
+    assert train_cli.main([str(run), "--steps", "50", "--budget", "1", *TINY_ARGS]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] <= 1
+    assert "of --budget spent on reading the data sources" in caplog.text
+    monkeypatch.setattr(train_cli, "build_source", real)
+    assert train_cli.main([str(run), "--steps", "2", *TINY_ARGS]) == 0
+    assert train_cli.main([str(run), "--steps", "2", *TINY_ARGS]) == 0
+    assert "already at step 2 of --steps 2: nothing to train" in caplog.text
+
+
 def test_nan_loss_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
     from regpipe import training
     from regpipe.cli.train import main

@@ -18,11 +18,13 @@ command line override the recipe.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import logging
 import re
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -560,6 +562,7 @@ def run_training(settings: dict[str, Any], output: Path, card: dict[str, Any]) -
     from regpipe.device import set_threads
     from regpipe.training import train
 
+    started = time.monotonic()
     if settings.get("threads"):
         set_threads(int(settings["threads"]))
     import torch
@@ -574,6 +577,11 @@ def run_training(settings: dict[str, Any], output: Path, card: dict[str, Any]) -
     grid_mode = training_grid_mode(settings, checkpoint)
     source = build_source(settings["sources"], network.config.grid_shape, root, grid_mode)
     options = options_from(settings)
+    if options.budget_seconds is not None:  # reading the data counts, as in regpipe-finetune
+        spent = time.monotonic() - started
+        LOGGER.info("%.0f s of --budget spent on reading the data sources", spent)
+        options = dataclasses.replace(options,
+                                      budget_seconds=max(options.budget_seconds - spent, 0.0))
     card = {"name": settings.get("name") or output.name, **card}
     if settings.get("description"):
         card["description"] = settings["description"]
