@@ -318,9 +318,19 @@ def _not_processed(bids_dir: Path, records: Sequence[tuple[Path, Mapping[str, An
     """Subjects of ``bids_dir`` with an image of a suffix the runs registered (``T1w``...) that
     no run record mentions, neither as a job nor as skipped: an array task that never started,
     or died before writing its record (a time limit in the queue, a node failure). Without
-    this, they would be missing from the group page without a word."""
-    suffixes = {str((record.get("options") or {}).get("suffix") or "T1w")
-                for _, record in records} or {"T1w"}
+    this, they would be missing from the group page without a word. Only the sessions the
+    runs selected count (``--session-label``); runs with a ``--bids-filter-file`` skip the
+    check, whose selection the folder names cannot tell."""
+    options = [record.get("options") or {} for _, record in records]
+    if any(option.get("bids_filters") for option in options):
+        return []  # a filter file's selection cannot be told from the folder names
+    suffixes = {str(option.get("suffix") or "T1w") for option in options} or {"T1w"}
+    sessions: set[str] | None = set()  # None: any session (a run without --session-label)
+    for option in options:
+        if sessions is not None and option.get("session_label"):
+            sessions |= {str(label) for label in option["session_label"]}
+        else:
+            sessions = None
     covered = {str(job["subject"]) for _, record in records for job in record.get("jobs", [])}
     covered |= {str(entry.get("subject")) for _, record in records
                 for entry in record.get("skipped", []) if isinstance(entry, Mapping)}
@@ -330,7 +340,11 @@ def _not_processed(bids_dir: Path, records: Sequence[tuple[Path, Mapping[str, An
         label = folder.name[len("sub-"):]
         if not folder.is_dir() or label in covered or (keep and label not in keep):
             continue
-        if any(next(folder.rglob(f"*_{suffix}.nii*"), None) for suffix in suffixes):
+        found = [path for suffix in suffixes for path in folder.rglob(f"*_{suffix}.nii*")]
+        if sessions is not None:  # only the sessions the runs selected
+            found = [path for path in found
+                     if any(f"ses-{label}" in path.parts for label in sessions)]
+        if found:
             missing.append({"subject": label, "session": None, "method": None,
                             "reason": "not processed: no participant-level run in this output "
                                       "folder covered it (a job that never started, or died "

@@ -508,8 +508,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "%(message)s", datefmt="%y%m%d-%H:%M:%S")
     logging.getLogger("bidsschematools").setLevel(logging.WARNING)
     _nipype_logs_once()
-    previous = _stop_on_sigterm()
+    previous = None
     try:
+        previous = _stop_on_sigterm()
         if args.analysis_level not in ANALYSIS_LEVELS:
             raise AppError(ExitCode.UNKNOWN_LEVEL,
                            f"unknown analysis level {args.analysis_level!r} (choose "
@@ -559,6 +560,9 @@ def _stop_on_sigterm() -> Any:
         return None
 
     def handler(signum: int, frame: Any) -> None:
+        # a second SIGTERM while the run unwinds (stopping workers, restoring report
+        # sections) must not interrupt that: ignore it from now on
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise Terminated()
 
     return signal.signal(signal.SIGTERM, handler)

@@ -93,16 +93,20 @@ def normalize_intensity(
 
 
 def outlying_minimum(data: NDArray[np.generic]) -> tuple[float, float] | None:
-    """``(minimum, 0.1st percentile)`` when an image's minimum lies further below almost all its
-    voxels than the whole range from its 0.1st to its 99th percentile (a padding value such as
-    -32768 in an MRI), else ``None``. uniGradICON scales MRI from the minimum, so such a value
-    squeezes the image into a narrow band of [0, 1]. Percentiles from a subsample (fast)."""
+    """``(minimum, 0.1st percentile of the other voxels)`` when an image's minimum lies further
+    below all its other voxels than their whole range from the 0.1st to the 99th percentile (a
+    padding value such as -32768 in an MRI, in one voxel or whole slabs), else ``None``.
+    uniGradICON scales MRI from the minimum, so such a value squeezes the image into a narrow
+    band of [0, 1]. Percentiles from a subsample (fast)."""
     flat = np.asarray(data).ravel(order="K")
     if flat.size == 0:
         return None
-    sample = flat[:: max(flat.size // 200_000, 1)].astype(np.float64)
-    low, high = np.percentile(sample, [0.1, 99.0])
     minimum = float(flat.min())
+    sample = flat[:: max(flat.size // 200_000, 1)].astype(np.float64)
+    sample = sample[sample > minimum]  # padding fills whole slabs: look past it
+    if sample.size == 0:
+        return None
+    low, high = np.percentile(sample, [0.1, 99.0])
     if high > low and low - minimum > high - low:
         return minimum, float(low)
     return None

@@ -172,14 +172,29 @@ def _changes(saved: Mapping[str, Any], options: Mapping[str, Any] | None,
             if old["init_sha256"] != new["init_sha256"]:  # the same file may be named otherwise
                 changes.append(f"init {old.get(key)!r} -> {new.get(key)!r} (another file)")
             continue
-        if key == "data_root" and not Path(str(old.get(key, ""))).is_absolute():
-            continue  # recorded before data roots were made absolute: nothing to compare
+        if key == "data_root" and (not Path(str(old.get(key, ""))).is_absolute()
+                                   or not _relative_sources(new.get("sources"))):
+            continue  # recorded before roots were absolute, or no source path depends on it
         if old.get(key) != new.get(key):
             changes.append(f"{key} {old.get(key)!r} -> {new.get(key)!r}"
                            if key != "sources" else "the data sources")
     changes += finetuning_changes((saved.get("card") or {}).get("finetuning") or {},
                                   (card or {}).get("finetuning") or {})
     return changes
+
+
+def _relative_sources(sources: Any) -> bool:
+    """Whether any recipe source names its files relative to the data root."""
+    for source in sources if isinstance(sources, list) else ():
+        if not isinstance(source, Mapping):
+            continue
+        paths = source.get("paths") or []
+        names = [paths] if isinstance(paths, str) else list(paths)
+        if source.get("csv"):
+            names.append(source["csv"])
+        if any(not Path(str(name)).expanduser().is_absolute() for name in names):
+            return True
+    return False
 
 
 def resume_run(folder: Path, network: RegistrationNetwork, optimiser: torch.optim.Optimizer,

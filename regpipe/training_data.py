@@ -29,6 +29,7 @@ Example
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -52,6 +53,8 @@ from regpipe.synth import (
     sample_labels,
     synthesize,
 )
+
+LOGGER = logging.getLogger("regpipe.training")
 
 __all__ = [
     "REGIONS",
@@ -201,7 +204,6 @@ class LabelMapSource:
         placement: DeformationRange | None = None,
         name: str = "label-maps",
     ) -> None:
-        import nibabel as nib
 
         if not paths:
             raise InputError("LabelMapSource needs at least one label map")
@@ -218,9 +220,7 @@ class LabelMapSource:
         for path in paths:
             data, affine = _read_label_map(Path(path))
             raw.append(network_order_ras(data, affine))
-            ornt = nib.orientations.io_orientation(affine)
-            zooms = np.linalg.norm(affine[:3, :3], axis=0)[ornt[:, 0].astype(int)]
-            spacings.append(zooms[::-1])  # network order (S, A, R)
+            spacings.append(network_order_spacing(affine))
         # One contiguous label table shared by all maps, so ids agree between subjects.
         # 0 is background even in maps without any: the lowest label is a structure
         original = np.unique(np.concatenate([np.zeros(1, np.int32),
@@ -344,8 +344,9 @@ def network_order_ras(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(canonical.transpose(2, 1, 0))
 
 
-#: More distinct values than any anatomical label map has (FreeSurfer's aparc+aseg: ~110).
-_MANY_LABELS = 1000
+#: More distinct values than label maps usually have (aparc+aseg ~110, Schaefer-1000 1001):
+#: worth a warning (an int16 intensity image?), not an error.
+_MANY_LABELS = 2000
 
 
 def _read_label_map(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -363,9 +364,19 @@ def _read_label_map(path: Path) -> tuple[np.ndarray, np.ndarray]:
     labels = rounded.astype(np.int32)
     distinct = np.unique(labels.ravel()[::7]).size  # a sample is enough to tell
     if distinct > _MANY_LABELS:
-        raise InputError(f"label map {path} holds over {_MANY_LABELS} distinct values: an "
-                         "intensity image, not a label map?")
+        LOGGER.warning("label map %s holds over %d distinct values: is it an intensity image?",
+                       path, _MANY_LABELS)
     return labels, image.geometry.affine
+
+
+def network_order_spacing(affine: np.ndarray) -> np.ndarray:
+    """Voxel spacing (mm) of :func:`network_order_ras`'s array: ``(S, A, R)`` axis order."""
+    import nibabel as nib
+
+    ornt = nib.orientations.io_orientation(affine)
+    zooms = np.empty(3)  # voxel axis i becomes RAS axis ornt[i, 0]
+    zooms[ornt[:, 0].astype(int)] = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
+    return zooms[::-1]
 
 
 def _load_normalised(path: Path, shape: Shape, modality: str) -> torch.Tensor:

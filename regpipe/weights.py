@@ -381,7 +381,7 @@ def resolve_weights(
         raise WeightsError(_missing_message(entry, target, "downloading was not requested"))
     if is_offline():
         raise WeightsError(_missing_message(entry, target, f"{ENV_OFFLINE} forbids downloads"))
-    return fetch(entry.name, force=True, progress=progress)
+    return fetch(entry.name, progress=progress)  # an unusable file is not kept as cached
 
 
 def _check_download(entry: WeightsEntry, source: str, written: int, digest: str) -> None:

@@ -1238,6 +1238,10 @@ def test_group_lists_subjects_no_participant_run_covered(tmp_path):
                                       participant_label=["01"]) == []
     _record(out, "run_a", [JOB_01], options={"suffix": "T2w"})  # another suffix
     assert group_module.find_failures(out, rows, bids_dir=bids_dir) == []
+    for options in ({"suffix": "T1w", "session_label": ["2"]},  # sub-02 has no ses-2
+                    {"suffix": "T1w", "bids_filters": {"t1w": {"acquisition": "mprage"}}}):
+        _record(out, "run_a", [JOB_01], options=options)
+        assert group_module.find_failures(out, rows, bids_dir=bids_dir) == []
 
 
 def test_group_flags_network_outputs_of_other_weights_than_the_latest_run(tmp_path):

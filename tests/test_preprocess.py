@@ -78,6 +78,10 @@ def test_an_outlying_minimum_is_found_and_warned_about(caplog):
     padded[0, 0, 0] = -32768.0  # a scanner's padding value
     minimum, low = outlying_minimum(padded)
     assert minimum == -32768.0 and -50 < low < 0
+    slab = head.copy()
+    slab[:, :, :2] = -32768.0  # padding in whole slices (7 % of the voxels)
+    assert outlying_minimum(slab)[0] == -32768.0
+    assert outlying_minimum(np.where(head > 0, head, 0)) is None  # a zero background is fine
 
     geometry = Geometry(head.shape, np.eye(4))
     with caplog.at_level(logging.WARNING, logger="regpipe"):

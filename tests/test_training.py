@@ -146,7 +146,7 @@ def test_label_maps_without_background_keep_their_lowest_label(tmp_path):
         LabelMapSource([tmp_path / "empty.nii.gz"], SHAPE)
 
 
-@pytest.mark.parametrize("problem", ["4d", "not-an-image", "intensities", "many-values"])
+@pytest.mark.parametrize("problem", ["4d", "not-an-image", "intensities"])
 def test_what_is_no_label_map_is_one_clear_error(tmp_path, problem):
     path = tmp_path / "bad.nii.gz"
     rng = np.random.default_rng(0)
@@ -154,11 +154,26 @@ def test_what_is_no_label_map_is_one_clear_error(tmp_path, problem):
         path.write_bytes(b"not a gzip file")
     else:
         data = {"4d": np.ones((8, 8, 8, 3), np.int16),
-                "intensities": rng.uniform(0, 300, (8, 8, 8)).astype(np.float32),
-                "many-values": rng.integers(0, 30000, (20, 20, 20)).astype(np.int16)}[problem]
+                "intensities": rng.uniform(0, 300, (8, 8, 8)).astype(np.float32)}[problem]
         nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
     with pytest.raises(InputError, match=r"bad\.nii\.gz"):
         LabelMapSource([path], SHAPE)
+
+
+def test_a_label_map_with_very_many_values_is_warned_about(tmp_path, caplog):
+    path = tmp_path / "many.nii.gz"
+    values = np.random.default_rng(0).integers(0, 30000, (40, 40, 40)).astype(np.int16)
+    nib.save(nib.Nifti1Image(values, np.eye(4)), str(path))  # an int16 intensity image?
+    LabelMapSource([path], SHAPE)
+    assert "is it an intensity image?" in caplog.text
+
+
+def test_network_order_spacing_follows_the_axes_of_a_sagittal_file():
+    from regpipe.training_data import network_order_spacing
+
+    affine = np.zeros((4, 4))  # voxel axes i, j, k run along A, S, R (a 3-cycle of RAS)
+    affine[1, 0], affine[2, 1], affine[0, 2], affine[3, 3] = 3.0, 1.0, 2.0, 1.0
+    assert network_order_spacing(affine).tolist() == [1.0, 3.0, 2.0]  # (S, A, R)
 
 
 def test_label_maps_in_itk_formats_are_read(tmp_path):
@@ -673,6 +688,23 @@ def test_budget_counts_reading_the_data_and_a_finished_run_says_so(tmp_path, cap
     assert train_cli.main([str(run), "--steps", "2", *TINY_ARGS]) == 0
     assert train_cli.main([str(run), "--steps", "2", *TINY_ARGS]) == 0
     assert "already at step 2 of --steps 2: nothing to train" in caplog.text
+
+
+def test_a_conditional_run_resumes_without_init_and_absolute_sources_from_anywhere(
+        tmp_path, monkeypatch):
+    from regpipe.cli.train import main
+
+    start = save_weights(build_network(TINY), tmp_path / "start.pt", {"grid_mode": "squash"})
+    (tmp_path / "a").mkdir()
+    _label_map(tmp_path / "a" / "s0.nii.gz", 0)
+    source = ["--label-maps", str(tmp_path / "a" / "s*.nii.gz")]  # absolute: no data root
+    run = tmp_path / "run"
+    assert main([str(run), "--steps", "1", "--init", str(start), "--conditional", "film",
+                 *source, "--no-progress"]) == 0
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # another default data root ".": same data
+    assert main([str(run), "--steps", "2", *source, "--no-progress"]) == 0
+    assert network_from_file(run / "weights.pt").metadata["training"]["steps"] == 2
 
 
 def test_nan_loss_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch):

@@ -6,19 +6,26 @@ raises ``BrokenProcessPool`` in Nipype's done-callback, which Nipype does not ca
 node never counts as finished and the run waits for it forever (nipy/nipype#2548): on a
 cluster, a job that burns its whole time limit and says nothing.
 
-:class:`GuardedMultiProcPlugin` turns a dead worker into a failed node (a crash file naming
-the cause, so the run ends with the subject listed as failed and the rest of the graph
-continues) and starts a new pool for the nodes still to run. :meth:`terminate` stops the
-workers at once when the run itself is interrupted (Ctrl-C, SIGTERM from a scheduler's time
-limit), instead of leaving them running as orphans.
+:class:`GuardedMultiProcPlugin` turns a broken pool into failed nodes (crash files naming the
+cause, so the run ends with their subjects listed as failed and the rest of the graph
+continues) and starts a new pool for the nodes still to run. Python cannot tell which worker
+died, so every node running in the pool at that moment fails; rerunning retries them.
+:meth:`terminate` stops the workers, and the processes they started, at once when the run
+itself is interrupted (Ctrl-C, SIGTERM from a scheduler's time limit), instead of leaving them
+running as orphans.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
+import signal
+import time
+import traceback
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 from typing import Any
 
 from nipype.pipeline.plugins.multiproc import MultiProcPlugin, process_initializer
@@ -27,9 +34,12 @@ __all__ = ["GuardedMultiProcPlugin"]
 
 LOGGER = logging.getLogger("regpipe.workflows")
 
-#: The crash file's explanation of a node whose worker process died.
-DIED = ("the worker process running this node died (killed by the system: most often out "
-        "of memory; lower --nprocs or raise --mem, or give the job more memory) ({error})\n")
+#: The crash file's explanation of a node whose worker pool broke. Python cannot tell which
+#: worker died, so every node running (or queued) in the pool at that moment fails with it.
+DIED = ("the pool of worker processes broke while this node was running or queued: a worker "
+        "process was killed by the system (most often out of memory), this node's or one "
+        "running beside it. Rerun the same command to retry (finished nodes are cached); if it "
+        "happens again, lower --nprocs or raise --mem, or give the job more memory ({error})\n")
 
 
 class GuardedMultiProcPlugin(MultiProcPlugin):
@@ -45,10 +55,13 @@ class GuardedMultiProcPlugin(MultiProcPlugin):
         future = self._task_obj.get(taskid)
         if result is None and future is not None and future.done():
             error = future.exception()
-            if error is not None:
-                LOGGER.error("a worker process died (%s); its node fails", error)
+            if isinstance(error, BrokenProcessPool):
+                LOGGER.error("a worker process died (%s); the nodes of its pool fail", error)
                 return {"taskid": taskid, "result": None,
                         "traceback": [DIED.format(error=f"{type(error).__name__}: {error}")]}
+            if error is not None:  # any other failure to run the node (pickling...): its own
+                return {"taskid": taskid, "result": None,
+                        "traceback": traceback.format_exception(error)}
         return result
 
     def _submit_job(self, node: Any, updatehash: bool = False) -> int:
@@ -65,15 +78,64 @@ class GuardedMultiProcPlugin(MultiProcPlugin):
             return super()._submit_job(node, updatehash)
 
     def terminate(self) -> None:
-        """Stop every worker process now (the run was interrupted): queued nodes are
-        cancelled, running ones killed; a rerun with the same work folder resumes."""
+        """Stop every worker process and what they started (an ANTs process, a command line
+        tool) now, the run being interrupted: queued nodes are cancelled, running ones
+        killed; a rerun with the same work folder resumes."""
         pool = getattr(self, "pool", None)
         if pool is None:
             return
         processes = list((getattr(pool, "_processes", None) or {}).values())
+        family = [pid for process in processes if process.pid
+                  for pid in (process.pid, *_descendants(process.pid))]
         pool.shutdown(wait=False, cancel_futures=True)
+        _signal_all(family, signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(_alive(pid) for pid in family):
+            time.sleep(0.1)
+        _signal_all([pid for pid in family if _alive(pid)], signal.SIGKILL)
         for process in processes:
-            if process.is_alive():
-                process.terminate()
-        for process in processes:
-            process.join(timeout=5)
+            process.join(timeout=1)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children first found, then theirs), from ``/proc``; none
+    where there is no ``/proc`` (not Linux)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, queue = [], [pid]
+    while queue:
+        for child in parents.get(queue.pop(), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)  # reap it if it is our child and has ended
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    try:  # a zombie (ended, not yet reaped by its parent) is not running
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True

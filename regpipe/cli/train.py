@@ -536,7 +536,8 @@ def training_grid_mode(settings: Mapping[str, Any], checkpoint: Any = None) -> s
 def _resumed_start(settings: dict[str, Any], output: Path) -> dict[str, Any]:
     """The settings to build the network from. ``--init`` is recorded with its SHA-256 (so a
     resumed run may name the same file another way). A run resumed without ``--init`` keeps
-    the one it started with: its record is copied into ``settings``, and the network is built
+    the one it started with (and its ``--conditional``): its record is copied into
+    ``settings``, and the network is built
     from the run's own ``weights.pt`` (same architecture and grid placement; the checkpoint's
     weights replace it anyway), so the file need not still be where it was."""
     from regpipe.networks.checkpoint import read_checkpoint
@@ -551,8 +552,8 @@ def _resumed_start(settings: dict[str, Any], output: Path) -> dict[str, Any]:
     recipe = ((read_checkpoint(weights).card or {}).get("training") or {}).get("recipe") or {}
     if not recipe.get("init"):
         return settings
-    for key in ("init", "init_sha256"):
-        if recipe.get(key):
+    for key in ("init", "init_sha256", "conditional"):  # the start and what it was made into
+        if recipe.get(key) and not settings.get(key):
             settings[key] = recipe[key]
     LOGGER.info("resuming the run started from --init %s", recipe["init"])
     return {**settings, "init": str(weights)}
@@ -573,7 +574,9 @@ def run_training(settings: dict[str, Any], output: Path, card: dict[str, Any]) -
     torch.manual_seed(int(settings.get("seed") or 0))  # --seed also sets the initial weights
     root = Path(settings.get("data_root", ".")).expanduser().resolve()
     settings["data_root"] = str(root)  # a resumed run from another folder finds the same data
-    network, checkpoint = build_network_from(_resumed_start(settings, output))
+    start = _resumed_start(settings, output)
+    network, checkpoint = build_network_from(start)
+    settings.update({k: v for k, v in start.items() if k != "init"})  # lam_range it filled in
     grid_mode = training_grid_mode(settings, checkpoint)
     source = build_source(settings["sources"], network.config.grid_shape, root, grid_mode)
     options = options_from(settings)
