@@ -1,7 +1,8 @@
 """MultiProc runs survive a worker process that the system kills (out of memory, kill -9).
 
-Nipype's own MultiProc waits forever for a node whose worker died; regpipe's fails the node,
-names its subject, and runs the rest. Each run is a subprocess with a time limit, so a
+Nipype's own MultiProc waits forever for a node whose worker died; regpipe's runs the nodes of
+the broken pool again, each on its own, fails the one whose worker dies again, names its
+subject, and runs the rest. Each run is a subprocess with a time limit, so a
 regression fails the test instead of hanging the suite.
 """
 
@@ -29,6 +30,8 @@ SCRIPT = textwrap.dedent('''
         os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer does
 
     def fine(x):
+        import time
+        time.sleep(3)  # still running when the other worker dies (with two workers)
         return x + 1
 
     root = Path(sys.argv[1])
@@ -40,24 +43,26 @@ SCRIPT = textwrap.dedent('''
         node.config = {"execution": {"crashdump_dir": str(root / f"sub-{subject}" / "log"),
                                      "crashfile_format": "txt"}}
         workflow.add_nodes([node])
-    summary = run_workflow(workflow, n_procs=1, poll_sleep_duration=0.1)
+    summary = run_workflow(workflow, n_procs=int(sys.argv[2]), poll_sleep_duration=0.1)
     print(json.dumps({"succeeded": summary.succeeded, "failed": summary.failed_subjects,
                       "crash_files": [str(p) for p in summary.crash_files]}))
 ''')
 
 
-def test_a_killed_worker_fails_its_node_and_the_run_goes_on(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_killed_worker_fails_its_node_and_the_run_goes_on(tmp_path: Path, workers) -> None:
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
-    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True,
-                          text=True, timeout=240, cwd=tmp_path)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path), str(workers)],
+                          capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert not summary["succeeded"] and summary["failed"] == ["01"]
     assert len(summary["crash_files"]) == 1 and "sub-01" in summary["crash_files"][0]
     crash = Path(summary["crash_files"][0]).read_text()
-    assert "pool of worker processes broke" in crash and "out of memory" in crash
-    # the other subject's node ran to its end, on the first pool or on the new one
+    assert "worker process running this node died, twice" in crash and "memory" in crash
+    # the other subject's node ran to its end (with two workers: again, on its own, after the
+    # pool it shared with the killed one broke)
     results = list((tmp_path / "work" / "wf" / "sub_02_step").glob("result_*.pklz"))
     assert results
 

@@ -6,10 +6,10 @@ raises ``BrokenProcessPool`` in Nipype's done-callback, which Nipype does not ca
 node never counts as finished and the run waits for it forever (nipy/nipype#2548): on a
 cluster, a job that burns its whole time limit and says nothing.
 
-:class:`GuardedMultiProcPlugin` turns a broken pool into failed nodes (crash files naming the
-cause, so the run ends with their subjects listed as failed and the rest of the graph
-continues) and starts a new pool for the nodes still to run. Python cannot tell which worker
-died, so every node running in the pool at that moment fails; rerunning retries them.
+:class:`GuardedMultiProcPlugin` runs every node of a broken pool again, each in a pool of its
+own (Python cannot tell whose worker died, and all of the pool's futures fail alike): the
+others finish, and the one whose worker dies again fails with a crash file naming the cause, so
+the run ends with its subject listed as failed instead of hanging. New nodes go to a new pool.
 :meth:`terminate` stops the workers, and the processes they started, at once when the run
 itself is interrupted (Ctrl-C, SIGTERM from a scheduler's time limit), instead of leaving them
 running as orphans.
@@ -28,22 +28,31 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
-from nipype.pipeline.plugins.multiproc import MultiProcPlugin, process_initializer
+from nipype.pipeline.plugins.multiproc import MultiProcPlugin, process_initializer, run_node
 
 __all__ = ["GuardedMultiProcPlugin"]
 
 LOGGER = logging.getLogger("regpipe.workflows")
 
-#: The crash file's explanation of a node whose worker pool broke. Python cannot tell which
-#: worker died, so every node running (or queued) in the pool at that moment fails with it.
-DIED = ("the pool of worker processes broke while this node was running or queued: a worker "
-        "process was killed by the system (most often out of memory), this node's or one "
-        "running beside it. Rerun the same command to retry (finished nodes are cached); if it "
-        "happens again, lower --nprocs or raise --mem, or give the job more memory ({error})\n")
+#: The crash file's explanation of a node whose worker process died (on its retry alone).
+DIED = ("the worker process running this node died, twice: killed by the system, most often "
+        "for lack of memory (the first time in the shared pool of workers, the second time "
+        "alone). Lower --nprocs or raise --mem, or give the job more memory; rerunning the "
+        "same command retries it (finished nodes are cached) ({error})\n")
 
 
 class GuardedMultiProcPlugin(MultiProcPlugin):
     """MultiProc that fails a node whose worker died instead of waiting for it forever."""
+
+    def __init__(self, plugin_args: dict[str, Any] | None = None) -> None:
+        super().__init__(plugin_args=plugin_args)
+        self._submitted: dict[int, tuple[Any, bool]] = {}  # taskid: (node, updatehash)
+        self._alone: dict[int, ProcessPoolExecutor] = {}  # taskid: its own one-worker pool
+
+    def _new_pool(self, workers: int) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(
+            max_workers=workers, initializer=process_initializer, initargs=(self._cwd,),
+            mp_context=mp.get_context(self.plugin_args.get("mp_context")))
 
     def _async_callback(self, args: Future) -> None:
         if args.exception() is None:
@@ -55,8 +64,21 @@ class GuardedMultiProcPlugin(MultiProcPlugin):
         future = self._task_obj.get(taskid)
         if result is None and future is not None and future.done():
             error = future.exception()
+            if isinstance(error, BrokenProcessPool) and taskid not in self._alone:
+                # every task of a broken pool fails the same way, and Python cannot tell
+                # whose worker died: run each again in a pool of its own, where only the
+                # culprit breaks again
+                node, updatehash = self._submitted[taskid]
+                LOGGER.warning("a worker process died (killed by the system?); running %s "
+                               "again on its own", node.fullname)
+                self._alone[taskid] = pool = self._new_pool(1)
+                retry = pool.submit(run_node, node, updatehash, taskid)
+                retry.add_done_callback(self._async_callback)
+                self._task_obj[taskid] = retry
+                return None
             if isinstance(error, BrokenProcessPool):
-                LOGGER.error("a worker process died (%s); the nodes of its pool fail", error)
+                LOGGER.error("the worker process of %s died again: the node fails",
+                             self._submitted[taskid][0].fullname)
                 return {"taskid": taskid, "result": None,
                         "traceback": [DIED.format(error=f"{type(error).__name__}: {error}")]}
             if error is not None:  # any other failure to run the node (pickling...): its own
@@ -64,30 +86,37 @@ class GuardedMultiProcPlugin(MultiProcPlugin):
                         "traceback": traceback.format_exception(error)}
         return result
 
+    def _clear_task(self, taskid: int) -> None:
+        super()._clear_task(taskid)
+        self._submitted.pop(taskid, None)
+        pool = self._alone.pop(taskid, None)
+        if pool is not None:
+            pool.shutdown(wait=False)
+
     def _submit_job(self, node: Any, updatehash: bool = False) -> int:
         try:
-            return super()._submit_job(node, updatehash)
+            taskid = super()._submit_job(node, updatehash)
         except BrokenProcessPool:
             self._taskid -= 1  # the parent counted the task it could not submit
             LOGGER.warning("starting a new pool of worker processes (one died)")
             self.pool.shutdown(wait=False, cancel_futures=True)
-            self.pool = ProcessPoolExecutor(
-                max_workers=self.processors, initializer=process_initializer,
-                initargs=(self._cwd,),
-                mp_context=mp.get_context(self.plugin_args.get("mp_context")))
-            return super()._submit_job(node, updatehash)
+            self.pool = self._new_pool(self.processors)
+            taskid = super()._submit_job(node, updatehash)
+        self._submitted[taskid] = (node, updatehash)
+        return taskid
 
     def terminate(self) -> None:
         """Stop every worker process and what they started (an ANTs process, a command line
         tool) now, the run being interrupted: queued nodes are cancelled, running ones
         killed; a rerun with the same work folder resumes."""
-        pool = getattr(self, "pool", None)
-        if pool is None:
-            return
-        processes = list((getattr(pool, "_processes", None) or {}).values())
+        pools = [pool for pool in (getattr(self, "pool", None), *self._alone.values())
+                 if pool is not None]
+        processes = [process for pool in pools
+                     for process in (getattr(pool, "_processes", None) or {}).values()]
         family = [pid for process in processes if process.pid
                   for pid in (process.pid, *_descendants(process.pid))]
-        pool.shutdown(wait=False, cancel_futures=True)
+        for pool in pools:
+            pool.shutdown(wait=False, cancel_futures=True)
         _signal_all(family, signal.SIGTERM)
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and any(_alive(pid) for pid in family):
