@@ -236,10 +236,22 @@ def _row_key(row: dict[str, Any]) -> tuple[str, str]:
     return str(row["pair"]), str(row["method"])
 
 
-def _config(pair: PairSpec, method: MethodSpec, seed: int | None) -> dict[str, Any]:
-    """What must match for a stored row to count as done (``resume``)."""
+def _config(pair: PairSpec, method: MethodSpec, seed: int | None,
+            run: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What must match for a stored row to count as done (``resume``): the pair, the method's
+    settings, the seed and how it ran (threads, device, ANTs threads: they change the times
+    and, for ANTs, the result)."""
     return json.loads(json.dumps({"pair": pair.to_dict(), "method": method.config(),
-                                  "seed": seed}))
+                                  "seed": seed, **(run or {})}))
+
+
+class BenchmarkInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`run_benchmark`: ``rows`` are this run's valid results so far (the
+    kept ones and those computed), not stored rows of other settings about to be redone."""
+
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        super().__init__()
+        self.rows = rows
 
 
 def read_results(output: str | os.PathLike) -> list[dict[str, Any]]:
@@ -256,9 +268,11 @@ def read_results(output: str | os.PathLike) -> list[dict[str, Any]]:
     return list(data.get("rows", []) if isinstance(data, dict) else data)
 
 
-def write_results(rows: Sequence[dict[str, Any]], output: str | os.PathLike) -> None:
-    """Write ``results.json`` (every field) and ``results.csv`` (scalars; Dice and HD95 per
-    label flattened to ``dice_<label>`` / ``hd95_<label>``), each atomically."""
+def write_results(rows: Sequence[dict[str, Any]], output: str | os.PathLike,
+                  current: Sequence[dict[str, Any]] | None = None) -> None:
+    """Write ``results.json`` (every row) and ``results.csv`` (the ``current`` rows, default
+    all: scalars, Dice and HD95 per label flattened to ``dice_<label>`` / ``hd95_<label>``),
+    each atomically."""
     from regpipe import __version__
     from regpipe.bench_report import csv_text
 
@@ -266,7 +280,7 @@ def write_results(rows: Sequence[dict[str, Any]], output: str | os.PathLike) -> 
     text = json.dumps({"regpipe_version": __version__, "rows": list(rows)}, indent=1,
                       default=_json_default)
     atomic_write(output / RESULTS_JSON, lambda tmp: tmp.write_text(text + "\n"))
-    table = csv_text(rows)
+    table = csv_text(list(rows if current is None else current))
     atomic_write(output / RESULTS_CSV, lambda tmp: tmp.write_text(table))
 
 
@@ -301,6 +315,30 @@ def run_benchmark(
     check_pair_names(pairs)
     stored = {_row_key(r): r for r in (read_results(output) if resume else [])}
     rows: dict[tuple[str, str], dict[str, Any]] = dict(stored)
+    valid: set[tuple[str, str]] = set()  # rows of this run's settings: kept or computed
+    run = {"threads": threads, "ants_threads": ants_threads, "device": device}
+    try:
+        _run_all(pairs, methods, output, rows, stored, valid, seed, run)
+    except KeyboardInterrupt:
+        order = [(p.name, m.name) for p in pairs for m in methods]
+        raise BenchmarkInterrupted([rows[k] for k in order if k in valid]) from None
+    ordered = _ordered(rows, pairs, methods)
+    write_results(ordered, output, _current(rows, pairs, methods))
+    return ordered
+
+
+def _current(rows: dict[tuple[str, str], dict[str, Any]], pairs: Sequence[PairSpec],
+             methods: Sequence[MethodSpec]) -> list[dict[str, Any]]:
+    return [rows[k] for k in ((p.name, m.name) for p in pairs for m in methods) if k in rows]
+
+
+def _run_all(pairs: Sequence[PairSpec], methods: Sequence[MethodSpec], output: Path,
+             rows: dict[tuple[str, str], dict[str, Any]],
+             stored: dict[tuple[str, str], dict[str, Any]], valid: set[tuple[str, str]],
+             seed: int | None, run: dict[str, Any]) -> None:
+    """The loop of :func:`run_benchmark`: fills ``rows`` and ``valid``, writing the results
+    after every row."""
+    threads, ants_threads, device = run["threads"], run["ants_threads"], run["device"]
     total = len(pairs) * len(methods)
     done = 0
     for index, spec in enumerate(pairs, 1):
@@ -308,7 +346,8 @@ def run_benchmark(
         for method in methods:
             old = stored.get((spec.name, method.name))
             if old and old.get("status") == "ok" and old.get("config") == _config(
-                    spec, method, seed):
+                    spec, method, seed, run):
+                valid.add((spec.name, method.name))
                 done += 1
                 LOGGER.info("[%d/%d] %s / %s: kept from the previous run", done, total,
                             spec.name, method.name)
@@ -337,14 +376,13 @@ def run_benchmark(
             except Exception as error:  # one failure must not end a benchmark
                 row.update(status="error", error=f"{type(error).__name__}: {error}")
                 LOGGER.debug("%s", traceback.format_exc())
-            row["config"] = _config(spec, method, seed)
+            row["config"] = _config(spec, method, seed, run)
             rows[_row_key(row)] = row
+            valid.add(_row_key(row))
             LOGGER.info("[%d/%d] %s / %s: %s", done, total, spec.name, method.name,
                         _describe(row))
-            write_results(_ordered(rows, pairs, methods), output)
-    ordered = _ordered(rows, pairs, methods)
-    write_results(ordered, output)
-    return ordered
+            write_results(_ordered(rows, pairs, methods), output,
+                          _current(rows, pairs, methods))
 
 
 def check_pair_names(pairs: Sequence[PairSpec]) -> None:

@@ -36,7 +36,8 @@ from regpipe.errors import InputError
 from regpipe.evaluation import match_landmarks, read_fcsv
 from regpipe.imageio import Image, check_same_grid, load_image
 
-__all__ = ["LoadedPair", "PairSpec", "load_pair", "read_pairs", "write_pairs"]
+__all__ = ["LoadedPair", "PairSpec", "check_pair_files", "load_pair", "read_pairs",
+           "write_pairs"]
 
 
 @dataclass(frozen=True)
@@ -101,10 +102,19 @@ class PairSpec:
             if key in data:
                 path = Path(os.path.expanduser(str(data[key])))
                 data[key] = path if path.is_absolute() or base is None else base / path
-        if isinstance(data.get("labels"), (str, int)):
-            data["labels"] = parse_label_list(str(data["labels"]))
+        labels = data.get("labels")
+        try:
+            if isinstance(labels, (str, int)):
+                data["labels"] = parse_label_list(str(labels))
+            elif isinstance(labels, list):  # items may be ranges too: [2, "5-7"]
+                data["labels"] = [v for item in labels for v in parse_label_list(str(item))]
+        except (TypeError, ValueError) as error:
+            raise InputError(f"labels {labels!r}: {error}") from None
         data.setdefault("name", f"{_stem(data['fixed'])}__{_stem(data['moving'])}")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as error:  # a value of the wrong kind
+            raise InputError(f"pair {data.get('name')}: {error}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready mapping (paths as strings, ``None`` fields left out)."""
@@ -143,6 +153,28 @@ class LoadedPair:
     notes: list[str] = field(default_factory=list)
 
 
+#: More labels than label maps usually have (aparc+aseg ~110): a note (an intensity image?).
+_MANY_LABELS = 500
+
+
+def check_pair_files(pairs: Sequence[PairSpec]) -> None:
+    """Every file the pairs name exists: a typo fails before a long run starts (and before
+    ``--overwrite`` removes earlier results), not at pair 37 hours later. A file that exists
+    but cannot be read still becomes that pair's error rows, as any failure does.
+
+    Raises
+    ------
+    InputError
+        Naming up to five missing files.
+    """
+    missing = [f"{spec.name}: {key.replace('_', ' ')} {path}"
+               for spec in pairs for key in _PATH_FIELDS
+               if (path := getattr(spec, key)) is not None and not Path(path).exists()]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise InputError("missing file(s): " + "; ".join(missing[:5]) + more)
+
+
 def load_pair(spec: PairSpec) -> LoadedPair:
     """Read and check a pair's files (see :class:`PairSpec` for the default region)."""
     from regpipe.preprocess import normalize_intensity
@@ -168,11 +200,34 @@ def load_pair(spec: PairSpec) -> LoadedPair:
     if (spec.fixed_landmarks is None) != (spec.moving_landmarks is None):
         pair.notes.append("TRE needs both landmark files; only one was given")
     elif spec.fixed_landmarks is not None and spec.moving_landmarks is not None:
-        points_f, points_m, _ = match_landmarks(read_fcsv(spec.fixed_landmarks),
-                                                read_fcsv(spec.moving_landmarks))
-        pair.landmarks = (points_f, points_m)
+        fixed_points = read_fcsv(spec.fixed_landmarks)
+        moving_points = read_fcsv(spec.moving_landmarks)
+        try:
+            points_f, points_m, _ = match_landmarks(fixed_points, moving_points)
+        except InputError as error:  # no TRE for this pair; its Dice and the rest still count
+            pair.notes.append(f"no TRE: {spec.fixed_landmarks.name} and "
+                              f"{spec.moving_landmarks.name}: {error}")
+        else:
+            pair.landmarks = (points_f, points_m)
+            left_out = len(fixed_points) + len(moving_points) - 2 * len(points_f)
+            if left_out:
+                pair.notes.append(f"TRE over the {len(points_f)} landmark(s) both files name; "
+                                  f"{left_out} point(s) named in one file only are left out")
     if (pair.fixed_labels is None) != (pair.moving_labels is None):
         pair.notes.append("Dice and HD95 need both label maps; only one was given")
+    elif spec.labels is None and pair.fixed_labels is not None \
+            and pair.moving_labels is not None:
+        in_fixed = set(np.unique(pair.fixed_labels.data).tolist()) - {0}
+        in_moving = set(np.unique(pair.moving_labels.data).tolist()) - {0}
+        one_side = sorted(in_fixed ^ in_moving)
+        if one_side:
+            pair.notes.append(
+                f"{len(one_side)} label(s) are in one label map only "
+                f"({', '.join(map(str, one_side[:12]))}{' ...' if len(one_side) > 12 else ''})"
+                ": they are not scored")
+        if len(in_fixed | in_moving) > _MANY_LABELS:
+            pair.notes.append(f"{len(in_fixed | in_moving)} distinct labels: is a label map an "
+                              "intensity image?")
     elif spec.labels is not None and pair.fixed_labels is not None \
             and pair.moving_labels is not None:
         present = set(np.unique(pair.fixed_labels.data)) & set(np.unique(pair.moving_labels.data))
@@ -197,7 +252,7 @@ def read_pairs(path: str | os.PathLike) -> list[PairSpec]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"pairs file {path} does not exist")
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8-sig")  # a spreadsheet's byte-order mark: not a name
     suffix = path.suffix.lower()
     try:
         if suffix in (".yaml", ".yml"):
@@ -213,8 +268,13 @@ def read_pairs(path: str | os.PathLike) -> list[PairSpec]:
         elif suffix == ".json":
             data = json.loads(text)
         elif suffix in (".csv", ".tsv"):
-            data = list(csv.DictReader(text.splitlines(),
-                                       delimiter="\t" if suffix == ".tsv" else ","))
+            reader = csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
+            data = []
+            for number, row in enumerate(reader, 2):
+                if None in row:
+                    raise InputError(f"pairs file {path}: row {number} has more cells than the "
+                                     'header (quote a value holding commas: "2-5,7")')
+                data.append({str(key).strip(): value for key, value in row.items()})
         else:
             raise InputError(f"pairs file {path}: use .yaml, .yml, .json, .csv or .tsv")
     except ValueError as error:  # JSON and YAML syntax errors
@@ -223,7 +283,14 @@ def read_pairs(path: str | os.PathLike) -> list[PairSpec]:
         data = data.get("pairs")
     if not isinstance(data, list) or not data or not all(isinstance(d, dict) for d in data):
         raise InputError(f"pairs file {path} must hold a non-empty list of pairs")
-    return [PairSpec.from_dict(entry, base=path.parent) for entry in data]
+    base = path.parent.resolve()  # rows compare equal however the file was named
+    pairs = []
+    for number, entry in enumerate(data, 1):
+        try:
+            pairs.append(PairSpec.from_dict(entry, base=base))
+        except InputError as error:
+            raise InputError(f"pairs file {path}, pair {number}: {error}") from None
+    return pairs
 
 
 def write_pairs(pairs: Sequence[PairSpec], path: str | os.PathLike) -> Path:

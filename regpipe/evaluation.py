@@ -163,13 +163,17 @@ def write_fcsv(
 def match_landmarks(
     fixed: Landmarks, moving: Landmarks
 ) -> tuple[NDArray[np.float64], NDArray[np.float64], tuple[str, ...]]:
-    """Corresponding points of two landmark sets: by label when every label is unique and
-    non-empty in both files (points only in one file are left out), else by order (the
-    counts must then agree)."""
-    unique = all(
-        len(set(s.labels)) == len(s.labels) and all(s.labels) for s in (fixed, moving)
-    )
-    if unique and set(fixed.labels) & set(moving.labels):
+    """Corresponding points of two landmark sets: by label when both name every point and
+    share labels (points only in one file are left out; a label used twice in a file is an
+    error, since it would pair points by guesswork), else by order (the counts must then
+    agree)."""
+    named = all(all(s.labels) for s in (fixed, moving))
+    if named and set(fixed.labels) & set(moving.labels):
+        for points, which in ((fixed, "fixed"), (moving, "moving")):
+            twice = sorted({label for label in points.labels if points.labels.count(label) > 1})
+            if twice:
+                raise InputError(f"the {which} landmarks name {', '.join(twice[:5])} more than "
+                                 "once: give each point its own label to pair them")
         where = {label: i for i, label in enumerate(moving.labels)}
         common = [label for label in fixed.labels if label in where]
         f_idx = [fixed.labels.index(label) for label in common]
@@ -366,6 +370,10 @@ def evaluate_transform(
         metrics["hd95"] = {str(k): v for k, v in distance.items()}
         metrics["dice_mean"] = _mean(dice.values())
         metrics["hd95_mean_mm"] = _mean(distance.values())
+        # a label the warp lost entirely has Dice 0 but no HD95: the mean leaves it out, so
+        # say how many (a worse registration could otherwise show a better HD95 mean)
+        metrics["hd95_missing"] = sum(1 for label in labels
+                                      if np.isfinite(dice[label]) and np.isnan(distance[label]))
         metrics["n_labels"] = len(labels)
     if fixed_points is not None and moving_points is not None:
         errors = landmark_errors(transform, fixed_points, moving_points)

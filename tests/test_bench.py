@@ -12,6 +12,7 @@ from scipy.spatial.distance import cdist
 
 from regpipe import bench
 from regpipe.bench import MethodSpec, PairSpec, parse_methods, read_pairs
+from regpipe.bench_pairs import load_pair
 from regpipe.cli.bench import main
 from regpipe.errors import InputError
 from regpipe.evaluation import (
@@ -449,8 +450,6 @@ def test_overwrite_with_bad_pairs_keeps_the_previous_results(pair_files, tmp_pat
 
 
 def test_labels_asked_for_but_absent_are_named_and_not_scored(pair_files):
-    from regpipe.bench_pairs import load_pair
-
     present = sorted(int(v) for v in np.unique(nib.load(pair_files / "fixed_labels.nii.gz")
                                                .get_fdata()) if v)
     spec = PairSpec("p", pair_files / "fixed.nii.gz", pair_files / "moving.nii.gz",
@@ -652,3 +651,89 @@ def test_cli_passes_the_condition_to_a_conditional_network(pair_files, tmp_path)
     settings = _rows(tmp_path / "out")["good", "ours"]["settings"]
     assert settings["condition"] == {"region": "knee", "pair_type": "intra", "lam": 3.0}
     assert settings["symmetric"] is False and settings["network_passes"] == 2
+
+
+# --------------------------------------------------------------------------- review mends
+
+
+def test_landmark_labels_used_twice_are_an_error_and_partial_overlap_is_noted(pair_files):
+    fixed = Landmarks(np.zeros((4, 3)), ("A", "B", "C", "C"))
+    with pytest.raises(InputError, match="name C more than once"):
+        match_landmarks(fixed, Landmarks(np.zeros((4, 3)), ("C", "C", "B", "A")))
+    spec = PairSpec.from_dict({"fixed": "fixed.nii.gz", "moving": "moving.nii.gz",
+                               "fixed_landmarks": "fixed.fcsv", "moving_landmarks": "few.fcsv"},
+                              base=pair_files)
+    write_fcsv(pair_files / "few.fcsv", np.zeros((2, 3)), ["a", "x"])
+    pair = load_pair(spec)
+    assert len(pair.landmarks[0]) == 1  # "a" only
+    assert any("3 point(s) named in one file only" in note for note in pair.notes)
+    write_fcsv(pair_files / "few.fcsv", np.zeros((2, 3)), ["", ""])  # unnamed, other count
+    pair = load_pair(spec)  # no TRE, but the pair still loads (its Dice and the rest count)
+    assert pair.landmarks is None and any(note.startswith("no TRE") for note in pair.notes)
+
+
+def test_a_label_the_warp_loses_is_counted_beside_the_hd95_mean():
+    geometry = Geometry((20, 20, 20), np.eye(4))
+    labels = np.zeros(geometry.shape, np.int16)
+    labels[2:6, 2:6, 2:6], labels[12:18, 12:18, 12:18] = 1, 2
+    shift = np.eye(4)
+    shift[:3, 3] = [-10.0, -10.0, -10.0]  # label 2 lands on label 1; label 1 leaves the grid
+    metrics = evaluate_transform(AffineTransform(shift), geometry, fixed_labels=labels,
+                                 moving_labels=(labels, geometry))
+    assert metrics["dice"]["2"] == 0.0 and metrics["hd95_missing"] >= 1
+
+
+def test_pairs_files_bad_rows_bom_and_label_ranges(tmp_path):
+    (tmp_path / "p.csv").write_text("fixed,moving,labels\nf.nii.gz,m.nii.gz,2-5,7\n")
+    with pytest.raises(InputError, match="row 2 has more cells than the header"):
+        read_pairs(tmp_path / "p.csv")
+    (tmp_path / "p.csv").write_bytes("\ufefffixed,moving,labels\nf.nii.gz,m.nii.gz,\"2-4,7\"\n"
+                                     .encode("utf-8"))  # a spreadsheet's byte-order mark
+    (spec,) = read_pairs(tmp_path / "p.csv")
+    assert spec.labels == (2, 3, 4, 7) and spec.fixed == tmp_path.resolve() / "f.nii.gz"
+    (tmp_path / "p.json").write_text(json.dumps([{"fixed": "f", "moving": "m",
+                                                  "labels": [1, "5-6"]}]))
+    assert read_pairs(tmp_path / "p.json")[0].labels == (1, 5, 6)
+    (tmp_path / "p.json").write_text(json.dumps([{"fixed": "f", "moving": "m",
+                                                  "labels": ["x"]}]))
+    with pytest.raises(InputError, match="pair 1"):
+        read_pairs(tmp_path / "p.json")
+
+
+def test_missing_files_fail_before_overwrite_removes_results(pair_files, tmp_path, capsys):
+    output = tmp_path / "out"
+    assert _run(pair_files, output, methods="identity") == 1
+    before = (output / bench.RESULTS_JSON).read_text()
+    typo = tmp_path / "typo.json"
+    typo.write_text(json.dumps([{"fixed": str(pair_files / "fixed.nii.gz"),
+                                 "moving": str(pair_files / "movign.nii.gz")}]))
+    assert main(["--pairs", str(typo), "--methods", "identity", "--output", str(output),
+                 "--overwrite", "--quiet"]) == 1
+    assert "missing file(s)" in capsys.readouterr().err
+    assert (output / bench.RESULTS_JSON).read_text() == before
+
+
+def test_resume_redoes_rows_of_other_threads_and_the_csv_holds_this_run(
+        pair_files, tmp_path, monkeypatch, capsys):
+    output = tmp_path / "out"
+    assert _run(pair_files, output, methods="identity,affine") == 1
+    calls = []
+    original = bench.run_method
+
+    def counting(method, pair, **kwargs):
+        calls.append(method.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(method, pair, **kwargs)
+
+    monkeypatch.setattr(bench, "run_method", counting)
+    argv = ["--pairs", str(pair_files / "pairs.json"), "--methods", "identity,affine",
+            "--threads", "2", "--output", str(output), "--resume", "--quiet"]
+    assert main(argv) == 130  # other threads: nothing kept; stopped in the second row
+    assert calls == ["identity", "affine"]
+    # the partial report has the one row this run finished, not the stored rows it redid
+    assert "interrupted after 1 of 4 result(s)" in capsys.readouterr().err
+    monkeypatch.setattr(bench, "run_method", original)
+    assert main([*argv[:-1], "--methods", "identity", "--quiet"]) in (0, 1)
+    csv_rows = (output / bench.RESULTS_CSV).read_text().strip().splitlines()[1:]
+    assert len(csv_rows) == 2 and all(",identity," in row for row in csv_rows)

@@ -119,11 +119,11 @@ def _main(args: argparse.Namespace) -> int:
         check_pair_names,
         parse_methods,
         read_pairs,
-        read_results,
         resolve_method_weights,
         run_benchmark,
         write_pairs,
     )
+    from regpipe.bench_pairs import check_pair_files
     from regpipe.bench_report import write_report
 
     output: Path = args.output
@@ -153,6 +153,7 @@ def _main(args: argparse.Namespace) -> int:
         pairs = build_dev_set(args.dev_set, args.cache or output / "cache", args.subset,
                               args.n_pairs)
     check_pair_names(pairs)
+    check_pair_files(pairs)  # a missing file fails now, not at pair 37 hours later
     if args.overwrite:  # only now: a bad --pairs must not cost the previous results
         (output / RESULTS_JSON).unlink(missing_ok=True)
     write_pairs(pairs, output / "pairs.json")
@@ -163,8 +164,8 @@ def _main(args: argparse.Namespace) -> int:
         rows = run_benchmark(pairs, methods, output, seed=args.seed, threads=args.threads,
                              ants_threads=args.ants_threads, device=args.device,
                              resume=args.resume)
-    except KeyboardInterrupt:  # report what is done; --resume continues from results.json
-        done = [r for r in read_results(output) if (r["pair"], r["method"]) in current]
+    except KeyboardInterrupt as stop:  # report what is done; --resume continues from there
+        done = list(getattr(stop, "rows", []))
         if done:
             report = write_report(done, output)
             print(f"regpipe-bench: interrupted after {len(done)} of {len(current)} result(s); "
