@@ -343,7 +343,7 @@ def _not_processed(bids_dir: Path, records: Sequence[tuple[Path, Mapping[str, An
         found = [path for suffix in suffixes for path in folder.rglob(f"*_{suffix}.nii*")]
         if sessions is not None:  # only the sessions the runs selected
             found = [path for path in found
-                     if any(f"ses-{label}" in path.parts for label in sessions)]
+                     if any(f"ses-{session}" in path.parts for session in sessions)]
         if found:
             missing.append({"subject": label, "session": None, "method": None,
                             "reason": "not processed: no participant-level run in this output "

@@ -705,6 +705,9 @@ def test_a_conditional_run_resumes_without_init_and_absolute_sources_from_anywhe
     monkeypatch.chdir(tmp_path / "elsewhere")  # another default data root ".": same data
     assert main([str(run), "--steps", "2", *source, "--no-progress"]) == 0
     assert network_from_file(run / "weights.pt").metadata["training"]["steps"] == 2
+    preset = tmp_path / "preset"  # a conditional run of a preset network, no --init at all
+    assert main([str(preset), "--steps", "1", "--conditional", "film", *TINY_ARGS]) == 0
+    assert main([str(preset), "--steps", "2", *TINY_ARGS]) == 0
 
 
 def test_nan_loss_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch):

@@ -535,26 +535,25 @@ def training_grid_mode(settings: Mapping[str, Any], checkpoint: Any = None) -> s
 
 def _resumed_start(settings: dict[str, Any], output: Path) -> dict[str, Any]:
     """The settings to build the network from. ``--init`` is recorded with its SHA-256 (so a
-    resumed run may name the same file another way). A run resumed without ``--init`` keeps
-    the one it started with (and its ``--conditional``): its record is copied into
-    ``settings``, and the network is built
-    from the run's own ``weights.pt`` (same architecture and grid placement; the checkpoint's
-    weights replace it anyway), so the file need not still be where it was."""
+    resumed run may name the same file another way). A run resumed without ``--init`` or
+    ``--conditional`` keeps those it started with: its record is copied into ``settings``, and
+    a network started from a file is built from the run's own ``weights.pt`` (same
+    architecture and grid placement; the checkpoint's weights replace it anyway), so that file
+    need not still be where it was."""
     from regpipe.networks.checkpoint import read_checkpoint
     from regpipe.weights import resolve_weights, sha256sum
 
     if settings.get("init"):
         settings["init_sha256"] = sha256sum(resolve_weights(settings["init"]))
-        return settings
     weights = output / "weights.pt"
     if not ((output / "checkpoint.pt").is_file() and weights.is_file()):
         return settings
     recipe = ((read_checkpoint(weights).card or {}).get("training") or {}).get("recipe") or {}
-    if not recipe.get("init"):
+    if recipe.get("conditional") and not settings.get("conditional"):
+        settings["conditional"] = recipe["conditional"]
+    if settings.get("init") or not recipe.get("init"):
         return settings
-    for key in ("init", "init_sha256", "conditional"):  # the start and what it was made into
-        if recipe.get(key) and not settings.get(key):
-            settings[key] = recipe[key]
+    settings["init"], settings["init_sha256"] = recipe["init"], recipe.get("init_sha256")
     LOGGER.info("resuming the run started from --init %s", recipe["init"])
     return {**settings, "init": str(weights)}
 
