@@ -237,6 +237,16 @@ def test_two_dimensional_file_is_one_clear_line(files, tmp_path, capsys):
     assert "flat.nii.gz" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+def test_model_none_registers_without_a_network(files, tmp_path):
+    args = ["--fixed", str(files["fixed"]), "--moving", str(files["moving"]),
+            "--fixed_modality", "mri", "--moving_modality", "mri", "--model", "none",
+            "--io_iterations", "5", "--transform_out", str(tmp_path / "fwd.h5"),
+            "--metrics_out", str(tmp_path / "m.json"), "--quiet"]
+    assert register_cli.main(args) == 0
+    settings = json.loads((tmp_path / "m.json").read_text())["settings"]
+    assert settings["weights"] is None and settings["io_iterations"] == 5
+
+
 def test_warp_and_jacobian_refuse_to_overwrite_their_inputs(files, tmp_path, capsys):
     import shutil
 

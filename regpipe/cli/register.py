@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                "default 2e-5)")
     add_option(parser, "model", default=None,
                help="weights by name: unigradicon, multigradicon or a regpipe model "
-               "(default: regpipe's default weights)")
+               "(default: regpipe's default weights), or none: no network (affine + fast "
+               "instance optimisation)")
     add_option(parser, "network_weights", help="path to a checkpoint (overrides --model)")
     add_option(parser, "loss_function_masking", action="store_true",
                help="use the masks in the similarity of instance optimisation")
@@ -215,6 +216,8 @@ def _main(args: argparse.Namespace) -> int:
     _check_objective_options(args)
     _check_outputs(args)
     weights = args.network_weights or args.model or "default"
+    if weights == args.model and str(weights).lower() == "none":
+        weights = None  # no network: affine + fast IO, as the App's --weights none
     masks = _masks(args)
     result = register(
         args.fixed,
