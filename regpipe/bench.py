@@ -320,16 +320,22 @@ def run_benchmark(
     try:
         _run_all(pairs, methods, output, rows, stored, valid, seed, run)
     except KeyboardInterrupt:
-        order = [(p.name, m.name) for p in pairs for m in methods]
-        raise BenchmarkInterrupted([rows[k] for k in order if k in valid]) from None
-    ordered = _ordered(rows, pairs, methods)
-    write_results(ordered, output, _current(rows, pairs, methods))
-    return ordered
+        raise BenchmarkInterrupted([rows[k] for k in _keys(pairs, methods) if k in valid]
+                                   ) from None
+    _write(rows, pairs, methods, output)
+    return _ordered(rows, pairs, methods)
 
 
-def _current(rows: dict[tuple[str, str], dict[str, Any]], pairs: Sequence[PairSpec],
-             methods: Sequence[MethodSpec]) -> list[dict[str, Any]]:
-    return [rows[k] for k in ((p.name, m.name) for p in pairs for m in methods) if k in rows]
+def _keys(pairs: Sequence[PairSpec], methods: Sequence[MethodSpec]) -> list[tuple[str, str]]:
+    """This run's ``(pair, method)`` keys in pair x method order."""
+    return [(p.name, m.name) for p in pairs for m in methods]
+
+
+def _write(rows: dict[tuple[str, str], dict[str, Any]], pairs: Sequence[PairSpec],
+           methods: Sequence[MethodSpec], output: Path) -> None:
+    """``results.json`` with every row, ``results.csv`` with this run's."""
+    write_results(_ordered(rows, pairs, methods), output,
+                  [rows[k] for k in _keys(pairs, methods) if k in rows])
 
 
 def _run_all(pairs: Sequence[PairSpec], methods: Sequence[MethodSpec], output: Path,
@@ -381,8 +387,7 @@ def _run_all(pairs: Sequence[PairSpec], methods: Sequence[MethodSpec], output: P
             valid.add(_row_key(row))
             LOGGER.info("[%d/%d] %s / %s: %s", done, total, spec.name, method.name,
                         _describe(row))
-            write_results(_ordered(rows, pairs, methods), output,
-                          _current(rows, pairs, methods))
+            _write(rows, pairs, methods, output)
 
 
 def check_pair_names(pairs: Sequence[PairSpec]) -> None:
@@ -396,7 +401,7 @@ def check_pair_names(pairs: Sequence[PairSpec]) -> None:
 def _ordered(rows: dict[tuple[str, str], dict[str, Any]], pairs: Sequence[PairSpec],
              methods: Sequence[MethodSpec]) -> list[dict[str, Any]]:
     """This run's rows in pair x method order, then rows kept from other runs."""
-    order = [(p.name, m.name) for p in pairs for m in methods]
+    order = _keys(pairs, methods)
     wanted = set(order)
     return [rows[k] for k in order if k in rows] + [
         row for key, row in rows.items() if key not in wanted]

@@ -397,17 +397,26 @@ def test_cli_refuses_to_overwrite_results_without_resume(bench_run, pair_files, 
     assert "--resume" in capsys.readouterr().err
 
 
+def _watch_runs(monkeypatch, interrupt_at: int | None = None) -> list[tuple[str, str]]:
+    """Record every ``(pair, method)`` that reaches ``bench.run_method``; with
+    ``interrupt_at``, that call raises KeyboardInterrupt (Ctrl-C) instead of running."""
+    calls: list[tuple[str, str]] = []
+    original = bench.run_method
+
+    def watched(method, pair, **kwargs):
+        calls.append((pair.spec.name, method.name))
+        if len(calls) == interrupt_at:
+            raise KeyboardInterrupt
+        return original(method, pair, **kwargs)
+
+    monkeypatch.setattr(bench, "run_method", watched)
+    return calls
+
+
 def test_resume_reruns_only_failures_and_changed_settings(pair_files, tmp_path, monkeypatch):
     output = tmp_path / "out"
     assert _run(pair_files, output, methods="identity,affine") == 1
-    calls = []
-    original = bench.run_method
-
-    def counting(method, pair, **kwargs):
-        calls.append((pair.spec.name, method.name))
-        return original(method, pair, **kwargs)
-
-    monkeypatch.setattr(bench, "run_method", counting)
+    calls = _watch_runs(monkeypatch)
     assert _run(pair_files, output, "--resume", methods="identity,affine,ours") == 1
     # the good pair's identity and affine rows are kept; ours is new. The broken pair never
     # loads, so no method of it reaches run_method.
@@ -424,16 +433,7 @@ def test_resume_reruns_only_failures_and_changed_settings(pair_files, tmp_path, 
 
 def test_interrupted_run_leaves_a_partial_report(pair_files, tmp_path, monkeypatch, capsys):
     output = tmp_path / "out"
-    original = bench.run_method
-    calls = []
-
-    def interrupted(method, pair, **kwargs):
-        calls.append(method.name)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return original(method, pair, **kwargs)
-
-    monkeypatch.setattr(bench, "run_method", interrupted)
+    _watch_runs(monkeypatch, interrupt_at=2)
     assert _run(pair_files, output, methods="identity,affine") == 130
     assert "interrupted after 1 of 4 result(s)" in capsys.readouterr().err
     assert "| identity | 1/1 |" in (output / "results.md").read_text()
@@ -717,23 +717,14 @@ def test_resume_redoes_rows_of_other_threads_and_the_csv_holds_this_run(
         pair_files, tmp_path, monkeypatch, capsys):
     output = tmp_path / "out"
     assert _run(pair_files, output, methods="identity,affine") == 1
-    calls = []
-    original = bench.run_method
-
-    def counting(method, pair, **kwargs):
-        calls.append(method.name)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return original(method, pair, **kwargs)
-
-    monkeypatch.setattr(bench, "run_method", counting)
+    calls = _watch_runs(monkeypatch, interrupt_at=2)
     argv = ["--pairs", str(pair_files / "pairs.json"), "--methods", "identity,affine",
             "--threads", "2", "--output", str(output), "--resume", "--quiet"]
     assert main(argv) == 130  # other threads: nothing kept; stopped in the second row
-    assert calls == ["identity", "affine"]
+    assert calls == [("good", "identity"), ("good", "affine")]
     # the partial report has the one row this run finished, not the stored rows it redid
     assert "interrupted after 1 of 4 result(s)" in capsys.readouterr().err
-    monkeypatch.setattr(bench, "run_method", original)
+    monkeypatch.undo()
     assert main([*argv[:-1], "--methods", "identity", "--quiet"]) in (0, 1)
     csv_rows = (output / bench.RESULTS_CSV).read_text().strip().splitlines()[1:]
     assert len(csv_rows) == 2 and all(",identity," in row for row in csv_rows)
