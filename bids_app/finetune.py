@@ -248,6 +248,12 @@ def check_resumable(folder: Path, network, sha256: str,
         raise UsageError(f"{folder} holds a run that is not a finetuning run; use another "
                          "OUTPUT_DIR")
     config = saved_config(network)  # with the controller's, for a conditional network
+    (was, saved_rest), (now, rest) = (_split_lam_range(c) for c in (saved.get("config"),
+                                                                     config))
+    if was != now and saved_rest == rest:
+        raise UsageError(f"{folder} holds a finetuning run with --lam-range {was} (this "
+                         f"command: {now}); continue it with the same --lam-range or use "
+                         "another OUTPUT_DIR")
     if saved.get("config") != config:
         raise UsageError(
             f"{folder} holds a finetuning run of another network configuration "
@@ -267,6 +273,16 @@ def check_resumable(folder: Path, network, sha256: str,
                          f"({'; '.join(changes)}); continue it with the same ones or use "
                          "another OUTPUT_DIR")
     return True
+
+
+def _split_lam_range(config: Any) -> tuple[str, Any]:
+    """``("LOW HIGH", the rest of config)`` of a saved network configuration."""
+    if not isinstance(config, dict) or not isinstance(config.get("conditional"), dict):
+        return "none", config
+    conditional = dict(config["conditional"])
+    range_ = conditional.pop("lam_range", None)
+    text = " ".join(f"{float(v):g}" for v in range_) if range_ else "none"
+    return text, {**config, "conditional": conditional}
 
 
 def _describe(config: Any) -> str:
@@ -323,6 +339,18 @@ def selection_record(args: argparse.Namespace, masked: int) -> dict[str, Any]:
     }
 
 
+def app_options(args: argparse.Namespace, weights: Path) -> str:
+    """The BIDS App options that register with these weights as they were finetuned: with
+    ``--region`` when the App's ``--region auto`` would condition on another region."""
+    from regpipe.workflows.jobs import AUTO_REGIONS
+
+    options = f"--weights {weights}"
+    auto = AUTO_REGIONS["ct" if args.suffix == "CT" else "mri"]
+    if args.region not in ("auto", auto):
+        options += f" --region {args.region}"
+    return options
+
+
 def model_card(args: argparse.Namespace, *, start: dict[str, Any], dataset: str,
                pairs: dict[str, list[Pair]], labelled: int, grid_mode: str,
                masked: int = 0) -> dict[str, Any]:
@@ -346,7 +374,7 @@ def model_card(args: argparse.Namespace, *, start: dict[str, Any], dataset: str,
             f"{start['name']} finetuned on {dataset} ({args.suffix}, {args.pairs} pairs)"),
         "grid_mode": grid_mode,
         "region": args.region,
-        "usage": f"regpipe BIDS_DIR OUT participant --weights {weights}",
+        "usage": f"regpipe BIDS_DIR OUT participant {app_options(args, weights)}",
         "finetuning": {
             "starting_weights": start["name"],
             "starting_weights_file": str(start["file"]),
@@ -410,6 +438,26 @@ def _normalise_args(args: argparse.Namespace) -> argparse.Namespace:
 INHERITED_OPTIONS = ("similarity", "lncc_sigma", "lam", "lam_range")
 
 
+def check_condition_options(args: argparse.Namespace, network: Any) -> None:
+    """Refuse (64) what ``regpipe-train`` and the BIDS App refuse: ``--lam-range``,
+    ``--region`` and ``--trainable controller`` without a conditional network, ``--lam`` with
+    one (it draws lam per step from ``--lam-range``); before any image is prepared."""
+    conditional = getattr(network, "conditioning", None) is not None
+    what = f"--weights {args.weights} is not a conditional network"
+    if not conditional:
+        if args.lam_range is not None:
+            raise UsageError(f"--lam-range draws lam for a conditional network; {what} (give "
+                             "one --lam)")
+        if args.region != "auto":
+            raise UsageError(f"--region is the condition of a conditional network; {what}")
+        if args.trainable == "controller":
+            raise UsageError(f"--trainable controller trains a conditional network's "
+                             f"controller; {what}")
+    elif args.lam is not None:
+        raise UsageError("--lam sets the GradICON weight of an unconditional network; a "
+                         "conditional network draws it from --lam-range at every step")
+
+
 def _inherit_loss_settings(args: argparse.Namespace, card: dict[str, Any]) -> None:
     trained = ((card.get("training") or {}).get("options") or {})
     taken = {}
@@ -455,7 +503,11 @@ def run_finetune(args: argparse.Namespace) -> int:
         else:
             LOGGER.info("--dice-weight is 0: label maps are not used")
     network, path, sha256, name = load_starting_network(args.weights)
+    check_condition_options(args, network)
     _inherit_loss_settings(args, network.metadata)
+    if args.lam_range is not None:  # conditional (checked): the range this run trains on
+        network.conditioning = dataclasses.replace(network.conditioning,
+                                                   lam_range=tuple(args.lam_range))
     if args.region == "auto":  # the condition the BIDS App will register with
         from regpipe.workflows.jobs import AUTO_REGIONS
 
@@ -507,7 +559,8 @@ def _prepare_and_train(args: argparse.Namespace, started: float, pairs: dict[str
         print(f"stopped at step {state.step} of {options.steps} ({state.stopped_by}); run the "
               "same command again to continue")
     print(f"finetuned weights: {weights} (model card {weights.with_suffix('.md')})\n"
-          f"use them with: regpipe {args.bids_dir} OUT participant --weights {weights}")
+          f"use them with: regpipe {args.bids_dir} OUT participant "
+          f"{app_options(args, weights)}")
     return 130 if state.stopped_by == "signal" else int(ExitCode.SUCCESS)
 
 

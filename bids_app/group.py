@@ -145,16 +145,40 @@ def _metrics_files(root: Path) -> list[tuple[dict[str, Any], Path]]:
     # "subject"...), which pybids would otherwise read as conflicting entity values
     layout = bids_layout(root, derivative=True)
     chosen: dict[str, tuple[dict[str, Any], Path]] = {}
+    elsewhere: dict[Path, None] = {}  # a TSV and its JSON: one registration
     for bids_file in layout.get(return_type="object", suffix="metrics",
                                 extension=[".json", ".tsv"]):
         path = Path(bids_file.path)
-        if "subject" not in bids_file.get_entities(metadata=False):
+        entities = bids_file.get_entities(metadata=False)
+        if "subject" not in entities:
             continue  # the group level's own group/group_metrics.tsv, not a registration
+        if not _in_bids_folder(path.relative_to(root), entities):
+            elsewhere[path.with_name(path.name.rsplit(".", 1)[0])] = None  # a copy kept
+            continue  # by hand (anat.bak/), not an output
         stem = path.name.rsplit(".", 1)[0]
         key = str(path.with_name(stem))
         if key not in chosen or path.suffix == ".tsv":
-            chosen[key] = (bids_file.get_entities(metadata=False), path)
+            chosen[key] = (entities, path)
+    if elsewhere:
+        LOGGER.warning("%d metrics file(s) outside the sub-<label>/[ses-<label>/]<datatype>/ "
+                       "folders of %s left out (a copy kept by hand?), e.g. %s.*", len(elsewhere),
+                       root, next(iter(elsewhere)).relative_to(root))
     return [chosen[key] for key in sorted(chosen)]
+
+
+#: BIDS datatype folders (BIDS 1.10)
+BIDS_DATATYPES = frozenset(("anat", "func", "dwi", "fmap", "perf", "meg", "eeg", "ieeg", "beh",
+                            "pet", "micr", "nirs", "motion", "mrs"))
+
+
+def _in_bids_folder(relative: Path, entities: Mapping[str, Any]) -> bool:
+    """Whether a file lies where BIDS puts it: ``sub-<label>/[ses-<label>/]<datatype>/``."""
+    folders = relative.parts[:-1]
+    expected = [f"sub-{entities['subject']}"]
+    if entities.get("session") is not None:
+        expected.append(f"ses-{entities['session']}")
+    return list(folders[:-1]) == expected and folders[-1:] != () and \
+        folders[-1] in BIDS_DATATYPES
 
 
 def collect_rows(output_dir: Path, participant_label: Sequence[str] | None = None
@@ -278,8 +302,12 @@ def find_failures(output_dir: Path, rows: Sequence[Mapping[str, Any]], *,
                        method)
                 latest.pop(key, None)
                 latest[key] = (job, method)
+    by_subject: dict[tuple, list[Mapping[str, Any]]] = {}  # one pass: not rows x jobs
+    for row in rows:
+        by_subject.setdefault((row["method"], row["subject"], row["session"]), []).append(row)
     for job, method in latest.values():
-        matches = [row for row in rows if _row_matches(row, job, method)]
+        candidates = by_subject.get((method, job["subject"], job.get("session")), [])
+        matches = [row for row in candidates if _row_matches(row, job, method)]
         where = f"{Path(job['moving']).name} to {job_target(job)}"
         if not matches:
             failures.append({"subject": job["subject"], "session": job.get("session"),
@@ -447,13 +475,17 @@ def _ignore_group_folder(output_dir: Path) -> None:
     merge_bidsignore(output_dir, [f"{GROUP_DIR}/"])
 
 
+#: Metrics columns of a conditional network's condition (n/a for other rows)
+CONDITION_COLUMNS = ("condition_region", "condition_pair_type", "condition_lam")
+
+
 def _warn_mixed_models(rows: Sequence[Mapping[str, Any]]) -> None:
-    """Say so when different weights or ``--network-passes`` made one method's rows for a
-    target (subjects run again with other options, others not): the report splits them, the
-    TSV keeps one method."""
+    """Say so when different weights, ``--network-passes`` or conditions (region, pair type,
+    lam of a conditional network) made one method's rows for a target (subjects run again with
+    other options, others not): the report splits them, the TSV keeps one method."""
     values: dict[tuple[str, str, str], set[str]] = {}
     for row in rows:
-        for column in ("weights_sha256", "network_passes"):
+        for column in ("weights_sha256", "network_passes", *CONDITION_COLUMNS):
             if row.get(column) not in (None, "", "n/a"):
                 values.setdefault((column, str(row["method"]), str(row.get("target"))),
                                   set()).add(str(row[column]))
@@ -464,6 +496,10 @@ def _warn_mixed_models(rows: Sequence[Mapping[str, Any]]) -> None:
             LOGGER.warning("%s results for %s were made with different --network-passes (%s): "
                            "the group report summarises each separately", method, target,
                            ", ".join(sorted(found)))
+        elif column in CONDITION_COLUMNS:
+            LOGGER.warning("%s results for %s were made with different conditions (%s: %s): "
+                           "the group report summarises each separately", method, target,
+                           column, ", ".join(sorted(found)))
         else:
             LOGGER.warning(
                 "%s results for %s were made with %d different weights (sha256 %s): the group "

@@ -27,7 +27,8 @@ _NEEDED = ("warped", "jacobian", "metrics_json", "preproc")
 
 def subject_sections(jobs: Sequence[Mapping[str, Any]], methods: Sequence[str],
                      output_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """Report sections of one subject's jobs, and the outputs found missing."""
+    """Report sections of one subject's jobs, and one line per (job, method) whose outputs
+    are missing (its section label and the missing file names)."""
     from regpipe.workflows.derivatives import output_paths, section_label
     from regpipe.workflows.interfaces import report_section
 
@@ -35,9 +36,9 @@ def subject_sections(jobs: Sequence[Mapping[str, Any]], methods: Sequence[str],
     for job in jobs:
         for method in methods:
             paths = output_paths(output_dir, job, method)
-            absent = [str(paths[key]) for key in _NEEDED if not paths[key].is_file()]
+            absent = [paths[key].name for key in _NEEDED if not paths[key].is_file()]
             if absent:
-                missing += absent
+                missing.append(f"{section_label(job, method)}: missing {', '.join(absent)}")
                 continue
             sections.append(report_section(
                 method=method, fixed=str(job["fixed"]), warped=str(paths["warped"]),
@@ -129,25 +130,30 @@ def add_earlier_sections(jobs: Sequence[Mapping[str, Any]], methods: Sequence[st
     written = []
     for subject in sorted({key[0][0] for key in earlier} | set(always)):
         own = [job for job in jobs if job["subject"] == subject]
-        sections, _ = subject_sections(own, methods, output_dir)
+        sections, missing = subject_sections(own, methods, output_dir)
         added = 0
         for (job_key, method), job in earlier.items():
             if job_key[0] == subject:
                 try:
-                    found, _ = subject_sections([job], [method], output_dir)
+                    found, gone = subject_sections([job], [method], output_dir)
                 except (OSError, ValueError, KeyError) as error:  # a damaged earlier output
                     LOGGER.warning("sub-%s: %s section of %s left out of the page: %s",
                                    subject, method, Path(str(job["moving"])).name, error)
+                    missing.append(f"{Path(str(job['moving'])).name} ({method}): {error}")
                     continue
                 sections += found
+                missing += gone
                 added += len(found)
         if not sections or not (added or subject in always):
             continue
+        for line in missing:
+            LOGGER.warning("sub-%s: section left out of the page: %s", subject, line)
         sessions = {job.get("session") for job in own} | {
             job.get("session") for (job_key, _), job in earlier.items() if job_key[0] == subject}
         written.append(write_subject_report(
             subject=subject, session=sessions.pop() if len(sessions) == 1 else None,
             output_dir=output_dir, sections=sections, out_html=output_dir / f"sub-{subject}.html",
+            missing=missing,
         ))
         LOGGER.info("report %s: %d section(s) of earlier runs kept", written[-1], added)
     return written

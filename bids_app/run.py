@@ -396,9 +396,15 @@ def run_participant(args: argparse.Namespace, argv: Sequence[str] | None = None)
         network_passes=args.network_passes,
         report_skip=later,
     )
+    started, interrupted = time.time(), False
     try:
         _run(workflow, args, plugin, log_dir)
+    except BaseException as error:
+        interrupted = not isinstance(error, Exception)  # Ctrl-C, SIGTERM: no new drawing
+        raise
     finally:  # a failed subject must not cost the others their earlier sections
+        if not interrupted:  # pages the workflow did not draw (a method failed): from what
+            later = later | _pages_not_drawn(args.output_dir, jobs, started)  # is on disk
         _keep_earlier_report_sections(args, jobs, log_dir, later)
     LOGGER.info("finished %d job(s) x %d method(s); outputs in %s", len(jobs),
                 len(args.methods), args.output_dir)
@@ -408,6 +414,20 @@ def run_participant(args: argparse.Namespace, argv: Sequence[str] | None = None)
                        f"others finished): {left_out[0]}"
                        + (" (more in the log)" if len(left_out) > 1 else ""))
     return ExitCode.SUCCESS
+
+
+def _pages_not_drawn(output_dir: Path, jobs: list[dict[str, Any]], started: float) -> set[str]:
+    """Subjects whose page this run did not write (the workflow's report node waits for every
+    method, so one failed method left an earlier run's page, or none)."""
+    subjects = set()
+    for subject in {job["subject"] for job in jobs}:
+        page = Path(output_dir) / f"sub-{subject}.html"
+        try:
+            if page.stat().st_mtime < started:
+                subjects.add(subject)
+        except FileNotFoundError:
+            subjects.add(subject)
+    return subjects
 
 
 def _earlier_report_subjects(args: argparse.Namespace, jobs: list[dict[str, Any]],

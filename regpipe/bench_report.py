@@ -36,6 +36,7 @@ TRE_PLOT = "tre_boxplot.png"
 MEASURES: dict[str, tuple[str, int]] = {
     "dice_mean": ("Dice", 3),
     "hd95_mean_mm": ("HD95 (mm)", 2),
+    "hd95_missing": ("labels lost", 1),
     "tre_mean_mm": ("TRE mean (mm)", 2),
     "tre_max_mm": ("TRE max (mm)", 2),
     "folding_percent": ("folding (%)", 4),
@@ -45,9 +46,9 @@ MEASURES: dict[str, tuple[str, int]] = {
     "peak_memory_mb": ("peak memory (MB)", 0),
 }
 _FIRST_COLUMNS = ("pair", "subset", "method", "status", "error", "runtime_s", "peak_memory_mb",
-                  "dice_mean", "hd95_mean_mm", "tre_mean_mm", "tre_median_mm", "tre_max_mm",
-                  "folding_percent", "sd_log_jacobian", "min_jacobian", "max_jacobian",
-                  "ncc_after", "n_labels", "n_landmarks", "evaluation_s")
+                  "dice_mean", "hd95_mean_mm", "hd95_missing", "tre_mean_mm", "tre_median_mm",
+                  "tre_max_mm", "folding_percent", "sd_log_jacobian", "min_jacobian",
+                  "max_jacobian", "ncc_after", "n_labels", "n_landmarks", "evaluation_s")
 
 
 def _number(value: Any) -> float | None:
@@ -68,7 +69,10 @@ def _flat_row(row: Mapping[str, Any]) -> dict[str, Any]:
     flat = {key: value for key, value in row.items()
             if not isinstance(value, Mapping) and not isinstance(value, (list, tuple))}
     for key, value in (row.get("settings") or {}).items():
-        if not isinstance(value, (Mapping, list, tuple)):
+        if isinstance(value, Mapping):  # the condition a conditional network used, say
+            flat.update({f"setting_{key}_{k}": v for k, v in value.items()
+                         if not isinstance(v, (Mapping, list, tuple))})
+        elif not isinstance(value, (list, tuple)):
             flat[f"setting_{key}"] = value
     for name in ("dice", "hd95"):
         for label, value in (row.get(name) or {}).items():
@@ -134,7 +138,7 @@ def summary_table(rows: Sequence[Mapping[str, Any]]) -> str:
     for method in _methods(rows):
         mine = [r for r in rows if r["method"] == method]
         ok = [r for r in mine if r.get("status", "ok") == "ok"]
-        cells = [method, f"{len(ok)}/{len(mine)}"]
+        cells = [_text(method), f"{len(ok)}/{len(mine)}"]
         for key in keys:
             values = [v for v in (_number(r.get(key)) for r in ok) if v is not None]
             text = _mean_sd(values, MEASURES[key][1])
@@ -145,19 +149,23 @@ def summary_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _text(value: Any) -> str:
+    """``value`` as one markdown table cell or list item: one line, ``|`` escaped."""
+    return " ".join(str(value).split()).replace("|", "\\|")
+
+
 def _pair_table(rows: Sequence[Mapping[str, Any]]) -> str:
     keys = _present(rows)
-    head = ["pair", "method"] + [MEASURES[k][0] for k in keys]
+    head = ["pair", "method", "status"] + [MEASURES[k][0] for k in keys]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        if row.get("status", "ok") != "ok":
-            cells = [str(row["pair"]), str(row["method"]), "failed"] + [""] * (len(keys) - 1)
-        else:
-            cells = [str(row["pair"]), str(row["method"])]
-            for key in keys:
-                value = _number(row.get(key))
-                cells.append("-" if value is None else f"{value:.{MEASURES[key][1]}f}")
-        lines.append("| " + " | ".join(cells[: len(head)]) + " |")
+        ok = row.get("status", "ok") == "ok"
+        cells = [_text(row["pair"]), _text(row["method"]), "ok" if ok else "failed"]
+        for key in keys:
+            value = _number(row.get(key)) if ok else None
+            cells.append("" if not ok else "-" if value is None
+                         else f"{value:.{MEASURES[key][1]}f}")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -178,23 +186,47 @@ def markdown_report(rows: Sequence[Mapping[str, Any]], *, title: str = "regpipe-
         for subset in subsets:
             mine = [r for r in rows if str(r.get("subset", "")) == subset]
             parts += [f"### Subset `{subset}`", "", summary_table(mine), ""]
+    conditions = _conditions(rows)
+    if conditions:
+        parts += ["## Conditions of conditional weights (as used)", "", *conditions, ""]
     if figures:
         parts += ["## Figures", ""] + [f"![{name}]({name})" for name in figures] + [""]
     parts += ["## Per pair", "", _pair_table(rows), ""]
     if failed:
         parts += ["## Failures", ""]
-        parts += [f"- `{r['pair']}` / `{r['method']}`: {r.get('error', 'unknown error')}"
-                  for r in failed]
+        parts += [f"- `{_text(r['pair'])}` / `{_text(r['method'])}`: "
+                  f"{_text(r.get('error', 'unknown error'))}" for r in failed]
         parts.append("")
     parts += ["## Measures", "", _LEGEND]
     return "\n".join(parts) + "\n"
+
+
+def _conditions(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One line per method run with conditional weights: the condition registration used
+    (lam after clamping to the trained range, with the value asked for)."""
+    lines = []
+    for method in _methods(rows):
+        used: dict[str, None] = {}
+        for row in rows:
+            condition = (row.get("settings") or {}).get("condition")
+            if row["method"] == method and isinstance(condition, Mapping):
+                text = (f"region {condition.get('region')}, pair type "
+                        f"{condition.get('pair_type')}, lam {condition.get('lam')}")
+                if condition.get("lam_requested") is not None:
+                    text += f" (asked {condition['lam_requested']})"
+                used[text] = None
+        if used:
+            lines.append(f"- `{_text(method)}`: {'; '.join(used)}")
+    return lines
 
 
 _LEGEND = """\
 - Dice: overlap of each label between the fixed label map and the moving label map resampled
   onto the fixed grid (nearest neighbour), averaged over the labels scored.
 - HD95: per label, the larger of the two 95th percentiles of surface-to-surface distances (mm,
-  voxel spacing aware), averaged over the labels present in both maps.
+  voxel spacing aware), averaged over the labels present in both maps; labels lost: labels
+  of the fixed map that the warped moving map no longer contains (no HD95, so a mean over
+  fewer labels: compare HD95 only together with it).
 - TRE: distance (mm) between each fixed landmark mapped through the transform into moving space
   and its moving landmark; mean and maximum over the landmarks.
 - folding: share of region voxels whose Jacobian determinant is <= 0 (%); SD log J: standard

@@ -14,6 +14,7 @@ import math
 import os
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -67,9 +68,46 @@ def select_device(spec: str | torch.device = "auto") -> torch.device:
     return torch.device("cuda")
 
 
-#: cgroup v2 files of this process's CPU quota and memory limit (Docker --cpus / -m, SLURM).
+#: cgroup v2 files of this process's CPU quota and memory limit at the root of the cgroup
+#: file system (a container's own: Docker --cpus / -m).
 CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
 CGROUP_MEMORY_MAX = "/sys/fs/cgroup/memory.max"
+#: Where the cgroup file systems are mounted, and the file naming this process's cgroups: a
+#: SLURM job's limits sit in its own cgroup (``.../job_<id>/``), and cgroup v1 hosts keep them
+#: in per-controller trees (``memory/.../memory.limit_in_bytes``, ``cpu/.../cpu.cfs_quota_us``).
+CGROUP_ROOT = "/sys/fs/cgroup"
+PROC_CGROUP = "/proc/self/cgroup"
+#: v1 writes "no limit" as a huge number (9223372036854771712)
+_NO_V1_LIMIT = 2**60
+
+
+def _cgroup_folders() -> list[tuple[str, Path]]:
+    """``(version, folder)`` of this process's cgroups and their ancestors (a limit of any of
+    them applies), deepest first: ``("2", ...)`` under :data:`CGROUP_ROOT`, ``("memory",
+    ...)``/``("cpu", ...)`` in cgroup v1's controller trees. Their roots are left out (no
+    limit there; the v2 root files are :data:`CGROUP_CPU_MAX`/:data:`CGROUP_MEMORY_MAX`)."""
+    try:
+        lines = Path(PROC_CGROUP).read_text(encoding="ascii").splitlines()
+    except (OSError, ValueError):
+        return []
+    folders = []
+    for line in lines:
+        fields = line.split(":", 2)
+        if len(fields) != 3:
+            continue
+        controllers, parts = fields[1], Path(fields[2].strip().strip("/") or ".").parts
+        if parts == (".",):
+            continue
+        if controllers == "":
+            kinds = [("2", Path(CGROUP_ROOT))]
+        else:
+            names = controllers.split(",")
+            kinds = [(kind, Path(CGROUP_ROOT) / tree) for kind in ("memory", "cpu")
+                     if kind in names for tree in dict.fromkeys((controllers, kind))]
+        for kind, root in kinds:
+            folders += [(kind, root.joinpath(*parts[:depth]))
+                        for depth in range(len(parts), 0, -1)]
+    return folders
 
 
 def _read_first_line(path: str) -> str | None:
@@ -88,12 +126,19 @@ def available_cpus() -> int:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         cpus = os.cpu_count() or 1
-    quota = (_read_first_line(CGROUP_CPU_MAX) or "max").split()
-    if len(quota) == 2 and quota[0] != "max":
-        try:
-            cpus = min(cpus, max(1, math.ceil(int(quota[0]) / int(quota[1]))))
-        except (ValueError, ZeroDivisionError):
-            pass
+    quotas = [(_read_first_line(CGROUP_CPU_MAX) or "max").split()]
+    for kind, folder in _cgroup_folders():
+        if kind == "2":
+            quotas.append((_read_first_line(str(folder / "cpu.max")) or "max").split())
+        elif kind == "cpu":
+            quotas.append([_read_first_line(str(folder / name)) or "-1"
+                           for name in ("cpu.cfs_quota_us", "cpu.cfs_period_us")])
+    for quota in quotas:
+        if len(quota) == 2 and quota[0] not in ("max", "-1"):
+            try:
+                cpus = min(cpus, max(1, math.ceil(int(quota[0]) / int(quota[1]))))
+            except (ValueError, ZeroDivisionError):
+                pass
     slots = os.environ.get("NSLOTS", "")
     if slots.isdigit() and int(slots) > 0:
         cpus = min(cpus, int(slots))
@@ -101,12 +146,17 @@ def available_cpus() -> int:
 
 
 def memory_limit_gb() -> float | None:
-    """This process's cgroup memory limit in GB (``docker run -m``, a SLURM job), or ``None``
-    where there is none: MultiProc would otherwise plan with 90 % of the machine's RAM."""
-    text = _read_first_line(CGROUP_MEMORY_MAX)
-    if text is None or not text.isdigit():
-        return None
-    return int(text) / 1024**3
+    """This process's cgroup memory limit in GB (``docker run -m``, a SLURM job; cgroup v2 or
+    v1, the smallest of its cgroup's and their ancestors'), or ``None`` where there is none:
+    MultiProc would otherwise plan with 90 % of the machine's RAM."""
+    files = [CGROUP_MEMORY_MAX]
+    for kind, folder in _cgroup_folders():
+        if kind in ("2", "memory"):
+            files.append(str(folder / ("memory.max" if kind == "2" else
+                                       "memory.limit_in_bytes")))
+    limits = [int(text) for text in map(_read_first_line, files)
+              if text is not None and text.isdigit() and int(text) < _NO_V1_LIMIT]
+    return min(limits) / 1024**3 if limits else None
 
 
 def set_threads(n: int | None) -> int:

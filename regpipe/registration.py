@@ -133,10 +133,12 @@ class RegistrationResult:
             {"transform_out": transform_out, "inverse_out": inverse_out,
              "warped_out": warped_out, "jacobian_out": jacobian_out},
             {"fixed": self.fixed.path, "moving": self.moving.path})
+        # the transforms themselves, densified by write_transform on the images' grids (or on
+        # a grid with orthogonal axes covering a sheared one: exact there too)
         if transform_out is not None:
-            write_transform(self.forward_field(), transform_out)
+            write_transform(self.forward, transform_out, reference=self.fixed.geometry)
         if inverse_out is not None:
-            write_transform(self.inverse_field(), inverse_out)
+            write_transform(self.inverse, inverse_out, reference=self.moving.geometry)
         if warped_out is not None:
             save_image(self.warped, warped_out)
         if jacobian_out is not None:

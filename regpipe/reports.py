@@ -61,7 +61,8 @@ COMPARED_METRICS: tuple[tuple[str, str, str, str], ...] = (
     ("ncc_before", "NCC before", "{:.3f}", ""),
     ("ncc_after", "NCC after", "{:.3f}", "max"),
     ("folding_percent", "Folding (%)", "{:.3f}", "min"),
-    ("sd_log_jacobian", "SD log J", "{:.3f}", "min"),
+    # smoothness is a trade-off, not a score (an affine's SD log J is 0): never bold
+    ("sd_log_jacobian", "SD log J", "{:.3f}", ""),
     ("dice_mean", "Mean Dice", "{:.3f}", "max"),
 )
 #: Titles of the other metrics a method reports (the per-method table shows every metric).
@@ -341,18 +342,32 @@ def _metric_rows(metrics: Mapping[str, Any]) -> list[list[str]]:
     return rows
 
 
+def _registration_key(section: Mapping[str, Any]) -> tuple[str, str]:
+    """What a section registered: its warped file's entities but the description (one image
+    to one target: res and cohort included) and its space; methods of one key are compared."""
+    warped = section.get("warped")
+    name = Path(warped).name if isinstance(warped, (str, Path)) else ""
+    entities = "_".join(f"{k}-{v}" for k, v in re.findall(
+        r"(?:^|_)([a-z]+)-([A-Za-z0-9]+)(?=_)", name) if k != "desc")
+    return entities, str(section.get("space"))
+
+
 def _comparison_table(sections: Sequence[Mapping[str, Any]]) -> str:
-    """One row per method, one column per compared metric; the best value of a column bold."""
+    """One row per method, one column per compared metric; the best value of a column among
+    the methods of one registration (image and target) bold."""
     metrics = [dict(section.get("metrics") or {}) for section in sections]
     values = {
         key: [_dice_mean(m) if key == "dice_mean" else to_float(m.get(key)) for m in metrics]
         for key, *_ in COMPARED_METRICS
     }
-    best: dict[str, float] = {}
+    groups = [_registration_key(section) for section in sections]
+    best: dict[tuple[str, tuple[str, str]], float] = {}
     for key, _, _, better in COMPARED_METRICS:
-        finite = [v for v in values[key] if not math.isnan(v)]
-        if better and len(finite) > 1:
-            best[key] = min(finite) if better == "min" else max(finite)
+        for group in set(groups):
+            finite = [v for v, g in zip(values[key], groups, strict=True)
+                      if g == group and not math.isnan(v)]
+            if better and len(finite) > 1:
+                best[key, group] = min(finite) if better == "min" else max(finite)
     rows = []
     for index, section in enumerate(sections):
         method = str(section.get("method"))
@@ -363,7 +378,7 @@ def _comparison_table(sections: Sequence[Mapping[str, Any]]) -> str:
         ]
         for key, _, template, _ in COMPARED_METRICS:
             value = values[key][index]
-            is_best = key in best and value == best[key]
+            is_best = value == best.get((key, groups[index]))
             cells.append(_td(_format(value, template), numeric=True, best=is_best))
         rows.append(cells)
     header = ["Method", "Id", "Space"] + [title for _, title, _, _ in COMPARED_METRICS]
@@ -375,13 +390,18 @@ _IMAGE_ENTITIES = ("ses", "task", "acq", "ce", "rec", "dir", "run", "echo", "fli
                    "part", "chunk")
 
 
-def _image_entities(image: Any, page_entities: str) -> str:
+#: Entities of the target (a template's cohort and resolution) in an output's file name
+_TARGET_ENTITIES = ("cohort", "res")
+
+
+def _image_entities(image: Any, page_entities: str,
+                    keys: Sequence[str] = _IMAGE_ENTITIES) -> str:
     """``_ses-2_run-1``: the entities of ``image``'s file name (a path; nothing for an image
-    in memory) among :data:`_IMAGE_ENTITIES` that ``page_entities`` does not already hold."""
+    in memory) among ``keys`` that ``page_entities`` does not already hold."""
     if not isinstance(image, (str, Path)):
         return ""
     pairs = dict(re.findall(r"(?:^|_)([a-z]+)-([A-Za-z0-9]+)(?=_)", Path(image).name))
-    return "".join(f"_{key}-{pairs[key]}" for key in _IMAGE_ENTITIES
+    return "".join(f"_{key}-{pairs[key]}" for key in keys
                    if key in pairs and f"{key}-{pairs[key]}" not in page_entities.split("_"))
 
 
@@ -393,6 +413,7 @@ def write_subject_report(
     sections: list[dict],
     out_html: Path,
     cuts_per_view: int = 7,
+    missing: Sequence[str] = (),
 ) -> Path:
     """Write one standalone HTML QC page for a subject, comparing registration methods.
 
@@ -414,6 +435,9 @@ def write_subject_report(
         The page to write; its figure links are relative to its folder.
     cuts_per_view
         Slices per view (axial, sagittal, coronal) in every figure.
+    missing
+        Registrations not on the page because their outputs are missing (a method that
+        failed, deleted files), one line each: listed at the top of the page.
 
     Returns
     -------
@@ -442,7 +466,8 @@ def write_subject_report(
         # the image's own entities (session, acquisition, run...) from its file name, so that
         # figures of one subject's several images keep their names whatever the order
         own = _image_entities(section.get("warped"), entities)
-        stem = f"{entities}{own}_space-{space_id}_desc-{method_id}"
+        target = _image_entities(section.get("warped"), entities, _TARGET_ENTITIES)
+        stem = f"{entities}{own}_space-{space_id}{target}_desc-{method_id}"
         stem = f"{stem}{index}" if stem in stems else stem  # same method, image and space
         stems.add(stem)
         anchor = f"method-{index}-{method_id}"
@@ -453,12 +478,22 @@ def write_subject_report(
         )
         parts += _method_html(section, stem, figures, out_html, cuts_per_view, drawn)
         parts.append("</section>")
+    notice = []
+    if missing:
+        items = "".join(f"<li>{_e(line)}</li>" for line in missing)
+        notice = [(f'<section id="missing"><h2 class="error">Not on this page: outputs missing'
+                  f"</h2><p>These registrations have no complete outputs (the method failed "
+                  f"in the latest run, or files were removed); see the crash files in "
+                  f"<code>logs/</code> and the group report.</p><ul>{items}</ul></section>")]
     body = [
         f"<h1>regpipe registration report: {_e(title)}</h1>",
+        *notice,
         f"<nav>{''.join(nav)}</nav>",
         '<section id="comparison"><h2>Methods side by side</h2>',
         _comparison_table(sections),
-        "<p>The best value of each column is in bold.</p></section>",
+        ("<p>The best value of each column among the methods of one registration (image and "
+        "target) is in bold; SD log J never is (smoothness is a trade-off, and an affine's is "
+        "0).</p></section>"),
         *parts,
     ]
     page = _page(f"regpipe: {title}", body)
@@ -504,13 +539,17 @@ def _summary_table(rows: Sequence[Mapping[str, Any]], methods: list[str]) -> str
 
 #: Row columns that tell two models apart, and how a method label shows them
 _MODEL_COLUMNS = (("weights_sha256", lambda v: f"weights {str(v)[:12]}"),
-                  ("network_passes", lambda v: f"{_format(v)} pass(es)"))
+                  ("network_passes", lambda v: f"{_format(v)} pass(es)"),
+                  ("condition_region", lambda v: f"region {v}"),
+                  ("condition_pair_type", lambda v: str(v)),
+                  ("condition_lam", lambda v: f"lam {_format(v)}"))
 
 
 def _split_by_model(rows: Sequence[Mapping[str, Any]]) -> list[dict]:
-    """Rows of one method made with different network weights (``weights_sha256``) or number
-    of network passes (``network_passes``) get them in their method label, so the summary
-    and plots never pool two models."""
+    """Rows of one method made with different network weights (``weights_sha256``), number
+    of network passes (``network_passes``) or condition of a conditional network
+    (``condition_region``, ``condition_pair_type``, ``condition_lam``) get them in their
+    method label, so the summary and plots never pool two models or settings."""
     def given(value: Any) -> bool:
         return value not in (None, "", "n/a")
 
@@ -544,10 +583,10 @@ def write_group_report(
         One dict per registration: ``subject``, ``session``, ``method``, ``runtime_s``,
         ``peak_memory_mb``, ``folding_percent``, ``sd_log_jacobian``, ``ncc_after`` and
         optionally ``dice_mean``, ``target`` (what it was registered to: rows of several
-        targets are summarised per method and target, never pooled), ``weights_sha256`` and
-        ``network_passes`` (rows of one method made with different weights or passes are
-        summarised separately); ``None``, ``"n/a"`` and missing values are left out of the
-        statistics.
+        targets are summarised per method and target, never pooled), ``weights_sha256``,
+        ``network_passes`` and ``condition_*`` (rows of one method made with different
+        weights, passes or conditions are summarised separately); ``None``, ``"n/a"`` and
+        missing values are left out of the statistics.
     failures
         One dict per failure: ``subject`` and ``reason`` (``session`` and ``method`` are shown
         when present).
@@ -591,6 +630,7 @@ def write_group_report(
         plot = _attempt(f"{key} plot", plot_group_metric, rows, key, out, title=title)
         if plot is None:
             body.append(f"<p>{_e(title)}: no values.</p>")
+            out.unlink(missing_ok=True)  # an earlier run's plot would show other data
         else:
             caption = f"{title} per method; each point is one registration."
             body.append(_figure_html(plot, out_html, caption))

@@ -270,11 +270,26 @@ def _as_field(transform: Transform, reference: Geometry | None) -> DisplacementF
         LOGGER.warning(
             "the displacement field's grid has sheared voxel axes, which ITK and ANTs cannot "
             "store: writing it on an orthogonal grid of %s voxels that covers it (same voxel "
-            "sizes, resampled)", "x".join(str(n) for n in cover.shape))
-        field = DisplacementField.from_transform(field, cover)
+            "sizes)", "x".join(str(n) for n in cover.shape))
+        if field is transform:  # only the field is known: its edge values extend outwards
+            field = DisplacementField.from_transform(_EdgeExtended(field), cover)
+        else:  # the transform itself on the cover: exact at every voxel (a resampled field
+            # would blend the zeros beyond the sheared grid into its outer voxels)
+            field = DisplacementField.from_transform(transform, cover)
     if not np.all(np.isfinite(field.field)):
         raise TransformFileError("the displacement field holds NaN or infinite values")
     return field
+
+
+@dataclass(frozen=True)
+class _EdgeExtended:
+    """A displacement field whose edge values extend beyond its grid (not ITK's zero), so
+    that resampling it onto a grid covering it blends no zeros into its outer voxels."""
+
+    field: DisplacementField
+
+    def map_points(self, points: NDArray[np.floating]) -> NDArray[np.float64]:
+        return self.field.map_points(points, outside="border")
 
 
 def _itk_grid(
@@ -374,6 +389,7 @@ def _from_sitk(transform: sitk.Transform, depth: int = 0) -> list[Transform]:
         if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 3:
             raise TransformFileError("only 3-D displacement fields with 3 components are read")
         data = sitk.GetArrayFromImage(image).transpose(2, 1, 0, 3).astype(np.float32)
+        _check_finite(data, "the ITK displacement-field transform")
         data[..., :2] *= -1  # LPS -> RAS
         return [DisplacementField(_geometry_from_itk(image), np.ascontiguousarray(data))]
     raise TransformFileError(
@@ -443,8 +459,20 @@ def _read_nifti_field(path: Path, allow_nonstandard: bool) -> DisplacementField:
         )
     affine = _itk_header_affine(image, path, allow_nonstandard)
     data = np.asarray(image.dataobj).astype(np.float32).reshape(*shape[:3], 3)
+    _check_finite(data, path)
     data[..., :2] *= -1  # LPS -> RAS
     return DisplacementField(Geometry(shape[:3], affine), data)
+
+
+def _check_finite(data: NDArray[np.float32], origin: object) -> None:
+    """Refuse a field with NaN or infinite displacements (ITK reads them as none, which
+    would warp those voxels by the identity without a word)."""
+    bad = ~np.isfinite(data).all(axis=-1)
+    if bad.any():
+        raise TransformFileError(
+            f"{origin} holds NaN or infinite displacements at {int(bad.sum())} of {bad.size} "
+            "voxels (ITK and ANTs would read them as no displacement); replace them, e.g. "
+            "numpy.nan_to_num, and write the field again")
 
 
 def _itk_header_affine(
@@ -460,6 +488,17 @@ def _itk_header_affine(
                 "sform, other tools the qform. Rewrite the header with both set to the same "
                 "matrix, or pass allow_nonstandard=True to use the sform as ITK does."
             )
+        # ITK takes the voxel sizes from pixdim, only the directions and origin from the sform
+        columns = np.linalg.norm(sform[:3, :3], axis=0)
+        zooms = np.asarray(image.header.get_zooms()[:3], dtype=np.float64)
+        if np.any(np.abs(columns - zooms) > 0.01 * np.maximum(zooms, 1e-6)) \
+                and not allow_nonstandard:
+            raise TransformFileError(
+                f"{path}: its sform has voxel sizes {np.round(columns, 4).tolist()} but its "
+                f"header (pixdim) says {np.round(zooms, 4).tolist()}; ITK and ANTs take pixdim, "
+                "nibabel the sform, so they would place the field differently. Rewrite the "
+                "header (nibabel: header.set_zooms), or pass allow_nonstandard=True to use the "
+                "sform.")
         return np.asarray(sform, dtype=np.float64)
     if scode and not qcode:
         raise TransformFileError(
@@ -570,6 +609,8 @@ def _read_itk(path: Path, allow_nonstandard: bool) -> Transform:
         parts = _merge_linear(_from_sitk(transform))
     except RuntimeError as exc:  # an ITK type SimpleITK cannot map points with
         raise TransformFileError(f"cannot read {path}: {_short_message(exc)}") from exc
+    except TransformFileError as exc:
+        raise TransformFileError(f"{path}: {exc}") from None
     if not parts:
         return AffineTransform.identity()
     return parts[0] if len(parts) == 1 else compose(*parts)

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
@@ -161,12 +161,15 @@ class DisplacementField:
                 f"field shape {self.field.shape} does not match grid {self.geometry.shape} x 3"
             )
 
-    def map_points(self, points: NDArray[np.floating]) -> NDArray[np.float64]:
+    def map_points(self, points: NDArray[np.floating], *,
+                   outside: Literal["zeros", "border"] = "zeros") -> NDArray[np.float64]:
+        """``x + field(x)``; ``outside="border"`` repeats the edge values beyond the grid
+        instead of the zero displacement of ITK's convention."""
         world = np.asarray(points, dtype=np.float64)
         vox = self.geometry.world_to_voxel(world)
         tensor = torch.from_numpy(np.ascontiguousarray(self.field.transpose(3, 2, 1, 0)))[None]
         idx = torch.from_numpy(vox[..., ::-1].astype(np.float32).copy())
-        disp = sample_network(tensor.float(), idx, padding="zeros")
+        disp = sample_network(tensor.float(), idx, padding=outside)
         return world + disp.numpy().astype(np.float64)
 
     @classmethod

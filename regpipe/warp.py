@@ -162,8 +162,10 @@ def _warn_if_field_misses(transform: Transform, geometry: Geometry) -> None:
     """Warn when a displacement field covers less than half of the reference grid: outside
     its grid it displaces nothing (ITK's convention), which usually means the transform was
     made for another fixed image."""
-    from regpipe.transforms import DisplacementField, GridTransform
+    from regpipe.transforms import ComposedTransform, DisplacementField, GridTransform
 
+    while isinstance(transform, ComposedTransform) and transform.transforms:
+        transform = transform.transforms[0]  # the part applied to the reference's points
     if isinstance(transform, DisplacementField):
         field_grid = transform.geometry
     elif isinstance(transform, GridTransform) and transform.outside == "zeros":

@@ -598,6 +598,31 @@ def test_summary_table_takes_rows_without_status():
     assert table[3] == "| ants-syn | 1/1 | 0.750 | - |"
 
 
+def test_report_shows_lost_labels_conditions_and_survives_odd_text():
+    from regpipe.bench_report import csv_text, markdown_report
+
+    condition = {"region": "thorax", "pair_type": "inter", "lam": 20.0, "lam_requested": 50.0}
+    rows = [
+        # lost a label: a better-looking HD95 mean over fewer labels
+        {"pair": "a|b", "method": "ours", "status": "ok", "dice_mean": 0.5, "hd95_mean_mm": 1.0,
+         "hd95_missing": 1, "settings": {"smoothness": 50.0, "condition": condition}},
+        {"pair": "a|b", "method": "syn", "status": "ok", "dice_mean": 0.7, "hd95_mean_mm": 2.0,
+         "hd95_missing": 0, "settings": {}},
+        {"pair": "c", "method": "syn", "status": "error",
+         "error": "ITK ERROR:\n  line two | with a bar"},
+    ]
+    text = markdown_report(rows)
+    assert "| ours | 1/1 | 0.500 | 1.00 | 1.0 |" in text  # labels lost beside HD95
+    assert "| a\\|b | ours | ok | 0.500 | 1.00 | 1.0 |" in text  # the pair's bar escaped
+    assert "| c | syn | failed |  |  |  |" in text  # a failed row keeps its columns
+    assert "- `c` / `syn`: ITK ERROR: line two \\| with a bar" in text  # one line
+    assert "- `ours`: region thorax, pair type inter, lam 20.0 (asked 50.0)" in text
+    header, first = csv_text(rows).splitlines()[:2]
+    values = dict(zip(header.split(","), first.split(","), strict=True))
+    assert values["setting_condition_lam"] == "20" and values["setting_smoothness"] == "50"
+    assert values["setting_condition_region"] == "thorax" and values["hd95_missing"] == "1"
+
+
 def _good_pair_file(pair_files: Path, tmp_path: Path) -> Path:
     """A pairs file holding only the fixture's readable pair, with absolute paths."""
     good = json.loads((pair_files / "pairs.json").read_text())["pairs"][0]

@@ -512,6 +512,7 @@ def test_memory_defaults_to_85_percent_of_a_container_limit(tmp_path, template_f
     limit = tmp_path / "memory.max"
     limit.write_text(f"{10 * 1024**3}\n")
     monkeypatch.setattr(device, "CGROUP_MEMORY_MAX", str(limit))
+    monkeypatch.setattr(device, "PROC_CGROUP", str(tmp_path / "none"))  # not this machine's
     bids_dir = two_subjects(tmp_path / "bids")
     assert participant(bids_dir, tmp_path, template_file) == 0
     ((_, plugin_args),) = fake_wf["workflow"].runs
@@ -528,6 +529,26 @@ def test_slurm_plugin_and_plugin_args(tmp_path, template_file, fake_wf):
     # one squeue per job per poll: not every 0.5 s; slow shared file systems get 60 s
     assert float(execution["poll_sleep_duration"]) >= 2
     assert int(execution["job_finished_timeout"]) == 60
+
+
+def test_batch_plugins_wait_60_s_for_result_files_in_a_real_workflow(monkeypatch):
+    """Nipype's own default (5 s) is in every real workflow's configuration already."""
+    from nipype.pipeline import engine as pe
+    from regpipe.workflows.base import run_workflow
+
+    workflow = pe.Workflow("w")
+    assert float(workflow.config["execution"]["job_finished_timeout"]) == 5
+    runs = []
+    monkeypatch.setattr(workflow, "run", lambda **kwargs: runs.append(kwargs))
+    run_workflow(workflow, plugin="SLURM")
+    assert runs and float(workflow.config["execution"]["job_finished_timeout"]) == 60
+
+
+def test_a_batch_plugin_is_not_bound_by_this_machines_cpus(tmp_path):
+    """--omp-nthreads sizes each node's job; a login node's --nprocs does not bound it."""
+    args = parse_args([str(tmp_path), str(tmp_path / "out"), "participant", "--plugin",
+                       "SLURM", "--nprocs", "2", "--omp-nthreads", "4"])
+    assert args.omp_nthreads == 4
 
 
 def test_bids_filter_file_null_and_value(tmp_path, template_file, fake_wf):
@@ -1340,6 +1361,46 @@ def test_group_warns_when_one_table_mixes_weights(tmp_path, monkeypatch, caplog)
     assert "weights_sha256" in (out / "group" / "group_metrics.tsv").read_text().splitlines()[0]
 
 
+def test_group_warns_when_one_table_mixes_conditions(tmp_path, monkeypatch, caplog):
+    bids_dir = two_subjects(tmp_path / "bids")
+    out = tmp_path / "out"
+    _dataset(out)
+    for subject, lam in (("01", 1.5), ("02", 20)):  # sub-02 rerun with --smoothness 20
+        _metrics_tsv(out / f"sub-{subject}" / "anat" / f"sub-{subject}_space-{TPL}_desc-T1w_"
+                     "metrics.tsv", subject=subject, method="network", weights_sha256="a" * 64,
+                     condition_region="brain", condition_pair_type="inter", condition_lam=lam)
+    from regpipe import reports
+
+    monkeypatch.setattr(reports, "write_group_report", lambda rows, failures, out_html: out_html)
+    with caplog.at_level("WARNING", logger="regpipe"):
+        assert regpipe(bids_dir, out, "group", work=tmp_path / "work") == 0
+    assert "were made with different conditions (condition_lam: 1.5, 20)" in caplog.text
+    assert "condition_region" not in caplog.text  # one region: no warning for it
+
+
+def test_group_leaves_out_metrics_copied_outside_the_bids_folders(tmp_path, monkeypatch,
+                                                                   caplog):
+    import shutil
+
+    bids_dir = two_subjects(tmp_path / "bids")
+    out = tmp_path / "out"
+    _dataset(out)
+    for subject in ("01", "02"):
+        _metrics_tsv(out / f"sub-{subject}" / "anat" / f"sub-{subject}_space-{TPL}_desc-T1w_"
+                     "metrics.tsv", subject=subject, method="network")
+    shutil.copytree(out / "sub-02" / "anat", out / "sub-02" / "anat.bak")  # kept by hand
+    from regpipe import reports
+
+    seen = {}
+    monkeypatch.setattr(reports, "write_group_report",
+                        lambda rows, failures, out_html: seen.update(rows=rows) or out_html)
+    with caplog.at_level("WARNING", logger="regpipe"):
+        assert regpipe(bids_dir, out, "group", work=tmp_path / "work") == 0
+    assert sorted(row["subject"] for row in seen["rows"]) == ["01", "02"]
+    assert "1 metrics file(s) outside the sub-<label>" in caplog.text
+    assert "anat.bak" in caplog.text
+
+
 def test_longitudinal_skips_are_one_line_per_reason(caplog):
     from regpipe.bids_app.bids import Image, longitudinal_pairs
 
@@ -1355,6 +1416,48 @@ def test_longitudinal_skips_are_one_line_per_reason(caplog):
     assert line.startswith("30 subject(s) skipped, 1 session(s); longitudinal mode needs two: "
                            "sub-01, sub-02")
     assert line.endswith("and 20 more")
+
+
+def test_a_page_the_workflow_did_not_draw_is_drawn_with_the_missing_methods(
+        tmp_path, monkeypatch, caplog):
+    """One failed method kept the workflow's report node from running: after the run the page
+    is drawn from the outputs on disk, naming the registration that has none."""
+    import time
+
+    from regpipe.bids_app import run as run_module
+    from regpipe.bids_app.reports_only import add_earlier_sections
+    from regpipe.workflows.derivatives import output_paths
+
+    from regpipe import reports
+
+    out = tmp_path / "out"
+    job = {"subject": "01", "session": None, "moving": str(tmp_path / "sub-01_T1w.nii.gz"),
+           "entities": {"subject": "01", "suffix": "T1w", "datatype": "anat",
+                        "extension": ".nii.gz"},
+           "suffix": "T1w", "modality": "mri", "fixed": str(tmp_path / "tpl.nii.gz"),
+           "fixed_space": TPL, "pair_type": "inter", "fixed_mask": None, "moving_mask": None,
+           "fixed_labels": None, "moving_labels": None, "source_uri": "bids:raw:sub-01_T1w",
+           "weights_sha256": None}
+    for path in output_paths(out, job, "network").values():  # the network finished
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("runtime_s\n1\n" if path.suffix == ".tsv" else "{}")
+    page = out / "sub-01.html"
+    page.write_text("an earlier run's page")
+    started = time.time() + 1
+    assert run_module._pages_not_drawn(out, [job], started) == {"01"}
+    assert run_module._pages_not_drawn(out, [job], started - 10) == set()  # drawn by the run
+    page.unlink()
+    assert run_module._pages_not_drawn(out, [job], started - 10) == {"01"}  # none drawn
+    drawn = {}
+    monkeypatch.setattr(reports, "write_subject_report",
+                        lambda **kwargs: drawn.update(kwargs) or kwargs["out_html"])
+    with caplog.at_level("WARNING", logger="regpipe"):
+        assert add_earlier_sections([job], ["network", "ants-syn"], out, [],
+                                    always={"01"}) == [page]
+    assert [section["method"] for section in drawn["sections"]] == ["network"]
+    (line,) = drawn["missing"]
+    assert line.startswith(f"T1w -> {TPL} (ants-syn): missing sub-01_space-")
+    assert "section left out of the page: T1w" in caplog.text
 
 
 def test_a_damaged_earlier_output_costs_its_section_only(tmp_path, caplog):

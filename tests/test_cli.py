@@ -223,6 +223,16 @@ def test_itk_output_of_a_sheared_fixed_grid_is_refused_before_any_work(files, tm
     assert register_cli.main(args) == 1
     assert "--warped_moving_out" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sheared.nii.gz"]
+    # regpipe-jacobian: the .mha output is refused before the .nii.gz one is written
+    from regpipe.transform_files import write_transform
+    from regpipe.transforms import AffineTransform
+
+    write_transform(AffineTransform.identity(), tmp_path / "id.mat")
+    assert jacobian_cli.main(["--fixed", str(sheared), "--transform", str(tmp_path / "id.mat"),
+                              "--jacob", str(tmp_path / "j.nii.gz"),
+                              "--log_jacob", str(tmp_path / "lj.mha")]) == 1
+    assert "lj.mha" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["id.mat", "sheared.nii.gz"]
 
 
 def test_two_dimensional_file_is_one_clear_line(files, tmp_path, capsys):

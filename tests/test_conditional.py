@@ -214,6 +214,14 @@ def test_conditional_file_is_refused_by_a_plain_or_other_mode_network(tmp_path):
         load_weights(ConditionalRegistrationNetwork(TINY, ConditioningConfig("dynamic")), path)
 
 
+def test_a_conditional_networks_bare_state_dict_says_how_to_save_it(tmp_path):
+    network = ConditionalRegistrationNetwork.from_base(_base(), "film")
+    torch.save(network.state_dict(), tmp_path / "bare.pt")  # no conditioning in the file
+    with pytest.raises(WeightsError, match=r"bare state dict of a conditional network.*"
+                                           r"save_weights"):
+        network_from_file(tmp_path / "bare.pt")
+
+
 # ----------------------------------------------------------------------------- training
 
 

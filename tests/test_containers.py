@@ -196,6 +196,7 @@ def test_caches_live_in_the_image_not_in_home(dockerfile):
         assert env[name].startswith("/opt/"), name
     assert env["MPLCONFIGDIR"].startswith("/tmp/")  # writable by any UID
     assert env["NIPYPE_NO_ET"] == "1"  # no version check over the network at start-up
+    assert env["PYTHONNOUSERSITE"] == "1"  # the host's ~/.local (Apptainer mounts $HOME)
     prefetch = next(r for r in dockerfile.all("RUN") if "regpipe-templates" in r)
     assert 'chmod -R a+rX "${REGPIPE_HOME}" "${TEMPLATEFLOW_HOME}"' in prefetch
 

@@ -85,6 +85,7 @@ def test_available_cpus_honour_a_cpu_quota_and_sge_slots(monkeypatch, tmp_path) 
     quota = tmp_path / "cpu.max"
     quota.write_text("150000 100000\n")  # docker run --cpus 1.5
     monkeypatch.setattr(device, "CGROUP_CPU_MAX", str(quota))
+    monkeypatch.setattr(device, "PROC_CGROUP", str(tmp_path / "none"))  # not this machine's
     monkeypatch.setattr(device.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     assert available_cpus() == 2
     quota.write_text("max 100000\n")
@@ -98,8 +99,44 @@ def test_memory_limit_from_the_cgroup(monkeypatch, tmp_path) -> None:
 
     limit = tmp_path / "memory.max"
     monkeypatch.setattr(device, "CGROUP_MEMORY_MAX", str(limit))
+    monkeypatch.setattr(device, "PROC_CGROUP", str(tmp_path / "none"))  # not this machine's
     assert device.memory_limit_gb() is None  # no file
     limit.write_text("max\n")
     assert device.memory_limit_gb() is None
     limit.write_text(f"{8 * 1024**3}\n")
     assert device.memory_limit_gb() == 8.0
+
+
+@pytest.mark.parametrize("version", ["2", "1"])
+def test_limits_of_a_slurm_jobs_own_cgroup(monkeypatch, tmp_path, version) -> None:
+    """A SLURM job's limits sit in its own cgroup, not at the root of the file system; on a
+    cgroup v1 host in the memory and cpu controller trees."""
+    from regpipe import device
+
+    job = "system.slice/slurmstepd.scope/job_42/step_0"
+    proc = tmp_path / "cgroup"
+    root = tmp_path / "sys"
+    if version == "2":
+        proc.write_text(f"0::/{job}\n")
+        (root / job).mkdir(parents=True)
+        (root / "system.slice/slurmstepd.scope/job_42/memory.max").write_text(
+            f"{6 * 1024**3}\n")  # the job's limit, one level up from the step
+        (root / job / "memory.max").write_text("max\n")
+        (root / "system.slice/slurmstepd.scope/job_42/cpu.max").write_text("300000 100000\n")
+    else:
+        proc.write_text(f"4:memory:/{job}\n3:cpu,cpuacct:/{job}\n1:name=systemd:/{job}\n")
+        (root / "memory" / job).mkdir(parents=True)
+        (root / "memory" / job / "memory.limit_in_bytes").write_text(f"{6 * 1024**3}\n")
+        (root / "memory/system.slice/memory.limit_in_bytes").write_text(
+            "9223372036854771712\n")  # v1's "no limit"
+        (root / "cpu,cpuacct" / job).mkdir(parents=True)
+        (root / "cpu,cpuacct" / job / "cpu.cfs_quota_us").write_text("300000\n")
+        (root / "cpu,cpuacct" / job / "cpu.cfs_period_us").write_text("100000\n")
+    monkeypatch.setattr(device, "PROC_CGROUP", str(proc))
+    monkeypatch.setattr(device, "CGROUP_ROOT", str(root))
+    monkeypatch.setattr(device, "CGROUP_MEMORY_MAX", str(root / "memory.max"))  # absent
+    monkeypatch.setattr(device, "CGROUP_CPU_MAX", str(root / "cpu.max"))
+    monkeypatch.setattr(device.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.delenv("NSLOTS", raising=False)
+    assert device.memory_limit_gb() == 6.0
+    assert available_cpus() == 3

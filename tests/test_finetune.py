@@ -447,11 +447,61 @@ def test_loss_settings_and_region_default_to_what_the_weights_and_the_app_use(da
     assert card["training"]["options"]["lncc_sigma"] == 2.0
     assert card["training"]["options"]["similarity"] == "lncc2"
     assert card["finetuning"]["region"] == "brain"  # the App's condition for MRI
+    assert card["usage"].endswith(f"--weights {out / 'weights.pt'}")
     given = tmp_path / "given"
     assert finetune.main([str(data["bids"]), str(given), "--weights", str(start), *FAST,
-                          "--lncc-sigma", "4", "--region", "other"]) == 0
+                          "--lncc-sigma", "4"]) == 0
     assert _card(given)["training"]["options"]["lncc_sigma"] == 4.0
-    assert _card(given)["finetuning"]["region"] == "other"
+
+
+def _conditional_start(tmp_path: Path, lam_range=(0.3, 6.0)) -> Path:
+    from regpipe.networks.conditional import ConditionalRegistrationNetwork, ConditioningConfig
+
+    network = ConditionalRegistrationNetwork(TINY, ConditioningConfig("film", lam_range=lam_range))
+    return save_weights(network, tmp_path / "cond.pt", {"name": "cond", "grid_mode": "isotropic"})
+
+
+def test_the_usage_names_a_region_the_app_would_not_choose(data, tmp_path, capsys):
+    start = _conditional_start(tmp_path)
+    out = tmp_path / "run"
+    assert finetune.main([str(data["bids"]), str(out), "--weights", str(start), *FAST,
+                          "--region", "lung"]) == 0
+    card = _card(out)
+    assert card["finetuning"]["region"] == "thorax"
+    # the App's --region auto would condition on brain for these T1w images
+    assert card["usage"].endswith(f"--weights {out / 'weights.pt'} --region thorax")
+    assert f"--weights {out / 'weights.pt'} --region thorax" in capsys.readouterr().out
+
+
+def test_a_finetune_records_the_lam_range_it_trained_on(data, tmp_path, capsys):
+    start = _conditional_start(tmp_path)
+    out = tmp_path / "run"
+    argv = [str(data["bids"]), str(out), "--weights", str(start), *FAST]
+    assert finetune.main([*argv, "--steps", "1", "--lam-range", "0.01", "100"]) == 0
+    finetuned = network_from_file(out / "weights.pt")
+    assert finetuned.conditioning.lam_range == (0.01, 100.0)  # what register() clamps to
+    assert finetuned.metadata["training"]["options"]["lam_range"] == [0.01, 100.0]
+    # resuming without it would train on the starting file's range: refused, naming both
+    assert finetune.main([*argv, "--steps", "2"]) == 64
+    assert "--lam-range 0.01 100 (this command: 0.3 6)" in capsys.readouterr().err
+    assert finetune.main([*argv, "--steps", "2", "--lam-range", "0.01", "100"]) == 0
+    assert [int(r["step"]) for r in _log(out)] == [1, 2]
+
+
+@pytest.mark.parametrize(("conditional", "option", "message"), [
+    (False, ["--lam-range", "0.3", "6"], "--lam-range draws lam for a conditional network"),
+    (False, ["--region", "lung"], "--region is the condition of a conditional network"),
+    (False, ["--trainable", "controller"], "--trainable controller trains a conditional"),
+    (True, ["--lam", "3"], "a conditional network draws it from --lam-range"),
+])
+def test_condition_options_are_refused_where_they_mean_nothing(data, tmp_path, capsys,
+                                                               conditional, option, message):
+    start = _conditional_start(tmp_path) if conditional else data["start"]
+    out = tmp_path / "run"
+    assert finetune.main([str(data["bids"]), str(out), "--weights", str(start), *FAST,
+                          *option]) == 64
+    assert message in capsys.readouterr().err
+    assert not out.exists()  # before any image is prepared
 
 
 @pytest.mark.parametrize(("option", "message"), [

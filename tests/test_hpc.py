@@ -286,6 +286,17 @@ def test_array_script_reads_a_plain_list_of_labels(tmp_path):
     assert lines[lines.index("--participant-label") + 1] == "08"
 
 
+def test_array_script_reads_a_participants_file_saved_on_windows(tmp_path):
+    table = tmp_path / "participants.tsv"
+    table.write_bytes(b"participant_id\r\nsub-01\r\nsub-02\r\n")  # one column, CRLF
+    for task, label in ((1, "01"), (2, "02")):
+        result = _array_script(tmp_path, task, PARTICIPANTS=str(table))
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        assert lines[lines.index("--participant-label") + 1] == label
+    assert _array_script(tmp_path, 3, PARTICIPANTS=str(table)).returncode == 64
+
+
 def test_array_script_refuses_a_task_without_participant(tmp_path):
     result = _array_script(tmp_path, 3)
     assert result.returncode == 64

@@ -148,6 +148,12 @@ def test_apply_transform_warns_when_the_field_misses_the_reference(pair, caplog,
     with caplog.at_level("WARNING", logger="regpipe"):
         regpipe.apply_transform(moving, field, far)
     assert "covers 0% of the reference grid" in caplog.text
+    caplog.clear()  # the field first in a chain (as in ANTs' Composite.h5): the same warning
+    from regpipe.transforms import AffineTransform, compose
+
+    with caplog.at_level("WARNING", logger="regpipe"):
+        regpipe.apply_transform(moving, compose(field, AffineTransform.identity()), far)
+    assert "covers 0% of the reference grid" in caplog.text
 
 
 def test_register_leaves_torch_state_and_the_callers_network_alone(pair, small_network):

@@ -126,6 +126,7 @@ def subject_report(volumes: dict[str, Path], tmp_path_factory: pytest.TempPathFa
         sections=sections,
         out_html=output_dir / "sub-01.html",
         cuts_per_view=1,
+        missing=["T1w -> MNI152NLin2009cAsym (ants-synquick): missing <warped> & co"],
     )
 
 
@@ -237,6 +238,30 @@ def test_flicker_figure_has_background_and_foreground_layers(subject_report: Pat
     svg = next(figures.glob("*unigradiconFlicker_reg.svg")).read_text()
     assert 'class="background-svg"' in svg and 'class="foreground-svg"' in svg
     assert "@keyframes" in svg
+
+
+def test_registrations_without_outputs_are_named_at_the_top(subject_report: Path) -> None:
+    page = subject_report.read_text()
+    notice = page.split('<section id="missing">')[1].split("</section>")[0]
+    assert "(ants-synquick): missing &lt;warped&gt; &amp; co</li>" in notice
+    assert page.index('id="missing"') < page.index("<nav>")
+
+
+def test_best_values_are_compared_within_one_registration_only() -> None:
+    from regpipe.reports import _comparison_table
+
+    def section(method: str, session: str, runtime: float, sd: float) -> dict:
+        warped = f"/o/sub-01_ses-{session}_space-MNI_desc-preproc_T1w.nii.gz"
+        return {"method": method, "space": "MNI", "warped": warped,
+                "metrics": {"runtime_s": runtime, "sd_log_jacobian": sd}}
+
+    table = _comparison_table([section("network", "1", 10.6, 0.3),
+                               section("ants-affine", "1", 15.4, 0.0),
+                               section("network", "2", 3.4, 0.3)])
+    rows = table.split("<tr>")[2:]  # after the header
+    # session 1: the network's 10.6 s is the best of its image (session 2's 3.4 s is alone)
+    assert '<td class="num best">10.6</td>' in rows[0]
+    assert "best" not in rows[1] and "best" not in rows[2]  # SD log J 0.000 is no score
 
 
 def test_labels_are_html_escaped(subject_report: Path) -> None:
@@ -357,12 +382,26 @@ def test_group_summary_never_pools_weights(tmp_path: Path) -> None:
         'id="summary"')[1].split("</section>")[0]
     assert "network [1 pass(es)]</td><td class=\"num\">2<" in summary
     assert "network [2 pass(es)]</td><td class=\"num\">1<" in summary
+    # a conditional network at two smoothness settings: two summary rows too
+    lams = [dict(row, condition_region="brain", condition_lam=lam)
+            for row, lam in zip(one_model, ("1.5", "20", "1.5"), strict=True)]
+    summary = write_group_report(lams, [], tmp_path / "lams.html").read_text().split(
+        'id="summary"')[1].split("</section>")[0]
+    assert "network [lam 1.5]</td><td class=\"num\">2<" in summary
+    assert "network [lam 20]</td><td class=\"num\">1<" in summary
 
 
 def test_group_metric_without_values_draws_nothing(tmp_path: Path) -> None:
     rows = [{"method": "a", "dice_mean": "n/a"}, {"method": "b"}]
     assert plot_group_metric(rows, "dice_mean", tmp_path / "dice.svg") is None
     assert not (tmp_path / "dice.svg").exists()
+    # an earlier group report's Dice plot is removed, not left beside a page without Dice
+    figures = tmp_path / "figures"
+    with_dice = [{"method": "a", "dice_mean": 0.7}, {"method": "a", "dice_mean": 0.8}]
+    write_group_report(with_dice, [], tmp_path / "group.html", figures_dir=figures)
+    assert (figures / "group_dicemean_plot.svg").exists()
+    write_group_report(rows, [], tmp_path / "group.html", figures_dir=figures)
+    assert not (figures / "group_dicemean_plot.svg").exists()
 
 
 # ------------------------------------------------------------------------------------- browser
@@ -464,3 +503,13 @@ def test_figures_of_several_images_are_named_by_their_entities(volumes, tmp_path
                          sections=sections[1:], out_html=tmp_path / "one.html")
     assert "sub-01_ses-1_run-1_space-X_desc-networkFlicker_reg.svg" in (
         tmp_path / "one.html").read_text()
+    # one image to a template at two resolutions: named by res, not by position
+    for section, res in zip(sections, ("2", "1"), strict=True):
+        target = tmp_path / f"sub-01_ses-1_space-X_res-{res}_desc-network_T1w.nii.gz"
+        shutil.copy(section["warped"], target)
+        section["warped"] = target
+    write_subject_report(subject="01", session="1", output_dir=tmp_path, sections=sections,
+                         out_html=tmp_path / "res.html")
+    page = (tmp_path / "res.html").read_text()
+    for res in ("1", "2"):
+        assert f"sub-01_ses-1_space-X_res-{res}_desc-networkFlicker_reg.svg" in page

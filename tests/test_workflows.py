@@ -463,6 +463,17 @@ def test_write_metrics_table(tmp_path, skeleton):
     values = dict(zip(header.split("\t"), row.split("\t"), strict=True))
     assert (values["target_cohort"], values["target_res"]) == ("1", "2")
     assert "target_res" in json.loads(Path(tmp_path / "r.json").read_text())
+    assert values["condition_region"] == values["condition_lam"] == "n/a"  # unconditional
+    data = json.loads(evaluation.read_text())
+    data["settings"]["condition"] = {"region": "thorax", "pair_type": "intra", "lam": 20.0,
+                                     "lam_requested": 50.0}
+    evaluation.write_text(json.dumps(data))
+    for method, expected in (("network", ["thorax", "intra", "20"]), ("ants-syn", ["n/a"] * 3)):
+        header, row = Path(steps.write_metrics(str(evaluation), str(tmp_path / "c.tsv"), job,
+                                               method)[0]).read_text().splitlines()
+        values = dict(zip(header.split("\t"), row.split("\t"), strict=True))
+        assert [values[f"condition_{k}"] for k in ("region", "pair_type", "lam")] == expected
+    assert "condition_lam" in json.loads(Path(tmp_path / "c.json").read_text())
 
 
 def test_subject_report_calls_the_reports_module(monkeypatch, tmp_path):

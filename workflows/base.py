@@ -706,7 +706,9 @@ def run_workflow(
         # a batch plugin polls the scheduler once per running job per poll (squeue, qstat):
         # keep Nipype's 2 s or more, and wait for result files on a slow shared file system
         poll_sleep_duration = max(poll_sleep_duration or 2.0, 2.0)
-        execution.setdefault("job_finished_timeout", 60)
+        # at least 60 s (Nipype's own default, 5 s, is already in every workflow's config)
+        execution["job_finished_timeout"] = max(
+            float(execution.get("job_finished_timeout") or 0), 60.0)
     if asked_poll is not None:
         poll_sleep_duration = float(asked_poll)
     if poll_sleep_duration is not None:

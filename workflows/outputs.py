@@ -56,7 +56,8 @@ def transform_metadata(
         "Format": "ITK HDF5 CompositeTransform holding one DisplacementFieldTransform (LPS mm)",
         # the field is sampled where preprocessing put the image: its grid reoriented to RAS
         # (same voxel centres, axes permuted); a displacement field is valid on any grid
-        "Grid": f"the {grid} image's voxel grid, axes reoriented to RAS",
+        "Grid": f"the {grid} image's voxel grid, axes reoriented to RAS (sheared axes, which "
+                "ITK cannot store: the smallest grid with orthogonal axes covering it)",
         "FixedImage": job["fixed_uri"],
         "MovingImage": job["source_uri"],
         "Method": method,

@@ -471,6 +471,10 @@ def write_metrics(
         "network_passes": (data.get("settings") or {}).get("network_passes")
         if method == "network" else None,
     }
+    # a conditional network's condition (as used: lam after clamping): n/a otherwise
+    condition = ((data.get("settings") or {}).get("condition") or {}) if method == "network" \
+        else {}
+    row.update({f"condition_{key}": condition.get(key) for key in ("region", "pair_type", "lam")})
     row.update({key: metrics.get(key) for key in METRIC_COLUMNS})
     row.update({f"dice_{label}": value for label, value in sorted(dice.items(), key=_label_order)})
 
@@ -497,6 +501,12 @@ def write_metrics(
         },
         "weights_sha256": {"Description": "SHA-256 of the network weights (network rows)"},
         "network_passes": {"Description": "Times the network was applied (network rows)"},
+        "condition_region": {"Description": "Body region of a conditional network's condition "
+                                            "(network rows; n/a: unconditional weights)"},
+        "condition_pair_type": {"Description": "Registration type of the condition (inter or "
+                                               "intra; network rows of conditional weights)"},
+        "condition_lam": {"Description": "Smoothness lam the conditional network used (after "
+                                         "clamping to its trained range)"},
     }
     for key, (units, description) in METRIC_COLUMNS.items():
         columns[key] = {"Description": description, **({"Units": units} if units else {})}

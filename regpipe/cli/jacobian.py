@@ -29,7 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from regpipe.imageio import Image, check_same_grid, load_image, save_image
+    from regpipe.imageio import (
+        Image,
+        check_image_path,
+        check_same_grid,
+        load_image,
+        save_image,
+    )
     from regpipe.metrics import folding_stats, jacobian_determinant
     from regpipe.transform_files import read_transform
     from regpipe.transforms import DisplacementField
@@ -38,6 +44,9 @@ def _main(args: argparse.Namespace) -> int:
                   {"fixed": args.fixed, "transform": args.transform, "mask": args.mask})
     fixed = load_image(args.fixed, "any", "fixed image")  # only its grid is used
     geometry = fixed.geometry
+    for path in (args.jacob, args.log_jacob):  # a sheared grid in .mha/.nrrd: before any work
+        if path:
+            check_image_path(path, geometry)
     mask = None
     if args.mask:  # checked before anything is computed or written
         mask_image = load_image(args.mask, "mask", "mask")

@@ -122,8 +122,8 @@ def _unloadable_reason(path: Path, exc: Exception) -> str:
     if "Weights only load failed" in str(exc) or "Unsupported global" in str(exc):
         return ("holds Python objects besides tensors, which regpipe never loads (they could "
                 "run code): save it with regpipe.networks.save_weights(network, path), which "
-                "keeps the configuration and model card, or as a bare state dict, "
-                "torch.save(network.state_dict(), path)")
+                "keeps the configuration and model card, or (an unconditional network) as a bare "
+                "state dict, torch.save(network.state_dict(), path)")
     if head.startswith(b"PK\x03\x04"):
         return ("is a damaged or truncated weights file (an interrupted download or copy?): "
                 "fetch or copy it again")
@@ -166,6 +166,11 @@ def _as_checkpoint(obj: Any, origin: str) -> Checkpoint:
     if bad:
         raise WeightsError(f"{origin}: entries are not tensors: {_abbreviate(bad)}")
     tensors = dict(state)
+    if conditioning is None and any(key.startswith("controller.") for key in tensors):
+        raise WeightsError(
+            f"{origin} is the bare state dict of a conditional network (controller.* keys), "
+            "which lacks its conditioning (mode, lam range): save it with "
+            "regpipe.networks.save_weights(network, path)")
     if all(key.startswith("regis_net.") for key in tensors):  # a whole-model state dict
         tensors = {key[len("regis_net.") :]: value for key, value in tensors.items()}
     return Checkpoint(tensors, config, card, conditioning, controller, origin)
