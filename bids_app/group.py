@@ -177,8 +177,7 @@ def _in_bids_folder(relative: Path, entities: Mapping[str, Any]) -> bool:
     expected = [f"sub-{entities['subject']}"]
     if entities.get("session") is not None:
         expected.append(f"ses-{entities['session']}")
-    return list(folders[:-1]) == expected and folders[-1:] != () and \
-        folders[-1] in BIDS_DATATYPES
+    return list(folders[:-1]) == expected and folders[-1] in BIDS_DATATYPES
 
 
 def collect_rows(output_dir: Path, participant_label: Sequence[str] | None = None

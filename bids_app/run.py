@@ -423,7 +423,7 @@ def _pages_not_drawn(output_dir: Path, jobs: list[dict[str, Any]], started: floa
     for subject in {job["subject"] for job in jobs}:
         page = Path(output_dir) / f"sub-{subject}.html"
         try:
-            if page.stat().st_mtime < started:
+            if page.stat().st_mtime < started - 2:  # file systems with coarse timestamps
                 subjects.add(subject)
         except FileNotFoundError:
             subjects.add(subject)

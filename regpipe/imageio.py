@@ -184,16 +184,26 @@ def _warn_forms_differ(header: nib.Nifti1Header, path: Path) -> None:
                 "sform (as nibabel does), ITK and ANTs may use the qform, so transforms "
                 "applied to it by those tools would not match: set both to the same matrix",
                 path, gap)
-    if scode and sform is not None:
-        # ITK takes the voxel sizes from pixdim and only the directions from the sform
-        columns = np.linalg.norm(sform[:3, :3], axis=0)
-        zooms = np.asarray(header.get_zooms()[:3], dtype=np.float64)
-        if np.any(np.abs(columns - zooms) > 0.01 * np.maximum(zooms, 1e-6)):
-            LOGGER.warning(
-                "%s: its sform has voxel sizes %s but its header (pixdim) says %s; regpipe uses "
-                "the sform (as nibabel does), ITK and ANTs use pixdim, so they would place the "
-                "image differently: fix the header", path,
-                np.round(columns, 4).tolist(), np.round(zooms, 4).tolist())
+    mismatch = sform_pixdim_mismatch(header)
+    if mismatch is not None:
+        LOGGER.warning(
+            "%s: its sform has voxel sizes %s but its header (pixdim) says %s; regpipe uses "
+            "the sform (as nibabel does), ITK and ANTs use pixdim, so they would place the "
+            "image differently: fix the header", path, *mismatch)
+
+
+def sform_pixdim_mismatch(header: nib.Nifti1Header) -> tuple[list[float], list[float]] | None:
+    """``(sform voxel sizes, pixdim)`` of a NIfTI header whose coded sform has other voxel
+    sizes than its ``pixdim`` (ITK takes the sizes from ``pixdim`` and only the directions from
+    the sform; nibabel the sform), else ``None``."""
+    sform, scode = header.get_sform(coded=True)
+    if not scode or sform is None:
+        return None
+    columns = np.linalg.norm(sform[:3, :3], axis=0)
+    zooms = np.asarray(header.get_zooms()[:3], dtype=np.float64)
+    if np.all(np.abs(columns - zooms) <= 0.01 * np.maximum(zooms, 1e-6)):
+        return None
+    return np.round(columns, 4).tolist(), np.round(zooms, 4).tolist()
 
 
 def _read_itk(path: Path) -> Image:

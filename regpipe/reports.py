@@ -345,11 +345,9 @@ def _metric_rows(metrics: Mapping[str, Any]) -> list[list[str]]:
 def _registration_key(section: Mapping[str, Any]) -> tuple[str, str]:
     """What a section registered: its warped file's entities but the description (one image
     to one target: res and cohort included) and its space; methods of one key are compared."""
-    warped = section.get("warped")
-    name = Path(warped).name if isinstance(warped, (str, Path)) else ""
-    entities = "_".join(f"{k}-{v}" for k, v in re.findall(
-        r"(?:^|_)([a-z]+)-([A-Za-z0-9]+)(?=_)", name) if k != "desc")
-    return entities, str(section.get("space"))
+    entities = _file_entities(section.get("warped"))
+    return "_".join(f"{k}-{v}" for k, v in entities.items() if k != "desc"), \
+        str(section.get("space"))
 
 
 def _comparison_table(sections: Sequence[Mapping[str, Any]]) -> str:
@@ -390,6 +388,14 @@ _IMAGE_ENTITIES = ("ses", "task", "acq", "ce", "rec", "dir", "run", "echo", "fli
                    "part", "chunk")
 
 
+def _file_entities(image: Any) -> dict[str, str]:
+    """``{"sub": "01", "ses": "2", ...}``: the entities of ``image``'s file name (a path;
+    none for an image in memory)."""
+    if not isinstance(image, (str, Path)):
+        return {}
+    return dict(re.findall(r"(?:^|_)([a-z]+)-([A-Za-z0-9]+)(?=_)", Path(image).name))
+
+
 #: Entities of the target (a template's cohort and resolution) in an output's file name
 _TARGET_ENTITIES = ("cohort", "res")
 
@@ -398,9 +404,7 @@ def _image_entities(image: Any, page_entities: str,
                     keys: Sequence[str] = _IMAGE_ENTITIES) -> str:
     """``_ses-2_run-1``: the entities of ``image``'s file name (a path; nothing for an image
     in memory) among ``keys`` that ``page_entities`` does not already hold."""
-    if not isinstance(image, (str, Path)):
-        return ""
-    pairs = dict(re.findall(r"(?:^|_)([a-z]+)-([A-Za-z0-9]+)(?=_)", Path(image).name))
+    pairs = _file_entities(image)
     return "".join(f"_{key}-{pairs[key]}" for key in keys
                    if key in pairs and f"{key}-{pairs[key]}" not in page_entities.split("_"))
 

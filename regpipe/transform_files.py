@@ -58,6 +58,7 @@ from numpy.typing import NDArray
 
 from regpipe.atomic import atomic_write
 from regpipe.errors import TransformFileError
+from regpipe.imageio import sform_pixdim_mismatch
 from regpipe.spaces import RAS_TO_LPS, Geometry, affine_ras_to_lps, orthogonal_cover
 from regpipe.transforms import (
     AffineTransform,
@@ -488,17 +489,13 @@ def _itk_header_affine(
                 "sform, other tools the qform. Rewrite the header with both set to the same "
                 "matrix, or pass allow_nonstandard=True to use the sform as ITK does."
             )
-        # ITK takes the voxel sizes from pixdim, only the directions and origin from the sform
-        columns = np.linalg.norm(sform[:3, :3], axis=0)
-        zooms = np.asarray(image.header.get_zooms()[:3], dtype=np.float64)
-        if np.any(np.abs(columns - zooms) > 0.01 * np.maximum(zooms, 1e-6)) \
-                and not allow_nonstandard:
+        mismatch = sform_pixdim_mismatch(image.header)
+        if mismatch is not None and not allow_nonstandard:
             raise TransformFileError(
-                f"{path}: its sform has voxel sizes {np.round(columns, 4).tolist()} but its "
-                f"header (pixdim) says {np.round(zooms, 4).tolist()}; ITK and ANTs take pixdim, "
-                "nibabel the sform, so they would place the field differently. Rewrite the "
-                "header (nibabel: header.set_zooms), or pass allow_nonstandard=True to use the "
-                "sform.")
+                f"{path}: its sform has voxel sizes {mismatch[0]} but its header (pixdim) says "
+                f"{mismatch[1]}; ITK and ANTs take pixdim, nibabel the sform, so they would "
+                "place the field differently. Rewrite the header (nibabel: header.set_zooms), "
+                "or pass allow_nonstandard=True to use the sform.")
         return np.asarray(sform, dtype=np.float64)
     if scode and not qcode:
         raise TransformFileError(

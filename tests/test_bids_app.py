@@ -1443,7 +1443,7 @@ def test_a_page_the_workflow_did_not_draw_is_drawn_with_the_missing_methods(
         path.write_text("runtime_s\n1\n" if path.suffix == ".tsv" else "{}")
     page = out / "sub-01.html"
     page.write_text("an earlier run's page")
-    started = time.time() + 1
+    started = time.time() + 3
     assert run_module._pages_not_drawn(out, [job], started) == {"01"}
     assert run_module._pages_not_drawn(out, [job], started - 10) == set()  # drawn by the run
     page.unlink()
