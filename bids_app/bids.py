@@ -79,6 +79,7 @@ from pathlib import Path
 from typing import Any
 
 from regpipe.bids_app.exit_codes import AppError, ExitCode
+from regpipe.workflows.derivatives import SOURCE_ENTITIES
 
 __all__ = [
     "Image",
@@ -93,8 +94,9 @@ __all__ = [
 
 LOGGER = logging.getLogger("regpipe.bids_app")
 IMAGE_EXTENSIONS = [".nii", ".nii.gz"]
-IDENTITY_ENTITIES = ("acquisition", "ceagent", "reconstruction", "run")
-"""Entities that tell two images of one session apart (besides the suffix)."""
+IDENTITY_ENTITIES = tuple(name for name, _ in SOURCE_ENTITIES[2:])
+"""Entities that tell two images of one session apart (besides the suffix): every source
+entity kept in output names after ``sub``/``ses`` (acquisition, run, echo, part...)."""
 
 
 @dataclass(frozen=True)
@@ -271,13 +273,17 @@ def collect_images(layout, *, suffix: str, participant_label: Sequence[str] | No
 
 
 def _bids_named(images: Iterable[Image]) -> list[Image]:
-    """``images`` whose subject and session match their folders (pybids reads ``sub-x-y`` as
-    subject ``x`` without validation), one per name (``.nii.gz`` over a ``.nii`` twin)."""
+    """``images`` whose file names and folders give the same subject and session (pybids
+    reads ``sub-x-y`` as subject ``x`` without validation, and takes the folders' labels over
+    the file name's), one per name (``.nii.gz`` over a ``.nii`` twin)."""
     kept: dict[str, Image] = {}
     for image in images:
         folders = image.relpath.split("/")
         expected = [f"sub-{image.subject}"] + ([f"ses-{image.session}"] if image.session else [])
-        if folders[: len(expected)] != expected:
+        # pybids reads subject and session from the folders: the file name must say the same
+        name = folders[-1]
+        if folders[: len(expected)] != expected or not name.startswith(
+                "_".join(expected) + "_") or (not image.session and "_ses-" in name):
             LOGGER.warning("%s: its name does not give its folders' subject/session (labels "
                            "are letters and digits only): left out", image.relpath)
             continue
@@ -368,20 +374,37 @@ def find_mask(layout, image: Image) -> Path | None:
 
 
 def find_template_labels(labels_dir: Path, identifier: str | None,
-                         resolution: str | None) -> Path | None:
-    """``labels_dir/tpl-<ID>/tpl-<ID>[_res-<r>]*_dseg.nii[.gz]``, or ``None``."""
+                         resolution: str | None, cohort: str | None = None) -> Path | None:
+    """``labels_dir/tpl-<ID>[/cohort-<c>]/tpl-<ID>[_cohort-<c>][_res-<r>]*_dseg.nii[.gz]``, or
+    ``None``: of the template's cohort only (none: files without a cohort), at its resolution
+    (else one without ``res-``), ``desc-aseg`` first, then no ``desc``, as for the images'
+    label maps; a warning names the others when several remain."""
     if identifier is None:
         return None
-    folder = Path(labels_dir) / f"tpl-{identifier}"
-    if not folder.is_dir():
-        return None
-    found = sorted(p for p in folder.iterdir()
+    folders = [Path(labels_dir) / f"tpl-{identifier}"]
+    if cohort is not None:
+        folders.append(folders[0] / f"cohort-{cohort}")
+    found = sorted(p for folder in folders if folder.is_dir() for p in folder.iterdir()
                    if p.name.startswith(f"tpl-{identifier}_")
-                   and re.search(r"_dseg\.nii(\.gz)?$", p.name))
+                   and re.search(r"_dseg\.nii(\.gz)?$", p.name)
+                   and _entity(p.name, "cohort") == cohort)
     if resolution is not None:
         same = [p for p in found if _resolution_of(p.name) == _normal_res(resolution)]
         found = same or [p for p in found if _resolution_of(p.name) is None]
-    return found[0].absolute() if found else None
+    if not found:
+        return None
+    order: list[str | None] = ["aseg", None]
+    found.sort(key=lambda p: order.index(_entity(p.name, "desc"))
+               if _entity(p.name, "desc") in order else len(order))
+    if len(found) > 1:
+        LOGGER.warning("several label maps of template %s: using %s (others: %s)", identifier,
+                       found[0].name, ", ".join(p.name for p in found[1:]))
+    return found[0].absolute()
+
+
+def _entity(name: str, key: str) -> str | None:
+    match = re.search(rf"_{key}-([A-Za-z0-9]+)_", name)
+    return match.group(1) if match else None
 
 
 def _normal_res(label: str) -> str:
@@ -389,8 +412,8 @@ def _normal_res(label: str) -> str:
 
 
 def _resolution_of(name: str) -> str | None:
-    match = re.search(r"_res-([A-Za-z0-9]+)_", name)
-    return _normal_res(match.group(1)) if match else None
+    res = _entity(name, "res")
+    return None if res is None else _normal_res(res)
 
 
 # --------------------------------------------------------------------------- jobs
@@ -438,7 +461,7 @@ def template_jobs(images: Sequence[Image], template, *, labels_layout=None,
     fixed_labels = None
     if labels_layout is not None:
         fixed_labels = find_template_labels(Path(labels_layout.root), template.identifier,
-                                            template.resolution)
+                                            template.resolution, template.cohort)
     return [
         {**_job(image, fixed=template.image, fixed_space=template.space,
                 fixed_uri=template.uri, pair_type="inter", fixed_mask=template.mask,
@@ -545,6 +568,13 @@ def longitudinal_jobs(images: Sequence[Image], *, reference_session: str | None 
 
 
 #: Files of a job: key, the key of the image whose grid it must share, what it is.
+def job_source(job: Mapping[str, Any]) -> str:
+    """Which image a recorded job registered, independent of where the dataset was mounted
+    (a container bind, a symlink): its BIDS URI (``bids:raw:sub-01/anat/...``), else its
+    path (records written before the URI was recorded)."""
+    return str(job.get("source_uri") or job["moving"])
+
+
 _JOB_FILES = (
     ("moving", None, "image"),
     ("fixed", None, "reference image"),
@@ -589,10 +619,13 @@ def usable_jobs(jobs: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], l
             own = None if owner is None else grid(job[owner], "")
             if own is not None and not isinstance(own, InputError) \
                     and not ras_reoriented(own).same_as(ras_reoriented(found), atol=1e-3):
-                problems.append(
-                    f"{what} {job[key]} ({'x'.join(map(str, found.shape))}) is not on the grid "
-                    f"of {Path(job[owner]).name} ({'x'.join(map(str, own.shape))}): resample "
-                    "it onto the image")
+                # a derivative mask without space- is in its source image's space, which
+                # need not be this image's (sMRIPrep's T1w mask for a T2w image): not used
+                LOGGER.warning(
+                    "%s: %s %s (%s) is not on its grid (%s): registering without it (resample "
+                    "it onto the image to use it)", Path(job[owner]).name, what, job[key],
+                    "x".join(map(str, found.shape)), "x".join(map(str, own.shape)))
+                job[key] = None
         if problems:
             left_out.append(f"{Path(job['moving']).name}: " + "; ".join(problems))
         else:
@@ -621,8 +654,10 @@ def build_jobs(images: Sequence[Image], *, mode: str, template=None,
     if not jobs:
         raise AppError(
             ExitCode.NO_INPUT,
-            "longitudinal mode found no subject with two or more sessions"
+            "longitudinal mode made no pair: no subject with two or more sessions"
             + (f" including session {reference_session}" if reference_session else "")
-            + " among the selected images",
+            + " among the selected images"
+            + (", or only subjects' reference sessions selected (see the warnings above)"
+               if reference_pool is not None else ""),
         )
     return jobs

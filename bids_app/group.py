@@ -48,7 +48,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from regpipe.bids_app.bids import IDENTITY_ENTITIES, bids_layout, natural_key
+from regpipe.bids_app.bids import IDENTITY_ENTITIES, bids_layout, job_source, natural_key
 from regpipe.bids_app.exit_codes import AppError, ExitCode
 from regpipe.bids_app.parser import NETWORK_METHOD
 from regpipe.bids_app.run import run_records
@@ -297,7 +297,7 @@ def find_failures(output_dir: Path, rows: Sequence[Mapping[str, Any]], *,
             if keep and job["subject"] not in keep:
                 continue
             for method in record.get("methods", [NETWORK_METHOD]):
-                key = (job["subject"], job.get("session"), job["moving"], job_target(job),
+                key = (job["subject"], job.get("session"), job_source(job), job_target(job),
                        method)
                 latest.pop(key, None)
                 latest[key] = (job, method)

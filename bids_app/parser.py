@@ -108,7 +108,7 @@ def _labels_from(prefix: str):
                                   and not looks_like_file):
             return [normalize_label(value, prefix)]
         try:
-            lines = path.read_text().splitlines()
+            lines = path.read_text(encoding="utf-8-sig").splitlines()  # a spreadsheet's BOM
         except (OSError, UnicodeDecodeError) as error:
             raise argparse.ArgumentTypeError(f"cannot read labels from {path}: {error}") from None
         if path.suffix.lower() == ".tsv":  # participants.tsv: the first column, no header

@@ -75,7 +75,9 @@ def redraw_reports(subjects: Sequence[str], output_dir: Path,
 def _job_key(job: Mapping[str, Any]) -> tuple:
     """One registration's identity: image and target (space with its res/cohort)."""
     target = tuple(sorted((job.get("fixed_entities") or {}).items()))
-    return (job["subject"], job.get("session"), str(job["moving"]), job.get("fixed_space"),
+    from regpipe.bids_app.bids import job_source
+
+    return (job["subject"], job.get("session"), job_source(job), job.get("fixed_space"),
             target)
 
 

@@ -454,16 +454,18 @@ def _warn_replaced_transforms(output_dir: Path, jobs: list[dict[str, Any]]) -> N
     (another template resolution or file of the same space: the transform names have no
     ``res-``, the images and metrics do), and, in one line per pair of weights, when its
     outputs replace ones made with other network weights."""
+    from regpipe.bids_app.bids import job_source
+
     earlier: dict[tuple[str, str], dict[str, Any]] = {}
     for _, record in run_records(output_dir):
         for job in record.get("jobs", []):
-            earlier[(str(job.get("moving")), str(job.get("fixed_space")))] = job
+            earlier[(job_source(job), str(job.get("fixed_space")))] = job
     other_weights: dict[tuple[str, str], int] = {}
     for job in jobs:
-        before = earlier.get((str(job["moving"]), str(job["fixed_space"])))
+        before = earlier.get((job_source(job), str(job["fixed_space"])))
         if before is None:
             continue
-        if str(before.get("fixed")) != str(job["fixed"]):
+        if not _same_file(str(before.get("fixed")), str(job["fixed"])):
             LOGGER.warning("%s: the transforms to %s of an earlier run (target %s) are replaced "
                            "by this run's (target %s)", Path(job["moving"]).name,
                            job["fixed_space"], Path(str(before.get("fixed"))).name,
@@ -475,6 +477,21 @@ def _warn_replaced_transforms(output_dir: Path, jobs: list[dict[str, Any]]) -> N
         LOGGER.warning("%d registration(s) of an earlier run made with weights %s are replaced "
                        "by this run's, with weights %s (same file names); use another output "
                        "folder to keep both", count, old[:12], new[:12])
+
+
+def _same_file(before: str, now: str) -> bool:
+    """Whether a recorded target file is this run's: the same path, or the same name and
+    bytes; an earlier path not reachable here (the run saw another mount) counts by name."""
+    import filecmp
+
+    if before == now:
+        return True
+    if Path(before).name != Path(now).name:
+        return False
+    try:
+        return filecmp.cmp(before, now, shallow=False)
+    except OSError:
+        return True
 
 
 def run_records(output_dir: Path) -> list[tuple[Path, dict[str, Any]]]:

@@ -148,6 +148,9 @@ def test_participant_labels_from_file(tmp_path, monkeypatch):
     table.write_text("participant_id\tage\nsub-05\t30\nsub-06\t41\n")
     assert parse_args(["b", "o", "participant", "--participant-label",
                        str(table)]).participant_label == ["05", "06"]
+    table.write_bytes(b"\xef\xbb\xbfparticipant_id\r\nsub-05\r\n")  # saved by a spreadsheet
+    assert parse_args(["b", "o", "participant", "--participant-label",
+                       str(table)]).participant_label == ["05"]
     (tmp_path / "empty.txt").write_text("\n")
     with pytest.raises(UsageError, match="holds no labels"):
         parse_args(["b", "o", "participant", "--participant-label", str(tmp_path / "empty.txt")])
@@ -618,6 +621,17 @@ def test_twin_nii_and_misnamed_files_are_named_not_fatal(tmp_path, template_file
     assert participant(odd, tmp_path, template_file, "--skip-bids-validation") == 0
     assert [j["subject"] for j in fake_wf["kwargs"]["jobs"]] == ["z"]
     assert "sub-x-y/anat/sub-x-y_T1w.nii.gz: its name does not give" in caplog.text
+    # a file name that disagrees with its folders: left out, not written as the folders say
+    wrong = make_bids(tmp_path / "wrong", ["sub-01/anat/sub-02_T1w.nii.gz",
+                                           "sub-03/ses-1/anat/sub-03_ses-2_T1w.nii.gz",
+                                           "sub-04/anat/sub-04-x_T1w.nii.gz",
+                                           "sub-05/anat/sub-05_T1w.nii.gz"])
+    caplog.clear()
+    assert participant(wrong, tmp_path, template_file, "--skip-bids-validation") == 0
+    assert [j["subject"] for j in fake_wf["kwargs"]["jobs"]] == ["05"]
+    for name in ("sub-01/anat/sub-02_T1w", "sub-03/ses-1/anat/sub-03_ses-2_T1w",
+                 "sub-04/anat/sub-04-x_T1w"):
+        assert f"{name}.nii.gz: its name does not give" in caplog.text
 
 
 def test_session_label_not_in_the_dataset_is_18(tmp_path, template_file, fake_wf, capsys):
@@ -676,7 +690,7 @@ def test_ct_against_an_mri_template_is_refused_or_warned(tmp_path, template_file
     assert "does not look like a CT" in caplog.text
 
 
-def test_longitudinal_jobs(tmp_path, template_file, fake_wf, caplog):
+def test_longitudinal_jobs(tmp_path, template_file, fake_wf, caplog, capsys):
     bids_dir = make_bids(tmp_path / "bids", [
         "sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz",
         "sub-01/ses-2/anat/sub-01_ses-2_T1w.nii.gz",
@@ -707,6 +721,10 @@ def test_longitudinal_jobs(tmp_path, template_file, fake_wf, caplog):
     assert participant(bids_dir, tmp_path, template_file, "--mode", "longitudinal",
                        "--session-label", "2", "10") == 0  # not silently to ses-2
     assert {j["fixed_space"] for j in fake_wf["kwargs"]["jobs"]} == {"sub01ses1"}
+    # only the reference session selected: said so, not "no subject with two sessions"
+    assert participant(bids_dir, tmp_path, template_file, "--mode", "longitudinal",
+                       "--session-label", "1") == 66
+    assert "or only subjects' reference sessions selected" in capsys.readouterr().err
 
 
 def test_labels_and_masks_from_derivatives(tmp_path, template_file, fake_wf):
@@ -728,6 +746,45 @@ def test_labels_and_masks_from_derivatives(tmp_path, template_file, fake_wf):
     assert job["fixed_labels"] == str(session_1 / "sub-01_ses-1_desc-aseg_dseg.nii.gz")
     assert job["fixed_mask"] == str(session_1 / "sub-01_ses-1_desc-brain_mask.nii.gz")
     assert job["moving_mask"] is None  # the only ses-2 mask belongs to run 2
+
+
+def test_masks_and_labels_of_another_echo_or_part_are_not_taken(tmp_path, template_file,
+                                                                  fake_wf):
+    bids_dir = make_bids(tmp_path / "bids", ["sub-01/anat/sub-01_echo-2_part-mag_T1w.nii.gz"])
+    labels = make_bids(tmp_path / "labels", [
+        "sub-01/anat/sub-01_echo-1_desc-aseg_dseg.nii.gz",
+        "sub-01/anat/sub-01_part-phase_desc-brain_mask.nii.gz",
+    ])
+    assert participant(bids_dir, tmp_path, template_file, "--labels", labels) == 0
+    (job,) = fake_wf["kwargs"]["jobs"]
+    assert job["moving_labels"] is None and job["moving_mask"] is None
+
+
+def test_template_label_maps_of_the_templates_cohort_aseg_first(tmp_path, caplog):
+    from regpipe.bids_app.bids import find_template_labels
+
+    names = ["tpl-X/tpl-X_cohort-2_res-1_desc-aseg_dseg.nii.gz",
+             "tpl-X/cohort-1/tpl-X_cohort-1_res-1_desc-aseg_dseg.nii.gz",
+             "tpl-Y/tpl-Y_res-02_atlas-Schaefer2018_desc-400Parcels7Networks_dseg.nii.gz",
+             "tpl-Y/tpl-Y_res-02_desc-aseg_dseg.nii.gz"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    assert find_template_labels(tmp_path, "X", "1", "1") == (tmp_path / names[1]).absolute()
+    assert find_template_labels(tmp_path, "X", "1", "3") is None  # not cohort 2's
+    assert find_template_labels(tmp_path, "X", "1") is None
+    with caplog.at_level("WARNING", logger="regpipe"):
+        assert find_template_labels(tmp_path, "Y", "2") == (tmp_path / names[3]).absolute()
+    assert "several label maps of template Y: using tpl-Y_res-02_desc-aseg" in caplog.text
+
+
+def test_output_names_keep_every_source_entity_pybids_knows():
+    """An entity under another name than pybids' would be dropped from output names (inv-1
+    and inv-2 of an MP2RAGE wrote one file)."""
+    from bids.layout.models import Config
+    from regpipe.workflows.derivatives import SOURCE_ENTITIES
+
+    assert {name for name, _ in SOURCE_ENTITIES} <= set(Config.load("bids").entities)
 
 
 def test_failed_node_exits_1_naming_the_subject(tmp_path, template_file, monkeypatch, capsys):
@@ -806,16 +863,19 @@ def test_unusable_inputs_are_left_out_by_name_before_any_work(tmp_path, template
     _nifti(bids_dir / "sub-02" / "anat" / "sub-02_T1w.nii.gz", shape=(4, 5, 6, 3))  # a series
     labels = make_bids(tmp_path / "labels", [])
     _nifti(labels / "sub-04" / "anat" / "sub-04_desc-brain_mask.nii.gz", shape=(3, 5, 6))
-    with caplog.at_level("ERROR", logger="regpipe.bids_app"):
+    with caplog.at_level("WARNING", logger="regpipe.bids_app"):
         code = participant(bids_dir, tmp_path, template_file, "--labels", labels)
-    assert code == 1  # the usable image ran; the run still says it is incomplete
-    assert [job["subject"] for job in fake_wf["kwargs"]["jobs"]] == ["03"]
+    assert code == 1  # the usable images ran; the run still says it is incomplete
+    # a mask on another grid (another image's: sMRIPrep's T1w mask for a T2w) is not used
+    jobs = fake_wf["kwargs"]["jobs"]
+    assert [(job["subject"], job["moving_mask"]) for job in jobs] == [("03", None), ("04", None)]
+    assert ("sub-04_desc-brain_mask.nii.gz (3x5x6) is not on its grid (4x5x6): registering "
+            "without it") in caplog.text
     left_out = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
-    assert len(left_out) == 3
+    assert len(left_out) == 2
     assert "sub-01_T1w.nii.gz" in left_out[0] and "datalad get" in left_out[0]
     assert "sub-02_T1w.nii.gz" in left_out[1] and "4-D" in left_out[1]
-    assert "sub-04_desc-brain_mask.nii.gz (3x5x6) is not on the grid" in left_out[2]
-    assert "3 image(s) left out for unusable input files" in capsys.readouterr().err
+    assert "2 image(s) left out for unusable input files" in capsys.readouterr().err
 
 
 def test_a_mask_in_another_voxel_order_of_the_same_grid_is_usable(tmp_path, template_file,
@@ -1458,6 +1518,33 @@ def test_a_page_the_workflow_did_not_draw_is_drawn_with_the_missing_methods(
     (line,) = drawn["missing"]
     assert line.startswith(f"T1w -> {TPL} (ants-syn): missing sub-01_space-")
     assert "section left out of the page: T1w" in caplog.text
+
+
+def test_a_rerun_through_another_mount_is_the_same_registration(tmp_path):
+    """The dataset bound at another path (a container, a symlink): the earlier run's job is
+    this run's, not an earlier registration to add to the page a second time."""
+    from regpipe.bids_app.reports_only import earlier_subjects
+    from regpipe.workflows.derivatives import output_paths
+
+    def job(root: str) -> dict:
+        return {"subject": "01", "session": None,
+                "moving": f"{root}/sub-01/anat/sub-01_T1w.nii.gz",
+                "entities": {"subject": "01", "suffix": "T1w", "datatype": "anat",
+                             "extension": ".nii.gz"},
+                "suffix": "T1w", "modality": "mri", "fixed": f"{root}/tpl.nii.gz",
+                "fixed_space": TPL, "pair_type": "inter",
+                "source_uri": "bids:raw:sub-01/anat/sub-01_T1w.nii.gz"}
+
+    out = tmp_path / "out"
+    before, now = job("/data/bids"), job("/mnt/bids")
+    for path in output_paths(out, before, "network").values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+    records = [{"jobs": [before], "methods": ["network"]}]
+    assert earlier_subjects([now], ["network"], out, records) == set()
+    other = dict(before, source_uri="bids:raw:sub-01/anat/sub-01_run-2_T1w.nii.gz")
+    assert earlier_subjects([now], ["network"], out, [{"jobs": [other],
+                                                        "methods": ["network"]}]) == {"01"}
 
 
 def test_a_damaged_earlier_output_costs_its_section_only(tmp_path, caplog):

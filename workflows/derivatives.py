@@ -86,8 +86,8 @@ SOURCE_ENTITIES: tuple[tuple[str, str], ...] = (
     ("run", "run"),
     ("echo", "echo"),
     ("flip", "flip"),
-    ("inversion", "inv"),
-    ("mtransfer", "mt"),
+    ("inv", "inv"),  # pybids' own names for these two
+    ("mt", "mt"),
     ("part", "part"),
     ("chunk", "chunk"),
 )
