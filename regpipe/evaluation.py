@@ -42,7 +42,13 @@ from scipy import ndimage
 
 from regpipe.atomic import atomic_write_text
 from regpipe.errors import InputError
-from regpipe.metrics import dice_per_label, folding_stats, jacobian_determinant, ncc
+from regpipe.metrics import (
+    dice_per_label,
+    folding_stats,
+    jacobian_determinant,
+    ncc,
+    shared_labels,
+)
 from regpipe.spaces import Geometry, lps_to_ras
 from regpipe.transforms import DisplacementField, Transform
 
@@ -358,8 +364,7 @@ def evaluate_transform(
     )
     if fixed_labels is not None and moving_labels is not None:
         moving_data, moving_geometry = moving_labels
-        in_both = {int(v) for v in np.intersect1d(np.unique(fixed_labels),
-                                                  np.unique(moving_data)) if v != 0}
+        in_both = set(shared_labels(fixed_labels, moving_data))
         # labels asked for but missing from a map are not scored (a 0 would be no error of
         # the registration's); regpipe-bench names them
         labels = sorted(in_both) if labels is None else [v for v in labels if int(v) in in_both]

@@ -130,9 +130,13 @@ def load_image(source: ImageLike, kind: ImageKind = "image", what: str | None = 
         image = source
     elif isinstance(source, nib.spatialimages.SpatialImage):
         try:
-            image = Image(np.asanyarray(source.dataobj), Geometry.from_image(source))
+            header = source.header if isinstance(source, nib.Nifti1Image) else None
+            image = Image(np.asanyarray(source.dataobj), Geometry.from_image(source),
+                          header=header)  # its space codes go on to the outputs
         except ValueError as error:  # a 2-D image, no affine...
             raise InputError(f"{what}: {error}") from None
+        if image.header is not None:
+            _warn_forms_differ(image.header, f"{what} (in memory)")
     elif isinstance(source, (str, os.PathLike)):
         image = _read_file(Path(source), what)
     else:
@@ -169,11 +173,17 @@ def _read_file(path: Path, what: str) -> Image:
     return Image(np.asarray(data), geometry, path, header)
 
 
-def _warn_forms_differ(header: nib.Nifti1Header, path: Path) -> None:
+def _warn_forms_differ(header: nib.Nifti1Header, path: Path | str) -> None:
     """A NIfTI whose sform and qform place the image differently: regpipe (like nibabel) uses
-    the sform, ITK-based tools may use the qform, so they would disagree about this image."""
+    the sform, ITK-based tools may use the qform, so they would disagree about this image; or
+    that has neither (both codes 0), which nibabel and ITK place differently."""
     sform, scode = header.get_sform(coded=True)
     qform, qcode = header.get_qform(coded=True)
+    if not scode and not qcode:
+        LOGGER.warning(
+            "%s: neither its sform nor its qform is set (codes 0): nibabel and regpipe place it "
+            "centred on the origin with its voxel sizes, ITK and ANTs at origin 0 along LPS, "
+            "so transforms applied to it by those tools would not match: set its sform", path)
     if scode and qcode and sform is not None and qform is not None:
         corners = np.array([[i, j, k, 1.0] for i in (0, 1) for j in (0, 1) for k in (0, 1)])
         corners[:, :3] *= np.asarray(header.get_data_shape()[:3], dtype=np.float64) - 1
@@ -300,6 +310,12 @@ def _validate(image: Image, kind: ImageKind, what: str) -> Image:
     elif kind == "any":
         pass
     elif kind == "mask":
+        if data.dtype.kind == "f" and not np.all(np.isfinite(data)):
+            # NaN != 0 would count as inside: a mask saved with a NaN background would cover
+            # the whole image
+            LOGGER.warning("%s %s holds %d NaN or infinite voxels: counted as outside", what,
+                           image.name, int(np.size(data) - np.count_nonzero(np.isfinite(data))))
+            data = np.where(np.isfinite(data), data, 0)
         if not np.any(data):
             raise InputError(f"{what} {image.name} is empty (no non-zero voxel)")
     else:

@@ -103,6 +103,13 @@ def dice_per_label(
     return scores
 
 
+def shared_labels(a: NDArray[np.generic], b: NDArray[np.generic]) -> list[int]:
+    """Labels (0 excluded) present in both label maps: those a registration is scored on (a
+    label one subject's map lacks would score 0 whatever the registration; one the warp loses
+    still counts, as 0)."""
+    return sorted(int(v) for v in np.intersect1d(np.unique(a), np.unique(b)) if v != 0)
+
+
 def registration_metrics(
     result: RegistrationResult,
     norm: Mapping[str, NDArray[np.floating]],
@@ -116,9 +123,10 @@ def registration_metrics(
     image above 0.05), NCC of the normalised images before any alignment (``ncc_before``),
     after the affine pre-alignment when there is one (``ncc_affine``) and after registration
     (``ncc_after``), and with ``segs["fixed"]`` and ``segs["moving"]`` Dice per label and
-    its mean. ``norm`` holds the normalised ``"fixed"`` and ``"moving"`` arrays on their own
-    grids; ``after``, when given, is the normalised moving image already warped by
-    ``result.forward`` (saves one resampling).
+    its mean over the labels both maps hold (:func:`shared_labels`). ``norm`` holds the
+    normalised ``"fixed"`` and ``"moving"`` arrays on their own grids; ``after``, when
+    given, is the normalised moving image already warped by ``result.forward`` (saves one
+    resampling).
     """
     from regpipe.transforms import AffineTransform
     from regpipe.warp import warp_array
@@ -143,7 +151,8 @@ def registration_metrics(
             segs["moving"].data, result.moving.geometry, result.forward, fixed.geometry,
             interpolation="nearest",
         )
-        dice = dice_per_label(segs["fixed"].data, warped_seg)
+        dice = dice_per_label(segs["fixed"].data, warped_seg,
+                              shared_labels(segs["fixed"].data, segs["moving"].data))
         metrics["dice"] = {str(k): v for k, v in dice.items()}
         valid = [v for v in dice.values() if np.isfinite(v)]
         metrics["dice_mean"] = float(np.mean(valid)) if valid else float("nan")

@@ -125,13 +125,17 @@ def network_input(
     """Sample an image on a network grid; returns ``[1, 1, n0, n1, n2]`` float32.
 
     With ``squash=True`` (the grid is the image's own squash grid), this is exactly
-    uniGradICON's ``F.interpolate(..., mode="trilinear", align_corners=False)`` resize.
+    uniGradICON's ``F.interpolate(..., mode="trilinear", align_corners=False)`` resize; with
+    ``nearest`` (masks, label maps), ``mode="nearest-exact"``, which picks the voxel at the
+    same centres (uniGradICON's ``mode="nearest"`` picks ``floor(d N / n)``, half a grid
+    voxel and more off).
     Otherwise the image is sampled through ``grid_to_world`` (zero outside the image).
     """
     tensor = to_network_tensor(data, device)
     if squash:
-        if nearest:
-            return F.interpolate(tensor, size=grid_shape, mode="nearest")
+        if nearest:  # at the voxel the trilinear resize centres on (uniGradICON's
+            # mode="nearest" took floor(d N / n): up to 1.5 voxels off at 256 -> 64)
+            return F.interpolate(tensor, size=grid_shape, mode="nearest-exact")
         return F.interpolate(tensor, size=grid_shape, mode="trilinear", align_corners=False)
     mode: Literal["bilinear", "nearest"] = "nearest" if nearest else "bilinear"
     return resample_volume(tensor, geometry, grid_to_world, grid_shape, mode=mode)

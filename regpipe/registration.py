@@ -427,6 +427,12 @@ def register(
             )
         except InputError as error:  # which image: the message is about its intensities
             raise InputError(f"{name} image {image.name}: {error}") from None
+        if modality == "ct" and float(np.min(image.data)) > -500:
+            LOGGER.warning(
+                "%s image %s: no value below -500 (CT air is -1000 HU): it does not look like a "
+                "CT in Hounsfield units (raw scanner values, a lost rescale intercept?), and the "
+                "CT window %g..%g clips it; convert it to HU, or give it as MRI", name,
+                image.name, *ct_window)
         outlier = (outlying_minimum(image.data)
                    if modality == "mri" and quantile_range[0] == 0 else None)
         if outlier is not None:

@@ -188,8 +188,9 @@ def network_grid(
     ``squash`` is uniGradICON's placement: each voxel axis is stretched independently onto
     ``n`` samples (``align_corners=False``: voxel ``i = (N / n) (x + 1/2) - 1/2``), so the grid
     covers exactly the image and the aspect ratio is lost. ``isotropic`` keeps the physical
-    aspect ratio: one spacing for all axes, chosen so the longest side fits, centred on the
-    image (shorter sides are padded with zeros when sampled), with voxel axes permuted and
+    aspect ratio: one spacing for all axes, the smallest with which every axis fits (for a
+    cube grid, the longest side's), centred on the image (shorter sides are padded with zeros
+    when sampled), with voxel axes permuted and
     flipped to the closest RAS orientation so the network sees anatomy in one orientation.
     ``squash-ras`` stretches each axis like ``squash`` after the same reorientation (network
     axes ``(d0, d1, d2)`` = closest ``(S, A, R)``, whatever the file's voxel order): regpipe's
@@ -209,8 +210,9 @@ def network_grid(
         scale = shape / n_vox
     else:
         spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-        extent = float(np.max(shape * spacing))
-        iso = extent / n_vox
+        # one spacing for every axis, the smallest with which each axis of the image fits
+        # (a cube grid: the longest side / n; a slab's own grid keeps its own voxel size)
+        iso = float(np.max(shape * spacing / n_vox))
         scale = iso / spacing
     # voxel = c + scale * (x - (n - 1) / 2), with c = (N - 1) / 2, x in voxel order
     to_voxel = np.eye(4)

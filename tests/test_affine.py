@@ -289,3 +289,16 @@ def test_ants_initial_transform_is_kept_without_iterations(init: str) -> None:
     if init == "geometry":
         expected[:3, 3] = (8.0, -6.0, 4.0)
     np.testing.assert_allclose(result.matrix, expected, atol=1e-4)
+
+
+def test_a_slab_of_the_fixed_image_is_found_where_the_header_puts_it(fixed: NDArray) -> None:
+    """A moving image covering only the bottom 28 mm of the head (a slab): its centre of
+    mass is far from where it belongs, and from there the optimiser squashed it onto the whole
+    head (27 mm off); the header's start (the identity here) is taken when it fits better."""
+    slab = Geometry((FIXED.shape[0], FIXED.shape[1], 14), FIXED.affine)
+    moving = render(slab, np.eye(4))
+    result = affine_register(fixed, FIXED, moving, slab)
+    inside = errors(result.matrix, np.eye(4), slab, moving)
+    assert inside.mean() < 1.0, inside.mean()
+    whole = affine_register(fixed, FIXED, render(FIXED, RIGID), FIXED)  # whole heads: as before
+    assert errors(whole.matrix, RIGID, FIXED, fixed).mean() < 1.0

@@ -142,6 +142,31 @@ def test_empty_mask_refused(tmp_path):
         load_image(write_nifti(tmp_path / "m.nii.gz", np.zeros((8, 8, 8), np.uint8)), "mask")
 
 
+def test_a_mask_with_a_nan_background_counts_it_as_outside(tmp_path, caplog):
+    data = np.full((8, 8, 8), np.nan, np.float32)
+    data[2:4, 2:4, 2:4] = 1.0
+    with caplog.at_level("WARNING", logger="regpipe"):
+        mask = load_image(write_nifti(tmp_path / "m.nii.gz", data), "mask")
+    assert np.count_nonzero(mask.data) == 8  # not 512: NaN != 0 is True
+    assert "holds 504 NaN or infinite voxels: counted as outside" in caplog.text
+
+
+def test_an_image_without_sform_or_qform_is_warned_about(tmp_path, caplog):
+    image = nib.Nifti1Image(np.random.default_rng(0).random((6, 7, 8)).astype(np.float32), None)
+    nib.save(image, tmp_path / "nocode.nii.gz")
+    with caplog.at_level("WARNING", logger="regpipe"):
+        load_image(tmp_path / "nocode.nii.gz")
+    assert "neither its sform nor its qform is set" in caplog.text
+
+
+def test_a_nibabel_image_in_memory_keeps_its_header():
+    image = nib.Nifti1Image(np.random.default_rng(0).random((6, 7, 8)).astype(np.float32),
+                            np.diag([2.0, 2.0, 2.0, 1.0]))
+    image.set_sform(image.affine, code=4)  # MNI space: the outputs keep the code
+    loaded = load_image(image)
+    assert loaded.header is not None and int(loaded.header["sform_code"]) == 4
+
+
 def test_float_labels_must_be_integral(tmp_path):
     data = np.zeros((8, 8, 8), np.float32)
     data[2, 2, 2] = 1.5

@@ -62,6 +62,21 @@ def test_squash_input_is_exactly_interpolate():
     assert torch.equal(ours, ref)
 
 
+def test_squashed_masks_sit_where_the_squashed_image_does():
+    """Nearest neighbour picks the voxel the trilinear resize centres on: a two-voxel mark
+    at 256 lands on the same grid voxel in both (uniGradICON's mode="nearest" samples voxel
+    4 d, half a grid voxel off at 256 -> 64, and missed it)."""
+    geometry = Geometry((8, 8, 256), np.eye(4))
+    mark = np.zeros(geometry.shape, np.float32)
+    mark[:, :, 130:132] = 1.0  # grid voxel 32 of 64 is centred at 129.5 of 256
+    grid = network_grid(geometry, (64, 8, 8), "squash")
+    linear = network_input(mark, geometry, grid, (64, 8, 8), squash=True)[0, 0, :, 4, 4]
+    nearest = network_input(mark, geometry, grid, (64, 8, 8), squash=True,
+                            nearest=True)[0, 0, :, 4, 4]
+    assert int(torch.argmax(linear)) == int(torch.argmax(nearest)) == 32
+    assert float(nearest.max()) == 1.0
+
+
 def test_an_outlying_minimum_is_found_and_warned_about(caplog):
     import logging
 

@@ -108,6 +108,17 @@ def test_io_grid_and_options_reach_the_optimisation(pair):
         regpipe.register(fixed, moving, weights=None, io_iterations=5, io_options={"speed": 2})
 
 
+def test_a_ct_without_air_is_warned_about(pair, caplog):
+    """Raw scanner values (HU + 1024, no intercept): the CT window would clip the body."""
+    fixed, moving, _ = pair
+    raw = Image(fixed.data * 1000 + 1024, fixed.geometry)
+    with caplog.at_level("WARNING", logger="regpipe"):
+        regpipe.register(raw, moving, weights=None, fixed_modality="ct", io_iterations=0,
+                         progress=False, evaluate=False)
+    assert "fixed image" in caplog.text and "does not look like a CT" in caplog.text
+    assert "moving image" not in caplog.text  # an MRI: no such check
+
+
 def test_segmentations_give_dice(pair):
     fixed, moving, _ = pair
     fixed_seg = Image((fixed.data > 0.5).astype(np.int16) * 3, fixed.geometry)
@@ -121,6 +132,12 @@ def test_segmentations_give_dice(pair):
         np.sum(warped == 3) + np.sum(fixed_seg.data == 3))
     assert result.metrics["dice_mean"] == pytest.approx(expected)
     assert result.metrics["dice_mean"] > 0.8
+    # a label only one subject's map has is not scored (it would count 0 whatever the warp)
+    extra = fixed_seg.data.copy()
+    extra[:2] = 9
+    again = regpipe.register(fixed, moving, weights=None, fixed_segmentation=Image(
+        extra, fixed.geometry), moving_segmentation=moving_seg)
+    assert set(again.metrics["dice"]) == {"3"}
 
 
 def test_apply_transform_labels_keep_dtype(pair, small_network):

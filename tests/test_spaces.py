@@ -71,6 +71,17 @@ def test_isotropic_grid_is_isotropic_and_centred(kind):
     assert np.isclose(spacings[0] * 32, extent)
 
 
+def test_isotropic_grid_of_another_shape_is_isotropic_and_covers_the_image():
+    """A grid that is no cube (a slab's own voxel grid): one spacing, every axis fits."""
+    slab = Geometry((64, 64, 12), np.diag([2.0, 2.0, 2.0, 1.0]))  # 128 x 128 x 24 mm
+    grid = network_grid(slab, (12, 64, 64), "isotropic")  # network order: (S, A, R)
+    spacings = np.linalg.norm(grid[:3, :3], axis=0)
+    np.testing.assert_allclose(spacings, 2.0)  # not 128 mm / 12 along the slab
+    corners = apply_affine(grid, np.array([[0.0, 0, 0], [11, 63, 63]]))
+    np.testing.assert_allclose(slab.world_to_voxel(corners), [[0, 0, 0], [63, 63, 11]],
+                               atol=1e-9)
+
+
 def test_isotropic_grid_is_close_to_ras_orientation():
     geom = Geometry((24, 20, 16), make_affine("LIA"))
     grid = network_grid(geom, (16, 16, 16), "isotropic")

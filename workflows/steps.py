@@ -268,7 +268,13 @@ def evaluate_registration(
     peak memory. The region is ``fixed_mask``, or the fixed image above 0.05 (scaled).
     """
     from regpipe.imageio import Image, load_image, save_image
-    from regpipe.metrics import dice_per_label, folding_stats, jacobian_determinant, ncc
+    from regpipe.metrics import (
+        dice_per_label,
+        folding_stats,
+        jacobian_determinant,
+        ncc,
+        shared_labels,
+    )
     from regpipe.transform_files import read_transform
     from regpipe.transforms import AffineTransform, DisplacementField
     from regpipe.warp import warp_array
@@ -305,8 +311,10 @@ def evaluate_registration(
             fixed_seg.geometry,
             interpolation="nearest",
         )
+        scored = shared_labels(fixed_seg.data, moving_seg.data)  # as regpipe-bench scores
         dice = {
-            str(k): v for k, v in dice_per_label(np.asarray(fixed_seg.data), warped_seg).items()
+            str(k): v
+            for k, v in dice_per_label(np.asarray(fixed_seg.data), warped_seg, scored).items()
         }
         valid = [v for v in dice.values() if np.isfinite(v)]
         metrics["dice_mean"] = float(np.mean(valid)) if valid else float("nan")
