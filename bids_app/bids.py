@@ -485,14 +485,15 @@ def template_entities(template) -> dict[str, str]:
 
 
 def longitudinal_pairs(images: Sequence[Image], reference_session: str | None = None,
-                       skipped: list[dict[str, Any]] | None = None
-                       ) -> list[tuple[Image, Image]]:
+                       skipped: list[dict[str, Any]] | None = None,
+                       report: set[str] | None = None) -> list[tuple[Image, Image]]:
     """(moving, reference) pairs: every image of a subject to its reference-session image.
 
     The reference session is ``reference_session`` or the subject's first session in natural
     order; its first image (by name) is the reference and is not registered. Subjects with
     fewer than two sessions, or without the requested reference session, are skipped with a
-    log line (and an entry in ``skipped``: ``subject``, ``reason``).
+    log line (and an entry in ``skipped``: ``subject``, ``reason``); with ``report``, only the
+    skipped subjects in it are logged (the others were not selected).
     """
     skipped = [] if skipped is None else skipped
     by_subject: dict[str, list[Image]] = {}
@@ -521,6 +522,9 @@ def longitudinal_pairs(images: Sequence[Image], reference_session: str | None = 
                         fixed.path.name)
         pairs += [(image, fixed) for image in own if image is not fixed]
     for reason, subjects in skipped_here.items():
+        subjects = [label for label in subjects if report is None or label in report]
+        if not subjects:
+            continue
         LOGGER.warning("%d subject(s) skipped, %s: %s", len(subjects), reason,
                        _summarise([f"sub-{label}" for label in subjects]))
     return pairs
@@ -546,7 +550,8 @@ def longitudinal_jobs(images: Sequence[Image], *, reference_session: str | None 
     jobs = []
     selected_subjects = {image.subject for image in images}
     subjects_skipped: list[dict[str, Any]] = []
-    pairs = longitudinal_pairs(pool, reference_session, subjects_skipped)
+    pairs = longitudinal_pairs(pool, reference_session, subjects_skipped,
+                               report=selected_subjects)
     if skipped is not None:
         skipped += [s for s in subjects_skipped if s["subject"] in selected_subjects]
     references = {fixed.path for _, fixed in pairs}

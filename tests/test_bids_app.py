@@ -714,8 +714,10 @@ def test_longitudinal_jobs(tmp_path, template_file, fake_wf, caplog, capsys):
     assert participant(bids_dir, tmp_path, template_file, "--mode", "longitudinal",
                        "--participant-label", "02") == 66
     # a new session alone: registered to the subject's reference, which it does not select
+    caplog.clear()
     assert participant(bids_dir, tmp_path, template_file, "--mode", "longitudinal",
                        "--session-label", "10") == 0
+    assert "sub-02" not in caplog.text  # it has no session 10: not selected, not "skipped"
     assert [(j["session"], j["fixed_space"]) for j in fake_wf["kwargs"]["jobs"]] == \
         [("10", "sub01ses1")]
     assert participant(bids_dir, tmp_path, template_file, "--mode", "longitudinal",
