@@ -572,7 +572,6 @@ def longitudinal_jobs(images: Sequence[Image], *, reference_session: str | None 
     return jobs
 
 
-#: Files of a job: key, the key of the image whose grid it must share, what it is.
 def job_source(job: Mapping[str, Any]) -> str:
     """Which image a recorded job registered, independent of where the dataset was mounted
     (a container bind, a symlink): its BIDS URI (``bids:raw:sub-01/anat/...``), else its
@@ -580,6 +579,7 @@ def job_source(job: Mapping[str, Any]) -> str:
     return str(job.get("source_uri") or job["moving"])
 
 
+#: Files of a job: key, the key of the image whose grid it must share, what it is.
 _JOB_FILES = (
     ("moving", None, "image"),
     ("fixed", None, "reference image"),

@@ -400,10 +400,10 @@ def _finalize(args: argparse.Namespace) -> argparse.Namespace:
         args.nprocs = available_cpus()
     if args.omp_nthreads is None:
         args.omp_nthreads = min(args.nprocs, 8)
-    # a batch plugin (SLURM, SGE...) runs each node in its own job: --nprocs (this machine's
-    # CPUs by default, a login node's) does not bound a node's threads there
-    batch = args.plugin.lower() not in ("multiproc", "linear")
-    if args.omp_nthreads > args.nprocs and not batch:
+    # a batch plugin (SLURM, SGE, OAR...) runs each node in its own job: --nprocs (this
+    # machine's CPUs by default, a login node's) bounds a node's threads only on this machine
+    local = args.plugin.lower() in ("multiproc", "legacymultiproc", "linear", "debug")
+    if args.omp_nthreads > args.nprocs and local:
         raise UsageError(
             f"--omp-nthreads {args.omp_nthreads} exceeds --nprocs {args.nprocs}"
         )

@@ -212,7 +212,7 @@ def _other_starts(level: _Level, params: torch.Tensor, moving_centre: NDArray[np
         LOGGER.info("affine: the centre-of-mass start reached NCC %.3f at the coarsest level%s, "
                     "another start %.3f: continuing from that one", first[1],
                     "" if first[0] else " with implausible scales", best[0][1])
-    elif not first[0]:
+    if not best[0][0]:  # whichever start won
         LOGGER.warning("affine: its scales are implausible (beyond %g-%g) from every start: "
                        "check that the images show the same anatomy, or use ANTs' affine "
                        "or none", *PLAUSIBLE_SCALE)

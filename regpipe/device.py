@@ -83,9 +83,10 @@ _NO_V1_LIMIT = 2**60
 
 def _cgroup_folders() -> list[tuple[str, Path]]:
     """``(version, folder)`` of this process's cgroups and their ancestors (a limit of any of
-    them applies), deepest first: ``("2", ...)`` under :data:`CGROUP_ROOT`, ``("memory",
-    ...)``/``("cpu", ...)`` in cgroup v1's controller trees. Their roots are left out (no
-    limit there; the v2 root files are :data:`CGROUP_CPU_MAX`/:data:`CGROUP_MEMORY_MAX`)."""
+    them applies), deepest first: ``("2", ...)`` under :data:`CGROUP_ROOT` (its root left out:
+    :data:`CGROUP_CPU_MAX`/:data:`CGROUP_MEMORY_MAX`), ``("memory", ...)``/``("cpu", ...)``
+    in cgroup v1's controller trees, their roots included (a Docker container's own cgroup
+    on a v1 host; "no limit" there otherwise)."""
     try:
         lines = Path(PROC_CGROUP).read_text(encoding="ascii").splitlines()
     except (OSError, ValueError):
@@ -95,18 +96,18 @@ def _cgroup_folders() -> list[tuple[str, Path]]:
         fields = line.split(":", 2)
         if len(fields) != 3:
             continue
-        controllers, parts = fields[1], Path(fields[2].strip().strip("/") or ".").parts
-        if parts == (".",):
-            continue
-        if controllers == "":
-            kinds = [("2", Path(CGROUP_ROOT))]
-        else:
+        controllers, path = fields[1], fields[2].strip().strip("/")
+        parts = Path(path).parts if path else ()
+        if controllers == "":  # v2: its root files are CGROUP_CPU_MAX / CGROUP_MEMORY_MAX
+            kinds, deepest_last = [("2", Path(CGROUP_ROOT))], 1
+        else:  # v1: a container's own cgroup is mounted at its tree's root
             names = controllers.split(",")
             kinds = [(kind, Path(CGROUP_ROOT) / tree) for kind in ("memory", "cpu")
                      if kind in names for tree in dict.fromkeys((controllers, kind))]
+            deepest_last = 0
         for kind, root in kinds:
             folders += [(kind, root.joinpath(*parts[:depth]))
-                        for depth in range(len(parts), 0, -1)]
+                        for depth in range(len(parts), deepest_last - 1, -1)]
     return folders
 
 

@@ -177,7 +177,15 @@ def _own_grid_shape(geometry: Geometry, mode: str, most: int) -> tuple[int, int,
     they lie along (not on the file's third axis)."""
     if mode not in ("isotropic", "squash-ras"):
         return _capped(geometry.network_shape(), most)
-    return _capped(ras_reoriented(geometry).network_shape(), most)
+    ras = ras_reoriented(geometry)
+    if mode == "isotropic":  # one spacing: the finest voxel size (coarser when capped), and
+        # each axis as many grid voxels as its extent needs (thick slices get more, not a
+        # coarser grid on every axis)
+        extent = np.asarray(ras.shape, dtype=np.float64) * ras.spacing
+        spacing = max(float(ras.spacing.min()), float(extent.max()) / most)
+        counts = np.maximum(np.ceil(extent / spacing - 1e-6), 2).astype(int)
+        return _capped((int(counts[2]), int(counts[1]), int(counts[0])), most)
+    return _capped(ras.network_shape(), most)
 
 
 def _grid_mode(network: Any, grid_mode: str) -> GridMode:

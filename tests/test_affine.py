@@ -302,3 +302,14 @@ def test_a_slab_of_the_fixed_image_is_found_where_the_header_puts_it(fixed: NDAr
     assert inside.mean() < 1.0, inside.mean()
     whole = affine_register(fixed, FIXED, render(FIXED, RIGID), FIXED)  # whole heads: as before
     assert errors(whole.matrix, RIGID, FIXED, fixed).mean() < 1.0
+
+
+def test_implausible_scales_from_every_start_are_warned_about(fixed, monkeypatch, caplog):
+    import regpipe.affine
+
+    monkeypatch.setattr(regpipe.affine, "PLAUSIBLE_SCALE", (5.0, 10.0))  # none can be
+    slab = Geometry((FIXED.shape[0], FIXED.shape[1], 14), FIXED.affine)
+    with caplog.at_level("INFO", logger="regpipe"):
+        affine_register(fixed, FIXED, render(slab, np.eye(4)), slab)
+    assert "another start" in caplog.text  # one won on NCC, and still:
+    assert "its scales are implausible (beyond 5-10) from every start" in caplog.text

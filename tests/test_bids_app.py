@@ -552,6 +552,9 @@ def test_a_batch_plugin_is_not_bound_by_this_machines_cpus(tmp_path):
     args = parse_args([str(tmp_path), str(tmp_path / "out"), "participant", "--plugin",
                        "SLURM", "--nprocs", "2", "--omp-nthreads", "4"])
     assert args.omp_nthreads == 4
+    with pytest.raises(UsageError, match="exceeds --nprocs 2"):  # a local plugin: bounded
+        parse_args([str(tmp_path), str(tmp_path / "out"), "participant", "--plugin",
+                    "LegacyMultiProc", "--nprocs", "2", "--omp-nthreads", "4"])
 
 
 def test_bids_filter_file_null_and_value(tmp_path, template_file, fake_wf):

@@ -140,3 +140,25 @@ def test_limits_of_a_slurm_jobs_own_cgroup(monkeypatch, tmp_path, version) -> No
     monkeypatch.delenv("NSLOTS", raising=False)
     assert device.memory_limit_gb() == 6.0
     assert available_cpus() == 3
+
+
+def test_limits_of_a_docker_container_on_a_cgroup_v1_host(monkeypatch, tmp_path) -> None:
+    """The container's own cgroup is mounted at the root of each v1 tree; the path that
+    /proc/self/cgroup names does not exist inside it."""
+    from regpipe import device
+
+    proc, root = tmp_path / "cgroup", tmp_path / "sys"
+    proc.write_text("4:memory:/docker/abc123\n3:cpu,cpuacct:/docker/abc123\n")
+    (root / "memory").mkdir(parents=True)
+    (root / "memory" / "memory.limit_in_bytes").write_text(f"{8 * 1024**3}\n")  # docker -m 8g
+    (root / "cpu,cpuacct").mkdir()
+    (root / "cpu,cpuacct" / "cpu.cfs_quota_us").write_text("200000\n")  # docker --cpus 2
+    (root / "cpu,cpuacct" / "cpu.cfs_period_us").write_text("100000\n")
+    monkeypatch.setattr(device, "PROC_CGROUP", str(proc))
+    monkeypatch.setattr(device, "CGROUP_ROOT", str(root))
+    monkeypatch.setattr(device, "CGROUP_MEMORY_MAX", str(root / "memory.max"))
+    monkeypatch.setattr(device, "CGROUP_CPU_MAX", str(root / "cpu.max"))
+    monkeypatch.setattr(device.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.delenv("NSLOTS", raising=False)
+    assert device.memory_limit_gb() == 8.0
+    assert available_cpus() == 2

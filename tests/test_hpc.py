@@ -288,7 +288,8 @@ def test_array_script_reads_a_plain_list_of_labels(tmp_path):
 
 def test_array_script_reads_a_participants_file_saved_on_windows(tmp_path):
     table = tmp_path / "participants.tsv"
-    table.write_bytes(b"participant_id\r\nsub-01\r\nsub-02\r\n")  # one column, CRLF
+    # one column, CRLF line ends and a byte-order mark, as a spreadsheet saves it
+    table.write_bytes(b"\xef\xbb\xbfparticipant_id\r\nsub-01\r\nsub-02\r\n")
     for task, label in ((1, "01"), (2, "02")):
         result = _array_script(tmp_path, task, PARTICIPANTS=str(table))
         assert result.returncode == 0, result.stderr

@@ -396,9 +396,10 @@ def test_own_resolution_grid_follows_the_placements_axis_order():
     stored = Geometry((128, 128, 8), lip)  # i: L, j: I, k: P (thick)
     ras = ras_reoriented(stored)
     assert ras.shape == (128, 8, 128)
-    for mode in ("squash-ras", "isotropic"):
+    # isotropic: 1 mm everywhere, so the 40 mm of thick slices get 40 grid voxels
+    for mode, expected in (("squash-ras", (128, 8, 128)), ("isotropic", (128, 40, 128))):
         assert _own_grid_shape(stored, mode, 160) == _own_grid_shape(ras, mode, 160) == \
-            (128, 8, 128)
+            expected
     assert _own_grid_shape(stored, "squash", 100) == (8, 100, 100)
 
 

@@ -129,3 +129,18 @@ def test_sampling_identity_is_the_index_grid_in_grid_sample_coordinates():
     volume = torch.rand(1, 1, *shape)
     torch.testing.assert_close(
         torch.nn.functional.grid_sample(volume, direct, align_corners=True), volume)
+
+
+def test_an_isotropic_own_grid_covers_a_thick_slice_image_at_its_finest_spacing():
+    """The instance optimisation's own grid in isotropic mode: one spacing (the finest voxel
+    size, coarser when capped) and as many grid voxels per axis as the extent needs."""
+    from regpipe.registration import _own_grid_shape
+
+    image = Geometry((256, 256, 30), np.diag([1.0, 1.0, 5.0, 1.0]))
+    shape = _own_grid_shape(image, "isotropic", 160)
+    assert shape == (94, 160, 160)  # network order: 150 mm of slices at 1.6 mm
+    grid = network_grid(image, shape, "isotropic")
+    np.testing.assert_allclose(np.linalg.norm(grid[:3, :3], axis=0), 1.6)
+    corners = apply_affine(grid, np.array([[0.0, 0, 0], [93, 159, 159]]))
+    index = image.world_to_voxel(corners)
+    assert (index[0] >= -0.5).all() and (index[1] <= np.array(image.shape) - 0.5).all()
