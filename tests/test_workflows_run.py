@@ -258,6 +258,7 @@ def test_metrics_tables_and_sidecars(runs):
                 assert tools["regpipe"]["Seed"] == 0
                 assert tools["regpipe"]["MixedPrecision"] is False  # float32 on the CPU
                 assert tools["regpipe"]["NetworkPasses"] == 1 == int(values["network_passes"])
+                assert tools["regpipe"]["TorchVersion"] == torch.__version__
             else:
                 assert tools["ANTs"]["TypeOfTransform"] == "Affine"
 

@@ -123,6 +123,8 @@ def network_registration(
     unconditional one) in the transform sidecars; ``smoothness_requested``: what the user
     asked for when the workflow clamped ``smoothness`` to the weights' trained range (recorded
     as ``lam_requested``, as :func:`regpipe.register` records its own clamping)."""
+    import torch
+
     import regpipe
     from regpipe.registration import register
     from regpipe.resources import measure_resources
@@ -167,6 +169,8 @@ def network_registration(
         "Symmetric": settings.get("symmetric", False),  # both directions, see register()
         "NetworkPasses": settings.get("network_passes", 1),
         "Threads": threads,
+        # the build too (2.13.0+cpu, +cu128): a container's tag need not say which it holds
+        "TorchVersion": torch.__version__,
     }
     if settings.get("condition") is not None:  # a conditional network: what it was asked
         generated_by["Condition"] = settings["condition"]
