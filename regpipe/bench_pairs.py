@@ -35,6 +35,7 @@ from regpipe.atomic import atomic_write
 from regpipe.errors import InputError
 from regpipe.evaluation import match_landmarks, read_fcsv
 from regpipe.imageio import Image, check_same_grid, load_image
+from regpipe.metrics import MANY_LABELS
 
 __all__ = ["LoadedPair", "PairSpec", "check_pair_files", "load_pair", "read_pairs",
            "write_pairs"]
@@ -153,10 +154,6 @@ class LoadedPair:
     notes: list[str] = field(default_factory=list)
 
 
-#: More labels than label maps usually have (aparc+aseg ~110): a note (an intensity image?).
-_MANY_LABELS = 500
-
-
 def check_pair_files(pairs: Sequence[PairSpec]) -> None:
     """Every file the pairs name exists: a typo fails before a long run starts (and before
     ``--overwrite`` removes earlier results), not at pair 37 hours later. A file that exists
@@ -225,7 +222,7 @@ def load_pair(spec: PairSpec) -> LoadedPair:
                 f"{len(one_side)} label(s) are in one label map only "
                 f"({', '.join(map(str, one_side[:12]))}{' ...' if len(one_side) > 12 else ''})"
                 ": they are not scored")
-        if len(in_fixed | in_moving) > _MANY_LABELS:
+        if len(in_fixed | in_moving) > MANY_LABELS:
             pair.notes.append(f"{len(in_fixed | in_moving)} distinct labels: is a label map an "
                               "intensity image?")
     elif spec.labels is not None and pair.fixed_labels is not None \

@@ -103,6 +103,11 @@ def dice_per_label(
     return scores
 
 
+#: More distinct values than label maps usually have (FreeSurfer's aparc+aseg ~110,
+#: Schaefer-1000 1001): worth a warning (an int16 intensity image given as a label map?).
+MANY_LABELS = 2000
+
+
 def shared_labels(a: NDArray[np.generic], b: NDArray[np.generic]) -> list[int]:
     """Labels (0 excluded) present in both label maps: those a registration is scored on (a
     label one subject's map lacks would score 0 whatever the registration; one the warp loses

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from regpipe.errors import InputError
+from regpipe.metrics import MANY_LABELS
 from regpipe.synth import (
     DeformationRange,
     IntensityRange,
@@ -204,7 +205,6 @@ class LabelMapSource:
         placement: DeformationRange | None = None,
         name: str = "label-maps",
     ) -> None:
-
         if not paths:
             raise InputError("LabelMapSource needs at least one label map")
         if region not in REGIONS:
@@ -344,11 +344,6 @@ def network_order_ras(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(canonical.transpose(2, 1, 0))
 
 
-#: More distinct values than label maps usually have (aparc+aseg ~110, Schaefer-1000 1001):
-#: worth a warning (an int16 intensity image?), not an error.
-_MANY_LABELS = 2000
-
-
 def _read_label_map(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """``(int32 labels, voxel-to-RAS affine)`` of a label-map file; what is no label map (an
     unreadable or 4-D file, an intensity image) is one clear :class:`InputError`."""
@@ -363,9 +358,9 @@ def _read_label_map(path: Path) -> tuple[np.ndarray, np.ndarray]:
                          "a label map?")
     labels = rounded.astype(np.int32)
     distinct = np.unique(labels.ravel()[::7]).size  # a sample is enough to tell
-    if distinct > _MANY_LABELS:
+    if distinct > MANY_LABELS:  # a warning, not an error
         LOGGER.warning("label map %s holds over %d distinct values: is it an intensity image?",
-                       path, _MANY_LABELS)
+                       path, MANY_LABELS)
     return labels, image.geometry.affine
 
 

@@ -113,8 +113,8 @@ class GuardedMultiProcPlugin(MultiProcPlugin):
                  if pool is not None]
         processes = [process for pool in pools
                      for process in (getattr(pool, "_processes", None) or {}).values()]
-        family = [pid for process in processes if process.pid
-                  for pid in (process.pid, *_descendants(process.pid))]
+        workers = [process.pid for process in processes if process.pid]
+        family = workers + _descendants(workers)
         for pool in pools:
             pool.shutdown(wait=False, cancel_futures=True)
         _signal_all(family, signal.SIGTERM)
@@ -126,17 +126,23 @@ class GuardedMultiProcPlugin(MultiProcPlugin):
             process.join(timeout=1)
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (children first found, then theirs), from ``/proc``; none
-    where there is no ``/proc`` (not Linux)."""
+def _stat_fields(pid: int | str) -> list[str]:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state first, then the
+    parent's pid); ``OSError`` where the process is gone (or there is no ``/proc``)."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text.rsplit(")", 1)[1].split()
+
+
+def _descendants(pids: list[int]) -> list[int]:
+    """Every process below ``pids`` (children first found, then theirs), from one scan of
+    ``/proc``; none where there is no ``/proc`` (not Linux)."""
     parents: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for entry in Path("/proc").glob("[0-9]*"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents.setdefault(int(_stat_fields(entry.name)[1]), []).append(int(entry.name))
         except (OSError, IndexError):
             continue  # gone meanwhile
-        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, queue = [], [pid]
+    found, queue = [], list(pids)
     while queue:
         for child in parents.get(queue.pop(), []):
             found.append(child)
@@ -163,8 +169,7 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    stat = Path(f"/proc/{pid}/stat")
     try:  # a zombie (ended, not yet reaped by its parent) is not running
-        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        return _stat_fields(pid)[0] != "Z"
     except (OSError, IndexError):
         return True
